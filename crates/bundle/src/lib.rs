@@ -1,0 +1,48 @@
+//! The ferry bundle: the one file that crosses the air gap.
+//!
+//! A bundle is a zstd skippable frame holding a signed manifest, followed by one zstd frame holding a plain
+//! safetensors file. Everything that reads bytes from a stick lives in this crate, and reads them in one order:
+//! signature and payload hash first, then decompression (capped at the signed length), then parsing.
+//! The byte-level specification is `docs/bundle-format.md`.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod container;
+pub mod fsutil;
+pub mod keys;
+pub mod manifest;
+pub mod payload;
+pub mod site;
+
+mod error;
+
+pub use container::{inspect, open, open_file, seal, Bundle, Inspected, Limits, Sealed, MAX_BUNDLE_BYTES};
+pub use error::{OpenError, SealError};
+pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};
+pub use manifest::{BundleKind, Contributor, Draft, Manifest, SiteInfo, TensorEntry};
+pub use payload::{Payload, TensorRef};
+pub use safetensors::Dtype;
+
+/// Lower-case hex SHA-256 of `bytes`: how ferry names every hash it shows or stores.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Seconds since the Unix epoch, for manifests and state records.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The first 12 characters of a hash, for messages.
+pub fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// Print-safe form of a string that came from untrusted input: control characters and quotes escaped.
+pub fn escape(s: &str) -> String {
+    s.escape_debug().to_string()
+}

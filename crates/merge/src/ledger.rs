@@ -1,0 +1,423 @@
+//! The HQ ledger (issue 3): which global is current (round, hash), which bundles were merged in which round
+//! from which site. One JSON file, `ledger.json`, in the HQ state dir, replaced atomically on every change; a
+//! [`Ledger`] holds the dir's lock for its lifetime so two merges cannot interleave. Every check refuses
+//! before anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ferry_bundle::fsutil::{self, DirLock, FsError};
+use serde::{Deserialize, Serialize};
+
+use crate::LedgerError;
+
+/// The ledger file name inside the HQ state dir.
+pub const LEDGER_FILE: &str = "ledger.json";
+const FORMAT: &str = "ferry-ledger/1";
+const MAX_LEDGER_LEN: u64 = 256 << 20;
+
+/// The current global.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurrentGlobal {
+    /// Its round (0 for the initial global).
+    pub round: u64,
+    /// Its bundle hash, hex.
+    pub hash: String,
+}
+
+/// One merged update, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contributor {
+    /// The site id.
+    pub site: String,
+    /// The update bundle hash, hex.
+    pub bundle: String,
+    /// Its signed sample count.
+    pub samples: u64,
+    /// The round the update was trained in (the round of the global it was based on).
+    pub round: u64,
+}
+
+/// One round of the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundEntry {
+    /// The round number of the global produced.
+    pub round: u64,
+    /// That global's bundle hash.
+    pub global: String,
+    /// How it was produced (`init`, or [`crate::MergeConfig::describe`]).
+    pub strategy: String,
+    /// The updates merged into it (empty for round 0).
+    pub contributors: Vec<Contributor>,
+}
+
+/// The contents of `ledger.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerData {
+    /// Always `ferry-ledger/1`.
+    pub format: String,
+    /// The federation id.
+    pub federation: String,
+    /// The model architecture name, if given at init.
+    pub arch: Option<String>,
+    /// The model fingerprint every bundle must carry.
+    pub model_fingerprint: String,
+    /// The current global.
+    pub current: CurrentGlobal,
+    /// Every round, 0 first.
+    pub history: Vec<RoundEntry>,
+    /// Every update bundle ever merged.
+    pub merged: BTreeSet<String>,
+}
+
+/// What the ledger needs to know about one verified update (taken from its manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateInfo {
+    /// The signer's site id.
+    pub site: String,
+    /// The update bundle hash, hex.
+    pub bundle: String,
+    /// The hash of the global it was trained on.
+    pub base: String,
+    /// The round it declares (the round of its base).
+    pub round: u64,
+    /// Its federation id.
+    pub federation: String,
+    /// Its model fingerprint.
+    pub fingerprint: String,
+    /// Its signed sample count.
+    pub samples: u64,
+}
+
+impl From<&UpdateInfo> for Contributor {
+    fn from(u: &UpdateInfo) -> Self {
+        Contributor { site: u.site.clone(), bundle: u.bundle.clone(), samples: u.samples, round: u.round }
+    }
+}
+
+/// The locked, loaded HQ ledger.
+#[derive(Debug)]
+pub struct Ledger {
+    dir: PathBuf,
+    data: LedgerData,
+    _lock: DirLock,
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_hex(what: &str, s: &str) -> Result<(), LedgerError> {
+    if is_hex(s) {
+        Ok(())
+    } else {
+        Err(LedgerError::BadInput(format!("{what} {s:?} is not a lowercase hex hash")))
+    }
+}
+
+impl Ledger {
+    /// Start a federation in `dir` (created if missing): round 0 with `global_hash` as the current global.
+    /// Refuses when `dir` already holds a ledger.
+    pub fn init(
+        dir: &Path,
+        federation: &str,
+        arch: Option<&str>,
+        fingerprint: &str,
+        global_hash: &str,
+    ) -> Result<Ledger, LedgerError> {
+        if federation.is_empty() || fingerprint.is_empty() {
+            return Err(LedgerError::BadInput("the federation id and model fingerprint must not be empty".into()));
+        }
+        check_hex("the global hash", global_hash)?;
+        fsutil::ensure_dir(dir)?;
+        let lock = DirLock::acquire(dir)?;
+        let path = dir.join(LEDGER_FILE);
+        let data = LedgerData {
+            format: FORMAT.into(),
+            federation: federation.into(),
+            arch: arch.map(str::to_string),
+            model_fingerprint: fingerprint.into(),
+            current: CurrentGlobal { round: 0, hash: global_hash.into() },
+            history: vec![RoundEntry {
+                round: 0,
+                global: global_hash.into(),
+                strategy: "init".into(),
+                contributors: Vec::new(),
+            }],
+            merged: BTreeSet::new(),
+        };
+        match fsutil::write_new(&path, &to_json(&data)) {
+            Err(FsError::Exists(_)) => return Err(LedgerError::Exists(dir.to_path_buf())),
+            r => r?,
+        }
+        Ok(Ledger { dir: dir.to_path_buf(), data, _lock: lock })
+    }
+
+    /// Lock `dir` and load its ledger, checking it is consistent.
+    pub fn load(dir: &Path) -> Result<Ledger, LedgerError> {
+        let lock = DirLock::acquire(dir)?;
+        let data = Self::peek(dir)?;
+        Ok(Ledger { dir: dir.to_path_buf(), data, _lock: lock })
+    }
+
+    /// Read and check the ledger without taking the lock (for `ferry-server status` while a merge runs: the
+    /// file is replaced atomically, so this sees the state before or after the merge, never half of it).
+    pub fn peek(dir: &Path) -> Result<LedgerData, LedgerError> {
+        let path = dir.join(LEDGER_FILE);
+        let bytes = match fsutil::read_capped(&path, MAX_LEDGER_LEN) {
+            Ok(b) => b,
+            Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LedgerError::Missing(dir.to_path_buf()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let data: LedgerData = serde_json::from_slice(&bytes)
+            .map_err(|e| LedgerError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        validate(&data).map_err(|reason| LedgerError::Corrupt { path, reason })?;
+        Ok(data)
+    }
+
+    /// The HQ state dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The ledger contents.
+    pub fn data(&self) -> &LedgerData {
+        &self.data
+    }
+
+    /// The current global.
+    pub fn current(&self) -> &CurrentGlobal {
+        &self.data.current
+    }
+
+    /// Check one update against the ledger: federation, fingerprint, not merged before, based on the current
+    /// global, declaring the current round.
+    pub fn check_update(&self, u: &UpdateInfo) -> Result<(), LedgerError> {
+        let d = &self.data;
+        let (site, bundle) = (u.site.clone(), u.bundle.clone());
+        if u.site.is_empty() {
+            return Err(LedgerError::BadInput(format!("update {} has an empty site id", u.bundle)));
+        }
+        check_hex("the update hash", &u.bundle)?;
+        if u.federation != d.federation {
+            return Err(LedgerError::WrongFederation {
+                site,
+                bundle,
+                found: u.federation.clone(),
+                expected: d.federation.clone(),
+            });
+        }
+        if u.fingerprint != d.model_fingerprint {
+            return Err(LedgerError::FingerprintMismatch {
+                site,
+                bundle,
+                found: u.fingerprint.clone(),
+                expected: d.model_fingerprint.clone(),
+            });
+        }
+        if d.merged.contains(&u.bundle) {
+            let round = d
+                .history
+                .iter()
+                .find(|r| r.contributors.iter().any(|c| c.bundle == u.bundle))
+                .map_or(0, |r| r.round);
+            return Err(LedgerError::Replay { site, bundle, round });
+        }
+        if u.base != d.current.hash {
+            let based_on = match d.history.iter().find(|r| r.global == u.base) {
+                Some(r) => format!("the round-{} global {}", r.round, r.global),
+                None => format!("global {}, which this HQ never produced", u.base),
+            };
+            return Err(LedgerError::Stale { site, bundle, based_on, current_round: d.current.round });
+        }
+        if u.round != d.current.round {
+            return Err(LedgerError::WrongRound { site, bundle, found: u.round, expected: d.current.round });
+        }
+        Ok(())
+    }
+
+    /// Check a whole batch: every update as [`Ledger::check_update`], no bundle twice, no site twice.
+    pub fn check_batch(&self, updates: &[UpdateInfo]) -> Result<(), LedgerError> {
+        if updates.is_empty() {
+            return Err(LedgerError::EmptyBatch);
+        }
+        let mut sites: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut bundles = BTreeSet::new();
+        for u in updates {
+            self.check_update(u)?;
+            if !bundles.insert(u.bundle.as_str()) {
+                return Err(LedgerError::DuplicateBundle { bundle: u.bundle.clone() });
+            }
+            if let Some(first) = sites.insert(&u.site, &u.bundle) {
+                return Err(LedgerError::DuplicateSite {
+                    site: u.site.clone(),
+                    first: first.to_string(),
+                    second: u.bundle.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Record a merged round: `new_global` becomes current at round + 1, the contributors are added to the
+    /// history and their bundles to the merged set. The file is replaced atomically; on any error neither the
+    /// file nor this value changes. Returns the new round.
+    pub fn record_round(
+        &mut self,
+        new_global: &str,
+        strategy: &str,
+        contributors: &[Contributor],
+    ) -> Result<u64, LedgerError> {
+        check_hex("the new global hash", new_global)?;
+        if contributors.is_empty() {
+            return Err(LedgerError::EmptyBatch);
+        }
+        if self.data.history.iter().any(|r| r.global == new_global) {
+            return Err(LedgerError::BadInput(format!("global {new_global} is already in the ledger")));
+        }
+        let mut sites: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut bundles = BTreeSet::new();
+        for c in contributors {
+            check_hex("the update hash", &c.bundle)?;
+            if self.data.merged.contains(&c.bundle) {
+                let round = self
+                    .data
+                    .history
+                    .iter()
+                    .find(|r| r.contributors.iter().any(|x| x.bundle == c.bundle))
+                    .map_or(0, |r| r.round);
+                return Err(LedgerError::Replay { site: c.site.clone(), bundle: c.bundle.clone(), round });
+            }
+            if !bundles.insert(c.bundle.as_str()) {
+                return Err(LedgerError::DuplicateBundle { bundle: c.bundle.clone() });
+            }
+            if let Some(first) = sites.insert(&c.site, &c.bundle) {
+                return Err(LedgerError::DuplicateSite {
+                    site: c.site.clone(),
+                    first: first.to_string(),
+                    second: c.bundle.clone(),
+                });
+            }
+        }
+        let mut next = self.data.clone();
+        let round = next.current.round + 1;
+        let mut contributors = contributors.to_vec();
+        contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
+        next.merged.extend(contributors.iter().map(|c| c.bundle.clone()));
+        next.history.push(RoundEntry { round, global: new_global.into(), strategy: strategy.into(), contributors });
+        next.current = CurrentGlobal { round, hash: new_global.into() };
+        fsutil::write_replace(&self.dir.join(LEDGER_FILE), &to_json(&next))?;
+        self.data = next;
+        Ok(round)
+    }
+
+    /// The federation at a glance, for `ferry-server status` (its `Display` is the printed form).
+    pub fn status(&self) -> LedgerStatus {
+        LedgerStatus::from(&self.data)
+    }
+}
+
+/// What `ferry-server status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerStatus {
+    /// The federation id.
+    pub federation: String,
+    /// The architecture, if recorded.
+    pub arch: Option<String>,
+    /// The model fingerprint.
+    pub model_fingerprint: String,
+    /// The current round.
+    pub round: u64,
+    /// The current global hash.
+    pub global: String,
+    /// Per round: round, global hash, strategy, and the contributing sites with their sample counts.
+    pub rounds: Vec<RoundEntry>,
+}
+
+impl From<&LedgerData> for LedgerStatus {
+    fn from(d: &LedgerData) -> Self {
+        LedgerStatus {
+            federation: d.federation.clone(),
+            arch: d.arch.clone(),
+            model_fingerprint: d.model_fingerprint.clone(),
+            round: d.current.round,
+            global: d.current.hash.clone(),
+            rounds: d.history.clone(),
+        }
+    }
+}
+
+impl fmt::Display for LedgerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "federation  {}", self.federation)?;
+        if let Some(a) = &self.arch {
+            writeln!(f, "arch        {a}")?;
+        }
+        writeln!(f, "model       {}", self.model_fingerprint)?;
+        writeln!(f, "round       {}", self.round)?;
+        writeln!(f, "global      {}", self.global)?;
+        for r in &self.rounds {
+            let sites: Vec<String> = r.contributors.iter().map(|c| format!("{} ({})", c.site, c.samples)).collect();
+            let sites = if sites.is_empty() { "-".to_string() } else { sites.join(", ") };
+            writeln!(f, "  r{:<4} {}  {:<24} {}", r.round, short(&r.global), r.strategy, sites)?;
+        }
+        Ok(())
+    }
+}
+
+fn short(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
+}
+
+fn to_json(d: &LedgerData) -> Vec<u8> {
+    // Serializing plain strings, integers and sets cannot fail; an empty file would be caught by `validate`
+    // on the next load rather than panicking here.
+    let mut v = serde_json::to_vec_pretty(d).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// The invariants a loaded ledger must satisfy.
+fn validate(d: &LedgerData) -> Result<(), String> {
+    if d.format != FORMAT {
+        return Err(format!("format is {:?}, expected {FORMAT:?} (written by a newer ferry?)", d.format));
+    }
+    if d.federation.is_empty() || d.model_fingerprint.is_empty() {
+        return Err("empty federation or model fingerprint".into());
+    }
+    if d.history.is_empty() {
+        return Err("no rounds in the history".into());
+    }
+    let mut seen = BTreeSet::new();
+    for (i, r) in d.history.iter().enumerate() {
+        if r.round != i as u64 {
+            return Err(format!("history entry {i} says round {}", r.round));
+        }
+        if !is_hex(&r.global) {
+            return Err(format!("round {} has a global hash that is not hex", r.round));
+        }
+        if (i == 0) != r.contributors.is_empty() {
+            return Err(format!("round {} has the wrong number of contributors", r.round));
+        }
+        for c in &r.contributors {
+            if !is_hex(&c.bundle) || !d.merged.contains(&c.bundle) || !seen.insert(c.bundle.as_str()) {
+                return Err(format!("round {} lists bundle {:?} inconsistently", r.round, c.bundle));
+            }
+        }
+    }
+    if seen.len() != d.merged.len() {
+        return Err("the merged set differs from the history".into());
+    }
+    let last = &d.history[d.history.len() - 1];
+    if d.current.round != last.round || d.current.hash != last.global {
+        return Err("the current global is not the last round of the history".into());
+    }
+    Ok(())
+}

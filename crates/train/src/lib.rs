@@ -1,0 +1,24 @@
+//! Local training for ferry sites: candle models, datasets, the trainer, evaluation and BatchNorm
+//! recalibration. The only ferry crate that knows candle.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod arch;
+pub mod data;
+#[doc(hidden)]
+pub mod data_stub;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod train;
+
+pub(crate) use data_stub as data_api;
+
+pub use arch::{Arch, TensorKind, TensorSpec};
+pub use error::TrainError;
+pub use model::{HostTensor, Mode, Model};
+pub use optim::{Adam, AdamConfig};
+pub use train::{
+    evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats, TrainConfig,
+    TrainObserver, TrainSummary,
+};

@@ -1,0 +1,456 @@
+//! The models (issue 4): plain structs of candle layers, with every tensor living in one `VarMap` under its PyTorch
+//! `state_dict` name, seeded initialisation in sorted-name order, and safetensors export/import checked against the
+//! architecture's tensor list ([`Arch::tensors`]).
+//!
+//! BatchNorm is ferry's own small layer rather than `candle_nn::BatchNorm`, because recalibration needs a
+//! cumulative average of the batch statistics (PyTorch's `momentum=None`) while training uses PyTorch's
+//! exponential average with momentum 0.1; candle's layer fixes the momentum at construction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Uniform};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::arch::{Arch, TensorKind, PLATE_CONV, PLATE_HIDDEN};
+use crate::error::TrainError;
+
+/// PyTorch's BatchNorm defaults.
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// How a forward pass treats BatchNorm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Inference: normalise with the running statistics, change nothing.
+    Eval,
+    /// Training: normalise with batch statistics and fold them into the running statistics with momentum 0.1.
+    Train,
+    /// Recalibration: normalise with batch statistics and fold them in with this weight (`n_batch / n_seen`, a
+    /// cumulative average over samples).
+    Recalibrate(f64),
+}
+
+#[derive(Debug, Clone)]
+struct BatchNorm2d {
+    running_mean: Var,
+    running_var: Var,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl BatchNorm2d {
+    fn new(channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let get = |name| vb.get(channels, name);
+        Ok(BatchNorm2d {
+            running_mean: Var::from_tensor(&get("running_mean")?)?,
+            running_var: Var::from_tensor(&get("running_var")?)?,
+            weight: get("weight")?,
+            bias: get("bias")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let c = x.dim(1)?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = match mode {
+            Mode::Eval => (
+                self.running_mean.as_detached_tensor().reshape(shape)?,
+                self.running_var.as_detached_tensor().reshape(shape)?,
+            ),
+            Mode::Train | Mode::Recalibrate(_) => {
+                let factor = match mode {
+                    Mode::Recalibrate(f) => f,
+                    _ => BN_MOMENTUM,
+                };
+                let (n, _, h, w) = x.dims4()?;
+                let count = (n * h * w) as f64;
+                let mean = x.mean_keepdim((0, 2, 3))?;
+                let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+                // Running variance is the unbiased estimate, as in PyTorch.
+                let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
+                let m = ((self.running_mean.as_tensor() * (1.0 - factor))? + (mean.detach().flatten_all()? * factor)?)?;
+                let v = ((self.running_var.as_tensor() * (1.0 - factor))?
+                    + (var.detach().flatten_all()? * (factor * unbias))?)?;
+                self.running_mean.set(&m)?;
+                self.running_var.set(&v)?;
+                (mean, var)
+            }
+        };
+        let x = x.broadcast_sub(&mean)?.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PlateCnn {
+    blocks: Vec<(Conv2d, BatchNorm2d)>,
+    fc1: Linear,
+    heads: Vec<Linear>,
+}
+
+impl PlateCnn {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let arch = Arch::PlateCnn;
+        let (mut cin, h, w) = arch.input();
+        let conv = Conv2dConfig { padding: 1, ..Default::default() };
+        let mut blocks = Vec::new();
+        for (i, &cout) in PLATE_CONV.iter().enumerate() {
+            let n = i + 1;
+            let c = candle_nn::conv2d_no_bias(cin, cout, 3, conv, vb.pp(format!("conv{n}")))?;
+            let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
+            blocks.push((c, bn));
+            cin = cout;
+        }
+        let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
+        let fc1 = candle_nn::linear(flat, PLATE_HIDDEN, vb.pp("fc1"))?;
+        let heads = (0..arch.slots())
+            .map(|s| candle_nn::linear(PLATE_HIDDEN, arch.classes(), vb.pp(format!("heads.{s}"))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(PlateCnn { blocks, fc1, heads })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (conv, bn) in &self.blocks {
+            x = bn.forward(&conv.forward(&x)?, mode)?.relu()?.max_pool2d(2)?;
+        }
+        let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        let outs = self.heads.iter().map(|h| h.forward(&x)).collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::stack(&outs, 1)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MnistCnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl MnistCnn {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let same = Conv2dConfig { padding: 2, ..Default::default() };
+        Ok(MnistCnn {
+            conv1: candle_nn::conv2d(1, 32, 5, same, vb.pp("conv1"))?,
+            conv2: candle_nn::conv2d(32, 64, 5, same, vb.pp("conv2"))?,
+            fc1: candle_nn::linear(3136, 512, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(512, 10, vb.pp("fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
+        let x = self.conv2.forward(&x)?.relu()?.max_pool2d(2)?;
+        let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        self.fc2.forward(&x)?.unsqueeze(1)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Net {
+    Plate(PlateCnn),
+    Mnist(MnistCnn),
+}
+
+/// A host copy of one tensor, as stored in a weights file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostTensor {
+    /// An F32 tensor (weights, biases, BatchNorm statistics).
+    F32(Vec<f32>),
+    /// An I64 scalar (`num_batches_tracked`).
+    I64(i64),
+}
+
+/// A model: its architecture, its tensors (in a `VarMap`, on one device) and the network reading them.
+pub struct Model {
+    arch: Arch,
+    device: Device,
+    varmap: VarMap,
+    net: Net,
+    /// `num_batches_tracked` per BatchNorm layer, by full tensor name. Kept on the host: candle has no such counter.
+    batches_tracked: BTreeMap<String, i64>,
+}
+
+impl Model {
+    /// A freshly initialised model. Same `arch` and `seed` give bit-identical weights on every machine: tensors are
+    /// visited in sorted-name order and drawn from one ChaCha8 stream, PyTorch's default scheme (weights and biases
+    /// uniform in ±1/√fan_in, i.e. Kaiming-uniform with a=√5; BatchNorm γ=1, β=0, mean 0, var 1).
+    pub fn init(arch: Arch, seed: u64, device: &Device) -> Result<Model, TrainError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = BTreeMap::new();
+        for spec in arch.tensors() {
+            let n = spec.numel();
+            let t = match spec.kind {
+                TensorKind::Weight { fan_in } | TensorKind::Bias { fan_in } => {
+                    let bound = 1.0 / (fan_in as f32).sqrt();
+                    let dist = Uniform::new(-bound, bound).map_err(|e| TrainError::Config(e.to_string()))?;
+                    HostTensor::F32((0..n).map(|_| dist.sample(&mut rng)).collect())
+                }
+                TensorKind::BnWeight | TensorKind::RunningVar => HostTensor::F32(vec![1.0; n]),
+                TensorKind::BnBias | TensorKind::RunningMean => HostTensor::F32(vec![0.0; n]),
+                TensorKind::BatchesTracked => HostTensor::I64(0),
+            };
+            tensors.insert(spec.name, t);
+        }
+        Model::from_host(arch, tensors, device)
+    }
+
+    /// Build a model from host tensors, which must match `arch` exactly (names, kinds and sizes).
+    pub fn from_host(arch: Arch, mut tensors: BTreeMap<String, HostTensor>, device: &Device) -> Result<Model, TrainError> {
+        let mismatch = |detail: String| TrainError::WeightsMismatch { arch: arch.name(), detail };
+        let varmap = VarMap::new();
+        let mut batches_tracked = BTreeMap::new();
+        let specs = arch.tensors();
+        {
+            let mut vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            for spec in &specs {
+                match (spec.kind, tensors.remove(&spec.name)) {
+                    (_, None) => return Err(mismatch(format!("tensor `{}` is missing", spec.name))),
+                    (TensorKind::BatchesTracked, Some(HostTensor::I64(n))) => {
+                        batches_tracked.insert(spec.name.clone(), n);
+                    }
+                    (TensorKind::BatchesTracked, Some(HostTensor::F32(_))) => {
+                        return Err(mismatch(format!("tensor `{}` should be an I64 scalar", spec.name)))
+                    }
+                    (_, Some(HostTensor::I64(_))) => {
+                        return Err(mismatch(format!("tensor `{}` should be F32", spec.name)))
+                    }
+                    (_, Some(HostTensor::F32(v))) => {
+                        if v.len() != spec.numel() {
+                            return Err(mismatch(format!(
+                                "tensor `{}` has {} values, expected shape {:?}",
+                                spec.name,
+                                v.len(),
+                                spec.shape
+                            )));
+                        }
+                        if v.iter().any(|x| !x.is_finite()) {
+                            return Err(mismatch(format!("tensor `{}` contains NaN or infinite values", spec.name)));
+                        }
+                        let t = Tensor::from_vec(v, spec.shape.as_slice(), device)?;
+                        vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
+                    }
+                }
+            }
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(mismatch(format!("unexpected tensor `{extra}`")));
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let net = match arch {
+            Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
+            Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
+        };
+        // The network must not have created a tensor the architecture does not list (that would be trained but
+        // never exported): a programming error, reported rather than silently diverging from the wire format.
+        let expected: BTreeSet<&str> =
+            specs.iter().filter(|s| s.kind != TensorKind::BatchesTracked).map(|s| s.name.as_str()).collect();
+        let built = varmap.data().lock().unwrap_or_else(|e| e.into_inner()).len();
+        if built != expected.len() {
+            return Err(mismatch(format!("the network built {built} tensors, the architecture lists {}", expected.len())));
+        }
+        Ok(Model { arch, device: device.clone(), varmap, net, batches_tracked })
+    }
+
+    /// Load a model from safetensors bytes (F32 tensors plus I64 `num_batches_tracked` scalars), checking every name,
+    /// dtype and shape against `arch`. Never memory-maps: the bytes are the verified ones.
+    pub fn from_safetensors(arch: Arch, bytes: &[u8], device: &Device) -> Result<Model, TrainError> {
+        Model::from_host(arch, read_safetensors(arch, bytes)?, device)
+    }
+
+    /// Export every tensor as safetensors bytes, PyTorch `state_dict` names, loadable with `strict=True`.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, TrainError> {
+        write_safetensors(&self.to_host()?, Some(self.arch))
+    }
+
+    /// Host copies of every tensor, by name.
+    pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+        let vars = self.vars();
+        let mut out = BTreeMap::new();
+        for spec in self.arch.tensors() {
+            let t = if spec.kind == TensorKind::BatchesTracked {
+                HostTensor::I64(self.batches_tracked.get(&spec.name).copied().unwrap_or(0))
+            } else {
+                let var = vars.get(&spec.name).ok_or_else(|| TrainError::WeightsMismatch {
+                    arch: self.arch.name(),
+                    detail: format!("tensor `{}` is missing", spec.name),
+                })?;
+                HostTensor::F32(var.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+            };
+            out.insert(spec.name, t);
+        }
+        Ok(out)
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits of shape `(batch, slots, classes)` for images of shape `(batch, channels, height, width)`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, TrainError> {
+        let out = match &self.net {
+            Net::Plate(n) => n.forward(x, mode)?,
+            Net::Mnist(n) => n.forward(x)?,
+        };
+        Ok(out)
+    }
+
+    /// The model's variables by name, sorted.
+    pub(crate) fn vars(&self) -> BTreeMap<String, Var> {
+        let vars = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Count one training batch in every BatchNorm layer (`num_batches_tracked += 1`).
+    pub(crate) fn count_batch(&mut self) {
+        for n in self.batches_tracked.values_mut() {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Set every BatchNorm layer's `num_batches_tracked`.
+    pub(crate) fn set_batches_tracked(&mut self, value: i64) {
+        for n in self.batches_tracked.values_mut() {
+            *n = value;
+        }
+    }
+
+    /// Whether the model has BatchNorm layers.
+    pub fn has_batch_norm(&self) -> bool {
+        !self.batches_tracked.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("arch", &self.arch).field("device", &self.device).finish_non_exhaustive()
+    }
+}
+
+impl ModuleT for Model {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mode = if train { Mode::Train } else { Mode::Eval };
+        match &self.net {
+            Net::Plate(n) => n.forward(x, mode),
+            Net::Mnist(n) => n.forward(x),
+        }
+    }
+}
+
+/// Serialise host tensors as safetensors (F32 little-endian and I64 scalars), recording the architecture name in
+/// the metadata when given.
+pub(crate) fn write_safetensors(
+    tensors: &BTreeMap<String, HostTensor>,
+    arch: Option<Arch>,
+) -> Result<Vec<u8>, TrainError> {
+    let metadata = arch.map(|a| HashMap::from([("ferry.arch".to_string(), a.name().to_string())]));
+    write_safetensors_with(tensors, arch, metadata)
+}
+
+/// [`write_safetensors`] with explicit metadata. Tensors without a shape in `arch` are stored flat.
+pub(crate) fn write_safetensors_with(
+    tensors: &BTreeMap<String, HostTensor>,
+    arch: Option<Arch>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, TrainError> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = tensors
+        .iter()
+        .map(|(name, t)| match t {
+            HostTensor::F32(v) => {
+                (name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), vec![v.len()], Dtype::F32)
+            }
+            HostTensor::I64(n) => (name.clone(), n.to_le_bytes().to_vec(), vec![], Dtype::I64),
+        })
+        .collect();
+    let shapes: BTreeMap<String, Vec<usize>> = match arch {
+        Some(a) => a.tensors().into_iter().map(|s| (s.name, s.shape)).collect(),
+        None => BTreeMap::new(),
+    };
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, data, flat, dtype) in &bytes {
+        let shape = shapes.get(name).cloned().unwrap_or_else(|| flat.clone());
+        let view = TensorView::new(*dtype, shape, data).map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
+        views.push((name.clone(), view));
+    }
+    safetensors::serialize(views, metadata).map_err(|e| TrainError::WeightsFormat(e.to_string()))
+}
+
+/// Parse safetensors bytes into host tensors, checking names, dtypes and shapes against `arch`.
+pub(crate) fn read_safetensors(arch: Arch, bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
+    let mismatch = |detail: String| TrainError::WeightsMismatch { arch: arch.name(), detail };
+    let specs = arch.tensors();
+    let known: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    if let Some(extra) = names.iter().find(|n| !known.contains(n.as_str())) {
+        return Err(mismatch(format!("unexpected tensor `{extra}`")));
+    }
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let view = st.tensor(&spec.name).map_err(|_| mismatch(format!("tensor `{}` is missing", spec.name)))?;
+        if view.shape() != spec.shape.as_slice() {
+            return Err(mismatch(format!(
+                "tensor `{}` has shape {:?}, expected {:?}",
+                spec.name,
+                view.shape(),
+                spec.shape
+            )));
+        }
+        let t = match (spec.kind, view.dtype()) {
+            (TensorKind::BatchesTracked, Dtype::I64) => {
+                let b: [u8; 8] = view.data().try_into().map_err(|_| mismatch(format!("tensor `{}` is truncated", spec.name)))?;
+                HostTensor::I64(i64::from_le_bytes(b))
+            }
+            (TensorKind::BatchesTracked, d) => {
+                return Err(mismatch(format!("tensor `{}` is {d:?}, expected I64", spec.name)))
+            }
+            (_, Dtype::F32) => HostTensor::F32(
+                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            ),
+            (_, d) => return Err(mismatch(format!("tensor `{}` is {d:?}, expected F32", spec.name))),
+        };
+        out.insert(spec.name, t);
+    }
+    Ok(out)
+}
+
+/// Parse any safetensors file of F32 tensors and I64 scalars into flat host tensors plus its metadata, for ferry's own
+/// state files (optimizer moments, checkpoints); callers check names and sizes.
+pub(crate) fn read_any_safetensors(
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>), TrainError> {
+    let fmt = |e: safetensors::SafeTensorError| TrainError::WeightsFormat(e.to_string());
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(fmt)?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(fmt)?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t = match (view.dtype(), view.shape()) {
+            (Dtype::I64, []) => {
+                let b: [u8; 8] = view
+                    .data()
+                    .try_into()
+                    .map_err(|_| TrainError::WeightsFormat(format!("tensor `{name}` is truncated")))?;
+                HostTensor::I64(i64::from_le_bytes(b))
+            }
+            (Dtype::F32, _) => HostTensor::F32(
+                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            ),
+            (d, s) => return Err(TrainError::WeightsFormat(format!("tensor `{name}` is {d:?} {s:?}, not F32 or an I64 scalar"))),
+        };
+        out.insert(name, t);
+    }
+    Ok((out, metadata))
+}

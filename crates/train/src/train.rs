@@ -1,0 +1,383 @@
+//! The trainer, evaluation and BatchNorm recalibration over in-memory datasets (issue 4). No files, no progress
+//! bars: the site wrappers (`site`) add the state directory and the CLI adds the bars through [`TrainObserver`].
+//!
+//! Reproducibility: the only randomness is the per-epoch shuffle, drawn from ChaCha8 seeded by
+//! `(seed, round, epoch)`, so training on CPU is bit-identical run to run, and an interrupted run resumed from an
+//! epoch checkpoint reproduces the uninterrupted run exactly.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::arch::Arch;
+use crate::data_api::Dataset;
+use crate::error::TrainError;
+use crate::model::{Mode, Model};
+use crate::optim::{Adam, AdamConfig};
+
+/// Training settings. `Default` is the field study's: Adam, lr 2.5e-4, batch 64, warm-up 1000, one epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Local epochs (passes over the dataset).
+    pub epochs: u32,
+    /// Images per optimizer step (the last batch of an epoch may be smaller).
+    pub batch: usize,
+    /// Seed of the shuffling order.
+    pub seed: u64,
+    /// Optimizer settings.
+    pub adam: AdamConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 1, batch: 64, seed: 0, adam: AdamConfig::default() }
+    }
+}
+
+impl TrainConfig {
+    fn check(&self) -> Result<(), TrainError> {
+        if self.batch == 0 {
+            return Err(TrainError::Config("--batch must be at least 1".into()));
+        }
+        if !(self.adam.lr.is_finite() && self.adam.lr > 0.0) {
+            return Err(TrainError::Config(format!("--lr must be a positive number, not {}", self.adam.lr)));
+        }
+        Ok(())
+    }
+}
+
+/// Progress after one optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// Epoch being run (0-based).
+    pub epoch: u32,
+    /// Epochs in this run.
+    pub epochs: u32,
+    /// Batches done in this epoch (1-based).
+    pub batch: usize,
+    /// Batches per epoch.
+    pub batches: usize,
+    /// Optimizer steps over the site's lifetime (persisted between rounds).
+    pub step: u64,
+    /// Loss of this batch (mean cross-entropy over character slots).
+    pub loss: f32,
+    /// Accuracy (exact match) over the epoch so far, 0..1.
+    pub accuracy: f64,
+    /// Training throughput over the epoch so far.
+    pub images_per_sec: f64,
+    /// Learning rate used for this step.
+    pub lr: f64,
+}
+
+/// Result of one epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochStats {
+    /// Epoch (0-based).
+    pub epoch: u32,
+    /// Mean batch loss.
+    pub loss: f64,
+    /// Training accuracy (exact match) over the epoch, 0..1.
+    pub accuracy: f64,
+    /// Images seen.
+    pub images: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Throughput.
+    pub images_per_sec: f64,
+}
+
+/// Receives progress; every method has an empty default. `()` ignores everything.
+pub trait TrainObserver {
+    /// A training run starts `epochs` epochs of `batches` batches each, beginning at epoch `first_epoch`.
+    fn on_start(&mut self, _first_epoch: u32, _epochs: u32, _batches: usize) {}
+    /// An optimizer step finished.
+    fn on_step(&mut self, _stats: &StepStats) {}
+    /// An epoch finished (and, in a site run, its checkpoint was written).
+    fn on_epoch(&mut self, _stats: &EpochStats) {}
+    /// A note for the operator (e.g. "resuming from epoch 2").
+    fn on_note(&mut self, _note: &str) {}
+}
+
+impl TrainObserver for () {}
+
+/// Result of a training run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Epochs run by this call (fewer than configured when resuming).
+    pub epochs_run: u32,
+    /// Optimizer steps taken by this call.
+    pub steps: u64,
+    /// Optimizer steps over the site's lifetime.
+    pub total_steps: u64,
+    /// Samples in the training set.
+    pub samples: usize,
+    /// Mean loss of the last epoch run (NaN if none was run).
+    pub loss: f64,
+    /// Training accuracy of the last epoch run, 0..1 (NaN if none was run).
+    pub accuracy: f64,
+    /// Throughput over the whole call.
+    pub images_per_sec: f64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Check that `data` fits `arch` (input shape and label layout) and is not empty.
+pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
+    let (c, h, w) = arch.input();
+    if (data.channels, data.height, data.width) != (c, h, w) {
+        return Err(TrainError::DataMismatch {
+            arch: arch.name(),
+            detail: format!(
+                "images are {}x{}x{} (CxHxW), the model takes {c}x{h}x{w}",
+                data.channels, data.height, data.width
+            ),
+        });
+    }
+    if data.task != arch.task() {
+        return Err(TrainError::DataMismatch {
+            arch: arch.name(),
+            detail: format!("labels are {:?}, the model predicts {:?}", data.task, arch.task()),
+        });
+    }
+    if data.is_empty() {
+        return Err(TrainError::EmptyDataset);
+    }
+    let classes = arch.classes() as u32;
+    if let Some(bad) = data.labels.iter().find(|&&l| l >= classes) {
+        return Err(TrainError::DataMismatch {
+            arch: arch.name(),
+            detail: format!("label {bad} is out of range (the model has {classes} classes)"),
+        });
+    }
+    Ok(())
+}
+
+/// Images of `idx` as a `(n, c, h, w)` tensor and their labels as a flat `(n * slots)` u32 tensor.
+fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor), TrainError> {
+    let per = data.channels * data.height * data.width;
+    let mut x = Vec::with_capacity(idx.len() * per);
+    let mut y = Vec::with_capacity(idx.len() * data.slots());
+    for &i in idx {
+        x.extend_from_slice(data.image(i));
+        y.extend_from_slice(data.label(i));
+    }
+    let x = Tensor::from_vec(x, (idx.len(), data.channels, data.height, data.width), device)?;
+    let y = Tensor::from_vec(y, idx.len() * data.slots(), device)?;
+    Ok((x, y))
+}
+
+/// Mean cross-entropy over all character slots of `logits` `(n, slots, classes)` against flat labels.
+fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
+    let (n, s, c) = logits.dims3()?;
+    Ok(candle_nn::loss::cross_entropy(&logits.reshape((n * s, c))?, labels)?)
+}
+
+/// (exactly matched samples, correct characters) of a batch.
+fn hits(logits: &Tensor, labels: &[u32], slots: usize) -> Result<(usize, usize), TrainError> {
+    let pred = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let mut exact = 0;
+    let mut chars = 0;
+    for (p, l) in pred.chunks(slots).zip(labels.chunks(slots)) {
+        let ok = p.iter().zip(l).filter(|(a, b)| a == b).count();
+        chars += ok;
+        exact += usize::from(ok == slots);
+    }
+    Ok((exact, chars))
+}
+
+/// The sample order of one epoch: a ChaCha8 shuffle seeded by `(seed, round, epoch)`.
+pub fn epoch_order(samples: usize, seed: u64, round: u64, epoch: u32) -> Vec<usize> {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&round.to_le_bytes());
+    key[16..20].copy_from_slice(&epoch.to_le_bytes());
+    key[24..].copy_from_slice(b"ferryord");
+    let mut rng = ChaCha8Rng::from_seed(key);
+    let mut order: Vec<usize> = (0..samples).collect();
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Run one epoch (number `epoch`, shuffled by `(cfg.seed, round, epoch)`), updating `model` and `adam`.
+pub fn train_epoch(
+    model: &mut Model,
+    adam: &mut Adam,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round: u64,
+    epoch: u32,
+    obs: &mut dyn TrainObserver,
+) -> Result<EpochStats, TrainError> {
+    cfg.check()?;
+    check_data(model.arch(), data)?;
+    if adam.arch() != model.arch() {
+        return Err(TrainError::OptimizerState(format!("it belongs to {}, the model is {}", adam.arch(), model.arch())));
+    }
+    let order = epoch_order(data.len(), cfg.seed, round, epoch);
+    let batches = order.len().div_ceil(cfg.batch);
+    let slots = data.slots();
+    let start = Instant::now();
+    let (mut seen, mut exact, mut loss_sum) = (0usize, 0usize, 0f64);
+    for (b, idx) in order.chunks(cfg.batch).enumerate() {
+        let (x, y) = batch(data, idx, model.device())?;
+        let logits = model.forward(&x, Mode::Train)?;
+        let l = loss(&logits, &y)?;
+        let lv = l.to_scalar::<f32>()?;
+        if !lv.is_finite() {
+            return Err(TrainError::Diverged { loss: lv, step: adam.step() + 1 });
+        }
+        let grads = l.backward()?;
+        let lr = adam.update(model, &grads, &cfg.adam)?;
+        model.count_batch();
+        let labels: Vec<u32> = idx.iter().flat_map(|&i| data.label(i).iter().copied()).collect();
+        exact += hits(&logits, &labels, slots)?.0;
+        seen += idx.len();
+        loss_sum += f64::from(lv);
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        obs.on_step(&StepStats {
+            epoch,
+            epochs: cfg.epochs,
+            batch: b + 1,
+            batches,
+            step: adam.step(),
+            loss: lv,
+            accuracy: exact as f64 / seen as f64,
+            images_per_sec: seen as f64 / secs,
+            lr,
+        });
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(EpochStats {
+        epoch,
+        loss: loss_sum / batches.max(1) as f64,
+        accuracy: exact as f64 / seen.max(1) as f64,
+        images: seen,
+        seconds,
+        images_per_sec: seen as f64 / seconds.max(1e-9),
+    })
+}
+
+/// Train `cfg.epochs` epochs from the start (round 0 shuffling). The site wrapper adds checkpoints and resuming.
+pub fn train(
+    model: &mut Model,
+    adam: &mut Adam,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    obs: &mut dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    train_epochs(model, adam, data, cfg, 0, 0, obs, |_, _, _| Ok(()))
+}
+
+/// Train epochs `first..cfg.epochs` with round `round`'s shuffling, calling `after_epoch` after each one (the site
+/// wrapper writes its checkpoint there).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_epochs(
+    model: &mut Model,
+    adam: &mut Adam,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    round: u64,
+    first: u32,
+    obs: &mut dyn TrainObserver,
+    mut after_epoch: impl FnMut(&Model, &Adam, u32) -> Result<(), TrainError>,
+) -> Result<TrainSummary, TrainError> {
+    cfg.check()?;
+    check_data(model.arch(), data)?;
+    let start = Instant::now();
+    let step0 = adam.step();
+    obs.on_start(first, cfg.epochs, data.len().div_ceil(cfg.batch));
+    let mut last = None;
+    let mut images = 0;
+    for epoch in first..cfg.epochs {
+        let stats = train_epoch(model, adam, data, cfg, round, epoch, obs)?;
+        after_epoch(model, adam, epoch + 1)?;
+        images += stats.images;
+        obs.on_epoch(&stats);
+        last = Some(stats);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        epochs_run: cfg.epochs.saturating_sub(first),
+        steps: adam.step() - step0,
+        total_steps: adam.step(),
+        samples: data.len(),
+        loss: last.as_ref().map_or(f64::NAN, |s| s.loss),
+        accuracy: last.as_ref().map_or(f64::NAN, |s| s.accuracy),
+        images_per_sec: images as f64 / seconds.max(1e-9),
+        seconds,
+    })
+}
+
+/// Accuracy of a model on a dataset.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Evaluation {
+    /// Samples evaluated.
+    pub samples: usize,
+    /// Exact-match accuracy (every character of a plate right), 0..1. For plain classification, the accuracy.
+    pub accuracy: f64,
+    /// Per-character accuracy for plates (`None` for plain classification).
+    pub char_accuracy: Option<f64>,
+    /// Mean cross-entropy over character slots.
+    pub loss: f64,
+}
+
+/// Evaluate `model` (BatchNorm in inference mode, nothing changes) on `data`, `batch` images at a time.
+pub fn evaluate(model: &Model, data: &Dataset, batch_size: usize) -> Result<Evaluation, TrainError> {
+    check_data(model.arch(), data)?;
+    let bs = batch_size.max(1);
+    let slots = data.slots();
+    let (mut exact, mut chars, mut loss_sum) = (0usize, 0usize, 0f64);
+    let all: Vec<usize> = (0..data.len()).collect();
+    for idx in all.chunks(bs) {
+        let (x, y) = batch(data, idx, model.device())?;
+        let logits = model.forward(&x, Mode::Eval)?;
+        loss_sum += f64::from(loss(&logits, &y)?.to_scalar::<f32>()?) * idx.len() as f64;
+        let labels = y.to_vec1::<u32>()?;
+        let (e, c) = hits(&logits, &labels, slots)?;
+        exact += e;
+        chars += c;
+    }
+    let n = data.len();
+    Ok(Evaluation {
+        samples: n,
+        accuracy: exact as f64 / n as f64,
+        char_accuracy: (slots > 1).then(|| chars as f64 / (n * slots) as f64),
+        loss: loss_sum / n as f64,
+    })
+}
+
+/// What a recalibration did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Recalibration {
+    /// Samples whose statistics were averaged.
+    pub samples: usize,
+    /// Batches run.
+    pub batches: usize,
+}
+
+/// Re-estimate every BatchNorm layer's running mean and variance on `data` (labels unused), changing no other
+/// tensor. The new statistics are the cumulative average over all samples of the per-batch statistics (weight
+/// `n_batch / n_seen`, i.e. PyTorch's `momentum=None` and `torch.optim.swa_utils.update_bn`), so the result does not
+/// depend on a momentum and the old statistics are forgotten entirely; `num_batches_tracked` becomes the number of
+/// batches, as after `update_bn`. Batches run in dataset order. A model without BatchNorm is left unchanged.
+pub fn recalibrate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<Recalibration, TrainError> {
+    check_data(model.arch(), data)?;
+    if !model.has_batch_norm() {
+        return Ok(Recalibration { samples: 0, batches: 0 });
+    }
+    let bs = batch_size.max(1);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let mut seen = 0usize;
+    let mut batches = 0usize;
+    for idx in all.chunks(bs) {
+        let (x, _) = batch(data, idx, model.device())?;
+        seen += idx.len();
+        batches += 1;
+        model.forward(&x, Mode::Recalibrate(idx.len() as f64 / seen as f64))?;
+    }
+    model.set_batches_tracked(i64::try_from(batches).unwrap_or(i64::MAX));
+    Ok(Recalibration { samples: seen, batches })
+}
