@@ -99,7 +99,9 @@ impl Sealed {
     /// The conventional file name: `global-r<N>.ferry` or `<site>-r<N>.ferry`.
     pub fn file_name(&self) -> String {
         match (&self.manifest.kind, &self.manifest.site) {
-            (BundleKind::Update, Some(site)) => format!("{}-r{}.ferry", site.id, self.manifest.round),
+            (BundleKind::Update, Some(site)) => {
+                format!("{}-r{}.ferry", site.id, self.manifest.round)
+            }
             _ => format!("global-r{}.ferry", self.manifest.round),
         }
     }
@@ -114,11 +116,20 @@ impl Sealed {
 }
 
 /// Sign `payload` under `key` with the caller's `draft`. Checks that the key's role may sign this kind of bundle.
-pub fn seal(draft: Draft, payload: &Payload, key: &SecretKey, level: i32) -> Result<Sealed, SealError> {
+pub fn seal(
+    draft: Draft,
+    payload: &Payload,
+    key: &SecretKey,
+    level: i32,
+) -> Result<Sealed, SealError> {
     match (draft.kind, key.role()) {
         (BundleKind::Global, Role::Hq) => {}
         (BundleKind::Global, Role::Site) => {
-            return Err(KeyError::WrongRole(format!("site key {:?} cannot sign a global bundle", key.id())).into())
+            return Err(KeyError::WrongRole(format!(
+                "site key {:?} cannot sign a global bundle",
+                key.id()
+            ))
+            .into())
         }
         (BundleKind::Update, Role::Site) => match &draft.site {
             Some(s) if s.id == key.id() => {}
@@ -130,7 +141,11 @@ pub fn seal(draft: Draft, payload: &Payload, key: &SecretKey, level: i32) -> Res
                 ))
                 .into())
             }
-            None => return Err(SealError::InvalidDraft("an update must name its site".into())),
+            None => {
+                return Err(SealError::InvalidDraft(
+                    "an update must name its site".into(),
+                ))
+            }
         },
         (BundleKind::Update, Role::Hq) => {
             return Err(KeyError::WrongRole("an HQ key cannot sign a site update".into()).into())
@@ -157,11 +172,30 @@ pub fn seal(draft: Draft, payload: &Payload, key: &SecretKey, level: i32) -> Res
             sha256: crate::sha256_hex(payload.bytes()),
         },
         tensors: payload.entries.clone(),
-        signer: Signer { id: public.id.clone(), role: public.role, key_id: public.key_id_hex() },
+        signer: Signer {
+            id: public.id.clone(),
+            role: public.role,
+            key_id: public.key_id_hex(),
+        },
         created: draft.created,
     };
     manifest.validate().map_err(SealError::InvalidDraft)?;
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| SealError::InvalidDraft(e.to_string()))?;
+    let manifest_bytes =
+        serde_json::to_vec(&manifest).map_err(|e| SealError::InvalidDraft(e.to_string()))?;
+    let bytes = assemble(&manifest_bytes, key, &compressed);
+    let hash = crate::sha256_hex(&bytes);
+    Ok(Sealed {
+        bytes,
+        hash,
+        manifest,
+    })
+}
+
+/// Assemble a bundle from raw manifest bytes and a compressed payload, signing whatever it is given.
+/// No role or consistency checks: this is how test vectors make hostile-but-validly-signed files.
+/// Real bundles come from [`seal`].
+pub fn assemble(manifest_bytes: &[u8], key: &SecretKey, compressed: &[u8]) -> Vec<u8> {
+    let public = key.public();
     let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + manifest_bytes.len());
     message.extend_from_slice(SIGNATURE_DOMAIN);
     message.extend_from_slice(&manifest_bytes);
@@ -178,16 +212,20 @@ pub fn seal(draft: Draft, payload: &Payload, key: &SecretKey, level: i32) -> Res
     bytes.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&manifest_bytes);
     bytes.extend_from_slice(&signature);
-    bytes.extend_from_slice(&compressed);
-    let hash = crate::sha256_hex(&bytes);
-    Ok(Sealed { bytes, hash, manifest })
+    bytes.extend_from_slice(compressed);
+    bytes
 }
 
-fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, SealError> {
-    let mut c = zstd::bulk::Compressor::new(level).map_err(|e| SealError::Compress(e.to_string()))?;
-    c.include_contentsize(true).map_err(|e| SealError::Compress(e.to_string()))?;
-    c.include_checksum(true).map_err(|e| SealError::Compress(e.to_string()))?;
-    c.compress(data).map_err(|e| SealError::Compress(e.to_string()))
+/// Compress a payload the way [`seal`] does: one zstd frame with its content size and a checksum.
+pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, SealError> {
+    let mut c =
+        zstd::bulk::Compressor::new(level).map_err(|e| SealError::Compress(e.to_string()))?;
+    c.include_contentsize(true)
+        .map_err(|e| SealError::Compress(e.to_string()))?;
+    c.include_checksum(true)
+        .map_err(|e| SealError::Compress(e.to_string()))?;
+    c.compress(data)
+        .map_err(|e| SealError::Compress(e.to_string()))
 }
 
 /// The header of a bundle, parsed but not verified.
@@ -221,22 +259,34 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
     let frame_len = u32_at(bytes, 4).ok_or(OpenError::MalformedHeader("truncated"))? as usize;
     let manifest_len = u32_at(bytes, 28).ok_or(OpenError::MalformedHeader("truncated"))?;
     if manifest_len > limits.max_manifest_bytes {
-        return Err(OpenError::MalformedHeader("manifest is larger than allowed"));
+        return Err(OpenError::MalformedHeader(
+            "manifest is larger than allowed",
+        ));
     }
     let manifest_len = manifest_len as usize;
     if frame_len != FIXED + manifest_len + SIG_LEN {
-        return Err(OpenError::MalformedHeader("frame length disagrees with manifest length"));
+        return Err(OpenError::MalformedHeader(
+            "frame length disagrees with manifest length",
+        ));
     }
     let frame_end = 8 + frame_len;
     if bytes.len() < frame_end {
-        return Err(OpenError::MalformedHeader("file ends inside the header (truncated)"));
+        return Err(OpenError::MalformedHeader(
+            "file ends inside the header (truncated)",
+        ));
     }
     let mut key_id = [0u8; 8];
     key_id.copy_from_slice(&bytes[20..28]);
     let manifest_bytes = &bytes[32..32 + manifest_len];
     let mut signature = [0u8; 64];
     signature.copy_from_slice(&bytes[32 + manifest_len..frame_end]);
-    Ok(Header { version, key_id, manifest_bytes, signature, payload: &bytes[frame_end..] })
+    Ok(Header {
+        version,
+        key_id,
+        manifest_bytes,
+        signature,
+        payload: &bytes[frame_end..],
+    })
 }
 
 /// Read a bundle file (once, capped) and [`open`] it.
@@ -254,21 +304,33 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
     if keyring.is_revoked(&h.key_id) {
         return Err(OpenError::RevokedKey(key_hex));
     }
-    let key = keyring.get(&h.key_id).ok_or_else(|| OpenError::UntrustedKey(key_hex.clone()))?;
+    let key = keyring
+        .get(&h.key_id)
+        .ok_or_else(|| OpenError::UntrustedKey(key_hex.clone()))?;
     let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + h.manifest_bytes.len());
     message.extend_from_slice(SIGNATURE_DOMAIN);
     message.extend_from_slice(h.manifest_bytes);
     let sig = ed25519_dalek::Signature::from_bytes(&h.signature);
-    key.verifying_key().verify_strict(&message, &sig).map_err(|_| OpenError::BadSignature)?;
+    key.verifying_key()
+        .verify_strict(&message, &sig)
+        .map_err(|_| OpenError::BadSignature)?;
 
     // From here on the manifest was signed by a trusted key.
-    let manifest: Manifest =
-        serde_json::from_slice(h.manifest_bytes).map_err(|e| OpenError::InvalidManifest(e.to_string()))?;
+    let manifest: Manifest = serde_json::from_slice(h.manifest_bytes)
+        .map_err(|e| OpenError::InvalidManifest(e.to_string()))?;
     manifest.validate().map_err(OpenError::InvalidManifest)?;
     debug_assert_eq!(h.version as u32, manifest.format);
-    if manifest.signer.key_id != key_hex || manifest.signer.id != key.id || manifest.signer.role != key.role {
+    if manifest.signer.key_id != key_hex
+        || manifest.signer.id != key.id
+        || manifest.signer.role != key.role
+    {
         return Err(OpenError::SignerMismatch {
-            named: format!("{} {} {}", manifest.signer.role, crate::escape(&manifest.signer.id), crate::escape(&manifest.signer.key_id)),
+            named: format!(
+                "{} {} {}",
+                manifest.signer.role,
+                crate::escape(&manifest.signer.id),
+                crate::escape(&manifest.signer.key_id)
+            ),
             actual: format!("{} {} {}", key.role, key.id, key_hex),
         });
     }
@@ -276,13 +338,19 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
 
     let p = &manifest.payload;
     if h.payload.len() as u64 != p.compressed_len {
-        return Err(OpenError::PayloadLength { expected: p.compressed_len, actual: h.payload.len() as u64 });
+        return Err(OpenError::PayloadLength {
+            expected: p.compressed_len,
+            actual: h.payload.len() as u64,
+        });
     }
     if crate::sha256_hex(h.payload) != p.compressed_sha256 {
         return Err(OpenError::PayloadHash);
     }
     if p.len > limits.max_payload_bytes {
-        return Err(OpenError::Decompress { expected: p.len, why: "larger than this reader accepts".into() });
+        return Err(OpenError::Decompress {
+            expected: p.len,
+            why: "larger than this reader accepts".into(),
+        });
     }
     let payload = decompress(h.payload, p.len, limits)?;
     if crate::sha256_hex(&payload) != p.sha256 {
@@ -290,18 +358,24 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
     }
     let metas = manifest.tensor_metas();
     check_tensors(&payload, &metas, &manifest)?;
-    Ok(Bundle { hash: crate::sha256_hex(bytes), file_len: bytes.len() as u64, manifest, payload, metas })
+    Ok(Bundle {
+        hash: crate::sha256_hex(bytes),
+        file_len: bytes.len() as u64,
+        manifest,
+        payload,
+        metas,
+    })
 }
 
 fn check_role(m: &Manifest, role: Role, id: &str) -> Result<(), OpenError> {
     match (m.kind, role) {
         (BundleKind::Global, Role::Hq) => Ok(()),
-        (BundleKind::Global, Role::Site) => {
-            Err(OpenError::RoleViolation(format!("site key {id:?} signed a global bundle; only an hq key may")))
-        }
-        (BundleKind::Update, Role::Hq) => {
-            Err(OpenError::RoleViolation("an hq key signed a site update; only the site's own key may".into()))
-        }
+        (BundleKind::Global, Role::Site) => Err(OpenError::RoleViolation(format!(
+            "site key {id:?} signed a global bundle; only an hq key may"
+        ))),
+        (BundleKind::Update, Role::Hq) => Err(OpenError::RoleViolation(
+            "an hq key signed a site update; only the site's own key may".into(),
+        )),
         (BundleKind::Update, Role::Site) => match m.site_id() {
             Some(s) if s == id => Ok(()),
             other => Err(OpenError::RoleViolation(format!(
@@ -328,22 +402,33 @@ fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, O
         _ => return Err(frame_err("the frame does not declare its size")),
     }
     let err = |why: String| OpenError::Decompress { expected, why };
-    let mut dec = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
-    dec.window_log_max(limits.window_log_max).map_err(|e| err(e.to_string()))?;
+    let mut dec =
+        zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
+    dec.window_log_max(limits.window_log_max)
+        .map_err(|e| err(e.to_string()))?;
     let mut out = Vec::with_capacity(expected.min(1 << 30) as usize);
-    dec.take(expected + 1).read_to_end(&mut out).map_err(|e| err(e.to_string()))?;
+    dec.take(expected + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| err(e.to_string()))?;
     if out.len() as u64 != expected {
         return Err(err(format!("got {} bytes", out.len())));
     }
     Ok(out)
 }
 
-fn check_tensors(payload: &[u8], metas: &[TensorMeta], manifest: &Manifest) -> Result<(), OpenError> {
+fn check_tensors(
+    payload: &[u8],
+    metas: &[TensorMeta],
+    manifest: &Manifest,
+) -> Result<(), OpenError> {
     let header = canonical_header(metas).ok_or(OpenError::TensorTable)?;
     if payload.get(..header.len()) != Some(&header[..]) {
         return Err(OpenError::TensorTable);
     }
-    let data_len: usize = metas.iter().map(|m| crate::payload::byte_len(m.dtype, &m.shape).unwrap_or(0)).sum();
+    let data_len: usize = metas
+        .iter()
+        .map(|m| crate::payload::byte_len(m.dtype, &m.shape).unwrap_or(0))
+        .sum();
     if header.len().checked_add(data_len) != Some(payload.len()) {
         return Err(OpenError::TensorTable);
     }

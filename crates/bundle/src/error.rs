@@ -31,7 +31,9 @@ pub enum OpenError {
     #[error("signed by key {0}, which has been revoked")]
     RevokedKey(String),
     /// The signature does not verify.
-    #[error("signature does not verify: the bundle was altered, or it is not from the key it names")]
+    #[error(
+        "signature does not verify: the bundle was altered, or it is not from the key it names"
+    )]
     BadSignature,
     /// The signed manifest is not valid (this means a trusted key signed garbage).
     #[error("signed manifest is invalid: {0}")]

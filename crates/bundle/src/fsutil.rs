@@ -44,7 +44,10 @@ pub enum FsError {
 
 impl FsError {
     pub(crate) fn io(path: &Path, source: io::Error) -> Self {
-        FsError::Io { path: path.to_path_buf(), source }
+        FsError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -77,15 +80,20 @@ fn write_temp(dir: &Path, bytes: &[u8], private: bool) -> Result<tempfile::Named
     {
         use std::os::unix::fs::PermissionsExt;
         // tempfile creates 0600 already; public files get the usual 0644.
-        builder.permissions(std::fs::Permissions::from_mode(if private { 0o600 } else { 0o644 }));
+        builder.permissions(std::fs::Permissions::from_mode(if private {
+            0o600
+        } else {
+            0o644
+        }));
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| FsError::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| FsError::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| FsError::io(tmp.path(), e))?;
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| FsError::io(dir, e))?;
+    tmp.write_all(bytes)
+        .map_err(|e| FsError::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| FsError::io(tmp.path(), e))?;
     Ok(tmp)
 }
 
@@ -150,12 +158,22 @@ pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
 fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
     let size = f.metadata().map_err(|e| FsError::io(path, e))?.len();
     if size > limit {
-        return Err(FsError::TooLarge { path: path.to_path_buf(), size, limit });
+        return Err(FsError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit,
+        });
     }
     let mut out = Vec::with_capacity(size as usize);
-    f.take(limit + 1).read_to_end(&mut out).map_err(|e| FsError::io(path, e))?;
+    f.take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| FsError::io(path, e))?;
     if out.len() as u64 > limit {
-        return Err(FsError::TooLarge { path: path.to_path_buf(), size: out.len() as u64, limit });
+        return Err(FsError::TooLarge {
+            path: path.to_path_buf(),
+            size: out.len() as u64,
+            limit,
+        });
     }
     Ok(out)
 }

@@ -92,7 +92,9 @@ pub enum KeyError {
 pub fn validate_id(what: &str, id: &str) -> Result<(), KeyError> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && id.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
@@ -134,7 +136,13 @@ pub struct PublicKey {
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({} {} {})", self.role, self.id, self.key_id_hex())
+        write!(
+            f,
+            "PublicKey({} {} {})",
+            self.role,
+            self.id,
+            self.key_id_hex()
+        )
     }
 }
 
@@ -169,11 +177,15 @@ impl PublicKey {
     /// Parse `.pub` file text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<PublicKey, KeyError> {
         let f = Fields::parse(text, path, "ferry-public-key")?;
-        let role: Role = f.get("role")?.parse().map_err(|e| f.malformed(format!("{e}")))?;
+        let role: Role = f
+            .get("role")?
+            .parse()
+            .map_err(|e| f.malformed(format!("{e}")))?;
         let id = f.get("id")?.to_string();
         validate_id("id", &id).map_err(|e| f.malformed(e.to_string()))?;
         let bytes = f.hex32("key")?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|_| f.malformed("key is not a valid Ed25519 public key".into()))?;
+        let key = VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| f.malformed("key is not a valid Ed25519 public key".into()))?;
         let pk = PublicKey { role, id, key };
         if f.get("key-id")? != pk.key_id_hex() {
             return Err(f.malformed("key-id does not match the key".into()));
@@ -201,7 +213,13 @@ pub struct SecretKey {
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretKey({} {} {})", self.role, self.id, self.public().key_id_hex())
+        write!(
+            f,
+            "SecretKey({} {} {})",
+            self.role,
+            self.id,
+            self.public().key_id_hex()
+        )
     }
 }
 
@@ -210,13 +228,18 @@ impl SecretKey {
     pub fn generate(role: Role, id: &str) -> Result<SecretKey, KeyError> {
         validate_id("id", id)?;
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| KeyError::Invalid(format!("no randomness available: {e}")))?;
+        getrandom::fill(&mut seed)
+            .map_err(|e| KeyError::Invalid(format!("no randomness available: {e}")))?;
         Ok(SecretKey::from_seed(role, id, seed))
     }
 
     /// A key from a fixed seed: for test vectors only, never for real federations.
     pub fn from_seed(role: Role, id: &str, seed: [u8; 32]) -> SecretKey {
-        SecretKey { role, id: id.to_string(), key: SigningKey::from_bytes(&seed) }
+        SecretKey {
+            role,
+            id: id.to_string(),
+            key: SigningKey::from_bytes(&seed),
+        }
     }
 
     /// The role.
@@ -229,7 +252,11 @@ impl SecretKey {
     }
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey { role: self.role, id: self.id.clone(), key: self.key.verifying_key() }
+        PublicKey {
+            role: self.role,
+            id: self.id.clone(),
+            key: self.key.verifying_key(),
+        }
     }
 
     /// Sign `message` (the caller adds the domain prefix).
@@ -259,7 +286,10 @@ impl SecretKey {
             why: "not UTF-8 text".into(),
         })?;
         let f = Fields::parse(text, path, "ferry-secret-key")?;
-        let role: Role = f.get("role")?.parse().map_err(|e| f.malformed(format!("{e}")))?;
+        let role: Role = f
+            .get("role")?
+            .parse()
+            .map_err(|e| f.malformed(format!("{e}")))?;
         let id = f.get("id")?.to_string();
         validate_id("id", &id).map_err(|e| f.malformed(e.to_string()))?;
         let seed = f.hex32("secret")?;
@@ -293,7 +323,10 @@ fn check_private(path: &Path) -> Result<(), KeyError> {
     let meta = std::fs::metadata(path).map_err(|e| FsError::io(path, e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions { path: path.to_path_buf(), mode });
+        return Err(KeyError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -312,38 +345,58 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn parse(text: &'a str, path: &'a Path, magic: &str) -> Result<Fields<'a>, KeyError> {
         let mut map = BTreeMap::new();
-        let mut f = Fields { path, map: BTreeMap::new() };
+        let mut f = Fields {
+            path,
+            map: BTreeMap::new(),
+        };
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let Some((k, v)) = line.split_once(':') else {
-                return Err(f.malformed(format!("line {:?} is not `field: value`", crate::escape(line))));
+                return Err(f.malformed(format!(
+                    "line {:?} is not `field: value`",
+                    crate::escape(line)
+                )));
             };
             if map.insert(k.trim(), v.trim()).is_some() {
-                return Err(f.malformed(format!("field {:?} appears twice", crate::escape(k.trim()))));
+                return Err(
+                    f.malformed(format!("field {:?} appears twice", crate::escape(k.trim())))
+                );
             }
         }
         f.map = map;
         match f.map.get(magic) {
             Some(&"1") => Ok(f),
-            Some(v) => Err(f.malformed(format!("{magic} version {:?} is not supported; upgrade ferry", crate::escape(v)))),
-            None => Err(f.malformed(format!("missing `{magic}: 1` line (is this the right kind of key file?)"))),
+            Some(v) => Err(f.malformed(format!(
+                "{magic} version {:?} is not supported; upgrade ferry",
+                crate::escape(v)
+            ))),
+            None => Err(f.malformed(format!(
+                "missing `{magic}: 1` line (is this the right kind of key file?)"
+            ))),
         }
     }
 
     fn malformed(&self, why: String) -> KeyError {
-        KeyError::Malformed { path: self.path.to_path_buf(), why }
+        KeyError::Malformed {
+            path: self.path.to_path_buf(),
+            why,
+        }
     }
 
     fn get(&self, k: &str) -> Result<&'a str, KeyError> {
-        self.map.get(k).copied().ok_or_else(|| self.malformed(format!("missing field `{k}`")))
+        self.map
+            .get(k)
+            .copied()
+            .ok_or_else(|| self.malformed(format!("missing field `{k}`")))
     }
 
     fn hex32(&self, k: &str) -> Result<[u8; 32], KeyError> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(self.get(k)?, &mut out).map_err(|_| self.malformed(format!("`{k}` is not 64 hex digits")))?;
+        hex::decode_to_slice(self.get(k)?, &mut out)
+            .map_err(|_| self.malformed(format!("`{k}` is not 64 hex digits")))?;
         Ok(out)
     }
 }
@@ -441,13 +494,19 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&sp).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&sp).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         let back = SecretKey::read(&sp).unwrap();
         assert_eq!(back.public(), sk.public());
         assert_eq!(PublicKey::read(&pp).unwrap(), sk.public());
         // Refuses to overwrite.
-        assert!(matches!(sk.write_pair(dir.path()), Err(KeyError::Fs(FsError::Exists(_)))));
+        assert!(matches!(
+            sk.write_pair(dir.path()),
+            Err(KeyError::Fs(FsError::Exists(_)))
+        ));
     }
 
     #[cfg(unix)]
@@ -455,23 +514,49 @@ mod tests {
     fn refuses_group_readable_secret() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let (sp, _) = SecretKey::generate(Role::Hq, "hq").unwrap().write_pair(dir.path()).unwrap();
+        let (sp, _) = SecretKey::generate(Role::Hq, "hq")
+            .unwrap()
+            .write_pair(dir.path())
+            .unwrap();
         std::fs::set_permissions(&sp, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(SecretKey::read(&sp), Err(KeyError::Permissions { mode: 0o640, .. })));
+        assert!(matches!(
+            SecretKey::read(&sp),
+            Err(KeyError::Permissions { mode: 0o640, .. })
+        ));
     }
 
     #[test]
     fn rejects_bad_ids_and_tampered_key_files() {
-        for bad in ["", "Site", "../x", "a/b", ".hidden", "-x", &"a".repeat(65), "a b", "é"] {
+        for bad in [
+            "",
+            "Site",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            &"a".repeat(65),
+            "a b",
+            "é",
+        ] {
             assert!(validate_id("id", bad).is_err(), "{bad:?}");
         }
         let pk = SecretKey::generate(Role::Site, "s1").unwrap().public();
         let text = pk.to_file_text();
         let p = Path::new("x.pub");
         assert!(PublicKey::parse(&text, p).is_ok());
-        assert!(PublicKey::parse(&text.replace("role: site", "role: hq"), p).is_err(), "role is bound by key-id");
-        assert!(PublicKey::parse(&text.replace("id: s1", "id: s2"), p).is_err(), "id is bound by key-id");
-        assert!(PublicKey::parse(&text.replace("ferry-public-key: 1", "ferry-public-key: 2"), p).is_err());
+        assert!(
+            PublicKey::parse(&text.replace("role: site", "role: hq"), p).is_err(),
+            "role is bound by key-id"
+        );
+        assert!(
+            PublicKey::parse(&text.replace("id: s1", "id: s2"), p).is_err(),
+            "id is bound by key-id"
+        );
+        assert!(PublicKey::parse(
+            &text.replace("ferry-public-key: 1", "ferry-public-key: 2"),
+            p
+        )
+        .is_err());
         let key_hex = hex::encode(pk.verifying_key().as_bytes());
         let mut other = key_hex.clone().into_bytes();
         other[0] = if other[0] == b'0' { b'1' } else { b'0' };

@@ -16,7 +16,10 @@ pub mod site;
 
 mod error;
 
-pub use container::{inspect, open, open_file, seal, Bundle, Inspected, Limits, Sealed, MAX_BUNDLE_BYTES};
+pub use container::{
+    assemble, compress, inspect, open, open_file, seal, Bundle, Inspected, Limits, Sealed,
+    MAX_BUNDLE_BYTES,
+};
 pub use error::{OpenError, SealError};
 pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};
 pub use manifest::{BundleKind, Contributor, Draft, Manifest, SiteInfo, TensorEntry};

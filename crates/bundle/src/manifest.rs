@@ -152,7 +152,9 @@ pub struct Draft {
 }
 
 pub(crate) fn is_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Manifest {
@@ -160,7 +162,10 @@ impl Manifest {
     /// signature has verified.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT_VERSION {
-            return Err(format!("manifest format {} (expected {FORMAT_VERSION})", self.format));
+            return Err(format!(
+                "manifest format {} (expected {FORMAT_VERSION})",
+                self.format
+            ));
         }
         validate_id("federation", &self.federation).map_err(|e| e.to_string())?;
         if let Some(arch) = &self.arch {
@@ -177,7 +182,10 @@ impl Manifest {
             }
         }
         if self.payload.codec != "zstd" {
-            return Err(format!("codec {:?} is not supported", crate::escape(&self.payload.codec)));
+            return Err(format!(
+                "codec {:?} is not supported",
+                crate::escape(&self.payload.codec)
+            ));
         }
         if let Some(b) = &self.base {
             if !is_hash(b) {
@@ -200,7 +208,9 @@ impl Manifest {
                     return Err("a global cannot name a site".into());
                 }
                 if (self.round == 0) != self.base.is_none() {
-                    return Err("a global names a previous global exactly when its round is above 0".into());
+                    return Err(
+                        "a global names a previous global exactly when its round is above 0".into(),
+                    );
                 }
                 for c in &self.contributors {
                     validate_id("contributor site", &c.site).map_err(|e| e.to_string())?;
@@ -217,12 +227,16 @@ impl Manifest {
                 return Err("tensors are not sorted by name, or a name repeats".into());
             }
             prev = Some(&t.name);
-            let dtype = parse_dtype(&t.dtype).ok_or_else(|| format!("tensor {:?}: unsupported dtype", t.name))?;
+            let dtype = parse_dtype(&t.dtype)
+                .ok_or_else(|| format!("tensor {:?}: unsupported dtype", t.name))?;
             if crate::payload::byte_len(dtype, &t.shape).is_none() {
                 return Err(format!("tensor {:?}: shape is too large", t.name));
             }
             if !is_hash(&t.sha256) {
-                return Err(format!("tensor {:?}: sha256 is not a SHA-256 hex string", t.name));
+                return Err(format!(
+                    "tensor {:?}: sha256 is not a SHA-256 hex string",
+                    t.name
+                ));
             }
         }
         if fingerprint(self.tensor_metas().iter()) != self.model_fingerprint {
@@ -236,7 +250,11 @@ impl Manifest {
         self.tensors
             .iter()
             .filter_map(|t| {
-                Some(TensorMeta { name: t.name.clone(), dtype: parse_dtype(&t.dtype)?, shape: t.shape.clone() })
+                Some(TensorMeta {
+                    name: t.name.clone(),
+                    dtype: parse_dtype(&t.dtype)?,
+                    shape: t.shape.clone(),
+                })
             })
             .collect()
     }
@@ -257,4 +275,40 @@ pub fn fingerprint<'a>(tensors: impl Iterator<Item = &'a TensorMeta>) -> String 
         h.update(format!("{}\t{}\t{}\n", t.name, dtype_name(t.dtype), shape.join(",")).as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+impl Draft {
+    /// A round-0 global made by `init`.
+    pub fn initial(federation: &str, arch: Option<String>) -> Draft {
+        Draft {
+            kind: BundleKind::Global,
+            federation: federation.to_string(),
+            arch,
+            round: 0,
+            base: None,
+            site: None,
+            contributors: Vec::new(),
+            strategy: Some("init".into()),
+            created: crate::unix_now(),
+        }
+    }
+
+    /// A site's update trained from the global `base` (whose file hash is `base_hash`): same federation, round
+    /// and architecture as the base.
+    pub fn update_for(base: &Manifest, base_hash: &str, site: &str, samples: u64) -> Draft {
+        Draft {
+            kind: BundleKind::Update,
+            federation: base.federation.clone(),
+            arch: base.arch.clone(),
+            round: base.round,
+            base: Some(base_hash.to_string()),
+            site: Some(SiteInfo {
+                id: site.to_string(),
+                samples,
+            }),
+            contributors: Vec::new(),
+            strategy: None,
+            created: crate::unix_now(),
+        }
+    }
 }

@@ -56,7 +56,11 @@ const DTYPES: &[(Dtype, &str)] = &[
 
 /// The safetensors name of a supported dtype (`"?"` for others, which ferry never writes).
 pub fn dtype_name(d: Dtype) -> &'static str {
-    DTYPES.iter().find(|(x, _)| *x == d).map(|(_, n)| *n).unwrap_or("?")
+    DTYPES
+        .iter()
+        .find(|(x, _)| *x == d)
+        .map(|(_, n)| *n)
+        .unwrap_or("?")
 }
 
 /// Parse a supported dtype name.
@@ -74,7 +78,9 @@ pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
     if dtype.bitsize() % 8 != 0 {
         return None;
     }
-    shape.iter().try_fold(dtype.bitsize() / 8, |acc, &d| acc.checked_mul(d))
+    shape
+        .iter()
+        .try_fold(dtype.bitsize() / 8, |acc, &d| acc.checked_mul(d))
 }
 
 /// Check a tensor name: non-empty, at most [`MAX_NAME_BYTES`], no control characters.
@@ -92,10 +98,16 @@ pub fn all_finite(dtype: Dtype, data: &[u8]) -> bool {
             let b: [u8; 8] = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
             f64::from_le_bytes(b).is_finite()
         }),
-        Dtype::F32 => data.chunks_exact(4).all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
         // Exponent all ones means Inf or NaN in both 16-bit formats.
-        Dtype::F16 => data.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
-        Dtype::BF16 => data.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
         _ => true,
     }
 }
@@ -123,7 +135,10 @@ impl Payload {
         for t in &sorted {
             check_name(t.name)?;
             if parse_dtype(dtype_name(t.dtype)).is_none() {
-                return Err(SealError::UnsupportedDtype { name: crate::escape(t.name), dtype: format!("{:?}", t.dtype) });
+                return Err(SealError::UnsupportedDtype {
+                    name: crate::escape(t.name),
+                    dtype: format!("{:?}", t.dtype),
+                });
             }
             if byte_len(t.dtype, t.shape) != Some(t.data.len()) {
                 return Err(SealError::TensorLength(crate::escape(t.name)));
@@ -131,9 +146,14 @@ impl Payload {
             if !all_finite(t.dtype, t.data) {
                 return Err(SealError::NonFinite(crate::escape(t.name)));
             }
-            metas.push(TensorMeta { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec() });
+            metas.push(TensorMeta {
+                name: t.name.to_string(),
+                dtype: t.dtype,
+                shape: t.shape.to_vec(),
+            });
         }
-        let header = canonical_header(&metas).ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
+        let header = canonical_header(&metas)
+            .ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
         let total: usize = sorted.iter().map(|t| t.data.len()).sum();
         let mut bytes = Vec::with_capacity(header.len() + total);
         bytes.extend_from_slice(&header);
@@ -147,23 +167,36 @@ impl Payload {
                 sha256: crate::sha256_hex(t.data),
             });
         }
-        Ok(Payload { bytes, entries, metas })
+        Ok(Payload {
+            bytes,
+            entries,
+            metas,
+        })
     }
 
     /// Build from any safetensors file (e.g. one PyTorch saved): parsed, checked and re-serialised canonically.
     /// `__metadata__` is dropped.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Payload, SealError> {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| SealError::Safetensors(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| SealError::Safetensors(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| SealError::Safetensors(e.to_string()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| SealError::Safetensors(e.to_string()))?;
         // serde keeps the last of duplicate JSON keys: count what the header declares against what was parsed.
         let declared = meta.tensors().len();
         let views = st.tensors();
         if views.len() != declared {
-            return Err(SealError::Safetensors("the header declares a tensor name twice".into()));
+            return Err(SealError::Safetensors(
+                "the header declares a tensor name twice".into(),
+            ));
         }
         let refs: Vec<TensorRef<'_>> = views
             .iter()
-            .map(|(name, v)| TensorRef { name, dtype: v.dtype(), shape: v.shape(), data: v.data() })
+            .map(|(name, v)| TensorRef {
+                name,
+                dtype: v.dtype(),
+                shape: v.shape(),
+                data: v.data(),
+            })
             .collect();
         Payload::from_tensors(&refs)
     }
@@ -190,20 +223,30 @@ impl Payload {
 }
 
 /// The tensors of a canonical payload whose layout is `metas` (already verified to match).
-pub(crate) fn tensor_refs<'a>(bytes: &'a [u8], metas: &'a [TensorMeta]) -> impl Iterator<Item = TensorRef<'a>> {
+pub(crate) fn tensor_refs<'a>(
+    bytes: &'a [u8],
+    metas: &'a [TensorMeta],
+) -> impl Iterator<Item = TensorRef<'a>> {
     let header_len = header_len_of(bytes);
     let mut offset = header_len;
     metas.iter().map(move |m| {
         let len = byte_len(m.dtype, &m.shape).unwrap_or(0);
         let data = bytes.get(offset..offset + len).unwrap_or(&[]);
         offset += len;
-        TensorRef { name: &m.name, dtype: m.dtype, shape: &m.shape, data }
+        TensorRef {
+            name: &m.name,
+            dtype: m.dtype,
+            shape: &m.shape,
+            data,
+        }
     })
 }
 
 fn header_len_of(bytes: &[u8]) -> usize {
     match bytes.get(..8) {
-        Some(b) => 8 + u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize,
+        Some(b) => {
+            8 + u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize
+        }
         None => 0,
     }
 }
@@ -249,17 +292,38 @@ mod tests {
         let a_bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
         let n = 7i64.to_le_bytes();
         let p = Payload::from_tensors(&[
-            TensorRef { name: "z.weight", dtype: Dtype::F32, shape: &[2, 2], data: &a_bytes },
-            TensorRef { name: "a.num_batches_tracked", dtype: Dtype::I64, shape: &[], data: &n },
-            TensorRef { name: "empty", dtype: Dtype::U8, shape: &[0, 3], data: &[] },
+            TensorRef {
+                name: "z.weight",
+                dtype: Dtype::F32,
+                shape: &[2, 2],
+                data: &a_bytes,
+            },
+            TensorRef {
+                name: "a.num_batches_tracked",
+                dtype: Dtype::I64,
+                shape: &[],
+                data: &n,
+            },
+            TensorRef {
+                name: "empty",
+                dtype: Dtype::U8,
+                shape: &[0, 3],
+                data: &[],
+            },
         ])
         .unwrap();
         let st = safetensors::SafeTensors::deserialize(p.bytes()).unwrap();
         assert_eq!(st.tensor("z.weight").unwrap().data(), &a_bytes[..]);
-        assert_eq!(st.tensor("a.num_batches_tracked").unwrap().shape(), &[] as &[usize]);
+        assert_eq!(
+            st.tensor("a.num_batches_tracked").unwrap().shape(),
+            &[] as &[usize]
+        );
         assert_eq!(st.tensor("empty").unwrap().shape(), &[0, 3]);
         // Re-canonicalising the canonical bytes is the identity.
-        assert_eq!(Payload::from_safetensors(p.bytes()).unwrap().bytes(), p.bytes());
+        assert_eq!(
+            Payload::from_safetensors(p.bytes()).unwrap().bytes(),
+            p.bytes()
+        );
         let names: Vec<&str> = p.tensors().map(|t| t.name).collect();
         assert_eq!(names, ["a.num_batches_tracked", "empty", "z.weight"]);
     }
@@ -268,15 +332,32 @@ mod tests {
     fn refuses_bad_tensors() {
         let nan = f32::NAN.to_le_bytes();
         let one = 1f32.to_le_bytes();
-        let t = |name, dtype, data| TensorRef { name, dtype, shape: &[1], data };
-        assert!(matches!(Payload::from_tensors(&[t("x", Dtype::F32, &nan)]), Err(SealError::NonFinite(_))));
-        assert!(matches!(Payload::from_tensors(&[t("x", Dtype::F32, &one[..3])]), Err(SealError::TensorLength(_))));
+        let t = |name, dtype, data| TensorRef {
+            name,
+            dtype,
+            shape: &[1],
+            data,
+        };
+        assert!(matches!(
+            Payload::from_tensors(&[t("x", Dtype::F32, &nan)]),
+            Err(SealError::NonFinite(_))
+        ));
+        assert!(matches!(
+            Payload::from_tensors(&[t("x", Dtype::F32, &one[..3])]),
+            Err(SealError::TensorLength(_))
+        ));
         assert!(matches!(
             Payload::from_tensors(&[t("x", Dtype::F32, &one), t("x", Dtype::F32, &one)]),
             Err(SealError::DuplicateTensor(_))
         ));
-        assert!(matches!(Payload::from_tensors(&[t("", Dtype::F32, &one)]), Err(SealError::BadTensorName(_))));
-        assert!(matches!(Payload::from_tensors(&[t("a\nb", Dtype::F32, &one)]), Err(SealError::BadTensorName(_))));
+        assert!(matches!(
+            Payload::from_tensors(&[t("", Dtype::F32, &one)]),
+            Err(SealError::BadTensorName(_))
+        ));
+        assert!(matches!(
+            Payload::from_tensors(&[t("a\nb", Dtype::F32, &one)]),
+            Err(SealError::BadTensorName(_))
+        ));
         assert!(matches!(
             Payload::from_tensors(&[t("x", Dtype::F8_E4M3, &one[..1])]),
             Err(SealError::UnsupportedDtype { .. })

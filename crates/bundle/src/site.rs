@@ -4,6 +4,7 @@
 //! a crash between two writes never leaves a record pointing at the wrong bytes):
 //! - `global.json`: the current global ([`GlobalRecord`]); `previous.json`: the one before.
 //! - `weights/<sha256>.safetensors`: plain safetensors files named by their hash.
+//! - `current.safetensors`: a copy of the current global's weights at a stable path, for the recogniser.
 //! - `local.json`: the trained local model waiting to be exported ([`LocalRecord`]).
 //! - `lock`: held while a command changes the state.
 
@@ -12,8 +13,30 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{self, DirLock, FsError, LockError};
+use crate::keys::SecretKey;
 use crate::manifest::{is_hash, BundleKind};
-use crate::Bundle;
+use crate::manifest::{Draft, SiteInfo};
+use crate::{Bundle, Payload, SealError, Sealed};
+
+/// Why `export` failed. Nothing was written to the stick.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// State problem.
+    #[error(transparent)]
+    Site(#[from] SiteError),
+    /// Sealing or writing the bundle failed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The local model was trained from an older global.
+    #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}; run `ferry-client train` again")]
+    StaleLocal {
+        /// Round it was trained from.
+        trained_round: u64,
+        /// Round held now.
+        current_round: u64,
+    },
+}
 
 /// Largest state record read.
 const MAX_RECORD: u64 = 16 << 20;
@@ -160,7 +183,9 @@ impl SiteState {
     pub fn open(dir: &Path) -> Result<SiteState, SiteError> {
         fsutil::ensure_dir(dir)?;
         fsutil::ensure_dir(&dir.join("weights"))?;
-        Ok(SiteState { dir: dir.to_path_buf() })
+        Ok(SiteState {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The directory.
@@ -173,7 +198,10 @@ impl SiteState {
         Ok(DirLock::acquire(&self.dir)?)
     }
 
-    fn read_record<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SiteError> {
+    fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, SiteError> {
         let path = self.dir.join(name);
         if !path.exists() {
             return Ok(None);
@@ -181,7 +209,10 @@ impl SiteState {
         let bytes = fsutil::read_capped(&path, MAX_RECORD)?;
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| SiteError::Corrupt { path, why: e.to_string() })
+            .map_err(|e| SiteError::Corrupt {
+                path,
+                why: e.to_string(),
+            })
     }
 
     fn write_record<T: Serialize>(&self, name: &str, rec: &T) -> Result<(), SiteError> {
@@ -195,18 +226,26 @@ impl SiteState {
 
     /// The path of content-addressed weights.
     pub fn weights_path(&self, sha256: &str) -> PathBuf {
-        self.dir.join("weights").join(format!("{sha256}.safetensors"))
+        self.dir
+            .join("weights")
+            .join(format!("{sha256}.safetensors"))
     }
 
     /// Read content-addressed weights, checking their hash.
     pub fn read_weights(&self, sha256: &str) -> Result<Vec<u8>, SiteError> {
         let path = self.weights_path(sha256);
         if !is_hash(sha256) {
-            return Err(SiteError::Corrupt { path, why: "record names an invalid hash".into() });
+            return Err(SiteError::Corrupt {
+                path,
+                why: "record names an invalid hash".into(),
+            });
         }
         let bytes = fsutil::read_capped(&path, MAX_WEIGHTS)?;
         if crate::sha256_hex(&bytes) != sha256 {
-            return Err(SiteError::Corrupt { path, why: "weights do not match their recorded hash".into() });
+            return Err(SiteError::Corrupt {
+                path,
+                why: "weights do not match their recorded hash".into(),
+            });
         }
         Ok(bytes)
     }
@@ -238,14 +277,27 @@ impl SiteState {
 
     /// The current global's plain safetensors bytes.
     pub fn global_weights(&self) -> Result<Vec<u8>, SiteError> {
-        let rec = self.current()?.ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))?;
+        let rec = self
+            .current()?
+            .ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))?;
         self.read_weights(&rec.payload_sha256)
     }
 
     /// Path of the current global's plain safetensors file (for the deployed recogniser).
     pub fn global_weights_path(&self) -> Result<PathBuf, SiteError> {
-        let rec = self.current()?.ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))?;
+        let rec = self
+            .current()?
+            .ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))?;
         Ok(self.weights_path(&rec.payload_sha256))
+    }
+
+    /// `current.safetensors`: a stable path to the current global's plain weights, for the deployed recogniser.
+    pub fn current_model_path(&self) -> PathBuf {
+        self.dir.join("current.safetensors")
+    }
+
+    fn write_current_model(&self, payload: &[u8]) -> Result<(), SiteError> {
+        Ok(fsutil::write_replace(&self.current_model_path(), payload)?)
     }
 
     /// The local model waiting to be exported (or already exported: see `exported`).
@@ -255,13 +307,19 @@ impl SiteState {
 
     /// The local model's safetensors bytes.
     pub fn local_weights(&self) -> Result<(LocalRecord, Vec<u8>), SiteError> {
-        let rec = self.local()?.ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
+        let rec = self
+            .local()?
+            .ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
         let w = self.read_weights(&rec.weights_sha256)?;
         Ok((rec, w))
     }
 
     /// Record a trained local model (weights first, then the record: the record is the commit point).
-    pub fn write_local(&self, weights_safetensors: &[u8], rec: &LocalRecord) -> Result<(), SiteError> {
+    pub fn write_local(
+        &self,
+        weights_safetensors: &[u8],
+        rec: &LocalRecord,
+    ) -> Result<(), SiteError> {
         let sha = self.store_weights(weights_safetensors)?;
         let mut rec = rec.clone();
         rec.weights_sha256 = sha;
@@ -272,14 +330,21 @@ impl SiteState {
 
     /// Mark the local model as exported in the update bundle with this hash.
     pub fn mark_exported(&self, bundle_hash: &str) -> Result<(), SiteError> {
-        let mut rec = self.local()?.ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
+        let mut rec = self
+            .local()?
+            .ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
         rec.exported = Some(bundle_hash.to_string());
         self.write_record("local.json", &rec)
     }
 
     /// Install a verified global after the freshness checks. Re-importing the current global is a no-op.
     /// The caller holds the lock.
-    pub fn import(&self, bundle: &Bundle, source: &str, max_round_jump: u64) -> Result<ImportOutcome, SiteError> {
+    pub fn import(
+        &self,
+        bundle: &Bundle,
+        source: &str,
+        max_round_jump: u64,
+    ) -> Result<ImportOutcome, SiteError> {
         let m = &bundle.manifest;
         if m.kind != BundleKind::Global {
             return Err(SiteError::NotAGlobal);
@@ -287,10 +352,21 @@ impl SiteState {
         let current = self.current()?;
         if let Some(cur) = &current {
             if cur.hash == bundle.hash {
+                // Repair the deployed copy if a crash came between the commit and its refresh.
+                if fsutil::read_capped(&self.current_model_path(), MAX_WEIGHTS)
+                    .ok()
+                    .as_deref()
+                    != Some(bundle.payload())
+                {
+                    self.write_current_model(bundle.payload())?;
+                }
                 return Ok(ImportOutcome::AlreadyCurrent);
             }
             if cur.federation != m.federation {
-                return Err(SiteError::WrongFederation { expected: cur.federation.clone(), found: m.federation.clone() });
+                return Err(SiteError::WrongFederation {
+                    expected: cur.federation.clone(),
+                    found: m.federation.clone(),
+                });
             }
             if m.round <= cur.round {
                 return Err(SiteError::Rollback {
@@ -301,7 +377,11 @@ impl SiteState {
                 });
             }
             if m.round - cur.round > max_round_jump {
-                return Err(SiteError::RoundJump { current: cur.round, found: m.round, max: max_round_jump });
+                return Err(SiteError::RoundJump {
+                    current: cur.round,
+                    found: m.round,
+                    max: max_round_jump,
+                });
             }
             if cur.model_fingerprint != m.model_fingerprint {
                 return Err(SiteError::ModelChanged {
@@ -327,8 +407,55 @@ impl SiteState {
         }
         // The commit point: until this rename the site holds the old global.
         self.write_record("global.json", &rec)?;
+        self.write_current_model(bundle.payload())?;
         self.collect_garbage()?;
         Ok(ImportOutcome::Installed { previous: current })
+    }
+
+    /// Seal the local model as an update bundle for the current global, write it into `out_dir` (atomically,
+    /// read back), and mark the local model exported. The caller holds the lock.
+    pub fn export(
+        &self,
+        key: &SecretKey,
+        out_dir: &Path,
+        level: i32,
+    ) -> Result<(PathBuf, Sealed), ExportError> {
+        let cur = self
+            .current()?
+            .ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))?;
+        let (local, weights) = self.local_weights()?;
+        if local.base_hash != cur.hash {
+            return Err(ExportError::StaleLocal {
+                trained_round: local.round,
+                current_round: cur.round,
+            });
+        }
+        let payload = Payload::from_safetensors(&weights)?;
+        if payload.fingerprint() != cur.model_fingerprint {
+            return Err(SiteError::Corrupt {
+                path: self.weights_path(&local.weights_sha256),
+                why: "local model's layout differs from the global it was trained from".into(),
+            }
+            .into());
+        }
+        let draft = Draft {
+            kind: BundleKind::Update,
+            federation: cur.federation.clone(),
+            arch: cur.arch.clone(),
+            round: cur.round,
+            base: Some(cur.hash.clone()),
+            site: Some(SiteInfo {
+                id: key.id().to_string(),
+                samples: local.samples,
+            }),
+            contributors: Vec::new(),
+            strategy: None,
+            created: crate::unix_now(),
+        };
+        let sealed = crate::seal(draft, &payload, key, level)?;
+        let path = sealed.write_to_dir(out_dir)?;
+        self.mark_exported(&sealed.hash)?;
+        Ok((path, sealed))
     }
 
     /// Whether the local model is trained but not yet exported for the current global.

@@ -133,7 +133,12 @@ pub struct FedAdamConfig {
 
 impl Default for FedAdamConfig {
     fn default() -> Self {
-        FedAdamConfig { lr: 1e-2, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+        FedAdamConfig {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
     }
 }
 
@@ -162,8 +167,14 @@ impl Default for BnRules {
     fn default() -> Self {
         BnRules {
             pairs: vec![
-                BnPair { mean: "running_mean".into(), var: "running_var".into() },
-                BnPair { mean: "moving_mean".into(), var: "moving_variance".into() },
+                BnPair {
+                    mean: "running_mean".into(),
+                    var: "running_var".into(),
+                },
+                BnPair {
+                    mean: "moving_mean".into(),
+                    var: "moving_variance".into(),
+                },
             ],
             counters: vec!["num_batches_tracked".into()],
         }
@@ -178,7 +189,9 @@ impl FromStr for BnRules {
         let mut pairs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (m, v) = part.split_once(':').ok_or_else(|| {
-                MergeError::BadConfig(format!("--bn-names entry {part:?} is not MEAN_SUFFIX:VAR_SUFFIX"))
+                MergeError::BadConfig(format!(
+                    "--bn-names entry {part:?} is not MEAN_SUFFIX:VAR_SUFFIX"
+                ))
             })?;
             let (m, v) = (m.trim(), v.trim());
             if m.is_empty() || v.is_empty() || m == v {
@@ -186,9 +199,15 @@ impl FromStr for BnRules {
                     "--bn-names entry {part:?} needs two different, non-empty suffixes"
                 )));
             }
-            pairs.push(BnPair { mean: m.into(), var: v.into() });
+            pairs.push(BnPair {
+                mean: m.into(),
+                var: v.into(),
+            });
         }
-        Ok(BnRules { pairs, counters: BnRules::default().counters })
+        Ok(BnRules {
+            pairs,
+            counters: BnRules::default().counters,
+        })
     }
 }
 
@@ -244,14 +263,20 @@ impl MergeConfig {
             }
         }
         let m = self.fedavgm;
-        if !(m.lr.is_finite() && m.lr > 0.0) || !(0.0..1.0).contains(&m.beta) {
-            return bad(format!("fedavgm needs lr > 0 and 0 <= beta < 1 (got lr {}, beta {})", m.lr, m.beta));
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        if !(m.lr.is_finite() && m.lr > 0.0 && unit(m.beta)) {
+            return bad(format!(
+                "fedavgm needs lr > 0 and 0 <= beta < 1 (got lr {}, beta {})",
+                m.lr, m.beta
+            ));
         }
         let a = self.fedadam;
-        if !(a.lr.is_finite() && a.lr > 0.0)
-            || !(0.0..1.0).contains(&a.beta1)
-            || !(0.0..1.0).contains(&a.beta2)
-            || !(a.tau.is_finite() && a.tau > 0.0)
+        if !(a.lr.is_finite()
+            && a.lr > 0.0
+            && unit(a.beta1)
+            && unit(a.beta2)
+            && a.tau.is_finite()
+            && a.tau > 0.0)
         {
             return bad(format!(
                 "fedadam needs lr > 0, 0 <= beta1, beta2 < 1 and tau > 0 (got lr {}, beta1 {}, beta2 {}, tau {})",
@@ -270,7 +295,10 @@ impl MergeConfig {
         match self.strategy {
             Strategy::FedAvg => s += &format!(" weights={}", self.weighting),
             Strategy::FedAvgM => {
-                s += &format!(" weights={} lr={} beta={}", self.weighting, self.fedavgm.lr, self.fedavgm.beta)
+                s += &format!(
+                    " weights={} lr={} beta={}",
+                    self.weighting, self.fedavgm.lr, self.fedavgm.beta
+                )
             }
             Strategy::FedAdam => {
                 let a = self.fedadam;

@@ -16,8 +16,13 @@ use serde::Serialize;
 
 use crate::config::has_suffix;
 use crate::state::Moments;
-use crate::tensor::{decode_f64, elem_size, encode_f64, for_each_f64, is_float, is_int, max_f64_into, max_into};
-use crate::{MergeConfig, MergeError, OwnedTensor, ServerState, Strategy, TensorMeta, TensorSource, Weighting};
+use crate::tensor::{
+    decode_f64, elem_size, encode_f64, for_each_f64, is_float, is_int, max_f64_into, max_into,
+};
+use crate::{
+    MergeConfig, MergeError, OwnedTensor, ServerState, Strategy, TensorMeta, TensorSource,
+    Weighting,
+};
 
 /// One verified update to merge.
 pub struct Contribution<'a> {
@@ -135,8 +140,12 @@ impl MergeReport {
             .iter()
             .enumerate()
             .filter(|(i, c)| {
-                let mut others: Vec<f64> =
-                    d.iter().enumerate().filter(|(j, _)| j != i).map(|(_, &x)| x).collect();
+                let mut others: Vec<f64> = d
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| j != i)
+                    .map(|(_, &x)| x)
+                    .collect();
                 median_in_place(&mut others).is_some_and(|m| c.distance > factor * m)
             })
             .map(|(_, c)| c)
@@ -150,7 +159,11 @@ fn median_in_place(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,18 +175,29 @@ enum Kind {
 }
 
 fn classify(layout: &[TensorMeta], config: &MergeConfig) -> Vec<Kind> {
-    let index: HashMap<&str, usize> = layout.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
     layout
         .iter()
         .map(|t| {
-            if is_int(t.dtype) || config.bn.counters.iter().any(|c| has_suffix(&t.name, c).is_some()) {
+            if is_int(t.dtype)
+                || config
+                    .bn
+                    .counters
+                    .iter()
+                    .any(|c| has_suffix(&t.name, c).is_some())
+            {
                 return Kind::Max;
             }
             for p in &config.bn.pairs {
                 if let Some(prefix) = has_suffix(&t.name, &p.var) {
-                    let mean = index.get(format!("{prefix}{}", p.mean).as_str()).copied().filter(|&j| {
-                        is_float(layout[j].dtype) && layout[j].shape == t.shape
-                    });
+                    let mean = index
+                        .get(format!("{prefix}{}", p.mean).as_str())
+                        .copied()
+                        .filter(|&j| is_float(layout[j].dtype) && layout[j].shape == t.shape);
                     return Kind::BnVar(mean);
                 }
                 if has_suffix(&t.name, &p.mean).is_some() {
@@ -190,7 +214,12 @@ fn describe(dtype: Dtype, shape: &[usize], len: usize) -> String {
 }
 
 /// Read a tensor and check it against the layout and, for floats, that every value is finite.
-fn read_checked(src: &mut dyn TensorSource, meta: &TensorMeta, len: usize, origin: &str) -> Result<OwnedTensor, MergeError> {
+fn read_checked(
+    src: &mut dyn TensorSource,
+    meta: &TensorMeta,
+    len: usize,
+    origin: &str,
+) -> Result<OwnedTensor, MergeError> {
     let t = src.read(&meta.name)?;
     if t.dtype != meta.dtype || t.shape != meta.shape || t.data.len() != len {
         return Err(MergeError::LayoutMismatch {
@@ -204,7 +233,12 @@ fn read_checked(src: &mut dyn TensorSource, meta: &TensorMeta, len: usize, origi
 }
 
 /// Visit float data, refusing a NaN or infinity.
-fn visit_finite(meta: &TensorMeta, data: &[u8], origin: &str, mut f: impl FnMut(usize, f64)) -> Result<(), MergeError> {
+fn visit_finite(
+    meta: &TensorMeta,
+    data: &[u8],
+    origin: &str,
+    mut f: impl FnMut(usize, f64),
+) -> Result<(), MergeError> {
     let ok = for_each_f64(meta.dtype, data, |i, x| {
         if x.is_finite() {
             f(i, x);
@@ -216,7 +250,10 @@ fn visit_finite(meta: &TensorMeta, data: &[u8], origin: &str, mut f: impl FnMut(
     if ok {
         Ok(())
     } else {
-        Err(MergeError::NonFinite { origin: origin.to_string(), tensor: meta.name.clone() })
+        Err(MergeError::NonFinite {
+            origin: origin.to_string(),
+            tensor: meta.name.clone(),
+        })
     }
 }
 
@@ -245,7 +282,7 @@ pub fn merge(
     contributions: &mut [Contribution<'_>],
     config: &MergeConfig,
     server: &mut ServerState,
-    sink: &mut dyn FnMut(&TensorMeta, Vec<u8>) -> Result<(), MergeError>,
+    mut sink: impl FnMut(&TensorMeta, Vec<u8>) -> Result<(), MergeError>,
 ) -> Result<MergeReport, MergeError> {
     config.validate()?;
     let n = contributions.len();
@@ -254,7 +291,10 @@ pub fn merge(
     }
     let strategy = config.strategy;
     if strategy == Strategy::TrimmedMean && 2 * config.trim >= n {
-        return Err(MergeError::TrimTooLarge { trim: config.trim, n });
+        return Err(MergeError::TrimTooLarge {
+            trim: config.trim,
+            n,
+        });
     }
 
     // Combining order: by bundle hash, so the caller's order cannot change a single bit.
@@ -262,7 +302,9 @@ pub fn merge(
     order.sort_by(|&a, &b| contributions[a].bundle.cmp(&contributions[b].bundle));
     for w in order.windows(2) {
         if contributions[w[0]].bundle == contributions[w[1]].bundle {
-            return Err(MergeError::DuplicateBundle { bundle: contributions[w[0]].bundle.clone() });
+            return Err(MergeError::DuplicateBundle {
+                bundle: contributions[w[0]].bundle.clone(),
+            });
         }
     }
     let weights = weights(contributions, &order, config)?;
@@ -273,14 +315,20 @@ pub fn merge(
     let mut lens = Vec::with_capacity(layout.len());
     for (i, t) in layout.iter().enumerate() {
         if i > 0 && layout[i - 1].name == t.name {
-            return Err(MergeError::BadLayout(format!("tensor {} is listed twice", t.name)));
+            return Err(MergeError::BadLayout(format!(
+                "tensor {} is listed twice",
+                t.name
+            )));
         }
         if !is_float(t.dtype) && !is_int(t.dtype) {
-            return Err(MergeError::UnsupportedDtype { tensor: t.name.clone(), dtype: t.dtype });
+            return Err(MergeError::UnsupportedDtype {
+                tensor: t.name.clone(),
+                dtype: t.dtype,
+            });
         }
-        let len = t
-            .byte_len()
-            .ok_or_else(|| MergeError::BadLayout(format!("the shape {:?} of {} overflows", t.shape, t.name)))?;
+        let len = t.byte_len().ok_or_else(|| {
+            MergeError::BadLayout(format!("the shape {:?} of {} overflows", t.shape, t.name))
+        })?;
         lens.push(len);
     }
     let kinds = classify(&layout, config);
@@ -288,7 +336,10 @@ pub fn merge(
     // Server state: only the optimizer that built it may continue it.
     if let Some(s) = server.strategy {
         if !server.is_empty() && s != strategy {
-            return Err(MergeError::StrategySwitch { state: s.to_string(), requested: strategy.to_string() });
+            return Err(MergeError::StrategySwitch {
+                state: s.to_string(),
+                requested: strategy.to_string(),
+            });
         }
     }
     if strategy.is_stateful() {
@@ -300,7 +351,9 @@ pub fn merge(
             .collect();
         for (name, mo) in &server.tensors {
             if trainable.get(name.as_str()) != Some(&mo.m.len()) {
-                return Err(MergeError::StateMismatch { tensor: name.clone() });
+                return Err(MergeError::StateMismatch {
+                    tensor: name.clone(),
+                });
             }
         }
     }
@@ -341,7 +394,14 @@ pub fn merge(
         .collect();
 
     // Pass 2: combine.
-    let mut ctx = Ctx { contributions, order: &order, origins: &origins, weights: &weights, scales: &scales, config };
+    let mut ctx = Ctx {
+        contributions,
+        order: &order,
+        origins: &origins,
+        weights: &weights,
+        scales: &scales,
+        config,
+    };
     let mut new_moments: BTreeMap<String, Moments> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(layout.len());
     for ((meta, &len), kind) in layout.iter().zip(&lens).zip(&kinds) {
@@ -349,7 +409,11 @@ pub fn merge(
             Kind::Max => (TensorRule::Max, ctx.max(meta, len)?),
             _ if strategy.is_robust() => {
                 let clip = *kind == Kind::Trainable && scales.iter().any(|&s| s < 1.0);
-                let rule = if strategy == Strategy::Median { TensorRule::Median } else { TensorRule::TrimmedMean };
+                let rule = if strategy == Strategy::Median {
+                    TensorRule::Median
+                } else {
+                    TensorRule::TrimmedMean
+                };
                 (rule, ctx.robust(meta, len, base, clip)?)
             }
             Kind::Trainable => {
@@ -357,13 +421,21 @@ pub fn merge(
                 (rule, encode(meta, &vals)?)
             }
             Kind::BnMean => (TensorRule::BnMean, encode(meta, &ctx.weighted(meta, len)?)?),
-            Kind::BnVar(None) => (TensorRule::BnVarAverage, encode(meta, &ctx.weighted(meta, len)?)?),
-            Kind::BnVar(Some(j)) => {
-                (TensorRule::BnVarPooled, encode(meta, &ctx.pooled_var(meta, len, &layout[j], lens[j])?)?)
-            }
+            Kind::BnVar(None) => (
+                TensorRule::BnVarAverage,
+                encode(meta, &ctx.weighted(meta, len)?)?,
+            ),
+            Kind::BnVar(Some(j)) => (
+                TensorRule::BnVarPooled,
+                encode(meta, &ctx.pooled_var(meta, len, &layout[j], lens[j])?)?,
+            ),
         };
         sink(meta, bytes)?;
-        tensors.push(TensorReport { name: meta.name.clone(), dtype: meta.dtype.to_string(), rule });
+        tensors.push(TensorReport {
+            name: meta.name.clone(),
+            dtype: meta.dtype.to_string(),
+            rule,
+        });
     }
 
     if strategy.is_stateful() {
@@ -388,11 +460,20 @@ pub fn merge(
             }
         })
         .collect();
-    Ok(MergeReport { strategy, config: config.describe(), contributions, tensors })
+    Ok(MergeReport {
+        strategy,
+        config: config.describe(),
+        contributions,
+        tensors,
+    })
 }
 
 /// The weights in combining order (`weights[k]` belongs to `order[k]`).
-fn weights(contributions: &[Contribution<'_>], order: &[usize], config: &MergeConfig) -> Result<Vec<f64>, MergeError> {
+fn weights(
+    contributions: &[Contribution<'_>],
+    order: &[usize],
+    config: &MergeConfig,
+) -> Result<Vec<f64>, MergeError> {
     let n = order.len();
     if config.strategy.is_robust() || config.weighting == Weighting::Equal {
         return Ok(vec![1.0 / n as f64; n]);
@@ -401,7 +482,9 @@ fn weights(contributions: &[Contribution<'_>], order: &[usize], config: &MergeCo
     for &i in order {
         let c = &contributions[i];
         if c.samples == 0 {
-            return Err(MergeError::ZeroSamples { site: c.site.clone() });
+            return Err(MergeError::ZeroSamples {
+                site: c.site.clone(),
+            });
         }
         total += u128::from(c.samples);
     }
@@ -409,11 +492,17 @@ fn weights(contributions: &[Contribution<'_>], order: &[usize], config: &MergeCo
     if !(total.is_finite() && total > 0.0) {
         return Err(MergeError::BadTotalWeight { total });
     }
-    Ok(order.iter().map(|&i| contributions[i].samples as f64 / total).collect())
+    Ok(order
+        .iter()
+        .map(|&i| contributions[i].samples as f64 / total)
+        .collect())
 }
 
 fn encode(meta: &TensorMeta, vals: &[f64]) -> Result<Vec<u8>, MergeError> {
-    encode_f64(meta.dtype, vals).ok_or_else(|| MergeError::ResultOverflow { tensor: meta.name.clone(), dtype: meta.dtype })
+    encode_f64(meta.dtype, vals).ok_or_else(|| MergeError::ResultOverflow {
+        tensor: meta.name.clone(),
+        dtype: meta.dtype,
+    })
 }
 
 struct Ctx<'c, 'a> {
@@ -470,7 +559,13 @@ impl Ctx<'_, '_> {
 
     /// Pooled BatchNorm variance: `Σ wᵢ(σᵢ² + (μᵢ − μ)²)`, `μ = Σ wᵢμᵢ` (two passes over the means, for
     /// accuracy when the means are large compared with the spread).
-    fn pooled_var(&mut self, var: &TensorMeta, var_len: usize, mean: &TensorMeta, mean_len: usize) -> Result<Vec<f64>, MergeError> {
+    fn pooled_var(
+        &mut self,
+        var: &TensorMeta,
+        var_len: usize,
+        mean: &TensorMeta,
+        mean_len: usize,
+    ) -> Result<Vec<f64>, MergeError> {
         let mu = self.weighted(mean, mean_len)?;
         let mut acc = vec![0f64; mu.len()];
         let mut mi = Vec::new();
@@ -510,7 +605,9 @@ impl Ctx<'_, '_> {
             let (w, s) = (self.weights[k], self.scales[i]);
             let t = self.read(i, meta, len)?;
             if s < 1.0 {
-                visit_finite(meta, &t.data, &self.origins[i], |j, x| avg[j] += w * (b[j] + s * (x - b[j])))?;
+                visit_finite(meta, &t.data, &self.origins[i], |j, x| {
+                    avg[j] += w * (b[j] + s * (x - b[j]))
+                })?;
             } else {
                 visit_finite(meta, &t.data, &self.origins[i], |j, x| avg[j] += w * x)?;
             }
@@ -552,11 +649,21 @@ impl Ctx<'_, '_> {
     }
 
     /// Median or trimmed mean, coordinate by coordinate, reading `chunk_elements` of every input at a time.
-    fn robust(&mut self, meta: &TensorMeta, len: usize, base: &mut dyn TensorSource, clip: bool) -> Result<Vec<u8>, MergeError> {
+    fn robust(
+        &mut self,
+        meta: &TensorMeta,
+        len: usize,
+        base: &mut dyn TensorSource,
+        clip: bool,
+    ) -> Result<Vec<u8>, MergeError> {
         let size = elem_size(meta.dtype).unwrap_or(1);
         let numel = len / size;
         let n = self.order.len();
-        let trim = if self.config.strategy == Strategy::TrimmedMean { self.config.trim } else { 0 };
+        let trim = if self.config.strategy == Strategy::TrimmedMean {
+            self.config.trim
+        } else {
+            0
+        };
         let chunk = self.config.chunk_elements.max(1);
         let mut out = Vec::with_capacity(len);
         let mut b = Vec::new();
@@ -585,13 +692,19 @@ impl Ctx<'_, '_> {
             for k in 0..n {
                 let i = self.order[k];
                 let s = self.scales[i];
-                let bytes = self.contributions[i].source.read_elements(&meta.name, start, cnt)?;
+                let bytes = self.contributions[i]
+                    .source
+                    .read_elements(&meta.name, start, cnt)?;
                 if bytes.len() != cnt * size {
                     return Err(short(&self.origins[i], bytes.len()));
                 }
                 let col = &mut cols[k * cnt..(k + 1) * cnt];
                 visit_finite(meta, &bytes, &self.origins[i], |j, x| {
-                    col[j] = if clip && s < 1.0 { b[j] + s * (x - b[j]) } else { x };
+                    col[j] = if clip && s < 1.0 {
+                        b[j] + s * (x - b[j])
+                    } else {
+                        x
+                    };
                 })?;
             }
             res.clear();

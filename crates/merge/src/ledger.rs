@@ -96,7 +96,12 @@ pub struct UpdateInfo {
 
 impl From<&UpdateInfo> for Contributor {
     fn from(u: &UpdateInfo) -> Self {
-        Contributor { site: u.site.clone(), bundle: u.bundle.clone(), samples: u.samples, round: u.round }
+        Contributor {
+            site: u.site.clone(),
+            bundle: u.bundle.clone(),
+            samples: u.samples,
+            round: u.round,
+        }
     }
 }
 
@@ -109,14 +114,18 @@ pub struct Ledger {
 }
 
 fn is_hex(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_hex(what: &str, s: &str) -> Result<(), LedgerError> {
     if is_hex(s) {
         Ok(())
     } else {
-        Err(LedgerError::BadInput(format!("{what} {s:?} is not a lowercase hex hash")))
+        Err(LedgerError::BadInput(format!(
+            "{what} {s:?} is not a lowercase hex hash"
+        )))
     }
 }
 
@@ -131,7 +140,9 @@ impl Ledger {
         global_hash: &str,
     ) -> Result<Ledger, LedgerError> {
         if federation.is_empty() || fingerprint.is_empty() {
-            return Err(LedgerError::BadInput("the federation id and model fingerprint must not be empty".into()));
+            return Err(LedgerError::BadInput(
+                "the federation id and model fingerprint must not be empty".into(),
+            ));
         }
         check_hex("the global hash", global_hash)?;
         fsutil::ensure_dir(dir)?;
@@ -142,7 +153,10 @@ impl Ledger {
             federation: federation.into(),
             arch: arch.map(str::to_string),
             model_fingerprint: fingerprint.into(),
-            current: CurrentGlobal { round: 0, hash: global_hash.into() },
+            current: CurrentGlobal {
+                round: 0,
+                hash: global_hash.into(),
+            },
             history: vec![RoundEntry {
                 round: 0,
                 global: global_hash.into(),
@@ -155,14 +169,22 @@ impl Ledger {
             Err(FsError::Exists(_)) => return Err(LedgerError::Exists(dir.to_path_buf())),
             r => r?,
         }
-        Ok(Ledger { dir: dir.to_path_buf(), data, _lock: lock })
+        Ok(Ledger {
+            dir: dir.to_path_buf(),
+            data,
+            _lock: lock,
+        })
     }
 
     /// Lock `dir` and load its ledger, checking it is consistent.
     pub fn load(dir: &Path) -> Result<Ledger, LedgerError> {
         let lock = DirLock::acquire(dir)?;
         let data = Self::peek(dir)?;
-        Ok(Ledger { dir: dir.to_path_buf(), data, _lock: lock })
+        Ok(Ledger {
+            dir: dir.to_path_buf(),
+            data,
+            _lock: lock,
+        })
     }
 
     /// Read and check the ledger without taking the lock (for `ferry-server status` while a merge runs: the
@@ -176,8 +198,11 @@ impl Ledger {
             }
             Err(e) => return Err(e.into()),
         };
-        let data: LedgerData = serde_json::from_slice(&bytes)
-            .map_err(|e| LedgerError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        let data: LedgerData =
+            serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         validate(&data).map_err(|reason| LedgerError::Corrupt { path, reason })?;
         Ok(data)
     }
@@ -203,7 +228,10 @@ impl Ledger {
         let d = &self.data;
         let (site, bundle) = (u.site.clone(), u.bundle.clone());
         if u.site.is_empty() {
-            return Err(LedgerError::BadInput(format!("update {} has an empty site id", u.bundle)));
+            return Err(LedgerError::BadInput(format!(
+                "update {} has an empty site id",
+                u.bundle
+            )));
         }
         check_hex("the update hash", &u.bundle)?;
         if u.federation != d.federation {
@@ -228,17 +256,31 @@ impl Ledger {
                 .iter()
                 .find(|r| r.contributors.iter().any(|c| c.bundle == u.bundle))
                 .map_or(0, |r| r.round);
-            return Err(LedgerError::Replay { site, bundle, round });
+            return Err(LedgerError::Replay {
+                site,
+                bundle,
+                round,
+            });
         }
         if u.base != d.current.hash {
             let based_on = match d.history.iter().find(|r| r.global == u.base) {
                 Some(r) => format!("the round-{} global {}", r.round, r.global),
                 None => format!("global {}, which this HQ never produced", u.base),
             };
-            return Err(LedgerError::Stale { site, bundle, based_on, current_round: d.current.round });
+            return Err(LedgerError::Stale {
+                site,
+                bundle,
+                based_on,
+                current_round: d.current.round,
+            });
         }
         if u.round != d.current.round {
-            return Err(LedgerError::WrongRound { site, bundle, found: u.round, expected: d.current.round });
+            return Err(LedgerError::WrongRound {
+                site,
+                bundle,
+                found: u.round,
+                expected: d.current.round,
+            });
         }
         Ok(())
     }
@@ -253,7 +295,9 @@ impl Ledger {
         for u in updates {
             self.check_update(u)?;
             if !bundles.insert(u.bundle.as_str()) {
-                return Err(LedgerError::DuplicateBundle { bundle: u.bundle.clone() });
+                return Err(LedgerError::DuplicateBundle {
+                    bundle: u.bundle.clone(),
+                });
             }
             if let Some(first) = sites.insert(&u.site, &u.bundle) {
                 return Err(LedgerError::DuplicateSite {
@@ -280,7 +324,9 @@ impl Ledger {
             return Err(LedgerError::EmptyBatch);
         }
         if self.data.history.iter().any(|r| r.global == new_global) {
-            return Err(LedgerError::BadInput(format!("global {new_global} is already in the ledger")));
+            return Err(LedgerError::BadInput(format!(
+                "global {new_global} is already in the ledger"
+            )));
         }
         let mut sites: BTreeMap<&str, &str> = BTreeMap::new();
         let mut bundles = BTreeSet::new();
@@ -293,10 +339,16 @@ impl Ledger {
                     .iter()
                     .find(|r| r.contributors.iter().any(|x| x.bundle == c.bundle))
                     .map_or(0, |r| r.round);
-                return Err(LedgerError::Replay { site: c.site.clone(), bundle: c.bundle.clone(), round });
+                return Err(LedgerError::Replay {
+                    site: c.site.clone(),
+                    bundle: c.bundle.clone(),
+                    round,
+                });
             }
             if !bundles.insert(c.bundle.as_str()) {
-                return Err(LedgerError::DuplicateBundle { bundle: c.bundle.clone() });
+                return Err(LedgerError::DuplicateBundle {
+                    bundle: c.bundle.clone(),
+                });
             }
             if let Some(first) = sites.insert(&c.site, &c.bundle) {
                 return Err(LedgerError::DuplicateSite {
@@ -310,9 +362,18 @@ impl Ledger {
         let round = next.current.round + 1;
         let mut contributors = contributors.to_vec();
         contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
-        next.merged.extend(contributors.iter().map(|c| c.bundle.clone()));
-        next.history.push(RoundEntry { round, global: new_global.into(), strategy: strategy.into(), contributors });
-        next.current = CurrentGlobal { round, hash: new_global.into() };
+        next.merged
+            .extend(contributors.iter().map(|c| c.bundle.clone()));
+        next.history.push(RoundEntry {
+            round,
+            global: new_global.into(),
+            strategy: strategy.into(),
+            contributors,
+        });
+        next.current = CurrentGlobal {
+            round,
+            hash: new_global.into(),
+        };
         fsutil::write_replace(&self.dir.join(LEDGER_FILE), &to_json(&next))?;
         self.data = next;
         Ok(round)
@@ -364,9 +425,24 @@ impl fmt::Display for LedgerStatus {
         writeln!(f, "round       {}", self.round)?;
         writeln!(f, "global      {}", self.global)?;
         for r in &self.rounds {
-            let sites: Vec<String> = r.contributors.iter().map(|c| format!("{} ({})", c.site, c.samples)).collect();
-            let sites = if sites.is_empty() { "-".to_string() } else { sites.join(", ") };
-            writeln!(f, "  r{:<4} {}  {:<24} {}", r.round, short(&r.global), r.strategy, sites)?;
+            let sites: Vec<String> = r
+                .contributors
+                .iter()
+                .map(|c| format!("{} ({})", c.site, c.samples))
+                .collect();
+            let sites = if sites.is_empty() {
+                "-".to_string()
+            } else {
+                sites.join(", ")
+            };
+            writeln!(
+                f,
+                "  r{:<4} {}  {:<24} {}",
+                r.round,
+                short(&r.global),
+                r.strategy,
+                sites
+            )?;
         }
         Ok(())
     }
@@ -387,7 +463,10 @@ fn to_json(d: &LedgerData) -> Vec<u8> {
 /// The invariants a loaded ledger must satisfy.
 fn validate(d: &LedgerData) -> Result<(), String> {
     if d.format != FORMAT {
-        return Err(format!("format is {:?}, expected {FORMAT:?} (written by a newer ferry?)", d.format));
+        return Err(format!(
+            "format is {:?}, expected {FORMAT:?} (written by a newer ferry?)",
+            d.format
+        ));
     }
     if d.federation.is_empty() || d.model_fingerprint.is_empty() {
         return Err("empty federation or model fingerprint".into());
@@ -401,14 +480,26 @@ fn validate(d: &LedgerData) -> Result<(), String> {
             return Err(format!("history entry {i} says round {}", r.round));
         }
         if !is_hex(&r.global) {
-            return Err(format!("round {} has a global hash that is not hex", r.round));
+            return Err(format!(
+                "round {} has a global hash that is not hex",
+                r.round
+            ));
         }
         if (i == 0) != r.contributors.is_empty() {
-            return Err(format!("round {} has the wrong number of contributors", r.round));
+            return Err(format!(
+                "round {} has the wrong number of contributors",
+                r.round
+            ));
         }
         for c in &r.contributors {
-            if !is_hex(&c.bundle) || !d.merged.contains(&c.bundle) || !seen.insert(c.bundle.as_str()) {
-                return Err(format!("round {} lists bundle {:?} inconsistently", r.round, c.bundle));
+            if !is_hex(&c.bundle)
+                || !d.merged.contains(&c.bundle)
+                || !seen.insert(c.bundle.as_str())
+            {
+                return Err(format!(
+                    "round {} lists bundle {:?} inconsistently",
+                    r.round, c.bundle
+                ));
             }
         }
     }

@@ -18,8 +18,11 @@ pub use config::{BnPair, BnRules, FedAdamConfig, FedAvgMConfig, MergeConfig, Str
 pub use engine::{merge, Contribution, ContributionReport, MergeReport, TensorReport, TensorRule};
 pub use error::{LedgerError, MergeError};
 pub use ledger::{
-    Contributor, CurrentGlobal, Ledger, LedgerData, LedgerStatus, RoundEntry, UpdateInfo, LEDGER_FILE,
+    Contributor, CurrentGlobal, Ledger, LedgerData, LedgerStatus, RoundEntry, UpdateInfo,
+    LEDGER_FILE,
 };
 pub use safetensors::Dtype;
 pub use state::{ServerState, STATE_FILE};
-pub use tensor::{MemorySource, OwnedTensor, SafetensorsFile, TensorMeta, TensorSource, MAX_HEADER_LEN};
+pub use tensor::{
+    MemorySource, OwnedTensor, SafetensorsFile, TensorMeta, TensorSource, MAX_HEADER_LEN,
+};

@@ -63,7 +63,10 @@ impl ServerState {
 
     /// The second moment (FedAdam only) of a tensor.
     pub fn v(&self, tensor: &str) -> Option<&[f32]> {
-        self.tensors.get(tensor).filter(|t| !t.v.is_empty()).map(|t| t.v.as_slice())
+        self.tensors
+            .get(tensor)
+            .filter(|t| !t.v.is_empty())
+            .map(|t| t.v.as_slice())
     }
 
     /// The path of the state file in `dir`.
@@ -77,7 +80,9 @@ impl ServerState {
         let path = Self::path(dir);
         let bytes = match fsutil::read_capped(&path, MAX_STATE_LEN) {
             Ok(b) => b,
-            Err(fsutil::FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(fsutil::FsError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 return Ok(ServerState::new())
             }
             Err(e) => return Err(e.into()),
@@ -116,15 +121,22 @@ impl ServerState {
         }
         let mut views = Vec::with_capacity(buffers.len());
         for (key, bytes, len) in &buffers {
-            let view = TensorView::new(Dtype::F32, vec![*len], bytes)
-                .map_err(|e| MergeError::BadConfig(format!("cannot encode server state for {key}: {e}")))?;
+            let view = TensorView::new(Dtype::F32, vec![*len], bytes).map_err(|e| {
+                MergeError::BadConfig(format!("cannot encode server state for {key}: {e}"))
+            })?;
             views.push((key.as_str(), view));
         }
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("global".to_string(), global.to_string());
         meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("strategy".to_string(), self.strategy.map(|s| s.name()).unwrap_or("none").to_string());
+        meta.insert(
+            "strategy".to_string(),
+            self.strategy
+                .map(|s| s.name())
+                .unwrap_or("none")
+                .to_string(),
+        );
         safetensors::serialize(views, Some(meta))
             .map_err(|e| MergeError::BadConfig(format!("cannot encode server state: {e}")))
     }
@@ -132,27 +144,42 @@ impl ServerState {
     /// Parse bytes written by [`ServerState::to_bytes`]; returns the state and the global it is bound to.
     /// `path` is only used in error messages.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(Self, String), MergeError> {
-        let bad = |reason: String| MergeError::StateCorrupt { path: path.to_path_buf(), reason };
+        let bad = |reason: String| MergeError::StateCorrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let meta = metadata.metadata().clone().unwrap_or_default();
-        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no {k} in the metadata")));
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("no {k} in the metadata")))
+        };
         if get("format")? != FORMAT {
             return Err(bad(format!("format is not {FORMAT}")));
         }
         let global = get("global")?;
-        let step: u64 = get("step")?.parse().map_err(|_| bad("step is not a number".into()))?;
+        let step: u64 = get("step")?
+            .parse()
+            .map_err(|_| bad("step is not a number".into()))?;
         let strategy = match get("strategy")?.as_str() {
             "none" => None,
-            s => Some(s.parse::<Strategy>().map_err(|_| bad(format!("unknown strategy {s:?}")))?),
+            s => Some(
+                s.parse::<Strategy>()
+                    .map_err(|_| bad(format!("unknown strategy {s:?}")))?,
+            ),
         };
         let mut tensors: BTreeMap<String, Moments> = BTreeMap::new();
         for (key, view) in st.iter() {
             if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
                 return Err(bad(format!("{key} is not an F32 vector")));
             }
-            let vals: Vec<f32> =
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let vals: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             let entry = match key.split_once(':') {
                 Some(("m", name)) => &mut tensors.entry(name.to_string()).or_default().m,
                 Some(("v", name)) => &mut tensors.entry(name.to_string()).or_default().v,
@@ -172,6 +199,13 @@ impl ServerState {
         if strategy.is_some_and(|s| !s.is_stateful()) || strategy.is_none() && !tensors.is_empty() {
             return Err(bad("the moments do not belong to a server optimizer".into()));
         }
-        Ok((ServerState { strategy, step, tensors }, global))
+        Ok((
+            ServerState {
+                strategy,
+                step,
+                tensors,
+            },
+            global,
+        ))
     }
 }

@@ -38,7 +38,11 @@ impl TensorMeta {
     pub fn layout_of(st: &SafeTensors<'_>) -> Vec<TensorMeta> {
         let mut v: Vec<TensorMeta> = st
             .iter()
-            .map(|(name, t)| TensorMeta { name: name.to_string(), dtype: t.dtype(), shape: t.shape().to_vec() })
+            .map(|(name, t)| TensorMeta {
+                name: name.to_string(),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+            })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -65,15 +69,24 @@ pub trait TensorSource {
     /// `count` elements of tensor `name` starting at element `start`, as raw bytes. Robust strategies read
     /// tensors in slices through this so that n inputs of one large tensor are never in memory at once. The
     /// default reads the whole tensor and cuts the slice out; file-backed sources should seek instead.
-    fn read_elements(&mut self, name: &str, start: usize, count: usize) -> Result<Vec<u8>, MergeError> {
+    fn read_elements(
+        &mut self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<u8>, MergeError> {
         let t = self.read(name)?;
         let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
             tensor: name.to_string(),
             dtype: t.dtype,
         })?;
-        slice_bytes(&t.data, size, start, count).map(<[u8]>::to_vec).ok_or_else(|| {
-            MergeError::BadLayout(format!("tensor {name} is shorter than the slice {start}+{count} the merge asked for"))
-        })
+        slice_bytes(&t.data, size, start, count)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| {
+                MergeError::BadLayout(format!(
+                    "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
+                ))
+            })
     }
 }
 
@@ -93,7 +106,10 @@ pub struct MemorySource {
 impl MemorySource {
     /// An empty source called `label` in errors (e.g. `site a`).
     pub fn new(label: impl Into<String>) -> Self {
-        MemorySource { label: label.into(), tensors: BTreeMap::new() }
+        MemorySource {
+            label: label.into(),
+            tensors: BTreeMap::new(),
+        }
     }
 
     /// Add (or replace) a tensor.
@@ -105,7 +121,14 @@ impl MemorySource {
     pub fn from_safetensors(label: impl Into<String>, st: &SafeTensors<'_>) -> Self {
         let mut s = MemorySource::new(label);
         for (name, t) in st.iter() {
-            s.insert(name, OwnedTensor { dtype: t.dtype(), shape: t.shape().to_vec(), data: t.data().to_vec() });
+            s.insert(
+                name,
+                OwnedTensor {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                    data: t.data().to_vec(),
+                },
+            );
         }
         s
     }
@@ -118,7 +141,10 @@ impl MemorySource {
     fn get(&self, name: &str) -> Result<&OwnedTensor, MergeError> {
         self.tensors
             .get(name)
-            .ok_or_else(|| MergeError::MissingTensor { origin: self.label.clone(), tensor: name.to_string() })
+            .ok_or_else(|| MergeError::MissingTensor {
+                origin: self.label.clone(),
+                tensor: name.to_string(),
+            })
     }
 }
 
@@ -127,13 +153,24 @@ impl TensorSource for MemorySource {
         self.get(name).cloned()
     }
 
-    fn read_elements(&mut self, name: &str, start: usize, count: usize) -> Result<Vec<u8>, MergeError> {
+    fn read_elements(
+        &mut self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<u8>, MergeError> {
         let t = self.get(name)?;
-        let size = elem_size(t.dtype)
-            .ok_or_else(|| MergeError::UnsupportedDtype { tensor: name.to_string(), dtype: t.dtype })?;
-        slice_bytes(&t.data, size, start, count).map(<[u8]>::to_vec).ok_or_else(|| {
-            MergeError::BadLayout(format!("tensor {name} is shorter than the slice {start}+{count} the merge asked for"))
-        })
+        let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
+            tensor: name.to_string(),
+            dtype: t.dtype,
+        })?;
+        slice_bytes(&t.data, size, start, count)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| {
+                MergeError::BadLayout(format!(
+                    "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
+                ))
+            })
     }
 }
 
@@ -154,20 +191,27 @@ impl SafetensorsFile {
     /// Open `path` and parse and check its header (every tensor's offsets lie inside the file and match its
     /// dtype and shape).
     pub fn open(path: &Path) -> Result<Self, MergeError> {
-        let io = |source| MergeError::Io { path: path.to_path_buf(), source };
-        let bad = |reason: String| MergeError::BadTensorFile { path: path.to_path_buf(), reason };
+        let io = |source| MergeError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let bad = |reason: String| MergeError::BadTensorFile {
+            path: path.to_path_buf(),
+            reason,
+        };
         let mut file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|_| bad("shorter than a header".into()))?;
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than a header".into()))?;
         let n = u64::from_le_bytes(n);
         if n > MAX_HEADER_LEN || n.saturating_add(8) > file_len {
             return Err(bad(format!("header length {n} does not fit the file")));
         }
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io)?;
-        let raw: HashMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let data_start = 8 + n;
         let data_len = file_len - data_start;
         let mut index = HashMap::with_capacity(raw.len());
@@ -180,11 +224,18 @@ impl SafetensorsFile {
             let (b, e) = info.data_offsets;
             let want = numel(&info.shape).and_then(|k| k.checked_mul(elem_size(info.dtype)?));
             if b > e || e as u64 > data_len || want != Some(e - b) {
-                return Err(bad(format!("tensor {name} has offsets {b}..{e} that do not match its dtype and shape")));
+                return Err(bad(format!(
+                    "tensor {name} has offsets {b}..{e} that do not match its dtype and shape"
+                )));
             }
             index.insert(name, info);
         }
-        Ok(SafetensorsFile { path: path.to_path_buf(), file, data_start, index })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            index,
+        })
     }
 
     /// The layout of every tensor in the file, sorted by name.
@@ -192,25 +243,42 @@ impl SafetensorsFile {
         let mut v: Vec<TensorMeta> = self
             .index
             .iter()
-            .map(|(name, i)| TensorMeta { name: name.clone(), dtype: i.dtype, shape: i.shape.clone() })
+            .map(|(name, i)| TensorMeta {
+                name: name.clone(),
+                dtype: i.dtype,
+                shape: i.shape.clone(),
+            })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MergeError> {
-        let io = |source| MergeError::Io { path: self.path.clone(), source };
-        self.file.seek(SeekFrom::Start(self.data_start + offset)).map_err(io)?;
+        let io = |source| MergeError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file
+            .seek(SeekFrom::Start(self.data_start + offset))
+            .map_err(io)?;
         let mut buf = vec![0u8; len];
-        self.file.read_exact(&mut buf).map_err(|source| MergeError::Io { path: self.path.clone(), source })?;
+        self.file
+            .read_exact(&mut buf)
+            .map_err(|source| MergeError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(buf)
     }
 
     fn info(&self, name: &str) -> Result<TensorInfo, MergeError> {
-        self.index.get(name).cloned().ok_or_else(|| MergeError::MissingTensor {
-            origin: self.path.display().to_string(),
-            tensor: name.to_string(),
-        })
+        self.index
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MergeError::MissingTensor {
+                origin: self.path.display().to_string(),
+                tensor: name.to_string(),
+            })
     }
 }
 
@@ -219,14 +287,25 @@ impl TensorSource for SafetensorsFile {
         let info = self.info(name)?;
         let (b, e) = info.data_offsets;
         let data = self.read_at(b as u64, e - b)?;
-        Ok(OwnedTensor { dtype: info.dtype, shape: info.shape, data })
+        Ok(OwnedTensor {
+            dtype: info.dtype,
+            shape: info.shape,
+            data,
+        })
     }
 
-    fn read_elements(&mut self, name: &str, start: usize, count: usize) -> Result<Vec<u8>, MergeError> {
+    fn read_elements(
+        &mut self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<u8>, MergeError> {
         let info = self.info(name)?;
         let (b, e) = info.data_offsets;
-        let size = elem_size(info.dtype)
-            .ok_or_else(|| MergeError::UnsupportedDtype { tensor: name.to_string(), dtype: info.dtype })?;
+        let size = elem_size(info.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
+            tensor: name.to_string(),
+            dtype: info.dtype,
+        })?;
         let range = start
             .checked_mul(size)
             .zip(start.checked_add(count).and_then(|x| x.checked_mul(size)))
@@ -264,7 +343,15 @@ pub(crate) fn is_float(d: Dtype) -> bool {
 pub(crate) fn is_int(d: Dtype) -> bool {
     matches!(
         d,
-        Dtype::BOOL | Dtype::U8 | Dtype::I8 | Dtype::I16 | Dtype::U16 | Dtype::I32 | Dtype::U32 | Dtype::I64 | Dtype::U64
+        Dtype::BOOL
+            | Dtype::U8
+            | Dtype::I8
+            | Dtype::I16
+            | Dtype::U16
+            | Dtype::I32
+            | Dtype::U32
+            | Dtype::I64
+            | Dtype::U64
     )
 }
 

@@ -51,12 +51,21 @@ pub enum TensorKind {
 impl TensorKind {
     /// Whether the optimizer updates this tensor.
     pub fn is_trainable(self) -> bool {
-        matches!(self, TensorKind::Weight { .. } | TensorKind::Bias { .. } | TensorKind::BnWeight | TensorKind::BnBias)
+        matches!(
+            self,
+            TensorKind::Weight { .. }
+                | TensorKind::Bias { .. }
+                | TensorKind::BnWeight
+                | TensorKind::BnBias
+        )
     }
 
     /// Whether this is a BatchNorm statistic (changed by recalibration, never by the optimizer).
     pub fn is_bn_stat(self) -> bool {
-        matches!(self, TensorKind::RunningMean | TensorKind::RunningVar | TensorKind::BatchesTracked)
+        matches!(
+            self,
+            TensorKind::RunningMean | TensorKind::RunningVar | TensorKind::BatchesTracked
+        )
     }
 }
 
@@ -115,7 +124,10 @@ impl Arch {
     /// The task (label layout) the model predicts.
     pub fn task(self) -> Task {
         match self {
-            Arch::PlateCnn => Task::Plate { slots: PLATE_SLOTS, classes: PLATE_CLASSES },
+            Arch::PlateCnn => Task::Plate {
+                slots: PLATE_SLOTS,
+                classes: PLATE_CLASSES,
+            },
             Arch::MnistCnn => Task::Classes { classes: 10 },
         }
     }
@@ -138,7 +150,8 @@ impl Arch {
     /// Every tensor of the model, sorted by name (the order used for initialisation and optimizer state).
     pub fn tensors(self) -> Vec<TensorSpec> {
         let mut out = Vec::new();
-        let mut push = |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
+        let mut push =
+            |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
         match self {
             Arch::PlateCnn => {
                 let (c0, h, w) = self.input();
@@ -146,32 +159,96 @@ impl Arch {
                 for (i, &cout) in PLATE_CONV.iter().enumerate() {
                     let n = i + 1;
                     // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
-                    push(format!("conv{n}.weight"), vec![cout, cin, 3, 3], TensorKind::Weight { fan_in: cin * 9 });
+                    push(
+                        format!("conv{n}.weight"),
+                        vec![cout, cin, 3, 3],
+                        TensorKind::Weight { fan_in: cin * 9 },
+                    );
                     push(format!("bn{n}.weight"), vec![cout], TensorKind::BnWeight);
                     push(format!("bn{n}.bias"), vec![cout], TensorKind::BnBias);
-                    push(format!("bn{n}.running_mean"), vec![cout], TensorKind::RunningMean);
-                    push(format!("bn{n}.running_var"), vec![cout], TensorKind::RunningVar);
-                    push(format!("bn{n}.num_batches_tracked"), vec![], TensorKind::BatchesTracked);
+                    push(
+                        format!("bn{n}.running_mean"),
+                        vec![cout],
+                        TensorKind::RunningMean,
+                    );
+                    push(
+                        format!("bn{n}.running_var"),
+                        vec![cout],
+                        TensorKind::RunningVar,
+                    );
+                    push(
+                        format!("bn{n}.num_batches_tracked"),
+                        vec![],
+                        TensorKind::BatchesTracked,
+                    );
                     cin = cout;
                 }
                 let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
-                push("fc1.weight".into(), vec![PLATE_HIDDEN, flat], TensorKind::Weight { fan_in: flat });
-                push("fc1.bias".into(), vec![PLATE_HIDDEN], TensorKind::Bias { fan_in: flat });
+                push(
+                    "fc1.weight".into(),
+                    vec![PLATE_HIDDEN, flat],
+                    TensorKind::Weight { fan_in: flat },
+                );
+                push(
+                    "fc1.bias".into(),
+                    vec![PLATE_HIDDEN],
+                    TensorKind::Bias { fan_in: flat },
+                );
                 for s in 0..PLATE_SLOTS {
                     let fan_in = PLATE_HIDDEN;
-                    push(format!("heads.{s}.weight"), vec![PLATE_CLASSES, fan_in], TensorKind::Weight { fan_in });
-                    push(format!("heads.{s}.bias"), vec![PLATE_CLASSES], TensorKind::Bias { fan_in });
+                    push(
+                        format!("heads.{s}.weight"),
+                        vec![PLATE_CLASSES, fan_in],
+                        TensorKind::Weight { fan_in },
+                    );
+                    push(
+                        format!("heads.{s}.bias"),
+                        vec![PLATE_CLASSES],
+                        TensorKind::Bias { fan_in },
+                    );
                 }
             }
             Arch::MnistCnn => {
-                push("conv1.weight".into(), vec![32, 1, 5, 5], TensorKind::Weight { fan_in: 25 });
-                push("conv1.bias".into(), vec![32], TensorKind::Bias { fan_in: 25 });
-                push("conv2.weight".into(), vec![64, 32, 5, 5], TensorKind::Weight { fan_in: 800 });
-                push("conv2.bias".into(), vec![64], TensorKind::Bias { fan_in: 800 });
-                push("fc1.weight".into(), vec![512, 3136], TensorKind::Weight { fan_in: 3136 });
-                push("fc1.bias".into(), vec![512], TensorKind::Bias { fan_in: 3136 });
-                push("fc2.weight".into(), vec![10, 512], TensorKind::Weight { fan_in: 512 });
-                push("fc2.bias".into(), vec![10], TensorKind::Bias { fan_in: 512 });
+                push(
+                    "conv1.weight".into(),
+                    vec![32, 1, 5, 5],
+                    TensorKind::Weight { fan_in: 25 },
+                );
+                push(
+                    "conv1.bias".into(),
+                    vec![32],
+                    TensorKind::Bias { fan_in: 25 },
+                );
+                push(
+                    "conv2.weight".into(),
+                    vec![64, 32, 5, 5],
+                    TensorKind::Weight { fan_in: 800 },
+                );
+                push(
+                    "conv2.bias".into(),
+                    vec![64],
+                    TensorKind::Bias { fan_in: 800 },
+                );
+                push(
+                    "fc1.weight".into(),
+                    vec![512, 3136],
+                    TensorKind::Weight { fan_in: 3136 },
+                );
+                push(
+                    "fc1.bias".into(),
+                    vec![512],
+                    TensorKind::Bias { fan_in: 3136 },
+                );
+                push(
+                    "fc2.weight".into(),
+                    vec![10, 512],
+                    TensorKind::Weight { fan_in: 512 },
+                );
+                push(
+                    "fc2.bias".into(),
+                    vec![10],
+                    TensorKind::Bias { fan_in: 512 },
+                );
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -180,7 +257,11 @@ impl Arch {
 
     /// Number of trainable parameters (what papers count: BatchNorm statistics excluded).
     pub fn parameter_count(self) -> usize {
-        self.tensors().iter().filter(|t| t.kind.is_trainable()).map(TensorSpec::numel).sum()
+        self.tensors()
+            .iter()
+            .filter(|t| t.kind.is_trainable())
+            .map(TensorSpec::numel)
+            .sum()
     }
 }
 
@@ -211,7 +292,10 @@ mod tests {
         for a in Arch::ALL {
             assert_eq!(Arch::from_name(a.name()).ok(), Some(a));
         }
-        assert!(matches!(Arch::from_name("resnet"), Err(TrainError::UnknownArch(_))));
+        assert!(matches!(
+            Arch::from_name("resnet"),
+            Err(TrainError::UnknownArch(_))
+        ));
     }
 
     #[test]

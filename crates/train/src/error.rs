@@ -22,7 +22,9 @@ pub enum TrainError {
     #[error("the weights are not a valid safetensors file ({0}); the file is damaged or not a ferry model")]
     WeightsFormat(String),
     /// The weights are readable but do not fit the architecture.
-    #[error("the weights do not fit {arch}: {detail}; was this model made for another architecture?")]
+    #[error(
+        "the weights do not fit {arch}: {detail}; was this model made for another architecture?"
+    )]
     WeightsMismatch {
         /// The architecture the weights were checked against.
         arch: &'static str,

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod data;
 #[doc(hidden)]
 pub mod data_stub;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod optim;
@@ -19,6 +20,6 @@ pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model};
 pub use optim::{Adam, AdamConfig};
 pub use train::{
-    evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats, TrainConfig,
-    TrainObserver, TrainSummary,
+    evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats,
+    TrainConfig, TrainObserver, TrainSummary,
 };

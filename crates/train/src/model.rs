@@ -71,8 +71,13 @@ impl BatchNorm2d {
                 let mean = x.mean_keepdim((0, 2, 3))?;
                 let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
                 // Running variance is the unbiased estimate, as in PyTorch.
-                let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
-                let m = ((self.running_mean.as_tensor() * (1.0 - factor))? + (mean.detach().flatten_all()? * factor)?)?;
+                let unbias = if count > 1.0 {
+                    count / (count - 1.0)
+                } else {
+                    1.0
+                };
+                let m = ((self.running_mean.as_tensor() * (1.0 - factor))?
+                    + (mean.detach().flatten_all()? * factor)?)?;
                 let v = ((self.running_var.as_tensor() * (1.0 - factor))?
                     + (var.detach().flatten_all()? * (factor * unbias))?)?;
                 self.running_mean.set(&m)?;
@@ -80,8 +85,11 @@ impl BatchNorm2d {
                 (mean, var)
             }
         };
-        let x = x.broadcast_sub(&mean)?.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        x.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)
+        let x = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight.reshape(shape)?)?
+            .broadcast_add(&self.bias.reshape(shape)?)
     }
 }
 
@@ -96,7 +104,10 @@ impl PlateCnn {
     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
         let arch = Arch::PlateCnn;
         let (mut cin, h, w) = arch.input();
-        let conv = Conv2dConfig { padding: 1, ..Default::default() };
+        let conv = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let mut blocks = Vec::new();
         for (i, &cout) in PLATE_CONV.iter().enumerate() {
             let n = i + 1;
@@ -116,10 +127,17 @@ impl PlateCnn {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.blocks {
-            x = bn.forward(&conv.forward(&x)?, mode)?.relu()?.max_pool2d(2)?;
+            x = bn
+                .forward(&conv.forward(&x)?, mode)?
+                .relu()?
+                .max_pool2d(2)?;
         }
         let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
-        let outs = self.heads.iter().map(|h| h.forward(&x)).collect::<candle_core::Result<Vec<_>>>()?;
+        let outs = self
+            .heads
+            .iter()
+            .map(|h| h.forward(&x))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::stack(&outs, 1)
     }
 }
@@ -134,7 +152,10 @@ struct MnistCnn {
 
 impl MnistCnn {
     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        let same = Conv2dConfig { padding: 2, ..Default::default() };
+        let same = Conv2dConfig {
+            padding: 2,
+            ..Default::default()
+        };
         Ok(MnistCnn {
             conv1: candle_nn::conv2d(1, 32, 5, same, vb.pp("conv1"))?,
             conv2: candle_nn::conv2d(32, 64, 5, same, vb.pp("conv2"))?,
@@ -188,7 +209,8 @@ impl Model {
             let t = match spec.kind {
                 TensorKind::Weight { fan_in } | TensorKind::Bias { fan_in } => {
                     let bound = 1.0 / (fan_in as f32).sqrt();
-                    let dist = Uniform::new(-bound, bound).map_err(|e| TrainError::Config(e.to_string()))?;
+                    let dist = Uniform::new(-bound, bound)
+                        .map_err(|e| TrainError::Config(e.to_string()))?;
                     HostTensor::F32((0..n).map(|_| dist.sample(&mut rng)).collect())
                 }
                 TensorKind::BnWeight | TensorKind::RunningVar => HostTensor::F32(vec![1.0; n]),
@@ -201,8 +223,15 @@ impl Model {
     }
 
     /// Build a model from host tensors, which must match `arch` exactly (names, kinds and sizes).
-    pub fn from_host(arch: Arch, mut tensors: BTreeMap<String, HostTensor>, device: &Device) -> Result<Model, TrainError> {
-        let mismatch = |detail: String| TrainError::WeightsMismatch { arch: arch.name(), detail };
+    pub fn from_host(
+        arch: Arch,
+        mut tensors: BTreeMap<String, HostTensor>,
+        device: &Device,
+    ) -> Result<Model, TrainError> {
+        let mismatch = |detail: String| TrainError::WeightsMismatch {
+            arch: arch.name(),
+            detail,
+        };
         let varmap = VarMap::new();
         let mut batches_tracked = BTreeMap::new();
         let specs = arch.tensors();
@@ -210,12 +239,17 @@ impl Model {
             let mut vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
             for spec in &specs {
                 match (spec.kind, tensors.remove(&spec.name)) {
-                    (_, None) => return Err(mismatch(format!("tensor `{}` is missing", spec.name))),
+                    (_, None) => {
+                        return Err(mismatch(format!("tensor `{}` is missing", spec.name)))
+                    }
                     (TensorKind::BatchesTracked, Some(HostTensor::I64(n))) => {
                         batches_tracked.insert(spec.name.clone(), n);
                     }
                     (TensorKind::BatchesTracked, Some(HostTensor::F32(_))) => {
-                        return Err(mismatch(format!("tensor `{}` should be an I64 scalar", spec.name)))
+                        return Err(mismatch(format!(
+                            "tensor `{}` should be an I64 scalar",
+                            spec.name
+                        )))
                     }
                     (_, Some(HostTensor::I64(_))) => {
                         return Err(mismatch(format!("tensor `{}` should be F32", spec.name)))
@@ -230,7 +264,10 @@ impl Model {
                             )));
                         }
                         if v.iter().any(|x| !x.is_finite()) {
-                            return Err(mismatch(format!("tensor `{}` contains NaN or infinite values", spec.name)));
+                            return Err(mismatch(format!(
+                                "tensor `{}` contains NaN or infinite values",
+                                spec.name
+                            )));
                         }
                         let t = Tensor::from_vec(v, spec.shape.as_slice(), device)?;
                         vars.insert(spec.name.clone(), Var::from_tensor(&t)?);
@@ -248,18 +285,38 @@ impl Model {
         };
         // The network must not have created a tensor the architecture does not list (that would be trained but
         // never exported): a programming error, reported rather than silently diverging from the wire format.
-        let expected: BTreeSet<&str> =
-            specs.iter().filter(|s| s.kind != TensorKind::BatchesTracked).map(|s| s.name.as_str()).collect();
-        let built = varmap.data().lock().unwrap_or_else(|e| e.into_inner()).len();
+        let expected: BTreeSet<&str> = specs
+            .iter()
+            .filter(|s| s.kind != TensorKind::BatchesTracked)
+            .map(|s| s.name.as_str())
+            .collect();
+        let built = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
         if built != expected.len() {
-            return Err(mismatch(format!("the network built {built} tensors, the architecture lists {}", expected.len())));
+            return Err(mismatch(format!(
+                "the network built {built} tensors, the architecture lists {}",
+                expected.len()
+            )));
         }
-        Ok(Model { arch, device: device.clone(), varmap, net, batches_tracked })
+        Ok(Model {
+            arch,
+            device: device.clone(),
+            varmap,
+            net,
+            batches_tracked,
+        })
     }
 
     /// Load a model from safetensors bytes (F32 tensors plus I64 `num_batches_tracked` scalars), checking every name,
     /// dtype and shape against `arch`. Never memory-maps: the bytes are the verified ones.
-    pub fn from_safetensors(arch: Arch, bytes: &[u8], device: &Device) -> Result<Model, TrainError> {
+    pub fn from_safetensors(
+        arch: Arch,
+        bytes: &[u8],
+        device: &Device,
+    ) -> Result<Model, TrainError> {
         Model::from_host(arch, read_safetensors(arch, bytes)?, device)
     }
 
@@ -276,10 +333,12 @@ impl Model {
             let t = if spec.kind == TensorKind::BatchesTracked {
                 HostTensor::I64(self.batches_tracked.get(&spec.name).copied().unwrap_or(0))
             } else {
-                let var = vars.get(&spec.name).ok_or_else(|| TrainError::WeightsMismatch {
-                    arch: self.arch.name(),
-                    detail: format!("tensor `{}` is missing", spec.name),
-                })?;
+                let var = vars
+                    .get(&spec.name)
+                    .ok_or_else(|| TrainError::WeightsMismatch {
+                        arch: self.arch.name(),
+                        detail: format!("tensor `{}` is missing", spec.name),
+                    })?;
                 HostTensor::F32(var.as_tensor().flatten_all()?.to_vec1::<f32>()?)
             };
             out.insert(spec.name, t);
@@ -334,7 +393,10 @@ impl Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("arch", &self.arch).field("device", &self.device).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("arch", &self.arch)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
     }
 }
 
@@ -367,9 +429,12 @@ pub(crate) fn write_safetensors_with(
     let bytes: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = tensors
         .iter()
         .map(|(name, t)| match t {
-            HostTensor::F32(v) => {
-                (name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), vec![v.len()], Dtype::F32)
-            }
+            HostTensor::F32(v) => (
+                name.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                vec![v.len()],
+                Dtype::F32,
+            ),
             HostTensor::I64(n) => (name.clone(), n.to_le_bytes().to_vec(), vec![], Dtype::I64),
         })
         .collect();
@@ -380,16 +445,24 @@ pub(crate) fn write_safetensors_with(
     let mut views = Vec::with_capacity(bytes.len());
     for (name, data, flat, dtype) in &bytes {
         let shape = shapes.get(name).cloned().unwrap_or_else(|| flat.clone());
-        let view = TensorView::new(*dtype, shape, data).map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
+        let view = TensorView::new(*dtype, shape, data)
+            .map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
         views.push((name.clone(), view));
     }
     safetensors::serialize(views, metadata).map_err(|e| TrainError::WeightsFormat(e.to_string()))
 }
 
 /// Parse safetensors bytes into host tensors, checking names, dtypes and shapes against `arch`.
-pub(crate) fn read_safetensors(arch: Arch, bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>, TrainError> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
-    let mismatch = |detail: String| TrainError::WeightsMismatch { arch: arch.name(), detail };
+pub(crate) fn read_safetensors(
+    arch: Arch,
+    bytes: &[u8],
+) -> Result<BTreeMap<String, HostTensor>, TrainError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| TrainError::WeightsFormat(e.to_string()))?;
+    let mismatch = |detail: String| TrainError::WeightsMismatch {
+        arch: arch.name(),
+        detail,
+    };
     let specs = arch.tensors();
     let known: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
@@ -399,7 +472,9 @@ pub(crate) fn read_safetensors(arch: Arch, bytes: &[u8]) -> Result<BTreeMap<Stri
     }
     let mut out = BTreeMap::new();
     for spec in specs {
-        let view = st.tensor(&spec.name).map_err(|_| mismatch(format!("tensor `{}` is missing", spec.name)))?;
+        let view = st
+            .tensor(&spec.name)
+            .map_err(|_| mismatch(format!("tensor `{}` is missing", spec.name)))?;
         if view.shape() != spec.shape.as_slice() {
             return Err(mismatch(format!(
                 "tensor `{}` has shape {:?}, expected {:?}",
@@ -410,16 +485,30 @@ pub(crate) fn read_safetensors(arch: Arch, bytes: &[u8]) -> Result<BTreeMap<Stri
         }
         let t = match (spec.kind, view.dtype()) {
             (TensorKind::BatchesTracked, Dtype::I64) => {
-                let b: [u8; 8] = view.data().try_into().map_err(|_| mismatch(format!("tensor `{}` is truncated", spec.name)))?;
+                let b: [u8; 8] = view
+                    .data()
+                    .try_into()
+                    .map_err(|_| mismatch(format!("tensor `{}` is truncated", spec.name)))?;
                 HostTensor::I64(i64::from_le_bytes(b))
             }
             (TensorKind::BatchesTracked, d) => {
-                return Err(mismatch(format!("tensor `{}` is {d:?}, expected I64", spec.name)))
+                return Err(mismatch(format!(
+                    "tensor `{}` is {d:?}, expected I64",
+                    spec.name
+                )))
             }
             (_, Dtype::F32) => HostTensor::F32(
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
-            (_, d) => return Err(mismatch(format!("tensor `{}` is {d:?}, expected F32", spec.name))),
+            (_, d) => {
+                return Err(mismatch(format!(
+                    "tensor `{}` is {d:?}, expected F32",
+                    spec.name
+                )))
+            }
         };
         out.insert(spec.name, t);
     }
@@ -439,16 +528,22 @@ pub(crate) fn read_any_safetensors(
     for (name, view) in st.tensors() {
         let t = match (view.dtype(), view.shape()) {
             (Dtype::I64, []) => {
-                let b: [u8; 8] = view
-                    .data()
-                    .try_into()
-                    .map_err(|_| TrainError::WeightsFormat(format!("tensor `{name}` is truncated")))?;
+                let b: [u8; 8] = view.data().try_into().map_err(|_| {
+                    TrainError::WeightsFormat(format!("tensor `{name}` is truncated"))
+                })?;
                 HostTensor::I64(i64::from_le_bytes(b))
             }
             (Dtype::F32, _) => HostTensor::F32(
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
-            (d, s) => return Err(TrainError::WeightsFormat(format!("tensor `{name}` is {d:?} {s:?}, not F32 or an I64 scalar"))),
+            (d, s) => {
+                return Err(TrainError::WeightsFormat(format!(
+                    "tensor `{name}` is {d:?} {s:?}, not F32 or an I64 scalar"
+                )))
+            }
         };
         out.insert(name, t);
     }

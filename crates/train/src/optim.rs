@@ -31,7 +31,13 @@ pub struct AdamConfig {
 impl Default for AdamConfig {
     /// The field study's settings: lr 2.5e-4, warm-up 1000, PyTorch's betas and eps.
     fn default() -> Self {
-        AdamConfig { lr: 2.5e-4, warmup: 1000, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        AdamConfig {
+            lr: 2.5e-4,
+            warmup: 1000,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -63,7 +69,11 @@ impl Adam {
             let z = Tensor::zeros(spec.shape.as_slice(), candle_core::DType::F32, device)?;
             moments.insert(spec.name, (z.clone(), z));
         }
-        Ok(Adam { arch, step: 0, moments })
+        Ok(Adam {
+            arch,
+            step: 0,
+            moments,
+        })
     }
 
     /// Steps taken so far (over all rounds).
@@ -77,7 +87,12 @@ impl Adam {
     }
 
     /// Apply one update from `grads` to the model's trainable tensors, returning the learning rate used.
-    pub fn update(&mut self, model: &Model, grads: &GradStore, cfg: &AdamConfig) -> Result<f64, TrainError> {
+    pub fn update(
+        &mut self,
+        model: &Model,
+        grads: &GradStore,
+        cfg: &AdamConfig,
+    ) -> Result<f64, TrainError> {
         self.step += 1;
         let t = self.step as i32;
         let lr = cfg.lr_at(self.step);
@@ -86,7 +101,9 @@ impl Adam {
         let vars = model.vars();
         for (name, (m, v)) in self.moments.iter_mut() {
             let Some(var) = vars.get(name) else { continue };
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             *m = ((&*m * cfg.beta1)? + (g * (1.0 - cfg.beta1))?)?;
             *v = ((&*v * cfg.beta2)? + (g.sqr()? * (1.0 - cfg.beta2))?)?;
             let denom = ((&*v / c2)?.sqrt()? + cfg.eps)?;
@@ -100,10 +117,19 @@ impl Adam {
     pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
         let mut out = BTreeMap::new();
         for (name, (m, v)) in &self.moments {
-            out.insert(format!("exp_avg.{name}"), HostTensor::F32(m.flatten_all()?.to_vec1()?));
-            out.insert(format!("exp_avg_sq.{name}"), HostTensor::F32(v.flatten_all()?.to_vec1()?));
+            out.insert(
+                format!("exp_avg.{name}"),
+                HostTensor::F32(m.flatten_all()?.to_vec1()?),
+            );
+            out.insert(
+                format!("exp_avg_sq.{name}"),
+                HostTensor::F32(v.flatten_all()?.to_vec1()?),
+            );
         }
-        out.insert("step".into(), HostTensor::I64(i64::try_from(self.step).unwrap_or(i64::MAX)));
+        out.insert(
+            "step".into(),
+            HostTensor::I64(i64::try_from(self.step).unwrap_or(i64::MAX)),
+        );
         Ok(out)
     }
 
@@ -123,7 +149,9 @@ impl Adam {
             let mut take = |prefix: &str| -> Result<Tensor, TrainError> {
                 let key = format!("{prefix}.{}", spec.name);
                 match host.remove(&key) {
-                    Some(HostTensor::F32(v)) if v.len() == spec.numel() && v.iter().all(|x| x.is_finite()) => {
+                    Some(HostTensor::F32(v))
+                        if v.len() == spec.numel() && v.iter().all(|x| x.is_finite()) =>
+                    {
                         Ok(Tensor::from_vec(v, spec.shape.as_slice(), device)?)
                     }
                     _ => Err(bad(format!("`{key}` is missing or does not fit {arch}"))),
@@ -136,7 +164,11 @@ impl Adam {
         if let Some(extra) = host.keys().next() {
             return Err(bad(format!("unexpected tensor `{extra}`")));
         }
-        Ok(Adam { arch, step, moments })
+        Ok(Adam {
+            arch,
+            step,
+            moments,
+        })
     }
 
     /// Serialise as safetensors (the architecture name in the metadata).
@@ -146,8 +178,8 @@ impl Adam {
 
     /// Parse [`Adam::to_safetensors`]'s output.
     pub fn from_safetensors(arch: Arch, bytes: &[u8], device: &Device) -> Result<Adam, TrainError> {
-        let (host, _) =
-            crate::model::read_any_safetensors(bytes).map_err(|e| TrainError::OptimizerState(e.to_string()))?;
+        let (host, _) = crate::model::read_any_safetensors(bytes)
+            .map_err(|e| TrainError::OptimizerState(e.to_string()))?;
         Adam::from_host(arch, host, device)
     }
 }

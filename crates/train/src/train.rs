@@ -33,7 +33,12 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 1, batch: 64, seed: 0, adam: AdamConfig::default() }
+        TrainConfig {
+            epochs: 1,
+            batch: 64,
+            seed: 0,
+            adam: AdamConfig::default(),
+        }
     }
 }
 
@@ -43,7 +48,10 @@ impl TrainConfig {
             return Err(TrainError::Config("--batch must be at least 1".into()));
         }
         if !(self.adam.lr.is_finite() && self.adam.lr > 0.0) {
-            return Err(TrainError::Config(format!("--lr must be a positive number, not {}", self.adam.lr)));
+            return Err(TrainError::Config(format!(
+                "--lr must be a positive number, not {}",
+                self.adam.lr
+            )));
         }
         Ok(())
     }
@@ -139,7 +147,11 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
     if data.task != arch.task() {
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
-            detail: format!("labels are {:?}, the model predicts {:?}", data.task, arch.task()),
+            detail: format!(
+                "labels are {:?}, the model predicts {:?}",
+                data.task,
+                arch.task()
+            ),
         });
     }
     if data.is_empty() {
@@ -164,7 +176,11 @@ fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tens
         x.extend_from_slice(data.image(i));
         y.extend_from_slice(data.label(i));
     }
-    let x = Tensor::from_vec(x, (idx.len(), data.channels, data.height, data.width), device)?;
+    let x = Tensor::from_vec(
+        x,
+        (idx.len(), data.channels, data.height, data.width),
+        device,
+    )?;
     let y = Tensor::from_vec(y, idx.len() * data.slots(), device)?;
     Ok((x, y))
 }
@@ -172,7 +188,10 @@ fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tens
 /// Mean cross-entropy over all character slots of `logits` `(n, slots, classes)` against flat labels.
 fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
     let (n, s, c) = logits.dims3()?;
-    Ok(candle_nn::loss::cross_entropy(&logits.reshape((n * s, c))?, labels)?)
+    Ok(candle_nn::loss::cross_entropy(
+        &logits.reshape((n * s, c))?,
+        labels,
+    )?)
 }
 
 /// (exactly matched samples, correct characters) of a batch.
@@ -214,7 +233,11 @@ pub fn train_epoch(
     cfg.check()?;
     check_data(model.arch(), data)?;
     if adam.arch() != model.arch() {
-        return Err(TrainError::OptimizerState(format!("it belongs to {}, the model is {}", adam.arch(), model.arch())));
+        return Err(TrainError::OptimizerState(format!(
+            "it belongs to {}, the model is {}",
+            adam.arch(),
+            model.arch()
+        )));
     }
     let order = epoch_order(data.len(), cfg.seed, round, epoch);
     let batches = order.len().div_ceil(cfg.batch);
@@ -227,12 +250,18 @@ pub fn train_epoch(
         let l = loss(&logits, &y)?;
         let lv = l.to_scalar::<f32>()?;
         if !lv.is_finite() {
-            return Err(TrainError::Diverged { loss: lv, step: adam.step() + 1 });
+            return Err(TrainError::Diverged {
+                loss: lv,
+                step: adam.step() + 1,
+            });
         }
         let grads = l.backward()?;
         let lr = adam.update(model, &grads, &cfg.adam)?;
         model.count_batch();
-        let labels: Vec<u32> = idx.iter().flat_map(|&i| data.label(i).iter().copied()).collect();
+        let labels: Vec<u32> = idx
+            .iter()
+            .flat_map(|&i| data.label(i).iter().copied())
+            .collect();
         exact += hits(&logits, &labels, slots)?.0;
         seen += idx.len();
         loss_sum += f64::from(lv);
@@ -325,7 +354,11 @@ pub struct Evaluation {
 }
 
 /// Evaluate `model` (BatchNorm in inference mode, nothing changes) on `data`, `batch` images at a time.
-pub fn evaluate(model: &Model, data: &Dataset, batch_size: usize) -> Result<Evaluation, TrainError> {
+pub fn evaluate(
+    model: &Model,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<Evaluation, TrainError> {
     check_data(model.arch(), data)?;
     let bs = batch_size.max(1);
     let slots = data.slots();
@@ -363,10 +396,17 @@ pub struct Recalibration {
 /// `n_batch / n_seen`, i.e. PyTorch's `momentum=None` and `torch.optim.swa_utils.update_bn`), so the result does not
 /// depend on a momentum and the old statistics are forgotten entirely; `num_batches_tracked` becomes the number of
 /// batches, as after `update_bn`. Batches run in dataset order. A model without BatchNorm is left unchanged.
-pub fn recalibrate(model: &mut Model, data: &Dataset, batch_size: usize) -> Result<Recalibration, TrainError> {
+pub fn recalibrate(
+    model: &mut Model,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<Recalibration, TrainError> {
     check_data(model.arch(), data)?;
     if !model.has_batch_norm() {
-        return Ok(Recalibration { samples: 0, batches: 0 });
+        return Ok(Recalibration {
+            samples: 0,
+            batches: 0,
+        });
     }
     let bs = batch_size.max(1);
     let all: Vec<usize> = (0..data.len()).collect();
@@ -379,5 +419,8 @@ pub fn recalibrate(model: &mut Model, data: &Dataset, batch_size: usize) -> Resu
         model.forward(&x, Mode::Recalibrate(idx.len() as f64 / seen as f64))?;
     }
     model.set_batches_tracked(i64::try_from(batches).unwrap_or(i64::MAX));
-    Ok(Recalibration { samples: seen, batches })
+    Ok(Recalibration {
+        samples: seen,
+        batches,
+    })
 }

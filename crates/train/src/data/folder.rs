@@ -128,7 +128,9 @@ fn parse(csv: &Path, text: &str) -> Result<Vec<Entry>, DataError> {
             .rsplit_once(',')
             .ok_or_else(|| csv_err("expected 'path,label'"))?;
         let (path, label) = (path.trim(), label.trim());
-        if out.is_empty() && path.eq_ignore_ascii_case("path") && label.eq_ignore_ascii_case("label")
+        if out.is_empty()
+            && path.eq_ignore_ascii_case("path")
+            && label.eq_ignore_ascii_case("label")
         {
             continue;
         }
@@ -197,10 +199,7 @@ fn class_label(csv: &Path, e: &Entry) -> Result<u32, DataError> {
         Err(_) => Err(DataError::Csv {
             path: csv.to_path_buf(),
             line: e.line,
-            reason: format!(
-                "earlier labels are class numbers, but '{}' is not",
-                e.label
-            ),
+            reason: format!("earlier labels are class numbers, but '{}' is not", e.label),
         }),
     }
 }
@@ -240,7 +239,7 @@ mod tests {
         let rgb = load(&csv, (3, 4, 4), Some(3)).unwrap();
         assert_eq!(rgb.image(2)[0], 1.0); // red plane
         assert_eq!(rgb.image(2)[16], 0.0); // green plane
-        // The limit decodes fewer images but keeps the class count.
+                                           // The limit decodes fewer images but keeps the class count.
         let one = load(&csv, (1, 6, 8), Some(1)).unwrap();
         assert_eq!((one.len(), one.task), (1, Task::Classes { classes: 5 }));
     }
@@ -254,8 +253,17 @@ mod tests {
         let d = DataSpec::Folder { csv }
             .load(&LoadConfig::default())
             .unwrap();
-        assert_eq!(d.task, Task::Plate { slots: 8, classes: plates::charset().len() });
-        assert_eq!((d.height, d.width), (plates::PLATE_HEIGHT, plates::PLATE_WIDTH));
+        assert_eq!(
+            d.task,
+            Task::Plate {
+                slots: 8,
+                classes: plates::charset().len()
+            }
+        );
+        assert_eq!(
+            (d.height, d.width),
+            (plates::PLATE_HEIGHT, plates::PLATE_WIDTH)
+        );
         assert_eq!(plates::decode(d.label(0)), "12가3456");
         assert_eq!(plates::decode(d.label(1)), "123호4567");
     }

@@ -253,7 +253,10 @@ mod tests {
         for gz in [false, true] {
             // Labels file put in place of images.
             let e = load_with_images(&idx_bytes(LABELS_MAGIC, &[3], &[1, 2, 3]), gz);
-            assert!(matches!(e, Err(DataError::IdxMagic { found: 0x801, .. })), "{e:?}");
+            assert!(
+                matches!(e, Err(DataError::IdxMagic { found: 0x801, .. })),
+                "{e:?}"
+            );
             // Truncated body and truncated header.
             let e = load_with_images(&idx_bytes(IMAGES_MAGIC, &[3, 2, 3], &px[..17]), gz);
             assert!(
@@ -275,7 +278,10 @@ mod tests {
             let mut long = idx_bytes(IMAGES_MAGIC, &[3, 2, 3], &px);
             long.push(0);
             let e = load_with_images(&long, gz);
-            assert!(matches!(e, Err(DataError::IdxLength { found: 19, .. })), "{e:?}");
+            assert!(
+                matches!(e, Err(DataError::IdxLength { found: 19, .. })),
+                "{e:?}"
+            );
             // Count mismatch with the 3 labels.
             let e = load_with_images(&idx_bytes(IMAGES_MAGIC, &[2, 3, 3], &px), gz);
             assert!(
@@ -299,7 +305,10 @@ mod tests {
             assert!(matches!(e, Err(DataError::IdxDims { .. })), "{e:?}");
             // A huge declared size with little data fails on length, without allocating it.
             let e = load_with_images(&idx_bytes(IMAGES_MAGIC, &[3, 60000, 60000], &px), gz);
-            assert!(matches!(e, Err(DataError::IdxLength { found: 18, .. })), "{e:?}");
+            assert!(
+                matches!(e, Err(DataError::IdxLength { found: 18, .. })),
+                "{e:?}"
+            );
         }
         // A damaged gzip stream is an I/O error naming the file.
         let mut bad_gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0];

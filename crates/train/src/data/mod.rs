@@ -175,8 +175,14 @@ impl Dataset {
             None
         };
         Ok(first.with_data(
-            parts.iter().flat_map(|p| p.images.iter().copied()).collect(),
-            parts.iter().flat_map(|p| p.labels.iter().copied()).collect(),
+            parts
+                .iter()
+                .flat_map(|p| p.images.iter().copied())
+                .collect(),
+            parts
+                .iter()
+                .flat_map(|p| p.labels.iter().copied())
+                .collect(),
             styles,
         ))
     }

@@ -440,7 +440,10 @@ fn render(
     let (sx, sy) = (fx * w / PW, fy * h / PH);
     let (cx, cy) = if loose {
         let (mx, my) = (fx * w / 2.0, fy * h / 2.0);
-        (u(rng, mx - 2.0, w - mx + 2.0), u(rng, my - 1.0, h - my + 1.0))
+        (
+            u(rng, mx - 2.0, w - mx + 2.0),
+            u(rng, my - 1.0, h - my + 1.0),
+        )
     } else {
         (w / 2.0 + u(rng, -2.5, 2.5), h / 2.0 + u(rng, -1.5, 1.5))
     };
@@ -694,7 +697,11 @@ mod tests {
         let a = generate(PlateStyle::Mixed, 40, 3, None).unwrap();
         let b = generate(PlateStyle::Mixed, 40, 3, None).unwrap();
         assert_eq!(a, b);
-        assert!(a.images.iter().zip(&b.images).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(a
+            .images
+            .iter()
+            .zip(&b.images)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
         let c = generate(PlateStyle::Mixed, 40, 4, None).unwrap();
         assert_ne!(a.images, c.images);
         assert_ne!(a.labels, c.labels);
@@ -707,8 +714,17 @@ mod tests {
     fn dataset_shape_and_values() {
         let d = generate(PlateStyle::Mixed, 300, 11, None).unwrap();
         assert_eq!(d.len(), 300);
-        assert_eq!((d.channels, d.height, d.width), (1, PLATE_HEIGHT, PLATE_WIDTH));
-        assert_eq!(d.task, Task::Plate { slots: 8, classes: 51 });
+        assert_eq!(
+            (d.channels, d.height, d.width),
+            (1, PLATE_HEIGHT, PLATE_WIDTH)
+        );
+        assert_eq!(
+            d.task,
+            Task::Plate {
+                slots: 8,
+                classes: 51
+            }
+        );
         assert!(d.images.iter().all(|v| (0.0..=1.0).contains(v)));
         for i in 0..d.len() {
             encode(&decode(d.label(i))).unwrap();
@@ -739,7 +755,10 @@ mod tests {
                 .sum::<f32>()
                 / 200.0
         };
-        let (tight, loose) = (mean_height(PlateStyle::Tight), mean_height(PlateStyle::Loose));
+        let (tight, loose) = (
+            mean_height(PlateStyle::Tight),
+            mean_height(PlateStyle::Loose),
+        );
         assert!(tight > 19.0 && loose < 14.0, "tight {tight}, loose {loose}");
         // And the images differ on average: loose crops have more background in the margins.
         let edge_dev = |style| {
@@ -747,7 +766,11 @@ mod tests {
             let mut acc = 0f32;
             for i in 0..d.len() {
                 let img = d.image(i);
-                let col = |x: usize| (0..PLATE_HEIGHT).map(|y| img[y * PLATE_WIDTH + x]).sum::<f32>();
+                let col = |x: usize| {
+                    (0..PLATE_HEIGHT)
+                        .map(|y| img[y * PLATE_WIDTH + x])
+                        .sum::<f32>()
+                };
                 acc += (col(2) - col(PLATE_WIDTH / 2)).abs();
             }
             acc / d.len() as f32
@@ -759,7 +782,10 @@ mod tests {
     fn ttf_font_renders() {
         let path = Path::new("/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf");
         if !path.is_file() {
-            eprintln!("skipping: {} absent (apt-get install fonts-nanum)", path.display());
+            eprintln!(
+                "skipping: {} absent (apt-get install fonts-nanum)",
+                path.display()
+            );
             return;
         }
         let d = generate(PlateStyle::Tight, 20, 1, Some(path)).unwrap();
@@ -792,10 +818,7 @@ mod tests {
     #[ignore]
     fn plates_sheet_and_speed() {
         let dir = std::env::temp_dir();
-        for (style, name) in [
-            (PlateStyle::Tight, "tight"),
-            (PlateStyle::Loose, "loose"),
-        ] {
+        for (style, name) in [(PlateStyle::Tight, "tight"), (PlateStyle::Loose, "loose")] {
             let d = generate(style, 48, 1, None).unwrap();
             let p = dir.join(format!("plates-{name}.png"));
             d.save_sheet(&(0..48).collect::<Vec<_>>(), 6, &p).unwrap();

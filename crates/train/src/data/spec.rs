@@ -120,7 +120,9 @@ impl FromStr for DataSpec {
             spec: s.to_string(),
             reason: reason.to_string(),
         };
-        let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no ':' after the kind"))?;
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| bad("no ':' after the kind"))?;
         match kind {
             "idx" => {
                 // The split is a suffix so that directories may contain ':'.
