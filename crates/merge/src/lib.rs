@@ -10,6 +10,7 @@
 mod config;
 mod engine;
 mod error;
+pub mod hq;
 mod ledger;
 mod state;
 mod tensor;

@@ -4,12 +4,15 @@ mod common;
 
 use common::*;
 use ferry_merge::{
-    Dtype, MergeConfig, MergeError, SafetensorsFile, ServerState, Strategy, TensorMeta, TensorRule, Weighting,
-    merge, Contribution,
+    merge, Contribution, Dtype, MergeConfig, MergeError, SafetensorsFile, ServerState, Strategy,
+    TensorMeta, TensorRule, Weighting,
 };
 
 fn cfg(strategy: Strategy) -> MergeConfig {
-    MergeConfig { strategy, ..MergeConfig::default() }
+    MergeConfig {
+        strategy,
+        ..MergeConfig::default()
+    }
 }
 
 #[test]
@@ -19,7 +22,13 @@ fn fedavg_weights_by_samples() {
         site("a", "aa", 100, &[("w", f32t(&[3], &[1.0, 2.0, 3.0]))]),
         site("b", "bb", 300, &[("w", f32t(&[3], &[5.0, 6.0, 7.5]))]),
     ];
-    let (out, report) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
+    let (out, report) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     // 0.25·a + 0.75·b by hand.
     assert_eq!(f32s(&out["w"].data), vec![4.0, 5.0, 6.375]);
     assert_eq!(report.contributions[0].weight, 0.25);
@@ -31,7 +40,13 @@ fn fedavg_weights_by_samples() {
         site("a", "aa", 1, &[("w", f32t(&[3], &[1.0, 0.1, -3.0]))]),
         site("b", "bb", 2, &[("w", f32t(&[3], &[2.0, 0.2, 7.0]))]),
     ];
-    let (out, _) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
+    let (out, _) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     let want: Vec<f32> = [(1.0, 2.0), (0.1f32 as f64, 0.2f32 as f64), (-3.0, 7.0)]
         .iter()
         .map(|&(a, b)| (a * (1.0 / 3.0) + b * (2.0 / 3.0)) as f32)
@@ -47,7 +62,10 @@ fn equal_weights_ignore_samples() {
         site("b", "bb", 1000, &[("w", f32t(&[2], &[3.0, 20.0]))]),
         site("c", "cc", 0, &[("w", f32t(&[2], &[8.0, 0.0]))]),
     ];
-    let config = MergeConfig { weighting: Weighting::Equal, ..MergeConfig::default() };
+    let config = MergeConfig {
+        weighting: Weighting::Equal,
+        ..MergeConfig::default()
+    };
     let (out, report) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
     assert_eq!(f32s(&out["w"].data), vec![4.0, 10.0]);
     assert!(report.contributions.iter().all(|c| c.weight == 1.0 / 3.0));
@@ -76,7 +94,10 @@ fn mixed_sites() -> (ferry_merge::MemorySource, Vec<Site>) {
                 ("bn.running_mean", f32t(&[2], &[0.3 * k, -0.7 + k])),
                 ("bn.running_var", f32t(&[2], &[1.0 + 0.1 * k, 0.5 * k])),
                 ("bn.weight", f16t(&[2], &[1.0 + 0.01 * kf, 0.3 * kf])),
-                ("conv.weight", f32t(&[2, 2], &[0.1 * k, 0.2 + k, 0.3 / k, 0.4 - 0.01 * k])),
+                (
+                    "conv.weight",
+                    f32t(&[2, 2], &[0.1 * k, 0.2 + k, 0.3 / k, 0.4 - 0.01 * k]),
+                ),
                 ("head.bias", bf16t(&[3], &[0.11 * kf, -kf, 1.0 / kf])),
             ],
         )
@@ -92,9 +113,17 @@ fn mixed_sites() -> (ferry_merge::MemorySource, Vec<Site>) {
 
 #[test]
 fn output_is_byte_identical_for_any_input_order() {
-    for strategy in [Strategy::FedAvg, Strategy::FedAvgM, Strategy::FedAdam, Strategy::Median, Strategy::TrimmedMean]
-    {
-        let config = MergeConfig { clip_norm: Some(1.5), ..cfg(strategy) };
+    for strategy in [
+        Strategy::FedAvg,
+        Strategy::FedAvgM,
+        Strategy::FedAdam,
+        Strategy::Median,
+        Strategy::TrimmedMean,
+    ] {
+        let config = MergeConfig {
+            clip_norm: Some(1.5),
+            ..cfg(strategy)
+        };
         let (base, mut sites) = mixed_sites();
         let (first, _) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
         for perm in [[3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] {
@@ -109,14 +138,33 @@ fn output_is_byte_identical_for_any_input_order() {
 
 #[test]
 fn half_precision_is_written_back_rounded_to_nearest() {
-    let base = source("base", &[("h", f16t(&[3], &[0.0; 3])), ("b", bf16t(&[3], &[0.0; 3]))]);
+    let base = source(
+        "base",
+        &[("h", f16t(&[3], &[0.0; 3])), ("b", bf16t(&[3], &[0.0; 3]))],
+    );
     let a = [0.1, 1000.5, -3.3];
     let b = [0.2, 1001.25, 7.7];
     let mut sites = vec![
-        site("a", "aa", 1, &[("h", f16t(&[3], &a)), ("b", bf16t(&[3], &a))]),
-        site("b", "bb", 2, &[("h", f16t(&[3], &b)), ("b", bf16t(&[3], &b))]),
+        site(
+            "a",
+            "aa",
+            1,
+            &[("h", f16t(&[3], &a)), ("b", bf16t(&[3], &a))],
+        ),
+        site(
+            "b",
+            "bb",
+            2,
+            &[("h", f16t(&[3], &b)), ("b", bf16t(&[3], &b))],
+        ),
     ];
-    let (out, _) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
+    let (out, _) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     assert_eq!(out["h"].dtype, Dtype::F16);
     assert_eq!(out["b"].dtype, Dtype::BF16);
     for (name, enc) in [("h", 0), ("b", 1)] {
@@ -124,9 +172,15 @@ fn half_precision_is_written_back_rounded_to_nearest() {
         for j in 0..3 {
             // Reference: decode the stored inputs, average in f64, round once to the storage type.
             let (x, y) = if enc == 0 {
-                (half::f16::from_f64(a[j]).to_f64(), half::f16::from_f64(b[j]).to_f64())
+                (
+                    half::f16::from_f64(a[j]).to_f64(),
+                    half::f16::from_f64(b[j]).to_f64(),
+                )
             } else {
-                (half::bf16::from_f64(a[j]).to_f64(), half::bf16::from_f64(b[j]).to_f64())
+                (
+                    half::bf16::from_f64(a[j]).to_f64(),
+                    half::bf16::from_f64(b[j]).to_f64(),
+                )
             };
             let avg = x * (1.0 / 3.0) + y * (2.0 / 3.0);
             let want = if enc == 0 {
@@ -141,7 +195,11 @@ fn half_precision_is_written_back_rounded_to_nearest() {
 
 #[test]
 fn integers_take_the_maximum_and_keep_their_dtype() {
-    let u8t = |v: &[u8]| ferry_merge::OwnedTensor { dtype: Dtype::U8, shape: vec![v.len()], data: v.to_vec() };
+    let u8t = |v: &[u8]| ferry_merge::OwnedTensor {
+        dtype: Dtype::U8,
+        shape: vec![v.len()],
+        data: v.to_vec(),
+    };
     let i32t = |v: &[i32]| ferry_merge::OwnedTensor {
         dtype: Dtype::I32,
         shape: vec![v.len()],
@@ -149,16 +207,51 @@ fn integers_take_the_maximum_and_keep_their_dtype() {
     };
     let base = source(
         "base",
-        &[("bn.num_batches_tracked", i64t(&[], &[5])), ("mask", u8t(&[0, 0, 0])), ("q", i32t(&[0, 0]))],
+        &[
+            ("bn.num_batches_tracked", i64t(&[], &[5])),
+            ("mask", u8t(&[0, 0, 0])),
+            ("q", i32t(&[0, 0])),
+        ],
     );
     let mut sites = vec![
-        site("a", "aa", 10, &[("bn.num_batches_tracked", i64t(&[], &[1200])), ("mask", u8t(&[1, 0, 0])), ("q", i32t(&[-5, 3]))]),
-        site("b", "bb", 99, &[("bn.num_batches_tracked", i64t(&[], &[300])), ("mask", u8t(&[0, 0, 1])), ("q", i32t(&[-7, -1]))]),
-        site("c", "cc", 1, &[("bn.num_batches_tracked", i64t(&[], &[4_000_000_000_000])), ("mask", u8t(&[0, 0, 0])), ("q", i32t(&[-9, 2]))]),
+        site(
+            "a",
+            "aa",
+            10,
+            &[
+                ("bn.num_batches_tracked", i64t(&[], &[1200])),
+                ("mask", u8t(&[1, 0, 0])),
+                ("q", i32t(&[-5, 3])),
+            ],
+        ),
+        site(
+            "b",
+            "bb",
+            99,
+            &[
+                ("bn.num_batches_tracked", i64t(&[], &[300])),
+                ("mask", u8t(&[0, 0, 1])),
+                ("q", i32t(&[-7, -1])),
+            ],
+        ),
+        site(
+            "c",
+            "cc",
+            1,
+            &[
+                ("bn.num_batches_tracked", i64t(&[], &[4_000_000_000_000])),
+                ("mask", u8t(&[0, 0, 0])),
+                ("q", i32t(&[-9, 2])),
+            ],
+        ),
     ];
     for strategy in [Strategy::FedAvg, Strategy::Median] {
-        let (out, report) = run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap();
-        assert_eq!(out["bn.num_batches_tracked"], i64t(&[], &[4_000_000_000_000]));
+        let (out, report) =
+            run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap();
+        assert_eq!(
+            out["bn.num_batches_tracked"],
+            i64t(&[], &[4_000_000_000_000])
+        );
         assert_eq!(out["mask"], u8t(&[1, 0, 1]));
         assert_eq!(out["q"], i32t(&[-5, 3]));
         assert!(report.tensors.iter().all(|t| t.rule == TensorRule::Max));
@@ -176,26 +269,49 @@ fn moments(x: &[f64]) -> (f64, f64) {
 fn batchnorm_variance_is_pooled_like_the_concatenated_data() {
     // Two sites' activations for two channels; each site reports biased per-channel stats and its sample count.
     let a = [[0.5, 1.5, 2.0, -1.0], [10.0, 11.0, 12.5, 9.0]];
-    let b = [[3.0, 4.5, 2.5, 5.0, 6.0, 3.5], [-2.0, -1.0, 0.0, -3.5, -2.5, -1.5]];
+    let b = [
+        [3.0, 4.5, 2.5, 5.0, 6.0, 3.5],
+        [-2.0, -1.0, 0.0, -3.5, -2.5, -1.5],
+    ];
     let stats = |x: &[[f64; 4]; 2]| [moments(&x[0]), moments(&x[1])];
     let sa = stats(&a);
     let sb = [moments(&b[0]), moments(&b[1])];
     let bn = |s: [(f64, f64); 2]| {
         vec![
-            ("layer.running_mean", f32t(&[2], &[s[0].0 as f32, s[1].0 as f32])),
-            ("layer.running_var", f32t(&[2], &[s[0].1 as f32, s[1].1 as f32])),
+            (
+                "layer.running_mean",
+                f32t(&[2], &[s[0].0 as f32, s[1].0 as f32]),
+            ),
+            (
+                "layer.running_var",
+                f32t(&[2], &[s[0].1 as f32, s[1].1 as f32]),
+            ),
         ]
     };
     let base = source("base", &bn([(0.0, 1.0), (0.0, 1.0)]));
     let mut sites = vec![site("a", "aa", 4, &bn(sa)), site("b", "bb", 6, &bn(sb))];
-    let (out, report) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
+    let (out, report) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     let mean = f32s(&out["layer.running_mean"].data);
     let var = f32s(&out["layer.running_var"].data);
     for c in 0..2 {
         let all: Vec<f64> = a[c].iter().chain(b[c].iter()).copied().collect();
         let (mu, s2) = moments(&all);
-        assert!((mean[c] as f64 - mu).abs() < 1e-5, "mean {c}: {} vs {mu}", mean[c]);
-        assert!((var[c] as f64 - s2).abs() < 1e-5 * s2.max(1.0), "var {c}: {} vs {s2}", var[c]);
+        assert!(
+            (mean[c] as f64 - mu).abs() < 1e-5,
+            "mean {c}: {} vs {mu}",
+            mean[c]
+        );
+        assert!(
+            (var[c] as f64 - s2).abs() < 1e-5 * s2.max(1.0),
+            "var {c}: {} vs {s2}",
+            var[c]
+        );
         // And not the plain weighted mean of the variances, which misses the spread of the means.
         let naive = 0.4 * sa[c].1 + 0.6 * sb[c].1;
         assert!((var[c] as f64 - naive).abs() > 0.1);
@@ -206,14 +322,39 @@ fn batchnorm_variance_is_pooled_like_the_concatenated_data() {
 
 #[test]
 fn keras_names_and_custom_bn_names() {
-    let base = source("base", &[("bn/moving_mean", f32t(&[1], &[0.0])), ("bn/moving_variance", f32t(&[1], &[1.0]))]);
-    let mk = |id: &str, m: f32, v: f32| site(id, id, 1, &[("bn/moving_mean", f32t(&[1], &[m])), ("bn/moving_variance", f32t(&[1], &[v]))]);
+    let base = source(
+        "base",
+        &[
+            ("bn/moving_mean", f32t(&[1], &[0.0])),
+            ("bn/moving_variance", f32t(&[1], &[1.0])),
+        ],
+    );
+    let mk = |id: &str, m: f32, v: f32| {
+        site(
+            id,
+            id,
+            1,
+            &[
+                ("bn/moving_mean", f32t(&[1], &[m])),
+                ("bn/moving_variance", f32t(&[1], &[v])),
+            ],
+        )
+    };
     let mut sites = vec![mk("a", 0.0, 1.0), mk("b", 2.0, 1.0)];
-    let (out, _) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
+    let (out, _) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     // Pooled: 1 + ((0−1)² + (2−1)²)/2 = 2.
     assert_eq!(f32s(&out["bn/moving_variance"].data), vec![2.0]);
     // Without the Keras pair the variance is an ordinary trainable tensor: plain average.
-    let config = MergeConfig { bn: "running_mean:running_var".parse().unwrap(), ..MergeConfig::default() };
+    let config = MergeConfig {
+        bn: "running_mean:running_var".parse().unwrap(),
+        ..MergeConfig::default()
+    };
     let (out, report) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
     assert_eq!(f32s(&out["bn/moving_variance"].data), vec![1.0]);
     assert!(report.tensors.iter().all(|t| t.rule == TensorRule::Average));
@@ -222,108 +363,280 @@ fn keras_names_and_custom_bn_names() {
 
 #[test]
 fn median_and_trimmed_mean_per_coordinate() {
-    let vals: [[f32; 3]; 5] =
-        [[1.0, 50.0, -2.0], [2.0, -40.0, -1.0], [3.0, 0.5, 1000.0], [4.0, 1.0, 0.0], [1000.0, 2.0, 1.0]];
+    let vals: [[f32; 3]; 5] = [
+        [1.0, 50.0, -2.0],
+        [2.0, -40.0, -1.0],
+        [3.0, 0.5, 1000.0],
+        [4.0, 1.0, 0.0],
+        [1000.0, 2.0, 1.0],
+    ];
     let base = source("base", &[("w", f32t(&[3], &[0.0; 3]))]);
     let mk = || -> Vec<Site> {
-        vals.iter().enumerate().map(|(i, v)| site(&format!("s{i}"), &format!("{i:02x}"), 1, &[("w", f32t(&[3], v))])).collect()
+        vals.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                site(
+                    &format!("s{i}"),
+                    &format!("{i:02x}"),
+                    1,
+                    &[("w", f32t(&[3], v))],
+                )
+            })
+            .collect()
     };
     // Reference by hand: sorted columns [1,2,3,4,1000], [-40,0.5,1,2,50], [-2,-1,0,1,1000].
-    let (out, _) = run(&base, &mut mk(), &cfg(Strategy::Median), &mut ServerState::new()).unwrap();
+    let (out, _) = run(
+        &base,
+        &mut mk(),
+        &cfg(Strategy::Median),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     assert_eq!(f32s(&out["w"].data), vec![3.0, 1.0, 0.0]);
-    let t1 = MergeConfig { trim: 1, ..cfg(Strategy::TrimmedMean) };
+    let t1 = MergeConfig {
+        trim: 1,
+        ..cfg(Strategy::TrimmedMean)
+    };
     let (out, _) = run(&base, &mut mk(), &t1, &mut ServerState::new()).unwrap();
     assert_eq!(f32s(&out["w"].data), vec![3.0, 3.5 / 3.0, 0.0]);
-    let t2 = MergeConfig { trim: 2, ..t1.clone() };
+    let t2 = MergeConfig {
+        trim: 2,
+        ..t1.clone()
+    };
     let (out, _) = run(&base, &mut mk(), &t2, &mut ServerState::new()).unwrap();
     assert_eq!(f32s(&out["w"].data), vec![3.0, 1.0, 0.0]);
     // Even count: the median is the mean of the two middle values.
     let mut four = mk();
     four.pop();
-    let (out, _) = run(&base, &mut four, &cfg(Strategy::Median), &mut ServerState::new()).unwrap();
+    let (out, _) = run(
+        &base,
+        &mut four,
+        &cfg(Strategy::Median),
+        &mut ServerState::new(),
+    )
+    .unwrap();
     assert_eq!(f32s(&out["w"].data), vec![2.5, 0.75, -0.5]);
     // 2K ≥ n is refused.
     let t3 = MergeConfig { trim: 3, ..t1 };
-    assert!(matches!(run(&base, &mut mk(), &t3, &mut ServerState::new()), Err(MergeError::TrimTooLarge { trim: 3, n: 5 })));
+    assert!(matches!(
+        run(&base, &mut mk(), &t3, &mut ServerState::new()),
+        Err(MergeError::TrimTooLarge { trim: 3, n: 5 })
+    ));
 }
 
 #[test]
 fn clip_norm_scales_a_x100_update_back() {
-    let base = source("base", &[("w", f32t(&[2], &[1.0, 1.0])), ("bn.running_mean", f32t(&[1], &[0.0]))]);
+    let base = source(
+        "base",
+        &[
+            ("w", f32t(&[2], &[1.0, 1.0])),
+            ("bn.running_mean", f32t(&[1], &[0.0])),
+        ],
+    );
     // Honest update: Δ = (0.6, 0.8), ‖Δ‖ = 1. Poisoned: Δ × 100.
     let mut sites = vec![
-        site("good", "aa", 1, &[("w", f32t(&[2], &[1.6, 1.8])), ("bn.running_mean", f32t(&[1], &[500.0]))]),
-        site("evil", "bb", 1, &[("w", f32t(&[2], &[61.0, 81.0])), ("bn.running_mean", f32t(&[1], &[0.0]))]),
+        site(
+            "good",
+            "aa",
+            1,
+            &[
+                ("w", f32t(&[2], &[1.6, 1.8])),
+                ("bn.running_mean", f32t(&[1], &[500.0])),
+            ],
+        ),
+        site(
+            "evil",
+            "bb",
+            1,
+            &[
+                ("w", f32t(&[2], &[61.0, 81.0])),
+                ("bn.running_mean", f32t(&[1], &[0.0])),
+            ],
+        ),
     ];
-    let (_, plain) = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap();
-    let flagged: Vec<_> = plain.outliers(10.0).iter().map(|c| c.site.clone()).collect();
+    let (_, plain) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    let flagged: Vec<_> = plain
+        .outliers(10.0)
+        .iter()
+        .map(|c| c.site.clone())
+        .collect();
     assert_eq!(flagged, vec!["evil"]);
-    let config = MergeConfig { clip_norm: Some(2.0), ..MergeConfig::default() };
+    let config = MergeConfig {
+        clip_norm: Some(2.0),
+        ..MergeConfig::default()
+    };
     let (out, report) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
     let good = &report.contributions[0];
     let evil = &report.contributions[1];
     assert_eq!((good.site.as_str(), good.clipped), ("good", false));
     assert!((good.distance - 1.0).abs() < 1e-6);
-    assert!((evil.distance - 100.0).abs() < 1e-4 && evil.clipped && (evil.scale - 0.02).abs() < 1e-9);
+    assert!(
+        (evil.distance - 100.0).abs() < 1e-4 && evil.clipped && (evil.scale - 0.02).abs() < 1e-9
+    );
     // Evil becomes base + 2·(0.6, 0.8) = (2.2, 2.6); the average with good's (1.6, 1.8) is (1.9, 2.2).
     let w = f32s(&out["w"].data);
-    assert!((w[0] - 1.9).abs() < 1e-6 && (w[1] - 2.2).abs() < 1e-6, "{w:?}");
+    assert!(
+        (w[0] - 1.9).abs() < 1e-6 && (w[1] - 2.2).abs() < 1e-6,
+        "{w:?}"
+    );
     // BatchNorm statistics are neither measured nor clipped.
     assert_eq!(f32s(&out["bn.running_mean"].data), vec![250.0]);
 }
 
 #[test]
 fn nan_and_inf_are_refused_naming_site_and_tensor() {
-    let base = source("base", &[("a", f32t(&[2], &[0.0, 0.0])), ("z", f16t(&[1], &[0.0]))]);
-    let mut sites = vec![
-        site("ok", "aa", 1, &[("a", f32t(&[2], &[1.0, 2.0])), ("z", f16t(&[1], &[1.0]))]),
-        site("broken", "bb", 1, &[("a", f32t(&[2], &[1.0, 2.0])), ("z", f16t(&[1], &[f64::NAN]))]),
+    let base = source(
+        "base",
+        &[("a", f32t(&[2], &[0.0, 0.0])), ("z", f16t(&[1], &[0.0]))],
+    );
+    let mut sites = [
+        site(
+            "ok",
+            "aa",
+            1,
+            &[("a", f32t(&[2], &[1.0, 2.0])), ("z", f16t(&[1], &[1.0]))],
+        ),
+        site(
+            "broken",
+            "bb",
+            1,
+            &[
+                ("a", f32t(&[2], &[1.0, 2.0])),
+                ("z", f16t(&[1], &[f64::NAN])),
+            ],
+        ),
     ];
     let mut written = 0;
     let layout = layout_of(&base);
     let mut b = base.clone();
     let (s0, s1) = sites.split_at_mut(1);
     let mut cs = vec![
-        Contribution { site: s0[0].id.clone(), bundle: s0[0].bundle.clone(), samples: 1, source: &mut s0[0].src },
-        Contribution { site: s1[0].id.clone(), bundle: s1[0].bundle.clone(), samples: 1, source: &mut s1[0].src },
+        Contribution {
+            site: s0[0].id.clone(),
+            bundle: s0[0].bundle.clone(),
+            samples: 1,
+            source: &mut s0[0].src,
+        },
+        Contribution {
+            site: s1[0].id.clone(),
+            bundle: s1[0].bundle.clone(),
+            samples: 1,
+            source: &mut s1[0].src,
+        },
     ];
-    let err = merge(&layout, &mut b, &mut cs, &MergeConfig::default(), &mut ServerState::new(), |_, _| {
-        written += 1;
-        Ok(())
-    })
+    let err = merge(
+        &layout,
+        &mut b,
+        &mut cs,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+        |_, _| {
+            written += 1;
+            Ok(())
+        },
+    )
     .unwrap_err();
-    assert_eq!(written, 0, "nothing may reach the sink before every input is checked");
+    assert_eq!(
+        written, 0,
+        "nothing may reach the sink before every input is checked"
+    );
     let msg = err.to_string();
-    assert!(matches!(err, MergeError::NonFinite { .. }) && msg.contains("broken") && msg.contains("tensor z;"), "{msg}");
+    assert!(
+        matches!(err, MergeError::NonFinite { .. })
+            && msg.contains("broken")
+            && msg.contains("tensor z;"),
+        "{msg}"
+    );
 
-    let mut sites = vec![site("inf", "aa", 1, &[("a", f32t(&[2], &[f32::INFINITY, 2.0])), ("z", f16t(&[1], &[1.0]))])];
-    let err = run(&base, &mut sites, &MergeConfig::default(), &mut ServerState::new()).unwrap_err();
+    let mut sites = vec![site(
+        "inf",
+        "aa",
+        1,
+        &[
+            ("a", f32t(&[2], &[f32::INFINITY, 2.0])),
+            ("z", f16t(&[1], &[1.0])),
+        ],
+    )];
+    let err = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("site inf"), "{err}");
 }
 
 #[test]
 fn malformed_inputs_are_refused() {
     let base = source("base", &[("w", f32t(&[2], &[0.0, 0.0]))]);
-    let go = |sites: &mut Vec<Site>, c: &MergeConfig| run(&base, sites, c, &mut ServerState::new()).unwrap_err();
+    let go = |sites: &mut Vec<Site>, c: &MergeConfig| {
+        run(&base, sites, c, &mut ServerState::new()).unwrap_err()
+    };
     let d = MergeConfig::default();
     assert!(matches!(go(&mut vec![], &d), MergeError::NoContributions));
-    let err = go(&mut vec![site("a", "aa", 1, &[("w", f32t(&[1, 2], &[0.0, 0.0]))])], &d);
+    let err = go(
+        &mut vec![site("a", "aa", 1, &[("w", f32t(&[1, 2], &[0.0, 0.0]))])],
+        &d,
+    );
     assert!(matches!(err, MergeError::LayoutMismatch { .. }), "{err}");
-    let err = go(&mut vec![site("a", "aa", 1, &[("w", f16t(&[2], &[0.0, 0.0]))])], &d);
+    let err = go(
+        &mut vec![site("a", "aa", 1, &[("w", f16t(&[2], &[0.0, 0.0]))])],
+        &d,
+    );
     assert!(matches!(err, MergeError::LayoutMismatch { .. }), "{err}");
     let mut short = f32t(&[2], &[0.0, 0.0]);
     short.data.pop();
-    assert!(matches!(go(&mut vec![site("a", "aa", 1, &[("w", short)])], &d), MergeError::LayoutMismatch { .. }));
-    assert!(matches!(go(&mut vec![site("a", "aa", 1, &[("v", f32t(&[2], &[0.0, 0.0]))])], &d), MergeError::MissingTensor { .. }));
+    assert!(matches!(
+        go(&mut vec![site("a", "aa", 1, &[("w", short)])], &d),
+        MergeError::LayoutMismatch { .. }
+    ));
+    assert!(matches!(
+        go(
+            &mut vec![site("a", "aa", 1, &[("v", f32t(&[2], &[0.0, 0.0]))])],
+            &d
+        ),
+        MergeError::MissingTensor { .. }
+    ));
     let w = || f32t(&[2], &[1.0, 1.0]);
-    let err = go(&mut vec![site("a", "aa", 3, &[("w", w())]), site("zero", "bb", 0, &[("w", w())])], &d);
-    assert!(matches!(&err, MergeError::ZeroSamples { site } if site == "zero"), "{err}");
-    let err = go(&mut vec![site("a", "aa", 3, &[("w", w())]), site("b", "aa", 1, &[("w", w())])], &d);
+    let err = go(
+        &mut vec![
+            site("a", "aa", 3, &[("w", w())]),
+            site("zero", "bb", 0, &[("w", w())]),
+        ],
+        &d,
+    );
+    assert!(
+        matches!(&err, MergeError::ZeroSamples { site } if site == "zero"),
+        "{err}"
+    );
+    let err = go(
+        &mut vec![
+            site("a", "aa", 3, &[("w", w())]),
+            site("b", "aa", 1, &[("w", w())]),
+        ],
+        &d,
+    );
     assert!(matches!(err, MergeError::DuplicateBundle { .. }));
-    let bad = MergeConfig { clip_norm: Some(-1.0), ..MergeConfig::default() };
-    assert!(matches!(go(&mut vec![site("a", "aa", 1, &[("w", w())])], &bad), MergeError::BadConfig(_)));
+    let bad = MergeConfig {
+        clip_norm: Some(-1.0),
+        ..MergeConfig::default()
+    };
+    assert!(matches!(
+        go(&mut vec![site("a", "aa", 1, &[("w", w())])], &bad),
+        MergeError::BadConfig(_)
+    ));
     assert!("fedprox".parse::<Strategy>().is_err());
-    assert_eq!("trimmed-mean".parse::<Strategy>().unwrap(), Strategy::TrimmedMean);
+    assert_eq!(
+        "trimmed-mean".parse::<Strategy>().unwrap(),
+        Strategy::TrimmedMean
+    );
     assert_eq!("equal".parse::<Weighting>().unwrap(), Weighting::Equal);
 }
 
@@ -331,7 +644,10 @@ fn malformed_inputs_are_refused() {
 fn an_f16_result_that_overflows_is_refused() {
     let base = source("base", &[("h", f16t(&[1], &[0.0]))]);
     let mut sites = vec![site("a", "aa", 1, &[("h", f16t(&[1], &[60000.0]))])];
-    let config = MergeConfig { fedavgm: ferry_merge::FedAvgMConfig { lr: 2.0, beta: 0.0 }, ..cfg(Strategy::FedAvgM) };
+    let config = MergeConfig {
+        fedavgm: ferry_merge::FedAvgMConfig { lr: 2.0, beta: 0.0 },
+        ..cfg(Strategy::FedAvgM)
+    };
     let err = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap_err();
     assert!(matches!(err, MergeError::ResultOverflow { .. }), "{err}");
 }
@@ -344,31 +660,66 @@ fn file_sources_stream_and_match_memory_sources() {
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = s
             .tensors()
             .iter()
-            .map(|(n, t)| (n.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                        .unwrap(),
+                )
+            })
             .collect();
         let path = dir.path().join(name);
         std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
         path
     };
     let bpath = write("base.safetensors", &base);
-    let paths: Vec<_> = sites.iter().map(|s| write(&format!("{}.safetensors", s.id), &s.src)).collect();
+    let paths: Vec<_> = sites
+        .iter()
+        .map(|s| write(&format!("{}.safetensors", s.id), &s.src))
+        .collect();
     for strategy in [Strategy::FedAvg, Strategy::TrimmedMean] {
         // A tiny slice size exercises the sliced reads of the robust path.
-        let config = MergeConfig { chunk_elements: 3, clip_norm: Some(1.0), ..cfg(strategy) };
+        let config = MergeConfig {
+            chunk_elements: 3,
+            clip_norm: Some(1.0),
+            ..cfg(strategy)
+        };
         let (want, _) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
         let mut bsrc = SafetensorsFile::open(&bpath).unwrap();
         let layout: Vec<TensorMeta> = bsrc.layout();
-        let mut files: Vec<SafetensorsFile> = paths.iter().map(|p| SafetensorsFile::open(p).unwrap()).collect();
+        let mut files: Vec<SafetensorsFile> = paths
+            .iter()
+            .map(|p| SafetensorsFile::open(p).unwrap())
+            .collect();
         let mut cs: Vec<Contribution<'_>> = files
             .iter_mut()
             .zip(&sites)
-            .map(|(f, s)| Contribution { site: s.id.clone(), bundle: s.bundle.clone(), samples: s.samples, source: f })
+            .map(|(f, s)| Contribution {
+                site: s.id.clone(),
+                bundle: s.bundle.clone(),
+                samples: s.samples,
+                source: f,
+            })
             .collect();
         let mut got = Out::new();
-        merge(&layout, &mut bsrc, &mut cs, &config, &mut ServerState::new(), |m, data| {
-            got.insert(m.name.clone(), ferry_merge::OwnedTensor { dtype: m.dtype, shape: m.shape.clone(), data });
-            Ok(())
-        })
+        merge(
+            &layout,
+            &mut bsrc,
+            &mut cs,
+            &config,
+            &mut ServerState::new(),
+            |m, data| {
+                got.insert(
+                    m.name.clone(),
+                    ferry_merge::OwnedTensor {
+                        dtype: m.dtype,
+                        shape: m.shape.clone(),
+                        data,
+                    },
+                );
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(got, want, "{strategy}");
     }
@@ -376,5 +727,8 @@ fn file_sources_stream_and_match_memory_sources() {
     let bytes = std::fs::read(&bpath).unwrap();
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
-    assert!(matches!(SafetensorsFile::open(&cut), Err(MergeError::BadTensorFile { .. })));
+    assert!(matches!(
+        SafetensorsFile::open(&cut),
+        Err(MergeError::BadTensorFile { .. })
+    ));
 }

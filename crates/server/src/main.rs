@@ -27,8 +27,14 @@ struct Cli {
 enum Command {
     /// Make HQ's key pair (<ID>.key secret, <ID>.pub for the sites).
     Keygen(ferry_cli::KeygenArgs),
-    /// Write the round-0 global bundle.
+    /// Write the round-0 global bundle (and, with --state, start HQ's ledger).
     Init(InitArgs),
+    /// Verify site updates and merge them into the next signed global.
+    Merge(MergeArgs),
+    /// Show the federation: round, current global, who contributed to each round.
+    Status(StatusArgs),
+    /// Write the current global from the HQ state to a stick again.
+    Emit(EmitArgs),
     /// Check bundles against trusted keys.
     Verify(ferry_cli::VerifyArgs),
     /// Show a bundle's header and manifest without verifying it.
@@ -54,9 +60,87 @@ struct InitArgs {
     /// Directory to write global-r0.ferry into.
     #[arg(long, default_value = "bundles")]
     out: PathBuf,
+    /// HQ state directory: records round 0 in a new ledger there (needed for `merge`).
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+)]
+struct MergeArgs {
+    /// HQ's secret key.
+    #[arg(long)]
+    key: PathBuf,
+    /// Trusted site keys: .pub files or directories of them (repeatable).
+    #[arg(long, required = true)]
+    trust: Vec<PathBuf>,
+    /// HQ state directory (made by `init --state`).
+    #[arg(long)]
+    state: PathBuf,
+    /// Directory to write global-r<N+1>.ferry into.
+    #[arg(long, default_value = "bundles")]
+    out: PathBuf,
+    /// fedavg, fedavgm, fedadam, median or trimmed-mean.
+    #[arg(long, default_value = "fedavg")]
+    strategy: ferry_merge::Strategy,
+    /// samples (weight by signed sample counts) or equal (plain mean).
+    #[arg(long, default_value = "samples")]
+    weights: ferry_merge::Weighting,
+    /// trimmed-mean: values dropped from each end of every coordinate.
+    #[arg(long, default_value_t = 1)]
+    trim: usize,
+    /// Clip each update's L2 distance from the current global to this.
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// Server learning rate (fedavgm, fedadam).
+    #[arg(long)]
+    server_lr: Option<f64>,
+    /// BatchNorm statistic names as mean:var suffix pairs, comma-separated.
+    #[arg(long)]
+    bn_names: Option<ferry_merge::BnRules>,
+    /// Refuse fewer updates than this.
+    #[arg(long, default_value_t = 1)]
+    min_sites: usize,
+    /// Cap each update's signed sample count at this (capped sites are reported).
+    #[arg(long)]
+    max_samples: Option<u64>,
+    /// Print the merge report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// zstd level.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+    /// Update bundles.
+    #[arg(required = true)]
+    updates: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// HQ state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct EmitArgs {
+    /// HQ's secret key (to verify the stored global).
+    #[arg(long)]
+    key: PathBuf,
+    /// HQ state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Directory to write the current global into.
+    #[arg(long, default_value = "bundles")]
+    out: PathBuf,
 }
 
 fn init(a: &InitArgs) -> Result<()> {
@@ -69,8 +153,16 @@ fn init(a: &InitArgs) -> Result<()> {
     }
     ferry_bundle::keys::validate_id("federation", &a.federation)?;
     let payload = read_weights(&a.weights)?;
-    let sealed = ferry_bundle::seal(Draft::initial(&a.federation, None), &payload, &key, a.level)?;
-    let path = sealed.write_to_dir(&a.out)?;
+    let (path, sealed) = match &a.state {
+        Some(state) => {
+            ferry_merge::hq::init(state, &key, &payload, &a.federation, None, &a.out, a.level)?
+        }
+        None => {
+            let sealed =
+                ferry_bundle::seal(Draft::initial(&a.federation, None), &payload, &key, a.level)?;
+            (sealed.write_to_dir(&a.out)?, sealed)
+        }
+    };
     println!(
         "wrote {} ({} bytes), {}",
         path.display(),
@@ -80,11 +172,112 @@ fn init(a: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+fn merge(a: &MergeArgs) -> Result<()> {
+    let key = SecretKey::read(&a.key)?;
+    let keyring = ferry_cli::load_keyring(&a.trust)?;
+    let mut merge = ferry_merge::MergeConfig {
+        strategy: a.strategy,
+        weighting: a.weights,
+        trim: a.trim,
+        clip_norm: a.clip_norm,
+        ..Default::default()
+    };
+    if let Some(lr) = a.server_lr {
+        merge.fedavgm.lr = lr;
+        merge.fedadam.lr = lr;
+    }
+    if let Some(bn) = &a.bn_names {
+        merge.bn = bn.clone();
+    }
+    let config = ferry_merge::hq::RoundConfig {
+        merge,
+        min_sites: a.min_sites,
+        max_samples: a.max_samples,
+        level: a.level,
+    };
+    let pb = ferry_cli::spinner(format!(
+        "verifying and merging {} update(s)",
+        a.updates.len()
+    ));
+    let result =
+        ferry_merge::hq::merge_round(&a.state, &key, &keyring, &a.updates, &config, &a.out);
+    pb.finish_and_clear();
+    let out = result?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "file": out.path, "hash": out.sealed.hash, "round": out.sealed.manifest.round,
+                "report": out.report, "capped": out.capped,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:>10} {:>8} {:>12}  {}",
+        "site", "samples", "weight", "distance", "bundle"
+    );
+    for c in &out.report.contributions {
+        let clip = if c.clipped {
+            format!(" (clipped x{:.3})", c.scale)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<12} {:>10} {:>8.4} {:>12.4}  {}{clip}",
+            c.site,
+            c.samples,
+            c.weight,
+            c.distance,
+            ferry_bundle::short(&c.bundle)
+        );
+    }
+    // With two sites "far from the other" says nothing about which one is wrong.
+    let outliers = if out.report.contributions.len() >= 3 {
+        out.report.outliers(10.0)
+    } else {
+        Vec::new()
+    };
+    for o in outliers {
+        eprintln!("warning: {}'s update is far from the others (distance {:.3}); consider --clip-norm or a robust strategy", o.site, o.distance);
+    }
+    for s in &out.capped {
+        eprintln!("warning: {s}'s sample count was capped at --max-samples");
+    }
+    println!(
+        "wrote {} ({} bytes), {}",
+        out.path.display(),
+        out.sealed.bytes.len(),
+        describe(&out.sealed.manifest, &out.sealed.hash)
+    );
+    Ok(())
+}
+
+fn status(a: &StatusArgs) -> Result<()> {
+    let s = ferry_merge::hq::status(&a.state)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{s}");
+    }
+    Ok(())
+}
+
+fn emit(a: &EmitArgs) -> Result<()> {
+    let key = SecretKey::read(&a.key)?;
+    let path = ferry_merge::hq::emit(&a.state, &key, &a.out)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-server", || match &cli.command {
         Command::Keygen(a) => ferry_cli::keygen(a, Role::Hq),
         Command::Init(a) => init(a),
+        Command::Merge(a) => merge(a),
+        Command::Status(a) => status(a),
+        Command::Emit(a) => emit(a),
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),

@@ -9,7 +9,7 @@ use crate::data_api::Task;
 use crate::error::TrainError;
 
 /// Character slots on a plate (the longest plate, `123가4567`, has 8 characters).
-pub const PLATE_SLOTS: usize = 8;
+pub const PLATE_SLOTS: usize = crate::data::plates::SLOTS;
 /// Classes per plate slot: blank (0), the 10 digits and the Hangul syllables used on plates.
 pub const PLATE_CLASSES: usize = 51;
 
@@ -116,7 +116,11 @@ impl Arch {
     /// Input shape `(channels, height, width)`.
     pub fn input(self) -> (usize, usize, usize) {
         match self {
-            Arch::PlateCnn => (1, 32, 96),
+            Arch::PlateCnn => (
+                1,
+                crate::data::plates::PLATE_HEIGHT,
+                crate::data::plates::PLATE_WIDTH,
+            ),
             Arch::MnistCnn => (1, 28, 28),
         }
     }
@@ -296,6 +300,11 @@ mod tests {
             Arch::from_name("resnet"),
             Err(TrainError::UnknownArch(_))
         ));
+    }
+
+    #[test]
+    fn plate_cnn_predicts_every_character_of_the_charset() {
+        assert_eq!(PLATE_CLASSES, crate::data::plates::charset().len());
     }
 
     #[test]

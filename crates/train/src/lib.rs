@@ -5,15 +5,15 @@
 
 pub mod arch;
 pub mod data;
-#[doc(hidden)]
-pub mod data_stub;
 pub mod device;
 pub mod error;
 pub mod model;
 pub mod optim;
+#[cfg(test)]
+mod testutil;
 pub mod train;
 
-pub(crate) use data_stub as data_api;
+pub(crate) use data as data_api;
 
 pub use arch::{Arch, TensorKind, TensorSpec};
 pub use error::TrainError;

@@ -549,3 +549,91 @@ pub(crate) fn read_any_safetensors(
     }
     Ok((out, metadata))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> Device {
+        Device::Cpu
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_weights_and_another_seed_does_not() {
+        for arch in Arch::ALL {
+            let a = Model::init(arch, 7, &cpu())
+                .unwrap()
+                .to_safetensors()
+                .unwrap();
+            let b = Model::init(arch, 7, &cpu())
+                .unwrap()
+                .to_safetensors()
+                .unwrap();
+            let c = Model::init(arch, 8, &cpu())
+                .unwrap()
+                .to_safetensors()
+                .unwrap();
+            assert_eq!(a, b, "{arch}");
+            assert_ne!(a, c, "{arch}");
+        }
+    }
+
+    #[test]
+    fn save_load_round_trips_bit_exactly() {
+        for arch in Arch::ALL {
+            let m = Model::init(arch, 3, &cpu()).unwrap();
+            let bytes = m.to_safetensors().unwrap();
+            let back = Model::from_safetensors(arch, &bytes, &cpu()).unwrap();
+            assert_eq!(m.to_host().unwrap(), back.to_host().unwrap());
+            assert_eq!(back.to_safetensors().unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn exported_file_has_pytorch_names_shapes_and_counters() {
+        let bytes = Model::init(Arch::PlateCnn, 1, &cpu())
+            .unwrap()
+            .to_safetensors()
+            .unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let n = st.tensor("bn1.num_batches_tracked").unwrap();
+        assert_eq!((n.dtype(), n.shape()), (Dtype::I64, &[][..]));
+        let w = st.tensor("conv1.weight").unwrap();
+        assert_eq!((w.dtype(), w.shape()), (Dtype::F32, &[32, 1, 3, 3][..]));
+        assert!(st.tensor("heads.7.bias").is_ok());
+        assert_eq!(st.len(), Arch::PlateCnn.tensors().len());
+    }
+
+    #[test]
+    fn loading_refuses_what_does_not_fit() {
+        let plate = Model::init(Arch::PlateCnn, 1, &cpu()).unwrap();
+        let err = Model::from_safetensors(Arch::MnistCnn, &plate.to_safetensors().unwrap(), &cpu())
+            .unwrap_err();
+        assert!(matches!(err, TrainError::WeightsMismatch { .. }), "{err}");
+        assert!(matches!(
+            Model::from_safetensors(Arch::MnistCnn, b"not safetensors", &cpu()),
+            Err(TrainError::WeightsFormat(_))
+        ));
+        let mut host = plate.to_host().unwrap();
+        host.insert("fc1.bias".into(), HostTensor::F32(vec![f32::NAN; 256]));
+        let bytes = write_safetensors(&host, Some(Arch::PlateCnn)).unwrap();
+        let err = Model::from_safetensors(Arch::PlateCnn, &bytes, &cpu()).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        let mut host = plate.to_host().unwrap();
+        host.remove("bn2.running_var");
+        let bytes = write_safetensors(&host, Some(Arch::PlateCnn)).unwrap();
+        let err = Model::from_safetensors(Arch::PlateCnn, &bytes, &cpu()).unwrap_err();
+        assert!(err.to_string().contains("bn2.running_var"), "{err}");
+    }
+
+    #[test]
+    fn forward_gives_one_row_of_logits_per_slot() {
+        for arch in Arch::ALL {
+            let m = Model::init(arch, 1, &cpu()).unwrap();
+            let (c, h, w) = arch.input();
+            let x = Tensor::zeros((2, c, h, w), DType::F32, &cpu()).unwrap();
+            let y = m.forward(&x, Mode::Eval).unwrap();
+            assert_eq!(y.dims(), &[2, arch.slots(), arch.classes()]);
+        }
+    }
+}

@@ -424,3 +424,185 @@ pub fn recalibrate(
         batches,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::HostTensor;
+    use crate::testutil::tiny;
+
+    fn quick(epochs: u32) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            batch: 16,
+            seed: 5,
+            adam: AdamConfig {
+                lr: 2e-3,
+                warmup: 4,
+                ..AdamConfig::default()
+            },
+        }
+    }
+
+    fn fresh(arch: Arch) -> (Model, Adam) {
+        (
+            Model::init(arch, 11, &Device::Cpu).unwrap(),
+            Adam::new(arch, &Device::Cpu).unwrap(),
+        )
+    }
+
+    #[test]
+    fn loss_decreases() {
+        for arch in Arch::ALL {
+            let data = tiny(arch, 64, 1);
+            let (mut m, mut a) = fresh(arch);
+            let before = evaluate(&m, &data, 64).unwrap().loss;
+            train(&mut m, &mut a, &data, &quick(4), &mut ()).unwrap();
+            let after = evaluate(&m, &data, 64).unwrap().loss;
+            assert!(after < before * 0.8, "{arch}: loss {before} -> {after}");
+        }
+    }
+
+    #[test]
+    fn training_is_reproducible_for_a_seed() {
+        let data = tiny(Arch::PlateCnn, 40, 2);
+        let run = || {
+            let (mut m, mut a) = fresh(Arch::PlateCnn);
+            train(&mut m, &mut a, &data, &quick(1), &mut ()).unwrap();
+            (m.to_safetensors().unwrap(), a.to_safetensors().unwrap())
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn resuming_after_an_epoch_reproduces_the_uninterrupted_run() {
+        let arch = Arch::PlateCnn;
+        let data = tiny(arch, 40, 3);
+        let (mut m, mut a) = fresh(arch);
+        let whole = train_epochs(
+            &mut m,
+            &mut a,
+            &data,
+            &quick(2),
+            9,
+            0,
+            &mut (),
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+
+        let (mut m1, mut a1) = fresh(arch);
+        train_epochs(
+            &mut m1,
+            &mut a1,
+            &data,
+            &quick(1),
+            9,
+            0,
+            &mut (),
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+        // "Interrupt": keep only the bytes, as a checkpoint would.
+        let (mb, ab) = (m1.to_safetensors().unwrap(), a1.to_safetensors().unwrap());
+        let mut m2 = Model::from_safetensors(arch, &mb, &Device::Cpu).unwrap();
+        let mut a2 = Adam::from_safetensors(arch, &ab, &Device::Cpu).unwrap();
+        let rest = train_epochs(
+            &mut m2,
+            &mut a2,
+            &data,
+            &quick(2),
+            9,
+            1,
+            &mut (),
+            |_, _, _| Ok(()),
+        )
+        .unwrap();
+
+        assert_eq!(a2.step(), a.step());
+        assert_eq!(whole.total_steps, rest.total_steps);
+        assert_eq!(rest.epochs_run, 1);
+        assert_eq!(m2.to_safetensors().unwrap(), m.to_safetensors().unwrap());
+        assert_eq!(a2.to_safetensors().unwrap(), a.to_safetensors().unwrap());
+    }
+
+    #[test]
+    fn recalibration_changes_only_batch_norm_statistics() {
+        let arch = Arch::PlateCnn;
+        let (mut m, _) = fresh(arch);
+        let before = m.to_host().unwrap();
+        let data = tiny(arch, 24, 4);
+        let r = recalibrate(&mut m, &data, 10).unwrap();
+        assert_eq!((r.samples, r.batches), (24, 3));
+        let after = m.to_host().unwrap();
+        for spec in arch.tensors() {
+            let (b, a) = (&before[&spec.name], &after[&spec.name]);
+            if spec.kind.is_bn_stat() {
+                assert_ne!(b, a, "{} should have been re-estimated", spec.name);
+            } else {
+                assert_eq!(b, a, "{} must not change", spec.name);
+            }
+        }
+        assert_eq!(after["bn1.num_batches_tracked"], HostTensor::I64(3));
+    }
+
+    #[test]
+    fn recalibration_is_the_cumulative_average_over_samples() {
+        // With uneven batches (10, 10, 4) the result must equal one pass over all 24 samples at once for the first
+        // layer's mean (the first layer's input does not depend on earlier statistics).
+        let arch = Arch::PlateCnn;
+        let data = tiny(arch, 24, 4);
+        let (mut a, _) = fresh(arch);
+        let (mut b, _) = fresh(arch);
+        recalibrate(&mut a, &data, 10).unwrap();
+        recalibrate(&mut b, &data, 24).unwrap();
+        let HostTensor::F32(x) = &a.to_host().unwrap()["bn1.running_mean"] else {
+            panic!()
+        };
+        let HostTensor::F32(y) = &b.to_host().unwrap()["bn1.running_mean"] else {
+            panic!()
+        };
+        for (x, y) in x.iter().zip(y) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn evaluation_changes_nothing_and_reports_per_character_accuracy() {
+        let arch = Arch::PlateCnn;
+        let (m, _) = fresh(arch);
+        let before = m.to_host().unwrap();
+        let e = evaluate(&m, &tiny(arch, 20, 5), 8).unwrap();
+        assert_eq!(before, m.to_host().unwrap());
+        assert_eq!(e.samples, 20);
+        assert!(e.char_accuracy.is_some());
+        assert!((0.0..=1.0).contains(&e.accuracy));
+    }
+
+    #[test]
+    fn data_that_does_not_fit_is_refused() {
+        let (m, _) = fresh(Arch::PlateCnn);
+        let err = evaluate(&m, &tiny(Arch::MnistCnn, 4, 1), 8).unwrap_err();
+        assert!(matches!(err, TrainError::DataMismatch { .. }), "{err}");
+        let mut empty = tiny(Arch::PlateCnn, 1, 1);
+        empty.images.clear();
+        empty.labels.clear();
+        assert!(matches!(
+            evaluate(&m, &empty, 8),
+            Err(TrainError::EmptyDataset)
+        ));
+    }
+
+    #[test]
+    fn warmup_is_linear_then_flat() {
+        let c = AdamConfig {
+            lr: 1.0,
+            warmup: 4,
+            ..AdamConfig::default()
+        };
+        assert_eq!(
+            [c.lr_at(1), c.lr_at(2), c.lr_at(4), c.lr_at(100)],
+            [0.25, 0.5, 1.0, 1.0]
+        );
+    }
+}

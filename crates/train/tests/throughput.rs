@@ -2,7 +2,7 @@
 //! `cargo test --release -p ferry-train --test throughput -- --ignored --nocapture`.
 //! `FERRY_DEVICE=cuda` measures on the GPU (needs `--features cuda`), `FERRY_STEPS` sets the steps (default 60).
 
-use ferry_train::data_stub::{Dataset, Task};
+use ferry_train::data::Dataset;
 use ferry_train::{device, Adam, Arch, Model, TrainConfig};
 
 fn random(arch: Arch, n: usize) -> Dataset {

@@ -4,30 +4,54 @@
 use std::collections::BTreeMap;
 
 use ferry_merge::{
-    merge, Contribution, Dtype, MemorySource, MergeConfig, MergeError, MergeReport, OwnedTensor, ServerState,
-    TensorMeta,
+    merge, Contribution, Dtype, MemorySource, MergeConfig, MergeError, MergeReport, OwnedTensor,
+    ServerState, TensorMeta,
 };
 
 pub fn f32t(shape: &[usize], v: &[f32]) -> OwnedTensor {
-    OwnedTensor { dtype: Dtype::F32, shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    OwnedTensor {
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
 }
 
 pub fn f16t(shape: &[usize], v: &[f64]) -> OwnedTensor {
-    let data = v.iter().flat_map(|&x| half::f16::from_f64(x).to_le_bytes()).collect();
-    OwnedTensor { dtype: Dtype::F16, shape: shape.to_vec(), data }
+    let data = v
+        .iter()
+        .flat_map(|&x| half::f16::from_f64(x).to_le_bytes())
+        .collect();
+    OwnedTensor {
+        dtype: Dtype::F16,
+        shape: shape.to_vec(),
+        data,
+    }
 }
 
 pub fn bf16t(shape: &[usize], v: &[f64]) -> OwnedTensor {
-    let data = v.iter().flat_map(|&x| half::bf16::from_f64(x).to_le_bytes()).collect();
-    OwnedTensor { dtype: Dtype::BF16, shape: shape.to_vec(), data }
+    let data = v
+        .iter()
+        .flat_map(|&x| half::bf16::from_f64(x).to_le_bytes())
+        .collect();
+    OwnedTensor {
+        dtype: Dtype::BF16,
+        shape: shape.to_vec(),
+        data,
+    }
 }
 
 pub fn i64t(shape: &[usize], v: &[i64]) -> OwnedTensor {
-    OwnedTensor { dtype: Dtype::I64, shape: shape.to_vec(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    OwnedTensor {
+        dtype: Dtype::I64,
+        shape: shape.to_vec(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
 }
 
 pub fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 pub fn source(label: &str, tensors: &[(&str, OwnedTensor)]) -> MemorySource {
@@ -41,7 +65,11 @@ pub fn source(label: &str, tensors: &[(&str, OwnedTensor)]) -> MemorySource {
 pub fn layout_of(s: &MemorySource) -> Vec<TensorMeta> {
     s.tensors()
         .iter()
-        .map(|(n, t)| TensorMeta { name: n.clone(), dtype: t.dtype, shape: t.shape.clone() })
+        .map(|(n, t)| TensorMeta {
+            name: n.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
         .collect()
 }
 
@@ -54,7 +82,12 @@ pub struct Site {
 }
 
 pub fn site(id: &str, bundle: &str, samples: u64, tensors: &[(&str, OwnedTensor)]) -> Site {
-    Site { id: id.into(), bundle: bundle.into(), samples, src: source(id, tensors) }
+    Site {
+        id: id.into(),
+        bundle: bundle.into(),
+        samples,
+        src: source(id, tensors),
+    }
 }
 
 pub type Out = BTreeMap<String, OwnedTensor>;
@@ -79,14 +112,31 @@ pub fn run(
         .collect();
     let mut out = Out::new();
     let mut order = Vec::new();
-    let report = merge(&layout, &mut base, &mut contributions, config, state, |meta, data| {
-        order.push(meta.name.clone());
-        out.insert(meta.name.clone(), OwnedTensor { dtype: meta.dtype, shape: meta.shape.clone(), data });
-        Ok(())
-    })?;
+    let report = merge(
+        &layout,
+        &mut base,
+        &mut contributions,
+        config,
+        state,
+        |meta, data| {
+            order.push(meta.name.clone());
+            out.insert(
+                meta.name.clone(),
+                OwnedTensor {
+                    dtype: meta.dtype,
+                    shape: meta.shape.clone(),
+                    data,
+                },
+            );
+            Ok(())
+        },
+    )?;
     let mut sorted = order.clone();
     sorted.sort();
-    assert_eq!(order, sorted, "the sink must see tensors in sorted-name order");
+    assert_eq!(
+        order, sorted,
+        "the sink must see tensors in sorted-name order"
+    );
     Ok((out, report))
 }
 

@@ -317,6 +317,38 @@ mod tests {
         assert!(matches!(e, Err(DataError::Io { .. })), "{e:?}");
     }
 
+    /// Random damage to a valid file (truncation, byte flips, header rewrites) is always an
+    /// error or a well-formed dataset, never a panic.
+    #[test]
+    fn mutated_files_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let good = idx_bytes(IMAGES_MAGIC, &[3, 2, 3], &[7u8; 18]);
+        let dir = tempfile::tempdir().unwrap();
+        write_split(dir.path(), "train", false);
+        let path = dir.path().join("train-images-idx3-ubyte");
+        for round in 0..300 {
+            let mut bytes = good.clone();
+            bytes.truncate(rng.random_range(0..=bytes.len()));
+            for _ in 0..rng.random_range(0..4) {
+                if !bytes.is_empty() {
+                    let k = rng.random_range(0..bytes.len().min(16));
+                    bytes[k] = rng.random();
+                }
+            }
+            write(
+                dir.path(),
+                "train-images-idx3-ubyte",
+                &bytes,
+                round % 2 == 1,
+            );
+            if let Ok(d) = load(dir.path(), Split::Train) {
+                assert_eq!(d.images.len(), d.len() * d.height * d.width);
+            }
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
     #[test]
     fn empty_and_missing() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,426 @@
+//! Format interop: bundles made by ferry are read by tools that share no code with it.
+//!
+//! - `scripts/ferry_verify.py`, the independent reader written from `docs/bundle-format.md`, accepts a real bundle
+//!   and refuses it with one byte flipped;
+//! - the payload `ferry-client unpack` writes loads with `safetensors.numpy` (and `safetensors.torch` when PyTorch
+//!   is installed) with the values that were packed, for every dtype we test;
+//! - a safetensors file written by Python the way PyTorch writes one (with `__metadata__`) ships through
+//!   `ferry-client pack` and comes back with the same tensors;
+//! - plain `zstd -d` (when installed) yields the safetensors payload.
+//!
+//! Needs `python3` with `pip install cryptography zstandard numpy safetensors` (what `.ci/run` installs). Without
+//! them the test fails, unless `FERRY_SKIP_PYTHON=1` is set, in which case it is skipped with a notice.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ferry_bundle::{Draft, Dtype, Payload, Role, SecretKey, TensorRef};
+
+const PIP: &str = "pip install cryptography zstandard numpy safetensors";
+
+fn client() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry-client"))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn verifier() -> PathBuf {
+    repo_root().join("scripts/ferry_verify.py")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[track_caller]
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "command failed: {}", text(&o));
+    o
+}
+
+/// Whether python3 and the modules the interop checks need are there. Missing: fail with instructions, or skip
+/// (return false) when FERRY_SKIP_PYTHON=1.
+fn python_ready() -> bool {
+    let probe = Command::new("python3")
+        .args([
+            "-c",
+            "import cryptography, zstandard, numpy, safetensors.numpy",
+        ])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "python3 lacks a module: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("python3 cannot be run: {e}"),
+    };
+    if std::env::var("FERRY_SKIP_PYTHON").as_deref() == Ok("1") {
+        eprintln!("NOTICE: skipping the Python interop test ({why}); FERRY_SKIP_PYTHON=1 is set");
+        return false;
+    }
+    panic!(
+        "{why}.\nThe interop test needs python3 with: {PIP}\nRun `.ci/run` (which installs them) or `{PIP}`; \
+         set FERRY_SKIP_PYTHON=1 to skip this test."
+    );
+}
+
+fn python(code: &str, args: &[&Path]) -> Output {
+    run(Command::new("python3").arg("-c").arg(code).args(args))
+}
+
+fn le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    xs.iter().flat_map(|&x| f(x)).collect()
+}
+
+/// Values packed into the global; the Python checks below repeat them literally.
+const W: [f32; 6] = [0.5, -1.25, 3.0, 1e-3, -7.5, 100.0];
+/// F16 bit patterns of 1.0, -2.0, 0.5, 65504.0.
+const H: [u16; 4] = [0x3c00, 0xc000, 0x3800, 0x7bff];
+/// BF16 bit patterns of 1.0, -2.0, 3.0.
+const B: [u16; 3] = [0x3f80, 0xc000, 0x4040];
+const STEPS: i64 = 7;
+const U: [u8; 5] = [0, 1, 127, 128, 255];
+
+fn write_global(
+    hq: &SecretKey,
+    federation: &str,
+    tensors: &[TensorRef<'_>],
+    out: &Path,
+) -> (PathBuf, Vec<u8>) {
+    let payload = Payload::from_tensors(tensors).unwrap();
+    let sealed = ferry_bundle::seal(Draft::initial(federation, None), &payload, hq, 3).unwrap();
+    (sealed.write_to_dir(out).unwrap(), payload.bytes().to_vec())
+}
+
+const CHECK_VALUES: &str = r#"
+import sys, json, struct
+import numpy as np
+from safetensors import safe_open
+path = sys.argv[1]
+raw = open(path, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+assert n % 8 == 0 and "__metadata__" not in header, header
+assert list(header) == sorted(header), list(header)
+data = raw[8 + n:]
+
+# BF16 is not a numpy dtype (safetensors.numpy.load_file refuses the whole file for it): check it through the
+# raw header and bytes.
+e = header["proj.bf16"]
+assert e["dtype"] == "BF16" and e["shape"] == [3], e
+a, b = e["data_offsets"]
+bits = struct.unpack("<3H", data[a:b])
+assert bits == (0x3f80, 0xc000, 0x4040), bits
+assert (np.array(bits, dtype=np.uint32) << 16).view(np.float32).tolist() == [1.0, -2.0, 3.0]
+
+# Everything else through safetensors' numpy loader (what load_file does, tensor by tensor).
+with safe_open(path, framework="numpy") as f:
+    assert sorted(f.keys()) == ["bn.num_batches_tracked", "conv.weight", "emb.bytes", "head.half", "proj.bf16"]
+    t = {k: f.get_tensor(k) for k in f.keys() if k != "proj.bf16"}
+w = t["conv.weight"]
+assert w.dtype == np.float32 and w.shape == (2, 3), (w.dtype, w.shape)
+assert w.tolist() == np.array([[0.5, -1.25, 3.0], [1e-3, -7.5, 100.0]], dtype=np.float32).tolist(), w
+h = t["head.half"]
+assert h.dtype == np.float16 and h.shape == (4,) and h.tolist() == [1.0, -2.0, 0.5, 65504.0], h
+s = t["bn.num_batches_tracked"]
+assert s.dtype == np.int64 and s.shape == () and int(s) == 7, (s.dtype, s.shape, s)
+u = t["emb.bytes"]
+assert u.dtype == np.uint8 and u.tolist() == [0, 1, 127, 128, 255], u
+print("numpy ok")
+"#;
+
+const CHECK_TORCH: &str = r#"
+import sys
+import torch
+from safetensors.torch import load_file
+t = load_file(sys.argv[1])
+assert t["conv.weight"].dtype == torch.float32 and t["conv.weight"].shape == (2, 3)
+assert t["conv.weight"].flatten().tolist() == torch.tensor([0.5, -1.25, 3.0, 1e-3, -7.5, 100.0]).tolist()
+assert t["head.half"].dtype == torch.float16 and t["head.half"].tolist() == [1.0, -2.0, 0.5, 65504.0]
+assert t["proj.bf16"].dtype == torch.bfloat16 and t["proj.bf16"].tolist() == [1.0, -2.0, 3.0]
+assert t["bn.num_batches_tracked"].dtype == torch.int64 and t["bn.num_batches_tracked"].dim() == 0
+assert int(t["bn.num_batches_tracked"]) == 7
+assert t["emb.bytes"].dtype == torch.uint8 and t["emb.bytes"].tolist() == [0, 1, 127, 128, 255]
+print("torch ok")
+"#;
+
+/// The tensors a PyTorch site would save: written by numpy, in insertion (not sorted) order, with the
+/// `{"format": "pt"}` metadata `safetensors.torch.save_file` adds.
+const WRITE_STATE_DICT: &str = r#"
+import sys
+import numpy as np
+from safetensors.numpy import save_file
+rng = np.random.default_rng(1234)
+sd = {
+    "fc2.weight": rng.standard_normal((4, 3)).astype(np.float32),
+    "fc1.bias": rng.standard_normal(3).astype(np.float16),
+    "bn.num_batches_tracked": np.array(42, dtype=np.int64),
+    "fc1.weight": rng.standard_normal((3, 5)).astype(np.float32),
+    "mask": np.array([1, 0, 1, 1], dtype=np.uint8),
+}
+save_file(sd, sys.argv[1], metadata={"format": "pt"})
+np.savez(sys.argv[2], **sd)
+"#;
+
+const COMPARE_STATE_DICT: &str = r#"
+import sys, json, struct
+import numpy as np
+from safetensors.numpy import load_file
+got = load_file(sys.argv[1])
+want = dict(np.load(sys.argv[2]))
+assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+for k in want:
+    assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+    assert got[k].tobytes() == want[k].tobytes(), k
+raw = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+assert "__metadata__" not in header and list(header) == sorted(header), header
+print("state_dict ok")
+"#;
+
+#[test]
+fn bundles_interoperate_with_python_and_zstd() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys");
+    let bundles = d.join("bundles");
+
+    // Keys: HQ through the library (ferry-server's binary is not available to this crate's tests), the site
+    // through `ferry-client keygen`.
+    let hq = SecretKey::generate(Role::Hq, "hq").unwrap();
+    let (_, hq_pub) = hq.write_pair(&keys).unwrap();
+    ok(run(client()
+        .args(["keygen", "--id", "site-a", "--out"])
+        .arg(&keys)));
+    let site_pub = keys.join("site-a.pub");
+    let site_key = keys.join("site-a.key");
+
+    // A global holding F32, F16, BF16, a rank-0 I64 and U8.
+    let w = le_bytes(&W, f32::to_le_bytes);
+    let h = le_bytes(&H, u16::to_le_bytes);
+    let b = le_bytes(&B, u16::to_le_bytes);
+    let s = STEPS.to_le_bytes();
+    let (global, payload) = write_global(
+        &hq,
+        "interop",
+        &[
+            TensorRef {
+                name: "conv.weight",
+                dtype: Dtype::F32,
+                shape: &[2, 3],
+                data: &w,
+            },
+            TensorRef {
+                name: "head.half",
+                dtype: Dtype::F16,
+                shape: &[4],
+                data: &h,
+            },
+            TensorRef {
+                name: "proj.bf16",
+                dtype: Dtype::BF16,
+                shape: &[3],
+                data: &b,
+            },
+            TensorRef {
+                name: "bn.num_batches_tracked",
+                dtype: Dtype::I64,
+                shape: &[],
+                data: &s,
+            },
+            TensorRef {
+                name: "emb.bytes",
+                dtype: Dtype::U8,
+                shape: &[5],
+                data: &U,
+            },
+        ],
+        &bundles,
+    );
+    assert_eq!(global.file_name().unwrap(), "global-r0.ferry");
+
+    // (a) The independent reader accepts it, writes the same payload, and refuses every tampered copy.
+    let py_out = d.join("py.safetensors");
+    let o = ok(run(Command::new("python3")
+        .arg(verifier())
+        .arg("--trust")
+        .arg(&hq_pub)
+        .arg(&global)
+        .arg("--out")
+        .arg(&py_out)));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.starts_with("OK"), "{stdout}");
+    assert!(
+        stdout.contains("interop") && stdout.contains("proj.bf16"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&py_out).unwrap(), payload);
+
+    let bytes = std::fs::read(&global).unwrap();
+    let manifest_len = u32::from_le_bytes(bytes[28..32].try_into().unwrap()) as usize;
+    let flips = [
+        ("version", 16),
+        ("key id", 20),
+        ("manifest", 32 + manifest_len / 2),
+        ("signature", 32 + manifest_len + 40),
+        ("payload", bytes.len() - 10),
+        ("payload checksum", bytes.len() - 1),
+    ];
+    for (what, at) in flips {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x01;
+        let path = d.join(format!("flipped-{at}.ferry"));
+        std::fs::write(&path, &bad).unwrap();
+        let o = run(Command::new("python3")
+            .arg(verifier())
+            .arg("--trust")
+            .arg(&hq_pub)
+            .arg(&path));
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "a flipped {what} byte (offset {at}) must be refused: {}",
+            text(&o)
+        );
+        // The Rust reader agrees.
+        let o = run(client()
+            .arg("verify")
+            .arg("--trust")
+            .arg(&hq_pub)
+            .arg(&path));
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
+    }
+    let truncated = d.join("truncated.ferry");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1]).unwrap();
+    let o = run(Command::new("python3")
+        .arg(verifier())
+        .arg("--trust")
+        .arg(&hq_pub)
+        .arg(&truncated));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // Signed, but by a key the operator did not name.
+    let o = run(Command::new("python3")
+        .arg(verifier())
+        .arg("--trust")
+        .arg(&site_pub)
+        .arg(&global));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("not among your trusted keys"));
+
+    // (b) `unpack` writes a plain safetensors file that numpy's safetensors reads with the packed values.
+    let unpacked = d.join("model.safetensors");
+    ok(run(client()
+        .arg("unpack")
+        .arg("--trust")
+        .arg(&hq_pub)
+        .arg(&global)
+        .arg("--out")
+        .arg(&unpacked)));
+    assert_eq!(std::fs::read(&unpacked).unwrap(), payload);
+    ok(python(CHECK_VALUES, &[&unpacked]));
+
+    // (c) PyTorch, when installed.
+    let torch = Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if torch {
+        ok(python(CHECK_TORCH, &[&unpacked]));
+    } else {
+        eprintln!("NOTICE: PyTorch is not installed; skipping the safetensors.torch part of the interop test");
+    }
+
+    // Plain `zstd -d` skips the header frame and yields the payload.
+    match Command::new("zstd").arg("-dcq").arg(&global).output() {
+        Ok(o) => {
+            assert!(o.status.success(), "zstd -d failed: {}", text(&o));
+            assert_eq!(
+                o.stdout, payload,
+                "zstd -d must yield the safetensors payload"
+            );
+        }
+        Err(_) => {
+            eprintln!("NOTICE: the zstd CLI is not installed; skipping the `zstd -d` check")
+        }
+    }
+
+    // A PyTorch site: Python writes its state_dict as safetensors, `ferry-client pack` ships it.
+    let hq_state = d.join("hq-weights");
+    let base_tensors: Vec<(&str, Dtype, Vec<usize>)> = vec![
+        ("bn.num_batches_tracked", Dtype::I64, vec![]),
+        ("fc1.bias", Dtype::F16, vec![3]),
+        ("fc1.weight", Dtype::F32, vec![3, 5]),
+        ("fc2.weight", Dtype::F32, vec![4, 3]),
+        ("mask", Dtype::U8, vec![4]),
+    ];
+    let zeros: Vec<Vec<u8>> = base_tensors
+        .iter()
+        .map(|(_, dt, shape)| vec![0u8; dt.bitsize() / 8 * shape.iter().product::<usize>()])
+        .collect();
+    let refs: Vec<TensorRef<'_>> = base_tensors
+        .iter()
+        .zip(&zeros)
+        .map(|((name, dtype, shape), data)| TensorRef {
+            name,
+            dtype: *dtype,
+            shape,
+            data,
+        })
+        .collect();
+    let (base, _) = write_global(&hq, "pytorch-site", &refs, &hq_state);
+
+    let weights = d.join("state_dict.safetensors");
+    let originals = d.join("state_dict.npz");
+    ok(python(WRITE_STATE_DICT, &[&weights, &originals]));
+    let stick = d.join("stick");
+    ok(run(client()
+        .arg("pack")
+        .arg("--key")
+        .arg(&site_key)
+        .arg("--weights")
+        .arg(&weights)
+        .args(["--samples", "640"])
+        .arg("--base")
+        .arg(&base)
+        .arg("--trust")
+        .arg(&hq_pub)
+        .arg("--out")
+        .arg(&stick)));
+    let update = stick.join("site-a-r0.ferry");
+    let o = ok(run(Command::new("python3")
+        .arg(verifier())
+        .arg("--trust")
+        .arg(&keys)
+        .arg(&update)));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("update from site-a (640 samples)"),
+        "{stdout}"
+    );
+    let back = d.join("update.safetensors");
+    ok(run(client()
+        .arg("unpack")
+        .arg("--trust")
+        .arg(&site_pub)
+        .arg(&update)
+        .arg("--out")
+        .arg(&back)));
+    ok(python(COMPARE_STATE_DICT, &[&back, &originals]));
+}

@@ -1,0 +1,504 @@
+//! HQ and sites through real files: init → sites pack → merge → import → pack → merge, checked against an
+//! independent reference; every refusal leaves the out dir and the HQ state byte-identical.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_bundle::site::SiteState;
+use ferry_bundle::{seal, Draft, Dtype, Keyring, Payload, Role, SecretKey, TensorRef};
+use ferry_merge::hq::{self, HqError, RoundConfig};
+use ferry_merge::{LedgerError, MergeConfig, MergeError, Strategy};
+
+struct Fed {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+    out: PathBuf,
+    usb: PathBuf,
+    hq: SecretKey,
+    sites: Vec<SecretKey>,
+    ring: Keyring,
+    hq_ring: Keyring,
+}
+
+/// One model's tensors: conv (F32), BN stats (F32) and counter (I64), a head in F16, an embedding in BF16.
+#[derive(Clone)]
+struct Model {
+    conv: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    count: i64,
+    head: Vec<f32>,
+    emb: Vec<f32>,
+}
+
+fn bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Model {
+    fn at(x: f32) -> Model {
+        Model {
+            conv: (0..6).map(|i| x + i as f32 * 0.5).collect(),
+            mean: vec![x, -x, 0.5 * x],
+            var: vec![1.0 + x.abs(), 2.0, 0.5],
+            count: (x.abs() * 10.0) as i64,
+            head: vec![x * 0.1, 1.0 - x * 0.2],
+            emb: vec![x * 3.0, -1.0],
+        }
+    }
+
+    fn payload(&self) -> Payload {
+        let (conv, mean, var) = (
+            bytes_f32(&self.conv),
+            bytes_f32(&self.mean),
+            bytes_f32(&self.var),
+        );
+        let count = self.count.to_le_bytes();
+        let head: Vec<u8> = self
+            .head
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect();
+        let emb: Vec<u8> = self
+            .emb
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect();
+        Payload::from_tensors(&[
+            TensorRef {
+                name: "conv1.weight",
+                dtype: Dtype::F32,
+                shape: &[2, 3],
+                data: &conv,
+            },
+            TensorRef {
+                name: "bn1.running_mean",
+                dtype: Dtype::F32,
+                shape: &[3],
+                data: &mean,
+            },
+            TensorRef {
+                name: "bn1.running_var",
+                dtype: Dtype::F32,
+                shape: &[3],
+                data: &var,
+            },
+            TensorRef {
+                name: "bn1.num_batches_tracked",
+                dtype: Dtype::I64,
+                shape: &[],
+                data: &count,
+            },
+            TensorRef {
+                name: "head.weight",
+                dtype: Dtype::F16,
+                shape: &[2],
+                data: &head,
+            },
+            TensorRef {
+                name: "emb.weight",
+                dtype: Dtype::BF16,
+                shape: &[2],
+                data: &emb,
+            },
+        ])
+        .unwrap()
+    }
+}
+
+fn read_tensors(payload: &[u8]) -> BTreeMap<String, (Dtype, Vec<u8>)> {
+    let st = safetensors::SafeTensors::deserialize(payload).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.data().to_vec())))
+        .collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+impl Fed {
+    fn new() -> Fed {
+        let tmp = tempfile::tempdir().unwrap();
+        let hq = SecretKey::from_seed(Role::Hq, "hq", [1; 32]);
+        let sites: Vec<SecretKey> = ["site-a", "site-b", "site-c"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| SecretKey::from_seed(Role::Site, id, [10 + i as u8; 32]))
+            .collect();
+        let mut ring = Keyring::new();
+        for s in &sites[..2] {
+            ring.add(s.public()).unwrap();
+        }
+        let mut hq_ring = Keyring::new();
+        hq_ring.add(hq.public()).unwrap();
+        let state = tmp.path().join("hq");
+        let out = tmp.path().join("bundles");
+        let usb = tmp.path().join("usb");
+        Fed {
+            state,
+            out,
+            usb,
+            hq,
+            sites,
+            ring,
+            hq_ring,
+            _tmp: tmp,
+        }
+    }
+
+    /// Site `i` imports `global`, "trains" to `model`, exports with `samples`.
+    fn site_round(&self, i: usize, global: &Path, model: &Model, samples: u64) -> PathBuf {
+        let dir = self.state.parent().unwrap().join(format!("site{i}"));
+        let site = SiteState::open(&dir).unwrap();
+        let g = ferry_bundle::open_file(global, &self.hq_ring).unwrap();
+        site.import(&g, "usb", 10).unwrap();
+        let rec = ferry_bundle::site::LocalRecord {
+            base_hash: g.hash.clone(),
+            round: g.manifest.round,
+            samples,
+            epochs: 1,
+            steps: 1,
+            trained_at: 0,
+            weights_sha256: String::new(),
+            exported: None,
+        };
+        site.write_local(model.payload().bytes(), &rec).unwrap();
+        site.export(&self.sites[i], &self.usb, 3).unwrap().0
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut m = BTreeMap::new();
+        for root in [&self.state, &self.out] {
+            for e in walk(root) {
+                if e.file_name().unwrap() != "lock" {
+                    m.insert(e.display().to_string(), std::fs::read(&e).unwrap());
+                }
+            }
+        }
+        m
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                v.extend(walk(&p));
+            } else {
+                v.push(p);
+            }
+        }
+    }
+    v
+}
+
+fn fedavg() -> RoundConfig {
+    RoundConfig::default()
+}
+
+#[test]
+fn two_rounds_match_an_independent_reference() {
+    let fed = Fed::new();
+    let (g0, _) = hq::init(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        "city",
+        Some("test"),
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let (a, b) = (Model::at(1.0), Model::at(3.0));
+    let ua = fed.site_round(0, &g0, &a, 100);
+    let ub = fed.site_round(1, &g0, &b, 300);
+    // Input order does not matter: merge in both orders into two copies of the state.
+    let copy = fed.state.parent().unwrap().join("hq-copy");
+    std::fs::create_dir_all(copy.join("globals")).unwrap();
+    for f in walk(&fed.state) {
+        let rel = f.strip_prefix(&fed.state).unwrap();
+        std::fs::copy(&f, copy.join(rel)).unwrap();
+    }
+    let r1 = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[ua.clone(), ub.clone()],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap();
+    let out2 = fed.state.parent().unwrap().join("bundles2");
+    let r1b = hq::merge_round(&copy, &fed.hq, &fed.ring, &[ub, ua], &fedavg(), &out2).unwrap();
+    let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();
+    let g1b = ferry_bundle::open_file(&r1b.path, &fed.hq_ring).unwrap();
+    assert_eq!(
+        g1.payload(),
+        g1b.payload(),
+        "payload depends on input order"
+    );
+    assert_eq!(g1.manifest.round, 1);
+    assert_eq!(g1.manifest.contributors.len(), 2);
+
+    // Reference, computed here: weights 1/4 and 3/4.
+    let t = read_tensors(g1.payload());
+    let (wa, wb) = (0.25f64, 0.75f64);
+    let avg = |x: &[f32], y: &[f32]| -> Vec<f32> {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (wa * *p as f64 + wb * *q as f64) as f32)
+            .collect()
+    };
+    assert_eq!(f32s(&t["conv1.weight"].1), avg(&a.conv, &b.conv));
+    let mean = avg(&a.mean, &b.mean);
+    assert_eq!(f32s(&t["bn1.running_mean"].1), mean);
+    let pooled: Vec<f32> = (0..3)
+        .map(|i| {
+            let mu = wa * a.mean[i] as f64 + wb * b.mean[i] as f64;
+            (wa * (a.var[i] as f64 + (a.mean[i] as f64 - mu).powi(2))
+                + wb * (b.var[i] as f64 + (b.mean[i] as f64 - mu).powi(2))) as f32
+        })
+        .collect();
+    let got = f32s(&t["bn1.running_var"].1);
+    for (g, p) in got.iter().zip(&pooled) {
+        assert!((g - p).abs() < 1e-6, "pooled var {got:?} vs {pooled:?}");
+    }
+    assert_ne!(
+        got,
+        avg(&a.var, &b.var),
+        "variance must be pooled, not averaged"
+    );
+    assert_eq!(
+        t["bn1.num_batches_tracked"],
+        (Dtype::I64, a.count.max(b.count).to_le_bytes().to_vec())
+    );
+    let head: Vec<u8> = avg(&a.head, &b.head)
+        .iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+        .collect();
+    assert_eq!(t["head.weight"], (Dtype::F16, head));
+    let emb: Vec<u8> = avg(&a.emb, &b.emb)
+        .iter()
+        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+        .collect();
+    assert_eq!(t["emb.weight"], (Dtype::BF16, emb));
+
+    // Round 2 from the imported global.
+    let ua2 = fed.site_round(0, &r1.path, &Model::at(2.0), 100);
+    let ub2 = fed.site_round(1, &r1.path, &Model::at(2.0), 100);
+    let r2 = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[ua2, ub2],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap();
+    let g2 = ferry_bundle::open_file(&r2.path, &fed.hq_ring).unwrap();
+    assert_eq!(g2.manifest.round, 2);
+    assert_eq!(g2.manifest.base.as_deref(), Some(g1.hash.as_str()));
+    assert_eq!(
+        f32s(&read_tensors(g2.payload())["conv1.weight"].1),
+        Model::at(2.0).conv
+    );
+    let status = hq::status(&fed.state).unwrap();
+    assert_eq!(status.round, 2);
+    assert_eq!(status.rounds.len(), 3);
+}
+
+#[test]
+fn every_refusal_writes_nothing_and_leaves_the_state() {
+    let fed = Fed::new();
+    let (g0, _) = hq::init(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        "city",
+        None,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let ua = fed.site_round(0, &g0, &Model::at(1.0), 10);
+    let ub = fed.site_round(1, &g0, &Model::at(2.0), 10);
+    let r1 = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[ua.clone()],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap();
+    let before = fed.snapshot();
+    let check =
+        |files: &[PathBuf], cfg: &RoundConfig, ring: &Keyring, ok: &dyn Fn(&HqError) -> bool| {
+            let err = hq::merge_round(&fed.state, &fed.hq, ring, files, cfg, &fed.out).unwrap_err();
+            assert!(ok(&err), "unexpected: {err}");
+            assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+        };
+    // Stale: site B's update is based on round 0, HQ is at round 1.
+    check(&[ub.clone()], &fedavg(), &fed.ring, &|e| {
+        matches!(e, HqError::Ledger(LedgerError::Stale { .. }))
+    });
+    // Replay.
+    check(&[ua.clone()], &fedavg(), &fed.ring, &|e| {
+        matches!(e, HqError::Ledger(LedgerError::Replay { .. }))
+    });
+    // Same site twice in one round.
+    let a1 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
+    let dup_dir = fed.usb.join("dup");
+    std::fs::create_dir_all(&dup_dir).unwrap();
+    let site0 = SiteState::open(&fed.state.parent().unwrap().join("site0")).unwrap();
+    let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();
+    let rec = ferry_bundle::site::LocalRecord {
+        base_hash: g1.hash.clone(),
+        round: 1,
+        samples: 11,
+        epochs: 1,
+        steps: 1,
+        trained_at: 0,
+        weights_sha256: String::new(),
+        exported: None,
+    };
+    site0
+        .write_local(Model::at(1.7).payload().bytes(), &rec)
+        .unwrap();
+    let (a1_again, _) = site0.export(&fed.sites[0], &dup_dir, 3).unwrap();
+    check(&[a1.clone(), a1_again], &fedavg(), &fed.ring, &|e| {
+        matches!(e, HqError::Ledger(LedgerError::DuplicateSite { .. }))
+    });
+    // Unknown key (site-c is not trusted).
+    let c_dir = fed.state.parent().unwrap().join("site2");
+    let site2 = SiteState::open(&c_dir).unwrap();
+    site2.import(&g1, "usb", 10).unwrap();
+    site2
+        .write_local(
+            Model::at(1.0).payload().bytes(),
+            &ferry_bundle::site::LocalRecord { ..rec.clone() },
+        )
+        .unwrap();
+    let (uc, _) = site2.export(&fed.sites[2], &fed.usb, 3).unwrap();
+    check(&[a1.clone(), uc], &fedavg(), &fed.ring, &|e| {
+        matches!(
+            e,
+            HqError::Open {
+                source: ferry_bundle::OpenError::UntrustedKey(_),
+                ..
+            }
+        )
+    });
+    // A global offered as an update.
+    check(&[r1.path.clone()], &fedavg(), &fed.hq_ring, &|e| {
+        matches!(e, HqError::NotAnUpdate(_))
+    });
+    // Fewer than --min-sites.
+    check(
+        &[a1.clone()],
+        &RoundConfig {
+            min_sites: 2,
+            ..fedavg()
+        },
+        &fed.ring,
+        &|e| matches!(e, HqError::TooFewSites { .. }),
+    );
+    // A different model layout, validly signed.
+    let other = {
+        let d = bytes_f32(&[1.0, 2.0]);
+        let p = Payload::from_tensors(&[TensorRef {
+            name: "x",
+            dtype: Dtype::F32,
+            shape: &[2],
+            data: &d,
+        }])
+        .unwrap();
+        let s = seal(
+            Draft::update_for(&g1.manifest, &g1.hash, "site-b", 5),
+            &p,
+            &fed.sites[1],
+            3,
+        )
+        .unwrap();
+        s.write_to_dir(&fed.usb.join("other")).unwrap()
+    };
+    check(&[a1.clone(), other], &fedavg(), &fed.ring, &|e| {
+        matches!(e, HqError::Ledger(LedgerError::FingerprintMismatch { .. }))
+    });
+    // A bad strategy setting is refused by the engine before anything is written.
+    let cfg = RoundConfig {
+        merge: MergeConfig {
+            strategy: Strategy::TrimmedMean,
+            trim: 1,
+            ..Default::default()
+        },
+        ..fedavg()
+    };
+    check(&[a1.clone()], &cfg, &fed.ring, &|e| {
+        matches!(e, HqError::Merge(MergeError::TrimTooLarge { .. }))
+    });
+    // After all that, a good round still goes through.
+    hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[a1], &fedavg(), &fed.out).unwrap();
+}
+
+#[test]
+fn server_momentum_survives_between_runs() {
+    let fed = Fed::new();
+    let cfg = RoundConfig {
+        merge: MergeConfig {
+            strategy: Strategy::FedAvgM,
+            ..Default::default()
+        },
+        ..fedavg()
+    };
+    let x0 = Model::at(0.0);
+    let (g0, _) = hq::init(
+        &fed.state,
+        &fed.hq,
+        &x0.payload(),
+        "city",
+        None,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let u1 = fed.site_round(0, &g0, &Model::at(1.0), 10);
+    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u1], &cfg, &fed.out).unwrap();
+    let u2 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
+    // A separate call reloads the server state from disk.
+    let r2 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u2], &cfg, &fed.out).unwrap();
+    // Reference (lr 1, beta 0.9): d1 = x0 - u1, m1 = d1, x1 = x0 - m1; d2 = x1 - u2, m2 = 0.9 m1 + d2, x2 = x1 - m2.
+    let g1 = read_tensors(
+        ferry_bundle::open_file(&r1.path, &fed.hq_ring)
+            .unwrap()
+            .payload(),
+    );
+    let g2 = read_tensors(
+        ferry_bundle::open_file(&r2.path, &fed.hq_ring)
+            .unwrap()
+            .payload(),
+    );
+    let (u1c, u2c) = (Model::at(1.0).conv, Model::at(1.5).conv);
+    for i in 0..6 {
+        let x0i = x0.conv[i] as f64;
+        let m1 = x0i - u1c[i] as f64;
+        let x1 = (x0i - m1) as f32;
+        assert_eq!(f32s(&g1["conv1.weight"].1)[i], x1);
+        let m2 = 0.9 * m1 + (x1 as f64 - u2c[i] as f64);
+        let x2 = (x1 as f64 - m2) as f32;
+        assert!(
+            (f32s(&g2["conv1.weight"].1)[i] - x2).abs() < 1e-5,
+            "coordinate {i}"
+        );
+    }
+    assert!(
+        walk(&fed.state.join("server")).len() >= 2,
+        "server state is stored per global"
+    );
+}
