@@ -198,7 +198,7 @@ pub fn assemble(manifest_bytes: &[u8], key: &SecretKey, compressed: &[u8]) -> Ve
     let public = key.public();
     let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + manifest_bytes.len());
     message.extend_from_slice(SIGNATURE_DOMAIN);
-    message.extend_from_slice(&manifest_bytes);
+    message.extend_from_slice(manifest_bytes);
     let signature = key.sign(&message);
 
     let content_len = FIXED + manifest_bytes.len() + SIG_LEN;
@@ -210,7 +210,7 @@ pub fn assemble(manifest_bytes: &[u8], key: &SecretKey, compressed: &[u8]) -> Ve
     bytes.extend_from_slice(&0u16.to_le_bytes());
     bytes.extend_from_slice(&public.key_id());
     bytes.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&manifest_bytes);
+    bytes.extend_from_slice(manifest_bytes);
     bytes.extend_from_slice(&signature);
     bytes.extend_from_slice(compressed);
     bytes
@@ -252,6 +252,11 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
     let version = u16::from_le_bytes([bytes[16], bytes[17]]);
     if version != FORMAT_VERSION as u16 {
         return Err(OpenError::UnsupportedVersion(version));
+    }
+    if bytes.len() as u64 > limits.max_bundle_bytes {
+        return Err(OpenError::MalformedHeader(
+            "the file is larger than a bundle may be",
+        ));
     }
     if bytes[18] != 0 || bytes[19] != 0 {
         return Err(OpenError::MalformedHeader("reserved bytes are not zero"));
@@ -396,6 +401,15 @@ fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, O
         Ok(_) => return Err(frame_err("extra data after the first frame")),
         Err(_) => return Err(frame_err("the frame is damaged or truncated")),
     }
+    match frame_window_size(frame) {
+        Some(w) if w <= 1u64 << limits.window_log_max => {}
+        Some(_) => {
+            return Err(frame_err(
+                "its window is larger than ferry allows (2^27 bytes)",
+            ))
+        }
+        None => return Err(frame_err("the frame header is damaged")),
+    }
     match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(n)) if n == expected => {}
         Ok(Some(_)) => return Err(frame_err("the frame declares a different size than signed")),
@@ -414,6 +428,28 @@ fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, O
         return Err(err(format!("got {} bytes", out.len())));
     }
     Ok(out)
+}
+
+/// The window size a zstd frame header declares (RFC 8878 §3.1.1.1). libzstd skips its own window limit when
+/// it can decode a frame in one pass, so the limit is checked here, from the header.
+fn frame_window_size(frame: &[u8]) -> Option<u64> {
+    let fhd = *frame.get(4)?;
+    let single_segment = fhd & 0x20 != 0;
+    if !single_segment {
+        let wd = *frame.get(5)?;
+        let window_log = 10 + u64::from(wd >> 3);
+        let base = 1u64 << window_log;
+        return Some(base + (base / 8) * u64::from(wd & 7));
+    }
+    // Single segment: the window is the content size, which follows the optional dictionary id.
+    let dict_len = [0usize, 1, 2, 4][usize::from(fhd & 3)];
+    let fcs_len = [1usize, 2, 4, 8][usize::from(fhd >> 6)];
+    let at = 5 + dict_len;
+    let b = frame.get(at..at + fcs_len)?;
+    let mut v = [0u8; 8];
+    v[..fcs_len].copy_from_slice(b);
+    let size = u64::from_le_bytes(v);
+    Some(if fcs_len == 2 { size + 256 } else { size })
 }
 
 fn check_tensors(

@@ -19,7 +19,7 @@ pub enum OpenError {
     #[error("not a ferry bundle: wrong magic bytes")]
     WrongMagic,
     /// The header says a format version this ferry does not know.
-    #[error("bundle format version {0} is newer than this ferry understands; upgrade ferry")]
+    #[error("bundle format version {0} is not one this ferry reads (it reads version 1); if the bundle is newer, upgrade ferry")]
     UnsupportedVersion(u16),
     /// The header frame is damaged.
     #[error("damaged bundle header: {0}")]

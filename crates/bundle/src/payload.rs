@@ -75,7 +75,7 @@ pub fn dtype_size(d: Dtype) -> usize {
 
 /// Byte length of a tensor, or `None` on overflow.
 pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    if dtype.bitsize() % 8 != 0 {
+    if !dtype.bitsize().is_multiple_of(8) {
         return None;
     }
     shape

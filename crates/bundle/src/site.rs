@@ -104,6 +104,11 @@ pub enum SiteError {
         /// Offered fingerprint (short).
         found: String,
     },
+    /// The global holds NaN or infinity.
+    #[error(
+        "this global's tensor {0:?} holds NaN or infinity; refusing to install a broken model"
+    )]
+    NonFinite(String),
     /// Nothing has been imported yet.
     #[error("no global imported yet in {}; run `ferry-client import` first", .0.display())]
     NoGlobal(PathBuf),
@@ -390,6 +395,13 @@ impl SiteState {
                 });
             }
         }
+        // HQ never signs non-finite weights; a global that has them came from a broken or hostile HQ.
+        if let Some(t) = bundle
+            .tensors()
+            .find(|t| !crate::payload::all_finite(t.dtype, t.data))
+        {
+            return Err(SiteError::NonFinite(crate::escape(t.name)));
+        }
         let payload_sha256 = self.store_weights(bundle.payload())?;
         let rec = GlobalRecord {
             round: m.round,
@@ -398,7 +410,10 @@ impl SiteState {
             arch: m.arch.clone(),
             model_fingerprint: m.model_fingerprint.clone(),
             payload_sha256,
-            samples: m.contributors.iter().map(|c| c.samples).sum(),
+            samples: m
+                .contributors
+                .iter()
+                .fold(0u64, |acc, c| acc.saturating_add(c.samples)),
             imported_at: crate::unix_now(),
             source: source.to_string(),
         };

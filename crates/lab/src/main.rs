@@ -1,1 +1,4 @@
+//! `ferry-lab`: demo, experiments and benchmarks.
+mod report;
+
 fn main() {}

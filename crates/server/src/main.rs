@@ -214,8 +214,8 @@ fn merge(a: &MergeArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12} {:>10} {:>8} {:>12}  {}",
-        "site", "samples", "weight", "distance", "bundle"
+        "{:<12} {:>10} {:>8} {:>12}  bundle",
+        "site", "samples", "weight", "distance"
     );
     for c in &out.report.contributions {
         let clip = if c.clipped {

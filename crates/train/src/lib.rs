@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod model;
+mod ops;
 pub mod optim;
 #[cfg(test)]
 mod testutil;

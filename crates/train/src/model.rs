@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
@@ -17,6 +17,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::arch::{Arch, TensorKind, PLATE_CONV, PLATE_HIDDEN};
 use crate::error::TrainError;
+use crate::ops;
 
 /// PyTorch's BatchNorm defaults.
 const BN_EPS: f64 = 1e-5;
@@ -34,6 +35,7 @@ pub enum Mode {
     Recalibrate(f64),
 }
 
+/// BatchNorm over the channels of an NHWC tensor, PyTorch's `BatchNorm2d` semantics.
 #[derive(Debug, Clone)]
 struct BatchNorm2d {
     running_mean: Var,
@@ -54,48 +56,55 @@ impl BatchNorm2d {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let c = x.dim(1)?;
-        let shape = (1, c, 1, 1);
+        let dims = x.dims().to_vec();
+        let c = x.dim(D::Minus1)?;
+        let flat = x.reshape(((), c))?;
         let (mean, var) = match mode {
             Mode::Eval => (
-                self.running_mean.as_detached_tensor().reshape(shape)?,
-                self.running_var.as_detached_tensor().reshape(shape)?,
+                self.running_mean.as_detached_tensor(),
+                self.running_var.as_detached_tensor(),
             ),
             Mode::Train | Mode::Recalibrate(_) => {
                 let factor = match mode {
                     Mode::Recalibrate(f) => f,
                     _ => BN_MOMENTUM,
                 };
-                let (n, _, h, w) = x.dims4()?;
-                let count = (n * h * w) as f64;
-                let mean = x.mean_keepdim((0, 2, 3))?;
-                let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
-                // Running variance is the unbiased estimate, as in PyTorch.
+                let count = flat.dim(0)? as f64;
+                let mean = flat.mean(0)?;
+                let var = flat.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+                // The running variance is the unbiased estimate, as in PyTorch.
                 let unbias = if count > 1.0 {
                     count / (count - 1.0)
                 } else {
                     1.0
                 };
                 let m = ((self.running_mean.as_tensor() * (1.0 - factor))?
-                    + (mean.detach().flatten_all()? * factor)?)?;
+                    + (mean.detach() * factor)?)?;
                 let v = ((self.running_var.as_tensor() * (1.0 - factor))?
-                    + (var.detach().flatten_all()? * (factor * unbias))?)?;
+                    + (var.detach() * (factor * unbias))?)?;
                 self.running_mean.set(&m)?;
                 self.running_var.set(&v)?;
                 (mean, var)
             }
         };
-        let x = x
+        let scale = self.weight.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        let y = flat
             .broadcast_sub(&mean)?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        x.broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias)?;
+        y.reshape(dims)
     }
+}
+
+/// NCHW input → NHWC, the layout the convolution blocks work in.
+fn to_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()
 }
 
 #[derive(Debug, Clone)]
 struct PlateCnn {
-    blocks: Vec<(Conv2d, BatchNorm2d)>,
+    /// (conv weight, BatchNorm) per block.
+    blocks: Vec<(Tensor, BatchNorm2d)>,
     fc1: Linear,
     heads: Vec<Linear>,
 }
@@ -104,16 +113,12 @@ impl PlateCnn {
     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
         let arch = Arch::PlateCnn;
         let (mut cin, h, w) = arch.input();
-        let conv = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let mut blocks = Vec::new();
         for (i, &cout) in PLATE_CONV.iter().enumerate() {
             let n = i + 1;
-            let c = candle_nn::conv2d_no_bias(cin, cout, 3, conv, vb.pp(format!("conv{n}")))?;
+            let weight = vb.get((cout, cin, 3, 3), &format!("conv{n}.weight"))?;
             let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
-            blocks.push((c, bn));
+            blocks.push((weight, bn));
             cin = cout;
         }
         let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
@@ -125,14 +130,17 @@ impl PlateCnn {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for (conv, bn) in &self.blocks {
-            x = bn
-                .forward(&conv.forward(&x)?, mode)?
-                .relu()?
-                .max_pool2d(2)?;
+        let mut x = to_nhwc(x)?;
+        for (weight, bn) in &self.blocks {
+            x = ops::max_pool2_nhwc(
+                &bn.forward(&ops::conv2d_nhwc(&x, weight, None, 1)?, mode)?
+                    .relu()?,
+            )?;
         }
-        let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        let x = self
+            .fc1
+            .forward(&ops::nhwc_to_nchw(&x)?.flatten_from(1)?)?
+            .relu()?;
         let outs = self
             .heads
             .iter()
@@ -144,30 +152,36 @@ impl PlateCnn {
 
 #[derive(Debug, Clone)]
 struct MnistCnn {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    /// (weight, bias) of the two 5×5 'same' convolutions.
+    convs: [(Tensor, Tensor); 2],
     fc1: Linear,
     fc2: Linear,
 }
 
 impl MnistCnn {
     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        let same = Conv2dConfig {
-            padding: 2,
-            ..Default::default()
+        let conv = |cin: usize, cout: usize, name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                vb.get((cout, cin, 5, 5), &format!("{name}.weight"))?,
+                vb.get(cout, &format!("{name}.bias"))?,
+            ))
         };
         Ok(MnistCnn {
-            conv1: candle_nn::conv2d(1, 32, 5, same, vb.pp("conv1"))?,
-            conv2: candle_nn::conv2d(32, 64, 5, same, vb.pp("conv2"))?,
+            convs: [conv(1, 32, "conv1")?, conv(32, 64, "conv2")?],
             fc1: candle_nn::linear(3136, 512, vb.pp("fc1"))?,
             fc2: candle_nn::linear(512, 10, vb.pp("fc2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
-        let x = self.conv2.forward(&x)?.relu()?.max_pool2d(2)?;
-        let x = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
+        let mut x = to_nhwc(x)?;
+        for (w, b) in &self.convs {
+            x = ops::max_pool2_nhwc(&ops::conv2d_nhwc(&x, w, Some(b), 2)?.relu()?)?;
+        }
+        let x = self
+            .fc1
+            .forward(&ops::nhwc_to_nchw(&x)?.flatten_from(1)?)?
+            .relu()?;
         self.fc2.forward(&x)?.unsqueeze(1)
     }
 }
