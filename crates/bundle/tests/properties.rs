@@ -154,7 +154,7 @@ fn apply(bytes: &mut Vec<u8>, other: &[u8], m: &Mutation) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_bundles_never_verify(

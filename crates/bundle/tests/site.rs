@@ -100,7 +100,8 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     );
 
     let before = snapshot(dir.path());
-    let refusals: Vec<(Bundle, fn(&SiteError) -> bool)> = vec![
+    type IsExpected = fn(&SiteError) -> bool;
+    let refusals: Vec<(Bundle, IsExpected)> = vec![
         (g0.clone(), |e| matches!(e, SiteError::Rollback { .. })),
         (g1_other.clone(), |e| {
             matches!(e, SiteError::Rollback { .. })

@@ -332,7 +332,7 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         &fed.state,
         &fed.hq,
         &fed.ring,
-        &[ua.clone()],
+        std::slice::from_ref(&ua),
         &fedavg(),
         &fed.out,
     )
@@ -345,11 +345,11 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
             assert_eq!(fed.snapshot(), before, "state changed after: {err}");
         };
     // Stale: site B's update is based on round 0, HQ is at round 1.
-    check(&[ub.clone()], &fedavg(), &fed.ring, &|e| {
+    check(std::slice::from_ref(&ub), &fedavg(), &fed.ring, &|e| {
         matches!(e, HqError::Ledger(LedgerError::Stale { .. }))
     });
     // Replay.
-    check(&[ua.clone()], &fedavg(), &fed.ring, &|e| {
+    check(std::slice::from_ref(&ua), &fedavg(), &fed.ring, &|e| {
         matches!(e, HqError::Ledger(LedgerError::Replay { .. }))
     });
     // Same site twice in one round.
@@ -401,7 +401,7 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
     });
     // Fewer than --min-sites.
     check(
-        &[a1.clone()],
+        std::slice::from_ref(&a1),
         &RoundConfig {
             min_sites: 2,
             ..fedavg()
@@ -440,7 +440,7 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         },
         ..fedavg()
     };
-    check(&[a1.clone()], &cfg, &fed.ring, &|e| {
+    check(std::slice::from_ref(&a1), &cfg, &fed.ring, &|e| {
         matches!(e, HqError::Merge(MergeError::TrimTooLarge { .. }))
     });
     // After all that, a good round still goes through.
