@@ -396,9 +396,12 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         )
     });
     // A global offered as an update.
-    check(&[r1.path.clone()], &fedavg(), &fed.hq_ring, &|e| {
-        matches!(e, HqError::NotAnUpdate(_))
-    });
+    check(
+        std::slice::from_ref(&r1.path),
+        &fedavg(),
+        &fed.hq_ring,
+        &|e| matches!(e, HqError::NotAnUpdate(_)),
+    );
     // Fewer than --min-sites.
     check(
         std::slice::from_ref(&a1),
