@@ -28,7 +28,10 @@ fn keys() -> &'static (Vec<SecretKey>, Keyring) {
 
 fn check(bytes: &[u8], ring: &Keyring) {
     // Small payload limit: the fuzzer must not be able to ask for gigabytes.
-    let limits = Limits { max_payload_bytes: 64 << 20, ..Limits::default() };
+    let limits = Limits {
+        max_payload_bytes: 64 << 20,
+        ..Limits::default()
+    };
     if let Ok(b) = open(bytes, ring, &limits) {
         assert_eq!(sha256_hex(b.payload()), b.manifest.payload.sha256);
         assert_eq!(b.hash, sha256_hex(bytes));
@@ -43,7 +46,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let ml = u32::from_le_bytes([data[28], data[29], data[30], data[31]]) as usize;
-    let Some(payload) = data.get(32 + ml + 64..) else { return };
+    let Some(payload) = data.get(32 + ml + 64..) else {
+        return;
+    };
     let manifest = &data[32..32 + ml];
     let key = keys
         .iter()

@@ -834,30 +834,57 @@ fn compression(kit: &mut Kit, m0: &Manifest, hq: &SecretKey, plain: &[u8]) {
         "ok",
         "libzstd frame written with include_contentsize(false)",
     );
-    // zstd clamps a frame's window to its content size, so a wide window only matters for a large frame: a
-    // 256 MiB frame (signed as such) whose window is 2^28, over the 2^27 limit.
+    // The window the frame header declares must be within 2^27, whatever the content size: a 256 MiB frame
+    // (signed as such) with a 2^28 window, and a small frame that declares a 2^31 window.
     let wide_len = 1u64 << 28;
     let wide = frame(Some(wide_len), Some(28), &raw_blocks(plain));
     let mut m = m0.clone();
     describe(&mut m, plain, &wide);
     m.payload.len = wide_len;
-    kit.bundle_bug(
+    kit.bundle(
         &format!("{c}-window-log-28"),
         assemble(&json(&m), hq, &wide),
         STD,
-        "Decompress",
-        "decompress() reserves the signed length (up to 1 GiB) before the decoder refuses the window",
+        "PayloadFrame",
         "ok",
-        "256 MiB frame with a 2^28 window, over the 2^27 limit",
+        "256 MiB frame with a 2^28 window, over the 2^27 limit: refused from the header, nothing allocated",
     );
-    let clamped = frame(Some(len), Some(31), &raw_blocks(plain));
+    let small = frame(Some(len), Some(31), &raw_blocks(plain));
     kit.bundle(
-        &format!("{c}-window-log-31-clamped-valid"),
-        b(m0, &clamped),
+        &format!("{c}-window-log-31-small-frame"),
+        b(m0, &small),
         STD,
-        &ok(plain),
+        "PayloadFrame",
         "ok",
-        "window descriptor 2^31 on a small frame: zstd clamps the window to the content size, VALID",
+        "small frame declaring a 2^31 window (libzstd would clamp it to the content size; ferry refuses it)",
+    );
+    let single_big = frame(Some(wide_len), None, &raw_blocks(plain));
+    let mut m = m0.clone();
+    describe(&mut m, plain, &single_big);
+    m.payload.len = wide_len;
+    kit.bundle(
+        &format!("{c}-single-segment-256mib"),
+        assemble(&json(&m), hq, &single_big),
+        STD,
+        "PayloadFrame",
+        "ok",
+        "single-segment frame declaring 256 MiB: its window is its size, over the limit",
+    );
+    // A frame within every limit that declares 1 GiB and holds 1 MiB: signed honestly, refused when the
+    // content ends early, but only after the reader has reserved the declared size.
+    let gib = 1u64 << 30;
+    let hollow = frame(Some(gib), Some(27), &rle_blocks(8));
+    let mut m = m0.clone();
+    describe(&mut m, plain, &hollow);
+    m.payload.len = gib;
+    kit.bundle_bug(
+        &format!("{c}-declares-1gib-holds-1mib"),
+        assemble(&json(&m), hq, &hollow),
+        STD,
+        "Decompress",
+        "-",
+        "ok",
+        "1 GiB declared and signed, 2^27 window, 32 bytes of RLE blocks making 1 MiB",
     );
     let at_limit = frame(Some(len), Some(27), &raw_blocks(plain));
     kit.bundle(
@@ -1274,10 +1301,13 @@ fn safetensors_signed(kit: &mut Kit, m0: &Manifest, hq: &SecretKey, p: &Payload)
             &format!("{c}-{name}"),
             signed(&m, hq, &b, &frame),
             STD,
-            "NonFinite",
-            "open accepts non-finite floats that seal refuses (no OpenError variant; see report)",
+            &ok(&b),
+            "-",
             "ok",
-            &format!("{comment}, validly signed with matching hashes"),
+            &format!(
+                "{comment}, validly signed with matching hashes: VALID for open, which checks origin; \
+                 SiteState::import and the merge refuse the values"
+            ),
         );
     }
     let mut m = m0.clone();
@@ -1447,14 +1477,14 @@ fn safetensors_raw(kit: &mut Kit, model: &Model) {
         &format!("{c}-duplicate-name-identical"),
         st(&format!("{{{},{}}}", t("w", "F32", "4", 0, 16), t("w", "F32", "4", 0, 16)), &f),
         "DuplicateTensor",
-        "from_safetensors' duplicate check is dead: both counts come from the same last-wins HashMap",
+        "-",
         "w declared twice, identically",
     );
     kit.raw(
         &format!("{c}-duplicate-name-shadowed"),
         st(&format!("{{{},{}}}", t("w", "I8", "1000", 0, 1000), t("w", "F32", "4", 0, 16)), &f),
         "DuplicateTensor",
-        "from_safetensors' duplicate check is dead: a first entry pointing past EOF is silently dropped",
+        "-",
         "w twice: a bogus first entry shadowed by a valid second one (parsers that keep the first disagree)",
     );
     kit.raw(

@@ -420,7 +420,9 @@ fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, O
         zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
     dec.window_log_max(limits.window_log_max)
         .map_err(|e| err(e.to_string()))?;
-    let mut out = Vec::with_capacity(expected.min(1 << 30) as usize);
+    // Reserve only a little up front: the buffer grows with what actually decodes, so a small frame that
+    // declares a huge size costs nothing before it is refused.
+    let mut out = Vec::with_capacity(expected.min(16 << 20) as usize);
     dec.take(expected + 1)
         .read_to_end(&mut out)
         .map_err(|e| err(e.to_string()))?;

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod keys;
 pub mod manifest;
 pub mod payload;
+pub mod revocation;
 pub mod site;
 
 mod error;

@@ -179,16 +179,20 @@ impl Payload {
     pub fn from_safetensors(bytes: &[u8]) -> Result<Payload, SealError> {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| SealError::Safetensors(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        // safetensors parses the header into a map where the last of two equal keys silently wins: read the
+        // raw JSON keys ourselves and refuse repeats.
+        let header_len = header_len_of(bytes).saturating_sub(8);
+        let header = bytes
+            .get(8..8 + header_len)
+            .ok_or_else(|| SealError::Safetensors("header runs past the end of the file".into()))?;
+        let mut de = serde_json::Deserializer::from_slice(header);
+        let mut keys = serde::Deserializer::deserialize_map(&mut de, KeyCollector)
             .map_err(|e| SealError::Safetensors(e.to_string()))?;
-        // serde keeps the last of duplicate JSON keys: count what the header declares against what was parsed.
-        let declared = meta.tensors().len();
-        let views = st.tensors();
-        if views.len() != declared {
-            return Err(SealError::Safetensors(
-                "the header declares a tensor name twice".into(),
-            ));
+        keys.sort();
+        if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+            return Err(SealError::DuplicateTensor(crate::escape(&w[0])));
         }
+        let views = st.tensors();
         let refs: Vec<TensorRef<'_>> = views
             .iter()
             .map(|(name, v)| TensorRef {
@@ -219,6 +223,23 @@ impl Payload {
     /// Iterate tensors in sorted-name order.
     pub fn tensors(&self) -> impl Iterator<Item = TensorRef<'_>> {
         tensor_refs(&self.bytes, &self.metas)
+    }
+}
+
+/// Collects the keys of a JSON object in order, duplicates included, ignoring the values.
+struct KeyCollector;
+
+impl<'de> serde::de::Visitor<'de> for KeyCollector {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        let mut keys = Vec::new();
+        while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+            keys.push(k);
+        }
+        Ok(keys)
     }
 }
 

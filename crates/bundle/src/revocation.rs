@@ -65,7 +65,9 @@ pub enum RevocationError {
     #[error("damaged revocation list: {0}")]
     Malformed(&'static str),
     /// The signing key is not trusted.
-    #[error("revocation list signed by key {0}, which is not among your trusted keys (check --trust)")]
+    #[error(
+        "revocation list signed by key {0}, which is not among your trusted keys (check --trust)"
+    )]
     UntrustedKey(String),
     /// The signing key is itself revoked.
     #[error("revocation list signed by key {0}, which has been revoked")]
@@ -141,7 +143,12 @@ fn parse_key_id(s: &str) -> Option<[u8; 8]> {
 
 impl RevocationList {
     /// A list to be signed by [`sign`]; the signer is filled in there.
-    pub fn new(federation: &str, serial: u64, created: u64, revoked: Vec<Revoked>) -> RevocationList {
+    pub fn new(
+        federation: &str,
+        serial: u64,
+        created: u64,
+        revoked: Vec<Revoked>,
+    ) -> RevocationList {
         RevocationList {
             format: 1,
             federation: federation.to_string(),
@@ -185,7 +192,9 @@ impl RevocationList {
                 return Err(format!("key {} is listed twice", r.key_id));
             }
             if r.key_id == self.signer.key_id {
-                return Err("the list revokes the key that signs it; sign with the new hq key".into());
+                return Err(
+                    "the list revokes the key that signs it; sign with the new hq key".into(),
+                );
             }
         }
         Ok(())
@@ -222,7 +231,9 @@ pub fn sign(list: &RevocationList, key: &SecretKey) -> Result<Vec<u8>, Revocatio
     list.validate().map_err(RevocationError::Invalid)?;
     let body = serde_json::to_vec(&list).map_err(|e| RevocationError::Invalid(e.to_string()))?;
     if body.len() > MAX_BODY_BYTES as usize {
-        return Err(RevocationError::Invalid("the list is larger than 1 MiB".into()));
+        return Err(RevocationError::Invalid(
+            "the list is larger than 1 MiB".into(),
+        ));
     }
     let mut message = SIGNATURE_DOMAIN.to_vec();
     message.extend_from_slice(&body);
@@ -274,7 +285,10 @@ pub fn verify(bytes: &[u8], keyring: &Keyring) -> Result<RevocationList, Revocat
         .get(&key_id)
         .ok_or_else(|| RevocationError::UntrustedKey(key_hex.clone()))?;
     if key.role != Role::Hq {
-        return Err(RevocationError::NotHq(format!("{} {} {}", key.role, key.id, key_hex)));
+        return Err(RevocationError::NotHq(format!(
+            "{} {} {}",
+            key.role, key.id, key_hex
+        )));
     }
     let body = &bytes[FIXED..body_end];
     let mut message = SIGNATURE_DOMAIN.to_vec();
@@ -310,7 +324,10 @@ pub fn read(path: &Path, keyring: &Keyring) -> Result<RevocationList, Revocation
 /// Load every `--revocations` file: each is verified against `keyring` as loaded from `--trust` (lists do not
 /// vouch for each other), then all are applied. Returns the lists. Fails without applying anything if any
 /// list is refused.
-pub fn load(paths: &[PathBuf], keyring: &mut Keyring) -> Result<Vec<RevocationList>, RevocationError> {
+pub fn load(
+    paths: &[PathBuf],
+    keyring: &mut Keyring,
+) -> Result<Vec<RevocationList>, RevocationError> {
     let lists = paths
         .iter()
         .map(|p| read(p, keyring))
@@ -359,11 +376,17 @@ mod tests {
         assert_eq!(back.apply(&mut keys), 1);
         assert!(keys.is_revoked(&a.public().key_id()));
         // Sites cannot sign lists.
-        assert!(matches!(sign(&list, &a), Err(RevocationError::WrongRole(_))));
+        assert!(matches!(
+            sign(&list, &a),
+            Err(RevocationError::WrongRole(_))
+        ));
         // A list cannot revoke its signer.
         let mut own = list.clone();
         own.revoked[0].key_id = hq().public().key_id_hex();
-        assert!(matches!(sign(&own, &hq()), Err(RevocationError::Invalid(_))));
+        assert!(matches!(
+            sign(&own, &hq()),
+            Err(RevocationError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -377,7 +400,11 @@ mod tests {
             reason: "lost".into(),
         };
         let good = dir.path().join("good.ferry-rev");
-        std::fs::write(&good, sign(&RevocationList::new("kit", 1, 0, vec![entry]), &hq()).unwrap()).unwrap();
+        std::fs::write(
+            &good,
+            sign(&RevocationList::new("kit", 1, 0, vec![entry]), &hq()).unwrap(),
+        )
+        .unwrap();
         let bad = dir.path().join("bad.ferry-rev");
         std::fs::write(&bad, b"FERRYREV").unwrap();
         let mut keys = ring(&[&hq(), &a]);
@@ -405,7 +432,9 @@ mod tests {
                     Some(s) => (true, s),
                     None => (false, stem),
                 };
-                let pk = crate::keys::PublicKey::read(&dir.join("keys").join(format!("{stem}.pub"))).unwrap();
+                let pk =
+                    crate::keys::PublicKey::read(&dir.join("keys").join(format!("{stem}.pub")))
+                        .unwrap();
                 if revoke {
                     keys.revoke(pk.key_id());
                 } else {
@@ -415,7 +444,10 @@ mod tests {
             let bytes = std::fs::read(dir.join(f[0])).unwrap();
             let got = match verify(&bytes, &keys) {
                 Ok(l) => format!("ok:{}", l.revoked.len()),
-                Err(e) => format!("{e:?}").chars().take_while(|c| c.is_alphanumeric()).collect(),
+                Err(e) => format!("{e:?}")
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric())
+                    .collect(),
             };
             assert_eq!(got, f[3], "{}: {}", f[0], f[5]);
             checked += 1;

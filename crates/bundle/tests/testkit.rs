@@ -293,7 +293,6 @@ fn every_vector_gives_its_expected_outcome_in_bounded_time_and_memory() {
 
 /// Reader defects found by the kit: rows with a `bug` note. Fails until they are fixed; then clear the note.
 #[test]
-#[ignore = "bug: open accepts signed NaN/Inf tensors; open reserves the signed length before decoding; Payload::from_safetensors misses duplicate tensor names (see the bug column of expectations.tsv)"]
 fn known_bugs() {
     let mut failures = Vec::new();
     for row in rows().into_iter().filter(|r| r.bug != "-") {
@@ -421,6 +420,23 @@ fn input_changed_after_verifying_is_never_reread() {
         std::fs::read(state.current_model_path()).expect("model"),
         b.payload()
     );
+}
+
+#[test]
+fn a_signed_non_finite_global_verifies_but_is_never_installed() {
+    let ring = keyring("hq");
+    for v in ["st-signed-nan.ferry", "st-signed-inf.ferry"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = SiteState::open(tmp.path()).expect("fresh state");
+        let before = snapshot(state.dir());
+        let b = open_file(&kit_dir().join(v), &ring).expect("open checks origin, not values");
+        let err = state.import(&b, v, 10).expect_err("installed NaN weights");
+        assert!(
+            matches!(err, ferry_bundle::site::SiteError::NonFinite(_)),
+            "{v}: {err:?}"
+        );
+        assert_eq!(snapshot(state.dir()), before, "{v}: state changed");
+    }
 }
 
 #[cfg(unix)]

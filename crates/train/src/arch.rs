@@ -88,7 +88,7 @@ impl TensorSpec {
 }
 
 /// The plate-cnn's convolution widths, one BatchNorm + 2×2 max-pool block each.
-pub(crate) const PLATE_CONV: [usize; 3] = [32, 64, 96];
+pub(crate) const PLATE_CONV: [usize; 3] = [16, 32, 64];
 /// Width of the plate-cnn's shared hidden layer.
 pub(crate) const PLATE_HIDDEN: usize = 256;
 

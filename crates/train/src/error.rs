@@ -79,6 +79,9 @@ pub enum TrainError {
     /// The site state directory is locked by another process.
     #[error(transparent)]
     Lock(#[from] ferry_bundle::fsutil::LockError),
+    /// The site state directory could not be read or updated.
+    #[error(transparent)]
+    Site(#[from] ferry_bundle::site::SiteError),
     /// The tensor library reported an error (a bug or an out-of-memory condition, not bad input).
     #[error("the tensor computation failed ({0}); if memory is short, lower --batch")]
     Tensor(#[from] candle_core::Error),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod model;
 mod ops;
 pub mod optim;
+pub mod site;
 #[cfg(test)]
 mod testutil;
 pub mod train;
@@ -17,9 +18,11 @@ pub mod train;
 pub(crate) use data as data_api;
 
 pub use arch::{Arch, TensorKind, TensorSpec};
+pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model};
 pub use optim::{Adam, AdamConfig};
+pub use site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};
 pub use train::{
     evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats,
     TrainConfig, TrainObserver, TrainSummary,

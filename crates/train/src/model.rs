@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -35,7 +35,7 @@ pub enum Mode {
     Recalibrate(f64),
 }
 
-/// BatchNorm over the channels of an NHWC tensor, PyTorch's `BatchNorm2d` semantics.
+/// BatchNorm over a channel-major `(c, n)` tensor (`n` = batch × height × width), PyTorch's `BatchNorm2d` semantics.
 #[derive(Debug, Clone)]
 struct BatchNorm2d {
     running_mean: Var,
@@ -55,44 +55,46 @@ impl BatchNorm2d {
         })
     }
 
+    /// `x` is channel-major `(c, n)`; so is the result.
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let c = x.dim(D::Minus1)?;
-        let flat = x.reshape(((), c))?;
-        let (mean, var) = match mode {
-            Mode::Eval => (
-                self.running_mean.as_detached_tensor(),
-                self.running_var.as_detached_tensor(),
-            ),
-            Mode::Train | Mode::Recalibrate(_) => {
-                let factor = match mode {
-                    Mode::Recalibrate(f) => f,
-                    _ => BN_MOMENTUM,
-                };
-                let count = flat.dim(0)? as f64;
-                let mean = flat.mean(0)?;
-                let var = flat.broadcast_sub(&mean)?.sqr()?.mean(0)?;
-                // The running variance is the unbiased estimate, as in PyTorch.
-                let unbias = if count > 1.0 {
-                    count / (count - 1.0)
-                } else {
-                    1.0
-                };
-                let m = ((self.running_mean.as_tensor() * (1.0 - factor))?
-                    + (mean.detach() * factor)?)?;
-                let v = ((self.running_var.as_tensor() * (1.0 - factor))?
-                    + (var.detach() * (factor * unbias))?)?;
-                self.running_mean.set(&m)?;
-                self.running_var.set(&v)?;
-                (mean, var)
+        let c = x.dim(0)?;
+        let factor = match mode {
+            Mode::Eval => {
+                let mean = self.running_mean.as_detached_tensor().reshape((c, 1))?;
+                let var = self.running_var.as_detached_tensor().reshape((c, 1))?;
+                let scale = self
+                    .weight
+                    .reshape((c, 1))?
+                    .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+                let shift = self.bias.reshape((c, 1))?.sub(&(mean * &scale)?)?;
+                return x.broadcast_mul(&scale)?.broadcast_add(&shift);
             }
+            Mode::Train => BN_MOMENTUM,
+            Mode::Recalibrate(f) => f,
         };
-        let scale = self.weight.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        let y = flat
-            .broadcast_sub(&mean)?
+        let count = x.dim(1)? as f64;
+        let mean = x.mean_keepdim(1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(1)?;
+        // The running variance is the unbiased estimate, as in PyTorch.
+        let unbias = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let m = ((self.running_mean.as_tensor() * (1.0 - factor))?
+            + (mean.detach().flatten_all()? * factor)?)?;
+        let v = ((self.running_var.as_tensor() * (1.0 - factor))?
+            + (var.detach().flatten_all()? * (factor * unbias))?)?;
+        self.running_mean.set(&m)?;
+        self.running_var.set(&v)?;
+        let scale = self
+            .weight
+            .reshape((c, 1))?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        centered
             .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias)?;
-        y.reshape(dims)
+            .broadcast_add(&self.bias.reshape((c, 1))?)
     }
 }
 
@@ -132,10 +134,10 @@ impl PlateCnn {
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let mut x = to_nhwc(x)?;
         for (weight, bn) in &self.blocks {
-            x = ops::max_pool2_nhwc(
-                &bn.forward(&ops::conv2d_nhwc(&x, weight, None, 1)?, mode)?
-                    .relu()?,
-            )?;
+            let b = x.dim(0)?;
+            let (y, (h, w)) = ops::conv2d_nhwc(&x, weight, None, 1)?;
+            let y = bn.forward(&y, mode)?.relu()?;
+            x = ops::max_pool2_to_nhwc(&y.reshape(((), b, h, w))?)?;
         }
         let x = self
             .fc1
@@ -175,8 +177,10 @@ impl MnistCnn {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = to_nhwc(x)?;
-        for (w, b) in &self.convs {
-            x = ops::max_pool2_nhwc(&ops::conv2d_nhwc(&x, w, Some(b), 2)?.relu()?)?;
+        for (weight, bias) in &self.convs {
+            let b = x.dim(0)?;
+            let (y, (h, w)) = ops::conv2d_nhwc(&x, weight, Some(bias), 2)?;
+            x = ops::max_pool2_to_nhwc(&y.relu()?.reshape(((), b, h, w))?)?;
         }
         let x = self
             .fc1
@@ -529,11 +533,12 @@ pub(crate) fn read_safetensors(
     Ok(out)
 }
 
+/// Tensors by name plus the file's metadata.
+pub(crate) type StateFile = (BTreeMap<String, HostTensor>, HashMap<String, String>);
+
 /// Parse any safetensors file of F32 tensors and I64 scalars into flat host tensors plus its metadata, for ferry's own
 /// state files (optimizer moments, checkpoints); callers check names and sizes.
-pub(crate) fn read_any_safetensors(
-    bytes: &[u8],
-) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>), TrainError> {
+pub(crate) fn read_any_safetensors(bytes: &[u8]) -> Result<StateFile, TrainError> {
     let fmt = |e: safetensors::SafeTensorError| TrainError::WeightsFormat(e.to_string());
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(fmt)?;
     let metadata = meta.metadata().clone().unwrap_or_default();
@@ -613,7 +618,10 @@ mod tests {
         let n = st.tensor("bn1.num_batches_tracked").unwrap();
         assert_eq!((n.dtype(), n.shape()), (Dtype::I64, &[][..]));
         let w = st.tensor("conv1.weight").unwrap();
-        assert_eq!((w.dtype(), w.shape()), (Dtype::F32, &[32, 1, 3, 3][..]));
+        assert_eq!(
+            (w.dtype(), w.shape()),
+            (Dtype::F32, &[PLATE_CONV[0], 1, 3, 3][..])
+        );
         assert!(st.tensor("heads.7.bias").is_ok());
         assert_eq!(st.len(), Arch::PlateCnn.tensors().len());
     }

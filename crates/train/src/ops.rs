@@ -153,47 +153,50 @@ fn im2col_generic(x: &Tensor, k: usize, pad: usize) -> Result<Tensor> {
     Tensor::cat(&parts, 3)?.reshape((b * ho * wo, k * k * c))
 }
 
-/// Stride-1 convolution of an NHWC tensor with a PyTorch-layout weight `(out, in, k, k)` and optional bias:
-/// `(b, h, w, in)` → `(b, ho, wo, out)`.
+/// Stride-1 convolution of an NHWC tensor with a PyTorch-layout weight `(out, in, k, k)` and optional bias,
+/// returning channel-major output `(out, b·ho·wo)` (i.e. `(out, b, ho, wo)` flattened) and `(ho, wo)`:
+/// channel-major keeps the BatchNorm reductions on the last, contiguous dimension (candle's reductions over a
+/// leading dimension are strided and were the other half of the slowness).
 pub(crate) fn conv2d_nhwc(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     pad: usize,
-) -> Result<Tensor> {
-    let (b, h, w, _) = x.dims4()?;
+) -> Result<(Tensor, (usize, usize))> {
+    let (_, h, w, _) = x.dims4()?;
     let (o, c, k, _) = weight.dims4()?;
     let cols = im2col(x, k, pad)?;
     // (o, c, ky, kx) -> (o, ky, kx, c) to match the column order.
     let wm = weight.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
-    let mut y = cols.matmul(&wm.t()?)?;
+    let mut y = wm.matmul(&cols.t()?)?;
     if let Some(bias) = bias {
-        y = y.broadcast_add(bias)?;
+        y = y.broadcast_add(&bias.reshape((o, 1))?)?;
     }
-    let (ho, wo) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
-    y.reshape((b, ho, wo, o))
+    Ok((y, (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k)))
 }
 
-/// 2×2 max-pool with stride 2 of an NHWC tensor (odd trailing rows/columns dropped, as in PyTorch).
+/// 2×2 max-pool with stride 2 of a channel-major `(c, b, h, w)` tensor into NHWC `(b, h/2, w/2, c)`, ready for
+/// the next im2col (odd trailing rows/columns dropped, as in PyTorch).
 #[derive(Debug, Clone, Copy)]
 struct MaxPool2;
 
 impl CustomOp1 for MaxPool2 {
     fn name(&self) -> &'static str {
-        "ferry-maxpool2-nhwc"
+        "ferry-maxpool2-to-nhwc"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "max-pool")?;
-        let (b, h, w, c) = l.shape().dims4()?;
+        let (c, b, h, w) = l.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
+        let plane = b * h * w;
         let mut out = vec![0f32; b * ho * wo * c];
         for (r, dst) in out.chunks_mut(c).enumerate() {
             let (bi, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-            let at = |dy: usize, dx: usize| ((bi * h + 2 * oy + dy) * w + 2 * ox + dx) * c;
-            let (p, q, s, t) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+            let p = (bi * h + 2 * oy) * w + 2 * ox;
             for (ci, d) in dst.iter_mut().enumerate() {
-                *d = x[p + ci].max(x[q + ci]).max(x[s + ci]).max(x[t + ci]);
+                let q = ci * plane + p;
+                *d = x[q].max(x[q + 1]).max(x[q + w]).max(x[q + w + 1]);
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, ho, wo, c))))
@@ -210,7 +213,7 @@ struct MaxPool2Bwd;
 
 impl CustomOp2 for MaxPool2Bwd {
     fn name(&self) -> &'static str {
-        "ferry-maxpool2-nhwc-bwd"
+        "ferry-maxpool2-to-nhwc-bwd"
     }
 
     fn cpu_fwd(
@@ -222,7 +225,7 @@ impl CustomOp2 for MaxPool2Bwd {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "max-pool backward")?;
         let g = f32_slice(s2, l2, "max-pool backward")?;
-        let (b, h, w, c) = l1.shape().dims4()?;
+        let (c, b, h, w) = l1.shape().dims4()?;
         let (ho, wo) = (h / 2, w / 2);
         if g.len() != b * ho * wo * c {
             bail!(
@@ -231,16 +234,17 @@ impl CustomOp2 for MaxPool2Bwd {
                 b * ho * wo * c
             )
         }
+        let plane = b * h * w;
         let mut out = vec![0f32; x.len()];
         for (r, src) in g.chunks(c).enumerate() {
             let (bi, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-            let at = |dy: usize, dx: usize| ((bi * h + 2 * oy + dy) * w + 2 * ox + dx) * c;
-            let idx = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+            let p = (bi * h + 2 * oy) * w + 2 * ox;
             for (ci, gv) in src.iter().enumerate() {
-                let mut best = idx[0] + ci;
-                for &i in &idx[1..] {
-                    if x[i + ci] > x[best] {
-                        best = i + ci;
+                let q = ci * plane + p;
+                let mut best = q;
+                for i in [q + 1, q + w, q + w + 1] {
+                    if x[i] > x[best] {
+                        best = i;
                     }
                 }
                 out[best] += gv;
@@ -250,19 +254,25 @@ impl CustomOp2 for MaxPool2Bwd {
     }
 }
 
-/// 2×2 max-pool of an NHWC tensor on any device.
-pub(crate) fn max_pool2_nhwc(x: &Tensor) -> Result<Tensor> {
+/// 2×2 max-pool of a channel-major `(c, b, h, w)` tensor into NHWC `(b, h/2, w/2, c)`, on any device.
+pub(crate) fn max_pool2_to_nhwc(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.device().is_cpu() {
         return x.apply_op1(MaxPool2);
     }
-    let (b, h, w, c) = x.dims4()?;
+    max_pool2_generic(&x)
+}
+
+fn max_pool2_generic(x: &Tensor) -> Result<Tensor> {
+    let (c, b, h, w) = x.dims4()?;
     let (ho, wo) = (h / 2, w / 2);
-    x.narrow(1, 0, 2 * ho)?
-        .narrow(2, 0, 2 * wo)?
-        .reshape((b, ho, 2, wo, 2, c))?
-        .max(4)?
-        .max(2)
+    x.narrow(2, 0, 2 * ho)?
+        .narrow(3, 0, 2 * wo)?
+        .reshape((c, b, ho, 2, wo, 2))?
+        .max(5)?
+        .max(3)?
+        .permute((1, 2, 3, 0))?
+        .contiguous()
 }
 
 /// NHWC → NCHW, so that flattening gives PyTorch's `(c, h, w)` feature order for the following linear layer.
@@ -283,21 +293,24 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn im2col_matches_the_generic_path_forward_and_backward() {
         for (k, pad) in [(3, 1), (5, 2)] {
             let x = Var::from_tensor(&ramp((2, 7, 9, 3))).unwrap();
             let fast = im2col(x.as_tensor(), k, pad).unwrap();
             let slow = im2col_generic(x.as_tensor(), k, pad).unwrap();
-            let diff = (&fast - &slow)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0);
+            assert_eq!(max_diff(&fast, &slow), 0.0);
             let (r, c) = fast.dims2().unwrap();
             let wgt = ramp((1, 1, r, c)).reshape((r, c)).unwrap();
             let gf = (fast * &wgt)
@@ -312,19 +325,11 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let (a, b) = (
+            let d = max_diff(
                 gf.get(x.as_tensor()).unwrap(),
                 gs.get(x.as_tensor()).unwrap(),
             );
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "k={k}: {diff}");
+            assert!(d < 1e-5, "k={k}: {d}");
         }
     }
 
@@ -332,50 +337,47 @@ mod tests {
     fn conv_matches_candles_nchw_convolution() {
         let x = ramp((2, 3, 8, 10));
         let w = ramp((4, 3, 3, 3));
-        let reference = x.conv2d(&w, 1, 1, 1, 1).unwrap();
-        let ours = conv2d_nhwc(&x.permute((0, 2, 3, 1)).unwrap(), &w, None, 1).unwrap();
-        let ours = nhwc_to_nchw(&ours).unwrap();
-        let diff = (reference - ours)
+        let bias = Tensor::new(&[0.5f32, -0.25, 0.0, 1.0], &Device::Cpu).unwrap();
+        let reference = x
+            .conv2d(&w, 1, 1, 1, 1)
             .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
+            .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
             .unwrap();
-        assert!(diff < 1e-5, "{diff}");
+        let (ours, (ho, wo)) =
+            conv2d_nhwc(&x.permute((0, 2, 3, 1)).unwrap(), &w, Some(&bias), 1).unwrap();
+        let ours = ours
+            .reshape((4, 2, ho, wo))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let d = max_diff(&reference, &ours);
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]
     fn max_pool_matches_the_generic_path_forward_and_backward() {
-        let x = Var::from_tensor(&ramp((2, 6, 7, 3))).unwrap();
-        let fast = max_pool2_nhwc(x.as_tensor()).unwrap();
-        let (b, h, w, c) = (2, 3, 3, 3);
-        let slow = x
-            .as_tensor()
-            .narrow(2, 0, 6)
+        let x = Var::from_tensor(&ramp((3, 2, 6, 7))).unwrap();
+        let fast = max_pool2_to_nhwc(x.as_tensor()).unwrap();
+        let slow = max_pool2_generic(x.as_tensor()).unwrap();
+        assert_eq!(fast.dims(), &[2, 3, 3, 3]);
+        assert_eq!(max_diff(&fast, &slow), 0.0);
+        let wgt = ramp((2, 3, 3, 3));
+        let gf = (&fast * &wgt)
             .unwrap()
-            .reshape((b, h, 2, w, 2, c))
+            .sum_all()
             .unwrap()
-            .max(4)
-            .unwrap()
-            .max(2)
+            .backward()
             .unwrap();
-        let diff = (&fast - &slow)
+        let gs = (&slow * &wgt)
             .unwrap()
-            .abs()
+            .sum_all()
             .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
+            .backward()
             .unwrap();
-        assert_eq!(diff, 0.0);
-        let g = fast.sum_all().unwrap().backward().unwrap();
-        let gx = g.get(x.as_tensor()).unwrap();
-        // One unit of gradient per pooled value, on distinct ramp values.
-        assert_eq!(
-            gx.sum_all().unwrap().to_scalar::<f32>().unwrap(),
-            (b * h * w * c) as f32
+        let d = max_diff(
+            gf.get(x.as_tensor()).unwrap(),
+            gs.get(x.as_tensor()).unwrap(),
         );
+        assert!(d < 1e-6, "{d}");
     }
 }

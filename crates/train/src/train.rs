@@ -457,9 +457,9 @@ mod tests {
             let data = tiny(arch, 64, 1);
             let (mut m, mut a) = fresh(arch);
             let before = evaluate(&m, &data, 64).unwrap().loss;
-            train(&mut m, &mut a, &data, &quick(4), &mut ()).unwrap();
+            train(&mut m, &mut a, &data, &quick(8), &mut ()).unwrap();
             let after = evaluate(&m, &data, 64).unwrap().loss;
-            assert!(after < before * 0.8, "{arch}: loss {before} -> {after}");
+            assert!(after < before * 0.7, "{arch}: loss {before} -> {after}");
         }
     }
 

@@ -1,0 +1,221 @@
+//! `ferry-client train`, `eval` and `recalibrate` (issue 4): argument structs, progress bars and printing over
+//! `ferry_train::site`. Stage one is clap (`*Args`, no I/O); stage two opens the state, picks the device and loads
+//! the data at the model's input size; the work is one library call.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_bundle::site::SiteState;
+use ferry_train::data::{DataSpec, Dataset, LoadConfig};
+use ferry_train::{
+    device, eval_site, recalibrate_site, site_arch, train_site, AdamConfig, Arch, DeviceChoice, EpochStats,
+    EvalTarget, StepStats, TrainConfig, TrainObserver,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Options shared by the three commands: where the state is and what data to use.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Site state directory.
+    #[arg(long, value_name = "DIR")]
+    pub state: PathBuf,
+    /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed:N[:SEED] or folder:LABELS.csv.
+    #[arg(long, value_name = "SPEC")]
+    pub data: DataSpec,
+    /// Use only the first N samples.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Render generated plates with this TTF/OTF font instead of the built-in Unifont.
+    #[arg(long, value_name = "TTF")]
+    pub font: Option<PathBuf>,
+    /// Device to compute on: cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: DeviceChoice,
+}
+
+impl DataArgs {
+    /// Stage two: open the state, check its model can be trained, pick the device, load the data at its input size.
+    fn resolve(&self) -> Result<(SiteState, Arch, ferry_train::Device, Dataset)> {
+        let state = SiteState::open(&self.state)
+            .with_context(|| format!("opening site state {}", self.state.display()))?;
+        let (_, arch) = site_arch(&state)?;
+        let dev = device::select(&self.device)?;
+        let cfg = LoadConfig { limit: self.limit, font: self.font.clone(), input: Some(arch.input()) };
+        let data = self.data.load(&cfg).with_context(|| format!("loading {}", self.data))?;
+        Ok((state, arch, dev, data))
+    }
+}
+
+/// `ferry-client train`: train the imported global on local data.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Local epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    /// Peak learning rate (Adam).
+    #[arg(long, default_value_t = AdamConfig::default().lr)]
+    pub lr: f64,
+    /// Linear warm-up steps (counted over the site's lifetime: the Adam state persists between rounds).
+    #[arg(long, default_value_t = AdamConfig::default().warmup)]
+    pub warmup: u64,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Seed of the shuffling order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `ferry-client eval`: accuracy of the site's model on local data.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which model: auto (the local model if trained from the current global, else the global), global, local,
+    /// deployed (recalibrated).
+    #[arg(long, default_value = "auto", value_name = "MODEL")]
+    pub model: EvalTarget,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry-client recalibrate`: re-estimate BatchNorm statistics on local data (labels unused).
+#[derive(Debug, Args)]
+pub struct RecalibrateArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+}
+
+/// Progress bars for a training run: one bar per epoch showing loss, accuracy and images/s.
+struct Bars {
+    bar: Option<ProgressBar>,
+    batches: usize,
+}
+
+impl Bars {
+    fn style() -> ProgressStyle {
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    }
+}
+
+impl TrainObserver for Bars {
+    fn on_start(&mut self, _first: u32, _epochs: u32, batches: usize) {
+        self.batches = batches;
+    }
+
+    fn on_step(&mut self, s: &StepStats) {
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(self.batches as u64).with_style(Bars::style());
+            b.set_prefix(format!("{}/{}", s.epoch + 1, s.epochs));
+            b
+        });
+        bar.set_position(s.batch as u64);
+        bar.set_message(format!(
+            "loss {:.3}  acc {:.1}%  {:.0} img/s",
+            s.loss,
+            100.0 * s.accuracy,
+            s.images_per_sec
+        ));
+    }
+
+    fn on_epoch(&mut self, e: &EpochStats) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_with_message(format!(
+                "loss {:.3}  acc {:.1}%  {:.0} img/s  (checkpoint saved)",
+                e.loss,
+                100.0 * e.accuracy,
+                e.images_per_sec
+            ));
+        }
+    }
+
+    fn on_note(&mut self, note: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(note),
+            None => eprintln!("{note}"),
+        }
+    }
+}
+
+/// Run `ferry-client train`.
+pub fn run_train(args: &TrainArgs) -> Result<()> {
+    let (state, arch, dev, data) = args.data.resolve()?;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch: args.batch,
+        seed: args.seed,
+        adam: AdamConfig { lr: args.lr, warmup: args.warmup, ..AdamConfig::default() },
+    };
+    let mut bars = Bars { bar: None, batches: 0 };
+    let s = train_site(&state, &data, &cfg, &dev, &mut bars).context("training")?;
+    let resumed = s.resumed_after.map(|e| format!(", resumed after epoch {e}")).unwrap_or_default();
+    println!(
+        "trained {arch} from round {} on {} samples: {} epochs, {} steps{resumed}; loss {:.3}, train accuracy {:.1}%, {:.0} img/s on {}; run `ferry-client export` next",
+        s.base.round,
+        s.train.samples,
+        args.epochs,
+        s.round_steps,
+        s.train.loss,
+        100.0 * s.train.accuracy,
+        s.train.images_per_sec,
+        args.data.device,
+    );
+    Ok(())
+}
+
+/// Run `ferry-client eval`.
+pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    let (state, arch, dev, data) = args.data.resolve()?;
+    let (which, e) = eval_site(&state, &data, args.model, 256, &dev).context("evaluating")?;
+    if args.json {
+        let out = serde_json::json!({
+            "model": which.to_string(),
+            "arch": arch.name(),
+            "samples": e.samples,
+            "accuracy": e.accuracy,
+            "char_accuracy": e.char_accuracy,
+            "loss": e.loss,
+        });
+        println!("{out}");
+    } else {
+        let chars = e.char_accuracy.map(|c| format!(", {:.1}% of characters", 100.0 * c)).unwrap_or_default();
+        let what = if e.char_accuracy.is_some() { "plates read exactly" } else { "accuracy" };
+        println!(
+            "{which} {arch} model on {} samples: {:.1}% {what}{chars} (loss {:.3})",
+            e.samples,
+            100.0 * e.accuracy,
+            e.loss
+        );
+    }
+    Ok(())
+}
+
+/// Run `ferry-client recalibrate`.
+pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
+    let (state, arch, dev, data) = args.data.resolve()?;
+    let spinner = ProgressBar::new_spinner().with_message(format!("re-estimating BatchNorm statistics on {} samples", data.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let res = recalibrate_site(&state, &data, args.batch, &dev).context("recalibrating");
+    spinner.finish_and_clear();
+    let (r, path) = res?;
+    if r.batches == 0 {
+        println!("{arch} has no BatchNorm layers: nothing to recalibrate; wrote the global unchanged to {}", path.display());
+    } else {
+        println!(
+            "recalibrated {arch} BatchNorm statistics on {} samples ({} batches); deployed model written to {} (the global and the local update are unchanged)",
+            r.samples,
+            r.batches,
+            path.display()
+        );
+    }
+    Ok(())
+}
