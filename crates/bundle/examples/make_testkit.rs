@@ -1475,7 +1475,14 @@ fn safetensors_raw(kit: &mut Kit, model: &Model) {
     );
     kit.raw(
         &format!("{c}-duplicate-name-identical"),
-        st(&format!("{{{},{}}}", t("w", "F32", "4", 0, 16), t("w", "F32", "4", 0, 16)), &f),
+        st(
+            &format!(
+                "{{{},{}}}",
+                t("w", "F32", "4", 0, 16),
+                t("w", "F32", "4", 0, 16)
+            ),
+            &f,
+        ),
         "DuplicateTensor",
         "-",
         "w declared twice, identically",

@@ -46,6 +46,26 @@ pub fn spinner(msg: impl Into<String>) -> indicatif::ProgressBar {
 /// Show a spinner only for files above this size.
 pub const SPINNER_BYTES: u64 = 8 << 20;
 
+/// Which keys to trust: `--trust` public keys, minus those revoked by HQ-signed `--revocations` lists.
+#[derive(Debug, Clone, Args)]
+pub struct TrustArgs {
+    /// A trusted .pub file or a directory of them (repeatable).
+    #[arg(long, required = true)]
+    pub trust: Vec<PathBuf>,
+    /// An HQ-signed revocation list (.ferry-rev); bundles from the keys it names are refused (repeatable).
+    #[arg(long)]
+    pub revocations: Vec<PathBuf>,
+}
+
+impl TrustArgs {
+    /// Load the keyring and apply the revocation lists (each verified against the trusted HQ keys).
+    pub fn keyring(&self) -> Result<Keyring> {
+        let mut ring = load_keyring(&self.trust)?;
+        ferry_bundle::revocation::load(&self.revocations, &mut ring)?;
+        Ok(ring)
+    }
+}
+
 /// `--trust` paths loaded into a keyring.
 pub fn load_keyring(trust: &[PathBuf]) -> Result<Keyring> {
     if trust.is_empty() {
@@ -102,9 +122,9 @@ pub fn keygen(args: &KeygenArgs, role: Role) -> Result<()> {
     after_help = "Example:\n  verify --trust keys/hq.pub bundles/global-r3.ferry\n\nExit status 0 only if every file verifies."
 )]
 pub struct VerifyArgs {
-    /// A trusted .pub file or a directory of them (repeatable).
-    #[arg(long, required = true)]
-    pub trust: Vec<PathBuf>,
+    /// Trusted keys and revocation lists.
+    #[command(flatten)]
+    pub trust: TrustArgs,
     /// Print one JSON object per file.
     #[arg(long)]
     pub json: bool,
@@ -115,7 +135,7 @@ pub struct VerifyArgs {
 
 /// `verify`: check each file; fails if any does not verify.
 pub fn verify(args: &VerifyArgs) -> Result<()> {
-    let ring = load_keyring(&args.trust)?;
+    let ring = args.trust.keyring()?;
     let mut failed = 0;
     for f in &args.files {
         match open_bundle(f, &ring) {
@@ -281,9 +301,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     after_help = "Example:\n  unpack --trust keys/hq.pub bundles/global-r3.ferry --out model.safetensors\n\nThe output is a plain safetensors file (PyTorch: safetensors.torch.load_file)."
 )]
 pub struct UnpackArgs {
-    /// A trusted .pub file or a directory of them (repeatable).
-    #[arg(long, required = true)]
-    pub trust: Vec<PathBuf>,
+    /// Trusted keys and revocation lists.
+    #[command(flatten)]
+    pub trust: TrustArgs,
     /// Bundle file.
     pub file: PathBuf,
     /// Where to write the safetensors file (must not exist).
@@ -293,7 +313,7 @@ pub struct UnpackArgs {
 
 /// `unpack`: verify, then write the plain safetensors payload.
 pub fn unpack(args: &UnpackArgs) -> Result<()> {
-    let ring = load_keyring(&args.trust)?;
+    let ring = args.trust.keyring()?;
     let b = open_bundle(&args.file, &ring)?;
     fsutil::write_new(&args.out, b.payload())?;
     println!(

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_bundle::site::{ImportOutcome, SiteState, DEFAULT_MAX_ROUND_JUMP};
 use ferry_bundle::{short, Draft, Role, SecretKey};
-use ferry_cli::{describe, load_keyring, open_bundle, read_weights};
+use ferry_cli::{describe, open_bundle, read_weights};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,9 +61,8 @@ struct PackArgs {
     /// The global bundle these weights were trained from.
     #[arg(long)]
     base: PathBuf,
-    /// HQ's public key (or a directory of trusted keys) to verify the base with.
-    #[arg(long, required = true)]
-    trust: Vec<PathBuf>,
+    #[command(flatten)]
+    trust: ferry_cli::TrustArgs,
     /// Directory to write the update into (e.g. the mounted stick).
     #[arg(long, default_value = "bundles")]
     out: PathBuf,
@@ -77,9 +76,8 @@ struct PackArgs {
     after_help = "Example:\n  ferry-client import --trust keys/hq.pub --state site/ /media/usb/global-r4.ferry\n\nRefuses older globals (rollback), other federations and big round jumps; importing the current global again does nothing."
 )]
 struct ImportArgs {
-    /// HQ's public key (or a directory of trusted keys).
-    #[arg(long, required = true)]
-    trust: Vec<PathBuf>,
+    #[command(flatten)]
+    trust: ferry_cli::TrustArgs,
     /// The site's state directory.
     #[arg(long)]
     state: PathBuf,
@@ -127,7 +125,7 @@ fn pack(a: &PackArgs) -> Result<()> {
             a.key.display()
         );
     }
-    let ring = load_keyring(&a.trust)?;
+    let ring = a.trust.keyring()?;
     let base = open_bundle(&a.base, &ring).context("base global")?;
     if base.manifest.kind != ferry_bundle::BundleKind::Global {
         anyhow::bail!(
@@ -155,7 +153,7 @@ fn pack(a: &PackArgs) -> Result<()> {
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
-    let ring = load_keyring(&a.trust)?;
+    let ring = a.trust.keyring()?;
     let state = SiteState::open(&a.state)?;
     let _lock = state.lock()?;
     let bundle = open_bundle(&a.file, &ring)?;

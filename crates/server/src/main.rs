@@ -35,6 +35,8 @@ enum Command {
     Status(StatusArgs),
     /// Write the current global from the HQ state to a stick again.
     Emit(EmitArgs),
+    /// Sign a revocation list: bundles from the named keys are refused wherever the list is loaded.
+    Revoke(RevokeArgs),
     /// Check bundles against trusted keys.
     Verify(ferry_cli::VerifyArgs),
     /// Show a bundle's header and manifest without verifying it.
@@ -76,9 +78,9 @@ struct MergeArgs {
     /// HQ's secret key.
     #[arg(long)]
     key: PathBuf,
-    /// Trusted site keys: .pub files or directories of them (repeatable).
-    #[arg(long, required = true)]
-    trust: Vec<PathBuf>,
+    /// Trusted site keys (--trust, repeatable) and revocation lists (--revocations).
+    #[command(flatten)]
+    trust: ferry_cli::TrustArgs,
     /// HQ state directory (made by `init --state`).
     #[arg(long)]
     state: PathBuf,
@@ -174,7 +176,7 @@ fn init(a: &InitArgs) -> Result<()> {
 
 fn merge(a: &MergeArgs) -> Result<()> {
     let key = SecretKey::read(&a.key)?;
-    let keyring = ferry_cli::load_keyring(&a.trust)?;
+    let keyring = a.trust.keyring()?;
     let mut merge = ferry_merge::MergeConfig {
         strategy: a.strategy,
         weighting: a.weights,
@@ -270,6 +272,59 @@ fn emit(a: &EmitArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  ferry-server revoke --key keys/hq.key --federation city-cctv --serial 1 \\\n      --revoke keys/site-b.pub --reason \"laptop stolen\" --out revocations-1.ferry-rev\n\nCarry the list to every site and pass it with --revocations to import, verify and merge."
+)]
+struct RevokeArgs {
+    /// HQ's secret key.
+    #[arg(long)]
+    key: PathBuf,
+    /// Federation name.
+    #[arg(long)]
+    federation: String,
+    /// Serial number of this list (increase it with every list you issue).
+    #[arg(long)]
+    serial: u64,
+    /// Public key files of the keys to revoke (repeatable).
+    #[arg(long, required = true)]
+    revoke: Vec<PathBuf>,
+    /// Why, in words (shown to operators).
+    #[arg(long, default_value = "revoked by HQ")]
+    reason: String,
+    /// The list file to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn revoke(a: &RevokeArgs) -> Result<()> {
+    let key = SecretKey::read(&a.key)?;
+    let mut revoked = Vec::new();
+    for p in &a.revoke {
+        let pk = ferry_bundle::PublicKey::read(p)?;
+        revoked.push(ferry_bundle::revocation::Revoked {
+            key_id: pk.key_id_hex(),
+            role: pk.role,
+            id: pk.id.clone(),
+            reason: a.reason.clone(),
+        });
+    }
+    let list = ferry_bundle::revocation::RevocationList::new(
+        &a.federation,
+        a.serial,
+        ferry_bundle::unix_now(),
+        revoked,
+    );
+    let bytes = ferry_bundle::revocation::sign(&list, &key)?;
+    ferry_bundle::fsutil::write_new_verified(&a.out, &bytes)?;
+    println!(
+        "wrote {} revoking {} key(s)",
+        a.out.display(),
+        a.revoke.len()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-server", || match &cli.command {
@@ -278,6 +333,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge(a),
         Command::Status(a) => status(a),
         Command::Emit(a) => emit(a),
+        Command::Revoke(a) => revoke(a),
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
