@@ -3,6 +3,20 @@
 //! Every write that matters goes through here: a temp file in the target directory, fsync, then a rename
 //! (or a no-clobber link), then an fsync of the directory, so a pulled stick or a killed process leaves either
 //! the old state or the new one, never half of each.
+//!
+//! # Failpoints (a test hook)
+//!
+//! The crash tests (`crates/client/tests/crash.rs`, `crates/server/tests/crash.rs`) kill a command at each of its
+//! durable steps. A *durable step* is one of: writing and fsyncing a temp file, renaming or linking it to its final
+//! name, and fsyncing a directory (including the parent of a directory [`ensure_dir`] creates). The steps of a
+//! process are counted from 1 in the order they happen.
+//! - `FERRY_FAILPOINT=<n>`: the process calls [`std::process::abort`] (as if killed with `kill -9` or by power loss)
+//!   right before its n-th durable step.
+//! - `FERRY_FAILPOINT_TORN=<n>`: if the n-th step is a temp-file write, only the first half of the bytes is written
+//!   and fsynced, then the process aborts (a torn write); any other step aborts as with `FERRY_FAILPOINT`.
+//!
+//! The variables are read once per process. A value that is not a positive integer is ignored with a warning on
+//! stderr. When neither is set, a step costs one check of an initialised `OnceLock`. Never set them in production.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -51,6 +65,82 @@ impl FsError {
     }
 }
 
+/// The failpoint test hook described in the module documentation.
+mod failpoint {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    /// A kind of durable step.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Step {
+        /// Writing and fsyncing a temp file.
+        TempWrite,
+        /// Renaming or linking a temp file to its final name.
+        Link,
+        /// Fsyncing a directory.
+        DirSync,
+    }
+
+    /// What the caller of [`step`] does next.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Action {
+        /// Carry on normally.
+        Go,
+        /// Write half the bytes, fsync them, then call [`std::process::abort`].
+        Torn,
+    }
+
+    #[derive(Debug)]
+    struct Config {
+        abort_at: Option<usize>,
+        torn_at: Option<usize>,
+    }
+
+    static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
+    static STEPS: AtomicUsize = AtomicUsize::new(0);
+
+    fn parse(var: &str) -> Option<usize> {
+        let raw = std::env::var_os(var)?;
+        let n = raw
+            .to_str()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0);
+        if n.is_none() {
+            eprintln!("warning: ignoring {var}={raw:?}: a failpoint is a step number (1, 2, ...)");
+        }
+        n
+    }
+
+    fn config() -> Option<&'static Config> {
+        CONFIG
+            .get_or_init(|| {
+                let c = Config {
+                    abort_at: parse("FERRY_FAILPOINT"),
+                    torn_at: parse("FERRY_FAILPOINT_TORN"),
+                };
+                (c.abort_at.is_some() || c.torn_at.is_some()).then_some(c)
+            })
+            .as_ref()
+    }
+
+    /// Count one durable step; abort the process if it is the chosen one.
+    pub(super) fn step(kind: Step) -> Action {
+        let Some(c) = config() else {
+            return Action::Go;
+        };
+        let n = STEPS.fetch_add(1, Ordering::SeqCst) + 1;
+        if c.torn_at == Some(n) && kind == Step::TempWrite {
+            return Action::Torn;
+        }
+        if c.abort_at == Some(n) || c.torn_at == Some(n) {
+            std::process::abort();
+        }
+        Action::Go
+    }
+}
+
+use failpoint::{Action, Step};
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -69,11 +159,19 @@ fn refuse_symlink(path: &Path) -> Result<bool, FsError> {
 
 /// Fsync a directory so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
+    failpoint::step(Step::DirSync);
     let d = File::open(dir).map_err(|e| FsError::io(dir, e))?;
     d.sync_all().map_err(|e| FsError::io(dir, e))
 }
 
-fn write_temp(dir: &Path, bytes: &[u8], private: bool) -> Result<tempfile::NamedTempFile, FsError> {
+/// Write `bytes` to a new temp file in `dir` and fsync it. Errors name `target`, the file the temp file is for
+/// (the temp file itself is removed when the error drops it).
+fn write_temp(
+    dir: &Path,
+    target: &Path,
+    bytes: &[u8],
+    private: bool,
+) -> Result<tempfile::NamedTempFile, FsError> {
     let mut builder = tempfile::Builder::new();
     builder.prefix(".ferry-tmp-");
     #[cfg(unix)]
@@ -89,11 +187,19 @@ fn write_temp(dir: &Path, bytes: &[u8], private: bool) -> Result<tempfile::Named
     #[cfg(not(unix))]
     let _ = private;
     let mut tmp = builder.tempfile_in(dir).map_err(|e| FsError::io(dir, e))?;
-    tmp.write_all(bytes)
-        .map_err(|e| FsError::io(tmp.path(), e))?;
+    let torn = failpoint::step(Step::TempWrite) == Action::Torn;
+    let bytes = if torn {
+        &bytes[..bytes.len() / 2]
+    } else {
+        bytes
+    };
+    tmp.write_all(bytes).map_err(|e| FsError::io(target, e))?;
     tmp.as_file()
         .sync_all()
-        .map_err(|e| FsError::io(tmp.path(), e))?;
+        .map_err(|e| FsError::io(target, e))?;
+    if torn {
+        std::process::abort();
+    }
     Ok(tmp)
 }
 
@@ -113,7 +219,8 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
         return Err(FsError::Exists(path.to_path_buf()));
     }
     let dir = parent_dir(path);
-    let tmp = write_temp(dir, bytes, private)?;
+    let tmp = write_temp(dir, path, bytes, private)?;
+    failpoint::step(Step::Link);
     tmp.persist_noclobber(path).map_err(|e| {
         if e.error.kind() == io::ErrorKind::AlreadyExists {
             FsError::Exists(path.to_path_buf())
@@ -128,24 +235,36 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
 pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     refuse_symlink(path)?;
     let dir = parent_dir(path);
-    let tmp = write_temp(dir, bytes, false)?;
+    let tmp = write_temp(dir, path, bytes, false)?;
+    failpoint::step(Step::Link);
     tmp.persist(path).map_err(|e| FsError::io(path, e.error))?;
     sync_dir(dir)
 }
 
 /// Write a new file like [`write_new`], then drop it from the page cache and read it back from the medium,
-/// so a failing stick is caught where the file was written rather than where it is read.
+/// so a failing stick is caught where the file was written rather than where it is read. When the read-back
+/// fails or differs, the file is removed again (best effort), so no damaged file is left under the final name.
 pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     write_new(path, bytes)?;
-    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    // Best effort: on filesystems without fadvise the read comes from cache, which is still a check of the
-    // write path.
-    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-    let back = read_capped_file(f, path, bytes.len() as u64 + 1)?;
-    if back != bytes {
-        return Err(FsError::ReadBackMismatch(path.to_path_buf()));
+    let checked = File::open(path)
+        .map_err(|e| FsError::io(path, e))
+        .and_then(|f| {
+            // Best effort: on filesystems without fadvise the read comes from cache, which is still a check of
+            // the write path.
+            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            read_capped_file(f, path, bytes.len() as u64 + 1)
+        })
+        .and_then(|back| {
+            if back == bytes {
+                Ok(())
+            } else {
+                Err(FsError::ReadBackMismatch(path.to_path_buf()))
+            }
+        });
+    if checked.is_err() && fs::remove_file(path).is_ok() {
+        let _ = sync_dir(parent_dir(path));
     }
-    Ok(())
+    checked
 }
 
 /// Read a whole file, refusing one larger than `limit` bytes (checked both from the metadata and while reading,
@@ -178,9 +297,26 @@ fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError
     Ok(out)
 }
 
-/// Create a directory (and parents) if missing.
+/// Create a directory (and parents) if missing. The parent of every directory created is fsynced, so the new
+/// entries survive a power loss along with the files later written into them.
 pub fn ensure_dir(dir: &Path) -> Result<(), FsError> {
-    fs::create_dir_all(dir).map_err(|e| FsError::io(dir, e))
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && fs::symlink_metadata(p).is_err() {
+        missing.push(p);
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| FsError::io(dir, e))?;
+    for created in missing.iter().rev() {
+        sync_dir(parent_dir(created))?;
+    }
+    Ok(())
 }
 
 /// An exclusive advisory lock on `<dir>/lock`, held until dropped, so two merges (or two imports, or an import

@@ -1,6 +1,8 @@
 //! `ferry-client`: the site's tool. Import HQ's global, train on local data, export a signed update.
 //! Every subcommand is a few lines over the ferry libraries.
 
+mod train_cmds;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,6 +36,12 @@ enum Command {
     Import(ImportArgs),
     /// Show the site's state: round, global, pending update.
     Status(StatusArgs),
+    /// Train the imported global on local data (CPU or CUDA); resumable, optimizer state kept between rounds.
+    Train(train_cmds::TrainArgs),
+    /// Accuracy of the global, local or deployed model on local data.
+    Eval(train_cmds::EvalArgs),
+    /// Re-estimate BatchNorm statistics on local images (no labels) for the deployed model, without a round trip.
+    Recalibrate(train_cmds::RecalibrateArgs),
     /// Seal the locally trained model as an update bundle for HQ.
     Export(ExportArgs),
     /// Check bundles against trusted keys.
@@ -244,6 +252,11 @@ fn export(a: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
+// candle allocates and frees many large buffers per step; glibc's malloc returns them to the kernel each time
+// (page faults, ~45 % system time). mimalloc keeps them (issue 7).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-client", || match &cli.command {
@@ -251,6 +264,9 @@ fn main() -> ExitCode {
         Command::Pack(a) => pack(a),
         Command::Import(a) => import(a),
         Command::Status(a) => status(a),
+        Command::Train(a) => train_cmds::run_train(a),
+        Command::Eval(a) => train_cmds::run_eval(a),
+        Command::Recalibrate(a) => train_cmds::run_recalibrate(a),
         Command::Export(a) => export(a),
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),

@@ -9,8 +9,8 @@ use clap::Args;
 use ferry_bundle::site::SiteState;
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{
-    device, eval_site, recalibrate_site, site_arch, train_site, AdamConfig, Arch, DeviceChoice, EpochStats,
-    EvalTarget, StepStats, TrainConfig, TrainObserver,
+    device, eval_site, recalibrate_site, site_arch, train_site, AdamConfig, Arch, DeviceChoice,
+    EpochStats, EvalTarget, StepStats, TrainConfig, TrainObserver,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -41,8 +41,15 @@ impl DataArgs {
             .with_context(|| format!("opening site state {}", self.state.display()))?;
         let (_, arch) = site_arch(&state)?;
         let dev = device::select(&self.device)?;
-        let cfg = LoadConfig { limit: self.limit, font: self.font.clone(), input: Some(arch.input()) };
-        let data = self.data.load(&cfg).with_context(|| format!("loading {}", self.data))?;
+        let cfg = LoadConfig {
+            limit: self.limit,
+            font: self.font.clone(),
+            input: Some(arch.input()),
+        };
+        let data = self
+            .data
+            .load(&cfg)
+            .with_context(|| format!("loading {}", self.data))?;
         Ok((state, arch, dev, data))
     }
 }
@@ -153,11 +160,21 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         epochs: args.epochs,
         batch: args.batch,
         seed: args.seed,
-        adam: AdamConfig { lr: args.lr, warmup: args.warmup, ..AdamConfig::default() },
+        adam: AdamConfig {
+            lr: args.lr,
+            warmup: args.warmup,
+            ..AdamConfig::default()
+        },
     };
-    let mut bars = Bars { bar: None, batches: 0 };
+    let mut bars = Bars {
+        bar: None,
+        batches: 0,
+    };
     let s = train_site(&state, &data, &cfg, &dev, &mut bars).context("training")?;
-    let resumed = s.resumed_after.map(|e| format!(", resumed after epoch {e}")).unwrap_or_default();
+    let resumed = s
+        .resumed_after
+        .map(|e| format!(", resumed after epoch {e}"))
+        .unwrap_or_default();
     println!(
         "trained {arch} from round {} on {} samples: {} epochs, {} steps{resumed}; loss {:.3}, train accuracy {:.1}%, {:.0} img/s on {}; run `ferry-client export` next",
         s.base.round,
@@ -187,8 +204,15 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         });
         println!("{out}");
     } else {
-        let chars = e.char_accuracy.map(|c| format!(", {:.1}% of characters", 100.0 * c)).unwrap_or_default();
-        let what = if e.char_accuracy.is_some() { "plates read exactly" } else { "accuracy" };
+        let chars = e
+            .char_accuracy
+            .map(|c| format!(", {:.1}% of characters", 100.0 * c))
+            .unwrap_or_default();
+        let what = if e.char_accuracy.is_some() {
+            "plates read exactly"
+        } else {
+            "accuracy"
+        };
         println!(
             "{which} {arch} model on {} samples: {:.1}% {what}{chars} (loss {:.3})",
             e.samples,
@@ -202,7 +226,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
 /// Run `ferry-client recalibrate`.
 pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
     let (state, arch, dev, data) = args.data.resolve()?;
-    let spinner = ProgressBar::new_spinner().with_message(format!("re-estimating BatchNorm statistics on {} samples", data.len()));
+    let spinner = ProgressBar::new_spinner().with_message(format!(
+        "re-estimating BatchNorm statistics on {} samples",
+        data.len()
+    ));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let res = recalibrate_site(&state, &data, args.batch, &dev).context("recalibrating");
     spinner.finish_and_clear();

@@ -53,9 +53,15 @@ struct InitArgs {
     /// HQ's secret key.
     #[arg(long)]
     key: PathBuf,
-    /// Initial weights (safetensors), e.g. saved from PyTorch.
+    /// Initial weights (safetensors), e.g. saved from PyTorch. Sites can re-pack but not train foreign weights.
+    #[arg(long, required_unless_present = "arch", conflicts_with = "arch")]
+    weights: Option<PathBuf>,
+    /// An architecture ferry can train (plate-cnn, mnist-cnn), initialised from --seed.
     #[arg(long)]
-    weights: PathBuf,
+    arch: Option<String>,
+    /// Seed of the initial weights (same seed, bit-identical weights).
+    #[arg(long, default_value_t = 0, requires = "arch")]
+    seed: u64,
     /// Federation name (1-64 of a-z 0-9 . _ -); every bundle of this federation carries it.
     #[arg(long)]
     federation: String,
@@ -154,14 +160,23 @@ fn init(a: &InitArgs) -> Result<()> {
         );
     }
     ferry_bundle::keys::validate_id("federation", &a.federation)?;
-    let payload = read_weights(&a.weights)?;
+    let (payload, arch) = match (&a.weights, &a.arch) {
+        (Some(w), _) => (read_weights(w)?, None),
+        (None, Some(name)) => {
+            let arch = ferry_train::Arch::from_name(name)?;
+            let model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
+            let payload = ferry_bundle::Payload::from_safetensors(&model.to_safetensors()?)?;
+            (payload, Some(arch.name()))
+        }
+        (None, None) => anyhow::bail!("give --weights FILE or --arch NAME"),
+    };
     let (path, sealed) = match &a.state {
         Some(state) => {
-            ferry_merge::hq::init(state, &key, &payload, &a.federation, None, &a.out, a.level)?
+            ferry_merge::hq::init(state, &key, &payload, &a.federation, arch, &a.out, a.level)?
         }
         None => {
-            let sealed =
-                ferry_bundle::seal(Draft::initial(&a.federation, None), &payload, &key, a.level)?;
+            let draft = Draft::initial(&a.federation, arch.map(str::to_string));
+            let sealed = ferry_bundle::seal(draft, &payload, &key, a.level)?;
             (sealed.write_to_dir(&a.out)?, sealed)
         }
     };
@@ -324,6 +339,9 @@ fn revoke(a: &RevokeArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -56,8 +56,8 @@ pub enum TrainError {
     /// Saved optimizer state cannot be used.
     #[error("the saved optimizer state is unusable ({0}); delete optimizer.safetensors in the site state to start with fresh moments")]
     OptimizerState(String),
-    /// The in-progress checkpoint cannot be used.
-    #[error("the training checkpoint {} is damaged ({detail}); delete it to restart this round's training", .path.display())]
+    /// A training state file (checkpoint, deployed-model record) cannot be used.
+    #[error("the state file {} is damaged ({detail}); delete it: the next `train` or `recalibrate` rebuilds it", .path.display())]
     Checkpoint {
         /// The checkpoint file.
         path: PathBuf,
