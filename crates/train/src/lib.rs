@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod arch;
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -207,6 +207,31 @@ fn hits(logits: &Tensor, labels: &[u32], slots: usize) -> Result<(usize, usize),
     Ok((exact, chars))
 }
 
+/// One optimizer step on a batch: forward in training mode, mean cross-entropy, backward, Adam update, and
+/// `num_batches_tracked += 1`. Returns the logits, the loss and the learning rate used. The images are a plain
+/// tensor, not a `Var`, so backward computes no gradient for them (issue 7).
+pub(crate) fn train_step(
+    model: &mut Model,
+    adam: &mut Adam,
+    x: &Tensor,
+    y: &Tensor,
+    cfg: &AdamConfig,
+) -> Result<(Tensor, f32, f64), TrainError> {
+    let logits = model.forward(x, Mode::Train)?;
+    let l = loss(&logits, y)?;
+    let lv = l.to_scalar::<f32>()?;
+    if !lv.is_finite() {
+        return Err(TrainError::Diverged {
+            loss: lv,
+            step: adam.step() + 1,
+        });
+    }
+    let grads = l.backward()?;
+    let lr = adam.update(model, &grads, cfg)?;
+    model.count_batch();
+    Ok((logits, lv, lr))
+}
+
 /// The sample order of one epoch: a ChaCha8 shuffle seeded by `(seed, round, epoch)`.
 pub fn epoch_order(samples: usize, seed: u64, round: u64, epoch: u32) -> Vec<usize> {
     let mut key = [0u8; 32];
@@ -246,18 +271,7 @@ pub fn train_epoch(
     let (mut seen, mut exact, mut loss_sum) = (0usize, 0usize, 0f64);
     for (b, idx) in order.chunks(cfg.batch).enumerate() {
         let (x, y) = batch(data, idx, model.device())?;
-        let logits = model.forward(&x, Mode::Train)?;
-        let l = loss(&logits, &y)?;
-        let lv = l.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            return Err(TrainError::Diverged {
-                loss: lv,
-                step: adam.step() + 1,
-            });
-        }
-        let grads = l.backward()?;
-        let lr = adam.update(model, &grads, &cfg.adam)?;
-        model.count_batch();
+        let (logits, lv, lr) = train_step(model, adam, &x, &y, &cfg.adam)?;
         let labels: Vec<u32> = idx
             .iter()
             .flat_map(|&i| data.label(i).iter().copied())

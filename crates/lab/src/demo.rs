@@ -1,0 +1,318 @@
+//! `ferry-lab demo` (issue 5): the whole air-gapped loop on synthetic plates, in a few minutes on a laptop.
+//! HQ and two sites get keys; HQ writes round 0; every round each site imports the global (verifying HQ's
+//! signature), trains on its own plates (site A loose crops, site B tight crops), evaluates locally and exports a
+//! signed update to `usb/`; HQ verifies and merges; the sites import the new global. Every step is the library
+//! call the real tools make, on real files.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use ferry_merge::hq::RoundConfig;
+use ferry_train::{eval_site, AdamConfig, Arch, Device, EvalTarget, Evaluation, TrainConfig};
+
+use crate::fed::{human_bytes, Federation, EVAL_BATCH};
+use crate::plates::{field_data, scaled_warmup};
+use crate::progress::{spinner, TrainBars};
+use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
+
+/// Settings of the demo. `Default` is what `ferry-lab demo` runs: about 4 minutes on 2 CPU cores.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Output folder (must not hold a federation yet).
+    pub dir: PathBuf,
+    /// Rounds after round 0.
+    pub rounds: u32,
+    /// Training plates per site.
+    pub samples: usize,
+    /// Local epochs per round.
+    pub epochs: u32,
+    /// Validation plates (90 % loose, 10 % tight).
+    pub val: usize,
+    /// Held-out plates per site for its local evaluation.
+    pub local_test: usize,
+    /// Adam's peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps (`None`: 0.8 of a site's epoch).
+    pub warmup: Option<u64>,
+    /// Images per step.
+    pub batch: usize,
+    /// Seed of the initial weights, the data and the shuffles.
+    pub seed: u64,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            dir: PathBuf::from(format!("lab-out/demo-{}", ferry_bundle::unix_now())),
+            rounds: 4,
+            samples: 1500,
+            epochs: 2,
+            val: 500,
+            local_test: 300,
+            lr: 2e-3,
+            warmup: None,
+            batch: 32,
+            seed: 1,
+        }
+    }
+}
+
+/// One round's numbers.
+#[derive(Debug, Clone)]
+pub struct DemoRound {
+    /// Round of the global evaluated (0 = HQ's initial weights).
+    pub round: u64,
+    /// Site A's local model on its own held-out plates (none in round 0).
+    pub a_local: Option<Evaluation>,
+    /// Site B's likewise.
+    pub b_local: Option<Evaluation>,
+    /// The new global on the validation set.
+    pub global: Evaluation,
+    /// Bytes carried across the air gap so far.
+    pub bytes_carried: u64,
+}
+
+fn pct(e: &Evaluation) -> String {
+    match e.char_accuracy {
+        Some(c) => format!("{:.1}% exact, {:.1}% chars", 100.0 * e.accuracy, 100.0 * c),
+        None => format!("{:.1}%", 100.0 * e.accuracy),
+    }
+}
+
+/// Run the demo, printing as it goes; returns the per-round numbers (also written to `dir`).
+pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
+    let start = Instant::now();
+    let arch = Arch::PlateCnn;
+    let warmup = cfg
+        .warmup
+        .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));
+    println!("ferry-lab demo: everything goes into {}", cfg.dir.display());
+    println!(
+        "  {} rounds; each site trains {} local epochs per round on {} synthetic plates ({arch}, batch {}, Adam lr {}, warm-up {warmup} steps = 0.8 epoch, scaled down from the field study's 1000 for 80k plates)",
+        cfg.rounds, cfg.epochs, cfg.samples, cfg.batch, cfg.lr
+    );
+    println!("  accuracy: 'exact' = every character of the plate right (the field study's measure); 'chars' = characters right");
+    let data = field_data(cfg.samples, cfg.val, cfg.local_test, cfg.seed)?;
+    println!(
+        "  data: site-a {} loose crops, site-b {} tight crops, validation {} (90% loose, 10% tight); each site also holds {} plates of its own for local evaluation",
+        data.a.len(),
+        data.b.len(),
+        data.val.len(),
+        cfg.local_test
+    );
+
+    println!("\n== setup ==");
+    let ids = ["site-a".to_string(), "site-b".to_string()];
+    let mut fed = Federation::create(&cfg.dir, arch, cfg.seed, &ids)?;
+    println!(
+        "keys: {} (each .key is secret, mode 0600; each .pub goes to the other side)",
+        list_dir(&cfg.dir.join("keys"))?
+    );
+    println!(
+        "HQ: round 0 = {arch} initialised from seed {}, signed and written to {}",
+        cfg.seed,
+        fed.global.display()
+    );
+    let r0 = eval_with_spinner(&fed, &data.val, "global-r0")?;
+    println!("global-r0 on the validation set: {}", pct(&r0));
+    let mut rows = vec![DemoRound {
+        round: 0,
+        a_local: None,
+        b_local: None,
+        global: r0,
+        bytes_carried: 0,
+    }];
+    let tcfg = TrainConfig {
+        epochs: cfg.epochs,
+        batch: cfg.batch,
+        seed: cfg.seed,
+        adam: AdamConfig {
+            lr: cfg.lr,
+            warmup,
+            ..AdamConfig::default()
+        },
+    };
+    let round_cfg = RoundConfig::default();
+    for r in 1..=cfg.rounds {
+        println!("\n== round {r} of {} ==", cfg.rounds);
+        let first_crossing = fed.crossings.len();
+        let mut updates = Vec::new();
+        let mut locals = Vec::new();
+        for (i, (train, test, style)) in [
+            (&data.a, &data.a_test, "loose"),
+            (&data.b, &data.b_test, "tight"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = fed.sites[i].id.clone();
+            let global_name = file_name(&fed.global);
+            fed.deliver(i)?;
+            println!("{id}: imported {global_name} (HQ's signature verified, not a rollback)");
+            let s = fed.train(i, train, &tcfg, &mut TrainBars::new(&id))?;
+            println!(
+                "{id}: trained {} epochs on {} {style} plates: {} steps, loss {:.3}, {:.0} img/s",
+                s.train.epochs_run,
+                train.len(),
+                s.round_steps,
+                s.train.loss,
+                s.train.images_per_sec
+            );
+            let (_, local) = eval_site(
+                &fed.sites[i].state,
+                test,
+                EvalTarget::Local,
+                EVAL_BATCH,
+                &Device::Cpu,
+            )?;
+            println!(
+                "{id}: local model on its own {} held-out {style} plates: {}",
+                test.len(),
+                pct(&local)
+            );
+            locals.push(local);
+            let c = fed.export(i)?;
+            println!("{id}: signed and exported {}", file_name(&c.path));
+            updates.push(c.path.clone());
+        }
+        let s = spinner("HQ: verifying and merging the updates");
+        let out = fed.merge(&updates, &round_cfg);
+        s.finish_and_clear();
+        let out = out?;
+        for c in &out.report.contributions {
+            println!(
+                "HQ: verified {} ({} samples): weight {:.2}, distance from the global {:.3}",
+                c.site, c.samples, c.weight, c.distance
+            );
+        }
+        println!(
+            "HQ: merged with {}, signed {}",
+            out.report.strategy,
+            file_name(&out.path)
+        );
+        let g = eval_with_spinner(&fed, &data.val, &file_name(&out.path))?;
+        println!(
+            "global-r{} on the validation set: {}",
+            fed.round,
+            pct(&g)
+        );
+        // The new global goes back on the stick; each site imports it (and trains from it next round).
+        if r == cfg.rounds {
+            for i in 0..fed.sites.len() {
+                fed.deliver(i)?;
+            }
+            println!(
+                "sites: imported {} (the final global, ready to deploy)",
+                file_name(&fed.global)
+            );
+        }
+        println!("files that crossed the air gap this round:");
+        for c in &fed.crossings[first_crossing..] {
+            println!("  {}", c.line());
+        }
+        let mut locals = locals.into_iter();
+        rows.push(DemoRound {
+            round: fed.round,
+            a_local: locals.next(),
+            b_local: locals.next(),
+            global: g,
+            bytes_carried: fed.bytes_carried(),
+        });
+    }
+    write_outputs(cfg, &rows)?;
+    println!(
+        "\ndone in {:.0} s: {} bundle files, {} carried across the air gap in all",
+        start.elapsed().as_secs_f64(),
+        fed.crossings.len(),
+        human_bytes(fed.bytes_carried())
+    );
+    Ok(rows)
+}
+
+fn eval_with_spinner(fed: &Federation, val: &ferry_train::data::Dataset, what: &str) -> Result<Evaluation> {
+    let s = spinner(format!("evaluating {what} on {} validation plates", val.len()));
+    let e = fed.evaluate_global(val);
+    s.finish_and_clear();
+    e
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn list_dir(dir: &std::path::Path) -> Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names.join(", "))
+}
+
+fn write_outputs(cfg: &DemoConfig, rows: &[DemoRound]) -> Result<()> {
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{:.1}", 100.0 * x));
+    let header = [
+        "round",
+        "site-a local exact %",
+        "site-a local chars %",
+        "site-b local exact %",
+        "site-b local chars %",
+        "global exact %",
+        "global chars %",
+        "bytes carried",
+    ];
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.round.to_string(),
+                f(r.a_local.as_ref().map(|e| e.accuracy)),
+                f(r.a_local.as_ref().and_then(|e| e.char_accuracy)),
+                f(r.b_local.as_ref().map(|e| e.accuracy)),
+                f(r.b_local.as_ref().and_then(|e| e.char_accuracy)),
+                f(Some(r.global.accuracy)),
+                f(r.global.char_accuracy),
+                r.bytes_carried.to_string(),
+            ]
+        })
+        .collect();
+    let md = markdown_table(&header, &table);
+    println!("\n== summary (local: each site's model on its own held-out plates; global: validation set) ==");
+    print!("{md}");
+    std::fs::write(cfg.dir.join("summary.md"), &md)?;
+    write_csv(&cfg.dir.join("summary.csv"), &header, &table)?;
+    let series = |name: &str, get: &dyn Fn(&DemoRound) -> Option<f64>| Series {
+        name: name.to_string(),
+        points: rows
+            .iter()
+            .filter_map(|r| get(r).map(|v| (r.round as f64, v)))
+            .collect(),
+    };
+    let plot = cfg.dir.join("accuracy.png");
+    plot_accuracy(
+        &plot,
+        "ferry demo: accuracy per round",
+        "round",
+        &[
+            series("global, characters (validation)", &|r| r.global.char_accuracy),
+            series("global, plates exact (validation)", &|r| Some(r.global.accuracy)),
+            series("site-a local, characters (own loose plates)", &|r| {
+                r.a_local.as_ref().and_then(|e| e.char_accuracy)
+            }),
+            series("site-b local, characters (own tight plates)", &|r| {
+                r.b_local.as_ref().and_then(|e| e.char_accuracy)
+            }),
+        ],
+    )?;
+    println!(
+        "wrote {}, {} and {}",
+        cfg.dir.join("summary.md").display(),
+        cfg.dir.join("summary.csv").display(),
+        plot.display()
+    );
+    Ok(())
+}

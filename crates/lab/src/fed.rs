@@ -1,0 +1,295 @@
+//! A federation on disk, driven through the same library calls as `ferry-server` and `ferry-client` (issue 5):
+//! real keys in `keys/`, HQ's ledger in `hq/`, one site state directory per site in `sites/<id>/`, and a `usb/`
+//! folder standing in for the stick. Every file that crosses the air gap is recorded as a [`Crossing`], so the
+//! experiments can report exactly what was carried.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferry_bundle::site::{LocalRecord, SiteState};
+use ferry_bundle::{open_file, Keyring, Payload, PublicKey, Role, SecretKey};
+use ferry_merge::hq::{self, RoundConfig, RoundOutcome};
+use ferry_train::data::Dataset;
+use ferry_train::{
+    evaluate, train_site, Arch, Device, Evaluation, Model, SiteTrainSummary, TrainConfig,
+    TrainObserver,
+};
+
+/// zstd level of every bundle the lab writes (the tools' default).
+pub const LEVEL: i32 = 3;
+/// How far ahead of its current global a site accepts a new one (the client's default).
+const MAX_ROUND_JUMP: u64 = 100;
+/// Images per evaluation batch.
+pub const EVAL_BATCH: usize = 256;
+
+/// Which way a file crossed the air gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Direction {
+    /// A global carried from HQ to this site.
+    ToSite(String),
+    /// A site's update carried to HQ.
+    ToHq,
+}
+
+/// One bundle file carried across the air gap.
+#[derive(Debug, Clone)]
+pub struct Crossing {
+    /// The file on the "stick".
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// Which way it went.
+    pub direction: Direction,
+}
+
+impl Crossing {
+    fn of(path: &Path, sha256: &str, direction: Direction) -> Result<Crossing> {
+        let bytes = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        Ok(Crossing {
+            path: path.to_path_buf(),
+            bytes,
+            sha256: sha256.to_string(),
+            direction,
+        })
+    }
+
+    /// `name  size  sha256-short  direction`, for the per-round listing.
+    pub fn line(&self) -> String {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = match &self.direction {
+            Direction::ToSite(s) => format!("HQ -> {s}"),
+            Direction::ToHq => "site -> HQ".to_string(),
+        };
+        format!(
+            "{name:<22} {:>10}  sha256 {}  {dir}",
+            human_bytes(self.bytes),
+            ferry_bundle::short(&self.sha256)
+        )
+    }
+}
+
+/// `1.23 MB` style sizes.
+pub fn human_bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.2} MiB", b as f64 / f64::from(1u32 << 20))
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// One site: its key and its state directory.
+#[derive(Debug)]
+pub struct Site {
+    /// The site id (`site-a`).
+    pub id: String,
+    key: SecretKey,
+    /// The state directory.
+    pub state: SiteState,
+}
+
+/// HQ and its sites in one folder, with every crossing recorded.
+#[derive(Debug)]
+pub struct Federation {
+    /// The federation's folder.
+    pub root: PathBuf,
+    /// The stand-in for the USB stick.
+    pub usb: PathBuf,
+    /// The architecture trained.
+    pub arch: Arch,
+    hq_dir: PathBuf,
+    hq_key: SecretKey,
+    /// What HQ trusts: every site's `.pub` (read back from `keys/`) and its own.
+    hq_trust: Keyring,
+    /// What every site trusts: HQ's `.pub`.
+    site_trust: Keyring,
+    /// The sites, in the order given.
+    pub sites: Vec<Site>,
+    /// Every file carried so far, in order.
+    pub crossings: Vec<Crossing>,
+    /// The newest global's path on the stick.
+    pub global: PathBuf,
+    /// Its round.
+    pub round: u64,
+}
+
+impl Federation {
+    /// Make keys for HQ and `site_ids` in `root/keys/`, then have HQ write round 0 (`arch` initialised from
+    /// `seed`) into `root/usb/`. Refuses a `root` that already holds a federation.
+    pub fn create(root: &Path, arch: Arch, seed: u64, site_ids: &[String]) -> Result<Federation> {
+        if root.join("hq").exists() {
+            bail!(
+                "{} already holds a federation; choose a new folder",
+                root.display()
+            );
+        }
+        let keys = root.join("keys");
+        let hq_key = SecretKey::generate(Role::Hq, "hq")?;
+        let (_, hq_pub) = hq_key.write_pair(&keys)?;
+        let mut site_trust = Keyring::new();
+        site_trust.add(PublicKey::read(&hq_pub)?)?;
+        let mut hq_trust = Keyring::new();
+        hq_trust.add(PublicKey::read(&hq_pub)?)?;
+        let mut sites = Vec::new();
+        for id in site_ids {
+            let key = SecretKey::generate(Role::Site, id)?;
+            let (_, public) = key.write_pair(&keys)?;
+            // HQ trusts what is in the `.pub` file it was handed, not the in-memory key.
+            hq_trust.add(PublicKey::read(&public)?)?;
+            let state = SiteState::open(&root.join("sites").join(id))?;
+            sites.push(Site {
+                id: id.clone(),
+                key,
+                state,
+            });
+        }
+        let model = Model::init(arch, seed, &Device::Cpu)?;
+        let payload = Payload::from_safetensors(&model.to_safetensors()?)?;
+        let hq_dir = root.join("hq");
+        let usb = root.join("usb");
+        let (global, sealed) = hq::init(
+            &hq_dir,
+            &hq_key,
+            &payload,
+            "ferry-lab",
+            Some(arch.name()),
+            &usb,
+            LEVEL,
+        )
+        .context("HQ init")?;
+        let _ = sealed;
+        Ok(Federation {
+            root: root.to_path_buf(),
+            usb,
+            arch,
+            hq_dir,
+            hq_key,
+            hq_trust,
+            site_trust,
+            sites,
+            crossings: Vec::new(),
+            global,
+            round: 0,
+        })
+    }
+
+    /// Carry the newest global to site `i`: verify it against HQ's key and import it (refusing rollbacks).
+    pub fn deliver(&mut self, i: usize) -> Result<&Crossing> {
+        let site = &self.sites[i];
+        let bundle = open_file(&self.global, &self.site_trust)
+            .with_context(|| format!("{} verifying {}", site.id, self.global.display()))?;
+        {
+            let _lock = site.state.lock()?;
+            site.state
+                .import(
+                    &bundle,
+                    &self.global.display().to_string(),
+                    MAX_ROUND_JUMP,
+                )
+                .with_context(|| format!("{} importing {}", site.id, self.global.display()))?;
+        }
+        let c = Crossing::of(
+            &self.global,
+            &bundle.hash,
+            Direction::ToSite(site.id.clone()),
+        )?;
+        self.crossings.push(c);
+        Ok(self.crossings.last().expect("just pushed"))
+    }
+
+    /// Train site `i`'s current global on `data` (the site keeps its Adam state between rounds).
+    pub fn train(
+        &self,
+        i: usize,
+        data: &Dataset,
+        cfg: &TrainConfig,
+        obs: &mut dyn TrainObserver,
+    ) -> Result<SiteTrainSummary> {
+        let site = &self.sites[i];
+        train_site(&site.state, data, cfg, &Device::Cpu, obs)
+            .with_context(|| format!("training {}", site.id))
+    }
+
+    /// Record weights trained elsewhere (the same arithmetic as `train_site`, run in memory) as site `i`'s local
+    /// model for its current global, as `ferry-client train` would have left it.
+    pub fn record_local(&self, i: usize, weights: &[u8], samples: u64, epochs: u32, steps: u64) -> Result<()> {
+        let site = &self.sites[i];
+        let _lock = site.state.lock()?;
+        let cur = site
+            .state
+            .current()?
+            .with_context(|| format!("{} holds no global", site.id))?;
+        let rec = LocalRecord {
+            base_hash: cur.hash,
+            round: cur.round,
+            samples,
+            epochs,
+            steps,
+            trained_at: ferry_bundle::unix_now(),
+            weights_sha256: String::new(),
+            exported: None,
+        };
+        site.state.write_local(weights, &rec)?;
+        Ok(())
+    }
+
+    /// Site `i` seals its local model and writes it to the stick.
+    pub fn export(&mut self, i: usize) -> Result<&Crossing> {
+        let site = &self.sites[i];
+        let (path, sealed) = {
+            let _lock = site.state.lock()?;
+            site.state
+                .export(&site.key, &self.usb, LEVEL)
+                .with_context(|| format!("{} exporting", site.id))?
+        };
+        self.crossings
+            .push(Crossing::of(&path, &sealed.hash, Direction::ToHq)?);
+        Ok(self.crossings.last().expect("just pushed"))
+    }
+
+    /// HQ verifies and merges `updates` into the next global, written to the stick.
+    pub fn merge(&mut self, updates: &[PathBuf], cfg: &RoundConfig) -> Result<RoundOutcome> {
+        let out = hq::merge_round(
+            &self.hq_dir,
+            &self.hq_key,
+            &self.hq_trust,
+            updates,
+            cfg,
+            &self.usb,
+        )
+        .context("HQ merge")?;
+        self.global = out.path.clone();
+        self.round = out.sealed.manifest.round;
+        Ok(out)
+    }
+
+    /// Verify the newest global against HQ's key and load it.
+    pub fn global_model(&self) -> Result<Model> {
+        let bundle = open_file(&self.global, &self.site_trust)
+            .with_context(|| format!("verifying {}", self.global.display()))?;
+        Ok(Model::from_safetensors(
+            self.arch,
+            bundle.payload(),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Accuracy of the newest global on `data`.
+    pub fn evaluate_global(&self, data: &Dataset) -> Result<Evaluation> {
+        Ok(evaluate(&self.global_model()?, data, EVAL_BATCH)?)
+    }
+
+    /// Bytes carried so far, both ways.
+    pub fn bytes_carried(&self) -> u64 {
+        self.crossings.iter().map(|c| c.bytes).sum()
+    }
+}
