@@ -231,6 +231,18 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
     sync_dir(dir)
 }
 
+/// [`write_new`], but a file already there with exactly these bytes counts as success: for content-addressed
+/// files that a crashed run may have written already.
+pub fn write_new_or_same(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    match write_new(path, bytes) {
+        Err(FsError::Exists(p)) => match read_capped(&p, bytes.len() as u64) {
+            Ok(existing) if existing == bytes => Ok(()),
+            _ => Err(FsError::Exists(p)),
+        },
+        r => r,
+    }
+}
+
 /// Write `bytes` to `path`, atomically replacing what is there. Used for state files, never for bundles.
 pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     refuse_symlink(path)?;

@@ -2,7 +2,8 @@
 //!
 //! Layout (all written atomically; the JSON records are the commit points, the weights are content-addressed so
 //! a crash between two writes never leaves a record pointing at the wrong bytes):
-//! - `global.json`: the current global ([`GlobalRecord`]); `previous.json`: the one before.
+//! - `global.json`: the current global ([`GlobalRecord`]), with the one before it inside (`previous`), so one
+//!   rename installs both.
 //! - `weights/<sha256>.safetensors`: plain safetensors files named by their hash.
 //! - `current.safetensors`: a copy of the current global's weights at a stable path, for the recogniser.
 //! - `local.json`: the trained local model waiting to be exported ([`LocalRecord`]).
@@ -139,6 +140,9 @@ pub struct GlobalRecord {
     pub imported_at: u64,
     /// The file it was imported from, as given.
     pub source: String,
+    /// The global held before this one (its own `previous` is dropped).
+    #[serde(default)]
+    pub previous: Option<Box<GlobalRecord>>,
 }
 
 /// A trained local model waiting to be exported.
@@ -277,7 +281,7 @@ impl SiteState {
 
     /// The global held before the current one.
     pub fn previous(&self) -> Result<Option<GlobalRecord>, SiteError> {
-        self.read_record("previous.json")
+        Ok(self.current()?.and_then(|c| c.previous.map(|p| *p)))
     }
 
     /// The current global's plain safetensors bytes.
@@ -416,10 +420,11 @@ impl SiteState {
                 .fold(0u64, |acc, c| acc.saturating_add(c.samples)),
             imported_at: crate::unix_now(),
             source: source.to_string(),
+            previous: current.clone().map(|mut c| {
+                c.previous = None;
+                Box::new(c)
+            }),
         };
-        if let Some(cur) = &current {
-            self.write_record("previous.json", cur)?;
-        }
         // The commit point: until this rename the site holds the old global.
         self.write_record("global.json", &rec)?;
         self.write_current_model(bundle.payload())?;

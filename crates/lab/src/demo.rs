@@ -192,11 +192,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
             file_name(&out.path)
         );
         let g = eval_with_spinner(&fed, &data.val, &file_name(&out.path))?;
-        println!(
-            "global-r{} on the validation set: {}",
-            fed.round,
-            pct(&g)
-        );
+        println!("global-r{} on the validation set: {}", fed.round, pct(&g));
         // The new global goes back on the stick; each site imports it (and trains from it next round).
         if r == cfg.rounds {
             for i in 0..fed.sites.len() {
@@ -230,8 +226,15 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     Ok(rows)
 }
 
-fn eval_with_spinner(fed: &Federation, val: &ferry_train::data::Dataset, what: &str) -> Result<Evaluation> {
-    let s = spinner(format!("evaluating {what} on {} validation plates", val.len()));
+fn eval_with_spinner(
+    fed: &Federation,
+    val: &ferry_train::data::Dataset,
+    what: &str,
+) -> Result<Evaluation> {
+    let s = spinner(format!(
+        "evaluating {what} on {} validation plates",
+        val.len()
+    ));
     let e = fed.evaluate_global(val);
     s.finish_and_clear();
     e
@@ -298,8 +301,12 @@ fn write_outputs(cfg: &DemoConfig, rows: &[DemoRound]) -> Result<()> {
         "ferry demo: accuracy per round",
         "round",
         &[
-            series("global, characters (validation)", &|r| r.global.char_accuracy),
-            series("global, plates exact (validation)", &|r| Some(r.global.accuracy)),
+            series("global, characters (validation)", &|r| {
+                r.global.char_accuracy
+            }),
+            series("global, plates exact (validation)", &|r| {
+                Some(r.global.accuracy)
+            }),
             series("site-a local, characters (own loose plates)", &|r| {
                 r.a_local.as_ref().and_then(|e| e.char_accuracy)
             }),

@@ -190,11 +190,7 @@ impl Federation {
         {
             let _lock = site.state.lock()?;
             site.state
-                .import(
-                    &bundle,
-                    &self.global.display().to_string(),
-                    MAX_ROUND_JUMP,
-                )
+                .import(&bundle, &self.global.display().to_string(), MAX_ROUND_JUMP)
                 .with_context(|| format!("{} importing {}", site.id, self.global.display()))?;
         }
         let c = Crossing::of(
@@ -221,7 +217,14 @@ impl Federation {
 
     /// Record weights trained elsewhere (the same arithmetic as `train_site`, run in memory) as site `i`'s local
     /// model for its current global, as `ferry-client train` would have left it.
-    pub fn record_local(&self, i: usize, weights: &[u8], samples: u64, epochs: u32, steps: u64) -> Result<()> {
+    pub fn record_local(
+        &self,
+        i: usize,
+        weights: &[u8],
+        samples: u64,
+        epochs: u32,
+        steps: u64,
+    ) -> Result<()> {
         let site = &self.sites[i];
         let _lock = site.state.lock()?;
         let cur = site

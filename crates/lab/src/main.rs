@@ -1,4 +1,317 @@
-//! `ferry-lab`: demo, experiments and benchmarks.
-mod report;
+//! `ferry-lab`: the demo, the field study's table, FedAvg experiments and benchmarks (issue 5). Flags only; the
+//! work is in the `ferry_lab` library.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_lab::{bench, demo, fedavg, seed_table, split::SplitKind};
+use ferry_merge::{Strategy, Weighting};
+use ferry_train::data::DataSpec;
+use ferry_train::Arch;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-lab",
+    version,
+    about = "ferry's demo and experiments, through real keys, signed bundles and state directories"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (about
+    /// 4 minutes on 2 CPU cores).
+    #[command(after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo")]
+    Demo(DemoArgs),
+    /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
+    /// bundles.
+    #[command(after_help = "Example:\n  ferry-lab seed-table --total-epochs 10 --samples-per-site 2000 --e-sweep 1,2,5 --json seed-table.json\n  ferry-lab seed-table --total-epochs 70 --samples-per-site 80000 --e-sweep 1,5,10,20 --lr 2.5e-4 --warmup 1000")]
+    SeedTable(SeedTableArgs),
+    /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
+    #[command(after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5")]
+    Fedavg(FedAvgArgs),
+    /// Images per second of a training or inference step.
+    #[command(after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json")]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Folder for everything (keys, HQ, sites, usb/, summary, plot); default lab-out/demo-<unix time>.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Rounds after round 0.
+    #[arg(long, default_value_t = demo::DemoConfig::default().rounds)]
+    rounds: u32,
+    /// Training plates per site.
+    #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().samples)]
+    samples: usize,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = demo::DemoConfig::default().epochs)]
+    epochs: u32,
+    /// Validation plates (90% loose, 10% tight).
+    #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().val)]
+    val: usize,
+    /// Held-out plates per site for its local evaluation.
+    #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().local_test)]
+    local_test: usize,
+    #[command(flatten)]
+    train: TrainFlags<{ DEMO }>,
+}
+
+const DEMO: u8 = 0;
+const SEED_TABLE: u8 = 1;
+const FEDAVG: u8 = 2;
+
+/// Optimizer flags shared by the three experiments; `K` picks the defaults.
+#[derive(Debug, Args)]
+struct TrainFlags<const K: u8> {
+    /// Adam's peak learning rate (the field study: 2.5e-4, for 80k plates per site).
+    #[arg(long, default_value_t = default_lr(K))]
+    lr: f64,
+    /// Warm-up steps; default 0.8 of a site's epoch (the field study's ratio: 1000 steps for 1250 per epoch).
+    #[arg(long, value_name = "STEPS")]
+    warmup: Option<u64>,
+    /// Images per step.
+    #[arg(long, default_value_t = default_batch(K))]
+    batch: usize,
+    /// Seed of the initial weights, the data and the shuffles.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+const fn default_lr(k: u8) -> f64 {
+    match k {
+        DEMO => 2e-3,
+        _ => 1e-3,
+    }
+}
+
+const fn default_batch(k: u8) -> usize {
+    match k {
+        DEMO => 32,
+        SEED_TABLE => 64,
+        _ => 10,
+    }
+}
+
+#[derive(Debug, Args)]
+struct SeedTableArgs {
+    /// Epoch budget T per site (the field study: 70).
+    #[arg(long, value_name = "T", default_value_t = 10)]
+    total_epochs: u32,
+    /// Training plates per site (the field study: about 80000).
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    samples_per_site: usize,
+    /// Validation plates (90% loose, 10% tight).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    val: usize,
+    /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70).
+    #[arg(long, value_name = "E,E,..", value_delimiter = ',', default_value = "1,2,5")]
+    e_sweep: Vec<u32>,
+    /// Also write the rows as JSON here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Output folder; default lab-out/seed-table-<unix time>.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainFlags<{ SEED_TABLE }>,
+}
+
+#[derive(Debug, Args)]
+struct FedAvgArgs {
+    /// Training data: plates:loose|tight|mixed:N[:SEED], idx:DIR or folder:LABELS.csv.
+    #[arg(long, value_name = "SPEC")]
+    data: DataSpec,
+    /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
+    #[arg(long, value_name = "SPEC")]
+    test_data: Option<DataSpec>,
+    /// Model: plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-cnn otherwise.
+    #[arg(long, value_name = "ARCH")]
+    model: Option<Arch>,
+    /// Number of sites K.
+    #[arg(long, value_name = "K", default_value_t = 2)]
+    sites: usize,
+    /// iid, by-style (plates:mixed), shards[:N] (N shards per site, default 2) or dirichlet:ALPHA.
+    #[arg(long, default_value = "iid")]
+    split: SplitKind,
+    /// Rounds R.
+    #[arg(long, value_name = "R", default_value_t = 10)]
+    rounds: u32,
+    /// Local epochs per round E.
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    local_epochs: u32,
+    /// fedavg, fedavgm, fedadam, median or trimmed-mean.
+    #[arg(long, default_value = "fedavg")]
+    strategy: Strategy,
+    /// Weights of the averaging strategies: samples or equal.
+    #[arg(long, default_value = "samples")]
+    weights: Weighting,
+    /// Report the first round whose test accuracy reaches ACC (0..1).
+    #[arg(long, value_name = "ACC")]
+    target: Option<f64>,
+    /// Use the first N training samples in total (split across the sites).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Use the first N test samples.
+    #[arg(long, value_name = "N")]
+    test_limit: Option<usize>,
+    /// Also write `{"rows": [{round, accuracy, bytes_carried}, ..]}` here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Output folder; default lab-out/fedavg-<unix time>.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainFlags<{ FEDAVG }>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BenchWhat {
+    /// Training steps (forward, loss, backward, Adam).
+    Train,
+    /// Inference forward passes.
+    Infer,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// What to time.
+    what: BenchWhat,
+    /// plate-cnn or mnist-cnn.
+    #[arg(long, value_name = "ARCH", default_value = "plate-cnn")]
+    model: Arch,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Worker threads (default: all cores, or RAYON_NUM_THREADS).
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+fn write_json(path: &PathBuf, v: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(v)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn out_dir(given: &Option<PathBuf>, what: &str) -> PathBuf {
+    given
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("lab-out/{what}-{}", ferry_bundle::unix_now())))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(a) => {
+            let cfg = demo::DemoConfig {
+                dir: out_dir(&a.dir, "demo"),
+                rounds: a.rounds,
+                samples: a.samples,
+                epochs: a.epochs,
+                val: a.val,
+                local_test: a.local_test,
+                lr: a.train.lr,
+                warmup: a.train.warmup,
+                batch: a.train.batch,
+                seed: a.train.seed,
+            };
+            demo::run(&cfg)?;
+        }
+        Command::SeedTable(a) => {
+            let cfg = seed_table::SeedTableConfig {
+                out: out_dir(&a.out, "seed-table"),
+                total_epochs: a.total_epochs,
+                samples_per_site: a.samples_per_site,
+                val: a.val,
+                e_sweep: a.e_sweep,
+                lr: a.train.lr,
+                warmup: a.train.warmup,
+                batch: a.train.batch,
+                seed: a.train.seed,
+            };
+            let rows = seed_table::run(&cfg)?;
+            if let Some(p) = &a.json {
+                write_json(p, &seed_table::json(&cfg, &rows))?;
+            }
+        }
+        Command::Fedavg(a) => {
+            let cfg = fedavg::FedAvgConfig {
+                out: out_dir(&a.out, "fedavg"),
+                data: a.data,
+                test_data: a.test_data,
+                model: a.model,
+                sites: a.sites,
+                split: a.split,
+                rounds: a.rounds,
+                local_epochs: a.local_epochs,
+                batch: a.train.batch,
+                lr: a.train.lr,
+                warmup: a.train.warmup,
+                strategy: a.strategy,
+                weighting: a.weights,
+                target: a.target,
+                limit: a.limit,
+                test_limit: a.test_limit,
+                seed: a.train.seed,
+            };
+            let r = fedavg::run(&cfg)?;
+            if let Some(p) = &a.json {
+                write_json(p, &fedavg::json(&cfg, &r))?;
+            }
+        }
+        Command::Bench(a) => {
+            if let Some(t) = a.threads {
+                if t == 0 {
+                    anyhow::bail!("--threads must be at least 1");
+                }
+                // candle sizes its CPU work by RAYON_NUM_THREADS; set it before any thread starts.
+                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            }
+            let kind = match a.what {
+                BenchWhat::Train => bench::BenchKind::Train,
+                BenchWhat::Infer => bench::BenchKind::Infer,
+            };
+            let r = bench::run(kind, a.model, a.batch, a.steps, a.warmup, a.threads)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} {:?} on {} threads, batch {}: {:.1} img/s, {:.1} ms/step ({} parameters)",
+                    r.model, a.what, r.threads, r.batch, r.img_per_s, r.ms_per_step, r.params
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

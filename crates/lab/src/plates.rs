@@ -28,7 +28,9 @@ pub fn field_data(per_site: usize, val: usize, local_test: usize, seed: u64) -> 
         "generating {} synthetic plates (2 x {per_site} training, {val} validation, 2 x {local_test} local test)",
         2 * per_site + val + 2 * local_test
     ));
-    let gen = |style, n, stream: u64| plates::generate(style, n, seed.wrapping_mul(1000).wrapping_add(stream), None);
+    let gen = |style, n, stream: u64| {
+        plates::generate(style, n, seed.wrapping_mul(1000).wrapping_add(stream), None)
+    };
     let val_loose = (val * 9).div_ceil(10);
     let result = (|| -> Result<FieldData> {
         let vl = gen(PlateStyle::Loose, val_loose, 3)?;
@@ -49,5 +51,7 @@ pub fn field_data(per_site: usize, val: usize, local_test: usize, seed: u64) -> 
 /// (1000 warm-up steps for 80k crops at batch 64, i.e. 1250 steps per epoch). Its default of 1000 steps would
 /// swallow a small run whole.
 pub fn scaled_warmup(samples: usize, batch: usize) -> u64 {
-    ((samples.div_ceil(batch.max(1)) as f64) * 0.8).round().max(1.0) as u64
+    ((samples.div_ceil(batch.max(1)) as f64) * 0.8)
+        .round()
+        .max(1.0) as u64
 }

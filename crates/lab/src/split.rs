@@ -34,7 +34,9 @@ pub enum SplitKind {
 impl FromStr for SplitKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow::anyhow!("unknown split `{s}`: use iid, by-style, shards[:N] or dirichlet:ALPHA");
+        let bad = || {
+            anyhow::anyhow!("unknown split `{s}`: use iid, by-style, shards[:N] or dirichlet:ALPHA")
+        };
         match s.split_once(':') {
             None => match s {
                 "iid" => Ok(SplitKind::Iid),
@@ -123,7 +125,8 @@ pub fn split(data: &Dataset, k: usize, kind: SplitKind, seed: u64) -> Result<Vec
             let gamma = Gamma::new(alpha, 1.0)?;
             let classes = (0..n).map(|i| key(data, i)).max().map_or(0, |m| m + 1);
             for c in 0..classes {
-                let of_class: Vec<usize> = all.iter().copied().filter(|&i| key(data, i) == c).collect();
+                let of_class: Vec<usize> =
+                    all.iter().copied().filter(|&i| key(data, i) == c).collect();
                 let mut p: Vec<f64> = (0..k).map(|_| gamma.sample(&mut rng)).collect();
                 let total: f64 = p.iter().sum();
                 if total <= 0.0 || !total.is_finite() {

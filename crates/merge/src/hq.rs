@@ -160,7 +160,7 @@ pub fn init(
         level,
     )?;
     fsutil::ensure_dir(&dir.join("globals"))?;
-    fsutil::write_new(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
+    fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
     Ledger::init(
         dir,
         federation,
@@ -214,6 +214,17 @@ fn read_current(
         });
     }
     Ok((bytes, bundle))
+}
+
+/// Remove `.spool-*` directories a crashed merge left behind (we hold the ledger lock, so none is in use).
+fn remove_stale_spools(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".spool-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// One verified payload spooled to disk, read back tensor by tensor.
@@ -332,6 +343,7 @@ pub fn merge_round(
     let current = ledger.current().clone();
     let (_, base) = read_current(dir, &current.hash, key)?;
 
+    remove_stale_spools(dir);
     let spool = tempfile::Builder::new()
         .prefix(".spool-")
         .tempdir_in(dir)
@@ -462,7 +474,7 @@ pub fn merge_round(
 
     // Store, then commit. Until `record_round` renames the ledger, the federation is on the old round.
     fsutil::ensure_dir(&dir.join("globals"))?;
-    fsutil::write_new(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
+    fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
     if config.merge.strategy.is_stateful() {
         fsutil::ensure_dir(&dir.join("server"))?;
         fsutil::write_replace(

@@ -386,25 +386,11 @@ fn crash_each_step(
     panic!("{label} did not complete within {MAX_STEPS} failpoints");
 }
 
-/// A re-run before the commit may meet the bug in `rerun_after_a_crash_between_storing_and_committing_*`: a global
-/// stored in `globals/` by the crashed run, byte-identical to the one the re-run seals (same second). Accept only
-/// exactly that refusal here; the ignored tests below hold the correct behaviour.
+/// A re-run before the commit completes the round, even where the crashed run already stored a byte-identical
+/// global in `globals/` (the same second): that file is accepted as already written.
 #[track_caller]
-fn rerun_before_commit(o: &Output, orphans: &[String], ctx: &str) -> bool {
-    if o.status.success() {
-        return true;
-    }
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.code() == Some(1)
-            && err.contains("already exists")
-            && orphans
-                .iter()
-                .any(|n| err.contains(&format!("globals/{n}"))),
-        "{ctx}: re-run failed: {}",
-        text(o)
-    );
-    false
+fn rerun_before_commit(o: &Output, _orphans: &[String], ctx: &str) {
+    assert!(o.status.success(), "{ctx}: re-run failed: {}", text(o));
 }
 
 #[test]
@@ -412,7 +398,7 @@ fn merge_crash_at_every_step_leaves_old_or_new_round_and_recovery_works() {
     let fx = Fixture::new();
     let mut counts = Vec::new();
     for var in ["FERRY_FAILPOINT", "FERRY_FAILPOINT_TORN"] {
-        let (mut committed, mut known_bug) = (0, 0);
+        let mut committed = 0;
         let steps = crash_each_step(
             &fx,
             "merge",
@@ -426,10 +412,7 @@ fn merge_crash_at_every_step_leaves_old_or_new_round_and_recovery_works() {
                     assert_eq!(hash, fx.g0.hash, "{ctx}");
                     let left = orphans(c, Some(&hash));
                     let o = server(&fx.merge_args(c), None);
-                    if !rerun_before_commit(&o, &left, &ctx) {
-                        known_bug += 1;
-                        return;
-                    }
+                    rerun_before_commit(&o, &left, &ctx);
                     let (round, hash) = check_after_crash(c, 1, &ctx).unwrap();
                     assert_eq!(round, 1, "{ctx}: re-run did not commit");
                     let out = check_globals(&c.out, &ctx);
@@ -455,7 +438,7 @@ fn merge_crash_at_every_step_leaves_old_or_new_round_and_recovery_works() {
         );
         eprintln!(
             "merge: {steps} durable steps; {var}: {committed} crash(es) after the ledger commit (recovered by emit); \
-             {known_bug} re-run(s) hit the stored-global bug"
+            "
         );
         // The commit is the ledger rename; after it come the fsync of the state dir, the fsync for the new out
         // dir, and the 3 steps writing the global into it.
@@ -474,7 +457,7 @@ fn init_crash_at_every_step_leaves_no_or_a_whole_federation_and_recovery_works()
     let fx = Fixture::new();
     let mut counts = Vec::new();
     for var in ["FERRY_FAILPOINT", "FERRY_FAILPOINT_TORN"] {
-        let (mut committed, mut known_bug) = (0, 0);
+        let mut committed = 0;
         let steps = crash_each_step(
             &fx,
             "init",
@@ -487,10 +470,7 @@ fn init_crash_at_every_step_leaves_no_or_a_whole_federation_and_recovery_works()
                     None => {
                         let left = orphans(c, None);
                         let o = server(&fx.init_args(c), None);
-                        if !rerun_before_commit(&o, &left, &ctx) {
-                            known_bug += 1;
-                            return;
-                        }
+                        rerun_before_commit(&o, &left, &ctx);
                         let (round, hash) = check_after_crash(c, 0, &ctx).expect("no ledger");
                         assert_eq!(round, 0, "{ctx}");
                         let out = check_globals(&c.out, &ctx);
@@ -513,7 +493,7 @@ fn init_crash_at_every_step_leaves_no_or_a_whole_federation_and_recovery_works()
         );
         eprintln!(
             "init --state: {steps} durable steps; {var}: {committed} crash(es) after the ledger commit \
-             (recovered by emit); {known_bug} re-run(s) hit the stored-global bug"
+             (recovered by emit);"
         );
         // As for merge: the ledger commit is followed by 5 steps.
         assert_eq!(committed, 5, "{var}");
@@ -573,18 +553,12 @@ fn rerun_after_orphan_global(
 }
 
 #[test]
-#[ignore = "bug: crates/merge/src/hq.rs merge_round (and init) store the new global with fsutil::write_new, which \
-            refuses the byte-identical globals/<hash>.ferry a crashed run left before the ledger commit, so a \
-            re-run within the same second fails with `already exists`; accept an existing file with equal bytes"]
 fn rerun_after_a_crash_between_storing_and_committing_a_merged_global_succeeds() {
     let fx = Fixture::new();
     rerun_after_orphan_global(&fx, "merge", true, |c| fx.merge_args(c));
 }
 
 #[test]
-#[ignore = "bug: crates/merge/src/hq.rs init stores round 0 with fsutil::write_new before Ledger::init, so a \
-            re-run within the same second after a crash between the two fails with `already exists`; accept an \
-            existing file with equal bytes"]
 fn rerun_after_a_crash_between_storing_and_committing_the_initial_global_succeeds() {
     let fx = Fixture::new();
     rerun_after_orphan_global(&fx, "init", false, |c| fx.init_args(c));
@@ -611,9 +585,6 @@ fn merge_refuses_a_state_another_process_holds() {
 }
 
 #[test]
-#[ignore = "bug: crates/merge/src/hq.rs merge_round spools every verified update into a `.spool-*` temp dir in \
-            --state (line 337); a crashed merge leaves it behind with a full copy of every update and no later \
-            merge removes it; remove stale `.spool-*` dirs under the ledger lock before spooling"]
 fn a_merge_after_a_crashed_merge_leaves_no_spool_behind() {
     let fx = Fixture::new();
     let c = fx.case("spool", true);

@@ -37,7 +37,9 @@ pub struct BenchResult {
 fn synthetic(arch: Arch, batch: usize, device: &Device) -> Result<(Tensor, Tensor), TrainError> {
     let (c, h, w) = arch.input();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let x: Vec<f32> = (0..batch * c * h * w).map(|_| rng.random::<f32>()).collect();
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|_| rng.random::<f32>())
+        .collect();
     let classes = arch.classes() as u32;
     let y: Vec<u32> = (0..batch * arch.slots())
         .map(|_| rng.random_range(0..classes))

@@ -1,0 +1,405 @@
+//! `ferry-lab seed-table` (issue 5): the field study's table, reproduced through real bundles. Two sites with
+//! equal-sized plate sets (A loose, B tight), a validation set 90 % loose / 10 % tight, one initial seed, and a
+//! total budget of T epochs per site. Rows:
+//! - `site-a`, `site-b`: each site alone for T epochs; `centralised`: both sets pooled for T epochs (upper bound).
+//!   No bundles: nothing crosses the air gap (centralised would carry the data itself).
+//! - `one-shot`: each site trains T epochs from the same round-0 global and HQ averages once. The two local runs
+//!   *are* the `site-a`/`site-b` runs (same seed, same data, same shuffles: `train_site` of round 0 runs exactly
+//!   `train_epoch(.., round 0, epoch e)`), so they are reused, recorded in each site's state as its local model,
+//!   then exported, verified and merged through real bundles.
+//! - `fedavg-e<E>`: ceil(T/E) rounds of E local epochs (the last round gets what is left, so every row aggregates
+//!   at epoch T), each site keeping its Adam state between rounds as in the field study, all through real
+//!   bundles (`train_site`, `SiteState::export`, `hq::merge_round`, `SiteState::import`).
+//!
+//! Every row is evaluated on the validation set after every epoch-equivalent: standalone rows after each epoch,
+//! federated rows after each merge.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use ferry_merge::hq::RoundConfig;
+use ferry_train::data::Dataset;
+use ferry_train::optim::Adam;
+use ferry_train::train::train_epoch;
+use ferry_train::{evaluate, AdamConfig, Arch, Device, Evaluation, Model, TrainConfig};
+use serde::Serialize;
+
+use crate::fed::{Federation, EVAL_BATCH};
+use crate::plates::{field_data, scaled_warmup, FieldData};
+use crate::progress::{spinner, TrainBars};
+use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
+
+/// Settings of a seed-table run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedTableConfig {
+    /// Output folder.
+    pub out: PathBuf,
+    /// Epoch budget T per site.
+    pub total_epochs: u32,
+    /// Training plates per site.
+    pub samples_per_site: usize,
+    /// Validation plates.
+    pub val: usize,
+    /// Local epochs per round of each FedAvg row.
+    pub e_sweep: Vec<u32>,
+    /// Adam's peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps (`None`: 0.8 of a site's epoch, the field study's ratio).
+    pub warmup: Option<u64>,
+    /// Images per step.
+    pub batch: usize,
+    /// Seed of the initial weights, the data and the shuffles.
+    pub seed: u64,
+}
+
+impl Default for SeedTableConfig {
+    fn default() -> Self {
+        SeedTableConfig {
+            out: PathBuf::from(format!("lab-out/seed-table-{}", ferry_bundle::unix_now())),
+            total_epochs: 10,
+            samples_per_site: 2000,
+            val: 1000,
+            e_sweep: vec![1, 2, 5],
+            lr: 1e-3,
+            warmup: None,
+            batch: 64,
+            seed: 1,
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `site-a`, `site-b`, `centralised`, `one-shot` or `fedavg-e<E>`.
+    pub name: String,
+    /// Validation accuracy at the end (plates read exactly), 0..1.
+    pub accuracy: f64,
+    /// Validation accuracy per character at the end, 0..1.
+    pub char_accuracy: f64,
+    /// Round trips (one each way per round); 0 for the rows that send nothing.
+    pub round_trips: u64,
+    /// Bytes of bundle files carried across the air gap, both ways (a global counts once per site it reaches).
+    pub bytes_carried: u64,
+    /// (epochs per site so far, exact accuracy, character accuracy) after every epoch-equivalent.
+    pub curve: Vec<(u32, f64, f64)>,
+    /// Wall-clock seconds for the row.
+    pub seconds: f64,
+}
+
+fn point(epoch: u32, e: &Evaluation) -> (u32, f64, f64) {
+    (epoch, e.accuracy, e.char_accuracy.unwrap_or(e.accuracy))
+}
+
+fn finish(
+    name: String,
+    curve: Vec<(u32, f64, f64)>,
+    round_trips: u64,
+    bytes: u64,
+    start: Instant,
+) -> Row {
+    let last = *curve.last().expect("a curve has its epoch-0 point");
+    Row {
+        name,
+        accuracy: last.1,
+        char_accuracy: last.2,
+        round_trips,
+        bytes_carried: bytes,
+        curve,
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+fn eval(model: &Model, val: &Dataset) -> Result<Evaluation> {
+    Ok(evaluate(model, val, EVAL_BATCH)?)
+}
+
+/// One model trained alone for T epochs from the round-0 weights, evaluated after every epoch. Returns the row,
+/// the final weights and the optimizer steps taken.
+fn standalone(
+    name: &str,
+    data: &Dataset,
+    val: &Dataset,
+    cfg: &SeedTableConfig,
+    tcfg: &TrainConfig,
+) -> Result<(Row, Vec<u8>, u64)> {
+    let start = Instant::now();
+    let arch = Arch::PlateCnn;
+    let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
+    let mut adam = Adam::new(arch, &Device::Cpu)?;
+    let mut curve = vec![point(0, &eval(&model, val)?)];
+    let tcfg = TrainConfig {
+        epochs: cfg.total_epochs,
+        ..tcfg.clone()
+    };
+    for epoch in 0..cfg.total_epochs {
+        // Round 0's shuffles, exactly what `train_site` runs on a round-0 global.
+        train_epoch(
+            &mut model,
+            &mut adam,
+            data,
+            &tcfg,
+            0,
+            epoch,
+            &mut TrainBars::new(name),
+        )?;
+        curve.push(point(epoch + 1, &eval(&model, val)?));
+    }
+    let row = finish(name.to_string(), curve, 0, 0, start);
+    Ok((row, model.to_safetensors()?, adam.step()))
+}
+
+fn site_ids() -> Vec<String> {
+    vec!["site-a".to_string(), "site-b".to_string()]
+}
+
+/// One-shot averaging of the two standalone models through real bundles.
+fn one_shot(
+    dir: &Path,
+    data: &FieldData,
+    cfg: &SeedTableConfig,
+    trained: &[(Vec<u8>, u64); 2],
+) -> Result<Row> {
+    let start = Instant::now();
+    let mut fed = Federation::create(dir, Arch::PlateCnn, cfg.seed, &site_ids())?;
+    let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
+    let mut updates = Vec::new();
+    for (i, (weights, steps)) in trained.iter().enumerate() {
+        fed.deliver(i)?;
+        fed.record_local(
+            i,
+            weights,
+            cfg.samples_per_site as u64,
+            cfg.total_epochs,
+            *steps,
+        )?;
+        updates.push(fed.export(i)?.path.clone());
+    }
+    let s = spinner("one-shot: HQ verifying and averaging the two updates");
+    let merged = fed.merge(&updates, &RoundConfig::default());
+    s.finish_and_clear();
+    merged?;
+    curve.push(point(cfg.total_epochs, &fed.evaluate_global(&data.val)?));
+    Ok(finish(
+        "one-shot".into(),
+        curve,
+        1,
+        fed.bytes_carried(),
+        start,
+    ))
+}
+
+/// FedAvg with `e` local epochs per round, through real bundles.
+fn fedavg(
+    dir: &Path,
+    data: &FieldData,
+    cfg: &SeedTableConfig,
+    tcfg: &TrainConfig,
+    e: u32,
+) -> Result<Row> {
+    let start = Instant::now();
+    let name = format!("fedavg-e{e}");
+    let mut fed = Federation::create(dir, Arch::PlateCnn, cfg.seed, &site_ids())?;
+    let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
+    let rounds = cfg.total_epochs.div_ceil(e);
+    let mut done = 0;
+    for r in 0..rounds {
+        let epochs = e.min(cfg.total_epochs - done);
+        let mut updates = Vec::new();
+        for (i, set) in [&data.a, &data.b].into_iter().enumerate() {
+            fed.deliver(i)?;
+            let label = format!("{name} round {}/{rounds} {}", r + 1, fed.sites[i].id);
+            fed.train(
+                i,
+                set,
+                &TrainConfig {
+                    epochs,
+                    ..tcfg.clone()
+                },
+                &mut TrainBars::new(label),
+            )?;
+            updates.push(fed.export(i)?.path.clone());
+        }
+        let s = spinner(format!("{name}: HQ verifying and merging round {}", r + 1));
+        let merged = fed.merge(&updates, &RoundConfig::default());
+        s.finish_and_clear();
+        merged?;
+        done += epochs;
+        curve.push(point(done, &fed.evaluate_global(&data.val)?));
+    }
+    Ok(finish(
+        name,
+        curve,
+        u64::from(rounds),
+        fed.bytes_carried(),
+        start,
+    ))
+}
+
+/// The field study's numbers (% plates read exactly), for the rows that have a direct counterpart.
+fn field_study(name: &str) -> Option<f64> {
+    match name {
+        "site-a" => Some(93.67),
+        "site-b" => Some(63.87),
+        "centralised" => Some(98.64),
+        "one-shot" => Some(0.04),
+        _ => None,
+    }
+}
+
+/// Run every row, writing the table (`table.md`), `table.csv`, `results.json` and `accuracy.png` into `cfg.out`.
+pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
+    if cfg.total_epochs == 0 || cfg.samples_per_site == 0 || cfg.val == 0 {
+        bail!("--total-epochs, --samples-per-site and --val must be at least 1");
+    }
+    if cfg.e_sweep.contains(&0) {
+        bail!("--e-sweep values must be at least 1");
+    }
+    if cfg.out.join("rows").exists() {
+        bail!(
+            "{} already holds a seed table; choose a new --out",
+            cfg.out.display()
+        );
+    }
+    let warmup = cfg
+        .warmup
+        .unwrap_or_else(|| scaled_warmup(cfg.samples_per_site, cfg.batch));
+    let tcfg = TrainConfig {
+        epochs: 1,
+        batch: cfg.batch,
+        seed: cfg.seed,
+        adam: AdamConfig {
+            lr: cfg.lr,
+            warmup,
+            ..AdamConfig::default()
+        },
+    };
+    println!(
+        "ferry-lab seed-table into {}: T = {} epochs, {} plates per site, {} validation plates, E in {:?}, batch {}, Adam lr {}, warm-up {warmup} steps{}",
+        cfg.out.display(),
+        cfg.total_epochs,
+        cfg.samples_per_site,
+        cfg.val,
+        cfg.e_sweep,
+        cfg.batch,
+        cfg.lr,
+        if cfg.warmup.is_none() {
+            " (0.8 of a site's epoch, the field study's ratio: its 1000 steps were for 80k plates)"
+        } else {
+            ""
+        }
+    );
+    let data = field_data(cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
+    let rows_dir = cfg.out.join("rows");
+    let mut rows = Vec::new();
+    let report = |r: &Row| {
+        println!(
+            "{:<12} {:>6.2}% exact, {:>6.2}% chars, {} round trips, {} bytes carried ({:.0} s)",
+            r.name,
+            100.0 * r.accuracy,
+            100.0 * r.char_accuracy,
+            r.round_trips,
+            r.bytes_carried,
+            r.seconds
+        )
+    };
+    let (a, wa, sa) = standalone("site-a", &data.a, &data.val, cfg, &tcfg)?;
+    report(&a);
+    rows.push(a);
+    let (b, wb, sb) = standalone("site-b", &data.b, &data.val, cfg, &tcfg)?;
+    report(&b);
+    rows.push(b);
+    let both = Dataset::concat(&[&data.a, &data.b])?;
+    let (c, _, _) = standalone("centralised", &both, &data.val, cfg, &tcfg)?;
+    report(&c);
+    rows.push(c);
+    let o = one_shot(
+        &rows_dir.join("one-shot"),
+        &data,
+        cfg,
+        &[(wa, sa), (wb, sb)],
+    )?;
+    report(&o);
+    rows.push(o);
+    for &e in &cfg.e_sweep {
+        let r = fedavg(&rows_dir.join(format!("fedavg-e{e}")), &data, cfg, &tcfg, e)?;
+        report(&r);
+        rows.push(r);
+    }
+    write_outputs(cfg, warmup, &rows)?;
+    Ok(rows)
+}
+
+fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()> {
+    let header = [
+        "row",
+        "accuracy % (exact)",
+        "characters %",
+        "round trips",
+        "bytes carried",
+        "field study %",
+        "seconds",
+    ];
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{:.2}", 100.0 * r.accuracy),
+                format!("{:.2}", 100.0 * r.char_accuracy),
+                r.round_trips.to_string(),
+                r.bytes_carried.to_string(),
+                field_study(&r.name).map_or("-".into(), |v| format!("{v:.2}")),
+                format!("{:.0}", r.seconds),
+            ]
+        })
+        .collect();
+    let md = markdown_table(&header, &table);
+    println!();
+    print!("{md}");
+    std::fs::write(cfg.out.join("table.md"), &md)?;
+    write_csv(&cfg.out.join("table.csv"), &header, &table)?;
+    let json = serde_json::json!({ "config": cfg, "warmup": warmup, "rows": rows });
+    std::fs::write(
+        cfg.out.join("results.json"),
+        serde_json::to_vec_pretty(&json)?,
+    )?;
+    let title = format!(
+        "seed table: {} plates per site, T = {} epochs",
+        cfg.samples_per_site, cfg.total_epochs
+    );
+    let mut series: Vec<Series> = rows
+        .iter()
+        .map(|r| Series {
+            name: format!("{} (exact)", r.name),
+            points: r.curve.iter().map(|p| (f64::from(p.0), p.1)).collect(),
+        })
+        .collect();
+    series.extend(rows.iter().map(|r| Series {
+        name: format!("{} (chars)", r.name),
+        points: r.curve.iter().map(|p| (f64::from(p.0), p.2)).collect(),
+    }));
+    plot_accuracy(
+        &cfg.out.join("accuracy.png"),
+        &title,
+        "epochs per site",
+        &series[..rows.len()],
+    )?;
+    plot_accuracy(
+        &cfg.out.join("accuracy-chars.png"),
+        &format!("{title} (characters)"),
+        "epochs per site",
+        &series[rows.len()..],
+    )?;
+    println!(
+        "wrote table.md, table.csv, results.json, accuracy.png (plates exact) and accuracy-chars.png in {}",
+        cfg.out.display()
+    );
+    Ok(())
+}
+
+/// The JSON `--json` writes: `{"rows": [{name, accuracy, char_accuracy, round_trips, bytes_carried, ...}]}`.
+pub fn json(cfg: &SeedTableConfig, rows: &[Row]) -> serde_json::Value {
+    serde_json::json!({ "config": cfg, "rows": rows })
+}
