@@ -28,18 +28,26 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (about
-    /// 4 minutes on 2 CPU cores).
-    #[command(after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo")]
+    /// 2-5 minutes on 2 CPU cores).
+    #[command(
+        after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo"
+    )]
     Demo(DemoArgs),
     /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
     /// bundles.
-    #[command(after_help = "Example:\n  ferry-lab seed-table --total-epochs 10 --samples-per-site 2000 --e-sweep 1,2,5 --json seed-table.json\n  ferry-lab seed-table --total-epochs 70 --samples-per-site 80000 --e-sweep 1,5,10,20 --lr 2.5e-4 --warmup 1000")]
+    #[command(
+        after_help = "Example:\n  ferry-lab seed-table --total-epochs 10 --samples-per-site 2000 --e-sweep 1,2,5 --json seed-table.json\n  ferry-lab seed-table --total-epochs 70 --samples-per-site 80000 --e-sweep 1,5,10,20 --lr 2.5e-4 --warmup 1000"
+    )]
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
-    #[command(after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5")]
+    #[command(
+        after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5"
+    )]
     Fedavg(FedAvgArgs),
     /// Images per second of a training or inference step.
-    #[command(after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json")]
+    #[command(
+        after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json"
+    )]
     Bench(BenchArgs),
 }
 
@@ -64,58 +72,46 @@ struct DemoArgs {
     #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().local_test)]
     local_test: usize,
     #[command(flatten)]
-    train: TrainFlags<{ DEMO }>,
+    train: TrainFlags,
 }
 
-const DEMO: u8 = 0;
-const SEED_TABLE: u8 = 1;
-const FEDAVG: u8 = 2;
-
-/// Optimizer flags shared by the three experiments; `K` picks the defaults.
+/// Optimizer flags shared by the three experiments. The defaults differ per command (see `resolve`), so they are
+/// options here: clap's derived defaults cannot vary with the subcommand.
 #[derive(Debug, Args)]
-struct TrainFlags<const K: u8> {
-    /// Adam's peak learning rate (the field study: 2.5e-4, for 80k plates per site).
-    #[arg(long, default_value_t = default_lr(K))]
-    lr: f64,
-    /// Warm-up steps; default 0.8 of a site's epoch (the field study's ratio: 1000 steps for 1250 per epoch).
+struct TrainFlags {
+    /// Adam's peak learning rate [default: demo 2e-3, seed-table and fedavg 1e-3; the field study used 2.5e-4
+    /// for 80k plates per site].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps [default: 0.8 of a site's epoch, the field study's ratio: 1000 steps for 1250 per epoch].
     #[arg(long, value_name = "STEPS")]
     warmup: Option<u64>,
-    /// Images per step.
-    #[arg(long, default_value_t = default_batch(K))]
-    batch: usize,
+    /// Images per step [default: demo 32, seed-table 64, fedavg 10 (the FedAvg paper's B)].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Seed of the initial weights, the data and the shuffles.
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
 
-const fn default_lr(k: u8) -> f64 {
-    match k {
-        DEMO => 2e-3,
-        _ => 1e-3,
-    }
-}
-
-const fn default_batch(k: u8) -> usize {
-    match k {
-        DEMO => 32,
-        SEED_TABLE => 64,
-        _ => 10,
-    }
-}
-
 #[derive(Debug, Args)]
 struct SeedTableArgs {
     /// Epoch budget T per site (the field study: 70).
-    #[arg(long, value_name = "T", default_value_t = 10)]
+    #[arg(long, value_name = "T", default_value_t = seed_table::SeedTableConfig::default().total_epochs)]
     total_epochs: u32,
     /// Training plates per site (the field study: about 80000).
-    #[arg(long, value_name = "N", default_value_t = 2000)]
+    #[arg(long, value_name = "N", default_value_t = seed_table::SeedTableConfig::default().samples_per_site)]
     samples_per_site: usize,
     /// Validation plates (90% loose, 10% tight).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[arg(long, value_name = "N", default_value_t = seed_table::SeedTableConfig::default().val)]
     val: usize,
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70).
-    #[arg(long, value_name = "E,E,..", value_delimiter = ',', default_value = "1,2,5")]
+    #[arg(
+        long,
+        value_name = "E,E,..",
+        value_delimiter = ',',
+        default_value = "1,2,5"
+    )]
     e_sweep: Vec<u32>,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "FILE")]
@@ -124,7 +120,7 @@ struct SeedTableArgs {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     #[command(flatten)]
-    train: TrainFlags<{ SEED_TABLE }>,
+    train: TrainFlags,
 }
 
 #[derive(Debug, Args)]
@@ -172,7 +168,7 @@ struct FedAvgArgs {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     #[command(flatten)]
-    train: TrainFlags<{ FEDAVG }>,
+    train: TrainFlags,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -223,6 +219,7 @@ fn out_dir(given: &Option<PathBuf>, what: &str) -> PathBuf {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => {
+            let d = demo::DemoConfig::default();
             let cfg = demo::DemoConfig {
                 dir: out_dir(&a.dir, "demo"),
                 rounds: a.rounds,
@@ -230,23 +227,24 @@ fn run(cli: Cli) -> Result<()> {
                 epochs: a.epochs,
                 val: a.val,
                 local_test: a.local_test,
-                lr: a.train.lr,
+                lr: a.train.lr.unwrap_or(d.lr),
                 warmup: a.train.warmup,
-                batch: a.train.batch,
+                batch: a.train.batch.unwrap_or(d.batch),
                 seed: a.train.seed,
             };
             demo::run(&cfg)?;
         }
         Command::SeedTable(a) => {
+            let d = seed_table::SeedTableConfig::default();
             let cfg = seed_table::SeedTableConfig {
                 out: out_dir(&a.out, "seed-table"),
                 total_epochs: a.total_epochs,
                 samples_per_site: a.samples_per_site,
                 val: a.val,
                 e_sweep: a.e_sweep,
-                lr: a.train.lr,
+                lr: a.train.lr.unwrap_or(d.lr),
                 warmup: a.train.warmup,
-                batch: a.train.batch,
+                batch: a.train.batch.unwrap_or(d.batch),
                 seed: a.train.seed,
             };
             let rows = seed_table::run(&cfg)?;
@@ -264,8 +262,8 @@ fn run(cli: Cli) -> Result<()> {
                 split: a.split,
                 rounds: a.rounds,
                 local_epochs: a.local_epochs,
-                batch: a.train.batch,
-                lr: a.train.lr,
+                batch: a.train.batch.unwrap_or(10),
+                lr: a.train.lr.unwrap_or(1e-3),
                 warmup: a.train.warmup,
                 strategy: a.strategy,
                 weighting: a.weights,

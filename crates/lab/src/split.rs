@@ -154,3 +154,94 @@ pub fn split(data: &Dataset, k: usize, kind: SplitKind, seed: u64) -> Result<Vec
 
 /// Splits draw from their own random stream, not the model's or the shuffles'.
 const SPLIT_STREAM: u64 = 0x5e_ed5f_1175;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_train::data::Task;
+
+    fn labelled(n: usize, classes: u32) -> Dataset {
+        Dataset {
+            images: vec![0.0; n],
+            channels: 1,
+            height: 1,
+            width: 1,
+            labels: (0..n as u32).map(|i| i % classes).collect(),
+            task: Task::Classes {
+                classes: classes as usize,
+            },
+            styles: Some(
+                (0..n)
+                    .map(|i| {
+                        if i % 3 == 0 {
+                            CropStyle::Tight
+                        } else {
+                            CropStyle::Loose
+                        }
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Every sample at most once, and all of them for the splits that keep everything.
+    fn check_partition(parts: &[Vec<usize>], n: usize, all: bool) {
+        let mut seen: Vec<usize> = parts.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        let len = seen.len();
+        seen.dedup();
+        assert_eq!(seen.len(), len, "a sample went to two sites");
+        if all {
+            assert_eq!(len, n);
+        }
+    }
+
+    #[test]
+    fn splits_partition_the_data_as_described() {
+        let d = labelled(200, 10);
+        let iid = split(&d, 3, SplitKind::Iid, 1).unwrap();
+        check_partition(&iid, 200, true);
+        assert!(iid.iter().all(|p| (66..=67).contains(&p.len())));
+
+        let shards = split(&d, 5, SplitKind::Shards { per_site: 2 }, 1).unwrap();
+        check_partition(&shards, 200, true);
+        for p in &shards {
+            // Two shards of 20 sorted samples: at most 2 labels each (shards of one label here).
+            let mut labels: Vec<u32> = p.iter().map(|&i| d.label(i)[0]).collect();
+            labels.sort_unstable();
+            labels.dedup();
+            assert!(labels.len() <= 2, "{labels:?}");
+        }
+
+        let styles = d.styles.as_ref().unwrap();
+        let by = split(&d, 2, SplitKind::ByStyle, 1).unwrap();
+        check_partition(&by, 200, true);
+        assert!(by[0].iter().all(|&i| styles[i] == CropStyle::Loose));
+        assert!(by[1].iter().all(|&i| styles[i] == CropStyle::Tight));
+
+        let dir = split(&d, 4, SplitKind::Dirichlet { alpha: 0.1 }, 1).unwrap();
+        check_partition(&dir, 200, true);
+        assert_eq!(
+            split(&d, 4, SplitKind::Dirichlet { alpha: 0.1 }, 1).unwrap(),
+            dir
+        );
+        assert_ne!(
+            split(&d, 4, SplitKind::Iid, 2).unwrap(),
+            split(&d, 4, SplitKind::Iid, 1).unwrap()
+        );
+    }
+
+    #[test]
+    fn names_parse_and_print() {
+        for s in ["iid", "by-style", "shards:2", "shards:3", "dirichlet:0.5"] {
+            assert_eq!(s.parse::<SplitKind>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "shards".parse::<SplitKind>().unwrap(),
+            SplitKind::Shards { per_site: 2 }
+        );
+        for s in ["", "noniid", "shards:0", "dirichlet:-1", "dirichlet:x"] {
+            assert!(s.parse::<SplitKind>().is_err(), "{s}");
+        }
+    }
+}

@@ -6,6 +6,10 @@
 use ferry_train::bench::{bench_infer, bench_train, BenchResult};
 use ferry_train::Arch;
 
+// The same allocator as ferry's binaries (issue 7: glibc malloc's page faults halved training speed).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -21,7 +21,7 @@ use crate::optim::{Adam, AdamConfig};
 pub struct BenchResult {
     /// Architecture name (`plate-cnn`, `mnist-cnn`).
     pub model: String,
-    /// Trainable and statistic parameters of the architecture.
+    /// Trainable parameters of the architecture.
     pub params: usize,
     /// Images per step.
     pub batch: usize,

@@ -96,11 +96,70 @@ impl BatchNorm2d {
             .broadcast_mul(&scale)?
             .broadcast_add(&self.bias.reshape((c, 1))?)
     }
-}
 
-/// NCHW input → NHWC, the layout the convolution blocks work in.
-fn to_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.permute((0, 2, 3, 1))?.contiguous()
+    /// BatchNorm + ReLU + 2×2 max-pool of a channel-major `(c, b·h·w)` convolution output → `(c, b, h/2, w/2)`. On
+    /// the CPU one fused op (issue 7) with the statistics from one pass; elsewhere [`BatchNorm2d::forward`] and
+    /// generic candle ops.
+    fn forward_relu_pool(
+        &self,
+        y: &Tensor,
+        (b, h, w): (usize, usize, usize),
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let c = y.dim(0)?;
+        if !y.device().is_cpu() {
+            let z = self.forward(y, mode)?.relu()?;
+            return ops::max_pool2_cm(&z.reshape((c, b, h, w))?);
+        }
+        let (mean, var, batch_stats) = match mode {
+            Mode::Eval => (
+                self.running_mean.as_tensor().to_vec1::<f32>()?,
+                self.running_var.as_tensor().to_vec1::<f32>()?,
+                false,
+            ),
+            Mode::Train | Mode::Recalibrate(_) => {
+                let factor = match mode {
+                    Mode::Recalibrate(f) => f,
+                    _ => BN_MOMENTUM,
+                };
+                let (mean, var) = ops::channel_stats(y)?;
+                let count = (b * h * w) as f64;
+                // The running variance is the unbiased estimate, as in PyTorch.
+                let unbias = if count > 1.0 {
+                    count / (count - 1.0)
+                } else {
+                    1.0
+                };
+                let blend = |stat: &Var, batch: &[f32], k: f64| -> candle_core::Result<()> {
+                    let old = stat.as_tensor().to_vec1::<f32>()?;
+                    let v: Vec<f32> = old
+                        .iter()
+                        .zip(batch)
+                        .map(|(&o, &n)| (f64::from(o) * (1.0 - factor) + f64::from(n) * k) as f32)
+                        .collect();
+                    stat.set(&Tensor::from_vec(v, c, y.device())?)
+                };
+                blend(&self.running_mean, &mean, factor)?;
+                blend(&self.running_var, &var, factor * unbias)?;
+                (mean, var, true)
+            }
+        };
+        let invstd = var
+            .iter()
+            .map(|&v| (1.0 / (f64::from(v) + BN_EPS).sqrt()) as f32)
+            .collect();
+        ops::affine_relu_pool(
+            y,
+            (b, h, w),
+            &self.weight,
+            &self.bias,
+            ops::Normalise {
+                mean,
+                invstd,
+                batch_stats,
+            },
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -132,17 +191,13 @@ impl PlateCnn {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let mut x = to_nhwc(x)?;
+        // Channel-major (c, b, h, w) from the first convolution to the last pool (issue 7, see `ops`).
+        let mut x = ops::to_channel_major(x)?;
         for (weight, bn) in &self.blocks {
-            let b = x.dim(0)?;
-            let (y, (h, w)) = ops::conv2d_nhwc(&x, weight, None, 1)?;
-            let y = bn.forward(&y, mode)?.relu()?;
-            x = ops::max_pool2_to_nhwc(&y.reshape(((), b, h, w))?)?;
+            let (y, bhw) = ops::conv2d_cm(&x, weight, 1)?;
+            x = bn.forward_relu_pool(&y, bhw, mode)?;
         }
-        let x = self
-            .fc1
-            .forward(&ops::nhwc_to_nchw(&x)?.flatten_from(1)?)?
-            .relu()?;
+        let x = self.fc1.forward(&ops::flatten_channel_major(&x)?)?.relu()?;
         let outs = self
             .heads
             .iter()
@@ -176,16 +231,25 @@ impl MnistCnn {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = to_nhwc(x)?;
+        let mut x = ops::to_channel_major(x)?;
         for (weight, bias) in &self.convs {
-            let b = x.dim(0)?;
-            let (y, (h, w)) = ops::conv2d_nhwc(&x, weight, Some(bias), 2)?;
-            x = ops::max_pool2_to_nhwc(&y.relu()?.reshape(((), b, h, w))?)?;
+            let (y, (b, h, w)) = ops::conv2d_cm(&x, weight, 2)?;
+            let o = bias.dim(0)?;
+            x = if y.device().is_cpu() {
+                // Bias + ReLU + pool fused: the bias is the affine shift with unit scale.
+                let ones = Tensor::ones(o, DType::F32, y.device())?;
+                let norm = ops::Normalise {
+                    mean: vec![0.0; o],
+                    invstd: vec![1.0; o],
+                    batch_stats: false,
+                };
+                ops::affine_relu_pool(&y, (b, h, w), &ones, bias, norm)?
+            } else {
+                let z = y.broadcast_add(&bias.reshape((o, 1))?)?.relu()?;
+                ops::max_pool2_cm(&z.reshape((o, b, h, w))?)?
+            };
         }
-        let x = self
-            .fc1
-            .forward(&ops::nhwc_to_nchw(&x)?.flatten_from(1)?)?
-            .relu()?;
+        let x = self.fc1.forward(&ops::flatten_channel_major(&x)?)?.relu()?;
         self.fc2.forward(&x)?.unsqueeze(1)
     }
 }

@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Mutex;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::{bail, CpuStorage, Device, InplaceOp2, Layout, Tensor};
 
 use crate::arch::Arch;
 use crate::error::TrainError;
@@ -58,7 +60,87 @@ pub struct Adam {
     arch: Arch,
     step: u64,
     /// By tensor name: (first moment, second moment).
-    moments: BTreeMap<String, (Tensor, Tensor)>,
+    moments: BTreeMap<String, Moments>,
+}
+
+/// One tensor's moments: host vectors on the CPU (updated by one fused pass, issue 7), device tensors elsewhere.
+#[derive(Debug)]
+enum Moments {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
+}
+
+impl Moments {
+    fn new(
+        m: Vec<f32>,
+        v: Vec<f32>,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Moments, TrainError> {
+        if device.is_cpu() {
+            return Ok(Moments::Host(m, v));
+        }
+        Ok(Moments::Device(
+            Tensor::from_vec(m, shape, device)?,
+            Tensor::from_vec(v, shape, device)?,
+        ))
+    }
+
+    fn to_vecs(&self) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+        Ok(match self {
+            Moments::Host(m, v) => (m.clone(), v.clone()),
+            Moments::Device(m, v) => (m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?),
+        })
+    }
+}
+
+/// One Adam step for one CPU tensor in a single pass: moments updated in place, the parameter (the in-place
+/// destination) moved, with the same arithmetic as the generic path.
+struct FusedStep<'a> {
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    beta1: f32,
+    beta2: f32,
+    /// `lr / (1 - beta1^t)`.
+    step: f32,
+    /// `1 / (1 - beta2^t)`.
+    inv_c2: f32,
+    eps: f32,
+}
+
+impl InplaceOp2 for FusedStep<'_> {
+    fn name(&self) -> &'static str {
+        "ferry-adam-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        grad: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, grad) else {
+            bail!("adam: only f32 is supported")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) =
+            (dst_l.contiguous_offsets(), g_l.contiguous_offsets())
+        else {
+            bail!("adam: parameter and gradient must be contiguous")
+        };
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        let mut guard = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *guard;
+        if [g.len(), m.len(), v.len()] != [p.len(); 3] {
+            bail!("adam: gradient or moments do not match the parameter")
+        }
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = *m * b1 + g * (1.0 - b1);
+            *v = *v * b2 + g * g * (1.0 - b2);
+            *p -= self.step * *m / ((*v * self.inv_c2).sqrt() + self.eps);
+        }
+        Ok(())
+    }
 }
 
 impl Adam {
@@ -66,8 +148,9 @@ impl Adam {
     pub fn new(arch: Arch, device: &Device) -> Result<Adam, TrainError> {
         let mut moments = BTreeMap::new();
         for spec in arch.tensors().into_iter().filter(|s| s.kind.is_trainable()) {
-            let z = Tensor::zeros(spec.shape.as_slice(), candle_core::DType::F32, device)?;
-            moments.insert(spec.name, (z.clone(), z));
+            let n = spec.numel();
+            let z = Moments::new(vec![0.0; n], vec![0.0; n], &spec.shape, device)?;
+            moments.insert(spec.name, z);
         }
         Ok(Adam {
             arch,
@@ -99,10 +182,25 @@ impl Adam {
         let c1 = 1.0 - cfg.beta1.powi(t);
         let c2 = 1.0 - cfg.beta2.powi(t);
         let vars = model.vars();
-        for (name, (m, v)) in self.moments.iter_mut() {
+        for (name, moments) in self.moments.iter_mut() {
             let Some(var) = vars.get(name) else { continue };
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
+            };
+            let (m, v) = match moments {
+                Moments::Host(m, v) => {
+                    let step = FusedStep {
+                        moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                        beta1: cfg.beta1 as f32,
+                        beta2: cfg.beta2 as f32,
+                        step: (lr / c1) as f32,
+                        inv_c2: (1.0 / c2) as f32,
+                        eps: cfg.eps as f32,
+                    };
+                    var.as_tensor().inplace_op2(&g.contiguous()?, &step)?;
+                    continue;
+                }
+                Moments::Device(m, v) => (m, v),
             };
             *m = ((&*m * cfg.beta1)? + (g * (1.0 - cfg.beta1))?)?;
             *v = ((&*v * cfg.beta2)? + (g.sqr()? * (1.0 - cfg.beta2))?)?;
@@ -116,15 +214,10 @@ impl Adam {
     /// Host copies of the state: tensors named `exp_avg.<name>` and `exp_avg_sq.<name>` plus the I64 scalar `step`.
     pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>, TrainError> {
         let mut out = BTreeMap::new();
-        for (name, (m, v)) in &self.moments {
-            out.insert(
-                format!("exp_avg.{name}"),
-                HostTensor::F32(m.flatten_all()?.to_vec1()?),
-            );
-            out.insert(
-                format!("exp_avg_sq.{name}"),
-                HostTensor::F32(v.flatten_all()?.to_vec1()?),
-            );
+        for (name, moments) in &self.moments {
+            let (m, v) = moments.to_vecs()?;
+            out.insert(format!("exp_avg.{name}"), HostTensor::F32(m));
+            out.insert(format!("exp_avg_sq.{name}"), HostTensor::F32(v));
         }
         out.insert(
             "step".into(),
@@ -146,20 +239,20 @@ impl Adam {
         };
         let mut moments = BTreeMap::new();
         for spec in arch.tensors().into_iter().filter(|s| s.kind.is_trainable()) {
-            let mut take = |prefix: &str| -> Result<Tensor, TrainError> {
+            let mut take = |prefix: &str| -> Result<Vec<f32>, TrainError> {
                 let key = format!("{prefix}.{}", spec.name);
                 match host.remove(&key) {
                     Some(HostTensor::F32(v))
                         if v.len() == spec.numel() && v.iter().all(|x| x.is_finite()) =>
                     {
-                        Ok(Tensor::from_vec(v, spec.shape.as_slice(), device)?)
+                        Ok(v)
                     }
                     _ => Err(bad(format!("`{key}` is missing or does not fit {arch}"))),
                 }
             };
             let m = take("exp_avg")?;
             let v = take("exp_avg_sq")?;
-            moments.insert(spec.name, (m, v));
+            moments.insert(spec.name, Moments::new(m, v, &spec.shape, device)?);
         }
         if let Some(extra) = host.keys().next() {
             return Err(bad(format!("unexpected tensor `{extra}`")));
@@ -181,5 +274,59 @@ impl Adam {
         let (host, _) = crate::model::read_any_safetensors(bytes)
             .map_err(|e| TrainError::OptimizerState(e.to_string()))?;
         Adam::from_host(arch, host, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_step_matches_the_generic_candle_update() {
+        let dev = Device::Cpu;
+        let n = 37;
+        let vals = |k: u64| -> Vec<f32> {
+            (0..n as u64)
+                .map(|i| (((i + 1) * (k * 7919 + 13)) % 101) as f32 / 101.0 - 0.5)
+                .collect()
+        };
+        let cfg = AdamConfig::default();
+        let p = Tensor::from_vec(vals(1), n, &dev).unwrap();
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let (mut mt, mut vt) = (
+            Tensor::zeros(n, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::zeros(n, candle_core::DType::F32, &dev).unwrap(),
+        );
+        let mut reference = p.copy().unwrap();
+        for t in 1..=3i32 {
+            let g = Tensor::from_vec(vals(t as u64 + 1), n, &dev).unwrap();
+            let lr = 1e-2;
+            let (c1, c2) = (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t));
+            let step = FusedStep {
+                moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                beta1: cfg.beta1 as f32,
+                beta2: cfg.beta2 as f32,
+                step: (lr / c1) as f32,
+                inv_c2: (1.0 / c2) as f32,
+                eps: cfg.eps as f32,
+            };
+            p.inplace_op2(&g, &step).unwrap();
+            mt = ((&mt * cfg.beta1).unwrap() + (&g * (1.0 - cfg.beta1)).unwrap()).unwrap();
+            vt = ((&vt * cfg.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - cfg.beta2)).unwrap())
+                .unwrap();
+            let denom = ((&vt / c2).unwrap().sqrt().unwrap() + cfg.eps).unwrap();
+            let delta = ((&mt * (lr / c1)).unwrap() / denom).unwrap();
+            reference = (reference - delta).unwrap();
+        }
+        let (a, b) = (
+            p.to_vec1::<f32>().unwrap(),
+            reference.to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "{x} vs {y}");
+        }
+        for (x, y) in m.iter().zip(mt.to_vec1::<f32>().unwrap()) {
+            assert!((x - y).abs() <= 1e-7, "{x} vs {y}");
+        }
     }
 }

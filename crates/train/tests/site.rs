@@ -35,6 +35,7 @@ fn site(dir: &Path, arch: Option<&str>) -> SiteState {
         samples: 0,
         imported_at: 0,
         source: "test".into(),
+        previous: None,
     };
     std::fs::write(dir.join("global.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
     state

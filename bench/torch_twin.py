@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""PyTorch twin of ferry's models (issue 7): same architectures, same initialisation scheme, same batch, timing
+training and inference steps on the CPU, printing the same JSON as `ferry-lab bench train|infer --json`.
+
+    python3 bench/torch_twin.py --model plate-cnn --batch 64 --steps 30 --threads 2
+
+Architectures (crates/train/src/arch.rs, model.rs):
+- plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
+  fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
+- mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
+  -> pool; fc 3136->512 + ReLU; fc 512->10 (1,663,370 parameters).
+Initialisation: PyTorch's default (weights and biases uniform in +-1/sqrt(fan_in); BatchNorm gamma=1, beta=0),
+which is ferry's scheme. Optimizer: Adam lr 2.5e-4 (no warm-up in the bench), betas (0.9, 0.999), eps 1e-8.
+Input: uniform [0, 1) random images and random labels from a fixed seed.
+"""
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class PlateCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        cin = 1
+        for i, cout in enumerate([16, 32, 64], start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
+            cin = cout
+        self.fc1 = nn.Linear(64 * 4 * 12, 256)
+        self.heads = nn.ModuleList([nn.Linear(256, 51) for _ in range(8)])
+
+    def forward(self, x):
+        for i in (1, 2, 3):
+            x = F.max_pool2d(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return torch.stack([h(x) for h in self.heads], 1)
+
+
+class MnistCnn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.fc1 = nn.Linear(3136, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1)))).unsqueeze(1)
+
+
+MODELS = {
+    "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
+    "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
+}
+
+
+def init_like_ferry(model):
+    # Kaiming-uniform with a=sqrt(5) == uniform(+-1/sqrt(fan_in)) for weights, the same bound for biases.
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            bound = 1.0 / fan_in**0.5
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -bound, bound)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["train", "infer"], nargs="?", default="train")
+    p.add_argument("--model", default="plate-cnn", choices=sorted(MODELS))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(1)
+    cls, (c, h, w), slots, classes = MODELS[a.model]
+    model = cls()
+    init_like_ferry(model)
+    x = torch.rand(a.batch, c, h, w)
+    y = torch.randint(0, classes, (a.batch * slots,))
+    if a.mode == "train":
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=2.5e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x).reshape(-1, classes), y)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+    for _ in range(a.warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    dt = time.perf_counter() - t
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({
+        "model": a.model, "params": params, "batch": a.batch, "threads": a.threads,
+        "img_per_s": a.batch * a.steps / dt, "ms_per_step": dt * 1e3 / a.steps,
+    }))
+
+
+if __name__ == "__main__":
+    main()
