@@ -22,8 +22,9 @@
 //! occasional shadow, a random 3-tap blur, contrast/brightness and sensor noise.
 //!
 //! **Crop styles** ([`CropStyle`]), after a field study on CCTV plates: *tight* crops fill 80-100%
-//! of the image with the plate (text 17-23 px high); *loose* crops shrink it to 45-72% at a
-//! random offset with more car body and clutter around (text 10-16 px high). A model
+//! of the image with the plate (text 17-23 px high); *loose* crops shrink it to 58-84% at a
+//! small random offset (the plate stays whole) with more car body and clutter around (text
+//! 13-19 px high). A model
 //! trained on one style sees a different scale, position and amount of clutter on the other.
 //!
 //! **Determinism.** Sample `i` of seed `s` is drawn from `ChaCha8Rng::seed_from_u64(s)` on
@@ -440,16 +441,17 @@ fn render(
 
     // Geometry: output = centre + R * Shear * diag(sx, sy) * (plate - plate centre).
     let (fx, fy, tmax, kmax) = if loose {
-        (u(rng, 0.48, 0.72), u(rng, 0.45, 0.68), 0.06, 0.2)
+        (u(rng, 0.64, 0.84), u(rng, 0.58, 0.78), 0.06, 0.2)
     } else {
         (u(rng, 0.90, 1.0), u(rng, 0.80, 0.98), 0.035, 0.12)
     };
     let (sx, sy) = (fx * w / PW, fy * h / PH);
     let (cx, cy) = if loose {
-        let (mx, my) = (fx * w / 2.0, fy * h / 2.0);
+        // Off-centre, as a detector's loose box is, but the plate stays whole inside the crop.
+        let (mx, my) = ((w - fx * w) / 2.0, (h - fy * h) / 2.0);
         (
-            u(rng, mx - 2.0, w - mx + 2.0),
-            u(rng, my - 1.0, h - my + 1.0),
+            w / 2.0 + u(rng, -mx.min(6.0), mx.min(6.0)),
+            h / 2.0 + u(rng, -my.min(2.5), my.min(2.5)),
         )
     } else {
         (w / 2.0 + u(rng, -2.5, 2.5), h / 2.0 + u(rng, -1.5, 1.5))
@@ -734,7 +736,7 @@ mod tests {
                 h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
             }
         }
-        assert_eq!(h, 0x2a0b_f3b5_cc67_9b59, "render output changed: {h:#018x}");
+        assert_eq!(h, 0xcb1a_6b29_c676_a2a0, "render output changed: {h:#018x}");
     }
 
     #[test]
@@ -786,7 +788,7 @@ mod tests {
             mean_height(PlateStyle::Tight),
             mean_height(PlateStyle::Loose),
         );
-        assert!(tight > 19.0 && loose < 14.0, "tight {tight}, loose {loose}");
+        assert!(tight > 19.0 && loose < 17.0, "tight {tight}, loose {loose}");
         // In the images: the larger tight text has more vertical stroke edges (|dI/dx|) than the
         // loose text plus its clutter.
         let edges = |style| {
