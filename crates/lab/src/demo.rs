@@ -47,7 +47,7 @@ impl Default for DemoConfig {
         DemoConfig {
             dir: PathBuf::from(format!("lab-out/demo-{}", ferry_bundle::unix_now())),
             rounds: 5,
-            samples: 1500,
+            samples: 3000,
             epochs: 2,
             val: 500,
             local_test: 300,
