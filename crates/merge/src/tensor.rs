@@ -76,18 +76,28 @@ pub trait TensorSource {
         count: usize,
     ) -> Result<Vec<u8>, MergeError> {
         let t = self.read(name)?;
-        let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
-            tensor: name.to_string(),
-            dtype: t.dtype,
-        })?;
-        slice_bytes(&t.data, size, start, count)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| {
-                MergeError::BadLayout(format!(
-                    "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
-                ))
-            })
+        element_slice(&t, name, start, count)
     }
+}
+
+/// Elements `start..start + count` of a tensor, as bytes: the one bounds check behind every `read_elements`.
+fn element_slice(
+    t: &OwnedTensor,
+    name: &str,
+    start: usize,
+    count: usize,
+) -> Result<Vec<u8>, MergeError> {
+    let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
+        tensor: name.to_string(),
+        dtype: t.dtype,
+    })?;
+    slice_bytes(&t.data, size, start, count)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| {
+            MergeError::BadLayout(format!(
+                "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
+            ))
+        })
 }
 
 fn slice_bytes(data: &[u8], size: usize, start: usize, count: usize) -> Option<&[u8]> {
@@ -160,17 +170,7 @@ impl TensorSource for MemorySource {
         count: usize,
     ) -> Result<Vec<u8>, MergeError> {
         let t = self.get(name)?;
-        let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
-            tensor: name.to_string(),
-            dtype: t.dtype,
-        })?;
-        slice_bytes(&t.data, size, start, count)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| {
-                MergeError::BadLayout(format!(
-                    "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
-                ))
-            })
+        element_slice(t, name, start, count)
     }
 }
 
