@@ -1,0 +1,208 @@
+//! Bounds-checked strided f32 matrix products on the CPU, through the `gemm` crate that candle's own CPU matmul
+//! uses (issue 7).
+//!
+//! The fused ops call this instead of `Tensor::matmul` so that a product can write into part of a larger buffer
+//! (one chunk of images), accumulate into an existing result (`dW += dy·colsᵀ` over chunks), and read transposed
+//! operands through strides, without the allocation, zero-fill and gradient bookkeeping of a graph node.
+
+use candle_core::{bail, Result};
+
+/// A read-only `rows × cols` matrix over a slice: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+/// The largest index a `rows × cols` view with strides `rs`, `cs` touches, plus one (0 for an empty view).
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(0);
+    }
+    (rows - 1)
+        .checked_mul(rs)?
+        .checked_add((cols - 1).checked_mul(cs)?)?
+        .checked_add(1)
+}
+
+fn check_view(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
+    match extent(rows, cols, rs, cs) {
+        Some(end) if end <= len && isize::try_from(rs.max(cs)).is_ok() => Ok(()),
+        _ => bail!("matmul: {what} view {rows}x{cols} (strides {rs}, {cs}) does not fit {len} values"),
+    }
+}
+
+impl<'a> MatRef<'a> {
+    /// A strided view; fails if it reaches outside `data`.
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
+        check_view("input", data.len(), rows, cols, rs, cs)?;
+        Ok(MatRef { data, rows, cols, rs, cs })
+    }
+
+    /// A contiguous row-major view.
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose (a view, no copy).
+    pub(crate) fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// A writable `rows × cols` matrix over a slice; distinct elements never share memory.
+#[derive(Debug)]
+pub(crate) struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A row-major view with row stride `rs ≥ cols` (rows may be longer than the view, as for a column range of a
+    /// larger matrix).
+    pub(crate) fn rows_strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Result<Self> {
+        if rows > 1 && rs < cols {
+            bail!("matmul: output row stride {rs} is shorter than its {cols} columns")
+        }
+        check_view("output", data.len(), rows, cols, rs, 1)?;
+        Ok(MatMut { data, rows, cols, rs, cs: 1 })
+    }
+
+    /// A contiguous row-major view.
+    pub(crate) fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::rows_strided(data, rows, cols, cols)
+    }
+}
+
+/// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
+/// only, for callers that parallelise over chunks themselves).
+pub(crate) fn matmul(dst: MatMut, lhs: MatRef, rhs: MatRef, accumulate: bool, threads: usize) -> Result<()> {
+    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
+    if lhs.rows != m || rhs.cols != n || rhs.rows != k {
+        bail!(
+            "matmul: shapes {}x{} · {}x{} do not give {m}x{n}",
+            lhs.rows,
+            lhs.cols,
+            rhs.rows,
+            rhs.cols
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst.data[i * dst.rs..][..n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let s = |v: usize| v as isize; // < isize::MAX: checked by the views' constructors.
+    // SAFETY: every view was checked to lie inside its slice for its shape and strides, `dst`'s elements are
+    // distinct (unit column stride, row stride ≥ columns) and it is borrowed mutably, so nothing else reads or
+    // writes it during the call; the shapes agree (checked above). gemm computes dst := alpha·dst + beta·lhs·rhs and
+    // does not read dst when `read_dst` is false.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            s(dst.cs),
+            s(dst.rs),
+            accumulate,
+            lhs.data.as_ptr(),
+            s(lhs.cs),
+            s(lhs.rs),
+            rhs.data.as_ptr(),
+            s(rhs.cs),
+            s(rhs.rs),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef, b: MatRef) -> Vec<f32> {
+        let mut out = vec![0f32; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0f64;
+                for p in 0..a.cols {
+                    s += f64::from(a.data[i * a.rs + p * a.cs]) * f64::from(b.data[p * b.rs + j * b.cs]);
+                }
+                out[i * b.cols + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn strided_and_transposed_products_match_a_naive_loop() {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 9, 33), (64, 31, 5)] {
+            let a = values(m * k, 1);
+            let bt = values(n * k, 2); // stored as (n, k): rhs is its transpose
+            let lhs = MatRef::row_major(&a, m, k).unwrap();
+            let rhs = MatRef::row_major(&bt, n, k).unwrap().t();
+            let want = naive(lhs, rhs);
+            // Write into columns 2..2+n of a wider buffer, then accumulate a second time.
+            let width = n + 3;
+            let mut dst = vec![7f32; m * width];
+            matmul(MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(), lhs, rhs, false, 2).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let got = dst[i * width + 2 + j];
+                    assert!((got - want[i * n + j]).abs() < 1e-4, "{m}x{n}x{k} at ({i},{j})");
+                }
+                assert_eq!(dst[i * width], 7.0, "columns outside the view are untouched");
+            }
+            matmul(MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(), lhs, rhs, true, 1).unwrap();
+            assert!((dst[2] - 2.0 * want[0]).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn views_outside_their_buffers_and_mismatched_shapes_are_refused() {
+        let a = vec![0f32; 6];
+        assert!(MatRef::row_major(&a, 2, 4).is_err());
+        assert!(MatRef::new(&a, 2, 3, 1, 3).is_err());
+        assert!(MatRef::new(&a, 3, 2, 1, 3).is_ok());
+        let mut d = vec![0f32; 4];
+        assert!(MatMut::rows_strided(&mut d, 2, 2, 1).is_err());
+        let lhs = MatRef::row_major(&a, 2, 3).unwrap();
+        assert!(matmul(MatMut::row_major(&mut d, 2, 2).unwrap(), lhs, lhs, false, 1).is_err());
+    }
+}
