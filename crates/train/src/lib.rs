@@ -6,14 +6,14 @@
 
 pub mod arch;
 pub mod bench;
+mod block;
 pub mod data;
 pub mod device;
 pub mod error;
-pub mod model;
+mod linear;
 #[allow(unsafe_code)]
 mod matmul;
-mod linear;
-mod ops;
+pub mod model;
 pub mod optim;
 pub mod site;
 #[cfg(test)]

@@ -1,0 +1,400 @@
+//! A fully-connected layer, `relu?(x·wᵀ + b)`, as one graph node (issue 7).
+//!
+//! candle's own chain (matmul of `x` with the transposed weight, a broadcast bias add, an optional ReLU) is four
+//! graph nodes, and its backward pass allocates and zero-fills a gradient for each of them (the matmul, the
+//! transpose, the broadcast and the ReLU) before adding into it. Here the CPU path is one `CustomOp3` with a
+//! hand-written backward: one GEMM (and one pass for bias and ReLU) forward; backward, the masked output gradient
+//! once, then `dW = g'ᵀ·x` and `dx = g'·W` as GEMMs over transposed views (no copies), `db` as column sums, and no
+//! `dx` at all for inputs that need none (the first layer). Weights stay in PyTorch's `(out, in)` layout. Other
+//! devices and dtypes use candle's ops unchanged.
+
+use candle_core::{
+    bail, utils::get_num_threads, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
+
+use crate::matmul::{matmul, MatMut, MatRef};
+
+/// The input's data as a contiguous f32 slice (the op's inputs are made contiguous by [`linear`]).
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("{what}: only f32 is supported")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on a CPU f32 tensor's contiguous data. The storage's read lock is held only during `f`, so callers
+/// never hold two at once (parking_lot's read locks are not reentrant when a writer is queued).
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{what}: expected a CPU tensor")
+    };
+    f(f32_slice(cpu, layout, what)?)
+}
+
+/// Threads for an `n × inp × out` product: below ~2¹⁸ multiply-adds, splitting costs more than it saves.
+fn threads(n: usize, inp: usize, out: usize) -> usize {
+    if n.saturating_mul(inp).saturating_mul(out) >= 1 << 18 {
+        get_num_threads()
+    } else {
+        1
+    }
+}
+
+/// Checks `x (n, in)`, `w (out, in)`, `b (out)`; returns `(n, in, out)`.
+fn check_shapes(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)> {
+    let (n, inp) = x.dims2()?;
+    let (out, w_in) = w.dims2()?;
+    let b_out = b.dims1()?;
+    if w_in != inp || b_out != out {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit (n, in), (out, in), (out)",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )
+    }
+    Ok((n, inp, out))
+}
+
+/// The fused CPU op over `(x, w, b)`.
+struct FusedLinear {
+    relu: bool,
+}
+
+impl CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "ferry-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, inp, out) = check_shapes(l1.shape(), l2.shape(), l3.shape())?;
+        let x = f32_slice(s1, l1, "linear")?;
+        let w = f32_slice(s2, l2, "linear")?;
+        let b = f32_slice(s3, l3, "linear")?;
+        let mut y = vec![0f32; n * out];
+        matmul(
+            MatMut::row_major(&mut y, n, out)?,
+            MatRef::row_major(x, n, inp)?,
+            MatRef::row_major(w, out, inp)?.t(),
+            false,
+            threads(n, inp, out),
+        )?;
+        if out > 0 {
+            for row in y.chunks_exact_mut(out) {
+                if self.relu {
+                    for (v, &bias) in row.iter_mut().zip(b) {
+                        *v = (*v + bias).max(0.0);
+                    }
+                } else {
+                    for (v, &bias) in row.iter_mut().zip(b) {
+                        *v += bias;
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp, out) = check_shapes(x.shape(), w.shape(), b.shape())?;
+        if grad.dims() != [n, out] || res.dims() != [n, out] {
+            bail!(
+                "linear backward: gradient {:?} and output {:?} are not ({n}, {out})",
+                grad.dims(),
+                res.dims()
+            )
+        }
+        // g' = g where the output passed the ReLU (PyTorch's convention: no gradient at exactly 0).
+        let grad = grad.contiguous()?;
+        let mut gm = with_f32(&grad, "linear backward", |g| Ok(g.to_vec()))?;
+        if self.relu {
+            with_f32(res, "linear backward", |y| {
+                for (g, &y) in gm.iter_mut().zip(y) {
+                    if y <= 0.0 || y.is_nan() {
+                        *g = 0.0;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        let threads = threads(n, inp, out);
+        let g_rows = MatRef::row_major(&gm, n, out)?;
+        let dev = x.device();
+
+        let db = if b.track_op() {
+            // Row by row in f64: deterministic, whatever the thread count.
+            let mut sums = vec![0f64; out];
+            if out > 0 {
+                for row in gm.chunks_exact(out) {
+                    for (s, &g) in sums.iter_mut().zip(row) {
+                        *s += f64::from(g);
+                    }
+                }
+            }
+            let sums = sums.into_iter().map(|s| s as f32).collect();
+            Some(Tensor::from_vec(sums, out, dev)?)
+        } else {
+            None
+        };
+
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; out * inp];
+            with_f32(x, "linear backward", |xs| {
+                matmul(
+                    MatMut::row_major(&mut dw, out, inp)?,
+                    g_rows.t(),
+                    MatRef::row_major(xs, n, inp)?,
+                    false,
+                    threads,
+                )
+            })?;
+            Some(Tensor::from_vec(dw, (out, inp), dev)?)
+        } else {
+            None
+        };
+
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; n * inp];
+            with_f32(w, "linear backward", |ws| {
+                matmul(
+                    MatMut::row_major(&mut dx, n, inp)?,
+                    g_rows,
+                    MatRef::row_major(ws, out, inp)?,
+                    false,
+                    threads,
+                )
+            })?;
+            Some(Tensor::from_vec(dx, (n, inp), dev)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `relu?(x·wᵀ + b)` for x `(n, in)`, a PyTorch-layout weight w `(out, in)` and bias b `(out)`: `(n, out)`.
+///
+/// On the CPU in f32 this is one fused node (see the module docs); elsewhere, or in other dtypes, candle's own
+/// matmul, broadcast add and ReLU, so the GPU keeps candle's kernels.
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    check_shapes(x.shape(), w.shape(), b.shape())?;
+    let fused = x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
+    if fused {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, FusedLinear { relu });
+    }
+    let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic pseudo-random values in [-0.5, 0.5).
+    fn rnd(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 10_007) as f32 / 10_007.0 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// `|a - b| ≤ tol·max(1, max|b|)` elementwise.
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            d <= tol * scale,
+            "{what}: max difference {d} (scale {scale})"
+        );
+    }
+
+    /// candle's chain that [`linear`] replaces on the CPU (and runs elsewhere).
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Tensor {
+        let y = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
+        if relu {
+            y.relu().unwrap()
+        } else {
+            y
+        }
+    }
+
+    /// Every value of n, in and out at least once, odd sizes, out = 1, and the multi-threaded path.
+    const CASES: [(usize, usize, usize); 8] = [
+        (1, 5, 1),
+        (3, 257, 51),
+        (64, 3072, 256),
+        (64, 5, 51),
+        (1, 3072, 256),
+        (3, 5, 256),
+        (64, 257, 1),
+        (3, 3072, 1),
+    ];
+
+    #[test]
+    fn fused_linear_matches_candles_chain_values_and_gradients() {
+        for (i, &(n, inp, out)) in CASES.iter().enumerate() {
+            for relu in [false, true] {
+                for x_grad in [true, false] {
+                    let what = format!("({n}, {inp}) → {out}, relu {relu}, x gradient {x_grad}");
+                    let seed = 10 * i as u64;
+                    let xv = Var::from_tensor(&rnd(&[n, inp], seed)).unwrap();
+                    let x = if x_grad {
+                        xv.as_tensor().clone()
+                    } else {
+                        xv.as_tensor().detach()
+                    };
+                    let w = Var::from_tensor(&(rnd(&[out, inp], seed + 1) * 0.2).unwrap()).unwrap();
+                    let b = Var::from_tensor(&rnd(&[out], seed + 2)).unwrap();
+                    let ours = linear(&x, w.as_tensor(), b.as_tensor(), relu).unwrap();
+                    let want = reference(&x, w.as_tensor(), b.as_tensor(), relu);
+                    assert_close(&what, &ours, &want, 1e-5);
+                    let probe = rnd(&[n, out], seed + 3);
+                    let go = (ours * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let gr = (want * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    for (name, v) in [("w", &w), ("b", &b)] {
+                        assert_close(
+                            &format!("{what}: {name} gradient"),
+                            go.get(v.as_tensor()).unwrap(),
+                            gr.get(v.as_tensor()).unwrap(),
+                            1e-5,
+                        );
+                    }
+                    if x_grad {
+                        assert_close(
+                            &format!("{what}: x gradient"),
+                            go.get(&x).unwrap(),
+                            gr.get(&x).unwrap(),
+                            1e-5,
+                        );
+                    } else {
+                        assert!(go.get(xv.as_tensor()).is_none(), "{what}: x gradient");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_inputs_are_made_contiguous_and_still_get_gradients() {
+        // x and w given transposed; the gradients reach the original variables through the copies.
+        let xt = Var::from_tensor(&rnd(&[7, 4], 1)).unwrap();
+        let wt = Var::from_tensor(&rnd(&[7, 5], 2)).unwrap();
+        let b = Var::from_tensor(&rnd(&[5], 3)).unwrap();
+        let (x, w) = (xt.as_tensor().t().unwrap(), wt.as_tensor().t().unwrap());
+        let ours = linear(&x, &w, b.as_tensor(), true).unwrap();
+        let want = reference(&x, &w, b.as_tensor(), true);
+        assert_close("values", &ours, &want, 1e-5);
+        let probe = rnd(&[4, 5], 4);
+        let go = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (want * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &xt), ("w", &wt), ("b", &b)] {
+            assert_close(
+                &format!("{name} gradient"),
+                go.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn other_dtypes_use_candles_ops() {
+        let x = rnd(&[3, 5], 1).to_dtype(DType::F64).unwrap();
+        let w = rnd(&[2, 5], 2).to_dtype(DType::F64).unwrap();
+        let b = rnd(&[2], 3).to_dtype(DType::F64).unwrap();
+        let y = linear(&x, &w, &b, true).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let want = reference(&x, &w, &b, true);
+        assert_eq!(y.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let x = rnd(&[3, 5], 1);
+        let (w, b) = (rnd(&[4, 5], 2), rnd(&[4], 3));
+        assert!(linear(&x, &w, &b, false).is_ok());
+        assert!(
+            linear(&x, &rnd(&[4, 6], 2), &b, false).is_err(),
+            "weight's in"
+        );
+        assert!(linear(&x, &w, &rnd(&[3], 3), true).is_err(), "bias length");
+        assert!(
+            linear(&x, &w, &rnd(&[1, 4], 3), false).is_err(),
+            "bias rank"
+        );
+        assert!(
+            linear(&rnd(&[3, 5, 1], 1), &w, &b, false).is_err(),
+            "input rank"
+        );
+        assert!(
+            linear(&x, &rnd(&[20], 2), &b, false).is_err(),
+            "weight rank"
+        );
+        // The op itself checks too, when called directly.
+        let bad = x.apply_op3(&rnd(&[4, 6], 2), &b, FusedLinear { relu: false });
+        assert!(bad.is_err());
+        // Mixed dtypes fall back to candle, which refuses them.
+        let b64 = b.to_dtype(DType::F64).unwrap();
+        assert!(linear(&x, &w, &b64, false).is_err(), "mixed dtypes");
+    }
+}

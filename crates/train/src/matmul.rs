@@ -28,18 +28,39 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
         .checked_add(1)
 }
 
-fn check_view(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
+fn check_view(
+    what: &str,
+    len: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<()> {
     match extent(rows, cols, rs, cs) {
         Some(end) if end <= len && isize::try_from(rs.max(cs)).is_ok() => Ok(()),
-        _ => bail!("matmul: {what} view {rows}x{cols} (strides {rs}, {cs}) does not fit {len} values"),
+        _ => bail!(
+            "matmul: {what} view {rows}x{cols} (strides {rs}, {cs}) does not fit {len} values"
+        ),
     }
 }
 
 impl<'a> MatRef<'a> {
     /// A strided view; fails if it reaches outside `data`.
-    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Result<Self> {
+    pub(crate) fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        cs: usize,
+    ) -> Result<Self> {
         check_view("input", data.len(), rows, cols, rs, cs)?;
-        Ok(MatRef { data, rows, cols, rs, cs })
+        Ok(MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        })
     }
 
     /// A contiguous row-major view.
@@ -72,12 +93,23 @@ pub(crate) struct MatMut<'a> {
 impl<'a> MatMut<'a> {
     /// A row-major view with row stride `rs ≥ cols` (rows may be longer than the view, as for a column range of a
     /// larger matrix).
-    pub(crate) fn rows_strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Result<Self> {
+    pub(crate) fn rows_strided(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        rs: usize,
+    ) -> Result<Self> {
         if rows > 1 && rs < cols {
             bail!("matmul: output row stride {rs} is shorter than its {cols} columns")
         }
         check_view("output", data.len(), rows, cols, rs, 1)?;
-        Ok(MatMut { data, rows, cols, rs, cs: 1 })
+        Ok(MatMut {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        })
     }
 
     /// A contiguous row-major view.
@@ -88,7 +120,13 @@ impl<'a> MatMut<'a> {
 
 /// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
 /// only, for callers that parallelise over chunks themselves).
-pub(crate) fn matmul(dst: MatMut, lhs: MatRef, rhs: MatRef, accumulate: bool, threads: usize) -> Result<()> {
+pub(crate) fn matmul(
+    dst: MatMut,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
     let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
     if lhs.rows != m || rhs.cols != n || rhs.rows != k {
         bail!(
@@ -116,10 +154,10 @@ pub(crate) fn matmul(dst: MatMut, lhs: MatRef, rhs: MatRef, accumulate: bool, th
         gemm::Parallelism::None
     };
     let s = |v: usize| v as isize; // < isize::MAX: checked by the views' constructors.
-    // SAFETY: every view was checked to lie inside its slice for its shape and strides, `dst`'s elements are
-    // distinct (unit column stride, row stride ≥ columns) and it is borrowed mutably, so nothing else reads or
-    // writes it during the call; the shapes agree (checked above). gemm computes dst := alpha·dst + beta·lhs·rhs and
-    // does not read dst when `read_dst` is false.
+                                   // SAFETY: every view was checked to lie inside its slice for its shape and strides, `dst`'s elements are
+                                   // distinct (unit column stride, row stride ≥ columns) and it is borrowed mutably, so nothing else reads or
+                                   // writes it during the call; the shapes agree (checked above). gemm computes dst := alpha·dst + beta·lhs·rhs and
+                                   // does not read dst when `read_dst` is false.
     unsafe {
         gemm::gemm(
             m,
@@ -156,7 +194,8 @@ mod tests {
             for j in 0..b.cols {
                 let mut s = 0f64;
                 for p in 0..a.cols {
-                    s += f64::from(a.data[i * a.rs + p * a.cs]) * f64::from(b.data[p * b.rs + j * b.cs]);
+                    s += f64::from(a.data[i * a.rs + p * a.cs])
+                        * f64::from(b.data[p * b.rs + j * b.cs]);
                 }
                 out[i * b.cols + j] = s as f32;
             }
@@ -181,15 +220,36 @@ mod tests {
             // Write into columns 2..2+n of a wider buffer, then accumulate a second time.
             let width = n + 3;
             let mut dst = vec![7f32; m * width];
-            matmul(MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(), lhs, rhs, false, 2).unwrap();
+            matmul(
+                MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(),
+                lhs,
+                rhs,
+                false,
+                2,
+            )
+            .unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let got = dst[i * width + 2 + j];
-                    assert!((got - want[i * n + j]).abs() < 1e-4, "{m}x{n}x{k} at ({i},{j})");
+                    assert!(
+                        (got - want[i * n + j]).abs() < 1e-4,
+                        "{m}x{n}x{k} at ({i},{j})"
+                    );
                 }
-                assert_eq!(dst[i * width], 7.0, "columns outside the view are untouched");
+                assert_eq!(
+                    dst[i * width],
+                    7.0,
+                    "columns outside the view are untouched"
+                );
             }
-            matmul(MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(), lhs, rhs, true, 1).unwrap();
+            matmul(
+                MatMut::rows_strided(&mut dst[2..], m, n, width).unwrap(),
+                lhs,
+                rhs,
+                true,
+                1,
+            )
+            .unwrap();
             assert!((dst[2] - 2.0 * want[0]).abs() < 1e-4);
         }
     }

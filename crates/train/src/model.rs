@@ -8,16 +8,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::arch::{Arch, TensorKind, PLATE_CONV, PLATE_HIDDEN};
+use crate::block::{self, BlockNorm};
 use crate::error::TrainError;
-use crate::ops;
+use crate::linear;
 
 /// PyTorch's BatchNorm defaults.
 const BN_EPS: f64 = 1e-5;
@@ -35,7 +36,7 @@ pub enum Mode {
     Recalibrate(f64),
 }
 
-/// BatchNorm over a channel-major `(c, n)` tensor (`n` = batch × height × width), PyTorch's `BatchNorm2d` semantics.
+/// BatchNorm2d's tensors, PyTorch's semantics; applied inside a convolution block ([`block::conv_block`]).
 #[derive(Debug, Clone)]
 struct BatchNorm2d {
     running_mean: Var,
@@ -55,110 +56,83 @@ impl BatchNorm2d {
         })
     }
 
-    /// `x` is channel-major `(c, n)`; so is the result.
-    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let c = x.dim(0)?;
-        let factor = match mode {
+    /// `max_pool_2x2(relu(bn(conv(x, weight))))`, NCHW in and out; in training and recalibration the batch
+    /// statistics are folded into the running statistics.
+    fn conv_block(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        mode: Mode,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
+        let (factor, norm) = match mode {
             Mode::Eval => {
-                let mean = self.running_mean.as_detached_tensor().reshape((c, 1))?;
-                let var = self.running_var.as_detached_tensor().reshape((c, 1))?;
-                let scale = self
-                    .weight
-                    .reshape((c, 1))?
-                    .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-                let shift = self.bias.reshape((c, 1))?.sub(&(mean * &scale)?)?;
-                return x.broadcast_mul(&scale)?.broadcast_add(&shift);
+                let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+                let invstd = self
+                    .running_var
+                    .as_tensor()
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|&v| (1.0 / (f64::from(v) + BN_EPS).sqrt()) as f32)
+                    .collect();
+                (0.0, BlockNorm::Fixed { mean, invstd })
             }
-            Mode::Train => BN_MOMENTUM,
-            Mode::Recalibrate(f) => f,
+            Mode::Train => (BN_MOMENTUM, BlockNorm::Batch { eps: BN_EPS }),
+            Mode::Recalibrate(f) => (f, BlockNorm::Batch { eps: BN_EPS }),
         };
-        let count = x.dim(1)? as f64;
-        let mean = x.mean_keepdim(1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(1)?;
-        // The running variance is the unbiased estimate, as in PyTorch.
-        let unbias = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
-        let m = ((self.running_mean.as_tensor() * (1.0 - factor))?
-            + (mean.detach().flatten_all()? * factor)?)?;
-        let v = ((self.running_var.as_tensor() * (1.0 - factor))?
-            + (var.detach().flatten_all()? * (factor * unbias))?)?;
-        self.running_mean.set(&m)?;
-        self.running_var.set(&v)?;
-        let scale = self
-            .weight
-            .reshape((c, 1))?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        centered
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias.reshape((c, 1))?)
+        let (b, _, h, w) = x.dims4()?;
+        let (out, stats) = block::conv_block(x, weight, &affine, 1, norm, fused)?;
+        if let Some((mean, var)) = stats {
+            let count = (b * h * w) as f64;
+            // The running variance is the unbiased estimate, as in PyTorch.
+            let unbias = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            let blend = |stat: &Var, batch: &[f32], k: f64| -> candle_core::Result<()> {
+                let old = stat.as_tensor().to_vec1::<f32>()?;
+                let v: Vec<f32> = old
+                    .iter()
+                    .zip(batch)
+                    .map(|(&o, &n)| (f64::from(o) * (1.0 - factor) + f64::from(n) * k) as f32)
+                    .collect();
+                stat.set(&Tensor::from_vec(v, batch.len(), x.device())?)
+            };
+            blend(&self.running_mean, &mean, factor)?;
+            blend(&self.running_var, &var, factor * unbias)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A fully connected layer's tensors, PyTorch's `Linear` layout: weight `(out, in)`, bias `(out)`.
+#[derive(Debug, Clone)]
+struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    fn new(inputs: usize, outputs: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Dense {
+            weight: vb.get((outputs, inputs), "weight")?,
+            bias: vb.get(outputs, "bias")?,
+        })
     }
 
-    /// BatchNorm + ReLU + 2×2 max-pool of a channel-major `(c, b·h·w)` convolution output → `(c, b, h/2, w/2)`. On
-    /// the CPU one fused op (issue 7) with the statistics from one pass; elsewhere [`BatchNorm2d::forward`] and
-    /// generic candle ops.
-    fn forward_relu_pool(
-        &self,
-        y: &Tensor,
-        (b, h, w): (usize, usize, usize),
-        mode: Mode,
-    ) -> candle_core::Result<Tensor> {
-        let c = y.dim(0)?;
-        if !y.device().is_cpu() {
-            let z = self.forward(y, mode)?.relu()?;
-            return ops::max_pool2_cm(&z.reshape((c, b, h, w))?);
+    /// `relu?(x·Wᵀ + b)`: one fused op on the CPU, candle's ops elsewhere or when `fused` is off.
+    fn forward(&self, x: &Tensor, relu: bool, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            return linear::linear(x, &self.weight, &self.bias, relu);
         }
-        let (mean, var, batch_stats) = match mode {
-            Mode::Eval => (
-                self.running_mean.as_tensor().to_vec1::<f32>()?,
-                self.running_var.as_tensor().to_vec1::<f32>()?,
-                false,
-            ),
-            Mode::Train | Mode::Recalibrate(_) => {
-                let factor = match mode {
-                    Mode::Recalibrate(f) => f,
-                    _ => BN_MOMENTUM,
-                };
-                let (mean, var) = ops::channel_stats(y)?;
-                let count = (b * h * w) as f64;
-                // The running variance is the unbiased estimate, as in PyTorch.
-                let unbias = if count > 1.0 {
-                    count / (count - 1.0)
-                } else {
-                    1.0
-                };
-                let blend = |stat: &Var, batch: &[f32], k: f64| -> candle_core::Result<()> {
-                    let old = stat.as_tensor().to_vec1::<f32>()?;
-                    let v: Vec<f32> = old
-                        .iter()
-                        .zip(batch)
-                        .map(|(&o, &n)| (f64::from(o) * (1.0 - factor) + f64::from(n) * k) as f32)
-                        .collect();
-                    stat.set(&Tensor::from_vec(v, c, y.device())?)
-                };
-                blend(&self.running_mean, &mean, factor)?;
-                blend(&self.running_var, &var, factor * unbias)?;
-                (mean, var, true)
-            }
-        };
-        let invstd = var
-            .iter()
-            .map(|&v| (1.0 / (f64::from(v) + BN_EPS).sqrt()) as f32)
-            .collect();
-        ops::affine_relu_pool(
-            y,
-            (b, h, w),
-            &self.weight,
-            &self.bias,
-            ops::Normalise {
-                mean,
-                invstd,
-                batch_stats,
-            },
-        )
+        let y = x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -166,8 +140,9 @@ impl BatchNorm2d {
 struct PlateCnn {
     /// (conv weight, BatchNorm) per block.
     blocks: Vec<(Tensor, BatchNorm2d)>,
-    fc1: Linear,
-    heads: Vec<Linear>,
+    fc1: Dense,
+    /// One classifier per character slot, applied as one `(slots·classes, hidden)` layer.
+    heads: Vec<Dense>,
 }
 
 impl PlateCnn {
@@ -183,27 +158,27 @@ impl PlateCnn {
             cin = cout;
         }
         let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
-        let fc1 = candle_nn::linear(flat, PLATE_HIDDEN, vb.pp("fc1"))?;
+        let fc1 = Dense::new(flat, PLATE_HIDDEN, vb.pp("fc1"))?;
         let heads = (0..arch.slots())
-            .map(|s| candle_nn::linear(PLATE_HIDDEN, arch.classes(), vb.pp(format!("heads.{s}"))))
+            .map(|s| Dense::new(PLATE_HIDDEN, arch.classes(), vb.pp(format!("heads.{s}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(PlateCnn { blocks, fc1, heads })
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        // Channel-major (c, b, h, w) from the first convolution to the last pool (issue 7, see `ops`).
-        let mut x = ops::to_channel_major(x)?;
+    fn forward(&self, x: &Tensor, mode: Mode, fused: bool) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
         for (weight, bn) in &self.blocks {
-            let (y, bhw) = ops::conv2d_cm(&x, weight, 1)?;
-            x = bn.forward_relu_pool(&y, bhw, mode)?;
+            x = bn.conv_block(&x, weight, mode, fused)?;
         }
-        let x = self.fc1.forward(&ops::flatten_channel_major(&x)?)?.relu()?;
-        let outs = self
-            .heads
-            .iter()
-            .map(|h| h.forward(&x))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&outs, 1)
+        let x = self.fc1.forward(&x.flatten_from(1)?, true, fused)?;
+        let weights: Vec<&Tensor> = self.heads.iter().map(|h| &h.weight).collect();
+        let biases: Vec<&Tensor> = self.heads.iter().map(|h| &h.bias).collect();
+        let heads = Dense {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        };
+        let (b, slots) = (x.dim(0)?, self.heads.len());
+        heads.forward(&x, false, fused)?.reshape((b, slots, ()))
     }
 }
 
@@ -211,8 +186,8 @@ impl PlateCnn {
 struct MnistCnn {
     /// (weight, bias) of the two 5×5 'same' convolutions.
     convs: [(Tensor, Tensor); 2],
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl MnistCnn {
@@ -225,32 +200,26 @@ impl MnistCnn {
         };
         Ok(MnistCnn {
             convs: [conv(1, 32, "conv1")?, conv(32, 64, "conv2")?],
-            fc1: candle_nn::linear(3136, 512, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(512, 10, vb.pp("fc2"))?,
+            fc1: Dense::new(3136, 512, vb.pp("fc1"))?,
+            fc2: Dense::new(512, 10, vb.pp("fc2"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = ops::to_channel_major(x)?;
+    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
         for (weight, bias) in &self.convs {
-            let (y, (b, h, w)) = ops::conv2d_cm(&x, weight, 2)?;
+            // conv + bias + ReLU + pool as one block: the bias is the affine shift with unit scale.
             let o = bias.dim(0)?;
-            x = if y.device().is_cpu() {
-                // Bias + ReLU + pool fused: the bias is the affine shift with unit scale.
-                let ones = Tensor::ones(o, DType::F32, y.device())?;
-                let norm = ops::Normalise {
-                    mean: vec![0.0; o],
-                    invstd: vec![1.0; o],
-                    batch_stats: false,
-                };
-                ops::affine_relu_pool(&y, (b, h, w), &ones, bias, norm)?
-            } else {
-                let z = y.broadcast_add(&bias.reshape((o, 1))?)?.relu()?;
-                ops::max_pool2_cm(&z.reshape((o, b, h, w))?)?
+            let ones = Tensor::ones(o, DType::F32, bias.device())?;
+            let affine = Tensor::stack(&[&ones, bias], 0)?;
+            let norm = BlockNorm::Fixed {
+                mean: vec![0.0; o],
+                invstd: vec![1.0; o],
             };
+            x = block::conv_block(&x, weight, &affine, 2, norm, fused)?.0;
         }
-        let x = self.fc1.forward(&ops::flatten_channel_major(&x)?)?.relu()?;
-        self.fc2.forward(&x)?.unsqueeze(1)
+        let x = self.fc1.forward(&x.flatten_from(1)?, true, fused)?;
+        self.fc2.forward(&x, false, fused)?.unsqueeze(1)
     }
 }
 
@@ -275,6 +244,9 @@ pub struct Model {
     device: Device,
     varmap: VarMap,
     net: Net,
+    /// Whether forward passes on the CPU use the fused convolution blocks (always, but for the tests that compare
+    /// them with candle's generic ops).
+    fused: bool,
     /// `num_batches_tracked` per BatchNorm layer, by full tensor name. Kept on the host: candle has no such counter.
     batches_tracked: BTreeMap<String, i64>,
 }
@@ -388,6 +360,7 @@ impl Model {
             device: device.clone(),
             varmap,
             net,
+            fused: true,
             batches_tracked,
         })
     }
@@ -441,10 +414,16 @@ impl Model {
     /// Logits of shape `(batch, slots, classes)` for images of shape `(batch, channels, height, width)`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, TrainError> {
         let out = match &self.net {
-            Net::Plate(n) => n.forward(x, mode)?,
-            Net::Mnist(n) => n.forward(x)?,
+            Net::Plate(n) => n.forward(x, mode, self.fused)?,
+            Net::Mnist(n) => n.forward(x, self.fused)?,
         };
         Ok(out)
+    }
+
+    /// Use candle's generic ops instead of the fused CPU blocks (the tests' reference path).
+    #[cfg(test)]
+    pub(crate) fn use_generic_ops(&mut self) {
+        self.fused = false;
     }
 
     /// The model's variables by name, sorted.
@@ -486,8 +465,8 @@ impl ModuleT for Model {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mode = if train { Mode::Train } else { Mode::Eval };
         match &self.net {
-            Net::Plate(n) => n.forward(x, mode),
-            Net::Mnist(n) => n.forward(x),
+            Net::Plate(n) => n.forward(x, mode, self.fused),
+            Net::Mnist(n) => n.forward(x, self.fused),
         }
     }
 }

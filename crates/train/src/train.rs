@@ -465,6 +465,58 @@ mod tests {
         )
     }
 
+    /// Issue 7: the fused CPU ops train exactly like candle's generic ops (the CUDA path's ops): same loss curve,
+    /// same weights and BatchNorm statistics after several Adam steps, within float tolerance.
+    #[test]
+    fn fused_ops_follow_the_plain_candle_loss_curve() {
+        for arch in Arch::ALL {
+            let data = tiny(arch, 24, 3);
+            let cfg = AdamConfig {
+                lr: 2e-3,
+                warmup: 0,
+                ..AdamConfig::default()
+            };
+            let run = |generic: bool| {
+                let (mut model, mut adam) = fresh(arch);
+                if generic {
+                    model.use_generic_ops();
+                }
+                let mut losses = Vec::new();
+                for step in 0..6 {
+                    let idx: Vec<usize> = (0..16).map(|i| (i + 4 * step) % 24).collect();
+                    let (x, y) = batch(&data, &idx, &Device::Cpu).unwrap();
+                    losses.push(train_step(&mut model, &mut adam, &x, &y, &cfg).unwrap().1);
+                }
+                (losses, model.to_host().unwrap())
+            };
+            let (fused_losses, fused) = run(false);
+            let (plain_losses, plain) = run(true);
+            assert!(
+                plain_losses[5] < plain_losses[0],
+                "{arch:?}: the reference path learns"
+            );
+            for (step, (a, b)) in fused_losses.iter().zip(&plain_losses).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{arch:?} step {step}: loss {a} vs {b}"
+                );
+            }
+            for (name, tensor) in &plain {
+                match (tensor, &fused[name]) {
+                    (HostTensor::F32(p), HostTensor::F32(f)) => {
+                        let scale = p.iter().fold(1f32, |m, v| m.max(v.abs()));
+                        let diff = p.iter().zip(f).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(
+                            diff <= 1e-3 * scale,
+                            "{arch:?} {name}: max difference {diff}"
+                        );
+                    }
+                    (p, f) => assert_eq!(p, f, "{arch:?} {name}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn loss_decreases() {
         for arch in Arch::ALL {
