@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use ferry_train::bench::{bench_infer, bench_train, BenchResult};
-use ferry_train::Arch;
+use ferry_train::{Arch, Ops};
 
 /// What to time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub enum BenchKind {
 }
 
 /// Time `steps` steps after `warmup` untimed ones, on `threads` worker threads (`None`: rayon's default, which
-/// reads `RAYON_NUM_THREADS`).
+/// reads `RAYON_NUM_THREADS`), with the layers' `ops` (fused, or candle's generic ops as the baseline).
 pub fn run(
     kind: BenchKind,
     arch: Arch,
@@ -23,10 +23,11 @@ pub fn run(
     steps: usize,
     warmup: usize,
     threads: Option<usize>,
+    ops: Ops,
 ) -> Result<BenchResult> {
     let go = || match kind {
-        BenchKind::Train => bench_train(arch, batch, steps, warmup),
-        BenchKind::Infer => bench_infer(arch, batch, steps, warmup),
+        BenchKind::Train => bench_train(arch, batch, steps, warmup, ops),
+        BenchKind::Infer => bench_infer(arch, batch, steps, warmup, ops),
     };
     Ok(match threads {
         Some(t) => rayon::ThreadPoolBuilder::new()

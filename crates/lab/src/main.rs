@@ -201,6 +201,17 @@ struct BenchArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// Layer implementation: fused (ferry's CPU ops) or generic (candle's own ops, the baseline).
+    #[arg(long, value_enum, default_value = "fused")]
+    ops: OpsArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OpsArg {
+    /// ferry's fused CPU ops.
+    Fused,
+    /// candle's generic ops.
+    Generic,
 }
 
 fn write_json(path: &PathBuf, v: &serde_json::Value) -> Result<()> {
@@ -289,13 +300,17 @@ fn run(cli: Cli) -> Result<()> {
                 BenchWhat::Train => bench::BenchKind::Train,
                 BenchWhat::Infer => bench::BenchKind::Infer,
             };
-            let r = bench::run(kind, a.model, a.batch, a.steps, a.warmup, a.threads)?;
+            let ops = match a.ops {
+                OpsArg::Fused => ferry_train::Ops::Fused,
+                OpsArg::Generic => ferry_train::Ops::Generic,
+            };
+            let r = bench::run(kind, a.model, a.batch, a.steps, a.warmup, a.threads, ops)?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} {:?} on {} threads, batch {}: {:.1} img/s, {:.1} ms/step ({} parameters)",
-                    r.model, a.what, r.threads, r.batch, r.img_per_s, r.ms_per_step, r.params
+                    "{} {:?} ({:?} ops) on {} threads, batch {}: {:.1} img/s, {:.1} ms/step ({} parameters)",
+                    r.model, a.what, r.ops, r.threads, r.batch, r.img_per_s, r.ms_per_step, r.params
                 );
             }
         }

@@ -4,7 +4,7 @@
 //! the spread under load shows). See `docs/performance.md` for the PyTorch side.
 
 use ferry_train::bench::{bench_infer, bench_train, BenchResult};
-use ferry_train::Arch;
+use ferry_train::{Arch, Ops};
 
 // The same allocator as ferry's binaries (issue 7: glibc malloc's page faults halved training speed).
 #[global_allocator]
@@ -31,11 +31,14 @@ fn main() {
             continue;
         }
         for (what, f) in [
-            ("train", bench_train as fn(Arch, usize, usize, usize) -> _),
+            (
+                "train",
+                bench_train as fn(Arch, usize, usize, usize, Ops) -> _,
+            ),
             ("infer", bench_infer),
         ] {
             let runs: Vec<BenchResult> = (0..repeat)
-                .map(|_| f(arch, batch, steps, 3).expect("bench"))
+                .map(|_| f(arch, batch, steps, 3, Ops::Fused).expect("bench"))
                 .collect();
             let ips: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.img_per_s)).collect();
             let r = &runs[0];

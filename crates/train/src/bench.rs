@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::arch::Arch;
 use crate::error::TrainError;
-use crate::model::{Mode, Model};
+use crate::model::{Mode, Model, Ops};
 use crate::optim::{Adam, AdamConfig};
 
 /// One measurement.
@@ -31,6 +31,8 @@ pub struct BenchResult {
     pub img_per_s: f64,
     /// Milliseconds per step over the measured steps.
     pub ms_per_step: f64,
+    /// The layer implementation timed.
+    pub ops: Ops,
 }
 
 /// A random batch of `arch`'s input shape (uniform in [0, 1)) and random labels, from a fixed seed.
@@ -59,7 +61,7 @@ fn check(batch: usize, steps: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn result(arch: Arch, batch: usize, steps: usize, seconds: f64) -> BenchResult {
+fn result(arch: Arch, batch: usize, steps: usize, seconds: f64, ops: Ops) -> BenchResult {
     let seconds = seconds.max(1e-9);
     BenchResult {
         model: arch.name().to_string(),
@@ -68,6 +70,7 @@ fn result(arch: Arch, batch: usize, steps: usize, seconds: f64) -> BenchResult {
         threads: rayon_threads(),
         img_per_s: (batch * steps) as f64 / seconds,
         ms_per_step: seconds * 1e3 / steps as f64,
+        ops,
     }
 }
 
@@ -77,17 +80,19 @@ fn rayon_threads() -> usize {
 }
 
 /// Time `steps` training steps (forward, loss, backward, Adam update: the trainer's own step) after
-/// `warmup_steps` untimed ones, on the CPU.
+/// `warmup_steps` untimed ones, on the CPU, with the layers' `ops`.
 pub fn bench_train(
     arch: Arch,
     batch: usize,
     steps: usize,
     warmup_steps: usize,
+    ops: Ops,
 ) -> Result<BenchResult, TrainError> {
     check(batch, steps)?;
     let dev = Device::Cpu;
     let (x, y) = synthetic(arch, batch, &dev)?;
     let mut model = Model::init(arch, 1, &dev)?;
+    model.set_ops(ops);
     let mut adam = Adam::new(arch, &dev)?;
     // No warm-up ramp: the bench measures full-size steps.
     let cfg = AdamConfig {
@@ -101,21 +106,29 @@ pub fn bench_train(
     for _ in 0..steps {
         crate::train::train_step(&mut model, &mut adam, &x, &y, &cfg)?;
     }
-    Ok(result(arch, batch, steps, start.elapsed().as_secs_f64()))
+    Ok(result(
+        arch,
+        batch,
+        steps,
+        start.elapsed().as_secs_f64(),
+        ops,
+    ))
 }
 
 /// Time `steps` inference forward passes (BatchNorm with running statistics) after `warmup_steps` untimed ones, on
-/// the CPU.
+/// the CPU, with the layers' `ops`.
 pub fn bench_infer(
     arch: Arch,
     batch: usize,
     steps: usize,
     warmup_steps: usize,
+    ops: Ops,
 ) -> Result<BenchResult, TrainError> {
     check(batch, steps)?;
     let dev = Device::Cpu;
     let (x, _) = synthetic(arch, batch, &dev)?;
-    let model = Model::init(arch, 1, &dev)?;
+    let mut model = Model::init(arch, 1, &dev)?;
+    model.set_ops(ops);
     for _ in 0..warmup_steps {
         model.forward(&x, Mode::Eval)?;
     }
@@ -123,7 +136,13 @@ pub fn bench_infer(
     for _ in 0..steps {
         model.forward(&x, Mode::Eval)?;
     }
-    Ok(result(arch, batch, steps, start.elapsed().as_secs_f64()))
+    Ok(result(
+        arch,
+        batch,
+        steps,
+        start.elapsed().as_secs_f64(),
+        ops,
+    ))
 }
 
 #[cfg(test)]
@@ -133,13 +152,15 @@ mod tests {
     #[test]
     fn bench_reports_its_settings() {
         for arch in Arch::ALL {
-            let r = bench_train(arch, 2, 1, 1).unwrap();
-            assert_eq!((r.model.as_str(), r.batch), (arch.name(), 2));
-            assert_eq!(r.params, arch.parameter_count());
-            assert!(r.img_per_s > 0.0 && r.ms_per_step > 0.0);
-            let r = bench_infer(arch, 3, 2, 0).unwrap();
-            assert_eq!(r.batch, 3);
+            for ops in [Ops::Fused, Ops::Generic] {
+                let r = bench_train(arch, 2, 1, 1, ops).unwrap();
+                assert_eq!((r.model.as_str(), r.batch, r.ops), (arch.name(), 2, ops));
+                assert_eq!(r.params, arch.parameter_count());
+                assert!(r.img_per_s > 0.0 && r.ms_per_step > 0.0);
+                let r = bench_infer(arch, 3, 2, 0, ops).unwrap();
+                assert_eq!(r.batch, 3);
+            }
         }
-        assert!(bench_train(Arch::MnistCnn, 0, 1, 0).is_err());
+        assert!(bench_train(Arch::MnistCnn, 0, 1, 0, Ops::Fused).is_err());
     }
 }

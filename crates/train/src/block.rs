@@ -191,7 +191,17 @@ impl Geometry {
         }
         let (ho, wo) = (hp - k + 1, wp - k + 1);
         let per_image = (c * k * k * ho * wo).max(1);
-        let nb = (CHUNK_VALUES / per_image).clamp(1, b.max(1));
+        let mut nb = (CHUNK_VALUES / per_image).clamp(1, b.max(1));
+        // gemm skips a packing copy of the column matrix when a chunk's column count is a multiple of the SIMD
+        // width (16 f32 lanes): round the chunk up to such a count when a few more images get there.
+        let target = nb * 4;
+        let mut n = nb;
+        while n < target.min(b) && (n * ho * wo) % 16 != 0 {
+            n += 1;
+        }
+        if (n * ho * wo) % 16 == 0 {
+            nb = n;
+        }
         Ok(Geometry {
             b,
             c,

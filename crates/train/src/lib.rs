@@ -25,7 +25,7 @@ pub(crate) use data as data_api;
 pub use arch::{Arch, TensorKind, TensorSpec};
 pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
-pub use model::{HostTensor, Mode, Model};
+pub use model::{HostTensor, Mode, Model, Ops};
 pub use optim::{Adam, AdamConfig};
 pub use site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};
 pub use train::{

@@ -24,6 +24,17 @@ use crate::linear;
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
+/// Which implementation of the layers a CPU forward (and backward) pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ops {
+    /// Whole convolution blocks and linear layers as single fused CPU ops (issue 7).
+    #[default]
+    Fused,
+    /// candle's generic ops (`conv2d`, elementwise BatchNorm, `matmul`, …), differentiated by candle.
+    Generic,
+}
+
 /// How a forward pass treats BatchNorm.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -420,10 +431,17 @@ impl Model {
         Ok(out)
     }
 
+    /// Choose the ops forward passes use on the CPU: the fused blocks (the default) or candle's generic ops (the
+    /// reference the tests compare with, the baseline `ferry-lab bench --ops generic` times, and the path CUDA
+    /// always takes).
+    pub fn set_ops(&mut self, ops: Ops) {
+        self.fused = ops == Ops::Fused;
+    }
+
     /// Use candle's generic ops instead of the fused CPU blocks (the tests' reference path).
     #[cfg(test)]
     pub(crate) fn use_generic_ops(&mut self) {
-        self.fused = false;
+        self.set_ops(Ops::Generic);
     }
 
     /// The model's variables by name, sorted.

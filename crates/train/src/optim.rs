@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, Device, InplaceOp2, Layout, Tensor};
+use rayon::prelude::*;
 
 use crate::arch::Arch;
 use crate::error::TrainError;
@@ -134,11 +135,20 @@ impl InplaceOp2 for FusedStep<'_> {
             bail!("adam: gradient or moments do not match the parameter")
         }
         let (b1, b2) = (self.beta1, self.beta2);
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = *m * b1 + g * (1.0 - b1);
-            *v = *v * b2 + g * g * (1.0 - b2);
-            *p -= self.step * *m / ((*v * self.inv_c2).sqrt() + self.eps);
-        }
+        let update = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = *m * b1 + g * (1.0 - b1);
+                *v = *v * b2 + g * g * (1.0 - b2);
+                *p -= self.step * *m / ((*v * self.inv_c2).sqrt() + self.eps);
+            }
+        };
+        // Elementwise, so splitting over threads changes no result.
+        const PIECE: usize = 1 << 15;
+        p.par_chunks_mut(PIECE)
+            .zip(g.par_chunks(PIECE))
+            .zip(m.par_chunks_mut(PIECE))
+            .zip(v.par_chunks_mut(PIECE))
+            .for_each(update);
         Ok(())
     }
 }
