@@ -783,11 +783,11 @@ impl CustomOp3 for ConvBlockOp {
         let dx = dx
             .map(|v| Tensor::from_vec(v, x.shape(), dev))
             .transpose()?;
-        let dw = Tensor::from_vec(dw, weight.shape(), dev)?;
+        let dw = crate::param_grads::offer(weight, Tensor::from_vec(dw, weight.shape(), dev)?);
         let mut da = dgamma;
         da.extend(dbeta);
         let da = Tensor::from_vec(da, affine.shape(), dev)?;
-        Ok((dx, Some(dw), Some(da)))
+        Ok((dx, dw, Some(da)))
     }
 }
 

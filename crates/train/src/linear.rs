@@ -152,7 +152,7 @@ impl CustomOp3 for FusedLinear {
                 }
             }
             let sums = sums.into_iter().map(|s| s as f32).collect();
-            Some(Tensor::from_vec(sums, out, dev)?)
+            crate::param_grads::offer(b, Tensor::from_vec(sums, out, dev)?)
         } else {
             None
         };
@@ -168,7 +168,7 @@ impl CustomOp3 for FusedLinear {
                     threads,
                 )
             })?;
-            Some(Tensor::from_vec(dw, (out, inp), dev)?)
+            crate::param_grads::offer(w, Tensor::from_vec(dw, (out, inp), dev)?)
         } else {
             None
         };

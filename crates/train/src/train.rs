@@ -226,7 +226,7 @@ pub(crate) fn train_step(
             step: adam.step() + 1,
         });
     }
-    let grads = l.backward()?;
+    let grads = crate::param_grads::backward(&l)?;
     let lr = adam.update(model, &grads, cfg)?;
     model.count_batch();
     Ok((logits, lv, lr))
