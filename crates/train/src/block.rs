@@ -196,10 +196,10 @@ impl Geometry {
         // width (16 f32 lanes): round the chunk up to such a count when a few more images get there.
         let target = nb * 4;
         let mut n = nb;
-        while n < target.min(b) && (n * ho * wo) % 16 != 0 {
+        while n < target.min(b) && !(n * ho * wo).is_multiple_of(16) {
             n += 1;
         }
-        if (n * ho * wo) % 16 == 0 {
+        if (n * ho * wo).is_multiple_of(16) {
             nb = n;
         }
         Ok(Geometry {

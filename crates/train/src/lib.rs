@@ -7,7 +7,6 @@
 pub mod arch;
 pub mod bench;
 mod block;
-mod param_grads;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -16,6 +15,7 @@ mod linear;
 mod matmul;
 pub mod model;
 pub mod optim;
+mod param_grads;
 pub mod site;
 #[cfg(test)]
 mod testutil;

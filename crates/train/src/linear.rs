@@ -84,24 +84,22 @@ impl CustomOp3 for FusedLinear {
         let x = f32_slice(s1, l1, "linear")?;
         let w = f32_slice(s2, l2, "linear")?;
         let b = f32_slice(s3, l3, "linear")?;
-        let mut y = vec![0f32; n * out];
+        // The product is written column-major (as yᵀ) so that gemm reads the weight, the large operand, in place
+        // instead of packing a copy of it every step; the transpose back is folded into the bias and ReLU pass.
+        let mut yt = vec![0f32; n * out];
         matmul(
-            MatMut::row_major(&mut y, n, out)?,
+            MatMut::col_major(&mut yt, n, out)?,
             MatRef::row_major(x, n, inp)?,
             MatRef::row_major(w, out, inp)?.t(),
             false,
             threads(n, inp, out),
         )?;
+        let mut y = vec![0f32; n * out];
         if out > 0 {
-            for row in y.chunks_exact_mut(out) {
-                if self.relu {
-                    for (v, &bias) in row.iter_mut().zip(b) {
-                        *v = (*v + bias).max(0.0);
-                    }
-                } else {
-                    for (v, &bias) in row.iter_mut().zip(b) {
-                        *v += bias;
-                    }
+            for (i, row) in y.chunks_exact_mut(out).enumerate() {
+                for (j, (v, &bias)) in row.iter_mut().zip(b).enumerate() {
+                    let z = yt[j * n + i] + bias;
+                    *v = if self.relu { z.max(0.0) } else { z };
                 }
             }
         }

@@ -116,6 +116,19 @@ impl<'a> MatMut<'a> {
     pub(crate) fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
         Self::rows_strided(data, rows, cols, cols)
     }
+
+    /// A contiguous column-major view (`data` holds the transpose, row-major). gemm reads its left operand
+    /// without a packing copy when the output is column-major and that operand's columns are contiguous.
+    pub(crate) fn col_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
+        check_view("output", data.len(), rows, cols, 1, rows)?;
+        Ok(MatMut {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        })
+    }
 }
 
 /// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
@@ -143,7 +156,9 @@ pub(crate) fn matmul(
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                dst.data[i * dst.rs..][..n].fill(0.0);
+                for j in 0..n {
+                    dst.data[i * dst.rs + j * dst.cs] = 0.0;
+                }
             }
         }
         return Ok(());
@@ -252,6 +267,24 @@ mod tests {
             .unwrap();
             assert!((dst[2] - 2.0 * want[0]).abs() < 1e-4);
         }
+    }
+
+    #[test]
+    fn column_major_output_holds_the_transpose() {
+        let (m, n, k) = (5, 7, 9);
+        let a = values(m * k, 3);
+        let b = values(k * n, 4);
+        let lhs = MatRef::row_major(&a, m, k).unwrap();
+        let rhs = MatRef::row_major(&b, k, n).unwrap();
+        let want = naive(lhs, rhs);
+        let mut t = vec![0f32; m * n];
+        matmul(MatMut::col_major(&mut t, m, n).unwrap(), lhs, rhs, false, 1).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                assert!((t[j * m + i] - want[i * n + j]).abs() < 1e-4);
+            }
+        }
+        assert!(MatMut::col_major(&mut t, m + 1, n).is_err());
     }
 
     #[test]

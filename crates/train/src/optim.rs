@@ -135,7 +135,7 @@ impl InplaceOp2 for FusedStep<'_> {
             bail!("adam: gradient or moments do not match the parameter")
         }
         let (b1, b2) = (self.beta1, self.beta2);
-        let update = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+        let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *m = *m * b1 + g * (1.0 - b1);
                 *v = *v * b2 + g * g * (1.0 - b2);
@@ -148,7 +148,7 @@ impl InplaceOp2 for FusedStep<'_> {
             .zip(g.par_chunks(PIECE))
             .zip(m.par_chunks_mut(PIECE))
             .zip(v.par_chunks_mut(PIECE))
-            .for_each(update);
+            .for_each(|(((p, g), m), v)| update(p, g, m, v));
         Ok(())
     }
 }
