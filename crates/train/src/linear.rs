@@ -13,7 +13,7 @@ use candle_core::{
     Tensor,
 };
 
-use crate::matmul::{matmul, MatMut, MatRef};
+use crate::matmul::{matmul_new, MatRef};
 
 /// The input's data as a contiguous f32 slice (the op's inputs are made contiguous by [`linear`]).
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -84,25 +84,25 @@ impl CustomOp3 for FusedLinear {
         let x = f32_slice(s1, l1, "linear")?;
         let w = f32_slice(s2, l2, "linear")?;
         let b = f32_slice(s3, l3, "linear")?;
-        // The product is written column-major (as yᵀ) so that gemm reads the weight, the large operand, in place
-        // instead of packing a copy of it every step; the transpose back is folded into the bias and ReLU pass.
-        let mut yt = vec![0f32; n * out];
-        matmul(
-            MatMut::col_major(&mut yt, n, out)?,
-            MatRef::row_major(x, n, inp)?,
-            MatRef::row_major(w, out, inp)?.t(),
-            false,
+        // The product is computed as yᵀ = W·xᵀ so that gemm reads the weight, the large operand, in place instead
+        // of packing a copy of it every step; the transpose back is folded into the bias and ReLU pass.
+        let yt = matmul_new(
+            MatRef::row_major(w, out, inp)?,
+            MatRef::row_major(x, n, inp)?.t(),
             threads(n, inp, out),
         )?;
-        let mut y = vec![0f32; n * out];
-        if out > 0 {
-            for (i, row) in y.chunks_exact_mut(out).enumerate() {
-                for (j, (v, &bias)) in row.iter_mut().zip(b).enumerate() {
-                    let z = yt[j * n + i] + bias;
-                    *v = if self.relu { z.max(0.0) } else { z };
+        let relu = self.relu;
+        let y: Vec<f32> = (0..n * out)
+            .map(|idx| {
+                let (i, j) = (idx / out, idx % out);
+                let z = yt[j * n + i] + b[j];
+                if relu {
+                    z.max(0.0)
+                } else {
+                    z
                 }
-            }
-        }
+            })
+            .collect();
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -156,15 +156,8 @@ impl CustomOp3 for FusedLinear {
         };
 
         let dw = if w.track_op() {
-            let mut dw = vec![0f32; out * inp];
-            with_f32(x, "linear backward", |xs| {
-                matmul(
-                    MatMut::row_major(&mut dw, out, inp)?,
-                    g_rows.t(),
-                    MatRef::row_major(xs, n, inp)?,
-                    false,
-                    threads,
-                )
+            let dw = with_f32(x, "linear backward", |xs| {
+                matmul_new(g_rows.t(), MatRef::row_major(xs, n, inp)?, threads)
             })?;
             crate::param_grads::offer(w, Tensor::from_vec(dw, (out, inp), dev)?)
         } else {
@@ -172,15 +165,8 @@ impl CustomOp3 for FusedLinear {
         };
 
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; n * inp];
-            with_f32(w, "linear backward", |ws| {
-                matmul(
-                    MatMut::row_major(&mut dx, n, inp)?,
-                    g_rows,
-                    MatRef::row_major(ws, out, inp)?,
-                    false,
-                    threads,
-                )
+            let dx = with_f32(w, "linear backward", |ws| {
+                matmul_new(g_rows, MatRef::row_major(ws, out, inp)?, threads)
             })?;
             Some(Tensor::from_vec(dx, (n, inp), dev)?)
         } else {

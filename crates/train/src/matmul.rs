@@ -116,19 +116,6 @@ impl<'a> MatMut<'a> {
     pub(crate) fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
         Self::rows_strided(data, rows, cols, cols)
     }
-
-    /// A contiguous column-major view (`data` holds the transpose, row-major). gemm reads its left operand
-    /// without a packing copy when the output is column-major and that operand's columns are contiguous.
-    pub(crate) fn col_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self> {
-        check_view("output", data.len(), rows, cols, 1, rows)?;
-        Ok(MatMut {
-            data,
-            rows,
-            cols,
-            rs: 1,
-            cs: rows,
-        })
-    }
 }
 
 /// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
@@ -197,6 +184,57 @@ pub(crate) fn matmul(
         );
     }
     Ok(())
+}
+
+/// `lhs·rhs` as a new row-major vector, written by gemm into fresh memory without zero-filling it first: for a
+/// multi-megabyte result (a weight gradient) the zero-fill costs as much as a pass over the product.
+pub(crate) fn matmul_new(lhs: MatRef, rhs: MatRef, threads: usize) -> Result<Vec<f32>> {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    if rhs.rows != k {
+        bail!("matmul: shapes {m}x{k} · {}x{n} do not match", rhs.rows)
+    }
+    let Some(len) = m.checked_mul(n) else {
+        bail!("matmul: a {m}x{n} result is too large")
+    };
+    if k == 0 || len == 0 {
+        return Ok(vec![0.0; len]);
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let s = |v: usize| v as isize; // < isize::MAX: checked by the views' constructors and the allocation.
+                                   // SAFETY: `out` has capacity for `m·n` values, written row-major (row stride n, column stride 1): every index
+                                   // gemm writes is below `len`, and each of the m·n elements is written exactly once, because `read_dst` is false
+                                   // (dst := lhs·rhs, the old contents are neither read nor kept) and k > 0. Only then is the length set. The
+                                   // operands were checked to lie inside their slices and do not alias `out`, a fresh allocation.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            s(n),
+            false,
+            lhs.data.as_ptr(),
+            s(lhs.cs),
+            s(lhs.rs),
+            rhs.data.as_ptr(),
+            s(rhs.cs),
+            s(rhs.rs),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(len);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -270,21 +308,27 @@ mod tests {
     }
 
     #[test]
-    fn column_major_output_holds_the_transpose() {
-        let (m, n, k) = (5, 7, 9);
-        let a = values(m * k, 3);
-        let b = values(k * n, 4);
-        let lhs = MatRef::row_major(&a, m, k).unwrap();
-        let rhs = MatRef::row_major(&b, k, n).unwrap();
-        let want = naive(lhs, rhs);
-        let mut t = vec![0f32; m * n];
-        matmul(MatMut::col_major(&mut t, m, n).unwrap(), lhs, rhs, false, 1).unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                assert!((t[j * m + i] - want[i * n + j]).abs() < 1e-4);
+    fn products_into_fresh_memory_match_a_naive_loop() {
+        for &(m, n, k) in &[(1, 1, 1), (64, 33, 17), (7, 130, 3)] {
+            let a = values(m * k, 5);
+            let bt = values(n * k, 6);
+            let lhs = MatRef::row_major(&a, m, k).unwrap();
+            let rhs = MatRef::row_major(&bt, n, k).unwrap().t();
+            let want = naive(lhs, rhs);
+            let got = matmul_new(lhs, rhs, 2).unwrap();
+            assert_eq!(got.len(), m * n);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{m}x{n}x{k}");
             }
         }
-        assert!(MatMut::col_major(&mut t, m + 1, n).is_err());
+        let a = vec![1f32; 6];
+        let lhs = MatRef::row_major(&a, 2, 3).unwrap();
+        assert!(matmul_new(lhs, lhs, 1).is_err());
+        let empty = MatRef::row_major(&a[..0], 2, 0).unwrap();
+        assert_eq!(
+            matmul_new(empty, MatRef::row_major(&a[..0], 0, 3).unwrap(), 1).unwrap(),
+            vec![0.0; 6]
+        );
     }
 
     #[test]
