@@ -16,8 +16,8 @@ use crate::plates::{field_data, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
 
-/// Settings of the demo. `Default` is what `ferry-lab demo` runs: about 2.5 minutes on 2 idle CPU
-/// cores at ~500 plate-cnn img/s (measured 2 min 31 s), under 5 with the cores shared.
+/// Settings of the demo. `Default` is what `ferry-lab demo` runs: about a minute on 2 idle CPU cores
+/// (measured 61 s), a few minutes with the cores shared.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     /// Output folder (must not hold a federation yet).

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (about
-    /// 2-5 minutes on 2 CPU cores).
+    /// 1-3 minutes on 2 CPU cores).
     #[command(
         after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo"
     )]
