@@ -322,14 +322,21 @@ fn take_buffer(len: usize) -> Vec<f32> {
     }
 }
 
-/// Returns a buffer to the pool (bounded, so a change of shapes cannot grow it without limit).
+/// Values the pool may hold in all (256 MiB): a training step of either model needs well under a tenth of that,
+/// and a change of shapes (an evaluation with large batches) cannot make the pool grow without limit.
+const POOL_VALUES: usize = 64 << 20;
+
+/// Returns a buffer to the pool, dropping the oldest ones beyond [`POOL_VALUES`].
 fn give_buffer(v: Vec<f32>) {
-    const MAX_BUFFERS: usize = 16;
-    let mut pool = lock(&POOL);
-    if pool.len() >= MAX_BUFFERS {
-        pool.remove(0);
+    if v.len() > POOL_VALUES {
+        return;
     }
+    let mut pool = lock(&POOL);
     pool.push(v);
+    let mut held: usize = pool.iter().map(Vec::len).sum();
+    while held > POOL_VALUES {
+        held -= pool.remove(0).len();
+    }
 }
 
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
@@ -1005,6 +1012,25 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn the_buffer_pool_reuses_exact_sizes_and_stays_bounded() {
+        // Other tests share the pool: use sizes no block here produces.
+        let n = 12_345;
+        give_buffer(vec![7.0; n]);
+        let v = take_buffer(n);
+        assert_eq!(
+            (v.len(), v[0]),
+            (n, 7.0),
+            "a returned buffer of the same length is reused as it is"
+        );
+        give_buffer(vec![0.0; POOL_VALUES + 1]);
+        for _ in 0..3 {
+            give_buffer(vec![0.0; POOL_VALUES / 2 + 1]);
+        }
+        let held: usize = lock(&POOL).iter().map(Vec::len).sum();
+        assert!(held <= POOL_VALUES, "{held} values held");
     }
 
     #[test]
