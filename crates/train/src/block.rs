@@ -774,8 +774,15 @@ impl CustomOp3 for ConvBlockOp {
             bail!("convolution block: backward pass without a kept forward pass (or a second backward pass)")
         };
         let params = affine.flatten_all()?.to_vec1::<f32>()?;
+        if params.len() != 2 * g.o {
+            bail!("convolution block: the affine parameters changed after the forward pass")
+        }
         let (gamma, beta) = params.split_at(g.o);
         let (dy, dgamma, dbeta) = with_values(grad, "gradient", |gout| {
+            let (hp, wp) = g.pooled();
+            if gout.len() != g.b * g.o * hp * wp {
+                bail!("convolution block: the output gradient does not match the forward pass")
+            }
             Ok(self.dy(&saved, gamma, beta, gout))
         })?;
         drop(saved);
