@@ -79,6 +79,38 @@ fn rayon_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
+/// A freshly initialised model (seed 1) running `ops`, and a synthetic batch, on the CPU.
+fn setup(arch: Arch, batch: usize, ops: Ops) -> Result<(Model, Tensor, Tensor), TrainError> {
+    let dev = Device::Cpu;
+    let (x, y) = synthetic(arch, batch, &dev)?;
+    let mut model = Model::init(arch, 1, &dev)?;
+    model.set_ops(ops);
+    Ok((model, x, y))
+}
+
+/// Runs `step` `warmup_steps` times untimed, then `steps` times timed.
+fn time_steps(
+    (arch, batch, ops): (Arch, usize, Ops),
+    steps: usize,
+    warmup_steps: usize,
+    mut step: impl FnMut() -> Result<(), TrainError>,
+) -> Result<BenchResult, TrainError> {
+    for _ in 0..warmup_steps {
+        step()?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    Ok(result(
+        arch,
+        batch,
+        steps,
+        start.elapsed().as_secs_f64(),
+        ops,
+    ))
+}
+
 /// Time `steps` training steps (forward, loss, backward, Adam update: the trainer's own step) after
 /// `warmup_steps` untimed ones, on the CPU, with the layers' `ops`.
 pub fn bench_train(
@@ -89,30 +121,16 @@ pub fn bench_train(
     ops: Ops,
 ) -> Result<BenchResult, TrainError> {
     check(batch, steps)?;
-    let dev = Device::Cpu;
-    let (x, y) = synthetic(arch, batch, &dev)?;
-    let mut model = Model::init(arch, 1, &dev)?;
-    model.set_ops(ops);
-    let mut adam = Adam::new(arch, &dev)?;
+    let (mut model, x, y) = setup(arch, batch, ops)?;
+    let mut adam = Adam::new(arch, &Device::Cpu)?;
     // No warm-up ramp: the bench measures full-size steps.
     let cfg = AdamConfig {
         warmup: 0,
         ..AdamConfig::default()
     };
-    for _ in 0..warmup_steps {
-        crate::train::train_step(&mut model, &mut adam, &x, &y, &cfg)?;
-    }
-    let start = Instant::now();
-    for _ in 0..steps {
-        crate::train::train_step(&mut model, &mut adam, &x, &y, &cfg)?;
-    }
-    Ok(result(
-        arch,
-        batch,
-        steps,
-        start.elapsed().as_secs_f64(),
-        ops,
-    ))
+    time_steps((arch, batch, ops), steps, warmup_steps, || {
+        crate::train::train_step(&mut model, &mut adam, &x, &y, &cfg).map(|_| ())
+    })
 }
 
 /// Time `steps` inference forward passes (BatchNorm with running statistics) after `warmup_steps` untimed ones, on
@@ -125,24 +143,10 @@ pub fn bench_infer(
     ops: Ops,
 ) -> Result<BenchResult, TrainError> {
     check(batch, steps)?;
-    let dev = Device::Cpu;
-    let (x, _) = synthetic(arch, batch, &dev)?;
-    let mut model = Model::init(arch, 1, &dev)?;
-    model.set_ops(ops);
-    for _ in 0..warmup_steps {
-        model.forward(&x, Mode::Eval)?;
-    }
-    let start = Instant::now();
-    for _ in 0..steps {
-        model.forward(&x, Mode::Eval)?;
-    }
-    Ok(result(
-        arch,
-        batch,
-        steps,
-        start.elapsed().as_secs_f64(),
-        ops,
-    ))
+    let (model, x, _) = setup(arch, batch, ops)?;
+    time_steps((arch, batch, ops), steps, warmup_steps, || {
+        model.forward(&x, Mode::Eval).map(|_| ())
+    })
 }
 
 #[cfg(test)]

@@ -26,9 +26,10 @@
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{f32_slice, with_f32};
 use crate::matmul::{matmul, MatMut, MatRef};
 
 /// How the block normalises the convolution output before ReLU.
@@ -376,26 +377,6 @@ struct ConvBlockOp {
     state: Arc<Mutex<BlockState>>,
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("convolution block: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("convolution block: {what} must be contiguous"),
-    }
-}
-
-/// Runs `f` on a CPU f32 tensor's contiguous values.
-fn with_values<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("convolution block: {what} is not on the CPU")
-    };
-    f(f32_data(cpu, layout, what)?)
-}
-
 /// Sum and sum of squares of a slice in f64 (f32 lanes flushed every few thousand values).
 fn sum_sq(x: &[f32]) -> (f64, f64) {
     let (mut s, mut q) = (0f64, 0f64);
@@ -729,9 +710,9 @@ impl CustomOp3 for ConvBlockOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo;
-        let x = f32_data(s1, l1, "input")?;
-        let wt = f32_data(s2, l2, "weight")?;
-        let affine = f32_data(s3, l3, "affine parameters")?;
+        let x = f32_slice(s1, l1, "convolution block input")?;
+        let wt = f32_slice(s2, l2, "convolution block weight")?;
+        let affine = f32_slice(s3, l3, "convolution block affine parameters")?;
         if x.len() != g.b * g.c * g.h * g.w || wt.len() != g.o * g.ckk() || affine.len() != 2 * g.o
         {
             bail!("convolution block: input sizes changed after the shape check")
@@ -778,7 +759,7 @@ impl CustomOp3 for ConvBlockOp {
             bail!("convolution block: the affine parameters changed after the forward pass")
         }
         let (gamma, beta) = params.split_at(g.o);
-        let (dy, dgamma, dbeta) = with_values(grad, "gradient", |gout| {
+        let (dy, dgamma, dbeta) = with_f32(grad, "convolution block gradient", |gout| {
             let (hp, wp) = g.pooled();
             if gout.len() != g.b * g.o * hp * wp {
                 bail!("convolution block: the output gradient does not match the forward pass")
@@ -788,8 +769,8 @@ impl CustomOp3 for ConvBlockOp {
         drop(saved);
         let dy = Pooled(dy);
         let want_dx = x.track_op();
-        let (dw, dx) = with_values(x, "input", |xv| {
-            with_values(weight, "weight", |wv| {
+        let (dw, dx) = with_f32(x, "convolution block input", |xv| {
+            with_f32(weight, "convolution block weight", |wv| {
                 self.conv_grads(xv, wv, &dy.0, want_dx)
             })
         })?;
@@ -805,61 +786,11 @@ impl CustomOp3 for ConvBlockOp {
     }
 }
 
-/// Mean over all but the channel axis of an NCHW tensor, as `(c)` (for tests and callers of the generic path).
-#[cfg(test)]
-fn channel_mean(t: &Tensor) -> Result<Tensor> {
-    t.transpose(0, 1)?
-        .flatten_from(1)?
-        .mean(candle_core::D::Minus1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{assert_close, probe_grads, rnd};
     use candle_core::{Device, Var};
-
-    /// Deterministic pseudo-random values in [-0.5, 0.5).
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 10_007) as f32 / 10_007.0 - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
-        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-        let scale = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0);
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            d <= tol * scale,
-            "{what}: max difference {d} (scale {scale})"
-        );
-    }
 
     /// (b, c, h, w, out, k, pad): odd sizes, one image, one channel, 1×1 and 5×5 kernels, no and large padding,
     /// and batches big enough to span several chunks (the last one partial).
@@ -930,12 +861,7 @@ mod tests {
                         )
                         .unwrap();
                         let probe = rnd(out.dims(), 90 + i as u64);
-                        let grads = (&out * &probe)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .backward()
-                            .unwrap();
+                        let grads = probe_grads(&out, &probe);
                         (out, stats, grads)
                     };
                     let (fo, fs, fg) = run(true);
@@ -1071,7 +997,15 @@ mod tests {
         let (out, stats) = conv_block(&x, &wt, &affine, 1, norm(), true).unwrap();
         assert_eq!(out.dims(), &[2, 4, 3, 3]);
         let (mean, _) = stats.unwrap();
-        let reference = channel_mean(&x.conv2d(&wt, 1, 1, 1, 1).unwrap())
+        // Mean over all but the channel axis.
+        let reference = x
+            .conv2d(&wt, 1, 1, 1, 1)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .flatten_from(1)
+            .unwrap()
+            .mean(candle_core::D::Minus1)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod bench;
 mod block;
+mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;

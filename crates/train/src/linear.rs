@@ -9,32 +9,11 @@
 //! devices and dtypes use candle's ops unchanged.
 
 use candle_core::{
-    bail, utils::get_num_threads, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, utils::get_num_threads, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
+use crate::cpu::{f32_slice, with_f32};
 use crate::matmul::{matmul_new, MatRef};
-
-/// The input's data as a contiguous f32 slice (the op's inputs are made contiguous by [`linear`]).
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("{what}: only f32 is supported")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what}: input must be contiguous"),
-    }
-}
-
-/// Runs `f` on a CPU f32 tensor's contiguous data. The storage's read lock is held only during `f`, so callers
-/// never hold two at once (parking_lot's read locks are not reentrant when a writer is queued).
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("{what}: expected a CPU tensor")
-    };
-    f(f32_slice(cpu, layout, what)?)
-}
 
 /// Threads for an `n × inp × out` product: below ~2¹⁸ multiply-adds, splitting costs more than it saves.
 fn threads(n: usize, inp: usize, out: usize) -> usize {
@@ -123,8 +102,7 @@ impl CustomOp3 for FusedLinear {
             )
         }
         // g' = g where the output passed the ReLU (PyTorch's convention: no gradient at exactly 0).
-        let grad = grad.contiguous()?;
-        let mut gm = with_f32(&grad, "linear backward", |g| Ok(g.to_vec()))?;
+        let mut gm = with_f32(grad, "linear backward", |g| Ok(g.to_vec()))?;
         if self.relu {
             with_f32(res, "linear backward", |y| {
                 for (g, &y) in gm.iter_mut().zip(y) {
@@ -179,10 +157,17 @@ impl CustomOp3 for FusedLinear {
 /// `relu?(x·wᵀ + b)` for x `(n, in)`, a PyTorch-layout weight w `(out, in)` and bias b `(out)`: `(n, out)`.
 ///
 /// On the CPU in f32 this is one fused node (see the module docs); elsewhere, or in other dtypes, candle's own
-/// matmul, broadcast add and ReLU, so the GPU keeps candle's kernels.
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+/// matmul, broadcast add and ReLU, so the GPU keeps candle's kernels; and so with `fused` false (the reference
+/// path).
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    relu: bool,
+    fused: bool,
+) -> Result<Tensor> {
     check_shapes(x.shape(), w.shape(), b.shape())?;
-    let fused = x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
+    let fused = fused && x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
     if fused {
         return x
             .contiguous()?
@@ -199,48 +184,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    /// Deterministic pseudo-random values in [-0.5, 0.5).
-    fn rnd(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 10_007) as f32 / 10_007.0 - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// `|a - b| ≤ tol·max(1, max|b|)` elementwise.
-    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
-        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            d <= tol * scale,
-            "{what}: max difference {d} (scale {scale})"
-        );
-    }
-
-    /// candle's chain that [`linear`] replaces on the CPU (and runs elsewhere).
-    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Tensor {
-        let y = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
-        if relu {
-            y.relu().unwrap()
-        } else {
-            y
-        }
-    }
+    use crate::testutil::{assert_close, probe_grads, rnd};
+    use candle_core::Var;
 
     /// Every value of n, in and out at least once, odd sizes, out = 1, and the multi-threaded path.
     const CASES: [(usize, usize, usize); 8] = [
@@ -269,22 +214,12 @@ mod tests {
                     };
                     let w = Var::from_tensor(&(rnd(&[out, inp], seed + 1) * 0.2).unwrap()).unwrap();
                     let b = Var::from_tensor(&rnd(&[out], seed + 2)).unwrap();
-                    let ours = linear(&x, w.as_tensor(), b.as_tensor(), relu).unwrap();
-                    let want = reference(&x, w.as_tensor(), b.as_tensor(), relu);
+                    let ours = linear(&x, w.as_tensor(), b.as_tensor(), relu, true).unwrap();
+                    let want = linear(&x, w.as_tensor(), b.as_tensor(), relu, false).unwrap();
                     assert_close(&what, &ours, &want, 1e-5);
                     let probe = rnd(&[n, out], seed + 3);
-                    let go = (ours * &probe)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
-                    let gr = (want * &probe)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
+                    let go = probe_grads(&ours, &probe);
+                    let gr = probe_grads(&want, &probe);
                     for (name, v) in [("w", &w), ("b", &b)] {
                         assert_close(
                             &format!("{what}: {name} gradient"),
@@ -315,22 +250,12 @@ mod tests {
         let wt = Var::from_tensor(&rnd(&[7, 5], 2)).unwrap();
         let b = Var::from_tensor(&rnd(&[5], 3)).unwrap();
         let (x, w) = (xt.as_tensor().t().unwrap(), wt.as_tensor().t().unwrap());
-        let ours = linear(&x, &w, b.as_tensor(), true).unwrap();
-        let want = reference(&x, &w, b.as_tensor(), true);
+        let ours = linear(&x, &w, b.as_tensor(), true, true).unwrap();
+        let want = linear(&x, &w, b.as_tensor(), true, false).unwrap();
         assert_close("values", &ours, &want, 1e-5);
         let probe = rnd(&[4, 5], 4);
-        let go = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gr = (want * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let go = probe_grads(&ours, &probe);
+        let gr = probe_grads(&want, &probe);
         for (name, v) in [("x", &xt), ("w", &wt), ("b", &b)] {
             assert_close(
                 &format!("{name} gradient"),
@@ -346,9 +271,15 @@ mod tests {
         let x = rnd(&[3, 5], 1).to_dtype(DType::F64).unwrap();
         let w = rnd(&[2, 5], 2).to_dtype(DType::F64).unwrap();
         let b = rnd(&[2], 3).to_dtype(DType::F64).unwrap();
-        let y = linear(&x, &w, &b, true).unwrap();
+        let y = linear(&x, &w, &b, true, true).unwrap();
         assert_eq!(y.dtype(), DType::F64);
-        let want = reference(&x, &w, &b, true);
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .relu()
+            .unwrap();
         assert_eq!(y.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
     }
 
@@ -356,22 +287,25 @@ mod tests {
     fn mismatched_shapes_are_errors() {
         let x = rnd(&[3, 5], 1);
         let (w, b) = (rnd(&[4, 5], 2), rnd(&[4], 3));
-        assert!(linear(&x, &w, &b, false).is_ok());
+        assert!(linear(&x, &w, &b, false, true).is_ok());
         assert!(
-            linear(&x, &rnd(&[4, 6], 2), &b, false).is_err(),
+            linear(&x, &rnd(&[4, 6], 2), &b, false, true).is_err(),
             "weight's in"
         );
-        assert!(linear(&x, &w, &rnd(&[3], 3), true).is_err(), "bias length");
         assert!(
-            linear(&x, &w, &rnd(&[1, 4], 3), false).is_err(),
+            linear(&x, &w, &rnd(&[3], 3), true, true).is_err(),
+            "bias length"
+        );
+        assert!(
+            linear(&x, &w, &rnd(&[1, 4], 3), false, true).is_err(),
             "bias rank"
         );
         assert!(
-            linear(&rnd(&[3, 5, 1], 1), &w, &b, false).is_err(),
+            linear(&rnd(&[3, 5, 1], 1), &w, &b, false, true).is_err(),
             "input rank"
         );
         assert!(
-            linear(&x, &rnd(&[20], 2), &b, false).is_err(),
+            linear(&x, &rnd(&[20], 2), &b, false, true).is_err(),
             "weight rank"
         );
         // The op itself checks too, when called directly.
@@ -379,6 +313,6 @@ mod tests {
         assert!(bad.is_err());
         // Mixed dtypes fall back to candle, which refuses them.
         let b64 = b.to_dtype(DType::F64).unwrap();
-        assert!(linear(&x, &w, &b64, false).is_err(), "mixed dtypes");
+        assert!(linear(&x, &w, &b64, false, true).is_err(), "mixed dtypes");
     }
 }

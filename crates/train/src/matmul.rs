@@ -80,14 +80,14 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// A writable `rows × cols` matrix over a slice; distinct elements never share memory.
+/// A writable row-major `rows × cols` matrix over a slice, row stride `rs ≥ cols`: distinct elements never share
+/// memory.
 #[derive(Debug)]
 pub(crate) struct MatMut<'a> {
     data: &'a mut [f32],
     rows: usize,
     cols: usize,
     rs: usize,
-    cs: usize,
 }
 
 impl<'a> MatMut<'a> {
@@ -108,7 +108,6 @@ impl<'a> MatMut<'a> {
             rows,
             cols,
             rs,
-            cs: 1,
         })
     }
 
@@ -118,17 +117,9 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
-/// only, for callers that parallelise over chunks themselves).
-pub(crate) fn matmul(
-    dst: MatMut,
-    lhs: MatRef,
-    rhs: MatRef,
-    accumulate: bool,
-    threads: usize,
-) -> Result<()> {
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
-    if lhs.rows != m || rhs.cols != n || rhs.rows != k {
+/// Checks that `lhs·rhs` is `m × n`; returns `k`.
+fn inner_dim(lhs: &MatRef, rhs: &MatRef, m: usize, n: usize) -> Result<usize> {
+    if lhs.rows != m || rhs.cols != n || rhs.rows != lhs.cols {
         bail!(
             "matmul: shapes {}x{} · {}x{} do not give {m}x{n}",
             lhs.rows,
@@ -137,37 +128,41 @@ pub(crate) fn matmul(
             rhs.cols
         )
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    dst.data[i * dst.rs + j * dst.cs] = 0.0;
-                }
-            }
-        }
-        return Ok(());
-    }
+    Ok(lhs.cols)
+}
+
+/// gemm's `dst := (accumulate ? dst : 0) + lhs·rhs` for a row-major `m × n` destination with row stride `dst_rs`,
+/// on `threads` of rayon's threads.
+///
+/// # Safety
+/// `lhs·rhs` must be `m × n` with an inner dimension `k > 0`, and `dst` valid for writes (and, when
+/// `accumulate`, reads) at `i·dst_rs + j` for every `i < m`, `j < n`, with `dst_rs ≥ n`, not aliasing the operands
+/// and not accessed by anything else during the call. The operands' views are inside their slices by
+/// construction. gemm does not read `dst` when `accumulate` is false.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    threads: usize,
+) {
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    let s = |v: usize| v as isize; // < isize::MAX: checked by the views' constructors.
-                                   // SAFETY: every view was checked to lie inside its slice for its shape and strides, `dst`'s elements are
-                                   // distinct (unit column stride, row stride ≥ columns) and it is borrowed mutably, so nothing else reads or
-                                   // writes it during the call; the shapes agree (checked above). gemm computes dst := alpha·dst + beta·lhs·rhs and
-                                   // does not read dst when `read_dst` is false.
+    // Strides fit in isize: checked by the views' constructors (and `dst_rs` by the caller's allocation).
+    let s = |v: usize| v as isize;
+    // SAFETY: as the caller guarantees.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.data.as_mut_ptr(),
-            s(dst.cs),
-            s(dst.rs),
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
+            1,
+            s(dst_rs),
             accumulate,
             lhs.data.as_ptr(),
             s(lhs.cs),
@@ -183,55 +178,53 @@ pub(crate) fn matmul(
             parallelism,
         );
     }
+}
+
+/// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on `threads` of rayon's threads (1: the calling thread
+/// only, for callers that parallelise over chunks themselves).
+pub(crate) fn matmul(
+    dst: MatMut,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    let (m, n) = (dst.rows, dst.cols);
+    let k = inner_dim(&lhs, &rhs, m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.data.chunks_mut(dst.rs.max(n)).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the shapes agree and k > 0 (checked above); `dst` was checked to cover `i·rs + j` for its rows and
+    // columns with `rs ≥ cols`, and it is borrowed mutably, so nothing else touches it during the call.
+    unsafe { gemm_into(dst.data.as_mut_ptr(), dst.rs, accumulate, lhs, rhs, threads) };
     Ok(())
 }
 
 /// `lhs·rhs` as a new row-major vector, written by gemm into fresh memory without zero-filling it first: for a
 /// multi-megabyte result (a weight gradient) the zero-fill costs as much as a pass over the product.
 pub(crate) fn matmul_new(lhs: MatRef, rhs: MatRef, threads: usize) -> Result<Vec<f32>> {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    if rhs.rows != k {
-        bail!("matmul: shapes {m}x{k} · {}x{n} do not match", rhs.rows)
-    }
+    let (m, n) = (lhs.rows, rhs.cols);
+    let k = inner_dim(&lhs, &rhs, m, n)?;
     let Some(len) = m.checked_mul(n) else {
         bail!("matmul: a {m}x{n} result is too large")
     };
     if k == 0 || len == 0 {
         return Ok(vec![0.0; len]);
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let s = |v: usize| v as isize; // < isize::MAX: checked by the views' constructors and the allocation.
-                                   // SAFETY: `out` has capacity for `m·n` values, written row-major (row stride n, column stride 1): every index
-                                   // gemm writes is below `len`, and each of the m·n elements is written exactly once, because `read_dst` is false
-                                   // (dst := lhs·rhs, the old contents are neither read nor kept) and k > 0. Only then is the length set. The
-                                   // operands were checked to lie inside their slices and do not alias `out`, a fresh allocation.
+    // SAFETY: the shapes agree and k > 0; `out` has capacity for the m·n values at `i·n + j` and is a fresh
+    // allocation. With `accumulate` false gemm writes each of them once and reads none, so after the call all
+    // `len` values are initialised and the length may be set.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            s(n),
-            false,
-            lhs.data.as_ptr(),
-            s(lhs.cs),
-            s(lhs.rs),
-            rhs.data.as_ptr(),
-            s(rhs.cs),
-            s(rhs.rs),
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        gemm_into(out.as_mut_ptr(), n, false, lhs, rhs, threads);
         out.set_len(len);
     }
     Ok(out)

@@ -135,15 +135,7 @@ impl Dense {
 
     /// `relu?(x·Wᵀ + b)`: one fused op on the CPU, candle's ops elsewhere or when `fused` is off.
     fn forward(&self, x: &Tensor, relu: bool, fused: bool) -> candle_core::Result<Tensor> {
-        if fused {
-            return linear::linear(x, &self.weight, &self.bias, relu);
-        }
-        let y = x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        if relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        linear::linear(x, &self.weight, &self.bias, relu, fused)
     }
 }
 
@@ -436,12 +428,6 @@ impl Model {
     /// always takes).
     pub fn set_ops(&mut self, ops: Ops) {
         self.fused = ops == Ops::Fused;
-    }
-
-    /// Use candle's generic ops instead of the fused CPU blocks (the tests' reference path).
-    #[cfg(test)]
-    pub(crate) fn use_generic_ops(&mut self) {
-        self.set_ops(Ops::Generic);
     }
 
     /// The model's variables by name, sorted.

@@ -108,6 +108,25 @@ struct FusedStep<'a> {
     eps: f32,
 }
 
+impl<'a> FusedStep<'a> {
+    /// The update with learning rate `lr` and bias corrections `c1 = 1 − β1^t`, `c2 = 1 − β2^t`.
+    fn new(
+        (m, v): (&'a mut [f32], &'a mut [f32]),
+        cfg: &AdamConfig,
+        lr: f64,
+        (c1, c2): (f64, f64),
+    ) -> Self {
+        FusedStep {
+            moments: Mutex::new((m, v)),
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            step: (lr / c1) as f32,
+            inv_c2: (1.0 / c2) as f32,
+            eps: cfg.eps as f32,
+        }
+    }
+}
+
 impl InplaceOp2 for FusedStep<'_> {
     fn name(&self) -> &'static str {
         "ferry-adam-step"
@@ -199,14 +218,8 @@ impl Adam {
             };
             let (m, v) = match moments {
                 Moments::Host(m, v) => {
-                    let step = FusedStep {
-                        moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
-                        beta1: cfg.beta1 as f32,
-                        beta2: cfg.beta2 as f32,
-                        step: (lr / c1) as f32,
-                        inv_c2: (1.0 / c2) as f32,
-                        eps: cfg.eps as f32,
-                    };
+                    let step =
+                        FusedStep::new((m.as_mut_slice(), v.as_mut_slice()), cfg, lr, (c1, c2));
                     var.as_tensor().inplace_op2(&g.contiguous()?, &step)?;
                     continue;
                 }
@@ -312,14 +325,7 @@ mod tests {
             let g = Tensor::from_vec(vals(t as u64 + 1), n, &dev).unwrap();
             let lr = 1e-2;
             let (c1, c2) = (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t));
-            let step = FusedStep {
-                moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
-                beta1: cfg.beta1 as f32,
-                beta2: cfg.beta2 as f32,
-                step: (lr / c1) as f32,
-                inv_c2: (1.0 / c2) as f32,
-                eps: cfg.eps as f32,
-            };
+            let step = FusedStep::new((m.as_mut_slice(), v.as_mut_slice()), &cfg, lr, (c1, c2));
             p.inplace_op2(&g, &step).unwrap();
             mt = ((&mt * cfg.beta1).unwrap() + (&g * (1.0 - cfg.beta1)).unwrap()).unwrap();
             vt = ((&vt * cfg.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - cfg.beta2)).unwrap())

@@ -95,7 +95,7 @@ mod tests {
         let b = Var::new(&[0.05f32, -0.05], &dev).unwrap();
         let c = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
         let loss = || {
-            let y = crate::linear::linear(&x, w.as_tensor(), b.as_tensor(), false).unwrap();
+            let y = crate::linear::linear(&x, w.as_tensor(), b.as_tensor(), false, true).unwrap();
             (y.sqr().unwrap().sum_all().unwrap() + (w.as_tensor() * &c).unwrap().sum_all().unwrap())
                 .unwrap()
         };

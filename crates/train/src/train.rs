@@ -479,7 +479,7 @@ mod tests {
             let run = |generic: bool| {
                 let (mut model, mut adam) = fresh(arch);
                 if generic {
-                    model.use_generic_ops();
+                    model.set_ops(crate::model::Ops::Generic);
                 }
                 let mut losses = Vec::new();
                 for step in 0..6 {
