@@ -198,8 +198,7 @@ impl Federation {
             &bundle.hash,
             Direction::ToSite(site.id.clone()),
         )?;
-        self.crossings.push(c);
-        Ok(self.crossings.last().expect("just pushed"))
+        Ok(self.log_crossing(c))
     }
 
     /// Train site `i`'s current global on `data` (the site keeps its Adam state between rounds).
@@ -254,9 +253,7 @@ impl Federation {
                 .export(&site.key, &self.usb, LEVEL)
                 .with_context(|| format!("{} exporting", site.id))?
         };
-        self.crossings
-            .push(Crossing::of(&path, &sealed.hash, Direction::ToHq)?);
-        Ok(self.crossings.last().expect("just pushed"))
+        Ok(self.log_crossing(Crossing::of(&path, &sealed.hash, Direction::ToHq)?))
     }
 
     /// HQ verifies and merges `updates` into the next global, written to the stick.
@@ -289,6 +286,13 @@ impl Federation {
     /// Accuracy of the newest global on `data`.
     pub fn evaluate_global(&self, data: &Dataset) -> Result<Evaluation> {
         Ok(evaluate(&self.global_model()?, data, EVAL_BATCH)?)
+    }
+
+    /// Records a file that crossed the air gap; returns the record.
+    fn log_crossing(&mut self, c: Crossing) -> &Crossing {
+        let i = self.crossings.len();
+        self.crossings.push(c);
+        &self.crossings[i]
     }
 
     /// Bytes carried so far, both ways.
