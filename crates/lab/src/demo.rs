@@ -14,7 +14,7 @@ use ferry_train::{eval_site, AdamConfig, Arch, Device, EvalTarget, Evaluation, T
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::plates::{field_data, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
-use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
+use crate::report::{plot_accuracy, write_table, Series};
 
 /// Settings of the demo. `Default` is what `ferry-lab demo` runs: about a minute on 2 idle CPU cores
 /// (measured 61 s), a few minutes with the cores shared.
@@ -307,11 +307,13 @@ fn write_outputs(cfg: &DemoConfig, rows: &[DemoRound]) -> Result<()> {
             ]
         })
         .collect();
-    let md = markdown_table(&header, &table);
-    println!("\n== summary (local: each site's model on its own held-out plates; global: validation set) ==");
-    print!("{md}");
-    std::fs::write(cfg.dir.join("summary.md"), &md)?;
-    write_csv(&cfg.dir.join("summary.csv"), &header, &table)?;
+    write_table(
+        &cfg.dir,
+        "summary",
+        "\n== summary (local: each site's model on its own held-out plates; global: validation set) ==",
+        &header,
+        &table,
+    )?;
     let series = |name: &str, get: &dyn Fn(&DemoRound) -> Option<f64>| Series {
         name: name.to_string(),
         points: rows

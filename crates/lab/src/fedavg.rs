@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::fed::{human_bytes, Federation};
 use crate::plates::scaled_warmup;
 use crate::progress::{spinner, TrainBars};
-use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
+use crate::report::{plot_accuracy, write_table, Series};
 use crate::split::{split, SplitKind};
 
 /// Settings of a FedAvg experiment.
@@ -336,11 +336,7 @@ fn write_outputs(cfg: &FedAvgConfig, r: &FedAvgResult) -> Result<()> {
             ]
         })
         .collect();
-    let md = markdown_table(&header, &table);
-    println!();
-    print!("{md}");
-    std::fs::write(cfg.out.join("rounds.md"), &md)?;
-    write_csv(&cfg.out.join("rounds.csv"), &header, &table)?;
+    write_table(&cfg.out, "rounds", "", &header, &table)?;
     std::fs::write(
         cfg.out.join("results.json"),
         serde_json::to_vec_pretty(&json(cfg, r))?,

@@ -58,6 +58,22 @@ pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<(
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Print a result table as Markdown (after `title`) and write it to `<dir>/<stem>.md` and `<stem>.csv`.
+pub fn write_table(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> Result<()> {
+    let md = markdown_table(header, rows);
+    println!("{title}");
+    print!("{md}");
+    let path = dir.join(format!("{stem}.md"));
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    write_csv(&dir.join(format!("{stem}.csv")), header, rows)
+}
+
 fn register_fonts() {
     // A font compiled into the binary: PNG text works on a machine without any fonts installed.
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::fed::{Federation, EVAL_BATCH};
 use crate::plates::{field_data, scaled_warmup, FieldData};
 use crate::progress::{spinner, TrainBars};
-use crate::report::{markdown_table, plot_accuracy, write_csv, Series};
+use crate::report::{plot_accuracy, write_table, Series};
 
 /// Settings of a seed-table run.
 #[derive(Debug, Clone, Serialize)]
@@ -355,11 +355,7 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
             ]
         })
         .collect();
-    let md = markdown_table(&header, &table);
-    println!();
-    print!("{md}");
-    std::fs::write(cfg.out.join("table.md"), &md)?;
-    write_csv(&cfg.out.join("table.csv"), &header, &table)?;
+    write_table(&cfg.out, "table", "", &header, &table)?;
     let json = serde_json::json!({ "config": cfg, "warmup": warmup, "rows": rows });
     std::fs::write(
         cfg.out.join("results.json"),
