@@ -102,20 +102,11 @@ mod tests {
         let through_channel = backward(&loss()).unwrap();
         let plain = loss().backward().unwrap();
         for v in [&w, &b] {
-            let a = through_channel
-                .get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let p = plain
-                .get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let values = |g: &GradStore| {
+                let t = g.get(v.as_tensor()).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (a, p) = (values(&through_channel), values(&plain));
             for (a, p) in a.iter().zip(&p) {
                 assert!((a - p).abs() < 1e-5, "{a} vs {p}");
             }
