@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent reader for ferry bundles (format 1), written from docs/bundle-format.md alone.
+"""Independent reader for ferry bundles (formats 1 and 2), written from docs/bundle-format.md alone.
 
     python3 scripts/ferry_verify.py --trust keys/hq.pub FILE [--out model.safetensors]
 
@@ -25,11 +25,13 @@ import stat
 import sys
 import unicodedata
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 SKIPPABLE_MAGIC = 0x184D2A5E
 HEADER_MAGIC = b"FERRYBDL"
 ZSTD_MAGIC = 0xFD2FB528
-SIGNATURE_DOMAIN = b"ferry-bundle-v1\x00"
+# Each format version signs under its own domain (spec §3, §11).
+SIGNATURE_DOMAINS = {1: b"ferry-bundle-v1\x00", 2: b"ferry-bundle-v2\x00"}
 KEY_ID_DOMAIN = b"ferry-key-id-v1\x00"
 FIXED = 8 + 2 + 2 + 8 + 4  # header-frame content before the manifest
 SIG_LEN = 64
@@ -153,7 +155,7 @@ def verify_strict(public_key, message, signature, Ed25519PublicKey, InvalidSigna
 # --------------------------------------------------------------------------------------------------------------
 # Keys (spec §8).
 
-def key_id(role, ident, public_key):
+def _key_hash(role, ident, public_key):
     h = hashlib.sha256()
     h.update(KEY_ID_DOMAIN)
     h.update(role.encode("ascii"))
@@ -161,7 +163,16 @@ def key_id(role, ident, public_key):
     h.update(ident.encode("utf-8"))
     h.update(b"\x00")
     h.update(public_key)
-    return h.digest()[:8]
+    return h.digest()
+
+
+def key_id(role, ident, public_key):
+    return _key_hash(role, ident, public_key)[:8]
+
+
+def fingerprint_of(role, ident, public_key):
+    """The full fingerprint (spec §8.1) as 64 hex digits; the key id is its first 16."""
+    return _key_hash(role, ident, public_key).hex()
 
 
 def parse_fields(text, path, magic):
@@ -198,8 +209,8 @@ def load_public_key(path):
         raise Refused(f"{path}: not a valid ferry key file: not UTF-8 text")
     f = parse_fields(text, path, "ferry-public-key")
     role, ident, key_hex = f["role"], f["id"], f["key"]
-    if role not in ("hq", "site"):
-        raise Refused(f"{path}: unknown role {show(role)!r} (expected hq or site)")
+    if role not in ("hq", "site", "root"):
+        raise Refused(f"{path}: unknown role {show(role)!r} (expected hq, site or root)")
     if not valid_id(ident):
         raise Refused(f"{path}: id {show(ident)!r} is not allowed")
     if len(key_hex) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key_hex):
@@ -210,6 +221,9 @@ def load_public_key(path):
     kid = key_id(role, ident, pub)
     if f["key-id"] != kid.hex():
         raise Refused(f"{path}: key-id does not match the key")
+    # Optional (spec §8.3): the full fingerprint, grouped for reading aloud; when present it must be the key's.
+    if "fingerprint" in f and f["fingerprint"].replace(" ", "") != fingerprint_of(role, ident, pub):
+        raise Refused(f"{path}: fingerprint does not match the key")
     return {"role": role, "id": ident, "key": pub, "key_id": kid, "path": path}
 
 
@@ -233,6 +247,12 @@ def load_trust(paths):
             old = ring.get(k["key_id"])
             if old is not None and (old["role"], old["id"], old["key"]) != (k["role"], k["id"], k["key"]):
                 raise EnvError(f"two different trusted keys share key id {k['key_id'].hex()}")
+            if old is None:
+                for other in ring.values():
+                    if (other["role"], other["id"]) == (k["role"], k["id"]):
+                        raise EnvError(f"two different trusted keys both claim to be {k['role']} {k['id']!r} "
+                                       f"(key ids {other['key_id'].hex()} and {k['key_id'].hex()}); "
+                                       "trust only one of them")
             ring[k["key_id"]] = k
     return ring
 
@@ -307,12 +327,25 @@ def _opt_str(v, what):
     return None if v is None else _str(v, what)
 
 
-def check_manifest_types(m):
-    """§4.1 and §4.2: exact fields, JSON types."""
+def check_manifest_types(m, version):
+    """§4.1 and §4.2: exact fields (per format version), JSON types."""
+    optional = ["arch", "base", "site", "strategy"]
+    if version >= 2:
+        optional += ["revocations", "expires"]
     _check_object(m, "manifest",
                   ["format", "kind", "federation", "model_fingerprint", "round", "contributors", "payload",
                    "tensors", "signer", "created"],
-                  ["arch", "base", "site", "strategy"])
+                  optional)
+    if version >= 2:
+        if m["revocations"] is not None:
+            _check_object(m["revocations"], "revocations", ["serial", "sha256"])
+            _int(m["revocations"]["serial"], "revocations.serial")
+            _str(m["revocations"]["sha256"], "revocations.sha256")
+        if m["expires"] is not None:
+            _int(m["expires"], "expires")
+    else:
+        m["revocations"] = None
+        m["expires"] = None
     _int(m["format"], "format", U32_MAX)
     if m["kind"] not in ("update", "global"):
         raise Refused("signed manifest is invalid: kind is not \"update\" or \"global\"")
@@ -354,8 +387,8 @@ def check_manifest_types(m):
     s = m["signer"]
     _check_object(s, "signer", ["id", "role", "key_id"])
     _str(s["id"], "signer.id")
-    if s["role"] not in ("hq", "site"):
-        raise Refused("signed manifest is invalid: signer.role is not \"hq\" or \"site\"")
+    if s["role"] not in ("hq", "site", "root"):
+        raise Refused("signed manifest is invalid: signer.role is not \"hq\", \"site\" or \"root\"")
     _str(s["key_id"], "signer.key_id")
     _int(m["created"], "created")
 
@@ -382,8 +415,10 @@ def validate_manifest(m):
     def bad(why):
         raise Refused(f"signed manifest is invalid: {why}")
 
-    if m["format"] != FORMAT_VERSION:
-        bad(f"manifest format {m['format']} (expected {FORMAT_VERSION})")
+    if m["format"] not in READ_VERSIONS:
+        bad(f"manifest format {m['format']} (this reader reads {list(READ_VERSIONS)})")
+    if m["revocations"] is not None and not is_hash(m["revocations"]["sha256"]):
+        bad("revocations.sha256 is not a lower-case SHA-256 hex string")
     if not valid_id(m["federation"]):
         bad("federation is not a valid id")
     if m["arch"] is not None and not valid_id(m["arch"]):
@@ -408,11 +443,15 @@ def validate_manifest(m):
             bad("an update must name the global it is based on")
         if m["contributors"] or m["strategy"] is not None:
             bad("an update cannot list contributors or a strategy")
+        if m["revocations"] is not None or m["expires"] is not None:
+            bad("an update cannot name a revocation list or an expiry")
     else:
         if m["site"] is not None:
             bad("a global cannot name a site")
         if (m["round"] == 0) != (m["base"] is None):
             bad("a global names a previous global exactly when its round is above 0")
+        if m["format"] >= 2 and m["expires"] is None:
+            bad("a format-2 global must say when it expires")
         for c in m["contributors"]:
             if not valid_id(c["site"]):
                 bad("contributor site is not a valid id")
@@ -441,6 +480,8 @@ def check_signer_and_role(m, key, key_id_hex):
     if s["key_id"] != key_id_hex or s["id"] != key["id"] or s["role"] != key["role"]:
         raise Refused(f"manifest names signer {s['role']} {show(s['id'])} {show(s['key_id'])} but was verified "
                       f"with key {key['role']} {key['id']} {key_id_hex}")
+    if key["role"] == "root":
+        raise Refused("a root key signed a bundle; it may sign only lists of HQ keys")
     if m["kind"] == "global" and key["role"] != "hq":
         raise Refused(f"site key {key['id']!r} signed a global bundle; only an hq key may")
     if m["kind"] == "update":
@@ -512,7 +553,7 @@ def verify(data, ring, max_payload=MAX_PAYLOAD_BYTES):
     if int.from_bytes(data[0:4], "little") != SKIPPABLE_MAGIC or data[8:16] != HEADER_MAGIC:
         raise Refused("not a ferry bundle: wrong magic bytes")
     version = int.from_bytes(data[16:18], "little")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         if version > FORMAT_VERSION:
             raise Refused(f"bundle format version {version} is newer than this reader understands; upgrade ferry")
         raise Refused(f"bundle format version {version} is not a known ferry format")
@@ -535,14 +576,17 @@ def verify(data, ring, max_payload=MAX_PAYLOAD_BYTES):
     key = ring.get(kid)
     if key is None:
         raise Refused(f"signed by key {kid.hex()}, which is not among your trusted keys (check --trust)")
-    if not verify_strict(key["key"], SIGNATURE_DOMAIN + manifest_raw, signature, Ed25519PublicKey,
+    if not verify_strict(key["key"], SIGNATURE_DOMAINS[version] + manifest_raw, signature, Ed25519PublicKey,
                          InvalidSignature):
         raise Refused("signature does not verify: the bundle was altered, or it is not from the key it names")
 
     # 7-8: manifest, validation, signer and role.
     m = parse_manifest_json(manifest_raw)
-    check_manifest_types(m)
+    check_manifest_types(m, version)
     validate_manifest(m)
+    if m["format"] != version:
+        raise Refused(f"signed manifest is invalid: manifest format {m['format']} differs from the header's "
+                      f"version {version}")
     check_signer_and_role(m, key, kid.hex())
 
     # 9: compressed length and hash.
@@ -609,7 +653,12 @@ def summary(m, file_hash, path):
     lines.append(f"  federation  {m['federation']}")
     lines.append(f"  arch        {m['arch'] or '(foreign weights)'}")
     lines.append(f"  round       {m['round']}")
+    lines.append(f"  format      {m['format']}")
     lines.append(f"  base        {m['base'] or '(none)'}")
+    if m.get("revocations"):
+        lines.append(f"  revocations list {m['revocations']['serial']} (sha256 {m['revocations']['sha256']})")
+    if m.get("expires") is not None:
+        lines.append(f"  expires     {m['expires']} (unix seconds)")
     for c in m["contributors"]:
         lines.append(f"  contributor {c['site']} {c['samples']} samples, bundle {c['bundle']}")
     lines.append(f"  signer      {m['signer']['role']} {m['signer']['id']} [{m['signer']['key_id']}]")

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use ferry_bundle::manifest::{Manifest, Signer};
 use ferry_bundle::{
-    assemble, compress, seal, sha256_hex, BundleKind, Contributor, Draft, Dtype, Payload, Role,
-    SecretKey, SiteInfo, TensorRef,
+    assemble, assemble_version, compress, seal, sha256_hex, BundleKind, Contributor, Draft, Dtype,
+    Payload, Role, SecretKey, SiteInfo, TensorRef,
 };
 
 /// Fixed creation time of every vector (2023-11-14).
@@ -35,6 +35,9 @@ const KEYS: &[(&str, Role, &str, u8)] = &[
     ("site-b", Role::Site, "site-b", 3),
     ("site-c", Role::Site, "site-c", 4),
     ("rogue-hq", Role::Hq, "hq", 9),
+    ("root", Role::Root, "root", 5),
+    ("hq-2027", Role::Hq, "hq-2027", 10),
+    ("rogue-root", Role::Root, "root", 6),
 ];
 
 fn key(stem: &str) -> SecretKey {
@@ -241,7 +244,9 @@ fn draft_global(round: u64, base: Option<String>, contributors: Vec<Contributor>
         site: None,
         contributors,
         strategy: Some(if round == 0 { "init" } else { "fedavg" }.into()),
+        revocations: None,
         created: CREATED,
+        expires: None,
     }
 }
 
@@ -258,7 +263,9 @@ fn draft_update(base: &str, site: &str, samples: u64) -> Draft {
         }),
         contributors: Vec::new(),
         strategy: None,
+        revocations: None,
         created: CREATED,
+        expires: None,
     }
 }
 
@@ -428,7 +435,243 @@ pub fn build() -> Kit {
     safetensors_raw(&mut kit, &model);
     signatures(&mut kit, &g0, &upd, &g1, &site_b);
     revocations(&mut kit);
+    key_lists(&mut kit);
+    versions(&mut kit, &g0, &upd, &g1);
+    escapes(&mut kit, m0, &hq, &compressed, p.bytes());
     kit
+}
+
+/// A format-1 manifest, field for field in the order format 1 writers used (no `revocations`, no `expires`).
+#[derive(serde::Serialize)]
+struct ManifestV1<'a> {
+    format: u32,
+    kind: BundleKind,
+    federation: &'a str,
+    arch: &'a Option<String>,
+    model_fingerprint: &'a str,
+    round: u64,
+    base: &'a Option<String>,
+    site: &'a Option<SiteInfo>,
+    contributors: &'a [Contributor],
+    strategy: &'a Option<String>,
+    payload: &'a ferry_bundle::manifest::PayloadInfo,
+    tensors: &'a [ferry_bundle::TensorEntry],
+    signer: &'a Signer,
+    created: u64,
+}
+
+fn json_v1(m: &Manifest) -> Vec<u8> {
+    serde_json::to_vec(&ManifestV1 {
+        format: 1,
+        kind: m.kind,
+        federation: &m.federation,
+        arch: &m.arch,
+        model_fingerprint: &m.model_fingerprint,
+        round: m.round,
+        base: &m.base,
+        site: &m.site,
+        contributors: &m.contributors,
+        strategy: &m.strategy,
+        payload: &m.payload,
+        tensors: &m.tensors,
+        signer: &m.signer,
+        created: m.created,
+    })
+    .expect("v1 manifest serialises")
+}
+
+/// The compressed payload of a sealed bundle.
+fn payload_of(b: &ferry_bundle::Sealed) -> &[u8] {
+    &b.bytes[32 + manifest_len(&b.bytes) + 64..]
+}
+
+/// Format versions (issue 15): format-1 bundles stay readable, each version signs under its own domain, and
+/// the fields format 2 adds are checked.
+fn versions(
+    kit: &mut Kit,
+    g0: &ferry_bundle::Sealed,
+    upd: &ferry_bundle::Sealed,
+    g1: &ferry_bundle::Sealed,
+) {
+    let hq = key("hq");
+    let c = "version";
+    let plain0 = Model::new(0.5).payload();
+    let v1_global = assemble_version(1, &json_v1(&g0.manifest), &hq, payload_of(g0));
+    kit.bundle(
+        &format!("valid-{c}1-global-r0"),
+        v1_global.clone(),
+        STD,
+        &ok(plain0.bytes()),
+        "ok",
+        "a format-1 global (no expires, no revocations), signed under ferry-bundle-v1: still verifies",
+    );
+    kit.bundle(
+        &format!("valid-{c}1-update-site-a"),
+        assemble_version(1, &json_v1(&upd.manifest), &key("site-a"), payload_of(upd)),
+        STD,
+        &ok(Model::new(0.25).payload().bytes()),
+        "ok",
+        "a format-1 update: still verifies, so HQ still merges updates from sites not yet upgraded",
+    );
+    let mut b = v1_global.clone();
+    b[16] = 2;
+    kit.bundle(
+        &format!("{c}-1-relabelled-2"),
+        b,
+        STD,
+        "BadSignature",
+        "ok-manifest-invalid",
+        "a format-1 bundle whose header says version 2: signed under the other domain",
+    );
+    let mut b = g0.bytes.clone();
+    b[16] = 1;
+    kit.bundle(
+        &format!("{c}-2-relabelled-1"),
+        b,
+        STD,
+        "BadSignature",
+        "ok-manifest-invalid",
+        "a format-2 bundle whose header says version 1: signed under the other domain",
+    );
+    let mut with_expires = String::from_utf8(json_v1(&g0.manifest)).expect("utf8");
+    with_expires.pop();
+    with_expires.push_str(",\"expires\":1800000000}");
+    kit.bundle(
+        &format!("{c}-1-with-expires"),
+        assemble_version(1, with_expires.as_bytes(), &hq, payload_of(g0)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "a format-1 manifest holding the format-2 field expires: refused like any unknown field",
+    );
+    let mut m = g0.manifest.clone();
+    m.format = 1;
+    kit.bundle(
+        &format!("{c}-format-1-in-2-header"),
+        assemble(&json(&m), &hq, payload_of(g0)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "a format-2 header and domain over a manifest saying format 1",
+    );
+    let mut m = g0.manifest.clone();
+    m.expires = None;
+    kit.bundle(
+        &format!("{c}-2-global-without-expires"),
+        assemble(&json(&m), &hq, payload_of(g0)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "a format-2 global that does not say when it expires",
+    );
+    let mut m = upd.manifest.clone();
+    m.expires = Some(CREATED + 1);
+    kit.bundle(
+        &format!("{c}-2-update-with-expires"),
+        assemble(&json(&m), &key("site-a"), payload_of(upd)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "an update naming an expiry (only globals expire)",
+    );
+    let mut m = upd.manifest.clone();
+    m.revocations = Some(ferry_bundle::RevocationRef {
+        serial: 1,
+        sha256: "ab".repeat(32),
+    });
+    kit.bundle(
+        &format!("{c}-2-update-with-revocations"),
+        assemble(&json(&m), &key("site-a"), payload_of(upd)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "an update naming a revocation list (only globals do)",
+    );
+    let mut m = g1.manifest.clone();
+    m.revocations = Some(ferry_bundle::RevocationRef {
+        serial: 3,
+        sha256: "AB".repeat(32),
+    });
+    kit.bundle(
+        &format!("{c}-2-revocations-bad-hash"),
+        assemble(&json(&m), &hq, payload_of(g1)),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "a global naming a revocation list by an upper-case hash",
+    );
+    let mut m = g1.manifest.clone();
+    m.revocations = Some(ferry_bundle::RevocationRef {
+        serial: 3,
+        sha256: "ab".repeat(32),
+    });
+    kit.bundle(
+        &format!("valid-{c}2-global-names-revocations"),
+        assemble(&json(&m), &hq, payload_of(g1)),
+        STD,
+        &ok(Model::new(0.375).payload().bytes()),
+        "ok",
+        "a round-1 global naming revocation list 3 by hash (sites must hold it; the reader only checks the form)",
+    );
+    kit.bundle(
+        "sig-bundle-revoked-by-hash",
+        g0.bytes.clone(),
+        &format!("{STD}+bundle={}", g0.hash),
+        "RevokedBundle",
+        "ok",
+        "an honest global withdrawn by hash in an applied revocation list",
+    );
+}
+
+/// Escape sequences in the manifest (issue 15 §7): serde's "unknown field" and "unknown variant" messages
+/// quote the text, so every message must come out escaped (the test checks every error for control
+/// characters). File names with escape sequences are tested on real files, in `crates/client/tests`.
+fn escapes(kit: &mut Kit, m0: &Manifest, hq: &SecretKey, compressed: &[u8], plain: &[u8]) {
+    let c = "escape";
+    let base = String::from_utf8(json(&{
+        let mut m = m0.clone();
+        describe(&mut m, plain, compressed);
+        m
+    }))
+    .expect("utf8");
+    let cases = [
+        (
+            "unknown-field",
+            base.replacen('{', "{\"\\u001b[31mred\\u001b[0m\":1,", 1),
+            "an unknown manifest field whose name is an ANSI colour sequence",
+        ),
+        (
+            "unknown-variant-kind",
+            base.replacen("\"kind\":\"global\"", "\"kind\":\"\\u001b[2J\\u001b[H\"", 1),
+            "a kind value that clears the screen",
+        ),
+        (
+            "unknown-variant-role",
+            base.replacen("\"role\":\"hq\"", "\"role\":\"\\u001b]0;pwned\\u0007\"", 1),
+            "a signer role that sets the terminal title (OSC)",
+        ),
+        (
+            "unknown-field-nested",
+            base.replacen("\"payload\":{", "\"payload\":{\"\\u009b31m\":0,", 1),
+            "an unknown payload field holding a C1 control (CSI, U+009B)",
+        ),
+        (
+            "codec",
+            base.replacen("\"codec\":\"zstd\"", "\"codec\":\"\\u001b[5mzstd\"", 1),
+            "a codec with an escape sequence (a validation message quotes it)",
+        ),
+    ];
+    for (name, text, comment) in cases {
+        assert_ne!(text, base, "{name}: the edit did not apply");
+        kit.bundle(
+            &format!("manifest-{c}-{name}"),
+            assemble(text.as_bytes(), hq, compressed),
+            STD,
+            "InvalidManifest",
+            "ok-manifest-invalid",
+            comment,
+        );
+    }
 }
 
 fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
@@ -490,7 +733,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
         "a plain safetensors file offered as a bundle",
     );
     for (v, what) in [
-        (2u16, "version-2"),
+        (3u16, "version-3"),
         (0, "version-0"),
         (0xffff, "version-65535"),
     ] {
@@ -502,7 +745,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
             STD,
             "UnsupportedVersion",
             "UnsupportedVersion",
-            "header version is not 1: a clear 'newer format' error",
+            "header version is not 1 or 2: a clear 'newer format' error",
         );
     }
     let mut b = g.to_vec();
@@ -701,9 +944,9 @@ fn manifest(kit: &mut Kit, m0: &Manifest, hq: &SecretKey, compressed: &[u8], pla
     );
     raw(
         kit,
-        "format-2",
-        good.replacen("\"format\":1", "\"format\":2", 1).as_bytes(),
-        "manifest format 2 inside a version-1 header",
+        "format-3",
+        good.replacen("\"format\":2", "\"format\":3", 1).as_bytes(),
+        "manifest format 3 inside a version-2 header",
     );
     raw(
         kit,
@@ -2012,6 +2255,144 @@ fn weak_pub_text() -> String {
 
 const REV_MAGIC: &[u8; 8] = b"FERRYREV";
 const REV_DOMAIN: &[u8] = b"ferry-revocations-v1\0";
+const REV_DOMAIN_V2: &[u8] = b"ferry-revocations-v2\0";
+
+// ---- lists of HQ keys signed by the root (format of src/keylist.rs, written independently here) ----
+
+const KEYS_MAGIC: &[u8; 8] = b"FERRYKEY";
+const KEYS_DOMAIN: &[u8] = b"ferry-hq-keys-v1\0";
+
+fn keys_body(signer: &str, serial: u64, listed: &[&str]) -> String {
+    let (_, role, id, _) = KEYS.iter().find(|k| k.0 == signer).expect("key");
+    let entries: Vec<String> = listed
+        .iter()
+        .map(|stem| {
+            let k = key(stem).public();
+            format!(
+                "{{\"role\":\"{}\",\"id\":\"{}\",\"key_id\":\"{}\",\"key\":\"{}\"}}",
+                k.role,
+                k.id,
+                k.key_id_hex(),
+                hex::encode(k.verifying_key().as_bytes())
+            )
+        })
+        .collect();
+    format!(
+        "{{\"format\":1,\"federation\":\"{FEDERATION}\",\"serial\":{serial},\"created\":{CREATED},\"expires\":{},\"signer\":{{\"role\":\"{role}\",\"id\":\"{id}\",\"key_id\":\"{}\"}},\"hq_keys\":[{}]}}",
+        CREATED + 365 * 86_400,
+        key(signer).public().key_id_hex(),
+        entries.join(",")
+    )
+}
+
+fn keys_file(signer: &str, body: &str) -> Vec<u8> {
+    signed_file(KEYS_MAGIC, 1, KEYS_DOMAIN, signer, body.as_bytes())
+}
+
+fn key_lists(kit: &mut Kit) {
+    let mut list = |name: &str, bytes: Vec<u8>, expect: &str, comment: &str| {
+        let name = format!("keylist-{name}.ferry-keys");
+        kit.file(&name, bytes);
+        kit.row(&name, "keylist", "root", expect, "-", comment);
+    };
+    let good = keys_body("root", 1, &["hq"]);
+    list(
+        "valid-one-key",
+        keys_file("root", &good),
+        "ok:1",
+        "the root names the hq key",
+    );
+    list(
+        "valid-rotation",
+        keys_file("root", &keys_body("root", 2, &["hq", "hq-2027"])),
+        "ok:2",
+        "serial 2 naming the old and the new hq key during a change",
+    );
+    list(
+        "two-keys-same-id",
+        keys_file("root", &keys_body("root", 2, &["hq", "rogue-hq"])),
+        "Invalid",
+        "two different keys that both call themselves hq",
+    );
+    list(
+        "signed-by-hq",
+        keys_file("hq", &keys_body("hq", 1, &["hq"])),
+        "UntrustedRoot",
+        "the hq key signs a list of hq keys: only the pinned root may",
+    );
+    list(
+        "rogue-root",
+        keys_file("rogue-root", &keys_body("rogue-root", 1, &["rogue-hq"])),
+        "UntrustedRoot",
+        "another key calling itself root names a rogue hq key",
+    );
+    let mut b = keys_file("root", &good);
+    let at = 24 + good.find("\"serial\":1").expect("serial") + 9;
+    b[at] = b'9';
+    list(
+        "edited-serial",
+        b,
+        "BadSignature",
+        "the serial edited after signing",
+    );
+    list(
+        "names-site-key",
+        keys_file("root", &keys_body("root", 1, &["site-a"])),
+        "Invalid",
+        "a site key listed as an hq key",
+    );
+    list(
+        "names-nothing",
+        keys_file("root", &keys_body("root", 1, &[])),
+        "Invalid",
+        "an empty list of hq keys",
+    );
+    list(
+        "key-id-mismatch",
+        keys_file(
+            "root",
+            &good.replacen(
+                &key("hq").public().key_id_hex(),
+                &key("site-b").public().key_id_hex(),
+                1,
+            ),
+        ),
+        "Invalid",
+        "a listed key whose key_id is another key's",
+    );
+    list(
+        "unknown-field-escape",
+        keys_file(
+            "root",
+            &good.replacen('{', "{\"\\u001b]0;pwned\\u0007\":1,", 1),
+        ),
+        "Invalid",
+        "an unknown field whose name holds an OSC escape sequence",
+    );
+    list(
+        "revocation-domain-signature",
+        signed_file(KEYS_MAGIC, 1, REV_DOMAIN_V2, "root", good.as_bytes()),
+        "BadSignature",
+        "the body signed under the revocation-list domain",
+    );
+    let mut b = keys_file("root", &good);
+    b[8] = 2;
+    list("version-2", b, "UnsupportedVersion", "format version 2");
+    let b = keys_file("root", &good);
+    list(
+        "truncated",
+        b[..b.len() - 1].to_vec(),
+        "Malformed",
+        "last byte missing",
+    );
+    list("empty", vec![], "TooShort", "zero-byte file");
+    list(
+        "revocation-list-offered",
+        rev_file("hq", rev_body("hq", 1, &[]).as_bytes()),
+        "WrongMagic",
+        "a revocation list offered as a list of hq keys",
+    );
+}
 
 fn rev_body(signer: &str, serial: u64, revoked: &[(&str, &str)]) -> String {
     let (_, role, id, _) = KEYS.iter().find(|k| k.0 == signer).expect("key");
@@ -2036,13 +2417,18 @@ fn rev_body(signer: &str, serial: u64, revoked: &[(&str, &str)]) -> String {
 }
 
 fn rev_file(signer: &str, body: &[u8]) -> Vec<u8> {
+    signed_file(REV_MAGIC, 1, REV_DOMAIN, signer, body)
+}
+
+/// A small signed file (the envelope of `src/envelope.rs`, written independently here).
+fn signed_file(magic: &[u8; 8], version: u16, domain: &[u8], signer: &str, body: &[u8]) -> Vec<u8> {
     use ed25519_dalek::Signer as _;
     let sk = ed25519_dalek::SigningKey::from_bytes(&seed_of(signer));
-    let mut msg = REV_DOMAIN.to_vec();
+    let mut msg = domain.to_vec();
     msg.extend_from_slice(body);
     let sig = sk.sign(&msg).to_bytes();
-    let mut out = REV_MAGIC.to_vec();
-    out.extend_from_slice(&1u16.to_le_bytes());
+    let mut out = magic.to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&key(signer).public().key_id());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -2204,13 +2590,85 @@ fn revocations(kit: &mut Kit) {
     b[..8].copy_from_slice(b"FERRYBDL");
     rev("wrong-magic", b, STD, "WrongMagic", "a bundle magic");
     let mut b = rev_file("hq", good.as_bytes());
-    b[8] = 2;
+    b[8] = 3;
     rev(
-        "version-2",
+        "version-3",
         b,
         STD,
         "UnsupportedVersion",
-        "format version 2",
+        "format version 3",
+    );
+
+    // Version 2 (issue 15 §2): an expiry and withdrawn bundles, under its own signature domain.
+    let v2 = |body: &str| signed_file(REV_MAGIC, 2, REV_DOMAIN_V2, "hq", body.as_bytes());
+    let bundles = format!(
+        ",\"bundles\":[{{\"sha256\":\"{}\",\"reason\":\"poisoned global\"}}]",
+        "ab".repeat(32)
+    );
+    let good2 = good
+        .replacen("\"format\":1", "\"format\":2", 1)
+        .replacen(
+            "\"signer\"",
+            &format!("\"expires\":{},\"signer\"", CREATED + 86_400),
+            1,
+        )
+        .trim_end_matches('}')
+        .to_string()
+        + &bundles
+        + "}";
+    rev(
+        "valid-v2-keys-and-bundles",
+        v2(&good2),
+        STD,
+        "ok:2",
+        "a version-2 list: two keys, one withdrawn bundle, an expiry",
+    );
+    rev(
+        "v2-without-expires",
+        v2(&good2.replacen(&format!("\"expires\":{},", CREATED + 86_400), "", 1)),
+        STD,
+        "Invalid",
+        "a version-2 list that does not say when it expires",
+    );
+    rev(
+        "v2-bad-bundle-hash",
+        v2(&good2.replacen(&"ab".repeat(32), &"AB".repeat(32), 1)),
+        STD,
+        "Invalid",
+        "a withdrawn bundle hash in upper case",
+    );
+    rev(
+        "v1-with-bundles",
+        rev_file(
+            "hq",
+            (good.trim_end_matches('}').to_string() + &bundles + "}").as_bytes(),
+        ),
+        STD,
+        "Invalid",
+        "a version-1 list carrying the version-2 field bundles",
+    );
+    rev(
+        "v2-body-under-v1-header",
+        rev_file("hq", good2.as_bytes()),
+        STD,
+        "Invalid",
+        "a version-2 body signed and labelled as version 1",
+    );
+    let mut b = v2(&good2);
+    b[8] = 1;
+    rev(
+        "v2-relabelled-v1",
+        b,
+        STD,
+        "BadSignature",
+        "a version-2 list whose header says version 1: the domains differ",
+    );
+    rev(
+        "v2-unknown-field-escape",
+        v2(&good2.replacen('{', "{\"\\u001b[31mred\":1,", 1)),
+        STD,
+        "Invalid",
+        "an unknown field whose name holds an escape sequence (the message must not carry it raw)",
     );
     let mut b = rev_file("hq", good.as_bytes());
     b[20..24].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -7,7 +7,9 @@ use std::path::Path;
 use crate::error::{OpenError, SealError};
 use crate::fsutil;
 use crate::keys::{KeyError, Keyring, Role, SecretKey};
-use crate::manifest::{BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION};
+use crate::manifest::{
+    BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION, READ_VERSIONS,
+};
 use crate::payload::{canonical_header, Payload};
 use crate::tensor::{TensorMeta, TensorRef};
 
@@ -15,8 +17,17 @@ use crate::tensor::{TensorMeta, TensorRef};
 pub const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
 /// Magic at the start of the header frame's content.
 pub const HEADER_MAGIC: &[u8; 8] = b"FERRYBDL";
-/// Domain separation prefix of the signed message (followed by the manifest bytes).
-pub const SIGNATURE_DOMAIN: &[u8] = b"ferry-bundle-v1\0";
+/// Domain separation prefix of the signed message of the current format (followed by the manifest bytes).
+pub const SIGNATURE_DOMAIN: &[u8] = b"ferry-bundle-v2\0";
+
+/// The signature domain of header version `version`: each version signs under its own, so a signature of one
+/// version can never be taken for another (`docs/bundle-format.md` §11).
+fn signature_domain(version: u16) -> &'static [u8] {
+    match version {
+        1 => b"ferry-bundle-v1\0",
+        _ => SIGNATURE_DOMAIN,
+    }
+}
 /// Largest bundle file read by default (8 GiB).
 pub const MAX_BUNDLE_BYTES: u64 = 8 << 30;
 
@@ -151,9 +162,25 @@ pub fn seal(
         (BundleKind::Update, Role::Hq) => {
             return Err(KeyError::WrongRole("an HQ key cannot sign a site update".into()).into())
         }
+        (_, Role::Root) => {
+            return Err(KeyError::WrongRole(
+                "a root key signs only lists of HQ keys, never a bundle".into(),
+            )
+            .into())
+        }
     }
     let compressed = compress(payload.bytes(), level)?;
     let public = key.public();
+    let expires = match draft.kind {
+        BundleKind::Global => Some(
+            draft.expires.unwrap_or(
+                draft
+                    .created
+                    .saturating_add(crate::manifest::DEFAULT_GLOBAL_VALIDITY),
+            ),
+        ),
+        BundleKind::Update => draft.expires,
+    };
     let manifest = Manifest {
         format: FORMAT_VERSION,
         kind: draft.kind,
@@ -165,6 +192,7 @@ pub fn seal(
         site: draft.site,
         contributors: draft.contributors,
         strategy: draft.strategy,
+        revocations: draft.revocations,
         payload: PayloadInfo {
             codec: "zstd".into(),
             compressed_len: compressed.len() as u64,
@@ -179,6 +207,7 @@ pub fn seal(
             key_id: public.key_id_hex(),
         },
         created: draft.created,
+        expires,
     };
     manifest.validate().map_err(SealError::InvalidDraft)?;
     let manifest_bytes =
@@ -196,9 +225,21 @@ pub fn seal(
 /// No role or consistency checks: this is how test vectors make hostile-but-validly-signed files.
 /// Real bundles come from [`seal`].
 pub fn assemble(manifest_bytes: &[u8], key: &SecretKey, compressed: &[u8]) -> Vec<u8> {
+    assemble_version(FORMAT_VERSION as u16, manifest_bytes, key, compressed)
+}
+
+/// [`assemble`] under header version `version` and its signature domain: how the test kit writes bundles of
+/// older formats, which readers must keep reading.
+pub fn assemble_version(
+    version: u16,
+    manifest_bytes: &[u8],
+    key: &SecretKey,
+    compressed: &[u8],
+) -> Vec<u8> {
     let public = key.public();
-    let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + manifest_bytes.len());
-    message.extend_from_slice(SIGNATURE_DOMAIN);
+    let domain = signature_domain(version);
+    let mut message = Vec::with_capacity(domain.len() + manifest_bytes.len());
+    message.extend_from_slice(domain);
     message.extend_from_slice(manifest_bytes);
     let signature = key.sign(&message);
 
@@ -207,7 +248,7 @@ pub fn assemble(manifest_bytes: &[u8], key: &SecretKey, compressed: &[u8]) -> Ve
     bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
     bytes.extend_from_slice(&(content_len as u32).to_le_bytes());
     bytes.extend_from_slice(HEADER_MAGIC);
-    bytes.extend_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+    bytes.extend_from_slice(&version.to_le_bytes());
     bytes.extend_from_slice(&0u16.to_le_bytes());
     bytes.extend_from_slice(&public.key_id());
     bytes.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
@@ -251,7 +292,7 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
         return Err(OpenError::WrongMagic);
     }
     let version = u16::from_le_bytes([bytes[16], bytes[17]]);
-    if version != FORMAT_VERSION as u16 {
+    if !READ_VERSIONS.contains(&u32::from(version)) {
         return Err(OpenError::UnsupportedVersion(version));
     }
     if bytes.len() as u64 > limits.max_bundle_bytes {
@@ -313,8 +354,9 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
     let key = keyring
         .get(&h.key_id)
         .ok_or_else(|| OpenError::UntrustedKey(key_hex.clone()))?;
-    let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + h.manifest_bytes.len());
-    message.extend_from_slice(SIGNATURE_DOMAIN);
+    let domain = signature_domain(h.version);
+    let mut message = Vec::with_capacity(domain.len() + h.manifest_bytes.len());
+    message.extend_from_slice(domain);
     message.extend_from_slice(h.manifest_bytes);
     let sig = ed25519_dalek::Signature::from_bytes(&h.signature);
     key.verifying_key()
@@ -322,10 +364,15 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
         .map_err(|_| OpenError::BadSignature)?;
 
     // From here on the manifest was signed by a trusted key.
-    let manifest: Manifest = serde_json::from_slice(h.manifest_bytes)
-        .map_err(|e| OpenError::InvalidManifest(e.to_string()))?;
+    let manifest =
+        Manifest::parse(h.version, h.manifest_bytes).map_err(OpenError::InvalidManifest)?;
     manifest.validate().map_err(OpenError::InvalidManifest)?;
-    debug_assert_eq!(h.version as u32, manifest.format);
+    if u32::from(h.version) != manifest.format {
+        return Err(OpenError::InvalidManifest(format!(
+            "manifest format {} differs from the header's version {}",
+            manifest.format, h.version
+        )));
+    }
     if manifest.signer.key_id != key_hex
         || manifest.signer.id != key.id
         || manifest.signer.role != key.role
@@ -364,8 +411,12 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
     }
     let metas = manifest.tensor_metas();
     check_tensors(&payload, &metas, &manifest)?;
+    let hash = crate::sha256_hex(bytes);
+    if keyring.is_bundle_revoked(&hash) {
+        return Err(OpenError::RevokedBundle(crate::short(&hash).to_string()));
+    }
     Ok(Bundle {
-        hash: crate::sha256_hex(bytes),
+        hash,
         file_len: bytes.len() as u64,
         manifest,
         payload,
@@ -381,6 +432,9 @@ fn check_role(m: &Manifest, role: Role, id: &str) -> Result<(), OpenError> {
         ))),
         (BundleKind::Update, Role::Hq) => Err(OpenError::RoleViolation(
             "an hq key signed a site update; only the site's own key may".into(),
+        )),
+        (_, Role::Root) => Err(OpenError::RoleViolation(
+            "a root key signed a bundle; it may sign only lists of HQ keys".into(),
         )),
         (BundleKind::Update, Role::Site) => match m.site_id() {
             Some(s) if s == id => Ok(()),
@@ -498,9 +552,15 @@ pub struct Inspected {
 /// Parse a bundle's header and manifest without verifying anything. For display only: nothing here is trusted.
 pub fn inspect(bytes: &[u8]) -> Result<Inspected, OpenError> {
     let h = parse_header(bytes, &Limits::default())?;
-    let manifest = serde_json::from_slice::<Manifest>(h.manifest_bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|m| m.validate().map(|_| m));
+    let manifest = Manifest::parse(h.version, h.manifest_bytes)
+        .and_then(|m| m.validate().map(|_| m))
+        .and_then(|m| {
+            if u32::from(h.version) == m.format {
+                Ok(m)
+            } else {
+                Err("manifest format differs from the header's version".into())
+            }
+        });
     Ok(Inspected {
         version: h.version,
         key_id: hex::encode(h.key_id),

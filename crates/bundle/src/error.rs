@@ -19,7 +19,7 @@ pub enum OpenError {
     #[error("not a ferry bundle: wrong magic bytes")]
     WrongMagic,
     /// The header says a format version this ferry does not know.
-    #[error("bundle format version {0} is not one this ferry reads (it reads version 1); if the bundle is newer, upgrade ferry")]
+    #[error("bundle format version {0} is not one this ferry reads (it reads versions 1 and 2); if the bundle is newer, upgrade ferry")]
     UnsupportedVersion(u16),
     /// The header frame is damaged.
     #[error("damaged bundle header: {0}")]
@@ -30,12 +30,15 @@ pub enum OpenError {
     /// The signing key was revoked.
     #[error("signed by key {0}, which has been revoked")]
     RevokedKey(String),
+    /// The bundle itself was withdrawn by a revocation list (issue 15 §2).
+    #[error("bundle {0} was withdrawn by a revocation list; do not use it")]
+    RevokedBundle(String),
     /// The signature does not verify.
     #[error(
         "signature does not verify: the bundle was altered, or it is not from the key it names"
     )]
     BadSignature,
-    /// The signed manifest is not valid (this means a trusted key signed garbage).
+    /// The signed manifest is not valid (this means a trusted key signed garbage). The text is escaped.
     #[error("signed manifest is invalid: {0}")]
     InvalidManifest(String),
     /// The manifest's signer does not match the trusted key that verified it.

@@ -29,13 +29,13 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum FsError {
     /// The target exists already and we never overwrite a bundle silently.
-    #[error("{} already exists; refusing to overwrite it (move it away or choose another --out)", .0.display())]
+    #[error("{} already exists; refusing to overwrite it (move it away or choose another --out)", crate::escape_path(.0))]
     Exists(PathBuf),
     /// The target is a symbolic link, which could redirect the write anywhere.
-    #[error("{} is a symbolic link; refusing to write through it", .0.display())]
+    #[error("{} is a symbolic link; refusing to write through it", crate::escape_path(.0))]
     Symlink(PathBuf),
     /// The file is larger than the reader accepts.
-    #[error("{} is {size} bytes, more than the {limit}-byte limit", .path.display())]
+    #[error("{} is {size} bytes, more than the {limit}-byte limit", crate::escape_path(.path))]
     TooLarge {
         /// The file.
         path: PathBuf,
@@ -45,10 +45,10 @@ pub enum FsError {
         limit: u64,
     },
     /// What was read back after writing differs from what was written: the medium is failing.
-    #[error("{} reads back differently from what was written: the medium may be failing, use another stick", .0.display())]
+    #[error("{} reads back differently from what was written: the medium may be failing, use another stick", crate::escape_path(.0))]
     ReadBackMismatch(PathBuf),
     /// An operating-system error, with the path it concerned.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {source}", crate::escape_path(.path))]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -358,7 +358,7 @@ pub struct DirLock {
 #[non_exhaustive]
 pub enum LockError {
     /// Another ferry process holds the lock.
-    #[error("{} is in use by another ferry process; wait for it to finish", .0.display())]
+    #[error("{} is in use by another ferry process; wait for it to finish", crate::escape_path(.0))]
     Busy(PathBuf),
     /// The lock file could not be opened.
     #[error(transparent)]

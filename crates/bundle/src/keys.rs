@@ -1,14 +1,20 @@
 //! Keys, key files and the keyring of trusted public keys.
 //!
-//! Key files are small text files (`field: value` lines, `#` comments) so an operator can read them and check a
-//! key id over the phone. Trust is only ever what the operator names with `--trust`: a bundle never brings its
-//! own key.
+//! Key files are small text files (`field: value` lines, `#` comments) so an operator can read them and compare a
+//! key's full fingerprint over the phone. Trust is only ever what the operator names with `--trust` (or what an
+//! offline root key vouches for, [`crate::keylist`]): a bundle never brings its own key.
+//!
+//! A secret key file is either plain (`ferry-secret-key: 1`, the seed in hex) or protected by a passphrase
+//! (`ferry-secret-key: 2`, the seed encrypted with age's scrypt recipient, issue 15 §4), so that a lost PC or a
+//! copied disk does not give the key away. Secret bytes are wiped from memory when dropped (`zeroize`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use age::secrecy::{ExposeSecret, SecretString};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::fsutil::{self, FsError};
 
@@ -25,6 +31,9 @@ pub enum Role {
     Hq,
     /// A site: signs updates for its own site id only.
     Site,
+    /// The federation's offline root key: signs only the short, expiring list of current HQ keys
+    /// ([`crate::keylist`]), never a bundle or a revocation list.
+    Root,
 }
 
 impl fmt::Display for Role {
@@ -32,6 +41,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Hq => "hq",
             Role::Site => "site",
+            Role::Root => "root",
         })
     }
 }
@@ -42,8 +52,9 @@ impl std::str::FromStr for Role {
         match s {
             "hq" => Ok(Role::Hq),
             "site" => Ok(Role::Site),
+            "root" => Ok(Role::Root),
             other => Err(KeyError::Invalid(format!(
-                "unknown role {:?} (expected hq or site)",
+                "unknown role {:?} (expected hq, site or root)",
                 crate::escape(other)
             ))),
         }
@@ -58,7 +69,7 @@ pub enum KeyError {
     #[error(transparent)]
     Fs(#[from] FsError),
     /// A key file is malformed.
-    #[error("{}: not a valid ferry key file: {why}", .path.display())]
+    #[error("{}: not a valid ferry key file: {why}", crate::escape_path(.path))]
     Malformed {
         /// The file.
         path: PathBuf,
@@ -66,7 +77,7 @@ pub enum KeyError {
         why: String,
     },
     /// A secret key file is readable by other users.
-    #[error("{}: secret key file is readable by group or others (mode {mode:o}); run `chmod 600` on it", .path.display())]
+    #[error("{}: secret key file is readable by group or others (mode {mode:o}); run `chmod 600` on it", crate::escape_path(.path))]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -77,11 +88,29 @@ pub enum KeyError {
     #[error("{0}")]
     Invalid(String),
     /// A `--trust` path held no public keys.
-    #[error("{}: no public keys (*.pub) found to trust", .0.display())]
+    #[error("{}: no public keys (*.pub) found to trust", crate::escape_path(.0))]
     NoTrustedKeys(PathBuf),
     /// Two different keys claim the same key id.
     #[error("two different trusted keys share key id {0}")]
     KeyIdCollision(String),
+    /// Two different trusted keys claim the same role and id (issue 15 §8): one of them is not who it says.
+    #[error("two different trusted keys both claim to be {role} {id:?} (key ids {first} and {second}); trust only one of them")]
+    DuplicateId {
+        /// The role both claim.
+        role: Role,
+        /// The id both claim.
+        id: String,
+        /// Key id of the key loaded first.
+        first: String,
+        /// Key id of the other.
+        second: String,
+    },
+    /// The secret key file is protected by a passphrase and none was available.
+    #[error("{}: this secret key is protected by a passphrase; set FERRY_PASSPHRASE or run the command in a terminal to be asked for it", crate::escape_path(.0))]
+    NeedsPassphrase(PathBuf),
+    /// The passphrase did not decrypt the key (or the protected part was altered).
+    #[error("{}: wrong passphrase, or the protected key was altered", crate::escape_path(.0))]
+    WrongPassphrase(PathBuf),
     /// The key's role does not allow this operation.
     #[error("{0}")]
     WrongRole(String),
@@ -110,6 +139,16 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), KeyError> {
 /// key. Binding role and id means an edited `.pub` file (a site key relabelled `hq`) no longer matches its
 /// own key id, and a bundle's key id names exactly one (role, id, key).
 pub fn key_id(role: Role, id: &str, key: &VerifyingKey) -> [u8; 8] {
+    let d = fingerprint(role, id, key);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d[..8]);
+    id
+}
+
+/// The full fingerprint of a public key: the whole SHA-256 whose first 8 bytes are the key id. 256 bits, so two
+/// people reading it to each other over the phone compare the key itself, not a 64-bit prefix that an attacker
+/// can match with a few days of computing (issue 15 §4).
+pub fn fingerprint(role: Role, id: &str, key: &VerifyingKey) -> [u8; 32] {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(KEY_ID_DOMAIN);
@@ -118,10 +157,15 @@ pub fn key_id(role: Role, id: &str, key: &VerifyingKey) -> [u8; 8] {
     h.update(id.as_bytes());
     h.update([0]);
     h.update(key.as_bytes());
-    let d = h.finalize();
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&d[..8]);
-    id
+    h.finalize().into()
+}
+
+/// A fingerprint as it is read aloud: 16 groups of 4 lower-case hex digits (the first four groups are the key
+/// id).
+pub fn fingerprint_text(fp: &[u8; 32]) -> String {
+    let hex = hex::encode(fp);
+    let groups: Vec<&str> = (0..16).map(|i| &hex[4 * i..4 * i + 4]).collect();
+    groups.join(" ")
 }
 
 /// A public key with the role and id it was issued for.
@@ -155,6 +199,25 @@ impl PublicKey {
     pub fn key_id_hex(&self) -> String {
         hex::encode(self.key_id())
     }
+    /// The key's full fingerprint, grouped for reading aloud ([`fingerprint_text`]).
+    pub fn fingerprint(&self) -> String {
+        fingerprint_text(&fingerprint(self.role, &self.id, &self.key))
+    }
+    /// A public key from its parts (role, id and the 32 key bytes), checking the id and the curve point.
+    pub fn from_parts(role: Role, id: &str, key: &[u8; 32]) -> Result<PublicKey, KeyError> {
+        validate_id("id", id)?;
+        let key = VerifyingKey::from_bytes(key)
+            .map_err(|_| KeyError::Invalid("not a valid Ed25519 public key".into()))?;
+        Ok(PublicKey {
+            role,
+            id: id.to_string(),
+            key,
+        })
+    }
+    /// The 32 public key bytes in hex.
+    pub fn key_hex(&self) -> String {
+        hex::encode(self.key.as_bytes())
+    }
     /// The Ed25519 verifying key.
     pub fn verifying_key(&self) -> &VerifyingKey {
         &self.key
@@ -164,19 +227,21 @@ impl PublicKey {
     pub fn to_file_text(&self) -> String {
         format!(
             "# ferry public key (Ed25519). Give this file to whoever must trust {} {}.\n\
-             ferry-public-key: 1\nrole: {}\nid: {}\nkey-id: {}\nkey: {}\n",
+             # Compare the fingerprint over the phone before trusting it.\n\
+             ferry-public-key: 1\nrole: {}\nid: {}\nkey-id: {}\nfingerprint: {}\nkey: {}\n",
             self.role,
             self.id,
             self.role,
             self.id,
             self.key_id_hex(),
+            self.fingerprint(),
             hex::encode(self.key.as_bytes())
         )
     }
 
     /// Parse `.pub` file text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<PublicKey, KeyError> {
-        let f = Fields::parse(text, path, "ferry-public-key")?;
+        let (f, _) = Fields::parse(text, path, "ferry-public-key", &["1"])?;
         let role: Role = f
             .get("role")?
             .parse()
@@ -189,6 +254,12 @@ impl PublicKey {
         let pk = PublicKey { role, id, key };
         if f.get("key-id")? != pk.key_id_hex() {
             return Err(f.malformed("key-id does not match the key".into()));
+        }
+        // Optional (files written before issue 15 lack it); when present it must be the key's.
+        if let Some(fp) = f.map.get("fingerprint") {
+            if fp.replace(' ', "") != pk.fingerprint().replace(' ', "") {
+                return Err(f.malformed("fingerprint does not match the key".into()));
+            }
         }
         Ok(pk)
     }
@@ -204,7 +275,55 @@ impl PublicKey {
     }
 }
 
-/// A secret signing key with its role and id. Never leaves the machine it was made on.
+/// A public key as a record in a signed list or a state file: role, id, key id and the key itself, all text.
+/// [`KeyRecord::to_key`] checks that they agree.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// The key's role.
+    pub role: Role,
+    /// The key's id field.
+    pub id: String,
+    /// Its key id, 16 lower-case hex digits.
+    pub key_id: String,
+    /// The 32-byte Ed25519 public key, 64 lower-case hex digits.
+    pub key: String,
+}
+
+impl From<&PublicKey> for KeyRecord {
+    fn from(k: &PublicKey) -> KeyRecord {
+        KeyRecord {
+            role: k.role,
+            id: k.id.clone(),
+            key_id: k.key_id_hex(),
+            key: k.key_hex(),
+        }
+    }
+}
+
+impl KeyRecord {
+    /// The public key, checking the id, the key's encoding and curve point, and that `key_id` is its key id.
+    pub fn to_key(&self) -> Result<PublicKey, String> {
+        let mut raw = [0u8; 32];
+        if self.key.len() != 64
+            || self.key.bytes().any(|b| b.is_ascii_uppercase())
+            || hex::decode_to_slice(&self.key, &mut raw).is_err()
+        {
+            return Err("a key is not 64 lower-case hex digits".into());
+        }
+        let pk = PublicKey::from_parts(self.role, &self.id, &raw).map_err(|e| e.to_string())?;
+        if pk.key_id_hex() != self.key_id {
+            return Err(format!(
+                "key {:?}: key_id does not match the key",
+                crate::escape(&self.id)
+            ));
+        }
+        Ok(pk)
+    }
+}
+
+/// A secret signing key with its role and id. Never leaves the machine it was made on. The seed is wiped from
+/// memory when the key is dropped (ed25519-dalek's `zeroize` feature).
 pub struct SecretKey {
     role: Role,
     id: String,
@@ -223,22 +342,51 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+/// How a new secret key file is protected: with a passphrase, through age's scrypt recipient.
+pub struct Protection {
+    passphrase: SecretString,
+    work_factor: Option<u8>,
+}
+
+impl Protection {
+    /// Protect with `passphrase` at age's default scrypt work factor (about one second on this machine).
+    pub fn passphrase(passphrase: SecretString) -> Protection {
+        Protection {
+            passphrase,
+            work_factor: None,
+        }
+    }
+
+    /// Protect with `passphrase` at scrypt work factor `2^log_n`: for tests, which cannot wait a second per key.
+    pub fn with_work_factor(passphrase: SecretString, log_n: u8) -> Protection {
+        Protection {
+            passphrase,
+            work_factor: Some(log_n),
+        }
+    }
+}
+
+/// The first line of the age armour that holds a protected key's seed.
+const ARMOR_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
+
 impl SecretKey {
     /// Make a new key from the operating system's random source.
     pub fn generate(role: Role, id: &str) -> Result<SecretKey, KeyError> {
         validate_id("id", id)?;
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed)
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut seed[..])
             .map_err(|e| KeyError::Invalid(format!("no randomness available: {e}")))?;
-        Ok(SecretKey::from_seed(role, id, seed))
+        Ok(SecretKey::from_seed(role, id, *seed))
     }
 
     /// A key from a fixed seed: for test vectors only, never for real federations.
-    pub fn from_seed(role: Role, id: &str, seed: [u8; 32]) -> SecretKey {
+    pub fn from_seed(role: Role, id: &str, mut seed: [u8; 32]) -> SecretKey {
+        let key = SigningKey::from_bytes(&seed);
+        seed.zeroize();
         SecretKey {
             role,
             id: id.to_string(),
-            key: SigningKey::from_bytes(&seed),
+            key,
         }
     }
 
@@ -264,36 +412,118 @@ impl SecretKey {
         self.key.sign(message).to_bytes()
     }
 
-    fn to_file_text(&self) -> String {
+    fn secret_line(&self) -> Zeroizing<String> {
+        let mut seed = self.key.to_bytes();
+        let line = Zeroizing::new(format!("secret: {}\n", hex::encode(seed)));
+        seed.zeroize();
+        line
+    }
+
+    fn file_head(&self, version: u8, what: &str) -> String {
         format!(
-            "# ferry SECRET key (Ed25519) for {} {}. Keep it private (mode 0600); never copy it to a stick.\n\
-             ferry-secret-key: 1\nrole: {}\nid: {}\nkey-id: {}\nsecret: {}\n",
+            "# ferry SECRET key (Ed25519) for {} {}{what}. Keep it private (mode 0600); never copy it to a stick.\n\
+             ferry-secret-key: {version}\nrole: {}\nid: {}\nkey-id: {}\n",
             self.role,
             self.id,
             self.role,
             self.id,
             self.public().key_id_hex(),
-            hex::encode(self.key.to_bytes())
         )
     }
 
-    /// Read a secret key file, refusing one that group or others can read.
+    fn to_file_text(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(self.file_head(1, ""));
+        text.push_str(&self.secret_line());
+        text
+    }
+
+    /// The text of a passphrase-protected key file: the public fields in the clear, then the `secret:` line
+    /// encrypted to the passphrase with age (scrypt) in age's ASCII armour. `age -d` on the armoured part
+    /// recovers the line with the standard age tool.
+    fn to_protected_text(&self, protection: &Protection) -> Result<String, KeyError> {
+        use std::io::Write;
+        let mut recipient = age::scrypt::Recipient::new(protection.passphrase.clone());
+        if let Some(log_n) = protection.work_factor {
+            recipient.set_work_factor(log_n);
+        }
+        let fail = |e: &dyn fmt::Display| KeyError::Invalid(format!("cannot protect the key: {e}"));
+        let encryptor =
+            age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+                .map_err(|e| fail(&e))?;
+        let mut armored = Vec::new();
+        let armor =
+            age::armor::ArmoredWriter::wrap_output(&mut armored, age::armor::Format::AsciiArmor)
+                .map_err(|e| fail(&e))?;
+        let mut w = encryptor.wrap_output(armor).map_err(|e| fail(&e))?;
+        w.write_all(self.secret_line().as_bytes())
+            .map_err(|e| fail(&e))?;
+        w.finish().and_then(|a| a.finish()).map_err(|e| fail(&e))?;
+        let armored = String::from_utf8(armored).map_err(|e| fail(&e))?;
+        Ok(format!(
+            "{}# The secret is encrypted with a passphrase (age, scrypt). Standard tools can read it:\n\
+             #   sed -n '/BEGIN AGE/,$p' THIS-FILE | age -d\n{armored}",
+            self.file_head(2, ", protected by a passphrase")
+        ))
+    }
+
+    /// Read a secret key file, refusing one that group or others can read. A passphrase-protected key needs
+    /// [`SecretKey::read_with`]; here it is refused with [`KeyError::NeedsPassphrase`].
     pub fn read(path: &Path) -> Result<SecretKey, KeyError> {
+        SecretKey::read_with(path, || Err(KeyError::NeedsPassphrase(path.to_path_buf())))
+    }
+
+    /// Whether the key file at `path` is passphrase-protected (without reading the secret).
+    pub fn is_protected(path: &Path) -> Result<bool, KeyError> {
+        let bytes = Zeroizing::new(fsutil::read_capped(path, MAX_KEY_FILE)?);
+        Ok(std::str::from_utf8(&bytes).is_ok_and(|t| t.contains(ARMOR_BEGIN)))
+    }
+
+    /// Read a secret key file; `passphrase` is asked only if the file is protected.
+    pub fn read_with(
+        path: &Path,
+        passphrase: impl FnOnce() -> Result<SecretString, KeyError>,
+    ) -> Result<SecretKey, KeyError> {
         check_private(path)?;
-        let bytes = fsutil::read_capped(path, MAX_KEY_FILE)?;
+        let bytes = Zeroizing::new(fsutil::read_capped(path, MAX_KEY_FILE)?);
         let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::Malformed {
             path: path.to_path_buf(),
             why: "not UTF-8 text".into(),
         })?;
-        let f = Fields::parse(text, path, "ferry-secret-key")?;
+        let (head, armor) = match text.find(ARMOR_BEGIN) {
+            Some(i) => (&text[..i], Some(&text[i..])),
+            None => (text, None),
+        };
+        let (f, version) = Fields::parse(head, path, "ferry-secret-key", &["1", "2"])?;
         let role: Role = f
             .get("role")?
             .parse()
             .map_err(|e| f.malformed(format!("{e}")))?;
         let id = f.get("id")?.to_string();
         validate_id("id", &id).map_err(|e| f.malformed(e.to_string()))?;
-        let seed = f.hex32("secret")?;
-        let sk = SecretKey::from_seed(role, &id, seed);
+        let seed = match (version, armor) {
+            ("1", None) => f.hex32("secret")?,
+            ("2", Some(armor)) => {
+                if f.map.contains_key("secret") {
+                    return Err(f.malformed("a protected key holds no plain `secret` field".into()));
+                }
+                let plain = decrypt_secret(armor, passphrase()?, path)?;
+                let text = std::str::from_utf8(&plain)
+                    .map_err(|_| f.malformed("the protected part is not text".into()))?;
+                let inner = Fields::parse_lines(text, path)?;
+                inner.hex32("secret")?
+            }
+            ("1", Some(_)) => {
+                return Err(
+                    f.malformed("an age-encrypted part in a version-1 (plain) key file".into())
+                )
+            }
+            _ => {
+                return Err(f.malformed(
+                    "a version-2 key file must hold its secret encrypted (age armour)".into(),
+                ))
+            }
+        };
+        let sk = SecretKey::from_seed(role, &id, *seed);
         if f.get("key-id")? != sk.public().key_id_hex() {
             return Err(f.malformed("key-id does not match the secret".into()));
         }
@@ -303,6 +533,23 @@ impl SecretKey {
     /// Write `<dir>/<id>.key` (mode 0600) and `<dir>/<id>.pub`, refusing to overwrite either.
     /// Returns the two paths.
     pub fn write_pair(&self, dir: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
+        self.write_pair_as(dir, self.to_file_text())
+    }
+
+    /// [`SecretKey::write_pair`] with the secret protected by a passphrase.
+    pub fn write_pair_protected(
+        &self,
+        dir: &Path,
+        protection: &Protection,
+    ) -> Result<(PathBuf, PathBuf), KeyError> {
+        self.write_pair_as(dir, Zeroizing::new(self.to_protected_text(protection)?))
+    }
+
+    fn write_pair_as(
+        &self,
+        dir: &Path,
+        secret_text: Zeroizing<String>,
+    ) -> Result<(PathBuf, PathBuf), KeyError> {
         fsutil::ensure_dir(dir)?;
         let secret_path = dir.join(format!("{}.key", self.id));
         let public_path = dir.join(format!("{}.pub", self.id));
@@ -311,10 +558,56 @@ impl SecretKey {
                 return Err(FsError::Exists(p.clone()).into());
             }
         }
-        fsutil::write_new_private(&secret_path, self.to_file_text().as_bytes())?;
+        fsutil::write_new_private(&secret_path, secret_text.as_bytes())?;
         fsutil::write_new(&public_path, self.public().to_file_text().as_bytes())?;
         Ok((secret_path, public_path))
     }
+}
+
+/// Decrypt the armoured `secret:` line of a protected key with the passphrase. Every failure of the
+/// passphrase or of the ciphertext's integrity is one error: the message leaks nothing.
+fn decrypt_secret(
+    armor: &str,
+    passphrase: SecretString,
+    path: &Path,
+) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    use std::io::Read;
+    let malformed = |why: &str| KeyError::Malformed {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    let decryptor = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(armor.as_bytes()))
+        .map_err(|_| malformed("the protected part is not a readable age file"))?;
+    if !decryptor.is_scrypt() {
+        return Err(malformed(
+            "the protected part is not encrypted with a passphrase",
+        ));
+    }
+    let identity = age::scrypt::Identity::new(passphrase);
+    let mut reader = decryptor
+        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::ExcessiveWork { .. } => {
+                malformed("its scrypt work factor is larger than this machine accepts")
+            }
+            _ => KeyError::WrongPassphrase(path.to_path_buf()),
+        })?;
+    let mut out = Zeroizing::new(Vec::new());
+    (&mut reader)
+        .take(1024)
+        .read_to_end(&mut out)
+        .map_err(|_| KeyError::WrongPassphrase(path.to_path_buf()))?;
+    Ok(out)
+}
+
+/// The passphrase as the age crate takes it.
+pub fn passphrase(text: String) -> SecretString {
+    SecretString::from(text)
+}
+
+/// Whether two passphrases are equal (for "type it again" prompts).
+pub fn same_passphrase(a: &SecretString, b: &SecretString) -> bool {
+    a.expose_secret() == b.expose_secret()
 }
 
 #[cfg(unix)]
@@ -343,7 +636,29 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    fn parse(text: &'a str, path: &'a Path, magic: &str) -> Result<Fields<'a>, KeyError> {
+    /// Parse the `field: value` lines, then require the version field `magic` to be one of `versions`.
+    fn parse(
+        text: &'a str,
+        path: &'a Path,
+        magic: &str,
+        versions: &[&'static str],
+    ) -> Result<(Fields<'a>, &'static str), KeyError> {
+        let f = Fields::parse_lines(text, path)?;
+        match f.map.get(magic) {
+            Some(v) => match versions.iter().find(|x| *x == v) {
+                Some(v) => Ok((f, v)),
+                None => Err(f.malformed(format!(
+                    "{magic} version {:?} is not supported; upgrade ferry",
+                    crate::escape(v)
+                ))),
+            },
+            None => Err(f.malformed(format!(
+                "missing `{magic}: 1` line (is this the right kind of key file?)"
+            ))),
+        }
+    }
+
+    fn parse_lines(text: &'a str, path: &'a Path) -> Result<Fields<'a>, KeyError> {
         let mut map = BTreeMap::new();
         let mut f = Fields {
             path,
@@ -367,16 +682,7 @@ impl<'a> Fields<'a> {
             }
         }
         f.map = map;
-        match f.map.get(magic) {
-            Some(&"1") => Ok(f),
-            Some(v) => Err(f.malformed(format!(
-                "{magic} version {:?} is not supported; upgrade ferry",
-                crate::escape(v)
-            ))),
-            None => Err(f.malformed(format!(
-                "missing `{magic}: 1` line (is this the right kind of key file?)"
-            ))),
-        }
+        Ok(f)
     }
 
     fn malformed(&self, why: String) -> KeyError {
@@ -393,9 +699,9 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.malformed(format!("missing field `{k}`")))
     }
 
-    fn hex32(&self, k: &str) -> Result<[u8; 32], KeyError> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(self.get(k)?, &mut out)
+    fn hex32(&self, k: &str) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(self.get(k)?, &mut out[..])
             .map_err(|_| self.malformed(format!("`{k}` is not 64 hex digits")))?;
         Ok(out)
     }
@@ -406,6 +712,7 @@ impl<'a> Fields<'a> {
 pub struct Keyring {
     keys: BTreeMap<[u8; 8], PublicKey>,
     revoked: std::collections::BTreeSet<[u8; 8]>,
+    revoked_bundles: std::collections::BTreeSet<String>,
 }
 
 impl Keyring {
@@ -414,16 +721,36 @@ impl Keyring {
         Keyring::default()
     }
 
-    /// Add one key; adding the same key twice is harmless.
+    /// Add one key; adding the same key twice is harmless. A different key with the same key id, or with the
+    /// same role and id as a key already trusted, is refused: two keys that both claim to be `hq` mean one of
+    /// them is an impostor (issue 15 §8), and the operator must say which to trust.
     pub fn add(&mut self, key: PublicKey) -> Result<(), KeyError> {
         let id = key.key_id();
         match self.keys.get(&id) {
             Some(existing) if existing != &key => Err(KeyError::KeyIdCollision(hex::encode(id))),
-            _ => {
+            Some(_) => Ok(()),
+            None => {
+                if let Some(other) = self
+                    .keys
+                    .values()
+                    .find(|k| k.role == key.role && k.id == key.id)
+                {
+                    return Err(KeyError::DuplicateId {
+                        role: key.role,
+                        id: key.id.clone(),
+                        first: other.key_id_hex(),
+                        second: key.key_id_hex(),
+                    });
+                }
                 self.keys.insert(id, key);
                 Ok(())
             }
         }
+    }
+
+    /// Forget a trusted key (its revocation, if any, stays).
+    pub fn remove(&mut self, key_id: &[u8; 8]) -> Option<PublicKey> {
+        self.keys.remove(key_id)
     }
 
     /// Load each `--trust` path: a `.pub` file, or a directory whose `*.pub` files are all trusted.
@@ -459,6 +786,16 @@ impl Keyring {
     /// Whether the key id is revoked.
     pub fn is_revoked(&self, key_id: &[u8; 8]) -> bool {
         self.revoked.contains(key_id)
+    }
+
+    /// Withdraw one bundle by its file hash (lower-case hex): it no longer verifies, whoever signed it.
+    pub fn revoke_bundle(&mut self, sha256: &str) {
+        self.revoked_bundles.insert(sha256.to_string());
+    }
+
+    /// Whether the bundle with this file hash was withdrawn.
+    pub fn is_bundle_revoked(&self, sha256: &str) -> bool {
+        self.revoked_bundles.contains(sha256)
     }
 
     /// The trusted key with this id.

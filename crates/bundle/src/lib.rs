@@ -8,7 +8,9 @@
 #![forbid(unsafe_code)]
 
 mod container;
+mod envelope;
 pub mod fsutil;
+pub mod keylist;
 pub mod keys;
 pub mod manifest;
 pub mod payload;
@@ -18,12 +20,14 @@ pub mod tensor;
 mod error;
 
 pub use container::{
-    assemble, compress, inspect, open, open_file, seal, Bundle, Inspected, Limits, Sealed,
-    MAX_BUNDLE_BYTES,
+    assemble, assemble_version, compress, inspect, open, open_file, seal, Bundle, Inspected,
+    Limits, Sealed, MAX_BUNDLE_BYTES,
 };
 pub use error::{OpenError, SealError};
 pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};
-pub use manifest::{BundleKind, Contributor, Draft, Manifest, SiteInfo, TensorEntry};
+pub use manifest::{
+    BundleKind, Contributor, Draft, Manifest, RevocationRef, SiteInfo, TensorEntry,
+};
 pub use payload::Payload;
 pub use safetensors::Dtype;
 pub use tensor::{TensorMeta, TensorRef};
@@ -57,4 +61,11 @@ pub fn short(hash: &str) -> &str {
 /// Print-safe form of a string that came from untrusted input: control characters and quotes escaped.
 pub fn escape(s: &str) -> String {
     s.escape_debug().to_string()
+}
+
+/// Print-safe form of a path (issue 15 §7): a file name on a stick is chosen by whoever wrote the stick, so it is
+/// escaped like any other untrusted string before it reaches a terminal or a state file. Bytes that are not
+/// UTF-8 show as U+FFFD.
+pub fn escape_path(p: &std::path::Path) -> String {
+    escape(&p.to_string_lossy())
 }

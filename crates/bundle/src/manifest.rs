@@ -2,14 +2,25 @@
 //!
 //! Serialised as JSON (UTF-8, `serde_json`'s compact form). The signature covers the exact bytes in the file,
 //! never a re-encoding, so the JSON writer's choices do not matter to a verifier.
+//!
+//! Two versions are read ([`READ_VERSIONS`]); only the current one is written. Version 2 (issue 15 §2, §3) adds
+//! two fields: `revocations` (a global names the newest revocation list by serial and file hash, so a site that
+//! lacks it refuses the global until it is given the list) and `expires` (when a global is stale: sites warn
+//! after it). A version-1 manifest is parsed by its own, exact field list ([`Manifest::parse`]), so a
+//! version-1 manifest holding a version-2 field is refused like any unknown field.
 
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{validate_id, Role};
 use crate::tensor::{byte_len, fingerprint, parse_dtype, valid_name, TensorMeta};
 
-/// The only format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// Every format version this crate reads (`docs/bundle-format.md` §11).
+pub const READ_VERSIONS: &[u32] = &[1, 2];
+/// How long a global stays fresh by default: 90 days. Air-gapped rounds are slow (a courier a month is common),
+/// and an expired global only causes a warning unless a site asks for refusals.
+pub const DEFAULT_GLOBAL_VALIDITY: u64 = 90 * 24 * 3600;
 
 /// Whether a bundle is a site's update or HQ's global model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +93,16 @@ pub struct TensorEntry {
     pub sha256: String,
 }
 
+/// The revocation list a global requires (format 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationRef {
+    /// The list's serial.
+    pub serial: u64,
+    /// SHA-256 of the list file (`*.ferry-rev`).
+    pub sha256: String,
+}
+
 /// Who signed the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +139,8 @@ pub struct Manifest {
     pub contributors: Vec<Contributor>,
     /// Global only: how it was made (`init`, `fedavg`, ...).
     pub strategy: Option<String>,
+    /// Global only (format 2): the newest revocation list HQ holds, which a site must hold too.
+    pub revocations: Option<RevocationRef>,
     /// Codec, lengths and hashes of the payload.
     pub payload: PayloadInfo,
     /// Every tensor, sorted by name (byte order), unique.
@@ -126,6 +149,28 @@ pub struct Manifest {
     pub signer: Signer,
     /// Creation time, seconds since the Unix epoch (UTC).
     pub created: u64,
+    /// Global only (format 2, always set there): when it goes stale, seconds since the Unix epoch.
+    pub expires: Option<u64>,
+}
+
+/// A format-1 manifest, field for field: no `revocations`, no `expires`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestV1 {
+    format: u32,
+    kind: BundleKind,
+    federation: String,
+    arch: Option<String>,
+    model_fingerprint: String,
+    round: u64,
+    base: Option<String>,
+    site: Option<SiteInfo>,
+    contributors: Vec<Contributor>,
+    strategy: Option<String>,
+    payload: PayloadInfo,
+    tensors: Vec<TensorEntry>,
+    signer: Signer,
+    created: u64,
 }
 
 /// What the caller decides about a new bundle; the rest of the manifest is computed when sealing.
@@ -147,21 +192,59 @@ pub struct Draft {
     pub contributors: Vec<Contributor>,
     /// Global only.
     pub strategy: Option<String>,
+    /// Global only: the revocation list sites must hold.
+    pub revocations: Option<RevocationRef>,
     /// Creation time (seconds since the epoch); `crate::unix_now()` for real bundles.
     pub created: u64,
+    /// Global only: when it goes stale (seconds since the epoch). A global sealed without one gets
+    /// `created` + [`DEFAULT_GLOBAL_VALIDITY`].
+    pub expires: Option<u64>,
 }
 
 use crate::is_sha256_hex as is_hash;
 
 impl Manifest {
+    /// Parse manifest bytes of header version `version` (1 or 2) under that version's exact field list. Messages
+    /// are escaped: serde's "unknown field" and "unknown variant" errors quote text from the file (issue 15 §7).
+    pub fn parse(version: u16, bytes: &[u8]) -> Result<Manifest, String> {
+        let err = |e: serde_json::Error| crate::escape(&e.to_string());
+        if version == 1 {
+            let m: ManifestV1 = serde_json::from_slice(bytes).map_err(err)?;
+            return Ok(Manifest {
+                format: m.format,
+                kind: m.kind,
+                federation: m.federation,
+                arch: m.arch,
+                model_fingerprint: m.model_fingerprint,
+                round: m.round,
+                base: m.base,
+                site: m.site,
+                contributors: m.contributors,
+                strategy: m.strategy,
+                revocations: None,
+                payload: m.payload,
+                tensors: m.tensors,
+                signer: m.signer,
+                created: m.created,
+                expires: None,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(err)
+    }
+
     /// Check everything that can be checked from the manifest alone. Run on every manifest read, after its
     /// signature has verified.
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != FORMAT_VERSION {
+        if !READ_VERSIONS.contains(&self.format) {
             return Err(format!(
-                "manifest format {} (expected {FORMAT_VERSION})",
+                "manifest format {} (this ferry reads {READ_VERSIONS:?})",
                 self.format
             ));
+        }
+        if let Some(r) = &self.revocations {
+            if !is_hash(&r.sha256) {
+                return Err("revocations.sha256 is not a lower-case SHA-256 hex string".into());
+            }
         }
         validate_id("federation", &self.federation).map_err(|e| e.to_string())?;
         if let Some(arch) = &self.arch {
@@ -198,6 +281,9 @@ impl Manifest {
                 if !self.contributors.is_empty() || self.strategy.is_some() {
                     return Err("an update cannot list contributors or a strategy".into());
                 }
+                if self.revocations.is_some() || self.expires.is_some() {
+                    return Err("an update cannot name a revocation list or an expiry".into());
+                }
             }
             BundleKind::Global => {
                 if self.site.is_some() {
@@ -207,6 +293,9 @@ impl Manifest {
                     return Err(
                         "a global names a previous global exactly when its round is above 0".into(),
                     );
+                }
+                if self.format >= 2 && self.expires.is_none() {
+                    return Err("a format-2 global must say when it expires".into());
                 }
                 for c in &self.contributors {
                     validate_id("contributor site", &c.site).map_err(|e| e.to_string())?;
@@ -265,6 +354,11 @@ impl Manifest {
     pub fn site_id(&self) -> Option<&str> {
         self.site.as_ref().map(|s| s.id.as_str())
     }
+
+    /// Whether this global has expired at `now` (a format-1 global never does).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|e| now > e)
+    }
 }
 
 impl Draft {
@@ -279,7 +373,9 @@ impl Draft {
             site: None,
             contributors: Vec::new(),
             strategy: Some("init".into()),
+            revocations: None,
             created: crate::unix_now(),
+            expires: None,
         }
     }
 
@@ -304,7 +400,9 @@ impl Draft {
             }),
             contributors: Vec::new(),
             strategy: None,
+            revocations: None,
             created: crate::unix_now(),
+            expires: None,
         }
     }
 

@@ -53,7 +53,9 @@ fn fixture() -> &'static Fixture {
             site,
             contributors: vec![],
             strategy: (kind == BundleKind::Global).then(|| "init".to_string()),
+            revocations: None,
             created: 1_700_000_000,
+            expires: None,
         };
         let g = seal(draft(BundleKind::Global, None, None), &p, &hq, 3).expect("global");
         let u = seal(

@@ -122,15 +122,22 @@ fn readers_for(file: &str) -> &'static [&'static str] {
         &["safetensors"]
     } else if file.ends_with(".ferry-rev") {
         &["revocation"]
+    } else if file.ends_with(".ferry-keys") {
+        &["keylist"]
     } else {
         &[]
     }
 }
 
-/// `+`-joined key stems from `keys/`; `!stem` revokes that key; `-` is the empty keyring.
+/// `+`-joined key stems from `keys/`; `!stem` revokes that key; `bundle=<sha256>` withdraws that bundle; `-` is
+/// the empty keyring.
 fn keyring(trust: &str) -> Keyring {
     let mut ring = Keyring::new();
     for stem in trust.split('+').filter(|s| *s != "-") {
+        if let Some(hash) = stem.strip_prefix("bundle=") {
+            ring.revoke_bundle(hash);
+            continue;
+        }
         let (revoke, stem) = match stem.strip_prefix('!') {
             Some(s) => (true, s),
             None => (false, stem),
@@ -185,8 +192,35 @@ fn run(row: &Row, bytes: &[u8]) -> Option<(String, Duration, usize)> {
             let (r, took, mem) = measured(|| inspect(bytes));
             let got = match r {
                 Ok(i) if i.manifest.is_ok() => "ok".to_string(),
-                Ok(_) => "ok-manifest-invalid".to_string(),
+                Ok(i) => {
+                    // `inspect` shows this text without any key: it must be escaped (issue 15 §7).
+                    let msg = i.manifest.err().unwrap_or_default();
+                    assert!(
+                        !msg.chars().any(char::is_control),
+                        "{}: control character in {msg:?}",
+                        row.file
+                    );
+                    "ok-manifest-invalid".to_string()
+                }
                 Err(e) => variant(&e),
+            };
+            (got, took, mem)
+        }
+        "keylist" => {
+            let root = PublicKey::read(&kit_dir().join("keys").join(format!("{}.pub", row.trust)))
+                .expect("root key");
+            let (r, took, mem) = measured(|| ferry_bundle::keylist::verify(bytes, &root));
+            let got = match &r {
+                Ok((_, keys)) => format!("ok:{}", keys.len()),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        !msg.chars().any(char::is_control),
+                        "{}: control character in {msg:?}",
+                        row.file
+                    );
+                    variant(e)
+                }
             };
             (got, took, mem)
         }

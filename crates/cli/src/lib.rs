@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_bundle::{escape, fsutil, short, BundleKind, Keyring, Manifest, Role, SecretKey};
+use ferry_bundle::keys::{KeyError, Protection};
+use ferry_bundle::{
+    escape, escape_path, fsutil, short, BundleKind, Keyring, Manifest, Role, SecretKey,
+};
 
 /// Exit status when an input was refused or an operation failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -66,6 +69,44 @@ impl TrustArgs {
     }
 }
 
+impl TrustArgs {
+    /// The `--revocations` files as (escaped name, bytes), unverified: for commands that verify and store them
+    /// against their own state (`ferry-server merge`).
+    pub fn revocation_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        read_revocation_files(&self.revocations)
+    }
+}
+
+/// Read revocation list files (bounded) as (escaped name, bytes), unverified.
+pub fn read_revocation_files(paths: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>> {
+    paths
+        .iter()
+        .map(|p| Ok((escape_path(p), ferry_bundle::revocation::read_bytes(p)?)))
+        .collect()
+}
+
+/// The environment variable a passphrase is read from, for scripts (issue 15 §4). Without it, a command that
+/// needs a passphrase-protected key asks for the passphrase on the terminal.
+pub const PASSPHRASE_ENV: &str = "FERRY_PASSPHRASE";
+
+fn ask_passphrase(prompt: &str, path: &Path) -> std::result::Result<String, KeyError> {
+    if let Some(p) = std::env::var_os(PASSPHRASE_ENV) {
+        return p
+            .into_string()
+            .map_err(|_| KeyError::Invalid(format!("{PASSPHRASE_ENV} is not valid UTF-8")));
+    }
+    rpassword::prompt_password(prompt).map_err(|_| KeyError::NeedsPassphrase(path.to_path_buf()))
+}
+
+/// Read a secret key file; if it is passphrase-protected, the passphrase comes from `FERRY_PASSPHRASE` or is
+/// asked for on the terminal.
+pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
+    Ok(SecretKey::read_with(path, || {
+        ask_passphrase(&format!("passphrase for {}: ", escape_path(path)), path)
+            .map(ferry_bundle::keys::passphrase)
+    })?)
+}
+
 /// `--trust` paths loaded into a keyring.
 pub fn load_keyring(trust: &[PathBuf]) -> Result<Keyring> {
     if trust.is_empty() {
@@ -81,8 +122,8 @@ pub fn open_bundle(path: &Path, keyring: &Keyring) -> Result<ferry_bundle::Bundl
     let big = std::fs::metadata(path)
         .map(|m| m.len() > SPINNER_BYTES)
         .unwrap_or(false);
-    let pb = big.then(|| spinner(format!("verifying {}", path.display())));
-    let r = ferry_bundle::open_file(path, keyring).with_context(|| format!("{}", path.display()));
+    let pb = big.then(|| spinner(format!("verifying {}", escape_path(path))));
+    let r = ferry_bundle::open_file(path, keyring).with_context(|| escape_path(path));
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -92,7 +133,7 @@ pub fn open_bundle(path: &Path, keyring: &Keyring) -> Result<ferry_bundle::Bundl
 /// Arguments of `keygen`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Writes <ID>.key (secret, mode 0600) and <ID>.pub (give this one to the other side)."
+    after_help = "Writes <ID>.key (secret, mode 0600) and <ID>.pub (give this one to the other side).\n\nExamples:\n  keygen --id site-a --out keys/\n  keygen --id site-a --out keys/ --protect        # asks for a passphrase twice\n  FERRY_PASSPHRASE=... keygen --id hq --out keys/ --protect\n\nRead the printed fingerprint to the other side over the phone; they compare it with\n`fingerprint <ID>.pub` before trusting the key."
 )]
 pub struct KeygenArgs {
     /// Id of the key's owner: the site id (e.g. site-a) or the HQ id (e.g. hq).
@@ -101,18 +142,74 @@ pub struct KeygenArgs {
     /// Directory to write the key pair into.
     #[arg(long, default_value = "keys")]
     pub out: PathBuf,
+    /// Protect the secret key with a passphrase (age, scrypt): asked twice on the terminal, or taken from
+    /// FERRY_PASSPHRASE. Every command that uses the key then asks for it (or reads FERRY_PASSPHRASE).
+    #[arg(long)]
+    pub protect: bool,
 }
 
 /// `keygen`: make a key pair of the given role.
 pub fn keygen(args: &KeygenArgs, role: Role) -> Result<()> {
     let sk = SecretKey::generate(role, &args.id)?;
-    let (secret, public) = sk.write_pair(&args.out)?;
-    println!("wrote {} (secret, keep it here)", secret.display());
+    let (secret, public) = if args.protect {
+        let probe = args.out.join(format!("{}.key", args.id));
+        let first = ask_passphrase("passphrase for the new key: ", &probe)?;
+        if std::env::var_os(PASSPHRASE_ENV).is_none() {
+            let again = ask_passphrase("the same passphrase again: ", &probe)?;
+            if again != first {
+                anyhow::bail!("the two passphrases differ; nothing was written");
+            }
+        }
+        if first.is_empty() {
+            anyhow::bail!("an empty passphrase protects nothing; nothing was written");
+        }
+        let protection = Protection::passphrase(ferry_bundle::keys::passphrase(first));
+        sk.write_pair_protected(&args.out, &protection)?
+    } else {
+        sk.write_pair(&args.out)?
+    };
+    let protected = if args.protect {
+        ", protected by a passphrase"
+    } else {
+        ""
+    };
+    println!(
+        "wrote {} (secret{protected}, keep it here)",
+        escape_path(&secret)
+    );
     println!(
         "wrote {} (public, key id {})",
-        public.display(),
+        escape_path(&public),
         sk.public().key_id_hex()
     );
+    println!("fingerprint {}", sk.public().fingerprint());
+    Ok(())
+}
+
+/// Arguments of `fingerprint`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  fingerprint keys/hq.pub\n\nRead the fingerprint aloud and compare all 16 groups with the key's owner before trusting it."
+)]
+pub struct FingerprintArgs {
+    /// Public key files (.pub).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `fingerprint`: show each key's role, id, key id and full fingerprint.
+pub fn fingerprint(args: &FingerprintArgs) -> Result<()> {
+    for f in &args.files {
+        let k = ferry_bundle::PublicKey::read(f)?;
+        println!(
+            "{}  {} {}  key id {}\n  fingerprint {}",
+            escape_path(f),
+            k.role,
+            k.id,
+            k.key_id_hex(),
+            k.fingerprint()
+        );
+    }
     Ok(())
 }
 
@@ -141,10 +238,14 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
         match open_bundle(f, &ring) {
             Ok(b) => {
                 if args.json {
-                    let v = serde_json::json!({"file": f, "ok": true, "hash": b.hash, "manifest": b.manifest});
+                    let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": b.hash, "manifest": b.manifest});
                     println!("{v}");
                 } else {
-                    println!("OK    {}  {}", f.display(), describe(&b.manifest, &b.hash));
+                    println!(
+                        "OK    {}  {}",
+                        escape_path(f),
+                        describe(&b.manifest, &b.hash)
+                    );
                 }
             }
             Err(e) => {
@@ -158,10 +259,10 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
                 if args.json {
                     println!(
                         "{}",
-                        serde_json::json!({"file": f, "ok": false, "error": msg})
+                        serde_json::json!({"file": escape_path(f), "ok": false, "error": msg})
                     );
                 } else {
-                    println!("FAIL  {}  {msg}", f.display());
+                    println!("FAIL  {}  {msg}", escape_path(f));
                 }
             }
         }
@@ -211,11 +312,11 @@ pub struct InspectArgs {
 /// `inspect`: show a bundle's header and manifest, clearly marked unverified.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     let bytes = fsutil::read_capped(&args.file, ferry_bundle::MAX_BUNDLE_BYTES)?;
-    let i = ferry_bundle::inspect(&bytes).with_context(|| format!("{}", args.file.display()))?;
+    let i = ferry_bundle::inspect(&bytes).with_context(|| escape_path(&args.file))?;
     if args.json {
         let v = serde_json::json!({
             "verified": false,
-            "file": args.file,
+            "file": escape_path(&args.file),
             "sha256": i.hash,
             "file_len": i.file_len,
             "header_len": i.header_len,
@@ -231,7 +332,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     println!("UNVERIFIED: shown without checking the signature; run `verify --trust ...` before trusting it.");
     println!(
         "file        {} ({} bytes, sha256 {})",
-        args.file.display(),
+        escape_path(&args.file),
         i.file_len,
         i.hash
     );
@@ -255,6 +356,16 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     );
     println!("round       {}", m.round);
     println!("base        {}", m.base.as_deref().unwrap_or("(none)"));
+    if let Some(r) = &m.revocations {
+        println!(
+            "revocations list {} (sha256 {})",
+            r.serial,
+            short(&r.sha256)
+        );
+    }
+    if let Some(e) = m.expires {
+        println!("expires     {e} (unix seconds)");
+    }
     if let Some(s) = &m.site {
         println!("site        {} ({} samples)", escape(&s.id), s.samples);
     }
@@ -318,7 +429,7 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
     fsutil::write_new(&args.out, b.payload())?;
     println!(
         "wrote {} ({} tensors, {} bytes) from {}",
-        args.out.display(),
+        escape_path(&args.out),
         b.metas().len(),
         b.payload().len(),
         describe(&b.manifest, &b.hash)
@@ -329,5 +440,5 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
 /// Read a local weights file (safetensors) given by the operator.
 pub fn read_weights(path: &Path) -> Result<ferry_bundle::Payload> {
     let bytes = fsutil::read_capped(path, 16 << 30)?;
-    ferry_bundle::Payload::from_safetensors(&bytes).with_context(|| format!("{}", path.display()))
+    ferry_bundle::Payload::from_safetensors(&bytes).with_context(|| escape_path(path))
 }

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_bundle::{short, Draft, Role, SecretKey};
-use ferry_cli::{describe, open_bundle, read_weights};
-use ferry_site::{ImportOutcome, ImportPolicy, SiteState, DEFAULT_MAX_ROUND_JUMP};
+use ferry_bundle::{escape, escape_path, short, Draft, Role};
+use ferry_cli::{describe, open_bundle, read_secret_key, read_weights};
+use ferry_site::{ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +30,8 @@ struct Cli {
 enum Command {
     /// Make this site's key pair (<ID>.key secret, <ID>.pub for HQ).
     Keygen(ferry_cli::KeygenArgs),
+    /// Show a public key's full fingerprint, to compare over the phone.
+    Fingerprint(ferry_cli::FingerprintArgs),
     /// Sign weights you trained yourself (e.g. a PyTorch state_dict saved with safetensors) as an update.
     Pack(PackArgs),
     /// Verify a global bundle from HQ and install it as this site's current model.
@@ -81,15 +83,37 @@ struct PackArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-client import --trust keys/hq.pub --state site/ /media/usb/global-r4.ferry\n\nRefuses older globals (rollback), other federations and big round jumps; importing the current global again does nothing."
+    after_help = "Examples:\n  First import (pins the federation and HQ's key):\n    ferry-client import --federation city-cctv --trust keys/hq.pub --state site/ /media/usb/global-r0.ferry\n  First import under the federation's root key (pins the root; HQ keys come from root-signed lists):\n    ferry-client import --federation city-cctv --root keys/root.pub --hq-keys /media/usb/hq-keys-1.ferry-keys \\\n        --state site/ /media/usb/global-r0.ferry\n  Later rounds (the pin decides whom to believe; give revocation lists and new HQ key lists HQ sends):\n    ferry-client import --state site/ --revocations /media/usb/revocations-3.ferry-rev /media/usb/global-r4.ferry\n\nRefuses older globals (rollback), forks (round N+1 not based on the global held), other federations,\nHQ keys the pin does not cover, globals naming a revocation list the site lacks, and big round jumps.\nImporting the current global again does nothing (revocation lists given are still stored)."
 )]
 struct ImportArgs {
-    #[command(flatten)]
-    trust: ferry_cli::TrustArgs,
+    /// HQ's public key (.pub, or a folder of them). Needed for the first import, which pins it; later it must be
+    /// a key the site pinned (a new HQ key is accepted only under the root's signature, --hq-keys).
+    #[arg(long)]
+    trust: Vec<PathBuf>,
+    /// HQ-signed revocation list (.ferry-rev, repeatable): verified, stored in the state and applied to every
+    /// later import. Example: --revocations /media/usb/revocations-3.ferry-rev
+    #[arg(long)]
+    revocations: Vec<PathBuf>,
+    /// The federation this site belongs to: required on the first import (it is pinned), checked afterwards.
+    /// Example: --federation city-cctv
+    #[arg(long)]
+    federation: Option<String>,
+    /// The federation's root public key, pinned on the first import (or added to a site pinned to an HQ key,
+    /// if its HQ key list names that key). Example: --root keys/root.pub
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// A list of HQ keys signed by the pinned root (.ferry-keys): a newer one replaces the stored one.
+    /// Example: --hq-keys /media/usb/hq-keys-2.ferry-keys
+    #[arg(long)]
+    hq_keys: Option<PathBuf>,
+    /// Refuse an expired global or HQ key list instead of warning (air-gapped clocks drift: check the date).
+    #[arg(long)]
+    refuse_expired: bool,
     /// The site's state directory.
     #[arg(long)]
     state: PathBuf,
-    /// Refuse a global more than this many rounds ahead of the one held.
+    /// Refuse a global more than this many rounds ahead of the one held (a bigger jump can be a
+    /// fast-forward by a leaked HQ key; after a long absence, raise it on purpose). Example: --max-round-jump 30
     #[arg(long, default_value_t = DEFAULT_MAX_ROUND_JUMP)]
     max_round_jump: u64,
     /// The global bundle.
@@ -126,11 +150,12 @@ struct ExportArgs {
 }
 
 fn pack(a: &PackArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    let key = read_secret_key(&a.key)?;
     if key.role() != Role::Site {
         anyhow::bail!(
-            "{} is an hq key; updates are signed with the site's own key",
-            a.key.display()
+            "{} is an {} key; updates are signed with the site's own key",
+            escape_path(&a.key),
+            key.role()
         );
     }
     let ring = a.trust.keyring()?;
@@ -138,14 +163,14 @@ fn pack(a: &PackArgs) -> Result<()> {
     if base.manifest.kind != ferry_bundle::BundleKind::Global {
         anyhow::bail!(
             "{} is not a global bundle; --base takes the global the weights were trained from",
-            a.base.display()
+            escape_path(&a.base)
         );
     }
     let payload = read_weights(&a.weights)?;
     if payload.fingerprint() != base.manifest.model_fingerprint {
         anyhow::bail!(
             "{}: tensor names, dtypes or shapes differ from the base global's model; HQ would refuse this update",
-            a.weights.display()
+            escape_path(&a.weights)
         );
     }
     let draft = Draft::update_for(&base.manifest, &base.hash, key.id(), a.samples);
@@ -153,7 +178,7 @@ fn pack(a: &PackArgs) -> Result<()> {
     let path = sealed.write_to_dir(&a.out)?;
     println!(
         "wrote {} ({} bytes), {}",
-        path.display(),
+        escape_path(&path),
         sealed.bytes.len(),
         describe(&sealed.manifest, &sealed.hash)
     );
@@ -161,21 +186,54 @@ fn pack(a: &PackArgs) -> Result<()> {
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
-    let ring = a.trust.keyring()?;
-    let bundle = open_bundle(&a.file, &ring)?;
-    let state = SiteState::at(&a.state);
+    let keys = if a.trust.is_empty() {
+        ferry_bundle::Keyring::new()
+    } else {
+        ferry_cli::load_keyring(&a.trust)?
+    };
+    let hq_keys = match &a.hq_keys {
+        Some(p) => Some((
+            escape_path(p),
+            ferry_bundle::keylist::read_bytes(p).with_context(|| escape_path(p))?,
+        )),
+        None => None,
+    };
+    let trust = ImportTrust {
+        keys,
+        revocations: ferry_cli::read_revocation_files(&a.revocations)?,
+        hq_keys,
+        root: a
+            .root
+            .as_deref()
+            .map(ferry_bundle::PublicKey::read)
+            .transpose()?,
+        federation: a.federation.clone(),
+    };
     let policy = ImportPolicy {
         max_round_jump: a.max_round_jump,
+        refuse_expired: a.refuse_expired,
+        ..ImportPolicy::default()
     };
-    match state.import_new(&bundle, &a.file.display().to_string(), &policy)? {
-        ImportOutcome::AlreadyCurrent => {
+    let state = SiteState::at(&a.state);
+    let prepared = state.prepare_import(&trust, &policy)?;
+    let bundle = open_bundle(&a.file, prepared.keyring()).with_context(|| {
+        format!(
+            "this site accepts globals of federation {} signed by {}",
+            prepared.federation(),
+            prepared.hq_key_ids()
+        )
+    })?;
+    let outcome = state.import_new(&bundle, &a.file.display().to_string(), &policy, &prepared)?;
+    match outcome {
+        ImportOutcome::AlreadyCurrent { warnings } => {
             println!(
                 "already current: round {} ({}), nothing to do",
                 bundle.manifest.round,
                 short(&bundle.hash)
-            )
+            );
+            print_warnings(&warnings);
         }
-        ImportOutcome::Installed { previous } => {
+        ImportOutcome::Installed { previous, warnings } => {
             let from = previous
                 .map(|p| format!(" (was round {})", p.round))
                 .unwrap_or_default();
@@ -186,11 +244,18 @@ fn import(a: &ImportArgs) -> Result<()> {
             );
             println!(
                 "model for the recogniser: {}",
-                state.current_model_path().display()
+                escape_path(&state.current_model_path())
             );
+            print_warnings(&warnings);
         }
     }
     Ok(())
+}
+
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 fn status(a: &StatusArgs) -> Result<()> {
@@ -198,8 +263,29 @@ fn status(a: &StatusArgs) -> Result<()> {
     let cur = state.current()?;
     let local = state.local()?;
     let pending = state.pending_export()?;
+    let pin = state.pin()?;
+    let lists = state.revocation_lists()?;
+    let now = ferry_bundle::unix_now();
+    let mut warnings = Vec::new();
+    if let Some(newest) = lists.last().filter(|v| v.list.expired(now)) {
+        warnings.push(format!(
+            "the newest revocation list ({}) expired at {} (unix); ask HQ for a newer one",
+            newest.list.serial,
+            newest.list.expires.unwrap_or(0)
+        ));
+    }
+    if let Some(g) = &cur {
+        if let Some(e) = g.expires.filter(|e| now > *e) {
+            warnings.push(format!(
+                "global round {} expired at {e} (unix); ask HQ for a newer one (air-gapped clocks drift: check this machine's date too)",
+                g.round
+            ));
+        }
+    }
     if a.json {
-        let v = serde_json::json!({"global": cur, "previous": state.previous()?, "local": local, "pending_export": pending});
+        let v = serde_json::json!({"global": cur, "previous": state.previous()?, "local": local, "pending_export": pending,
+            "pin": pin, "revocation_lists": lists.iter().map(|v| serde_json::json!({"serial": v.list.serial, "sha256": v.sha256, "expires": v.list.expires})).collect::<Vec<_>>(),
+            "warnings": warnings});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -207,17 +293,52 @@ fn status(a: &StatusArgs) -> Result<()> {
         println!("no global imported yet; run `ferry-client import`");
         return Ok(());
     };
-    println!("federation  {}", g.federation);
+    println!("federation  {}", escape(&g.federation));
     println!("round       {}", g.round);
-    println!("global      {}", g.hash);
+    println!("global      {}", escape(&g.hash));
     println!(
         "arch        {}",
         g.arch
             .as_deref()
-            .unwrap_or("(foreign weights: import and re-pack only)")
+            .map(escape)
+            .unwrap_or_else(|| "(foreign weights: import and re-pack only)".into())
     );
-    println!("imported    {} (unix) from {}", g.imported_at, g.source);
-    println!("model file  {}", state.current_model_path().display());
+    // Stored escaped; escaped again in case an older ferry wrote the record.
+    println!(
+        "imported    {} (unix) from {}",
+        g.imported_at,
+        escape(&g.source)
+    );
+    if let Some(e) = g.expires {
+        println!("expires     {e} (unix)");
+    }
+    match &pin {
+        Some(p) => match &p.root {
+            Some(r) => println!("pinned      root key {} ({})", r.key_id, p.how),
+            None => println!(
+                "pinned      HQ key(s) {} ({})",
+                p.hq_keys
+                    .iter()
+                    .map(|k| k.key_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.how
+            ),
+        },
+        None => {
+            println!("pinned      nothing yet (the next import pins the federation and HQ's key)")
+        }
+    }
+    match lists.last() {
+        Some(v) => println!(
+            "revocations {} list(s), newest {} ({})",
+            lists.len(),
+            v.list.serial,
+            short(&v.sha256)
+        ),
+        None => println!("revocations none"),
+    }
+    println!("model file  {}", escape_path(&state.current_model_path()));
     match local {
         Some(l) if l.base_hash == g.hash => match &l.exported {
             Some(h) => println!(
@@ -237,17 +358,18 @@ fn status(a: &StatusArgs) -> Result<()> {
         ),
         None => println!("local       not trained this round"),
     }
+    print_warnings(&warnings);
     Ok(())
 }
 
 fn export(a: &ExportArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    let key = read_secret_key(&a.key)?;
     let state = SiteState::open(&a.state)?;
     let lock = state.lock()?;
     let (path, sealed) = state.export(&lock, &key, &a.out, a.level)?;
     println!(
         "wrote {} ({} bytes), {}",
-        path.display(),
+        escape_path(&path),
         sealed.bytes.len(),
         describe(&sealed.manifest, &sealed.hash)
     );
@@ -263,6 +385,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-client", || match &cli.command {
         Command::Keygen(a) => ferry_cli::keygen(a, Role::Site),
+        Command::Fingerprint(a) => ferry_cli::fingerprint(a),
         Command::Pack(a) => pack(a),
         Command::Import(a) => import(a),
         Command::Status(a) => status(a),

@@ -26,7 +26,7 @@ use ferry_bundle::{
     open, open_file, seal, sha256_hex, Bundle, BundleKind, Contributor, Draft, Dtype, Keyring,
     Limits, Payload, Role, SecretKey, TensorRef,
 };
-use ferry_site::{ImportPolicy, LocalRun, SiteState};
+use ferry_site::{ImportPolicy, ImportTrust, LocalRun, SiteState};
 use serde_json::Value;
 
 const SIGABRT: i32 = 6;
@@ -130,8 +130,15 @@ impl Fixture {
         );
         let local = payload(0.5, local_elems, noisy).bytes().to_vec();
         let state = SiteState::at(&root.path().join("template"));
+        let policy = ImportPolicy::default();
+        let trust = ImportTrust {
+            keys: hq_ring(),
+            federation: Some("city".into()),
+            ..ImportTrust::default()
+        };
+        let prepared = state.prepare_import(&trust, &policy).unwrap();
         state
-            .import_new(&g0, "global-r0.ferry", &ImportPolicy::default())
+            .import_new(&g0, "global-r0.ferry", &policy, &prepared)
             .unwrap();
         let lock = state.lock().unwrap();
         let run = LocalRun {

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferry_bundle::{open_file, Keyring, Payload, PublicKey, Role, SecretKey};
 use ferry_merge::hq::{self, RoundConfig, RoundOutcome};
-use ferry_site::{train_site, ImportPolicy, LocalRun, SiteState, SiteTrainSummary};
+use ferry_site::{train_site, ImportPolicy, ImportTrust, LocalRun, SiteState, SiteTrainSummary};
+
+/// The federation name the lab's federations use.
+const FEDERATION: &str = "ferry-lab";
 use ferry_train::data::Dataset;
 use ferry_train::{evaluate, Arch, Device, Evaluation, Model, TrainConfig, TrainObserver};
 
@@ -155,7 +158,7 @@ impl Federation {
             &hq_dir,
             &hq_key,
             &payload,
-            "ferry-lab",
+            FEDERATION,
             Some(arch.name()),
             &usb,
             LEVEL,
@@ -180,13 +183,22 @@ impl Federation {
     /// Carry the newest global to site `i`: verify it against HQ's key and import it (refusing rollbacks).
     pub fn deliver(&mut self, i: usize) -> Result<&Crossing> {
         let site = &self.sites[i];
-        let bundle = open_file(&self.global, &self.site_trust)
+        // The first import pins the federation and HQ's key, as `ferry-client import --federation` does.
+        let trust = ImportTrust {
+            keys: self.site_trust.clone(),
+            federation: Some(FEDERATION.to_string()),
+            ..ImportTrust::default()
+        };
+        let policy = ImportPolicy::default();
+        let prepared = site.state.prepare_import(&trust, &policy)?;
+        let bundle = open_file(&self.global, prepared.keyring())
             .with_context(|| format!("{} verifying {}", site.id, self.global.display()))?;
         site.state
             .import_new(
                 &bundle,
                 &self.global.display().to_string(),
-                &ImportPolicy::default(),
+                &policy,
+                &prepared,
             )
             .with_context(|| format!("{} importing {}", site.id, self.global.display()))?;
         let c = Crossing::of(
@@ -253,6 +265,7 @@ impl Federation {
             &self.hq_dir,
             &self.hq_key,
             &self.hq_trust,
+            &[],
             updates,
             cfg,
             &self.usb,

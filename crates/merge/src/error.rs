@@ -96,7 +96,7 @@ pub enum MergeError {
     #[error("invalid merge setting: {0}")]
     BadConfig(String),
     /// The server-optimizer state was produced for another global than the current one.
-    #[error("the server-optimizer state in {} belongs to global {state_global}, but the current global is {current}; reset the server state to restart the optimizer from zero", .path.display())]
+    #[error("the server-optimizer state in {} belongs to global {state_global}, but the current global is {current}; reset the server state to restart the optimizer from zero", ferry_bundle::escape_path(.path))]
     StateGlobalMismatch {
         /// The state file.
         path: PathBuf,
@@ -120,7 +120,7 @@ pub enum MergeError {
         tensor: String,
     },
     /// The state file cannot be parsed.
-    #[error("the server-optimizer state file {} is damaged ({reason}); restore it from backup or reset the server state", .path.display())]
+    #[error("the server-optimizer state file {} is damaged ({reason}); restore it from backup or reset the server state", ferry_bundle::escape_path(.path))]
     StateCorrupt {
         /// The state file.
         path: PathBuf,
@@ -128,7 +128,7 @@ pub enum MergeError {
         reason: String,
     },
     /// Reading a tensor failed at the operating-system level.
-    #[error("reading {}: {source}", .path.display())]
+    #[error("reading {}: {source}", ferry_bundle::escape_path(.path))]
     Io {
         /// The file.
         path: PathBuf,
@@ -154,13 +154,13 @@ pub enum MergeError {
 #[non_exhaustive]
 pub enum LedgerError {
     /// `init` found a ledger already.
-    #[error("{} already holds a ledger; use it, or choose an empty --state directory for a new federation", .0.display())]
+    #[error("{} already holds a ledger; use it, or choose an empty --state directory for a new federation", ferry_bundle::escape_path(.0))]
     Exists(PathBuf),
     /// `load` found no ledger.
-    #[error("{} holds no ledger; run `ferry-server init --state {}` first", .0.display(), .0.display())]
+    #[error("{} holds no ledger; run `ferry-server init --state {}` first", ferry_bundle::escape_path(.0), ferry_bundle::escape_path(.0))]
     Missing(PathBuf),
     /// The ledger file cannot be parsed or is inconsistent.
-    #[error("the ledger {} is damaged ({reason}); restore it from backup", .path.display())]
+    #[error("the ledger {} is damaged ({reason}); restore it from backup", ferry_bundle::escape_path(.path))]
     Corrupt {
         /// The ledger file.
         path: PathBuf,

@@ -6,7 +6,10 @@
 //! - `ledger.json`: the ledger (commit point of a round);
 //! - `globals/<hash>.ferry`: every global HQ signed, so the current one can be re-emitted (`emit`) and serves
 //!   as the base of the next merge;
-//! - `server/<global-hash>.safetensors`: server-optimizer state after producing that global (fedavgm/fedadam).
+//! - `server/<global-hash>.safetensors`: server-optimizer state after producing that global (fedavgm/fedadam);
+//! - `revocations/<sha256>.ferry-rev`: every revocation list HQ signed or was given (issue 15 §2). They apply to
+//!   every later merge, and each new global names the newest one (serial and hash), which `merge` and `emit`
+//!   also write next to the global for the sites.
 //!
 //! A crash before the ledger commit leaves the ledger on the old round (the orphan files are harmless); a crash
 //! after it leaves the new global in `globals/`, and `emit` writes it to a stick.
@@ -14,8 +17,11 @@
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, FsError};
+use ferry_bundle::revocation::{self, RevocationError, Verified};
 use ferry_bundle::tensor::{TensorMeta, TensorRef};
-use ferry_bundle::{BundleKind, Draft, Keyring, OpenError, Payload, SealError, Sealed, SecretKey};
+use ferry_bundle::{
+    BundleKind, Draft, Keyring, OpenError, Payload, RevocationRef, SealError, Sealed, SecretKey,
+};
 
 use crate::{
     merge, Contribution, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError, MergeReport,
@@ -27,7 +33,7 @@ use crate::{
 #[non_exhaustive]
 pub enum HqError {
     /// A bundle did not verify.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {source}", ferry_bundle::escape_path(.path))]
     Open {
         /// The file.
         path: PathBuf,
@@ -35,8 +41,17 @@ pub enum HqError {
         #[source]
         source: OpenError,
     },
+    /// A revocation list was refused (nothing stored).
+    #[error("{name}: {source}")]
+    Revocation {
+        /// The file (escaped).
+        name: String,
+        /// Why.
+        #[source]
+        source: RevocationError,
+    },
     /// A file given as an update is a global.
-    #[error("{}: this is a global bundle, not a site update", .0.display())]
+    #[error("{}: this is a global bundle, not a site update", ferry_bundle::escape_path(.0))]
     NotAnUpdate(PathBuf),
     /// Fewer updates than `--min-sites`.
     #[error("only {got} update(s) given, but --min-sites is {min}; wait for more sites or lower --min-sites")]
@@ -62,7 +77,7 @@ pub enum HqError {
     #[error(transparent)]
     Fs(#[from] FsError),
     /// HQ's own stored state does not verify.
-    #[error("{}: HQ state is damaged ({why}); restore the state directory from backup", .path.display())]
+    #[error("{}: HQ state is damaged ({why}); restore the state directory from backup", ferry_bundle::escape_path(.path))]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -70,7 +85,7 @@ pub enum HqError {
         why: String,
     },
     /// Writing the new global to the output failed after the round was committed.
-    #[error("round {round} is committed in the ledger, but writing it to {} failed ({source}); run `ferry-server emit --state ... --out ...` to write it again", .out.display())]
+    #[error("round {round} is committed in the ledger, but writing it to {} failed ({source}); run `ferry-server emit --state ... --out ...` to write it again", ferry_bundle::escape_path(.out))]
     EmitAfterCommit {
         /// The committed round.
         round: u64,
@@ -93,6 +108,8 @@ pub struct RoundConfig {
     pub max_samples: Option<u64>,
     /// zstd level of the output.
     pub level: i32,
+    /// How long the new global stays fresh, in seconds (its signed `expires` is its creation time plus this).
+    pub valid_for: u64,
 }
 
 impl Default for RoundConfig {
@@ -102,6 +119,7 @@ impl Default for RoundConfig {
             min_sites: 1,
             max_samples: None,
             level: 3,
+            valid_for: ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY,
         }
     }
 }
@@ -117,6 +135,8 @@ pub struct RoundOutcome {
     pub report: MergeReport,
     /// Sites whose sample counts were capped by `max_samples`.
     pub capped: Vec<String>,
+    /// The revocation list the global names, written next to it in the output dir.
+    pub revocations: Option<PathBuf>,
 }
 
 fn globals_path(dir: &Path, hash: &str) -> PathBuf {
@@ -125,6 +145,88 @@ fn globals_path(dir: &Path, hash: &str) -> PathBuf {
 
 fn server_state_path(dir: &Path, global: &str) -> PathBuf {
     dir.join("server").join(format!("{global}.safetensors"))
+}
+
+fn revocations_dir(dir: &Path) -> PathBuf {
+    dir.join("revocations")
+}
+
+/// Every revocation list stored in HQ's state, sorted by serial.
+pub fn stored_revocations(dir: &Path) -> Result<Vec<Verified>, HqError> {
+    revocation::read_stored_dir(&revocations_dir(dir))
+        .map_err(|(path, why)| HqError::Corrupt { path, why })
+}
+
+/// Verify revocation lists given to a command (`--revocations`: file name, bytes) against `keyring` and the
+/// federation, and apply them and the stored ones to a copy of `keyring`. Returns that keyring and the lists
+/// not stored yet. Nothing is written.
+fn prepare_revocations(
+    dir: &Path,
+    federation: &str,
+    keyring: &Keyring,
+    given: &[(String, Vec<u8>)],
+) -> Result<(Keyring, Vec<Verified>, Vec<Verified>), HqError> {
+    let stored = stored_revocations(dir)?;
+    let mut ring = keyring.clone();
+    for v in &stored {
+        v.list.apply(&mut ring);
+    }
+    let mut new: Vec<Verified> = Vec::new();
+    for (name, bytes) in given {
+        let err = |source| HqError::Revocation {
+            name: ferry_bundle::escape(name),
+            source,
+        };
+        let v = revocation::verify_file(bytes.clone(), &ring).map_err(err)?;
+        v.list.check_federation(federation).map_err(err)?;
+        if !stored.iter().chain(&new).any(|s| s.sha256 == v.sha256) {
+            new.push(v);
+        }
+    }
+    for v in &new {
+        v.list.apply(&mut ring);
+    }
+    Ok((ring, stored, new))
+}
+
+/// Store a revocation list HQ just signed (`ferry-server revoke --state`): it must be of this federation and
+/// verify under HQ's key. From then on it applies to every merge and the next global names it.
+pub fn store_revocation(dir: &Path, key: &SecretKey, bytes: &[u8]) -> Result<Verified, HqError> {
+    let ledger = Ledger::load(dir)?;
+    let name = "the new revocation list".to_string();
+    let (_, _, new) = prepare_revocations(
+        dir,
+        &ledger.data().federation,
+        &hq_ring(key)?,
+        &[(name, bytes.to_vec())],
+    )?;
+    let v = match new.into_iter().next() {
+        Some(v) => v,
+        None => revocation::verify_file(bytes.to_vec(), &hq_ring(key)?).map_err(|source| {
+            HqError::Revocation {
+                name: "the new revocation list".into(),
+                source,
+            }
+        })?,
+    };
+    revocation::store(&revocations_dir(dir), &v)?;
+    Ok(v)
+}
+
+/// Write the newest stored revocation list next to a global in `out` (`revocations-<serial>.ferry-rev`), so
+/// the courier carries it to the sites; a file already there with the same bytes is kept.
+fn write_newest_revocation(dir: &Path, out: &Path) -> Result<Option<PathBuf>, HqError> {
+    let stored = stored_revocations(dir)?;
+    let Some(v) = revocation::newest(&stored) else {
+        return Ok(None);
+    };
+    let path = out.join(format!(
+        "revocations-{}.{}",
+        v.list.serial,
+        revocation::EXTENSION
+    ));
+    fsutil::write_new_or_same(&path, &v.bytes)?;
+    Ok(Some(path))
 }
 
 fn hq_ring(key: &SecretKey) -> Result<Keyring, HqError> {
@@ -143,24 +245,34 @@ pub fn init(
     out: &Path,
     level: i32,
 ) -> Result<(PathBuf, Sealed), HqError> {
+    let draft = Draft::initial(federation, arch.map(str::to_string));
+    init_with(dir, key, payload, draft, out, level)
+}
+
+/// [`init`] from a round-0 draft the caller filled in (federation, architecture, expiry).
+pub fn init_with(
+    dir: &Path,
+    key: &SecretKey,
+    payload: &Payload,
+    draft: Draft,
+    out: &Path,
+    level: i32,
+) -> Result<(PathBuf, Sealed), HqError> {
     if key.role() != ferry_bundle::Role::Hq {
         return Err(HqError::NotHqKey(key.id().to_string()));
     }
     if dir.join(crate::LEDGER_FILE).exists() {
         return Err(LedgerError::Exists(dir.to_path_buf()).into());
     }
-    let sealed = ferry_bundle::seal(
-        Draft::initial(federation, arch.map(str::to_string)),
-        payload,
-        key,
-        level,
-    )?;
+    let federation = draft.federation.clone();
+    let arch = draft.arch.clone();
+    let sealed = ferry_bundle::seal(draft, payload, key, level)?;
     fsutil::ensure_dir(&dir.join("globals"))?;
     fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
     Ledger::init(
         dir,
-        federation,
-        arch,
+        &federation,
+        arch.as_deref(),
         &sealed.manifest.model_fingerprint,
         &sealed.hash,
     )?;
@@ -188,6 +300,7 @@ pub fn emit(dir: &Path, key: &SecretKey, out: &Path) -> Result<PathBuf, HqError>
     fsutil::ensure_dir(out)?;
     let path = out.join(name);
     fsutil::write_new_verified(&path, &bytes)?;
+    write_newest_revocation(dir, out)?;
     Ok(path)
 }
 
@@ -244,13 +357,15 @@ fn read_server_state(dir: &Path, global: &str) -> Result<ServerState, HqError> {
     Ok(state)
 }
 
-/// Merge update bundle files into the next global. Verifies every file against `keyring` before anything is
-/// parsed, refuses the batch on any problem (nothing written, ledger unchanged), and otherwise commits the
-/// round and writes `global-r<N+1>.ferry` into `out`.
+/// Merge update bundle files into the next global. Verifies every file against `keyring` (with every stored
+/// revocation list and the `revocations` given — file name, bytes — applied) before anything is parsed,
+/// refuses the batch on any problem (nothing written, ledger unchanged), and otherwise stores the given lists,
+/// commits the round and writes `global-r<N+1>.ferry` (naming the newest list) and that list into `out`.
 pub fn merge_round(
     dir: &Path,
     key: &SecretKey,
     keyring: &Keyring,
+    revocations: &[(String, Vec<u8>)],
     files: &[PathBuf],
     config: &RoundConfig,
     out: &Path,
@@ -259,6 +374,9 @@ pub fn merge_round(
         return Err(HqError::NotHqKey(key.id().to_string()));
     }
     let mut ledger = Ledger::load(dir)?;
+    let (ring, stored_lists, new_lists) =
+        prepare_revocations(dir, &ledger.data().federation, keyring, revocations)?;
+    let keyring = &ring;
     if files.len() < config.min_sites {
         return Err(HqError::TooFewSites {
             got: files.len(),
@@ -353,6 +471,8 @@ pub fn merge_round(
 
     let mut contributors: Vec<_> = infos.iter().map(UpdateInfo::contributor).collect();
     contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
+    let all_lists: Vec<Verified> = stored_lists.into_iter().chain(new_lists.clone()).collect();
+    let created = ferry_bundle::unix_now();
     let draft = Draft {
         kind: BundleKind::Global,
         federation: base.manifest.federation.clone(),
@@ -362,11 +482,19 @@ pub fn merge_round(
         site: None,
         contributors: contributors.clone(),
         strategy: Some(config.merge.describe()),
-        created: ferry_bundle::unix_now(),
+        revocations: revocation::newest(&all_lists).map(|v| RevocationRef {
+            serial: v.list.serial,
+            sha256: v.sha256.clone(),
+        }),
+        created,
+        expires: Some(created.saturating_add(config.valid_for)),
     };
     let sealed = ferry_bundle::seal(draft, &payload, key, config.level)?;
 
     // Store, then commit. Until `record_round` renames the ledger, the federation is on the old round.
+    for v in &new_lists {
+        revocation::store(&revocations_dir(dir), v)?;
+    }
     fsutil::ensure_dir(&dir.join("globals"))?;
     fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
     if config.merge.strategy.is_stateful() {
@@ -385,10 +513,12 @@ pub fn merge_round(
             out: out.to_path_buf(),
             source,
         })?;
+    let revocations = write_newest_revocation(dir, out)?;
     Ok(RoundOutcome {
         path,
         sealed,
         report,
         capped,
+        revocations,
     })
 }

@@ -230,13 +230,14 @@ fn two_rounds_match_an_independent_reference() {
         &fed.state,
         &fed.hq,
         &fed.ring,
+        &[],
         &[ua.clone(), ub.clone()],
         &fedavg(),
         &fed.out,
     )
     .unwrap();
     let out2 = fed.state.parent().unwrap().join("bundles2");
-    let r1b = hq::merge_round(&copy, &fed.hq, &fed.ring, &[ub, ua], &fedavg(), &out2).unwrap();
+    let r1b = hq::merge_round(&copy, &fed.hq, &fed.ring, &[], &[ub, ua], &fedavg(), &out2).unwrap();
     let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();
     let g1b = ferry_bundle::open_file(&r1b.path, &fed.hq_ring).unwrap();
     assert_eq!(
@@ -297,6 +298,7 @@ fn two_rounds_match_an_independent_reference() {
         &fed.state,
         &fed.hq,
         &fed.ring,
+        &[],
         &[ua2, ub2],
         &fedavg(),
         &fed.out,
@@ -333,6 +335,7 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         &fed.state,
         &fed.hq,
         &fed.ring,
+        &[],
         std::slice::from_ref(&ua),
         &fedavg(),
         &fed.out,
@@ -341,7 +344,8 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
     let before = fed.snapshot();
     let check =
         |files: &[PathBuf], cfg: &RoundConfig, ring: &Keyring, ok: &dyn Fn(&HqError) -> bool| {
-            let err = hq::merge_round(&fed.state, &fed.hq, ring, files, cfg, &fed.out).unwrap_err();
+            let err =
+                hq::merge_round(&fed.state, &fed.hq, ring, &[], files, cfg, &fed.out).unwrap_err();
             assert!(ok(&err), "unexpected: {err}");
             assert_eq!(fed.snapshot(), before, "state changed after: {err}");
         };
@@ -425,7 +429,16 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         matches!(e, HqError::Merge(MergeError::TrimTooLarge { .. }))
     });
     // After all that, a good round still goes through.
-    hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[a1], &fedavg(), &fed.out).unwrap();
+    hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[],
+        &[a1],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -450,10 +463,10 @@ fn server_momentum_survives_between_runs() {
     )
     .unwrap();
     let u1 = fed.site_round(0, &g0, &Model::at(1.0), 10);
-    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u1], &cfg, &fed.out).unwrap();
+    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u1], &cfg, &fed.out).unwrap();
     let u2 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
     // A separate call reloads the server state from disk.
-    let r2 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u2], &cfg, &fed.out).unwrap();
+    let r2 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u2], &cfg, &fed.out).unwrap();
     // Reference (lr 1, beta 0.9): d1 = x0 - u1, m1 = d1, x1 = x0 - m1; d2 = x1 - u2, m2 = 0.9 m1 + d2, x2 = x1 - m2.
     let g1 = read_tensors(
         ferry_bundle::open_file(&r1.path, &fed.hq_ring)
@@ -505,7 +518,7 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
     )
     .unwrap();
     let u1 = fed.site_round(0, &g0, &Model::at(1.0), 10);
-    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u1], &cfg, &fed.out).unwrap();
+    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u1], &cfg, &fed.out).unwrap();
     let u2 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
     let current = fed
         .state
@@ -521,6 +534,7 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
         &fed.state,
         &fed.hq,
         &fed.ring,
+        &[],
         std::slice::from_ref(&u2),
         &cfg,
         &fed.out,
@@ -539,6 +553,7 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
         &fed.state,
         &fed.hq,
         &fed.ring,
+        &[],
         std::slice::from_ref(&u2),
         &cfg,
         &fed.out,
@@ -551,5 +566,189 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
     assert_eq!(fed.snapshot(), before);
     // The real state back: the round goes through.
     std::fs::write(&current, &good).unwrap();
-    hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u2], &cfg, &fed.out).unwrap();
+    hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u2], &cfg, &fed.out).unwrap();
+}
+
+/// Revocation that sticks at HQ (issue 15 §2): a list given once is stored and applies to every later merge,
+/// each global names the newest list and the list travels next to it; a list of another federation, or signed
+/// by a key HQ does not trust, is refused with nothing written.
+#[test]
+fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
+    use ferry_bundle::revocation::{self, RevocationError, RevocationList, Revoked, RevokedBundle};
+    let fed = Fed::new();
+    let (g0, _) = hq::init(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        "city",
+        None,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let mut ring = fed.ring.clone();
+    ring.add(fed.hq.public()).unwrap();
+    let ua = fed.site_round(0, &g0, &Model::at(1.0), 10);
+    let ub = fed.site_round(1, &g0, &Model::at(2.0), 10);
+    let sign = |federation: &str, revoked: Vec<Revoked>, bundles: Vec<RevokedBundle>| {
+        revocation::sign(
+            &RevocationList::new(federation, 1, 0, u64::MAX, revoked, bundles),
+            &fed.hq,
+        )
+        .unwrap()
+    };
+    let site_b = Revoked {
+        key_id: fed.sites[1].public().key_id_hex(),
+        role: Role::Site,
+        id: "site-b".into(),
+        reason: "laptop stolen".into(),
+    };
+    let before = fed.snapshot();
+    // Another federation's list, signed by this very HQ key.
+    let foreign = sign("other-city", vec![site_b.clone()], vec![]);
+    let err = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &ring,
+        &[("foreign.ferry-rev".into(), foreign)],
+        std::slice::from_ref(&ua),
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HqError::Revocation {
+                source: RevocationError::WrongFederation { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+    // A list signed by a key HQ does not trust.
+    let rogue = SecretKey::from_seed(Role::Hq, "hq", [99; 32]);
+    let rogue_list = revocation::sign(
+        &RevocationList::new("city", 1, 0, u64::MAX, vec![], vec![]),
+        &rogue,
+    )
+    .unwrap();
+    let err = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &ring,
+        &[("rogue.ferry-rev".into(), rogue_list)],
+        std::slice::from_ref(&ua),
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap_err();
+    assert!(matches!(err, HqError::Revocation { .. }), "{err}");
+    assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+
+    // The list revoking site-b, given once: site-b's update is refused in this merge...
+    let list = sign("city", vec![site_b], vec![]);
+    let list_hash = ferry_bundle::sha256_hex(&list);
+    let given = [("revocations-1.ferry-rev".to_string(), list.clone())];
+    let err = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &ring,
+        &given,
+        &[ua.clone(), ub.clone()],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HqError::Open {
+                source: ferry_bundle::OpenError::RevokedKey(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(fed.snapshot(), before, "a refused merge stored the list");
+    // ...and in every later merge without the flag, once a merge stored it.
+    let r1 = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &ring,
+        &given,
+        &[ua],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap();
+    let named = r1
+        .sealed
+        .manifest
+        .revocations
+        .clone()
+        .expect("names the list");
+    assert_eq!(
+        (named.serial, named.sha256.as_str()),
+        (1, list_hash.as_str())
+    );
+    assert_eq!(
+        std::fs::read(r1.revocations.as_ref().unwrap()).unwrap(),
+        list
+    );
+    assert_eq!(hq::stored_revocations(&fed.state).unwrap().len(), 1);
+    let b1 = fed.site_round(1, &r1.path, &Model::at(2.0), 10);
+    let a1 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
+    let before = fed.snapshot();
+    let err = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &ring,
+        &[],
+        &[a1.clone(), b1],
+        &fedavg(),
+        &fed.out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HqError::Open {
+                source: ferry_bundle::OpenError::RevokedKey(_),
+                ..
+            }
+        ),
+        "revocation did not stick: {err}"
+    );
+    assert_eq!(fed.snapshot(), before);
+    // A bundle withdrawn by hash (revoke --bundle, stored by `revoke --state`) is refused too.
+    let withdraw = revocation::sign(
+        &RevocationList::new(
+            "city",
+            2,
+            0,
+            u64::MAX,
+            vec![],
+            vec![RevokedBundle {
+                sha256: ferry_bundle::sha256_hex(&std::fs::read(&a1).unwrap()),
+                reason: "poisoned".into(),
+            }],
+        ),
+        &fed.hq,
+    )
+    .unwrap();
+    hq::store_revocation(&fed.state, &fed.hq, &withdraw).unwrap();
+    let err =
+        hq::merge_round(&fed.state, &fed.hq, &ring, &[], &[a1], &fedavg(), &fed.out).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HqError::Open {
+                source: ferry_bundle::OpenError::RevokedBundle(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use ferry_bundle::{Draft, Role, SecretKey};
-use ferry_cli::{describe, read_weights};
+use ferry_bundle::escape_path;
+use ferry_bundle::{Draft, Role};
+use ferry_cli::{describe, read_secret_key, read_weights};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,8 +26,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Make HQ's key pair (<ID>.key secret, <ID>.pub for the sites).
-    Keygen(ferry_cli::KeygenArgs),
+    /// Make HQ's key pair (<ID>.key secret, <ID>.pub for the sites), or with --root the federation's root key.
+    Keygen(KeygenArgs),
+    /// Show a public key's full fingerprint, to compare over the phone.
+    Fingerprint(ferry_cli::FingerprintArgs),
+    /// With the offline root key, sign the list of current HQ keys that sites accept (HQ key rotation).
+    SignHqKeys(SignHqKeysArgs),
     /// Write the round-0 global bundle (and, with --state, start HQ's ledger).
     Init(InitArgs),
     /// Verify site updates and merge them into the next signed global.
@@ -43,6 +48,41 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    #[command(flatten)]
+    key: ferry_cli::KeygenArgs,
+    /// Make the federation's offline root key instead of an HQ key (example: keygen --root --id root
+    /// --out /media/offline-usb/ --protect). It only signs lists of HQ keys (sign-hq-keys); keep it offline.
+    #[arg(long)]
+    root: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example (on the offline machine that holds the root key):\n  ferry-server sign-hq-keys --root-key /media/safe/root.key --hq keys/hq-2027.pub \\\n      --federation city-cctv --serial 2 --valid-days 365 --out /media/usb/hq-keys-2.ferry-keys\n\nSites that pin this root (ferry-client import --root) accept globals only from the HQ keys of the newest\nsuch list they were given (--hq-keys). To replace a leaked HQ key, sign a list with a higher serial naming\nthe new key, and carry it to the sites with the first global the new key signs."
+)]
+struct SignHqKeysArgs {
+    /// The federation's root secret key (made with `keygen --root`).
+    #[arg(long)]
+    root_key: PathBuf,
+    /// Public key file of a current HQ key (repeatable: during a change, name both).
+    #[arg(long, required = true)]
+    hq: Vec<PathBuf>,
+    /// Federation name.
+    #[arg(long)]
+    federation: String,
+    /// Serial of this list: higher than every list signed before.
+    #[arg(long)]
+    serial: u64,
+    /// Days until the list expires (sites warn after it, or refuse with --refuse-expired).
+    #[arg(long, default_value_t = 365)]
+    valid_days: u64,
+    /// The list file to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -74,7 +114,14 @@ struct InitArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Days until the global expires (signed; sites warn after it). Example: --valid-days 30.
+    #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
+    valid_days: u64,
 }
+
+/// Default validity of a global, in days (`ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY`).
+const DEFAULT_VALID_DAYS: u64 = ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY / 86_400;
+const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
@@ -123,6 +170,9 @@ struct MergeArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Days until the new global expires (signed; sites warn after it). Example: --valid-days 30.
+    #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
+    valid_days: u64,
     /// Update bundles.
     #[arg(required = true)]
     updates: Vec<PathBuf>,
@@ -152,11 +202,12 @@ struct EmitArgs {
 }
 
 fn init(a: &InitArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    let key = read_secret_key(&a.key)?;
     if key.role() != Role::Hq {
         anyhow::bail!(
-            "{} is a site key; only an hq key can sign globals",
-            a.key.display()
+            "{} is a {} key; only an hq key can sign globals",
+            escape_path(&a.key),
+            key.role()
         );
     }
     ferry_bundle::keys::validate_id("federation", &a.federation)?;
@@ -170,19 +221,22 @@ fn init(a: &InitArgs) -> Result<()> {
         }
         (None, None) => anyhow::bail!("give --weights FILE or --arch NAME"),
     };
+    let mut draft = Draft::initial(&a.federation, arch.map(str::to_string));
+    draft.expires = Some(
+        draft
+            .created
+            .saturating_add(a.valid_days.saturating_mul(DAY)),
+    );
     let (path, sealed) = match &a.state {
-        Some(state) => {
-            ferry_merge::hq::init(state, &key, &payload, &a.federation, arch, &a.out, a.level)?
-        }
+        Some(state) => ferry_merge::hq::init_with(state, &key, &payload, draft, &a.out, a.level)?,
         None => {
-            let draft = Draft::initial(&a.federation, arch.map(str::to_string));
             let sealed = ferry_bundle::seal(draft, &payload, &key, a.level)?;
             (sealed.write_to_dir(&a.out)?, sealed)
         }
     };
     println!(
         "wrote {} ({} bytes), {}",
-        path.display(),
+        escape_path(&path),
         sealed.bytes.len(),
         describe(&sealed.manifest, &sealed.hash)
     );
@@ -190,8 +244,10 @@ fn init(a: &InitArgs) -> Result<()> {
 }
 
 fn merge(a: &MergeArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
-    let keyring = a.trust.keyring()?;
+    let key = read_secret_key(&a.key)?;
+    // The lists are verified against the trusted keys and the state's federation, and stored, by the merge.
+    let keyring = ferry_cli::load_keyring(&a.trust.trust)?;
+    let lists = a.trust.revocation_files()?;
     let mut merge = ferry_merge::MergeConfig {
         strategy: a.strategy,
         weighting: a.weights,
@@ -211,21 +267,24 @@ fn merge(a: &MergeArgs) -> Result<()> {
         min_sites: a.min_sites,
         max_samples: a.max_samples,
         level: a.level,
+        valid_for: a.valid_days.saturating_mul(DAY),
     };
     let pb = ferry_cli::spinner(format!(
         "verifying and merging {} update(s)",
         a.updates.len()
     ));
-    let result =
-        ferry_merge::hq::merge_round(&a.state, &key, &keyring, &a.updates, &config, &a.out);
+    let result = ferry_merge::hq::merge_round(
+        &a.state, &key, &keyring, &lists, &a.updates, &config, &a.out,
+    );
     pb.finish_and_clear();
     let out = result?;
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "file": out.path, "hash": out.sealed.hash, "round": out.sealed.manifest.round,
+                "file": escape_path(&out.path), "hash": out.sealed.hash, "round": out.sealed.manifest.round,
                 "report": out.report, "capped": out.capped,
+                "revocations": out.revocations.as_deref().map(escape_path),
             }))?
         );
         return Ok(());
@@ -263,10 +322,16 @@ fn merge(a: &MergeArgs) -> Result<()> {
     }
     println!(
         "wrote {} ({} bytes), {}",
-        out.path.display(),
+        escape_path(&out.path),
         out.sealed.bytes.len(),
         describe(&out.sealed.manifest, &out.sealed.hash)
     );
+    if let Some(r) = &out.revocations {
+        println!(
+            "wrote {} (the revocation list the global names: carry it with the global)",
+            escape_path(r)
+        );
+    }
     Ok(())
 }
 
@@ -281,15 +346,50 @@ fn status(a: &StatusArgs) -> Result<()> {
 }
 
 fn emit(a: &EmitArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    let key = read_secret_key(&a.key)?;
     let path = ferry_merge::hq::emit(&a.state, &key, &a.out)?;
-    println!("wrote {}", path.display());
+    println!("wrote {}", escape_path(&path));
+    Ok(())
+}
+
+fn sign_hq_keys(a: &SignHqKeysArgs) -> Result<()> {
+    let root = read_secret_key(&a.root_key)?;
+    ferry_bundle::keys::validate_id("federation", &a.federation)?;
+    let keys =
+        a.hq.iter()
+            .map(|p| Ok(ferry_bundle::PublicKey::read(p)?))
+            .collect::<Result<Vec<_>>>()?;
+    let now = ferry_bundle::unix_now();
+    let list = ferry_bundle::keylist::HqKeyList::new(
+        &a.federation,
+        a.serial,
+        now,
+        now.saturating_add(a.valid_days.saturating_mul(DAY)),
+        &keys,
+    );
+    let bytes = ferry_bundle::keylist::sign(&list, &root)?;
+    ferry_bundle::fsutil::write_new_verified(&a.out, &bytes)?;
+    println!(
+        "wrote {} naming {} HQ key(s) for federation {}, serial {}",
+        escape_path(&a.out),
+        keys.len(),
+        a.federation,
+        a.serial
+    );
+    for k in &keys {
+        println!(
+            "  {} {}  fingerprint {}",
+            k.id,
+            k.key_id_hex(),
+            k.fingerprint()
+        );
+    }
     Ok(())
 }
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-server revoke --key keys/hq.key --federation city-cctv --serial 1 \\\n      --revoke keys/site-b.pub --reason \"laptop stolen\" --out revocations-1.ferry-rev\n\nCarry the list to every site and pass it with --revocations to import, verify and merge."
+    after_help = "Examples:\n  ferry-server revoke --key keys/hq.key --state hq/ --federation city-cctv --serial 1 \\\n      --revoke keys/site-b.pub --reason \"laptop stolen\" --out revocations-1.ferry-rev\n  ferry-server revoke --key keys/hq.key --state hq/ --federation city-cctv --serial 2 \\\n      --bundle 129710ef998ec5bbb1c627209d17f432f1885defbe1e18cfbb6834490de094e9 --reason \"poisoned global\" \\\n      --out revocations-2.ferry-rev\n\nWith --state the list is stored in HQ's state: every later merge applies it, and the next global names it\n(sites then refuse that global until they are given the list, which merge writes next to the global).\nCarry the list to every site; they store it on import (--revocations) and apply it from then on."
 )]
 struct RevokeArgs {
     /// HQ's secret key.
@@ -302,18 +402,30 @@ struct RevokeArgs {
     #[arg(long)]
     serial: u64,
     /// Public key files of the keys to revoke (repeatable).
-    #[arg(long, required = true)]
+    #[arg(long)]
     revoke: Vec<PathBuf>,
+    /// SHA-256 of a bundle file to withdraw, e.g. a poisoned global (repeatable; `sha256sum FILE`).
+    #[arg(long = "bundle", value_name = "SHA256")]
+    bundles: Vec<String>,
     /// Why, in words (shown to operators).
     #[arg(long, default_value = "revoked by HQ")]
     reason: String,
+    /// Days until a newer list is due (signed; status warns after it).
+    #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
+    valid_days: u64,
+    /// HQ state directory: store the list there, so every later merge applies it and names it.
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// The list file to write (must not exist).
     #[arg(long)]
     out: PathBuf,
 }
 
 fn revoke(a: &RevokeArgs) -> Result<()> {
-    let key = SecretKey::read(&a.key)?;
+    if a.revoke.is_empty() && a.bundles.is_empty() {
+        anyhow::bail!("nothing to revoke: give --revoke KEY.pub or --bundle SHA256");
+    }
+    let key = read_secret_key(&a.key)?;
     let mut revoked = Vec::new();
     for p in &a.revoke {
         let pk = ferry_bundle::PublicKey::read(p)?;
@@ -324,18 +436,38 @@ fn revoke(a: &RevokeArgs) -> Result<()> {
             reason: a.reason.clone(),
         });
     }
+    let bundles = a
+        .bundles
+        .iter()
+        .map(|h| ferry_bundle::revocation::RevokedBundle {
+            sha256: h.to_ascii_lowercase(),
+            reason: a.reason.clone(),
+        })
+        .collect();
+    let now = ferry_bundle::unix_now();
     let list = ferry_bundle::revocation::RevocationList::new(
         &a.federation,
         a.serial,
-        ferry_bundle::unix_now(),
+        now,
+        now.saturating_add(a.valid_days.saturating_mul(DAY)),
         revoked,
+        bundles,
     );
     let bytes = ferry_bundle::revocation::sign(&list, &key)?;
+    if let Some(state) = &a.state {
+        ferry_merge::hq::store_revocation(state, &key, &bytes)?;
+    }
     ferry_bundle::fsutil::write_new_verified(&a.out, &bytes)?;
     println!(
-        "wrote {} revoking {} key(s)",
-        a.out.display(),
-        a.revoke.len()
+        "wrote {} revoking {} key(s) and {} bundle(s){}",
+        escape_path(&a.out),
+        a.revoke.len(),
+        a.bundles.len(),
+        if a.state.is_some() {
+            "; stored in HQ's state"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -346,7 +478,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-server", || match &cli.command {
-        Command::Keygen(a) => ferry_cli::keygen(a, Role::Hq),
+        Command::Keygen(a) => ferry_cli::keygen(&a.key, if a.root { Role::Root } else { Role::Hq }),
+        Command::Fingerprint(a) => ferry_cli::fingerprint(a),
+        Command::SignHqKeys(a) => sign_hq_keys(a),
         Command::Init(a) => init(a),
         Command::Merge(a) => merge(a),
         Command::Status(a) => status(a),

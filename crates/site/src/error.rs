@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use ferry_bundle::fsutil::{FsError, LockError};
-use ferry_bundle::SealError;
+use ferry_bundle::keylist::KeyListError;
+use ferry_bundle::revocation::RevocationError;
+use ferry_bundle::{KeyError, SealError};
 use ferry_train::TrainError;
 
 /// Why a site-state operation failed. Nothing was changed.
@@ -17,13 +19,13 @@ pub enum SiteError {
     #[error(transparent)]
     Lock(#[from] LockError),
     /// The folder is not a site state directory (yet).
-    #[error("{} holds no site state: import a global into it first", .0.display())]
+    #[error("{} holds no site state: import a global into it first", ferry_bundle::escape_path(.0))]
     NoState(PathBuf),
     /// A lock guard of another state directory was passed.
-    #[error("internal error: the lock held is for {}, not for this state directory", .0.display())]
+    #[error("internal error: the lock held is for {}, not for this state directory", ferry_bundle::escape_path(.0))]
     WrongLock(PathBuf),
     /// A state file is damaged.
-    #[error("{}: site state is damaged ({why}); restore it from a backup or re-import the current global into a fresh --state directory", .path.display())]
+    #[error("{}: site state is damaged ({why}); restore it from a backup or re-import the current global into a fresh --state directory", ferry_bundle::escape_path(.path))]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -76,11 +78,101 @@ pub enum SiteError {
         "this global's tensor {0:?} holds NaN or infinity; refusing to install a broken model"
     )]
     NonFinite(String),
+    /// A first import needs the federation to pin (issue 15 §3).
+    #[error("this is the site's first global: name the federation it must belong to with --federation (or enrol the site), so that a global of another federation cannot be slipped in first")]
+    NeedsFederation,
+    /// A first import needs an HQ key or a root to pin.
+    #[error("this is the site's first global: give HQ's public key with --trust, or the federation's root key with --root and the HQ key list with --hq-keys")]
+    NeedsHqKey,
+    /// `--federation` names another federation than the one pinned.
+    #[error("this site is pinned to federation {pinned:?}, not {given:?}")]
+    PinnedFederation {
+        /// The pinned federation.
+        pinned: String,
+        /// What was given (escaped).
+        given: String,
+    },
+    /// An HQ key that the pin does not cover was offered (issue 15 §4).
+    #[error("HQ key {key} ({id}) is not one this site pinned ({pinned}); a new HQ key is accepted only under the federation root's signature (--hq-keys, with a root pinned by --root)")]
+    UnpinnedHqKey {
+        /// Key id offered.
+        key: String,
+        /// Its id field.
+        id: String,
+        /// Key ids pinned.
+        pinned: String,
+    },
+    /// `--root` names another root than the pinned one.
+    #[error("this site pins root key {pinned}; refusing root key {given}")]
+    RootMismatch {
+        /// Pinned root key id.
+        pinned: String,
+        /// Given root key id.
+        given: String,
+    },
+    /// A root cannot be adopted without continuity.
+    #[error("refusing root key {root}: its HQ key list does not name the HQ key this site pinned ({pinned})")]
+    RootWithoutContinuity {
+        /// The root's key id.
+        root: String,
+        /// Pinned HQ key ids.
+        pinned: String,
+    },
+    /// A root is pinned but no HQ key list was ever given.
+    #[error("this site pins a root key but holds no list of HQ keys signed by it: give one with --hq-keys")]
+    NeedsHqKeyList,
+    /// An invalid pin was to be written.
+    #[error("invalid pin: {0}")]
+    InvalidPin(String),
+    /// A key file problem.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A revocation list was refused.
+    #[error("{source_name}: {source}")]
+    Revocation {
+        /// The file (escaped).
+        source_name: String,
+        /// Why.
+        #[source]
+        source: RevocationError,
+    },
+    /// An HQ key list was refused.
+    #[error("{source_name}: {source}")]
+    KeyList {
+        /// The file (escaped).
+        source_name: String,
+        /// Why.
+        #[source]
+        source: KeyListError,
+    },
+    /// The global names a revocation list the site does not hold (issue 15 §2).
+    #[error("this global requires revocation list {serial} (sha256 {hash}), which this site does not hold; import again with --revocations naming that list (it travels with the global)")]
+    MissingRevocationList {
+        /// The list's serial.
+        serial: u64,
+        /// Its hash (short).
+        hash: String,
+    },
+    /// Round current + 1 whose base is not the global the site holds: a fork (issue 15 §3).
+    #[error("refusing fork: this global is round {found} but is based on {base}, not on the round-{current} global this site holds ({current_hash})")]
+    Fork {
+        /// Round held.
+        current: u64,
+        /// Hash held (short).
+        current_hash: String,
+        /// Round offered.
+        found: u64,
+        /// The offered global's base (short).
+        base: String,
+    },
+    /// Something signed has expired and the site refuses expired files (`--refuse-expired`).
+    #[error("{0} (refused because of --refuse-expired; get a fresh one from HQ)")]
+    Expired(String),
     /// Nothing has been imported yet.
-    #[error("no global imported yet in {}: import one first", .0.display())]
+    #[error("no global imported yet in {}: import one first", ferry_bundle::escape_path(.0))]
     NoGlobal(PathBuf),
     /// No local model exists.
-    #[error("no trained local model in {}: train one first", .0.display())]
+    #[error("no trained local model in {}: train one first", ferry_bundle::escape_path(.0))]
     NoLocal(PathBuf),
     /// The current global carries weights ferry cannot train (no architecture).
     #[error("this global carries foreign weights (no architecture): ferry cannot train it; import and re-pack only")]
@@ -89,7 +181,7 @@ pub enum SiteError {
     #[error("no recalibrated model for the current global: recalibrate first")]
     NoDeployed,
     /// A training state file (checkpoint, optimizer state, deployed model) cannot be used.
-    #[error("{}: {detail}; delete the file: the next training or recalibration rebuilds it", .path.display())]
+    #[error("{}: {detail}; delete the file: the next training or recalibration rebuilds it", ferry_bundle::escape_path(.path))]
     TrainingState {
         /// The file.
         path: PathBuf,

@@ -7,22 +7,31 @@ use ferry_bundle::tensor::all_finite;
 use ferry_bundle::{escape, short, Bundle, BundleKind, Draft, Payload, Sealed, SecretKey};
 
 use crate::state::{GlobalRecord, SiteLock, SiteState};
+use crate::trust::{expired, PreparedTrust};
 use crate::{ExportError, SiteError};
 
-/// Default largest round jump accepted by `import`.
-pub const DEFAULT_MAX_ROUND_JUMP: u64 = 100;
+/// Default largest round jump accepted by `import` (issue 15 §3). A site that missed more rounds than this
+/// imports with a larger `--max-round-jump` on purpose: a global far ahead can otherwise be a fast-forward
+/// attack by a leaked HQ key (the site would then refuse every honest global as a rollback).
+pub const DEFAULT_MAX_ROUND_JUMP: u64 = 10;
 
 /// What a site accepts on import beyond what the bundle's signature proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportPolicy {
     /// Refuse a global more than this many rounds ahead of the one held.
     pub max_round_jump: u64,
+    /// Refuse (instead of warning about) an expired global or HQ key list.
+    pub refuse_expired: bool,
+    /// The time expiry is judged at (seconds since the epoch): now, unless a test says otherwise.
+    pub now: u64,
 }
 
 impl Default for ImportPolicy {
     fn default() -> Self {
         ImportPolicy {
             max_round_jump: DEFAULT_MAX_ROUND_JUMP,
+            refuse_expired: false,
+            now: ferry_bundle::unix_now(),
         }
     }
 }
@@ -34,31 +43,43 @@ pub enum ImportOutcome {
     Installed {
         /// The global held before, if any.
         previous: Option<GlobalRecord>,
+        /// Things the operator should know (an expired global or key list).
+        warnings: Vec<String>,
     },
-    /// The site already holds exactly this global: nothing to do.
-    AlreadyCurrent,
+    /// The site already holds exactly this global: nothing to do (revocation lists given are stored).
+    AlreadyCurrent {
+        /// As for `Installed`.
+        warnings: Vec<String>,
+    },
 }
 
 impl SiteState {
-    /// Check whether `bundle` (verified) may be installed here, without changing anything: what [`import`]
-    /// checks first. Works on a directory that does not exist yet (a first import).
+    /// Check whether `bundle` (verified under `trust.keyring()`) may be installed here, without changing
+    /// anything: what [`import`] checks first. Works on a directory that does not exist yet (a first import).
+    /// Returns warnings (an expired global).
     ///
     /// [`import`]: SiteState::import
-    pub fn check_import(&self, bundle: &Bundle, policy: &ImportPolicy) -> Result<(), SiteError> {
+    pub fn check_import(
+        &self,
+        bundle: &Bundle,
+        policy: &ImportPolicy,
+        trust: &PreparedTrust,
+    ) -> Result<Vec<String>, SiteError> {
         let m = &bundle.manifest;
+        let mut warnings = trust.warnings.clone();
         if m.kind != BundleKind::Global {
             return Err(SiteError::NotAGlobal);
+        }
+        if m.federation != trust.federation() {
+            return Err(SiteError::WrongFederation {
+                expected: trust.federation().to_string(),
+                found: escape(&m.federation),
+            });
         }
         let current = if self.exists() { self.current()? } else { None };
         if let Some(cur) = &current {
             if cur.hash == bundle.hash {
-                return Ok(());
-            }
-            if cur.federation != m.federation {
-                return Err(SiteError::WrongFederation {
-                    expected: cur.federation.clone(),
-                    found: escape(&m.federation),
-                });
+                return Ok(warnings);
             }
             if m.round <= cur.round {
                 return Err(SiteError::Rollback {
@@ -75,6 +96,16 @@ impl SiteState {
                     max: policy.max_round_jump,
                 });
             }
+            // The next round must extend the history this site holds; a parallel history (a forked HQ
+            // state) is refused. Across a gap of rounds the chain cannot be checked: the jump is bounded.
+            if m.round == cur.round + 1 && m.base.as_deref() != Some(cur.hash.as_str()) {
+                return Err(SiteError::Fork {
+                    current: cur.round,
+                    current_hash: short(&cur.hash).to_string(),
+                    found: m.round,
+                    base: short(m.base.as_deref().unwrap_or("(none)")).to_string(),
+                });
+            }
             if cur.model_fingerprint != m.model_fingerprint {
                 return Err(SiteError::ModelChanged {
                     expected: short(&cur.model_fingerprint).to_string(),
@@ -82,30 +113,56 @@ impl SiteState {
                 });
             }
         }
+        if let Some(r) = &m.revocations {
+            if !trust.holds_list(&r.sha256, r.serial) {
+                return Err(SiteError::MissingRevocationList {
+                    serial: r.serial,
+                    hash: short(&r.sha256).to_string(),
+                });
+            }
+        }
+        if let Some(e) = m.expires.filter(|_| m.expired(policy.now)) {
+            expired(
+                policy,
+                format!("global round {} expired at {e} (unix)", m.round),
+                &mut warnings,
+            )?;
+        }
         // HQ never signs non-finite weights; a global that has them came from a broken or hostile HQ.
         if let Some(t) = bundle.tensors().find(|t| !all_finite(t.dtype, t.data)) {
             return Err(SiteError::NonFinite(escape(t.name)));
         }
-        Ok(())
+        Ok(warnings)
     }
 
-    /// Install a verified global after the freshness checks of [`SiteState::check_import`]. Re-importing the
-    /// current global changes nothing (it only repairs `current.safetensors`). `source` is where the file came
-    /// from, for the record.
+    /// Install a verified global after the checks of [`SiteState::check_import`], storing what `trust` adds
+    /// (the pin of a first import, new revocation lists, a newer HQ key list) before the commit. Re-importing
+    /// the current global changes nothing else (it only repairs `current.safetensors`). `source` is where the
+    /// file came from, for the record (escaped here).
     pub fn import(
         &self,
         lock: &SiteLock<'_>,
         bundle: &Bundle,
         source: &str,
         policy: &ImportPolicy,
+        trust: &PreparedTrust,
     ) -> Result<ImportOutcome, SiteError> {
         self.check_lock(lock)?;
-        self.check_import(bundle, policy)?;
+        let warnings = self.check_import(bundle, policy, trust)?;
+        for list in &trust.new_lists {
+            self.store_revocation_list(lock, list)?;
+        }
+        if let Some(bytes) = &trust.new_hq_keys {
+            self.write_hq_key_list(lock, bytes)?;
+        }
+        if trust.pin_changed {
+            self.write_pin(lock, &trust.pin)?;
+        }
         let m = &bundle.manifest;
         let current = self.current()?;
         if current.as_ref().is_some_and(|c| c.hash == bundle.hash) {
             self.write_current_model(lock, bundle.payload())?;
-            return Ok(ImportOutcome::AlreadyCurrent);
+            return Ok(ImportOutcome::AlreadyCurrent { warnings });
         }
         let payload_sha256 = self.store_weights(lock, bundle.payload())?;
         let rec = GlobalRecord {
@@ -121,6 +178,7 @@ impl SiteState {
                 .fold(0u64, |acc, c| acc.saturating_add(c.samples)),
             imported_at: ferry_bundle::unix_now(),
             source: escape(source),
+            expires: m.expires,
             previous: current.clone().map(|mut c| {
                 c.previous = None;
                 Box::new(c)
@@ -128,24 +186,28 @@ impl SiteState {
         };
         // The commit point: until this rename the site holds the old global.
         self.commit_global(lock, &rec, bundle.payload())?;
-        Ok(ImportOutcome::Installed { previous: current })
+        Ok(ImportOutcome::Installed {
+            previous: current,
+            warnings,
+        })
     }
 
     /// Check, create the directory if this is the site's first global, lock, and import: the whole of
-    /// `ferry-client import` after verification. A refused bundle creates nothing.
+    /// `ferry-client import` after verification. A refused bundle creates nothing and changes nothing.
     pub fn import_new(
         &self,
         bundle: &Bundle,
         source: &str,
         policy: &ImportPolicy,
+        trust: &PreparedTrust,
     ) -> Result<ImportOutcome, SiteError> {
-        self.check_import(bundle, policy)?;
+        self.check_import(bundle, policy, trust)?;
         let lock = if self.exists() {
             self.lock()?
         } else {
             self.create_and_lock()?
         };
-        self.import(&lock, bundle, source, policy)
+        self.import(&lock, bundle, source, policy, trust)
     }
 
     /// Seal the local model as an update bundle for the current global, write it into `out_dir` (atomically,

@@ -10,9 +10,13 @@
 mod error;
 mod exchange;
 mod state;
+mod trust;
 mod work;
 
 pub use error::{ExportError, SiteError};
 pub use exchange::{ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
-pub use state::{DeployedRecord, GlobalRecord, LocalRecord, LocalRun, SiteLock, SiteState};
+pub use state::{
+    DeployedRecord, GlobalRecord, LocalRecord, LocalRun, SiteLock, SitePin, SiteState,
+};
+pub use trust::{ImportTrust, PreparedTrust};
 pub use work::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};

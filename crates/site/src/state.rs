@@ -11,6 +11,12 @@
 //! - `train-checkpoint.safetensors`: model and optimizer after the last finished epoch of a run in progress.
 //! - `deployed.safetensors` + `deployed.json`: the current global with BatchNorm statistics recalibrated on local
 //!   data ([`DeployedRecord`]).
+//! - `pin.json`: whom the site believes ([`SitePin`], issue 15 §3): its federation, and either the HQ keys seen
+//!   at the first import or the federation's root key. Written by the first import (`--federation`, `--root`)
+//!   or by enrolment (issue 16), before or with the first global.
+//! - `hq-keys.ferry-keys`: the newest list of HQ keys signed by the pinned root (`ferry_bundle::keylist`).
+//! - `revocations/<sha256>.ferry-rev`: every revocation list the site verified, applied on every later import
+//!   (issue 15 §2).
 //! - `lock`: held while a command changes the state ([`SiteLock`]).
 //!
 //! Reading needs no lock. Every method that changes a file takes a [`SiteLock`], so the compiler makes sure the
@@ -20,6 +26,9 @@ use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, DirLock, FsError};
 use ferry_bundle::is_sha256_hex as is_hash;
+use ferry_bundle::keys::KeyRecord;
+use ferry_bundle::revocation::{self, Verified};
+use ferry_bundle::PublicKey;
 use serde::{Deserialize, Serialize};
 
 use crate::SiteError;
@@ -34,7 +43,13 @@ mod files {
     pub const CHECKPOINT: &str = "train-checkpoint.safetensors";
     pub const DEPLOYED: &str = "deployed.safetensors";
     pub const DEPLOYED_RECORD: &str = "deployed.json";
+    pub const PIN: &str = "pin.json";
+    pub const HQ_KEYS: &str = "hq-keys.ferry-keys";
+    pub const REVOCATIONS: &str = "revocations";
 }
+
+/// The format tag of `pin.json`.
+const PIN_FORMAT: &str = "ferry-site-pin/1";
 
 /// Largest state record read.
 const MAX_RECORD: u64 = 16 << 20;
@@ -65,6 +80,9 @@ pub struct GlobalRecord {
     pub imported_at: u64,
     /// The file it was imported from, as given, escaped.
     pub source: String,
+    /// When the global goes stale (its signed `expires`; `null` for a format-1 global).
+    #[serde(default)]
+    pub expires: Option<u64>,
     /// The global held before this one (its own `previous` is dropped).
     #[serde(default)]
     pub previous: Option<Box<GlobalRecord>>,
@@ -103,6 +121,97 @@ pub struct LocalRun {
     pub epochs: u32,
     /// Optimizer steps run in this round.
     pub steps: u64,
+}
+
+/// Whom a site believes (issue 15 §3): the federation it is in, and the HQ keys (or the root key that vouches for
+/// HQ keys) it accepts globals from. Made once, by the first import or by enrolment (issue 16), and never
+/// changed by a bundle: a global of another federation, or signed by an HQ key the pin does not cover, is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SitePin {
+    /// `ferry-site-pin/1`.
+    pub format: String,
+    /// The federation.
+    pub federation: String,
+    /// The site's own id, when enrolment bound one (issue 16); `null` when pinned by a first import.
+    pub site: Option<String>,
+    /// The HQ keys pinned at the first import; empty when a root is pinned (HQ keys then come from the
+    /// newest root-signed list, `hq-keys.ferry-keys`).
+    pub hq_keys: Vec<KeyRecord>,
+    /// The federation's offline root key, if the site pins one.
+    pub root: Option<KeyRecord>,
+    /// When it was pinned (seconds since the epoch).
+    pub pinned_at: u64,
+    /// How: `first import`, `enrolment`, or `first import (root added ...)`.
+    pub how: String,
+}
+
+impl SitePin {
+    /// A pin for `federation` that trusts `hq_keys` directly (no root).
+    pub fn with_hq_keys(federation: &str, hq_keys: &[PublicKey], how: &str) -> SitePin {
+        SitePin::new(
+            federation,
+            hq_keys.iter().map(KeyRecord::from).collect(),
+            None,
+            how,
+        )
+    }
+
+    /// A pin for `federation` that trusts the HQ keys `root` vouches for.
+    pub fn with_root(federation: &str, root: &PublicKey, how: &str) -> SitePin {
+        SitePin::new(federation, Vec::new(), Some(KeyRecord::from(root)), how)
+    }
+
+    fn new(
+        federation: &str,
+        hq_keys: Vec<KeyRecord>,
+        root: Option<KeyRecord>,
+        how: &str,
+    ) -> SitePin {
+        SitePin {
+            format: PIN_FORMAT.into(),
+            federation: federation.to_string(),
+            site: None,
+            hq_keys,
+            root,
+            pinned_at: ferry_bundle::unix_now(),
+            how: how.to_string(),
+        }
+    }
+
+    /// The pinned root key, checked.
+    pub fn root_key(&self) -> Result<Option<PublicKey>, String> {
+        self.root.as_ref().map(KeyRecord::to_key).transpose()
+    }
+
+    /// The pinned HQ keys, checked.
+    pub fn hq_public_keys(&self) -> Result<Vec<PublicKey>, String> {
+        self.hq_keys.iter().map(KeyRecord::to_key).collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.format != PIN_FORMAT {
+            return Err(format!(
+                "format is {:?}, expected {PIN_FORMAT:?} (written by a newer ferry?)",
+                ferry_bundle::escape(&self.format)
+            ));
+        }
+        ferry_bundle::keys::validate_id("federation", &self.federation)
+            .map_err(|e| e.to_string())?;
+        let hq = self.hq_public_keys()?;
+        if hq.iter().any(|k| k.role != ferry_bundle::Role::Hq) {
+            return Err("a pinned HQ key is not an hq key".into());
+        }
+        match self.root_key()? {
+            Some(r) if r.role != ferry_bundle::Role::Root => {
+                Err("the pinned root is not a root key".into())
+            }
+            Some(_) if !hq.is_empty() => Err("a pin holds a root or HQ keys, not both".into()),
+            None if hq.is_empty() => Err("a pin holds no key".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Record of a recalibrated model.
@@ -464,6 +573,54 @@ impl SiteState {
         };
         self.write_record(lock, files::DEPLOYED_RECORD, &rec)?;
         Ok(path)
+    }
+
+    /// Whom the site believes, if it is pinned yet.
+    pub fn pin(&self) -> Result<Option<SitePin>, SiteError> {
+        let Some(pin) = self.read_record::<SitePin>(files::PIN)? else {
+            return Ok(None);
+        };
+        pin.validate().map_err(|why| SiteError::Corrupt {
+            path: self.path(files::PIN),
+            why,
+        })?;
+        Ok(Some(pin))
+    }
+
+    /// Write the pin. Enrolment (issue 16) calls this on a new state directory; an import calls it with the
+    /// first global. Replacing a pin is the caller's decision (an import only extends one: a root added under
+    /// the pinned HQ key's continuity).
+    pub fn write_pin(&self, lock: &SiteLock<'_>, pin: &SitePin) -> Result<(), SiteError> {
+        pin.validate().map_err(SiteError::InvalidPin)?;
+        self.write_record(lock, files::PIN, pin)
+    }
+
+    /// The newest root-signed HQ key list the site holds (its bytes), if any.
+    pub fn hq_key_list(&self) -> Result<Option<Vec<u8>>, SiteError> {
+        read_if_present(&self.path(files::HQ_KEYS), 1 << 20)
+    }
+
+    /// Store a root-signed HQ key list that verified (replacing an older one).
+    pub fn write_hq_key_list(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        Ok(fsutil::write_replace(&self.path(files::HQ_KEYS), bytes)?)
+    }
+
+    /// Every revocation list the site verified and stored, sorted by serial.
+    pub fn revocation_lists(&self) -> Result<Vec<Verified>, SiteError> {
+        revocation::read_stored_dir(&self.path(files::REVOCATIONS))
+            .map_err(|(path, why)| SiteError::Corrupt { path, why })
+    }
+
+    /// Store a revocation list that verified, under its hash (no-op if it is there already).
+    pub(crate) fn store_revocation_list(
+        &self,
+        lock: &SiteLock<'_>,
+        list: &Verified,
+    ) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        revocation::store(&self.path(files::REVOCATIONS), list)?;
+        Ok(())
     }
 
     /// Remove weights no record points at (best effort: a leftover file only costs disk).

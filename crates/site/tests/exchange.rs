@@ -8,10 +8,47 @@ use ferry_bundle::{
     open, seal, Bundle, Contributor, Draft, Dtype, Keyring, Limits, Payload, Role, SecretKey,
     TensorRef,
 };
-use ferry_site::{ImportOutcome, ImportPolicy, LocalRun, SiteError, SiteState};
+use ferry_site::{
+    ImportOutcome, ImportPolicy, ImportTrust, LocalRun, SiteError, SiteLock, SiteState,
+};
 
 fn jump(max_round_jump: u64) -> ImportPolicy {
-    ImportPolicy { max_round_jump }
+    ImportPolicy {
+        max_round_jump,
+        ..ImportPolicy::default()
+    }
+}
+
+/// The trust of `ferry-client import --federation city --trust hq.pub`: pins both on the first import.
+fn trust() -> ImportTrust {
+    let mut keys = Keyring::new();
+    keys.add(hq().public()).unwrap();
+    ImportTrust {
+        keys,
+        federation: Some("city".into()),
+        ..ImportTrust::default()
+    }
+}
+
+fn import_new(
+    state: &SiteState,
+    b: &Bundle,
+    source: &str,
+    policy: &ImportPolicy,
+) -> Result<ImportOutcome, SiteError> {
+    let t = state.prepare_import(&trust(), policy)?;
+    state.import_new(b, source, policy, &t)
+}
+
+fn import(
+    state: &SiteState,
+    lock: &SiteLock<'_>,
+    b: &Bundle,
+    source: &str,
+    policy: &ImportPolicy,
+) -> Result<ImportOutcome, SiteError> {
+    let t = state.prepare_import(&trust(), policy)?;
+    state.import(lock, b, source, policy, &t)
 }
 
 fn hq() -> SecretKey {
@@ -84,8 +121,8 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     let g2 = global(2, Some(&g1.hash), "city", 2.0);
 
     assert!(matches!(
-        state.import_new(&g0, "g0", &jump(10)).unwrap(),
-        ImportOutcome::Installed { previous: None }
+        import_new(&state, &g0, "g0", &jump(10)).unwrap(),
+        ImportOutcome::Installed { previous: None, .. }
     ));
     let lock = state.lock().unwrap();
     assert_eq!(
@@ -93,17 +130,20 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
         g0.payload()
     );
     assert!(matches!(
-        state.import(&lock, &g1, "g1", &jump(10)).unwrap(),
-        ImportOutcome::Installed { previous: Some(_) }
+        import(&state, &lock, &g1, "g1", &jump(10)).unwrap(),
+        ImportOutcome::Installed {
+            previous: Some(_),
+            ..
+        }
     ));
     assert_eq!(state.current().unwrap().unwrap().round, 1);
     assert_eq!(state.previous().unwrap().unwrap().hash, g0.hash);
     assert_eq!(state.global_weights().unwrap(), g1.payload());
     // Re-importing the current global is a no-op success.
-    assert_eq!(
-        state.import(&lock, &g1, "g1 again", &jump(10)).unwrap(),
-        ImportOutcome::AlreadyCurrent
-    );
+    assert!(matches!(
+        import(&state, &lock, &g1, "g1 again", &jump(10)).unwrap(),
+        ImportOutcome::AlreadyCurrent { .. }
+    ));
 
     let before = snapshot(state.dir());
     type IsExpected = fn(&SiteError) -> bool;
@@ -120,7 +160,7 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
         }),
     ];
     for (b, is_expected) in refusals {
-        let err = state.import(&lock, &b, "x", &jump(10)).unwrap_err();
+        let err = import(&state, &lock, &b, "x", &jump(10)).unwrap_err();
         assert!(is_expected(&err), "unexpected {err:?}");
         assert_eq!(snapshot(state.dir()), before, "state changed after {err}");
     }
@@ -143,7 +183,7 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
         open(&s.bytes, &ring, &Limits::default()).unwrap()
     };
     assert!(matches!(
-        state.import(&lock, &other_layout, "x", &jump(10)),
+        import(&state, &lock, &other_layout, "x", &jump(10)),
         Err(SiteError::ModelChanged { .. })
     ));
     assert_eq!(snapshot(state.dir()), before);
@@ -160,13 +200,13 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     ring.add(a.public()).unwrap();
     let ub = open(&u.bytes, &ring, &Limits::default()).unwrap();
     assert!(matches!(
-        state.import(&lock, &ub, "x", &jump(10)),
+        import(&state, &lock, &ub, "x", &jump(10)),
         Err(SiteError::NotAGlobal)
     ));
     assert_eq!(snapshot(state.dir()), before);
 
     assert!(matches!(
-        state.import(&lock, &g2, "g2", &jump(1)).unwrap(),
+        import(&state, &lock, &g2, "g2", &jump(1)).unwrap(),
         ImportOutcome::Installed { .. }
     ));
     assert_eq!(state.previous().unwrap().unwrap().hash, g1.hash);
@@ -190,7 +230,7 @@ fn a_refused_first_import_creates_nothing() {
     ring.add(a.public()).unwrap();
     let update = open(&u.bytes, &ring, &Limits::default()).unwrap();
     assert!(matches!(
-        state.import_new(&update, "x", &jump(10)),
+        import_new(&state, &update, "x", &jump(10)),
         Err(SiteError::NotAGlobal)
     ));
     assert!(!fresh.exists(), "a refused import created the state folder");
@@ -211,8 +251,8 @@ fn a_lock_of_another_state_is_refused() {
         SiteState::at(&dir.path().join("two")),
     );
     let g0 = global(0, None, "city", 0.0);
-    one.import_new(&g0, "g0", &jump(10)).unwrap();
-    two.import_new(&g0, "g0", &jump(10)).unwrap();
+    import_new(&one, &g0, "g0", &jump(10)).unwrap();
+    import_new(&two, &g0, "g0", &jump(10)).unwrap();
     let lock_one = one.lock().unwrap();
     let before = snapshot(two.dir());
     let err = two
@@ -237,7 +277,7 @@ fn local_model_exports_once_per_global_and_goes_stale_on_import() {
     let state = SiteState::at(dir.path());
     let a = SecretKey::from_seed(Role::Site, "site-a", [2; 32]);
     let g0 = global(0, None, "city", 0.0);
-    state.import_new(&g0, "g0", &jump(10)).unwrap();
+    import_new(&state, &g0, "g0", &jump(10)).unwrap();
     assert!(!state.pending_export().unwrap());
     let lock = state.lock().unwrap();
     let run = LocalRun {
@@ -260,7 +300,7 @@ fn local_model_exports_once_per_global_and_goes_stale_on_import() {
     assert!(state.export(&lock, &a, usb.path(), 3).is_err());
 
     let g1 = global(1, Some(&g0.hash), "city", 1.0);
-    state.import(&lock, &g1, "g1", &jump(10)).unwrap();
+    import(&state, &lock, &g1, "g1", &jump(10)).unwrap();
     let err = state.export(&lock, &a, usb.path(), 3).unwrap_err();
     assert!(err.to_string().contains("train"), "{err}");
 }
@@ -269,9 +309,7 @@ fn local_model_exports_once_per_global_and_goes_stale_on_import() {
 fn damaged_state_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let state = SiteState::at(dir.path());
-    state
-        .import_new(&global(0, None, "city", 0.0), "g0", &jump(10))
-        .unwrap();
+    import_new(&state, &global(0, None, "city", 0.0), "g0", &jump(10)).unwrap();
     std::fs::write(dir.path().join("global.json"), b"{not json").unwrap();
     assert!(matches!(state.current(), Err(SiteError::Corrupt { .. })));
     std::fs::write(dir.path().join("global.json"), br#"{"round":0,"hash":"x","federation":"c","arch":null,"model_fingerprint":"y","payload_sha256":"../../etc/passwd","samples":0,"imported_at":0,"source":""}"#).unwrap();

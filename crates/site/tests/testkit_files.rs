@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_bundle::keys::PublicKey;
 use ferry_bundle::{open, open_file, sha256_hex, Keyring, Limits, Role, SecretKey};
-use ferry_site::{ExportError, ImportPolicy, LocalRun, SiteError, SiteState};
+use ferry_site::{ExportError, ImportPolicy, ImportTrust, LocalRun, SiteError, SiteState};
 
 fn kit_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../bundle/tests/testkit")
@@ -30,6 +30,23 @@ fn test_key(stem: &str, role: Role, seed: u8) -> SecretKey {
 
 fn policy() -> ImportPolicy {
     ImportPolicy::default()
+}
+
+/// Import as `ferry-client import --federation kit --trust hq.pub` does (the first import pins both).
+fn import_new(
+    state: &SiteState,
+    b: &ferry_bundle::Bundle,
+    source: &str,
+) -> Result<ferry_site::ImportOutcome, SiteError> {
+    let t = state.prepare_import(
+        &ImportTrust {
+            keys: keyring("hq"),
+            federation: Some("kit".into()),
+            ..ImportTrust::default()
+        },
+        &policy(),
+    )?;
+    state.import_new(b, source, &policy(), &t)
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
@@ -58,7 +75,7 @@ fn site_ready_to_export(dir: &Path) -> SiteState {
     let ring = keyring("hq+site-a");
     let g = open_file(&kit_dir().join("valid-global-r0.ferry"), &ring).expect("valid global");
     let state = SiteState::at(dir);
-    state.import_new(&g, "kit", &policy()).expect("import");
+    import_new(&state, &g, "kit").expect("import");
     let lock = state.lock().expect("lock");
     let run = LocalRun {
         samples: 10,
@@ -91,9 +108,7 @@ fn input_changed_after_verifying_is_never_reread() {
     );
     std::fs::write(&path, b"garbage").expect("swap");
     let state = SiteState::at(&tmp.path().join("state"));
-    state
-        .import_new(&b, "stick", &policy())
-        .expect("import what was verified");
+    import_new(&state, &b, "stick").expect("import what was verified");
     assert_eq!(
         state.current().expect("rec").expect("some").hash,
         sha256_hex(&r0)
@@ -112,9 +127,7 @@ fn a_signed_non_finite_global_verifies_but_is_never_installed() {
         let state = SiteState::at(&tmp.path().join("state"));
         let before = snapshot(state.dir());
         let b = open_file(&kit_dir().join(v), &ring).expect("open checks origin, not values");
-        let err = state
-            .import_new(&b, v, &policy())
-            .expect_err("installed NaN weights");
+        let err = import_new(&state, &b, v).expect_err("installed NaN weights");
         assert!(matches!(err, SiteError::NonFinite(_)), "{v}: {err:?}");
         assert_eq!(snapshot(state.dir()), before, "{v}: state changed");
     }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use ferry_bundle::{open, seal, Draft, Keyring, Limits, Payload, Role, SecretKey};
 use ferry_site::{
-    eval_site, recalibrate_site, train_site, EvalTarget, ImportPolicy, SiteError, SiteState,
+    eval_site, recalibrate_site, train_site, EvalTarget, ImportPolicy, ImportTrust, SiteError,
+    SiteState,
 };
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{AdamConfig, Arch, Device, EpochStats, Model, TrainConfig, TrainObserver};
@@ -38,10 +39,17 @@ fn site(dir: &Path, arch: Option<&str>) -> SiteState {
     .unwrap();
     let mut ring = Keyring::new();
     ring.add(hq.public()).unwrap();
-    let bundle = open(&sealed.bytes, &ring, &Limits::default()).unwrap();
     let state = SiteState::at(dir);
+    let policy = ImportPolicy::default();
+    let trust = ImportTrust {
+        keys: ring,
+        federation: Some("test".into()),
+        ..ImportTrust::default()
+    };
+    let prepared = state.prepare_import(&trust, &policy).unwrap();
+    let bundle = open(&sealed.bytes, prepared.keyring(), &Limits::default()).unwrap();
     state
-        .import_new(&bundle, "global-r0.ferry", &ImportPolicy::default())
+        .import_new(&bundle, "global-r0.ferry", &policy, &prepared)
         .unwrap();
     state
 }
