@@ -901,4 +901,111 @@ mod tests {
         assert!(PublicKey::parse(&swapped, p).is_err());
         assert!(PublicKey::parse("garbage", p).is_err());
     }
+
+    fn fast(pass: &str) -> Protection {
+        Protection::with_work_factor(passphrase(pass.into()), 2)
+    }
+
+    #[test]
+    fn protected_keys_need_the_right_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let sk = SecretKey::generate(Role::Hq, "hq").unwrap();
+        let (sp, _) = sk
+            .write_pair_protected(dir.path(), &fast("correct horse"))
+            .unwrap();
+        let text = std::fs::read_to_string(&sp).unwrap();
+        assert!(text.contains("ferry-secret-key: 2") && text.contains(ARMOR_BEGIN));
+        assert!(!text.contains("secret:"), "the seed is in the clear");
+        assert!(SecretKey::is_protected(&sp).unwrap());
+        // No passphrase: a clear refusal, not a garbled key.
+        assert!(matches!(
+            SecretKey::read(&sp),
+            Err(KeyError::NeedsPassphrase(_))
+        ));
+        assert!(matches!(
+            SecretKey::read_with(&sp, || Ok(passphrase("wrong".into()))),
+            Err(KeyError::WrongPassphrase(_))
+        ));
+        let back = SecretKey::read_with(&sp, || Ok(passphrase("correct horse".into()))).unwrap();
+        assert_eq!(back.public(), sk.public());
+        // The public fields are bound to the encrypted secret by the key id.
+        let edited = text.replace("id: hq", "id: hq2");
+        std::fs::write(&sp, edited).unwrap();
+        assert!(matches!(
+            SecretKey::read_with(&sp, || Ok(passphrase("correct horse".into()))),
+            Err(KeyError::Malformed { .. })
+        ));
+        // A flipped ciphertext character is the same error as a wrong passphrase.
+        let mut flipped = text.clone().into_bytes();
+        let at = text.find(ARMOR_BEGIN).unwrap() + ARMOR_BEGIN.len() + 60;
+        flipped[at] = if flipped[at] == b'A' { b'B' } else { b'A' };
+        std::fs::write(&sp, flipped).unwrap();
+        assert!(SecretKey::read_with(&sp, || Ok(passphrase("correct horse".into()))).is_err());
+        // A plain key never asks.
+        let (plain, _) = SecretKey::generate(Role::Site, "site-a")
+            .unwrap()
+            .write_pair(&dir.path().join("plain"))
+            .unwrap();
+        assert!(!SecretKey::is_protected(&plain).unwrap());
+        SecretKey::read_with(&plain, || panic!("asked for a passphrase")).unwrap();
+    }
+
+    #[test]
+    fn fingerprints_are_full_length_and_checked_in_pub_files() {
+        let pk = SecretKey::from_seed(Role::Hq, "hq", [1; 32]).public();
+        let fp = pk.fingerprint();
+        assert_eq!(fp.split(' ').count(), 16);
+        assert!(fp.replace(' ', "").starts_with(&pk.key_id_hex()));
+        let text = pk.to_file_text();
+        assert!(text.contains(&format!("fingerprint: {fp}")));
+        let p = Path::new("x.pub");
+        let mut wrong = fp.clone().into_bytes();
+        let last = wrong.len() - 1;
+        wrong[last] = if wrong[last] == b'0' { b'1' } else { b'0' };
+        let edited = text.replace(&fp, std::str::from_utf8(&wrong).unwrap());
+        assert!(PublicKey::parse(&edited, p).is_err());
+        // Files written before fingerprints still load.
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("fingerprint"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(PublicKey::parse(&old, p).unwrap(), pk);
+    }
+
+    #[test]
+    fn two_keys_claiming_the_same_role_and_id_are_refused() {
+        let mut ring = Keyring::new();
+        ring.add(SecretKey::from_seed(Role::Hq, "hq", [1; 32]).public())
+            .unwrap();
+        // The same key again is harmless.
+        ring.add(SecretKey::from_seed(Role::Hq, "hq", [1; 32]).public())
+            .unwrap();
+        let err = ring
+            .add(SecretKey::from_seed(Role::Hq, "hq", [9; 32]).public())
+            .unwrap_err();
+        assert!(
+            matches!(err, KeyError::DuplicateId { role: Role::Hq, .. }),
+            "{err}"
+        );
+        assert_eq!(ring.len(), 1);
+        // The same id in another role is another key.
+        ring.add(SecretKey::from_seed(Role::Site, "hq", [3; 32]).public())
+            .unwrap();
+        // Loading a folder with both is refused.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, seed) in [("hq.pub", 1u8), ("rogue.pub", 9)] {
+            std::fs::write(
+                dir.path().join(name),
+                SecretKey::from_seed(Role::Hq, "hq", [seed; 32])
+                    .public()
+                    .to_file_text(),
+            )
+            .unwrap();
+        }
+        assert!(matches!(
+            Keyring::load(&[dir.path().to_path_buf()]),
+            Err(KeyError::DuplicateId { .. })
+        ));
+    }
 }
