@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod container;
+pub mod filesig;
 pub mod fsutil;
 pub mod keys;
 pub mod manifest;
