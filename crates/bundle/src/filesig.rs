@@ -122,20 +122,19 @@ fn verify_digest<'k>(
         },
     };
     let f = Fields::parse(sig, sig_path, "ferry-file-signature").map_err(malformed)?;
+    let hex_field = |name: &str, out: &mut [u8]| -> Result<(), FileSigError> {
+        let digits = out.len() * 2;
+        hex::decode_to_slice(f.get(name).map_err(malformed)?, out).map_err(|_| {
+            FileSigError::Malformed {
+                path: sig_path.to_path_buf(),
+                why: format!("`{name}` is not {digits} hex digits"),
+            }
+        })
+    };
     let mut key_id = [0u8; 8];
-    hex::decode_to_slice(f.get("key-id").map_err(malformed)?, &mut key_id).map_err(|_| {
-        FileSigError::Malformed {
-            path: sig_path.to_path_buf(),
-            why: "`key-id` is not 16 hex digits".into(),
-        }
-    })?;
+    hex_field("key-id", &mut key_id)?;
     let mut signature = [0u8; 64];
-    hex::decode_to_slice(f.get("signature").map_err(malformed)?, &mut signature).map_err(|_| {
-        FileSigError::Malformed {
-            path: sig_path.to_path_buf(),
-            why: "`signature` is not 128 hex digits".into(),
-        }
-    })?;
+    hex_field("signature", &mut signature)?;
     let key_hex = hex::encode(key_id);
     if keyring.is_revoked(&key_id) {
         return Err(FileSigError::RevokedKey(key_hex));
