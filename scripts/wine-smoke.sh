@@ -5,7 +5,13 @@
 #
 #   scripts/wine-smoke.sh [DIR]    DIR holds ferry-client.exe and ferry-server.exe
 #                                  (default: target/x86_64-pc-windows-gnu/release)
-# Needs Debian's wine (apt-get install wine wine64); runs headless, in a throwaway WINEPREFIX.
+# Needs Debian's wine (apt-get install wine wine64) and MinGW (gcc-mingw-w64-x86-64); runs headless, in a throwaway
+# WINEPREFIX.
+#
+# Wine 8.0 (Debian 12) lacks bcryptprimitives.dll, whose ProcessPrng Rust's standard library (and getrandom) call
+# for randomness on Windows 10 and newer, so the programs would not even start. The prefix gets a stand-in built
+# here with MinGW: ProcessPrng over advapi32's RtlGenRandom. It is for this test only, never shipped; real Windows
+# has the DLL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-target/x86_64-pc-windows-gnu/release}")
@@ -15,7 +21,7 @@ done
 command -v wine >/dev/null || { echo "wine-smoke.sh: wine is not installed (apt-get install wine wine64)" >&2; exit 1; }
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'wineserver -k >/dev/null 2>&1; wineserver -w >/dev/null 2>&1; rm -rf "$work" || true' EXIT
 export WINEPREFIX=$work/prefix WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml=" DISPLAY=
 cd "$work"
 step() { printf '\n$ %s\n' "$*"; }
@@ -23,6 +29,23 @@ client() { step "ferry-client $*"; wine "$bin/ferry-client.exe" "$@"; }
 server() { step "ferry-server $*"; wine "$bin/ferry-server.exe" "$@"; }
 
 wineboot --init >/dev/null 2>&1 || true
+cat >shim.c <<'C'
+#include <windows.h>
+#define SystemFunction036 NTAPI SystemFunction036
+#include <ntsecapi.h>
+#undef SystemFunction036
+BOOL WINAPI ProcessPrng(PBYTE data, SIZE_T len) {
+    while (len) {
+        ULONG n = len > 0x40000000 ? 0x40000000 : (ULONG)len;
+        if (!RtlGenRandom(data, n)) return FALSE;
+        data += n;
+        len -= n;
+    }
+    return TRUE;
+}
+C
+printf 'LIBRARY bcryptprimitives\nEXPORTS\n    ProcessPrng\n' >shim.def
+x86_64-w64-mingw32-gcc -O2 -shared -o "$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll" shim.c shim.def -ladvapi32
 
 client --version
 server keygen --id hq --out keys/

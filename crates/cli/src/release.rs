@@ -44,7 +44,11 @@ fn man_pages(cmd: &clap::Command) -> Result<Vec<(String, Vec<u8>)>> {
     let mut roff = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut roff)?;
     pages.push((format!("{}.1", cmd.get_name()), roff));
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    // Not clap's own `help` command: `--help` and the pages themselves cover it.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("{}-{}", cmd.get_name(), sub.get_name());
         // Named `ferry-client-import`, with its usage line saying `ferry-client import`.
         let usage = format!("{} {}", cmd.get_name(), sub.get_name());
