@@ -175,15 +175,8 @@ pub fn verify_file<'k>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::test_ring as ring;
     use crate::keys::Role;
-
-    fn ring(keys: &[&SecretKey]) -> Keyring {
-        let mut r = Keyring::new();
-        for k in keys {
-            r.add(k.public()).unwrap();
-        }
-        r
-    }
 
     #[test]
     fn signs_and_verifies_and_refuses_changes() {

@@ -497,6 +497,16 @@ impl Keyring {
     }
 }
 
+/// A keyring trusting the public halves of `keys` (for tests).
+#[cfg(test)]
+pub(crate) fn test_ring(keys: &[&SecretKey]) -> Keyring {
+    let mut r = Keyring::new();
+    for k in keys {
+        r.add(k.public()).unwrap();
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
