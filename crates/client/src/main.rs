@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use ferry_bundle::site::{ImportOutcome, SiteState, DEFAULT_MAX_ROUND_JUMP};
 use ferry_bundle::{short, Draft, Role, SecretKey};
 use ferry_cli::{describe, open_bundle, read_weights};
+use ferry_site::{ImportOutcome, ImportPolicy, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,10 +168,12 @@ fn pack(a: &PackArgs) -> Result<()> {
 
 fn import(a: &ImportArgs) -> Result<()> {
     let ring = a.trust.keyring()?;
-    let state = SiteState::open(&a.state)?;
-    let _lock = state.lock()?;
     let bundle = open_bundle(&a.file, &ring)?;
-    match state.import(&bundle, &a.file.display().to_string(), a.max_round_jump)? {
+    let state = SiteState::at(&a.state);
+    let policy = ImportPolicy {
+        max_round_jump: a.max_round_jump,
+    };
+    match state.import_new(&bundle, &a.file.display().to_string(), &policy)? {
         ImportOutcome::AlreadyCurrent => {
             println!(
                 "already current: round {} ({}), nothing to do",
@@ -247,8 +249,8 @@ fn status(a: &StatusArgs) -> Result<()> {
 fn export(a: &ExportArgs) -> Result<()> {
     let key = SecretKey::read(&a.key)?;
     let state = SiteState::open(&a.state)?;
-    let _lock = state.lock()?;
-    let (path, sealed) = state.export(&key, &a.out, a.level)?;
+    let lock = state.lock()?;
+    let (path, sealed) = state.export(&lock, &key, &a.out, a.level)?;
     println!(
         "wrote {} ({} bytes), {}",
         path.display(),

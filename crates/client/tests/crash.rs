@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use ferry_bundle::fsutil::DirLock;
-use ferry_bundle::site::{LocalRecord, SiteState};
 use ferry_bundle::{
     open, open_file, seal, sha256_hex, Bundle, BundleKind, Contributor, Draft, Dtype, Keyring,
     Limits, Payload, Role, SecretKey, TensorRef,
 };
+use ferry_site::{ImportPolicy, LocalRun, SiteState};
 use serde_json::Value;
 
 const SIGABRT: i32 = 6;
@@ -130,19 +130,18 @@ impl Fixture {
             &inp.join("global-r1.ferry"),
         );
         let local = payload(0.5, local_elems, noisy).bytes().to_vec();
-        let state = SiteState::open(&root.path().join("template")).unwrap();
-        state.import(&g0, "global-r0.ferry", 100).unwrap();
-        let rec = LocalRecord {
-            base_hash: g0.hash.clone(),
-            round: 0,
+        let state = SiteState::at(&root.path().join("template"));
+        state
+            .import_new(&g0, "global-r0.ferry", &ImportPolicy::default())
+            .unwrap();
+        let lock = state.lock().unwrap();
+        let run = LocalRun {
             samples: 10,
             epochs: 1,
             steps: 1,
-            trained_at: 1,
-            weights_sha256: String::new(),
-            exported: None,
         };
-        state.write_local(&local, &rec).unwrap();
+        state.record_local(&lock, &local, run).unwrap();
+        drop(lock);
         let local_rec = serde_json::to_value(state.local().unwrap().unwrap()).unwrap();
         Fixture {
             root,

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod bench;
 mod block;
+pub mod checkpoint;
 mod cpu;
 pub mod data;
 pub mod device;
@@ -17,7 +18,6 @@ mod matmul;
 pub mod model;
 pub mod optim;
 mod param_grads;
-pub mod site;
 #[cfg(test)]
 mod testutil;
 pub mod train;
@@ -29,8 +29,7 @@ pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model, Ops};
 pub use optim::{Adam, AdamConfig};
-pub use site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};
 pub use train::{
-    evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats,
-    TrainConfig, TrainObserver, TrainSummary,
+    evaluate, recalibrate, train, train_epoch, train_epochs, EpochStats, Evaluation, Recalibration,
+    StepStats, TrainConfig, TrainObserver, TrainSummary,
 };
