@@ -241,7 +241,7 @@ impl PublicKey {
 
     /// Parse `.pub` file text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<PublicKey, KeyError> {
-        let (f, _) = Fields::parse(text, path, "ferry-public-key", &["1"])?;
+        let f = Fields::parse(text, path, "ferry-public-key")?;
         let role: Role = f
             .get("role")?
             .parse()
@@ -493,7 +493,7 @@ impl SecretKey {
             Some(i) => (&text[..i], Some(&text[i..])),
             None => (text, None),
         };
-        let (f, version) = Fields::parse(head, path, "ferry-secret-key", &["1", "2"])?;
+        let (f, version) = Fields::parse_versioned(head, path, "ferry-secret-key", &["1", "2"])?;
         let role: Role = f
             .get("role")?
             .parse()
@@ -624,20 +624,40 @@ fn check_private(path: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Off Unix there are no mode bits: on Windows who may read a file is its ACL, which the standard library cannot
+/// read and this crate (no `unsafe`) does not parse. Rather than pretend to check, say so once per process
+/// (issue 17).
 #[cfg(not(unix))]
-fn check_private(_path: &Path) -> Result<(), KeyError> {
+fn check_private(path: &Path) -> Result<(), KeyError> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "warning: {}: who may read this secret key is not checked on this system; keep keys in a folder only \
+             you can open (under your user profile), never on a shared drive or a stick",
+            crate::escape_path(path)
+        )
+    });
     Ok(())
 }
 
-/// `field: value` lines of a key file.
-struct Fields<'a> {
+/// `field: value` lines of a key file (and of a file signature, [`crate::filesig`]).
+pub(crate) struct Fields<'a> {
     path: &'a Path,
     map: BTreeMap<&'a str, &'a str>,
 }
 
 impl<'a> Fields<'a> {
+    /// Parse the `field: value` lines, then require the version field `magic` to be `1`.
+    pub(crate) fn parse(
+        text: &'a str,
+        path: &'a Path,
+        magic: &str,
+    ) -> Result<Fields<'a>, KeyError> {
+        Fields::parse_versioned(text, path, magic, &["1"]).map(|(f, _)| f)
+    }
+
     /// Parse the `field: value` lines, then require the version field `magic` to be one of `versions`.
-    fn parse(
+    fn parse_versioned(
         text: &'a str,
         path: &'a Path,
         magic: &str,
@@ -692,7 +712,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn get(&self, k: &str) -> Result<&'a str, KeyError> {
+    pub(crate) fn get(&self, k: &str) -> Result<&'a str, KeyError> {
         self.map
             .get(k)
             .copied()
@@ -817,6 +837,16 @@ impl Keyring {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// A keyring trusting the public halves of `keys` (for tests).
+#[cfg(test)]
+pub(crate) fn test_ring(keys: &[&SecretKey]) -> Keyring {
+    let mut r = Keyring::new();
+    for k in keys {
+        r.add(k.public()).unwrap();
+    }
+    r
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 mod container;
 mod envelope;
+pub mod filesig;
 pub mod fsutil;
 pub mod keylist;
 pub mod keys;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{escape, escape_path, short, Draft, Role};
 use ferry_cli::{describe, open_bundle, read_secret_key, read_weights};
 use ferry_site::{ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP};
@@ -52,6 +52,12 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+    /// Check a file's detached signature (<FILE>.sig), e.g. a release's SHA256SUMS.
+    VerifyFile(ferry_cli::release::VerifyFileArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(ferry_cli::release::CompletionsArgs),
+    /// Print the man page, or write one per command with --out.
+    Man(ferry_cli::release::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -396,5 +402,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
+        Command::VerifyFile(a) => ferry_cli::release::verify_file(a),
+        Command::Completions(a) => ferry_cli::release::completions(Cli::command(), a),
+        Command::Man(a) => ferry_cli::release::man(Cli::command(), a),
     })
 }

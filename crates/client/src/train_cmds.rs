@@ -235,13 +235,13 @@ pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
     spinner.finish_and_clear();
     let (r, path) = res?;
     if r.batches == 0 {
-        println!("{arch} has no BatchNorm layers: nothing to recalibrate; wrote the global unchanged to {}", path.display());
+        println!("{arch} has no BatchNorm layers: nothing to recalibrate; wrote the global unchanged to {}", ferry_bundle::escape_path(&path));
     } else {
         println!(
             "recalibrated {arch} BatchNorm statistics on {} samples ({} batches); deployed model written to {} (the global and the local update are unchanged)",
             r.samples,
             r.batches,
-            path.display()
+            ferry_bundle::escape_path(&path)
         );
     }
     Ok(())

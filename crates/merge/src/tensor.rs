@@ -185,7 +185,7 @@ impl PayloadFile {
             .binary_search_by(|(m, _, _)| m.name.as_str().cmp(name))
             .map(|i| &self.index[i])
             .map_err(|_| MergeError::MissingTensor {
-                origin: self.path.display().to_string(),
+                origin: ferry_bundle::escape_path(&self.path),
                 tensor: name.to_string(),
             })
     }

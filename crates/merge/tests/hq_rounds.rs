@@ -171,6 +171,22 @@ impl Fed {
         sealed.write_to_dir(out).unwrap()
     }
 
+    /// Merge `files`, expecting a refusal that `ok` accepts and that changes nothing on disk.
+    fn refused(
+        &self,
+        files: &[PathBuf],
+        cfg: &RoundConfig,
+        ring: &Keyring,
+        ok: &dyn Fn(&HqError) -> bool,
+    ) -> HqError {
+        let before = self.snapshot();
+        let err =
+            hq::merge_round(&self.state, &self.hq, ring, &[], files, cfg, &self.out).unwrap_err();
+        assert!(ok(&err), "unexpected: {err}");
+        assert_eq!(self.snapshot(), before, "state changed after: {err}");
+        err
+    }
+
     fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
         let mut m = BTreeMap::new();
         for root in [&self.state, &self.out] {
@@ -341,13 +357,9 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         &fed.out,
     )
     .unwrap();
-    let before = fed.snapshot();
     let check =
         |files: &[PathBuf], cfg: &RoundConfig, ring: &Keyring, ok: &dyn Fn(&HqError) -> bool| {
-            let err =
-                hq::merge_round(&fed.state, &fed.hq, ring, &[], files, cfg, &fed.out).unwrap_err();
-            assert!(ok(&err), "unexpected: {err}");
-            assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+            fed.refused(files, cfg, ring, ok);
         };
     // Stale: site B's update is based on round 0, HQ is at round 1.
     check(std::slice::from_ref(&ub), &fedavg(), &fed.ring, &|e| {
@@ -529,41 +541,15 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
     // backup, say): refused, nothing written.
     let (state, _) = ferry_merge::ServerState::from_bytes(&good, &current).unwrap();
     std::fs::write(&current, state.to_bytes(&"e".repeat(64)).unwrap()).unwrap();
-    let before = fed.snapshot();
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
-        &fed.ring,
-        &[],
-        std::slice::from_ref(&u2),
-        &cfg,
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, HqError::Merge(MergeError::StateGlobalMismatch { .. })),
-        "{err}"
-    );
+    let err = fed.refused(std::slice::from_ref(&u2), &cfg, &fed.ring, &|e| {
+        matches!(e, HqError::Merge(MergeError::StateGlobalMismatch { .. }))
+    });
     assert!(err.to_string().contains("reset"), "{err}");
-    assert_eq!(fed.snapshot(), before, "a refused merge wrote something");
     // Damaged: refused the same way.
     std::fs::write(&current, &good[..good.len() / 2]).unwrap();
-    let before = fed.snapshot();
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
-        &fed.ring,
-        &[],
-        std::slice::from_ref(&u2),
-        &cfg,
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, HqError::Merge(MergeError::StateCorrupt { .. })),
-        "{err}"
-    );
-    assert_eq!(fed.snapshot(), before);
+    fed.refused(std::slice::from_ref(&u2), &cfg, &fed.ring, &|e| {
+        matches!(e, HqError::Merge(MergeError::StateCorrupt { .. }))
+    });
     // The real state back: the round goes through.
     std::fs::write(&current, &good).unwrap();
     hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u2], &cfg, &fed.out).unwrap();

@@ -810,15 +810,11 @@ mod tests {
 
     #[test]
     fn ttf_font_renders() {
-        let path = Path::new("/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf");
-        if !path.is_file() {
-            eprintln!(
-                "skipping: {} absent (apt-get install fonts-nanum)",
-                path.display()
-            );
-            return;
-        }
-        let d = generate(PlateStyle::Tight, 20, 1, Some(path)).unwrap();
+        let path = ferry_testdata::font(
+            "fonts-nanum",
+            "usr/share/fonts/truetype/nanum/NanumGothicBold.ttf",
+        );
+        let d = generate(PlateStyle::Tight, 20, 1, Some(&path)).unwrap();
         let u = generate(PlateStyle::Tight, 20, 1, None).unwrap();
         assert_eq!(d.labels, u.labels);
         assert_ne!(d.images, u.images);
@@ -841,11 +837,12 @@ mod tests {
         let e = generate(PlateStyle::Tight, 1, 0, Some(&dir.path().join("none.ttf"))).unwrap_err();
         assert!(matches!(e, DataError::Io { .. }), "{e}");
         // A font without Hangul.
-        let latin = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
-        if latin.is_file() {
-            let e = generate(PlateStyle::Tight, 1, 0, Some(latin)).unwrap_err();
-            assert!(e.to_string().contains("no glyph"), "{e}");
-        }
+        let latin = ferry_testdata::font(
+            "fonts-dejavu-core",
+            "usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        );
+        let e = generate(PlateStyle::Tight, 1, 0, Some(&latin)).unwrap_err();
+        assert!(e.to_string().contains("no glyph"), "{e}");
     }
 
     /// Writes contact sheets to $TMPDIR and reports the generation speed:
