@@ -47,6 +47,22 @@ fn os(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
 }
 
+/// `ferry-client import [--federation F] --trust HQ --state STATE FILE`.
+fn import(federation: Option<&str>, hq_pub: &Path, state: &Path, file: &Path) -> Output {
+    let mut args = vec![os("import")];
+    if let Some(f) = federation {
+        args.extend([os("--federation"), os(f)]);
+    }
+    args.extend([
+        os("--trust"),
+        hq_pub.as_os_str(),
+        os("--state"),
+        state.as_os_str(),
+        file.as_os_str(),
+    ]);
+    client(&args, &[])
+}
+
 /// Stdout and stderr hold no control character but the newline.
 fn printable(o: &Output) -> String {
     let text = format!(
@@ -96,34 +112,10 @@ fn file_names_with_escape_sequences_are_printed_and_stored_escaped() {
     }
     // A refused import prints the name escaped; an accepted one stores it escaped, and status replays it so.
     let state = dir.path().join("site");
-    let o = client(
-        &[
-            os("import"),
-            os("--federation"),
-            os("city"),
-            os("--trust"),
-            hq_pub.as_os_str(),
-            os("--state"),
-            state.as_os_str(),
-            broken.as_os_str(),
-        ],
-        &[],
-    );
+    let o = import(Some("city"), &hq_pub, &state, &broken);
     refusal(&o);
     assert!(!state.exists(), "a refused import created the state");
-    let o = client(
-        &[
-            os("import"),
-            os("--federation"),
-            os("city"),
-            os("--trust"),
-            hq_pub.as_os_str(),
-            os("--state"),
-            state.as_os_str(),
-            g.as_os_str(),
-        ],
-        &[],
-    );
+    let o = import(Some("city"), &hq_pub, &state, &g);
     assert!(o.status.success(), "{o:?}");
     printable(&o);
     let record = std::fs::read_to_string(state.join("global.json")).unwrap();
@@ -141,31 +133,9 @@ fn the_first_import_needs_a_federation_and_a_refusal_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (hq_pub, g) = setup(dir.path(), "global-r0.ferry");
     let state = dir.path().join("site");
-    let err = refusal(&client(
-        &[
-            os("import"),
-            os("--trust"),
-            hq_pub.as_os_str(),
-            os("--state"),
-            state.as_os_str(),
-            g.as_os_str(),
-        ],
-        &[],
-    ));
+    let err = refusal(&import(None, &hq_pub, &state, &g));
     assert!(err.contains("--federation"), "{err}");
-    let err = refusal(&client(
-        &[
-            os("import"),
-            os("--federation"),
-            os("elsewhere"),
-            os("--trust"),
-            hq_pub.as_os_str(),
-            os("--state"),
-            state.as_os_str(),
-            g.as_os_str(),
-        ],
-        &[],
-    ));
+    let err = refusal(&import(Some("elsewhere"), &hq_pub, &state, &g));
     assert!(err.contains("belongs to federation"), "{err}");
     assert!(!state.exists());
     let help = client(&[os("import"), os("--help")], &[]);

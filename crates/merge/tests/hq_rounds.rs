@@ -171,6 +171,21 @@ impl Fed {
         sealed.write_to_dir(out).unwrap()
     }
 
+    /// HQ starts federation `city` from `Model::at(0.0)`; returns the round-0 global's path.
+    fn start(&self) -> PathBuf {
+        hq::init(
+            &self.state,
+            &self.hq,
+            &Model::at(0.0).payload(),
+            "city",
+            None,
+            &self.out,
+            3,
+        )
+        .unwrap()
+        .0
+    }
+
     /// Merge `files`, expecting a refusal that `ok` accepts and that changes nothing on disk.
     fn refused(
         &self,
@@ -179,9 +194,21 @@ impl Fed {
         ring: &Keyring,
         ok: &dyn Fn(&HqError) -> bool,
     ) -> HqError {
+        self.refused_with(&[], files, cfg, ring, ok)
+    }
+
+    /// [`Fed::refused`], with revocation lists given to the merge (file name, bytes).
+    fn refused_with(
+        &self,
+        lists: &[(String, Vec<u8>)],
+        files: &[PathBuf],
+        cfg: &RoundConfig,
+        ring: &Keyring,
+        ok: &dyn Fn(&HqError) -> bool,
+    ) -> HqError {
         let before = self.snapshot();
         let err =
-            hq::merge_round(&self.state, &self.hq, ring, &[], files, cfg, &self.out).unwrap_err();
+            hq::merge_round(&self.state, &self.hq, ring, lists, files, cfg, &self.out).unwrap_err();
         assert!(ok(&err), "unexpected: {err}");
         assert_eq!(self.snapshot(), before, "state changed after: {err}");
         err
@@ -335,16 +362,7 @@ fn two_rounds_match_an_independent_reference() {
 #[test]
 fn every_refusal_writes_nothing_and_leaves_the_state() {
     let fed = Fed::new();
-    let (g0, _) = hq::init(
-        &fed.state,
-        &fed.hq,
-        &Model::at(0.0).payload(),
-        "city",
-        None,
-        &fed.out,
-        3,
-    )
-    .unwrap();
+    let g0 = fed.start();
     let ua = fed.site_round(0, &g0, &Model::at(1.0), 10);
     let ub = fed.site_round(1, &g0, &Model::at(2.0), 10);
     let r1 = hq::merge_round(
@@ -519,16 +537,7 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
         },
         ..fedavg()
     };
-    let (g0, _) = hq::init(
-        &fed.state,
-        &fed.hq,
-        &Model::at(0.0).payload(),
-        "city",
-        None,
-        &fed.out,
-        3,
-    )
-    .unwrap();
+    let g0 = fed.start();
     let u1 = fed.site_round(0, &g0, &Model::at(1.0), 10);
     let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[], &[u1], &cfg, &fed.out).unwrap();
     let u2 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
@@ -562,16 +571,7 @@ fn server_state_of_another_global_or_damaged_refuses_the_merge() {
 fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
     use ferry_bundle::revocation::{self, RevocationError, RevocationList, Revoked, RevokedBundle};
     let fed = Fed::new();
-    let (g0, _) = hq::init(
-        &fed.state,
-        &fed.hq,
-        &Model::at(0.0).payload(),
-        "city",
-        None,
-        &fed.out,
-        3,
-    )
-    .unwrap();
+    let g0 = fed.start();
     let mut ring = fed.ring.clone();
     ring.add(fed.hq.public()).unwrap();
     let ua = fed.site_round(0, &g0, &Model::at(1.0), 10);
@@ -589,30 +589,24 @@ fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
         id: "site-b".into(),
         reason: "laptop stolen".into(),
     };
-    let before = fed.snapshot();
+    let ua_only = std::slice::from_ref(&ua);
     // Another federation's list, signed by this very HQ key.
     let foreign = sign("other-city", vec![site_b.clone()], vec![]);
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
-        &ring,
+    fed.refused_with(
         &[("foreign.ferry-rev".into(), foreign)],
-        std::slice::from_ref(&ua),
+        ua_only,
         &fedavg(),
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HqError::Revocation {
-                source: RevocationError::WrongFederation { .. },
-                ..
-            }
-        ),
-        "{err}"
+        &ring,
+        &|e| {
+            matches!(
+                e,
+                HqError::Revocation {
+                    source: RevocationError::WrongFederation { .. },
+                    ..
+                }
+            )
+        },
     );
-    assert_eq!(fed.snapshot(), before, "state changed after: {err}");
     // A list signed by a key HQ does not trust.
     let rogue = SecretKey::from_seed(Role::Hq, "hq", [99; 32]);
     let rogue_list = revocation::sign(
@@ -620,44 +614,27 @@ fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
         &rogue,
     )
     .unwrap();
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
-        &ring,
+    fed.refused_with(
         &[("rogue.ferry-rev".into(), rogue_list)],
-        std::slice::from_ref(&ua),
+        ua_only,
         &fedavg(),
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(matches!(err, HqError::Revocation { .. }), "{err}");
-    assert_eq!(fed.snapshot(), before, "state changed after: {err}");
-
-    // The list revoking site-b, given once: site-b's update is refused in this merge...
-    let list = sign("city", vec![site_b], vec![]);
-    let list_hash = ferry_bundle::sha256_hex(&list);
-    let given = [("revocations-1.ferry-rev".to_string(), list.clone())];
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
         &ring,
-        &given,
-        &[ua.clone(), ub.clone()],
-        &fedavg(),
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(
+        &|e| matches!(e, HqError::Revocation { .. }),
+    );
+    let revoked = |e: &HqError| {
         matches!(
-            err,
+            e,
             HqError::Open {
                 source: ferry_bundle::OpenError::RevokedKey(_),
                 ..
             }
-        ),
-        "{err}"
-    );
-    assert_eq!(fed.snapshot(), before, "a refused merge stored the list");
+        )
+    };
+    // The list revoking site-b, given once: site-b's update is refused in this merge (nothing stored)...
+    let list = sign("city", vec![site_b], vec![]);
+    let list_hash = ferry_bundle::sha256_hex(&list);
+    let given = [("revocations-1.ferry-rev".to_string(), list.clone())];
+    fed.refused_with(&given, &[ua.clone(), ub], &fedavg(), &ring, &revoked);
     // ...and in every later merge without the flag, once a merge stored it.
     let r1 = hq::merge_round(
         &fed.state,
@@ -686,28 +663,7 @@ fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
     assert_eq!(hq::stored_revocations(&fed.state).unwrap().len(), 1);
     let b1 = fed.site_round(1, &r1.path, &Model::at(2.0), 10);
     let a1 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
-    let before = fed.snapshot();
-    let err = hq::merge_round(
-        &fed.state,
-        &fed.hq,
-        &ring,
-        &[],
-        &[a1.clone(), b1],
-        &fedavg(),
-        &fed.out,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HqError::Open {
-                source: ferry_bundle::OpenError::RevokedKey(_),
-                ..
-            }
-        ),
-        "revocation did not stick: {err}"
-    );
-    assert_eq!(fed.snapshot(), before);
+    fed.refused(&[a1.clone(), b1], &fedavg(), &ring, &revoked);
     // A bundle withdrawn by hash (revoke --bundle, stored by `revoke --state`) is refused too.
     let withdraw = revocation::sign(
         &RevocationList::new(
@@ -725,16 +681,13 @@ fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
     )
     .unwrap();
     hq::store_revocation(&fed.state, &fed.hq, &withdraw).unwrap();
-    let err =
-        hq::merge_round(&fed.state, &fed.hq, &ring, &[], &[a1], &fedavg(), &fed.out).unwrap_err();
-    assert!(
+    fed.refused(&[a1], &fedavg(), &ring, &|e| {
         matches!(
-            err,
+            e,
             HqError::Open {
                 source: ferry_bundle::OpenError::RevokedBundle(_),
                 ..
             }
-        ),
-        "{err}"
-    );
+        )
+    });
 }

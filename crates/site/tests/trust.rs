@@ -203,12 +203,52 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     m
 }
 
+/// The revocation-list error inside a site error, if that is what it is.
+fn revocation_error(e: &SiteError) -> Option<&revocation::RevocationError> {
+    match e {
+        SiteError::Revocation { source, .. } => Some(source),
+        _ => None,
+    }
+}
+
+/// The key-list error inside a site error, if that is what it is.
+fn key_list_error(e: &SiteError) -> Option<&keylist::KeyListError> {
+    match e {
+        SiteError::KeyList { source, .. } => Some(source),
+        _ => None,
+    }
+}
+
+/// An import given only `--federation`.
+fn only_federation(federation: &str) -> ImportTrust {
+    ImportTrust {
+        federation: Some(federation.into()),
+        ..ImportTrust::default()
+    }
+}
+
+/// A later import given these revocation lists (file name, bytes) and nothing else.
+fn with_lists(lists: Vec<(&str, Vec<u8>)>) -> ImportTrust {
+    ImportTrust {
+        revocations: lists.into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
+        ..ImportTrust::default()
+    }
+}
+
+/// A later import given this HQ key list and nothing else.
+fn with_key_list(bytes: Vec<u8>) -> ImportTrust {
+    ImportTrust {
+        hq_keys: Some(("hq-keys.ferry-keys".into(), bytes)),
+        ..ImportTrust::default()
+    }
+}
+
 /// Assert `r` is the refusal `is` and the state did not change.
 fn refused(
     state: &SiteState,
     before: &BTreeMap<String, Vec<u8>>,
     r: Result<ImportOutcome, SiteError>,
-    is: fn(&SiteError) -> bool,
+    is: impl Fn(&SiteError) -> bool,
 ) -> String {
     let err = r.expect_err("accepted");
     assert!(is(&err), "unexpected error: {err:?}");
@@ -242,15 +282,7 @@ fn the_first_import_pins_federation_and_hq_key() {
     refused(
         &state,
         &none,
-        import(
-            &state,
-            &ImportTrust {
-                federation: Some("city".into()),
-                ..ImportTrust::default()
-            },
-            &policy(),
-            &g0,
-        ),
+        import(&state, &only_federation("city"), &policy(), &g0),
         |e| matches!(e, SiteError::NeedsHqKey),
     );
     // A global of another federation signed by the very same HQ key, offered first.
@@ -292,15 +324,7 @@ fn the_first_import_pins_federation_and_hq_key() {
     refused(
         &state,
         &before,
-        import(
-            &state,
-            &ImportTrust {
-                federation: Some("other-city".into()),
-                ..ImportTrust::default()
-            },
-            &policy(),
-            &g1,
-        ),
+        import(&state, &only_federation("other-city"), &policy(), &g1),
         |e| matches!(e, SiteError::PinnedFederation { .. }),
     );
     // A second key calling itself hq, offered with --trust, is not added to the pin.
@@ -405,31 +429,8 @@ fn revocation_lists_stick_and_globals_require_the_list_they_name() {
         |e| matches!(e, SiteError::MissingRevocationList { serial: 1, .. }),
     );
     assert!(msg.contains("--revocations"), "{msg}");
-    // A list of another federation, signed by the same HQ key.
+    // A list of another federation, signed by the same HQ key; a list signed by a rogue HQ key.
     let foreign = list(1, "other-city", vec![], vec![]);
-    refused(
-        &state,
-        &before,
-        import(
-            &state,
-            &ImportTrust {
-                revocations: vec![("foreign.ferry-rev".into(), foreign)],
-                ..ImportTrust::default()
-            },
-            &policy(),
-            &g1,
-        ),
-        |e| {
-            matches!(
-                e,
-                SiteError::Revocation {
-                    source: revocation::RevocationError::WrongFederation { .. },
-                    ..
-                }
-            )
-        },
-    );
-    // A list signed by a rogue HQ key.
     let rogue = revocation::sign(
         &RevocationList::new("city", 9, 0, NOW + 1, vec![], vec![]),
         &rogue_hq(),
@@ -440,29 +441,41 @@ fn revocation_lists_stick_and_globals_require_the_list_they_name() {
         &before,
         import(
             &state,
-            &ImportTrust {
-                revocations: vec![("rogue.ferry-rev".into(), rogue)],
-                ..ImportTrust::default()
-            },
+            &with_lists(vec![("foreign.ferry-rev", foreign)]),
             &policy(),
             &g1,
         ),
         |e| {
             matches!(
-                e,
-                SiteError::Revocation {
-                    source: revocation::RevocationError::UntrustedKey(_),
-                    ..
-                }
+                revocation_error(e),
+                Some(revocation::RevocationError::WrongFederation { .. })
+            )
+        },
+    );
+    refused(
+        &state,
+        &before,
+        import(
+            &state,
+            &with_lists(vec![("rogue.ferry-rev", rogue)]),
+            &policy(),
+            &g1,
+        ),
+        |e| {
+            matches!(
+                revocation_error(e),
+                Some(revocation::RevocationError::UntrustedKey(_))
             )
         },
     );
     // Given the list, the global installs and the list is stored.
-    let with_list = ImportTrust {
-        revocations: vec![("revocations-1.ferry-rev".into(), rev.clone())],
-        ..ImportTrust::default()
-    };
-    import(&state, &with_list, &policy(), &g1).unwrap();
+    import(
+        &state,
+        &with_lists(vec![("revocations-1.ferry-rev", rev.clone())]),
+        &policy(),
+        &g1,
+    )
+    .unwrap();
     let stored = state.revocation_lists().unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].sha256, rev_hash);
@@ -540,11 +553,8 @@ fn a_root_pinned_site_follows_hq_key_rotation_under_the_root_only() {
         ),
         |e| {
             matches!(
-                e,
-                SiteError::KeyList {
-                    source: keylist::KeyListError::UntrustedRoot { .. },
-                    ..
-                }
+                key_list_error(e),
+                Some(keylist::KeyListError::UntrustedRoot { .. })
             )
         },
     );
@@ -583,11 +593,7 @@ fn a_root_pinned_site_follows_hq_key_rotation_under_the_root_only() {
         |e| matches!(e, SiteError::UnpinnedHqKey { .. }),
     );
     let l2 = key_list(2, "city", &[&hq2()], &root());
-    let with_l2 = ImportTrust {
-        hq_keys: Some(("hq-keys-2.ferry-keys".into(), l2.clone())),
-        ..ImportTrust::default()
-    };
-    import(&state, &with_l2, &policy(), &g1).unwrap();
+    import(&state, &with_key_list(l2.clone()), &policy(), &g1).unwrap();
     assert_eq!(state.hq_key_list().unwrap().unwrap(), l2);
     // The old key no longer signs anything this site accepts, and the old list cannot come back.
     let old = global(G::new(2, Some(&g1)));
@@ -601,40 +607,27 @@ fn a_root_pinned_site_follows_hq_key_rotation_under_the_root_only() {
         ),
         Err(OpenError::UntrustedKey(_))
     ));
-    let rollback = ImportTrust {
-        hq_keys: Some(("hq-keys-1.ferry-keys".into(), l1)),
-        ..ImportTrust::default()
-    };
     refused(
         &state,
         &before,
-        import(&state, &rollback, &policy(), &old),
+        import(&state, &with_key_list(l1), &policy(), &old),
         |e| {
             matches!(
-                e,
-                SiteError::KeyList {
-                    source: keylist::KeyListError::Rollback { held: 2, found: 1 },
-                    ..
-                }
+                key_list_error(e),
+                Some(keylist::KeyListError::Rollback { held: 2, found: 1 })
             )
         },
     );
     // A list for another federation under the right root.
-    let foreign = ImportTrust {
-        hq_keys: Some(("x".into(), key_list(3, "other-city", &[&hq()], &root()))),
-        ..ImportTrust::default()
-    };
+    let foreign = with_key_list(key_list(3, "other-city", &[&hq()], &root()));
     refused(
         &state,
         &before,
         import(&state, &foreign, &policy(), &old),
         |e| {
             matches!(
-                e,
-                SiteError::KeyList {
-                    source: keylist::KeyListError::WrongFederation { .. },
-                    ..
-                }
+                key_list_error(e),
+                Some(keylist::KeyListError::WrongFederation { .. })
             )
         },
     );
