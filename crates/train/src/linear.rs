@@ -18,8 +18,7 @@ use candle_core::{
 
 use crate::cpu::{f32_slice, with_f32};
 use crate::matmul::{matmul_new, MatRef};
-use crate::param_grads::StepId;
-use crate::workspace::Workspace;
+use crate::workspace::{Handle, Workspace};
 
 /// Threads for an `n × inp × out` product: below ~2¹⁸ multiply-adds, splitting costs more than it saves.
 fn threads(n: usize, inp: usize, out: usize) -> usize {
@@ -50,19 +49,7 @@ fn check_shapes(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)
 struct FusedLinear {
     relu: bool,
     /// Where the backward pass hands the weight and bias gradients.
-    ws: Arc<Workspace>,
-    /// The training step open when the op was built, if any (see [`crate::param_grads`]).
-    step: Option<StepId>,
-}
-
-impl FusedLinear {
-    fn new(relu: bool, ws: &Arc<Workspace>) -> Self {
-        FusedLinear {
-            relu,
-            ws: Arc::clone(ws),
-            step: ws.grads.current(),
-        }
-    }
+    ws: Handle,
 }
 
 impl CustomOp3 for FusedLinear {
@@ -149,7 +136,7 @@ impl CustomOp3 for FusedLinear {
             }
             let sums = sums.into_iter().map(|s| s as f32).collect();
             let db = Tensor::from_vec(sums, out, dev)?;
-            self.ws.grads.offer(self.step, b, db)
+            self.ws.offer(b, db)
         } else {
             None
         };
@@ -159,7 +146,7 @@ impl CustomOp3 for FusedLinear {
                 matmul_new(g_rows.t(), MatRef::row_major(xs, n, inp)?, threads)
             })?;
             let dw = Tensor::from_vec(dw, (out, inp), dev)?;
-            self.ws.grads.offer(self.step, w, dw)
+            self.ws.offer(w, dw)
         } else {
             None
         };
@@ -191,7 +178,10 @@ pub(crate) fn linear(
     check_shapes(x.shape(), w.shape(), b.shape())?;
     let cpu_f32 = x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
     if let Some(ws) = ws.filter(|_| cpu_f32) {
-        let op = FusedLinear::new(relu, ws);
+        let op = FusedLinear {
+            relu,
+            ws: ws.handle(),
+        };
         return x
             .contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
@@ -336,7 +326,14 @@ mod tests {
             "weight rank"
         );
         // The op itself checks too, when called directly.
-        let bad = x.apply_op3(&rnd(&[4, 6], 2), &b, FusedLinear::new(false, &ws));
+        let bad = x.apply_op3(
+            &rnd(&[4, 6], 2),
+            &b,
+            FusedLinear {
+                relu: false,
+                ws: ws.handle(),
+            },
+        );
         assert!(bad.is_err());
         // Mixed dtypes fall back to candle, which refuses them.
         let b64 = b.to_dtype(DType::F64).unwrap();

@@ -435,6 +435,8 @@ impl Model {
         Ok(self.forward_mode(x, mode)?)
     }
 
+    /// The forward pass behind [`Model::forward`] and `ModuleT`: the fused ops get the model's workspace, the
+    /// generic ones none.
     fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let ws = self.fused.then_some(&self.workspace);
         match &self.net {

@@ -1,15 +1,17 @@
 //! The state the fused CPU ops share, owned by the model that runs them (issue 11): a pool of reusable buffers
 //! and the channel that hands parameter gradients to the optimizer ([`ParamGrads`]).
 //!
-//! Each fused op keeps an `Arc<Workspace>` in a struct field, as candle's own ops keep their settings, so its
-//! backward pass reaches the same buffers and the same gradient channel whatever thread candle runs it on. This
-//! replaced a process-wide pool, a per-thread scratch buffer and a per-thread gradient side channel. Two models
-//! share nothing; one model's ops share the pool, which is safe from any number of threads.
+//! Each fused op keeps a [`Handle`] to the workspace in a struct field, as candle's own ops keep their settings,
+//! so its backward pass reaches the same buffers and the same gradient channel whatever thread candle runs it on.
+//! This replaced a process-wide pool, a per-thread scratch buffer and a per-thread gradient side channel. Two
+//! models share nothing; one model's ops share the pool, which is safe from any number of threads.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::param_grads::ParamGrads;
+use candle_core::Tensor;
+
+use crate::param_grads::{ParamGrads, StepId};
 
 /// A model's fused-op state. Passed to the ops as `Some(&workspace)`; `None` selects candle's generic ops (the
 /// reference path, and the only path off the CPU).
@@ -30,6 +32,14 @@ impl Workspace {
     /// An empty workspace.
     pub(crate) fn new() -> Arc<Workspace> {
         Arc::new(Workspace::default())
+    }
+
+    /// The handle a fused op being built keeps: the workspace, and the training step open now (if any).
+    pub(crate) fn handle(self: &Arc<Self>) -> Handle {
+        Handle {
+            ws: Arc::clone(self),
+            step: self.grads.current(),
+        }
     }
 
     /// A buffer of exactly `len` values for the caller to overwrite entirely, back in the pool when dropped. The
@@ -60,6 +70,26 @@ impl Workspace {
         while held > POOL_VALUES {
             held -= pool.remove(0).len();
         }
+    }
+}
+
+/// What a fused op keeps of its model's workspace ([`Workspace::handle`]).
+pub(crate) struct Handle {
+    ws: Arc<Workspace>,
+    /// The training step open when the op was built: only that step takes the op's gradients.
+    step: Option<StepId>,
+}
+
+impl Handle {
+    /// A buffer of exactly `len` values from the pool ([`Workspace::take`]).
+    pub(crate) fn take(&self, len: usize) -> Pooled {
+        self.ws.take(len)
+    }
+
+    /// The op's gradient for `param`: `None` when the op's training step took it for the optimizer, otherwise
+    /// the gradient to give back to candle ([`ParamGrads::offer`]).
+    pub(crate) fn offer(&self, param: &Tensor, grad: Tensor) -> Option<Tensor> {
+        self.ws.grads.offer(self.step, param, grad)
     }
 }
 

@@ -56,7 +56,7 @@ impl ConvBlockOp {
             .transpose()?;
         // The weight's gradient goes to the optimizer directly when this op belongs to the open training step.
         let dw = Tensor::from_vec(dw, weight.shape(), dev)?;
-        let dw = self.ws.grads.offer(self.step, weight, dw);
+        let dw = self.ws.offer(weight, dw);
         let mut da = dgamma;
         da.extend(dbeta);
         let da = Tensor::from_vec(da, affine.shape(), dev)?;

@@ -52,8 +52,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::f32_slice;
-use crate::param_grads::StepId;
-use crate::workspace::{lock, Pooled, Workspace};
+use crate::workspace::{lock, Handle, Pooled, Workspace};
 use geometry::Geometry;
 
 /// How the block normalises the convolution output before ReLU.
@@ -123,8 +122,7 @@ pub(crate) fn conv_block(
         norm,
         keep,
         state: Arc::clone(&shared),
-        ws: Arc::clone(ws),
-        step: ws.grads.current(),
+        ws: ws.handle(),
     };
     let out = x
         .contiguous()?
@@ -212,9 +210,7 @@ struct ConvBlockOp {
     /// Shared with [`conv_block`], which takes the statistics after the forward pass.
     state: Arc<Mutex<BlockState>>,
     /// The model's buffers and gradient channel.
-    ws: Arc<Workspace>,
-    /// The training step open when the op was built, if any (see [`crate::param_grads`]).
-    step: Option<StepId>,
+    ws: Handle,
 }
 
 impl CustomOp3 for ConvBlockOp {
