@@ -23,10 +23,6 @@ mod testutil;
 pub mod train;
 mod workspace;
 
-// Only `site.rs` still imports `data` under this name; the alias goes when `site.rs` moves out of the crate
-// (issue 11). Everything else uses `crate::data`.
-pub(crate) use data as data_api;
-
 pub use arch::{Arch, TensorKind, TensorSpec};
 pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
