@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::data_api::Task;
+use crate::data::Task;
 use crate::error::TrainError;
 
 /// Character slots on a plate (the longest plate, `123가4567`, has 8 characters).

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::arch::Arch;
-use crate::data_api::Dataset;
+use crate::data::Dataset;
 use crate::error::TrainError;
 use crate::model::{Mode, Model};
 use crate::optim::{Adam, AdamConfig};
@@ -217,6 +217,9 @@ pub(crate) fn train_step(
     y: &Tensor,
     cfg: &AdamConfig,
 ) -> Result<(Tensor, f32, f64), TrainError> {
+    // The step's fused ops hand their parameters' gradients to the step, not to candle's store (see
+    // `param_grads`); the guard closes the step however this function returns.
+    let step = model.open_step();
     let logits = model.forward(x, Mode::Train)?;
     let l = loss(&logits, y)?;
     let lv = l.to_scalar::<f32>()?;
@@ -226,7 +229,7 @@ pub(crate) fn train_step(
             step: adam.step() + 1,
         });
     }
-    let grads = crate::param_grads::backward(&l)?;
+    let grads = step.backward(&l)?;
     let lr = adam.update(model, &grads, cfg)?;
     model.count_batch();
     Ok((logits, lv, lr))
