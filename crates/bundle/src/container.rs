@@ -1,14 +1,17 @@
 //! The container: header frame, signature, payload frame. The only code that turns bundle bytes into trusted
 //! data, in this order: header → key → signature → manifest → payload hash → decompress (capped) → tensors.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use crate::error::{OpenError, SealError};
 use crate::fsutil;
 use crate::keys::{KeyError, Keyring, Role, SecretKey};
 use crate::manifest::{BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION};
 use crate::payload::{canonical_header, Payload};
+use crate::stream::{self, Fanout, FrameProblem, FrameWalker, TensorCheck, CHUNK};
 use crate::tensor::{TensorMeta, TensorRef};
 
 /// zstd skippable-frame magic used for the ferry header (0x184D2A5E, little-endian on disk).
@@ -20,7 +23,6 @@ pub const SIGNATURE_DOMAIN: &[u8] = b"ferry-bundle-v1\0";
 /// Largest bundle file read by default (8 GiB).
 pub const MAX_BUNDLE_BYTES: u64 = 8 << 30;
 
-const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 /// Fixed part of the header frame's content: magic, version, reserved, key id, manifest length.
 const FIXED: usize = 8 + 2 + 2 + 8 + 4;
 const SIG_LEN: usize = 64;
@@ -82,6 +84,16 @@ impl Bundle {
     /// The signer's role.
     pub fn signer_role(&self) -> Role {
         self.manifest.signer.role
+    }
+
+    fn from_opened(o: Opened<Vec<u8>>) -> Bundle {
+        Bundle {
+            metas: o.manifest.tensor_metas(),
+            manifest: o.manifest,
+            hash: o.hash,
+            file_len: o.file_len,
+            payload: o.payload,
+        }
     }
 }
 
@@ -229,13 +241,67 @@ pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, SealError> {
         .map_err(|e| SealError::Compress(e.to_string()))
 }
 
-/// The header of a bundle, parsed but not verified.
-struct Header<'a> {
+/// A bundle whose signature, manifest and every payload hash verified, its decompressed payload written to the
+/// caller's `W` ([`open_file_into`]): a `Vec<u8>`, a scratch file, or `std::io::sink()` to check without keeping.
+#[derive(Debug)]
+pub struct Opened<W> {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the whole bundle file, lower-case hex.
+    pub hash: String,
+    /// Size of the bundle file.
+    pub file_len: u64,
+    /// Where the verified payload went.
+    pub payload: W,
+}
+
+impl<W> Opened<W> {
+    /// Tensor names, dtypes and shapes, sorted by name.
+    pub fn metas(&self) -> Vec<TensorMeta> {
+        self.manifest.tensor_metas()
+    }
+}
+
+/// A bundle whose header, signature, manifest and compressed payload hash verified, without decompressing the
+/// payload ([`identify_file`]): enough to name it and trust what its manifest says, since the signed hash pins
+/// every payload byte. Whether the payload decompresses to the tensors the manifest lists is not checked.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the whole bundle file, lower-case hex.
+    pub hash: String,
+    /// Size of the bundle file.
+    pub file_len: u64,
+}
+
+/// How far [`read_bundle`] goes after the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Up to the compressed payload's hash.
+    Identify,
+    /// Everything: decompress and check the tensors.
+    Full,
+}
+
+/// The header frame as read, not yet verified.
+struct HeaderFrame {
     version: u16,
     key_id: [u8; 8],
-    manifest_bytes: &'a [u8],
-    signature: [u8; 64],
-    payload: &'a [u8],
+    manifest_len: usize,
+    /// Bytes 0 to the end of the signature: where the file hash starts.
+    bytes: Vec<u8>,
+}
+
+impl HeaderFrame {
+    fn manifest_bytes(&self) -> &[u8] {
+        &self.bytes[8 + FIXED..8 + FIXED + self.manifest_len]
+    }
+    fn signature(&self) -> [u8; SIG_LEN] {
+        let mut s = [0u8; SIG_LEN];
+        s.copy_from_slice(&self.bytes[8 + FIXED + self.manifest_len..]);
+        s
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -243,18 +309,44 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, OpenError> {
-    if bytes.len() < 8 + FIXED {
-        return Err(OpenError::TooShort(bytes.len()));
+/// Read into `buf` until it is full or the source ends; the count read.
+fn read_full<R: Read + ?Sized>(src: &mut R, buf: &mut [u8]) -> Result<usize, OpenError> {
+    let mut at = 0;
+    while at < buf.len() {
+        match src.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(OpenError::Read(e)),
+        }
     }
-    if u32_at(bytes, 0) != Some(SKIPPABLE_MAGIC) || bytes.get(8..16) != Some(&HEADER_MAGIC[..]) {
+    Ok(at)
+}
+
+/// Read the header frame of a `file_len`-byte bundle: the fixed 32 bytes first, checked, and only then the
+/// manifest and signature they announce (at most `limits.max_manifest_bytes`).
+fn read_header<R: Read + ?Sized>(
+    src: &mut R,
+    file_len: u64,
+    limits: &Limits,
+) -> Result<HeaderFrame, OpenError> {
+    let fixed = 8 + FIXED;
+    if file_len < fixed as u64 {
+        return Err(OpenError::TooShort(file_len as usize));
+    }
+    let mut bytes = vec![0u8; fixed];
+    let got = read_full(src, &mut bytes)?;
+    if got < fixed {
+        return Err(OpenError::TooShort(got));
+    }
+    if u32_at(&bytes, 0) != Some(SKIPPABLE_MAGIC) || bytes[8..16] != HEADER_MAGIC[..] {
         return Err(OpenError::WrongMagic);
     }
     let version = u16::from_le_bytes([bytes[16], bytes[17]]);
     if version != FORMAT_VERSION as u16 {
         return Err(OpenError::UnsupportedVersion(version));
     }
-    if bytes.len() as u64 > limits.max_bundle_bytes {
+    if file_len > limits.max_bundle_bytes {
         return Err(OpenError::MalformedHeader(
             "the file is larger than a bundle may be",
         ));
@@ -262,8 +354,8 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
     if bytes[18] != 0 || bytes[19] != 0 {
         return Err(OpenError::MalformedHeader("reserved bytes are not zero"));
     }
-    let frame_len = u32_at(bytes, 4).ok_or(OpenError::MalformedHeader("truncated"))? as usize;
-    let manifest_len = u32_at(bytes, 28).ok_or(OpenError::MalformedHeader("truncated"))?;
+    let frame_len = u32_at(&bytes, 4).ok_or(OpenError::MalformedHeader("truncated"))? as usize;
+    let manifest_len = u32_at(&bytes, 28).ok_or(OpenError::MalformedHeader("truncated"))?;
     if manifest_len > limits.max_manifest_bytes {
         return Err(OpenError::MalformedHeader(
             "manifest is larger than allowed",
@@ -276,36 +368,27 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
         ));
     }
     let frame_end = 8 + frame_len;
-    if bytes.len() < frame_end {
-        return Err(OpenError::MalformedHeader(
-            "file ends inside the header (truncated)",
-        ));
+    let truncated = OpenError::MalformedHeader("file ends inside the header (truncated)");
+    if file_len < frame_end as u64 {
+        return Err(truncated);
     }
     let mut key_id = [0u8; 8];
     key_id.copy_from_slice(&bytes[20..28]);
-    let manifest_bytes = &bytes[32..32 + manifest_len];
-    let mut signature = [0u8; 64];
-    signature.copy_from_slice(&bytes[32 + manifest_len..frame_end]);
-    Ok(Header {
+    bytes.resize(frame_end, 0);
+    if read_full(src, &mut bytes[fixed..])? < frame_end - fixed {
+        return Err(truncated);
+    }
+    Ok(HeaderFrame {
         version,
         key_id,
-        manifest_bytes,
-        signature,
-        payload: &bytes[frame_end..],
+        manifest_len,
+        bytes,
     })
 }
 
-/// Read a bundle file (once, capped) and [`open`] it.
-pub fn open_file(path: &Path, keyring: &Keyring) -> Result<Bundle, OpenError> {
-    let limits = Limits::default();
-    let bytes = fsutil::read_capped(path, limits.max_bundle_bytes)?;
-    open(&bytes, keyring, &limits)
-}
-
-/// Verify bundle bytes against trusted keys, then decompress and check the payload. Nothing is parsed before the
-/// signature and the compressed payload's hash have verified.
-pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, OpenError> {
-    let h = parse_header(bytes, limits)?;
+/// Check the key, the signature and then the manifest of a header frame: the manifest is parsed only after its
+/// signature verified.
+fn verify_header(h: &HeaderFrame, keyring: &Keyring) -> Result<Manifest, OpenError> {
     let key_hex = hex::encode(h.key_id);
     if keyring.is_revoked(&h.key_id) {
         return Err(OpenError::RevokedKey(key_hex));
@@ -313,16 +396,16 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
     let key = keyring
         .get(&h.key_id)
         .ok_or_else(|| OpenError::UntrustedKey(key_hex.clone()))?;
-    let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + h.manifest_bytes.len());
+    let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + h.manifest_len);
     message.extend_from_slice(SIGNATURE_DOMAIN);
-    message.extend_from_slice(h.manifest_bytes);
-    let sig = ed25519_dalek::Signature::from_bytes(&h.signature);
+    message.extend_from_slice(h.manifest_bytes());
+    let sig = ed25519_dalek::Signature::from_bytes(&h.signature());
     key.verifying_key()
         .verify_strict(&message, &sig)
         .map_err(|_| OpenError::BadSignature)?;
 
     // From here on the manifest was signed by a trusted key.
-    let manifest: Manifest = serde_json::from_slice(h.manifest_bytes)
+    let manifest: Manifest = serde_json::from_slice(h.manifest_bytes())
         .map_err(|e| OpenError::InvalidManifest(e.to_string()))?;
     manifest.validate().map_err(OpenError::InvalidManifest)?;
     debug_assert_eq!(h.version as u32, manifest.format);
@@ -341,35 +424,406 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
         });
     }
     check_role(&manifest, key.role, &key.id)?;
+    Ok(manifest)
+}
 
+/// Read and verify a bundle of `file_len` bytes from `src` (positioned at its start), writing the verified
+/// payload to `out` (`Depth::Full`). The one reader behind [`open`], [`open_file`], [`open_file_into`] and
+/// [`identify_file`].
+///
+/// Order, as `docs/bundle-format.md` §5 gives it: header → key → signature → manifest → payload length. Then the
+/// payload streams through once: its chunks are hashed (whole file, compressed payload) on worker threads while
+/// this thread follows the zstd frame and decompresses it (capped at the signed length) into `out`, and the
+/// decompressed bytes are hashed (whole payload, each tensor) on two more workers. The verdicts are then taken
+/// in the specification's order, so the compressed payload's hash is checked before anything about its
+/// contents is believed: until then the decompressed bytes sit in `out`, unused, and a caller gets them only in
+/// an `Ok`.
+fn read_bundle<R: Read, W: Write>(
+    mut src: R,
+    file_len: u64,
+    keyring: &Keyring,
+    limits: &Limits,
+    depth: Depth,
+    out: W,
+) -> Result<Opened<W>, OpenError> {
+    let h = read_header(&mut src, file_len, limits)?;
+    let manifest = verify_header(&h, keyring)?;
     let p = &manifest.payload;
-    if h.payload.len() as u64 != p.compressed_len {
+    let payload_len = file_len - h.bytes.len() as u64;
+    if payload_len != p.compressed_len {
         return Err(OpenError::PayloadLength {
             expected: p.compressed_len,
-            actual: h.payload.len() as u64,
+            actual: payload_len,
         });
     }
-    if crate::sha256_hex(h.payload) != p.compressed_sha256 {
+    let metas = manifest.tensor_metas();
+    let header = canonical_header(&metas);
+    let tensors: Vec<(u64, &str)> = metas
+        .iter()
+        .zip(&manifest.tensors)
+        .map(|(m, e)| (m.byte_len().unwrap_or(0) as u64, e.sha256.as_str()))
+        .collect();
+    let decode = depth == Depth::Full && p.len <= limits.max_payload_bytes;
+    let mut file_hash = Sha256::new();
+    file_hash.update(&h.bytes);
+    let mut out = out;
+
+    let header = header.as_deref();
+    let s = std::thread::scope(|scope| {
+        let (file_tx, file_h) = stream::spawn_fold(scope, file_hash);
+        let (comp_tx, comp_h) = stream::spawn_fold(scope, Sha256::new());
+        let mut compressed = Fanout::new(vec![file_tx, comp_tx]);
+        let mut inflate = decode.then(|| {
+            let (whole_tx, whole_h) = stream::spawn_fold(scope, Sha256::new());
+            let check = TensorCheck::new(header.unwrap_or(&[]), tensors.clone());
+            let (check_tx, check_h) = stream::spawn_fold(scope, check);
+            (
+                Inflate::new(Fanout::new(vec![whole_tx, check_tx]), p.len, &mut out),
+                whole_h,
+                check_h,
+            )
+        });
+        let mut walker = FrameWalker::new();
+        let mut left = p.compressed_len;
+        let mut read_err = None;
+        while left > 0 {
+            let want = (CHUNK as u64).min(left) as usize;
+            let mut buf = compressed.buffer(want);
+            match (&mut src).take(want as u64).read_to_end(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => left -= n as u64,
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+            let chunk = compressed.send(buf);
+            walker.feed(&chunk);
+            if let Some((inf, _, _)) = inflate.as_mut() {
+                inf.feed(&chunk, &walker, limits);
+            }
+        }
+        // A file that grew after its length was read: bytes past the signed length are refused too.
+        let mut probe = [0u8; 1];
+        let extra = if left == 0 && read_err.is_none() {
+            read_full(&mut src, &mut probe).unwrap_or(0) as u64
+        } else {
+            0
+        };
+        drop(compressed);
+        let decoded = inflate.map(|(inf, whole_h, check_h)| {
+            let d = inf.finish();
+            (d, stream::join(whole_h), stream::join(check_h))
+        });
+        Streamed {
+            read_err,
+            short_by: left,
+            extra,
+            file_digest: stream::join(file_h).finalize().into(),
+            comp_digest: stream::join(comp_h).finalize().into(),
+            frame: walker.finish(),
+            decoded: decoded.map(|(d, whole, check)| {
+                let tensors = match header {
+                    Some(_) => check.verdict(d.produced),
+                    None => Err(None),
+                };
+                (d, whole.finalize().into(), tensors)
+            }),
+        }
+    });
+
+    // The verdicts, in the specification's order.
+    if let Some(e) = s.read_err {
+        return Err(OpenError::Read(e));
+    }
+    if s.short_by > 0 || s.extra > 0 {
+        return Err(OpenError::PayloadLength {
+            expected: p.compressed_len,
+            actual: p.compressed_len - s.short_by + s.extra,
+        });
+    }
+    if hex::encode(s.comp_digest) != p.compressed_sha256 {
         return Err(OpenError::PayloadHash);
     }
+    let hash = hex::encode(s.file_digest);
+    if depth == Depth::Full {
+        check_payload(&s, p, limits, &metas)?;
+    }
+    Ok(Opened {
+        manifest,
+        hash,
+        file_len,
+        payload: out,
+    })
+}
+
+/// What streaming a payload found, judged afterwards by [`check_payload`].
+struct Streamed {
+    read_err: Option<std::io::Error>,
+    short_by: u64,
+    extra: u64,
+    file_digest: [u8; 32],
+    comp_digest: [u8; 32],
+    frame: Result<(), FrameProblem>,
+    /// When decompressed: what the decoder did, the payload's SHA-256, the layout's verdict.
+    decoded: Option<(Decoded, [u8; 32], Result<(), Option<usize>>)>,
+}
+
+/// Everything after the compressed payload's hash: frame, decompression, payload hash, tensors.
+fn check_payload(
+    s: &Streamed,
+    p: &PayloadInfo,
+    limits: &Limits,
+    metas: &[TensorMeta],
+) -> Result<(), OpenError> {
     if p.len > limits.max_payload_bytes {
         return Err(OpenError::Decompress {
             expected: p.len,
             why: "larger than this reader accepts".into(),
         });
     }
-    let payload = decompress(h.payload, p.len, limits)?;
-    if crate::sha256_hex(&payload) != p.sha256 {
+    if let Some((Decoded {
+        write_failed: Some(e),
+        ..
+    }, _, _)) = &s.decoded
+    {
+        return Err(OpenError::Write(std::io::Error::new(e.kind(), e.to_string())));
+    }
+    let frame_err = |why: &str| OpenError::PayloadFrame(why.to_string());
+    match s.frame {
+        Ok(()) => {}
+        Err(FrameProblem::NotZstd) => return Err(frame_err("it does not start with a zstd frame")),
+        Err(FrameProblem::Extra) => return Err(frame_err("extra data after the first frame")),
+        Err(FrameProblem::Damaged) => return Err(frame_err("the frame is damaged or truncated")),
+    }
+    let Some((d, whole, tensors)) = &s.decoded else {
+        return Err(frame_err("the frame is damaged or truncated"));
+    };
+    match d.head {
+        Head::Ok => {}
+        Head::Window => {
+            return Err(frame_err(
+                "its window is larger than ferry allows (2^27 bytes)",
+            ))
+        }
+        Head::Damaged => return Err(frame_err("the frame header is damaged")),
+        Head::SizeDiffers => {
+            return Err(frame_err("the frame declares a different size than signed"))
+        }
+        Head::NoSize => return Err(frame_err("the frame does not declare its size")),
+    }
+    let err = |why: String| OpenError::Decompress {
+        expected: p.len,
+        why,
+    };
+    if let Some(why) = &d.failed {
+        return Err(err(why.clone()));
+    }
+    if d.produced != p.len {
+        return Err(err(format!("got {} bytes", d.produced)));
+    }
+    if hex::encode(whole) != p.sha256 {
         return Err(OpenError::DecompressedHash);
     }
-    let metas = manifest.tensor_metas();
-    check_tensors(&payload, &metas, &manifest)?;
-    Ok(Bundle {
-        hash: crate::sha256_hex(bytes),
-        file_len: bytes.len() as u64,
-        manifest,
-        payload,
-        metas,
+    match tensors {
+        Ok(()) => Ok(()),
+        Err(None) => Err(OpenError::TensorTable),
+        Err(Some(i)) => Err(OpenError::TensorHash(crate::escape(
+            metas.get(*i).map_or("", |m| m.name.as_str()),
+        ))),
+    }
+}
+
+/// The frame header's verdict, taken before anything is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Ok,
+    Damaged,
+    Window,
+    SizeDiffers,
+    NoSize,
+}
+
+/// What the decoder did.
+struct Decoded {
+    head: Head,
+    produced: u64,
+    failed: Option<String>,
+    write_failed: Option<std::io::Error>,
+}
+
+/// The decompressing side of [`read_bundle`]: a zstd stream decoder, started only once the frame header has
+/// arrived and passed the window and size checks, writing at most the signed length (plus one byte, to tell
+/// "too long") to the output and to the payload's hash workers.
+struct Inflate<'o, W> {
+    fanout: Fanout,
+    dctx: Option<zstd::zstd_safe::DCtx<'static>>,
+    head: Option<Head>,
+    expected: u64,
+    produced: u64,
+    finished: bool,
+    failed: Option<String>,
+    write_failed: Option<std::io::Error>,
+    out: &'o mut W,
+}
+
+impl<'o, W: Write> Inflate<'o, W> {
+    fn new(fanout: Fanout, expected: u64, out: &'o mut W) -> Self {
+        Inflate {
+            fanout,
+            dctx: None,
+            head: None,
+            expected,
+            produced: 0,
+            finished: false,
+            failed: None,
+            write_failed: None,
+            out,
+        }
+    }
+
+    /// Decide, from the frame header, whether to decode at all (before any byte is decoded).
+    fn start(&mut self, header: &[u8], limits: &Limits) {
+        let head = match (
+            frame_window_size(header),
+            zstd::zstd_safe::get_frame_content_size(header),
+        ) {
+            (None, _) => Head::Damaged,
+            (Some(w), _) if w > 1u64 << limits.window_log_max => Head::Window,
+            (_, Ok(Some(n))) if n == self.expected => Head::Ok,
+            (_, Ok(Some(_))) => Head::SizeDiffers,
+            _ => Head::NoSize,
+        };
+        self.head = Some(head);
+        if head != Head::Ok {
+            return;
+        }
+        let mut dctx = zstd::zstd_safe::DCtx::create();
+        match dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            limits.window_log_max,
+        )) {
+            Ok(_) => self.dctx = Some(dctx),
+            Err(code) => self.failed = Some(zstd::zstd_safe::get_error_name(code).to_string()),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], walker: &FrameWalker, limits: &Limits) {
+        if self.head.is_none() {
+            match walker.header() {
+                Some(header) => {
+                    let header = header.to_vec();
+                    self.start(&header, limits)
+                }
+                None if walker.failed() => self.head = Some(Head::Damaged),
+                None => return,
+            }
+        }
+        if self.finished || self.failed.is_some() || self.write_failed.is_some() {
+            return;
+        }
+        let Some(dctx) = self.dctx.as_mut() else {
+            return;
+        };
+        let mut input = zstd::zstd_safe::InBuffer::around(chunk);
+        loop {
+            // At most one byte past the signed length, so "too long" shows without decoding a bomb.
+            let room = (self.expected + 1 - self.produced).min(CHUNK as u64) as usize;
+            if room == 0 {
+                return;
+            }
+            let mut buf = self.fanout.buffer(room);
+            if buf.capacity() > room {
+                buf = Vec::with_capacity(room);
+            }
+            let res = {
+                let mut output = zstd::zstd_safe::OutBuffer::around(&mut buf);
+                dctx.decompress_stream(&mut output, &mut input)
+            };
+            let n = buf.len();
+            if n > 0 {
+                self.produced += n as u64;
+                if let Err(e) = self.out.write_all(&buf) {
+                    self.write_failed = Some(e);
+                    return;
+                }
+                self.fanout.send(buf);
+            }
+            match res {
+                Err(code) => {
+                    self.failed = Some(zstd::zstd_safe::get_error_name(code).to_string());
+                    return;
+                }
+                Ok(0) => {
+                    self.finished = true;
+                    return;
+                }
+                Ok(_) if input.pos() == chunk.len() && n < room => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn finish(self) -> Decoded {
+        let head = self.head.unwrap_or(Head::Damaged);
+        let failed = match (&self.failed, head, self.finished) {
+            (Some(f), _, _) => Some(f.clone()),
+            (None, Head::Ok, false) if self.produced <= self.expected => {
+                Some("the frame ends early".to_string())
+            }
+            _ => None,
+        };
+        Decoded {
+            head,
+            produced: self.produced,
+            failed,
+            write_failed: self.write_failed,
+        }
+    }
+}
+
+/// Verify bundle bytes already in memory against trusted keys, then decompress and check the payload. Nothing is
+/// parsed before the signature and the compressed payload's hash have verified.
+pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, OpenError> {
+    let o = read_bundle(bytes, bytes.len() as u64, keyring, limits, Depth::Full, Vec::new())?;
+    Ok(Bundle::from_opened(o))
+}
+
+/// Read and verify a bundle file: only a regular file is opened ([`fsutil::open_regular`]: a FIFO, a device or
+/// a directory is refused before anything is read), its 32-byte header is checked before anything else is read,
+/// and the payload is read once, as a stream, up to its signed length.
+pub fn open_file(path: &Path, keyring: &Keyring) -> Result<Bundle, OpenError> {
+    open_file_into(path, keyring, Vec::new()).map(Bundle::from_opened)
+}
+
+/// [`open_file`], writing the verified payload to `out` instead of memory: a scratch file (HQ's merge), a
+/// temp file about to become the user's output (`unpack`), or `std::io::sink()` (`verify`). The bytes reach
+/// `out` while the file is read, before the checks that end reading; on an error, whatever reached `out` is not
+/// verified and must be thrown away (a scratch file removed, a temp file never linked).
+pub fn open_file_into<W: Write>(
+    path: &Path,
+    keyring: &Keyring,
+    out: W,
+) -> Result<Opened<W>, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    read_bundle(file, len, keyring, &Limits::default(), Depth::Full, out)
+}
+
+/// Verify a bundle file's header, signature, manifest and compressed payload hash, and compute its hash, without
+/// decompressing: what `pack --base` needs to name the global an update is based on.
+pub fn identify_file(path: &Path, keyring: &Keyring) -> Result<Identity, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    let o = read_bundle(
+        file,
+        len,
+        keyring,
+        &Limits::default(),
+        Depth::Identify,
+        std::io::sink(),
+    )?;
+    Ok(Identity {
+        manifest: o.manifest,
+        hash: o.hash,
+        file_len: o.file_len,
     })
 }
 
@@ -390,47 +844,6 @@ fn check_role(m: &Manifest, role: Role, id: &str) -> Result<(), OpenError> {
             ))),
         },
     }
-}
-
-fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, OpenError> {
-    let frame_err = |why: &str| OpenError::PayloadFrame(why.to_string());
-    if u32_at(frame, 0) != Some(ZSTD_MAGIC) {
-        return Err(frame_err("it does not start with a zstd frame"));
-    }
-    match zstd::zstd_safe::find_frame_compressed_size(frame) {
-        Ok(n) if n == frame.len() => {}
-        Ok(_) => return Err(frame_err("extra data after the first frame")),
-        Err(_) => return Err(frame_err("the frame is damaged or truncated")),
-    }
-    match frame_window_size(frame) {
-        Some(w) if w <= 1u64 << limits.window_log_max => {}
-        Some(_) => {
-            return Err(frame_err(
-                "its window is larger than ferry allows (2^27 bytes)",
-            ))
-        }
-        None => return Err(frame_err("the frame header is damaged")),
-    }
-    match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(n)) if n == expected => {}
-        Ok(Some(_)) => return Err(frame_err("the frame declares a different size than signed")),
-        _ => return Err(frame_err("the frame does not declare its size")),
-    }
-    let err = |why: String| OpenError::Decompress { expected, why };
-    let mut dec =
-        zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
-    dec.window_log_max(limits.window_log_max)
-        .map_err(|e| err(e.to_string()))?;
-    // Reserve only a little up front: the buffer grows with what actually decodes, so a small frame that
-    // declares a huge size costs nothing before it is refused.
-    let mut out = Vec::with_capacity(expected.min(16 << 20) as usize);
-    dec.take(expected + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| err(e.to_string()))?;
-    if out.len() as u64 != expected {
-        return Err(err(format!("got {} bytes", out.len())));
-    }
-    Ok(out)
 }
 
 /// The window size a zstd frame header declares (RFC 8878 §3.1.1.1). libzstd skips its own window limit when
@@ -455,26 +868,6 @@ fn frame_window_size(frame: &[u8]) -> Option<u64> {
     Some(if fcs_len == 2 { size + 256 } else { size })
 }
 
-fn check_tensors(
-    payload: &[u8],
-    metas: &[TensorMeta],
-    manifest: &Manifest,
-) -> Result<(), OpenError> {
-    let header = canonical_header(metas).ok_or(OpenError::TensorTable)?;
-    if payload.get(..header.len()) != Some(&header[..]) {
-        return Err(OpenError::TensorTable);
-    }
-    let data_len: usize = metas.iter().map(|m| m.byte_len().unwrap_or(0)).sum();
-    if header.len().checked_add(data_len) != Some(payload.len()) {
-        return Err(OpenError::TensorTable);
-    }
-    for (t, entry) in crate::payload::tensor_refs(payload, metas).zip(&manifest.tensors) {
-        if crate::sha256_hex(t.data) != entry.sha256 {
-            return Err(OpenError::TensorHash(crate::escape(t.name)));
-        }
-    }
-    Ok(())
-}
 
 /// What `inspect` can tell without trusting anything.
 #[derive(Debug, Clone)]
@@ -497,17 +890,39 @@ pub struct Inspected {
 
 /// Parse a bundle's header and manifest without verifying anything. For display only: nothing here is trusted.
 pub fn inspect(bytes: &[u8]) -> Result<Inspected, OpenError> {
-    let h = parse_header(bytes, &Limits::default())?;
-    let manifest = serde_json::from_slice::<Manifest>(h.manifest_bytes)
+    inspect_from(bytes, bytes.len() as u64)
+}
+
+/// [`inspect`] a file: a regular file only, its header read first, the rest only hashed as it streams past.
+pub fn inspect_file(path: &Path) -> Result<Inspected, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    inspect_from(file, len)
+}
+
+fn inspect_from<R: Read>(mut src: R, file_len: u64) -> Result<Inspected, OpenError> {
+    let h = read_header(&mut src, file_len, &Limits::default())?;
+    let manifest = serde_json::from_slice::<Manifest>(h.manifest_bytes())
         .map_err(|e| e.to_string())
         .and_then(|m| m.validate().map(|_| m));
+    let mut hasher = Sha256::new();
+    hasher.update(&h.bytes);
+    let mut buf = vec![0u8; CHUNK.min((file_len - h.bytes.len() as u64) as usize + 1)];
+    let mut payload_len = 0u64;
+    loop {
+        let n = read_full(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        payload_len += n as u64;
+    }
     Ok(Inspected {
         version: h.version,
         key_id: hex::encode(h.key_id),
         manifest,
-        header_len: (bytes.len() - h.payload.len()) as u64,
-        payload_len: h.payload.len() as u64,
-        hash: crate::sha256_hex(bytes),
-        file_len: bytes.len() as u64,
+        header_len: h.bytes.len() as u64,
+        payload_len,
+        hash: hex::encode(hasher.finalize()),
+        file_len: h.bytes.len() as u64 + payload_len,
     })
 }

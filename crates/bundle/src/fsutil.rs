@@ -34,6 +34,15 @@ pub enum FsError {
     /// The target is a symbolic link, which could redirect the write anywhere.
     #[error("{} is a symbolic link; refusing to write through it", .0.display())]
     Symlink(PathBuf),
+    /// The path is not a regular file (a FIFO, a device, a directory, a socket): ferry reads only regular files,
+    /// so a `/dev/zero` or a named pipe on a stick cannot make a reader allocate without bound or hang (issue 15).
+    #[error("{} is {kind}, not a regular file; ferry reads only regular files", .path.display())]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a FIFO", "a character device", ...).
+        kind: &'static str,
+    },
     /// The file is larger than the reader accepts.
     #[error("{} is {size} bytes, more than the {limit}-byte limit", .path.display())]
     TooLarge {
@@ -250,8 +259,10 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
 /// files that a crashed run may have written already.
 pub fn write_new_or_same(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     match write_new(path, bytes) {
-        Err(FsError::Exists(p)) => match read_capped(&p, bytes.len() as u64) {
-            Ok(existing) if existing == bytes => Ok(()),
+        Err(FsError::Exists(p)) => match open_regular(&p) {
+            Ok((f, len)) if len == bytes.len() as u64 && file_equals(&f, bytes).unwrap_or(false) => {
+                Ok(())
+            }
             _ => Err(FsError::Exists(p)),
         },
         r => r,
@@ -278,11 +289,12 @@ pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
         .and_then(|f| {
             // Best effort: on filesystems without fadvise the read comes from cache, which is still a check of
             // the write path.
+            #[cfg(unix)]
             let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-            read_capped_file(f, path, bytes.len() as u64 + 1)
+            file_equals(&f, bytes).map_err(|e| FsError::io(path, e))
         })
-        .and_then(|back| {
-            if back == bytes {
+        .and_then(|same| {
+            if same {
                 Ok(())
             } else {
                 Err(FsError::ReadBackMismatch(path.to_path_buf()))
@@ -294,15 +306,65 @@ pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     checked
 }
 
-/// Read a whole file, refusing one larger than `limit` bytes (checked both from the metadata and while reading,
-/// since a file can grow under us).
-pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
-    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    read_capped_file(f, path, limit)
+/// Open `path` for reading only if it is a regular file, and return it with its length.
+///
+/// The open itself must not block or have side effects on a special file: on unix it is non-blocking
+/// (`O_NONBLOCK`, so opening a FIFO with no writer returns at once instead of hanging) and the type is checked on
+/// the open descriptor (`fstat`), so a path swapped between the check and the open cannot slip through. A
+/// symbolic link is followed: a link to a regular file is fine, a link to `/dev/zero` is refused. For a regular
+/// file `O_NONBLOCK` changes nothing about reads.
+pub fn open_regular(path: &Path) -> Result<(File, u64), FsError> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path).map_err(|e| FsError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| FsError::io(path, e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(FsError::NotRegular {
+            path: path.to_path_buf(),
+            kind: describe_type(&ft),
+        });
+    }
+    Ok((file, meta.len()))
 }
 
-fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
-    let size = f.metadata().map_err(|e| FsError::io(path, e))?.len();
+fn describe_type(ft: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if ft.is_char_device() {
+            return "a character device";
+        }
+        if ft.is_block_device() {
+            return "a block device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Read a whole regular file, refusing one larger than `limit` bytes (checked both from the metadata and while
+/// reading, since a file can grow under us) and anything that is not a regular file ([`open_regular`]).
+pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
+    let (f, size) = open_regular(path)?;
+    read_capped_file(f, size, path, limit)
+}
+
+fn read_capped_file(f: File, size: u64, path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
     if size > limit {
         return Err(FsError::TooLarge {
             path: path.to_path_buf(),
@@ -322,6 +384,38 @@ fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError
         });
     }
     Ok(out)
+}
+
+/// Whether the file `f` holds exactly `bytes`, read in bounded chunks (no second copy of the file in memory).
+fn file_equals(mut f: &File, bytes: &[u8]) -> io::Result<bool> {
+    let mut buf = vec![0u8; (1 << 20).min(bytes.len() + 1)];
+    let mut at = 0;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(at == bytes.len());
+        }
+        if bytes.get(at..at + n) != Some(&buf[..n]) {
+            return Ok(false);
+        }
+        at += n;
+    }
+}
+
+/// Create a new scratch file at `path` for reading and writing, refusing to replace anything there. Scratch
+/// files (a merge's spooled payloads) are not durable steps: they are never fsynced, a crash simply leaves them
+/// behind for the next run to remove, and nothing refers to them once the process ends.
+pub fn create_scratch(path: &Path) -> Result<File, FsError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| FsError::io(path, e))
 }
 
 /// Create a directory (and parents) if missing. The parent of every directory created is fsynced, so the new

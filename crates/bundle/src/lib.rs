@@ -9,6 +9,7 @@
 
 mod container;
 pub mod fsutil;
+mod stream;
 pub mod keys;
 pub mod manifest;
 pub mod payload;
@@ -18,8 +19,8 @@ pub mod tensor;
 mod error;
 
 pub use container::{
-    assemble, compress, inspect, open, open_file, seal, Bundle, Inspected, Limits, Sealed,
-    MAX_BUNDLE_BYTES,
+    assemble, compress, identify_file, inspect, inspect_file, open, open_file, open_file_into,
+    seal, Bundle, Identity, Inspected, Limits, Opened, Sealed, MAX_BUNDLE_BYTES,
 };
 pub use error::{OpenError, SealError};
 pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};
