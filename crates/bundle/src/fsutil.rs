@@ -255,6 +255,50 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
     sync_dir(dir)
 }
 
+/// [`write_new`] for output produced as a stream: `fill` writes the file's contents into a new temp file in the
+/// target directory; only when it succeeds is the file fsynced and linked under its final name (never replacing
+/// anything). When `fill` fails, the temp file is removed and nothing appears at `path`. For outputs too large to
+/// hold in memory (`unpack` of a big model), and for outputs that must not appear before a check that ends with
+/// the stream (the payload verifies only once it has been read whole).
+pub fn write_new_with<T, E: From<FsError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> Result<T, E>,
+) -> Result<T, E> {
+    if refuse_symlink(path)? {
+        return Err(FsError::Exists(path.to_path_buf()).into());
+    }
+    let dir = parent_dir(path);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ferry-tmp-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| FsError::io(dir, e))?;
+    let torn = failpoint::step(Step::TempWrite) == Action::Torn;
+    let value = fill(tmp.as_file_mut())?;
+    if torn {
+        let len = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = tmp.as_file().set_len(len / 2);
+        let _ = tmp.as_file().sync_all();
+        std::process::abort();
+    }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| FsError::io(path, e))?;
+    failpoint::step(Step::Link);
+    tmp.persist_noclobber(path).map_err(|e| {
+        if e.error.kind() == io::ErrorKind::AlreadyExists {
+            FsError::Exists(path.to_path_buf())
+        } else {
+            FsError::io(path, e.error)
+        }
+    })?;
+    sync_dir(dir)?;
+    Ok(value)
+}
+
 /// [`write_new`], but a file already there with exactly these bytes counts as success: for content-addressed
 /// files that a crashed run may have written already.
 pub fn write_new_or_same(path: &Path, bytes: &[u8]) -> Result<(), FsError> {

@@ -19,7 +19,7 @@ pub mod tensor;
 mod error;
 
 pub use container::{
-    assemble, compress, identify_file, inspect, inspect_file, open, open_file, open_file_into,
+    assemble, compress, identify_file, BundleWriter, inspect, inspect_file, open, open_file, open_file_into,
     seal, Bundle, Identity, Inspected, Limits, Opened, Sealed, MAX_BUNDLE_BYTES,
 };
 pub use error::{OpenError, SealError};

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
-use std::thread::{Scope, ScopedJoinHandle};
+use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
@@ -38,13 +38,13 @@ impl Fold for Sha256 {
     }
 }
 
-/// Start a worker folding chunks into `state`; join the handle to get the state back.
-pub(crate) fn spawn_fold<'scope, S: Fold + 'scope>(
-    scope: &'scope Scope<'scope, '_>,
+/// Start a worker folding chunks into `state`; it ends when the sender is dropped, and joining the handle gives
+/// the state back.
+pub(crate) fn spawn_fold<S: Fold + 'static>(
     mut state: S,
-) -> (SyncSender<Arc<Vec<u8>>>, ScopedJoinHandle<'scope, S>) {
+) -> (SyncSender<Arc<Vec<u8>>>, JoinHandle<S>) {
     let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(DEPTH);
-    let handle = scope.spawn(move || {
+    let handle = std::thread::spawn(move || {
         for chunk in rx {
             state.feed(&chunk);
         }
@@ -54,7 +54,7 @@ pub(crate) fn spawn_fold<'scope, S: Fold + 'scope>(
 }
 
 /// Join a worker, passing on its panic (a bug, never input-dependent).
-pub(crate) fn join<S>(h: ScopedJoinHandle<'_, S>) -> S {
+pub(crate) fn join<S>(h: JoinHandle<S>) -> S {
     match h.join() {
         Ok(s) => s,
         Err(p) => std::panic::resume_unwind(p),
@@ -264,71 +264,64 @@ impl FrameWalker {
     }
 }
 
-/// Checks a decompressed payload against the layout the signed manifest describes, as it streams past: the
-/// canonical safetensors header byte for byte, then each tensor's SHA-256.
-pub(crate) struct TensorCheck<'a> {
-    header: &'a [u8],
+/// Follows a canonical payload as it streams past: compares its start with the canonical safetensors header
+/// and computes each tensor's SHA-256 (checked against the signed list by a reader, recorded by a writer).
+pub(crate) struct TensorHashes {
+    header: Vec<u8>,
     /// End offset (in the payload) of each tensor, in order.
     ends: Vec<u64>,
-    expected: Vec<&'a str>,
     header_ok: bool,
     pos: u64,
-    idx: usize,
     hasher: Sha256,
-    first_bad: Option<usize>,
+    digests: Vec<[u8; 32]>,
 }
 
-impl<'a> TensorCheck<'a> {
-    /// `header` is the canonical header; `tensors` (byte length, expected lower-case hex SHA-256) in order.
-    pub(crate) fn new(header: &'a [u8], tensors: Vec<(u64, &'a str)>) -> TensorCheck<'a> {
+impl TensorHashes {
+    /// `header` is the canonical header, `lens` the tensors' byte lengths in order.
+    pub(crate) fn new(header: Vec<u8>, lens: impl IntoIterator<Item = u64>) -> TensorHashes {
         let mut end = header.len() as u64;
-        let mut ends = Vec::with_capacity(tensors.len());
-        let mut expected = Vec::with_capacity(tensors.len());
-        for (len, sha) in tensors {
-            end = end.saturating_add(len);
-            ends.push(end);
-            expected.push(sha);
-        }
-        TensorCheck {
+        let ends = lens
+            .into_iter()
+            .map(|len| {
+                end = end.saturating_add(len);
+                end
+            })
+            .collect::<Vec<_>>();
+        let mut t = TensorHashes {
             header,
+            digests: Vec::with_capacity(ends.len()),
             ends,
-            expected,
             header_ok: true,
             pos: 0,
-            idx: 0,
             hasher: Sha256::new(),
-            first_bad: None,
-        }
+        };
+        t.settle();
+        t
     }
 
     fn settle(&mut self) {
         while self.pos >= self.header.len() as u64
-            && self.idx < self.ends.len()
-            && self.pos == self.ends[self.idx]
+            && self.digests.len() < self.ends.len()
+            && self.pos == self.ends[self.digests.len()]
         {
             let digest = std::mem::take(&mut self.hasher).finalize();
-            if self.first_bad.is_none() && hex::encode(digest) != self.expected[self.idx] {
-                self.first_bad = Some(self.idx);
-            }
-            self.idx += 1;
+            self.digests.push(digest.into());
         }
     }
 
-    /// Where the payload disagrees with the layout, after `total` bytes in all: `Err(None)` for the header or the
-    /// length, `Err(Some(i))` for the first tensor whose hash differs.
-    pub(crate) fn verdict(&self, total: u64) -> Result<(), Option<usize>> {
+    /// Whether `total` bytes in all were exactly the header and the tensors.
+    pub(crate) fn layout_ok(&self, total: u64) -> bool {
         let end = self.ends.last().copied().unwrap_or(self.header.len() as u64);
-        if !self.header_ok || self.pos < self.header.len() as u64 || end != total {
-            return Err(None);
-        }
-        match self.first_bad {
-            Some(i) => Err(Some(i)),
-            None => Ok(()),
-        }
+        self.header_ok && self.pos >= self.header.len() as u64 && end == total
+    }
+
+    /// The tensors' digests, in order (all of them once the layout is complete).
+    pub(crate) fn digests(&self) -> &[[u8; 32]] {
+        &self.digests
     }
 }
 
-impl Fold for TensorCheck<'_> {
+impl Fold for TensorHashes {
     fn feed(&mut self, mut b: &[u8]) {
         let hl = self.header.len() as u64;
         while !b.is_empty() {
@@ -343,11 +336,11 @@ impl Fold for TensorCheck<'_> {
                 self.settle();
                 continue;
             }
-            if self.idx >= self.ends.len() {
+            let Some(&end) = self.ends.get(self.digests.len()) else {
                 self.pos += b.len() as u64;
                 return;
-            }
-            let n = (self.ends[self.idx] - self.pos).min(b.len() as u64) as usize;
+            };
+            let n = (end - self.pos).min(b.len() as u64) as usize;
             self.hasher.update(&b[..n]);
             self.pos += n as u64;
             b = &b[n..];
@@ -403,23 +396,17 @@ mod tests {
     }
 
     #[test]
-    fn tensor_check_finds_the_first_bad_tensor() {
-        let header = b"HDR!".to_vec();
-        let a = crate::sha256_hex(b"aaaa");
-        let empty = crate::sha256_hex(b"");
-        let b = crate::sha256_hex(b"bb");
+    fn tensor_hashes_follow_the_layout() {
+        let digest = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
         let stream = b"HDR!aaaabb";
         for piece in [1, 3, 100] {
-            let mut t = TensorCheck::new(&header, vec![(4, &a), (0, &empty), (2, &b)]);
+            let mut t = TensorHashes::new(b"HDR!".to_vec(), [4, 0, 2]);
             stream.chunks(piece).for_each(|c| t.feed(c));
-            assert_eq!(t.verdict(10), Ok(()));
-            assert_eq!(t.verdict(11), Err(None));
-            let mut t = TensorCheck::new(&header, vec![(4, &a), (0, &b), (2, &b)]);
-            stream.chunks(piece).for_each(|c| t.feed(c));
-            assert_eq!(t.verdict(10), Err(Some(1)));
-            let mut t = TensorCheck::new(&header, vec![(4, &a), (2, &b)]);
+            assert!(t.layout_ok(10) && !t.layout_ok(11));
+            assert_eq!(t.digests(), [digest(b"aaaa"), digest(b""), digest(b"bb")]);
+            let mut t = TensorHashes::new(b"HDR!".to_vec(), [4, 2]);
             b"HDR?aaaabb".chunks(piece).for_each(|c| t.feed(c));
-            assert_eq!(t.verdict(10), Err(None));
+            assert!(!t.layout_ok(10));
         }
     }
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_bundle::{short, Draft, Role, SecretKey};
-use ferry_cli::{describe, open_bundle, read_weights};
+use ferry_cli::{describe, open_bundle, read_weights, with_spinner};
 use ferry_site::{ImportOutcome, ImportPolicy, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
@@ -134,7 +134,12 @@ fn pack(a: &PackArgs) -> Result<()> {
         );
     }
     let ring = a.trust.keyring()?;
-    let base = open_bundle(&a.base, &ring).context("base global")?;
+    // The base's signed compressed-payload hash pins its weights: verifying up to that hash names it, without
+    // decompressing a model pack never reads (issue 13).
+    let base = with_spinner(&a.base, "checking", || {
+        ferry_bundle::identify_file(&a.base, &ring)
+    })
+    .context("base global")?;
     if base.manifest.kind != ferry_bundle::BundleKind::Global {
         anyhow::bail!(
             "{} is not a global bundle; --base takes the global the weights were trained from",
