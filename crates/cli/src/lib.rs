@@ -327,17 +327,21 @@ pub struct UnpackArgs {
 pub fn unpack(args: &UnpackArgs) -> Result<()> {
     let ring = args.trust.keyring()?;
     // The payload streams into a temp file beside --out, linked under its name only once it verified.
-    let b = fsutil::write_new_with(&args.out, |file| {
+    let (manifest, hash) = fsutil::write_new_with(&args.out, |file| {
         with_spinner(&args.file, "verifying", || {
-            ferry_bundle::open_file_into(&args.file, &ring, std::io::BufWriter::new(file))
+            let o = ferry_bundle::open_file_into(&args.file, &ring, std::io::BufWriter::new(file))?;
+            o.payload
+                .into_inner()
+                .map_err(|e| ferry_bundle::OpenError::Write(e.into_error()))?;
+            Ok((o.manifest, o.hash))
         })
     })?;
     println!(
         "wrote {} ({} tensors, {} bytes) from {}",
         args.out.display(),
-        b.manifest.tensors.len(),
-        b.manifest.payload.len,
-        describe(&b.manifest, &b.hash)
+        manifest.tensors.len(),
+        manifest.payload.len,
+        describe(&manifest, &hash)
     );
     Ok(())
 }
