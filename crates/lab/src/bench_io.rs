@@ -89,7 +89,7 @@ fn keypair(dir: &Path, role: Role, id: &str, seed: u8) -> Result<SecretKey> {
     Ok(key)
 }
 
-/// One measured run of a command: wall seconds and peak RSS (MiB) from GNU time.
+/// One measured run of a command: wall seconds, CPU seconds (user + system) and peak RSS (MiB) from GNU time.
 fn measure(label: &str, cmd: &mut Command) -> Result<Value> {
     let rss = tempfile::NamedTempFile::new()?;
     let program = cmd.get_program().to_owned();
@@ -97,7 +97,7 @@ fn measure(label: &str, cmd: &mut Command) -> Result<Value> {
     let mut timed = Command::new("/usr/bin/time");
     timed
         .arg("-f")
-        .arg("%M")
+        .arg("%M %U %S")
         .arg("-o")
         .arg(rss.path())
         .arg(&program)
@@ -116,12 +116,19 @@ fn measure(label: &str, cmd: &mut Command) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let kb: f64 = std::fs::read_to_string(rss.path())?
+    let report = std::fs::read_to_string(rss.path())?;
+    let nums: Vec<f64> = report
         .lines()
-        .filter_map(|l| l.trim().parse().ok())
         .last()
-        .unwrap_or(0.0);
-    let v = json!({"what": label, "seconds": secs, "peak_rss_mib": kb / 1024.0, "load": load()});
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (kb, cpu) = match nums[..] {
+        [kb, user, sys] => (kb, user + sys),
+        _ => (0.0, 0.0),
+    };
+    let v = json!({"what": label, "seconds": secs, "cpu_s": cpu, "peak_rss_mib": kb / 1024.0, "load": load()});
     println!("{v}");
     Ok(v)
 }
@@ -157,11 +164,18 @@ fn summary(runs: &[Value], what: &str) -> Value {
         .filter(|r| r["what"] == what)
         .filter_map(|r| r["peak_rss_mib"].as_f64())
         .fold(0f64, f64::max);
+    let mut cpu: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["what"] == what)
+        .filter_map(|r| r["cpu_s"].as_f64())
+        .collect();
     s.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     if s.is_empty() {
         return Value::Null;
     }
-    json!({"median_s": s[s.len() / 2], "min_s": s[0], "max_s": s[s.len() - 1], "peak_rss_mib": rss})
+    json!({"median_s": s[s.len() / 2], "min_s": s[0], "max_s": s[s.len() - 1],
+           "median_cpu_s": cpu.get(cpu.len() / 2), "peak_rss_mib": rss})
 }
 
 fn ratio(sum: &Value, num: &str, den: &str) -> Value {
