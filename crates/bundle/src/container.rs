@@ -1,8 +1,10 @@
 //! The container: header frame, signature, payload frame. The only code that turns bundle bytes into trusted
 //! data, in this order: header → key → signature → manifest → payload hash → decompress (capped) → tensors.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use crate::error::{OpenError, SealError};
 use crate::fsutil;
@@ -11,6 +13,7 @@ use crate::manifest::{
     BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION, READ_VERSIONS,
 };
 use crate::payload::{canonical_header, Payload};
+use crate::stream::{self, Fanout, FrameProblem, FrameWalker, TensorHashes, CHUNK};
 use crate::tensor::{TensorMeta, TensorRef};
 
 /// zstd skippable-frame magic used for the ferry header (0x184D2A5E, little-endian on disk).
@@ -31,7 +34,6 @@ fn signature_domain(version: u16) -> &'static [u8] {
 /// Largest bundle file read by default (8 GiB).
 pub const MAX_BUNDLE_BYTES: u64 = 8 << 30;
 
-const ZSTD_MAGIC: u32 = 0xFD2F_B528;
 /// Fixed part of the header frame's content: magic, version, reserved, key id, manifest length.
 const FIXED: usize = 8 + 2 + 2 + 8 + 4;
 const SIG_LEN: usize = 64;
@@ -94,6 +96,16 @@ impl Bundle {
     pub fn signer_role(&self) -> Role {
         self.manifest.signer.role
     }
+
+    fn from_opened(o: Opened<Vec<u8>>) -> Bundle {
+        Bundle {
+            metas: o.manifest.tensor_metas(),
+            manifest: o.manifest,
+            hash: o.hash,
+            file_len: o.file_len,
+            payload: o.payload,
+        }
+    }
 }
 
 /// A newly sealed bundle.
@@ -127,6 +139,37 @@ impl Sealed {
     }
 }
 
+/// Refuse a key whose role may not sign the drafted kind of bundle.
+fn check_signer(draft: &Draft, key: &SecretKey) -> Result<(), SealError> {
+    match (draft.kind, key.role()) {
+        (BundleKind::Global, Role::Hq) => Ok(()),
+        (BundleKind::Global, Role::Site) => Err(KeyError::WrongRole(format!(
+            "site key {:?} cannot sign a global bundle",
+            key.id()
+        ))
+        .into()),
+        (BundleKind::Update, Role::Site) => match &draft.site {
+            Some(s) if s.id == key.id() => Ok(()),
+            Some(s) => Err(KeyError::WrongRole(format!(
+                "key of site {:?} cannot sign an update for site {:?}",
+                key.id(),
+                s.id
+            ))
+            .into()),
+            None => Err(SealError::InvalidDraft(
+                "an update must name its site".into(),
+            )),
+        },
+        (BundleKind::Update, Role::Hq) => {
+            Err(KeyError::WrongRole("an HQ key cannot sign a site update".into()).into())
+        }
+        (_, Role::Root) => Err(KeyError::WrongRole(
+            "a root key signs only lists of HQ keys, never a bundle".into(),
+        )
+        .into()),
+    }
+}
+
 /// Sign `payload` under `key` with the caller's `draft`. Checks that the key's role may sign this kind of bundle.
 pub fn seal(
     draft: Draft,
@@ -134,43 +177,271 @@ pub fn seal(
     key: &SecretKey,
     level: i32,
 ) -> Result<Sealed, SealError> {
-    match (draft.kind, key.role()) {
-        (BundleKind::Global, Role::Hq) => {}
-        (BundleKind::Global, Role::Site) => {
-            return Err(KeyError::WrongRole(format!(
-                "site key {:?} cannot sign a global bundle",
-                key.id()
-            ))
-            .into())
+    let mut w = BundleWriter::new(draft, payload.metas.clone(), key, level)?;
+    let data = payload
+        .bytes()
+        .get(w.header_len..)
+        .ok_or_else(|| SealError::InvalidDraft("payload is shorter than its header".into()))?;
+    for piece in data.chunks(CHUNK) {
+        let mut chunk = w.buffer(piece.len());
+        chunk.extend_from_slice(piece);
+        w.write(chunk)?;
+    }
+    w.finish()
+}
+
+/// Payloads at least this large are compressed on zstd's worker threads. Below it zstd compresses on the
+/// calling thread anyway (`ZSTDMT_JOBSIZE_MIN`), and small bundles stay byte-identical to older ferry.
+const MT_MIN: usize = 1 << 20;
+
+/// Seals a canonical payload that arrives as a stream of tensor bytes (HQ's merge writes the next global tensor
+/// by tensor, without holding it): the payload is compressed on zstd's worker threads (`zstdmt`) while worker
+/// threads hash it whole, tensor by tensor, and hash and collect the compressed bytes. [`seal`] is this writer
+/// fed from memory.
+///
+/// The compressed bytes are collected behind room for the header, whose length is known in advance except for
+/// the digits of the compressed length (predicted to be those of the payload's length; when wrong, the bytes are
+/// moved once).
+pub struct BundleWriter<'k> {
+    draft: Draft,
+    metas: Vec<TensorMeta>,
+    key: &'k SecretKey,
+    cctx: zstd::zstd_safe::CCtx<'static>,
+    input: Fanout,
+    whole: std::thread::JoinHandle<Sha256>,
+    tensors: std::thread::JoinHandle<TensorHashes>,
+    out_tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    collector: std::thread::JoinHandle<(Vec<u8>, Sha256)>,
+    header_len: usize,
+    expected: u64,
+    written: u64,
+    prefix: usize,
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for BundleWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleWriter")
+            .field("expected", &self.expected)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+fn zerr(code: usize) -> SealError {
+    SealError::Compress(zstd::zstd_safe::get_error_name(code).to_string())
+}
+
+impl<'k> BundleWriter<'k> {
+    /// Start a bundle of the model `metas` (sorted by name, as a [`Payload`] has them) under `draft`, signed by
+    /// `key` when finished. The role check comes first, before any work.
+    pub fn new(
+        draft: Draft,
+        metas: Vec<TensorMeta>,
+        key: &'k SecretKey,
+        level: i32,
+    ) -> Result<BundleWriter<'k>, SealError> {
+        check_signer(&draft, key)?;
+        let header = canonical_header(&metas)
+            .ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
+        let lens: Vec<u64> = metas
+            .iter()
+            .map(|m| m.byte_len().map(|l| l as u64))
+            .collect::<Option<_>>()
+            .ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
+        let expected = header.len() as u64 + lens.iter().sum::<u64>();
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        use zstd::zstd_safe::CParameter as P;
+        for p in [
+            P::CompressionLevel(level),
+            P::ContentSizeFlag(true),
+            P::ChecksumFlag(true),
+        ] {
+            cctx.set_parameter(p).map_err(zerr)?;
         }
-        (BundleKind::Update, Role::Site) => match &draft.site {
-            Some(s) if s.id == key.id() => {}
-            Some(s) => {
-                return Err(KeyError::WrongRole(format!(
-                    "key of site {:?} cannot sign an update for site {:?}",
-                    key.id(),
-                    s.id
-                ))
-                .into())
-            }
-            None => {
-                return Err(SealError::InvalidDraft(
-                    "an update must name its site".into(),
-                ))
-            }
-        },
-        (BundleKind::Update, Role::Hq) => {
-            return Err(KeyError::WrongRole("an HQ key cannot sign a site update".into()).into())
+        if expected >= MT_MIN as u64 {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cctx.set_parameter(P::NbWorkers(threads.clamp(1, 8) as u32))
+                .map_err(zerr)?;
         }
-        (_, Role::Root) => {
-            return Err(KeyError::WrongRole(
-                "a root key signs only lists of HQ keys, never a bundle".into(),
-            )
-            .into())
+        cctx.set_pledged_src_size(Some(expected)).map_err(zerr)?;
+
+        let (whole_tx, whole) = stream::spawn_fold(Sha256::new());
+        let (tensor_tx, tensors) = stream::spawn_fold(TensorHashes::new(header.clone(), lens));
+        // The header predicted with the compressed length's digits taken from the payload's length.
+        let public = key.public();
+        let probe = manifest_for(
+            &draft,
+            &metas,
+            &public,
+            PayloadInfo {
+                codec: "zstd".into(),
+                compressed_len: expected,
+                compressed_sha256: "0".repeat(64),
+                len: expected,
+                sha256: "0".repeat(64),
+            },
+            vec![String::new(); metas.len()],
+        );
+        let prefix = 8 + FIXED + SIG_LEN + serde_json::to_vec(&probe).map_or(0, |m| m.len());
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let collector = std::thread::spawn(move || {
+            let mut bytes = vec![0u8; prefix];
+            let mut h = Sha256::new();
+            for c in out_rx {
+                h.update(&c);
+                bytes.extend_from_slice(&c);
+            }
+            (bytes, h)
+        });
+        let mut w = BundleWriter {
+            draft,
+            metas,
+            key,
+            cctx,
+            input: Fanout::new(vec![whole_tx, tensor_tx]),
+            whole,
+            tensors,
+            out_tx,
+            collector,
+            header_len: header.len(),
+            expected,
+            written: 0,
+            prefix,
+            failed: None,
+        };
+        w.write(header)?;
+        Ok(w)
+    }
+
+    /// An empty chunk buffer with room for `cap` bytes (recycled when the workers are done with one).
+    pub fn buffer(&mut self, cap: usize) -> Vec<u8> {
+        self.input.buffer(cap)
+    }
+
+    /// The next bytes of the payload: tensor data, in the layout's order, packed.
+    pub fn write(&mut self, chunk: Vec<u8>) -> Result<(), SealError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.written += chunk.len() as u64;
+        if self.written > self.expected {
+            return Err(SealError::InvalidDraft(
+                "more tensor bytes than the layout holds".into(),
+            ));
+        }
+        let chunk = self.input.send(chunk);
+        self.compress(
+            &chunk,
+            zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_continue,
+        )
+    }
+
+    fn compress(
+        &mut self,
+        data: &[u8],
+        end: zstd::zstd_safe::zstd_sys::ZSTD_EndDirective,
+    ) -> Result<(), SealError> {
+        let mut input = zstd::zstd_safe::InBuffer::around(data);
+        loop {
+            let mut out = Vec::with_capacity(CHUNK);
+            let left = {
+                let mut o = zstd::zstd_safe::OutBuffer::around(&mut out);
+                self.cctx.compress_stream2(&mut o, &mut input, end)
+            };
+            let left = left.map_err(|code| {
+                let e = zerr(code);
+                self.failed = Some(e.to_string());
+                e
+            })?;
+            let full = out.len() == out.capacity();
+            if !out.is_empty() && self.out_tx.send(out).is_err() {
+                return Err(SealError::Compress("the collector stopped".into()));
+            }
+            let done = match end {
+                zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end => left == 0,
+                _ => input.pos() == data.len() && !full,
+            };
+            if done {
+                return Ok(());
+            }
         }
     }
-    let compressed = compress(payload.bytes(), level)?;
-    let public = key.public();
+
+    /// End the payload, then sign: the manifest gets the payload's, tensors' and compressed bytes' hashes.
+    pub fn finish(mut self) -> Result<Sealed, SealError> {
+        if self.written != self.expected {
+            return Err(SealError::InvalidDraft(format!(
+                "the payload holds {} bytes, its layout {}",
+                self.written, self.expected
+            )));
+        }
+        self.compress(
+            &[],
+            zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
+        )?;
+        let BundleWriter {
+            draft,
+            metas,
+            key,
+            input,
+            whole,
+            tensors,
+            out_tx,
+            collector,
+            prefix,
+            expected,
+            ..
+        } = self;
+        drop(input);
+        drop(out_tx);
+        let payload_sha = hex::encode(stream::join(whole).finalize());
+        let tensors = stream::join(tensors);
+        let (mut bytes, comp_hash) = stream::join(collector);
+        let compressed_len = (bytes.len() - prefix) as u64;
+        let public = key.public();
+        let manifest = manifest_for(
+            &draft,
+            &metas,
+            &public,
+            PayloadInfo {
+                codec: "zstd".into(),
+                compressed_len,
+                compressed_sha256: hex::encode(comp_hash.finalize()),
+                len: expected,
+                sha256: payload_sha,
+            },
+            tensors.digests().iter().map(hex::encode).collect(),
+        );
+        manifest.validate().map_err(SealError::InvalidDraft)?;
+        let manifest_bytes =
+            serde_json::to_vec(&manifest).map_err(|e| SealError::InvalidDraft(e.to_string()))?;
+        let header = header_frame(FORMAT_VERSION as u16, &manifest_bytes, key);
+        if header.len() == prefix {
+            bytes[..prefix].copy_from_slice(&header);
+        } else {
+            let mut exact = Vec::with_capacity(header.len() + compressed_len as usize);
+            exact.extend_from_slice(&header);
+            exact.extend_from_slice(&bytes[prefix..]);
+            bytes = exact;
+        }
+        let hash = crate::sha256_hex(&bytes);
+        Ok(Sealed {
+            bytes,
+            hash,
+            manifest,
+        })
+    }
+}
+
+/// The manifest of a bundle drafted as `draft` holding the model `metas` with tensor hashes `sha256s`.
+fn manifest_for(
+    draft: &Draft,
+    metas: &[TensorMeta],
+    public: &crate::keys::PublicKey,
+    payload: PayloadInfo,
+    sha256s: Vec<String>,
+) -> Manifest {
     let expires = match draft.kind {
         BundleKind::Global => Some(
             draft.expires.unwrap_or(
@@ -181,26 +452,29 @@ pub fn seal(
         ),
         BundleKind::Update => draft.expires,
     };
-    let manifest = Manifest {
+    Manifest {
         format: FORMAT_VERSION,
         kind: draft.kind,
-        federation: draft.federation,
-        arch: draft.arch,
-        model_fingerprint: payload.fingerprint(),
+        federation: draft.federation.clone(),
+        arch: draft.arch.clone(),
+        model_fingerprint: crate::tensor::fingerprint(metas.iter()),
         round: draft.round,
-        base: draft.base,
-        site: draft.site,
-        contributors: draft.contributors,
-        strategy: draft.strategy,
-        revocations: draft.revocations,
-        payload: PayloadInfo {
-            codec: "zstd".into(),
-            compressed_len: compressed.len() as u64,
-            compressed_sha256: crate::sha256_hex(&compressed),
-            len: payload.bytes().len() as u64,
-            sha256: crate::sha256_hex(payload.bytes()),
-        },
-        tensors: payload.entries.clone(),
+        base: draft.base.clone(),
+        site: draft.site.clone(),
+        contributors: draft.contributors.clone(),
+        strategy: draft.strategy.clone(),
+        revocations: draft.revocations.clone(),
+        payload,
+        tensors: metas
+            .iter()
+            .zip(sha256s)
+            .map(|(m, sha256)| crate::manifest::TensorEntry {
+                name: m.name.clone(),
+                dtype: crate::tensor::dtype_name(m.dtype).to_string(),
+                shape: m.shape.clone(),
+                sha256,
+            })
+            .collect(),
         signer: Signer {
             id: public.id.clone(),
             role: public.role,
@@ -208,17 +482,30 @@ pub fn seal(
         },
         created: draft.created,
         expires,
-    };
-    manifest.validate().map_err(SealError::InvalidDraft)?;
-    let manifest_bytes =
-        serde_json::to_vec(&manifest).map_err(|e| SealError::InvalidDraft(e.to_string()))?;
-    let bytes = assemble(&manifest_bytes, key, &compressed);
-    let hash = crate::sha256_hex(&bytes);
-    Ok(Sealed {
-        bytes,
-        hash,
-        manifest,
-    })
+    }
+}
+
+/// The header frame over `manifest_bytes` under header version `version` and its signature domain, signed by
+/// `key`: everything of a bundle before its payload.
+fn header_frame(version: u16, manifest_bytes: &[u8], key: &SecretKey) -> Vec<u8> {
+    let public = key.public();
+    let domain = signature_domain(version);
+    let mut message = Vec::with_capacity(domain.len() + manifest_bytes.len());
+    message.extend_from_slice(domain);
+    message.extend_from_slice(manifest_bytes);
+    let signature = key.sign(&message);
+    let content_len = FIXED + manifest_bytes.len() + SIG_LEN;
+    let mut bytes = Vec::with_capacity(8 + content_len);
+    bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&(content_len as u32).to_le_bytes());
+    bytes.extend_from_slice(HEADER_MAGIC);
+    bytes.extend_from_slice(&version.to_le_bytes());
+    bytes.extend_from_slice(&0u16.to_le_bytes());
+    bytes.extend_from_slice(&public.key_id());
+    bytes.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(manifest_bytes);
+    bytes.extend_from_slice(&signature);
+    bytes
 }
 
 /// Assemble a bundle from raw manifest bytes and a compressed payload, signing whatever it is given.
@@ -236,24 +523,7 @@ pub fn assemble_version(
     key: &SecretKey,
     compressed: &[u8],
 ) -> Vec<u8> {
-    let public = key.public();
-    let domain = signature_domain(version);
-    let mut message = Vec::with_capacity(domain.len() + manifest_bytes.len());
-    message.extend_from_slice(domain);
-    message.extend_from_slice(manifest_bytes);
-    let signature = key.sign(&message);
-
-    let content_len = FIXED + manifest_bytes.len() + SIG_LEN;
-    let mut bytes = Vec::with_capacity(8 + content_len + compressed.len());
-    bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-    bytes.extend_from_slice(&(content_len as u32).to_le_bytes());
-    bytes.extend_from_slice(HEADER_MAGIC);
-    bytes.extend_from_slice(&version.to_le_bytes());
-    bytes.extend_from_slice(&0u16.to_le_bytes());
-    bytes.extend_from_slice(&public.key_id());
-    bytes.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(manifest_bytes);
-    bytes.extend_from_slice(&signature);
+    let mut bytes = header_frame(version, manifest_bytes, key);
     bytes.extend_from_slice(compressed);
     bytes
 }
@@ -270,13 +540,67 @@ pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, SealError> {
         .map_err(|e| SealError::Compress(e.to_string()))
 }
 
-/// The header of a bundle, parsed but not verified.
-struct Header<'a> {
+/// A bundle whose signature, manifest and every payload hash verified, its decompressed payload written to the
+/// caller's `W` ([`open_file_into`]): a `Vec<u8>`, a scratch file, or `std::io::sink()` to check without keeping.
+#[derive(Debug)]
+pub struct Opened<W> {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the whole bundle file, lower-case hex.
+    pub hash: String,
+    /// Size of the bundle file.
+    pub file_len: u64,
+    /// Where the verified payload went.
+    pub payload: W,
+}
+
+impl<W> Opened<W> {
+    /// Tensor names, dtypes and shapes, sorted by name.
+    pub fn metas(&self) -> Vec<TensorMeta> {
+        self.manifest.tensor_metas()
+    }
+}
+
+/// A bundle whose header, signature, manifest and compressed payload hash verified, without decompressing the
+/// payload ([`identify_file`]): enough to name it and trust what its manifest says, since the signed hash pins
+/// every payload byte. Whether the payload decompresses to the tensors the manifest lists is not checked.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the whole bundle file, lower-case hex.
+    pub hash: String,
+    /// Size of the bundle file.
+    pub file_len: u64,
+}
+
+/// How far [`read_bundle`] goes after the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Up to the compressed payload's hash.
+    Identify,
+    /// Everything: decompress and check the tensors.
+    Full,
+}
+
+/// The header frame as read, not yet verified.
+struct HeaderFrame {
     version: u16,
     key_id: [u8; 8],
-    manifest_bytes: &'a [u8],
-    signature: [u8; 64],
-    payload: &'a [u8],
+    manifest_len: usize,
+    /// Bytes 0 to the end of the signature: where the file hash starts.
+    bytes: Vec<u8>,
+}
+
+impl HeaderFrame {
+    fn manifest_bytes(&self) -> &[u8] {
+        &self.bytes[8 + FIXED..8 + FIXED + self.manifest_len]
+    }
+    fn signature(&self) -> [u8; SIG_LEN] {
+        let mut s = [0u8; SIG_LEN];
+        s.copy_from_slice(&self.bytes[8 + FIXED + self.manifest_len..]);
+        s
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -284,18 +608,44 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, OpenError> {
-    if bytes.len() < 8 + FIXED {
-        return Err(OpenError::TooShort(bytes.len()));
+/// Read into `buf` until it is full or the source ends; the count read.
+fn read_full<R: Read + ?Sized>(src: &mut R, buf: &mut [u8]) -> Result<usize, OpenError> {
+    let mut at = 0;
+    while at < buf.len() {
+        match src.read(&mut buf[at..]) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(OpenError::Read(e)),
+        }
     }
-    if u32_at(bytes, 0) != Some(SKIPPABLE_MAGIC) || bytes.get(8..16) != Some(&HEADER_MAGIC[..]) {
+    Ok(at)
+}
+
+/// Read the header frame of a `file_len`-byte bundle: the fixed 32 bytes first, checked, and only then the
+/// manifest and signature they announce (at most `limits.max_manifest_bytes`).
+fn read_header<R: Read + ?Sized>(
+    src: &mut R,
+    file_len: u64,
+    limits: &Limits,
+) -> Result<HeaderFrame, OpenError> {
+    let fixed = 8 + FIXED;
+    if file_len < fixed as u64 {
+        return Err(OpenError::TooShort(file_len as usize));
+    }
+    let mut bytes = vec![0u8; fixed];
+    let got = read_full(src, &mut bytes)?;
+    if got < fixed {
+        return Err(OpenError::TooShort(got));
+    }
+    if u32_at(&bytes, 0) != Some(SKIPPABLE_MAGIC) || bytes[8..16] != HEADER_MAGIC[..] {
         return Err(OpenError::WrongMagic);
     }
     let version = u16::from_le_bytes([bytes[16], bytes[17]]);
     if !READ_VERSIONS.contains(&u32::from(version)) {
         return Err(OpenError::UnsupportedVersion(version));
     }
-    if bytes.len() as u64 > limits.max_bundle_bytes {
+    if file_len > limits.max_bundle_bytes {
         return Err(OpenError::MalformedHeader(
             "the file is larger than a bundle may be",
         ));
@@ -303,8 +653,8 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
     if bytes[18] != 0 || bytes[19] != 0 {
         return Err(OpenError::MalformedHeader("reserved bytes are not zero"));
     }
-    let frame_len = u32_at(bytes, 4).ok_or(OpenError::MalformedHeader("truncated"))? as usize;
-    let manifest_len = u32_at(bytes, 28).ok_or(OpenError::MalformedHeader("truncated"))?;
+    let frame_len = u32_at(&bytes, 4).ok_or(OpenError::MalformedHeader("truncated"))? as usize;
+    let manifest_len = u32_at(&bytes, 28).ok_or(OpenError::MalformedHeader("truncated"))?;
     if manifest_len > limits.max_manifest_bytes {
         return Err(OpenError::MalformedHeader(
             "manifest is larger than allowed",
@@ -317,36 +667,27 @@ fn parse_header<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Header<'a>, Open
         ));
     }
     let frame_end = 8 + frame_len;
-    if bytes.len() < frame_end {
-        return Err(OpenError::MalformedHeader(
-            "file ends inside the header (truncated)",
-        ));
+    let truncated = OpenError::MalformedHeader("file ends inside the header (truncated)");
+    if file_len < frame_end as u64 {
+        return Err(truncated);
     }
     let mut key_id = [0u8; 8];
     key_id.copy_from_slice(&bytes[20..28]);
-    let manifest_bytes = &bytes[32..32 + manifest_len];
-    let mut signature = [0u8; 64];
-    signature.copy_from_slice(&bytes[32 + manifest_len..frame_end]);
-    Ok(Header {
+    bytes.resize(frame_end, 0);
+    if read_full(src, &mut bytes[fixed..])? < frame_end - fixed {
+        return Err(truncated);
+    }
+    Ok(HeaderFrame {
         version,
         key_id,
-        manifest_bytes,
-        signature,
-        payload: &bytes[frame_end..],
+        manifest_len,
+        bytes,
     })
 }
 
-/// Read a bundle file (once, capped) and [`open`] it.
-pub fn open_file(path: &Path, keyring: &Keyring) -> Result<Bundle, OpenError> {
-    let limits = Limits::default();
-    let bytes = fsutil::read_capped(path, limits.max_bundle_bytes)?;
-    open(&bytes, keyring, &limits)
-}
-
-/// Verify bundle bytes against trusted keys, then decompress and check the payload. Nothing is parsed before the
-/// signature and the compressed payload's hash have verified.
-pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, OpenError> {
-    let h = parse_header(bytes, limits)?;
+/// Check the key, the signature and then the manifest of a header frame: the manifest is parsed only after its
+/// signature verified.
+fn verify_header(h: &HeaderFrame, keyring: &Keyring) -> Result<Manifest, OpenError> {
     let key_hex = hex::encode(h.key_id);
     if keyring.is_revoked(&h.key_id) {
         return Err(OpenError::RevokedKey(key_hex));
@@ -355,17 +696,17 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
         .get(&h.key_id)
         .ok_or_else(|| OpenError::UntrustedKey(key_hex.clone()))?;
     let domain = signature_domain(h.version);
-    let mut message = Vec::with_capacity(domain.len() + h.manifest_bytes.len());
+    let mut message = Vec::with_capacity(domain.len() + h.manifest_len);
     message.extend_from_slice(domain);
-    message.extend_from_slice(h.manifest_bytes);
-    let sig = ed25519_dalek::Signature::from_bytes(&h.signature);
+    message.extend_from_slice(h.manifest_bytes());
+    let sig = ed25519_dalek::Signature::from_bytes(&h.signature());
     key.verifying_key()
         .verify_strict(&message, &sig)
         .map_err(|_| OpenError::BadSignature)?;
 
     // From here on the manifest was signed by a trusted key.
     let manifest =
-        Manifest::parse(h.version, h.manifest_bytes).map_err(OpenError::InvalidManifest)?;
+        Manifest::parse(h.version, h.manifest_bytes()).map_err(OpenError::InvalidManifest)?;
     manifest.validate().map_err(OpenError::InvalidManifest)?;
     if u32::from(h.version) != manifest.format {
         return Err(OpenError::InvalidManifest(format!(
@@ -388,39 +729,432 @@ pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, 
         });
     }
     check_role(&manifest, key.role, &key.id)?;
+    Ok(manifest)
+}
 
+/// Read and verify a bundle of `file_len` bytes from `src` (positioned at its start), writing the verified
+/// payload to `out` (`Depth::Full`). The one reader behind [`open`], [`open_file`], [`open_file_into`] and
+/// [`identify_file`].
+///
+/// Order, as `docs/bundle-format.md` §5 gives it: header → key → signature → manifest → payload length. Then the
+/// payload streams through once: its chunks are hashed (whole file, compressed payload) on worker threads while
+/// this thread follows the zstd frame and decompresses it (capped at the signed length) into `out`, and the
+/// decompressed bytes are hashed (whole payload, each tensor) on two more workers. The verdicts are then taken
+/// in the specification's order, so the compressed payload's hash is checked before anything about its
+/// contents is believed: until then the decompressed bytes sit in `out`, unused, and a caller gets them only in
+/// an `Ok`.
+fn read_bundle<R: Read, W: Write>(
+    mut src: R,
+    file_len: u64,
+    keyring: &Keyring,
+    limits: &Limits,
+    depth: Depth,
+    out: W,
+) -> Result<Opened<W>, OpenError> {
+    let h = read_header(&mut src, file_len, limits)?;
+    let manifest = verify_header(&h, keyring)?;
     let p = &manifest.payload;
-    if h.payload.len() as u64 != p.compressed_len {
+    let payload_len = file_len - h.bytes.len() as u64;
+    if payload_len != p.compressed_len {
         return Err(OpenError::PayloadLength {
             expected: p.compressed_len,
-            actual: h.payload.len() as u64,
+            actual: payload_len,
         });
     }
-    if crate::sha256_hex(h.payload) != p.compressed_sha256 {
+    let metas = manifest.tensor_metas();
+    let header = canonical_header(&metas);
+    let decode = depth == Depth::Full && p.len <= limits.max_payload_bytes;
+    let mut file_hash = Sha256::new();
+    file_hash.update(&h.bytes);
+    let mut out = out;
+
+    let s = {
+        let (file_tx, file_h) = stream::spawn_fold(file_hash);
+        let (comp_tx, comp_h) = stream::spawn_fold(Sha256::new());
+        let mut compressed = Fanout::new(vec![file_tx, comp_tx]);
+        let mut inflate = decode.then(|| {
+            let (whole_tx, whole_h) = stream::spawn_fold(Sha256::new());
+            let lens = metas.iter().map(|m| m.byte_len().unwrap_or(0) as u64);
+            let check = TensorHashes::new(header.clone().unwrap_or_default(), lens);
+            let (check_tx, check_h) = stream::spawn_fold(check);
+            (
+                Inflate::new(Fanout::new(vec![whole_tx, check_tx]), p.len, &mut out),
+                whole_h,
+                check_h,
+            )
+        });
+        let mut walker = FrameWalker::new();
+        let mut left = p.compressed_len;
+        let mut read_err = None;
+        while left > 0 {
+            let want = (CHUNK as u64).min(left) as usize;
+            let mut buf = compressed.buffer(want);
+            match (&mut src).take(want as u64).read_to_end(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => left -= n as u64,
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+            let chunk = compressed.send(buf);
+            walker.feed(&chunk);
+            if let Some((inf, _, _)) = inflate.as_mut() {
+                inf.feed(&chunk, &walker, limits);
+            }
+        }
+        // A file that grew after its length was read: bytes past the signed length are refused too.
+        let mut probe = [0u8; 1];
+        let extra = if left == 0 && read_err.is_none() {
+            read_full(&mut src, &mut probe).unwrap_or(0) as u64
+        } else {
+            0
+        };
+        drop(compressed);
+        let decoded = inflate.map(|(inf, whole_h, check_h)| {
+            let d = inf.finish();
+            (d, stream::join(whole_h), stream::join(check_h))
+        });
+        Streamed {
+            read_err,
+            short_by: left,
+            extra,
+            file_digest: stream::join(file_h).finalize().into(),
+            comp_digest: stream::join(comp_h).finalize().into(),
+            frame: walker.finish(),
+            decoded: decoded.map(|(d, whole, check)| {
+                let tensors = match header {
+                    Some(_) if check.layout_ok(d.produced) => {
+                        match manifest
+                            .tensors
+                            .iter()
+                            .zip(check.digests())
+                            .position(|(e, digest)| hex::encode(digest) != e.sha256)
+                        {
+                            Some(i) => Err(Some(i)),
+                            None => Ok(()),
+                        }
+                    }
+                    _ => Err(None),
+                };
+                (d, whole.finalize().into(), tensors)
+            }),
+        }
+    };
+
+    // The verdicts, in the specification's order.
+    if let Some(e) = s.read_err {
+        return Err(OpenError::Read(e));
+    }
+    if s.short_by > 0 || s.extra > 0 {
+        return Err(OpenError::PayloadLength {
+            expected: p.compressed_len,
+            actual: p.compressed_len - s.short_by + s.extra,
+        });
+    }
+    if hex::encode(s.comp_digest) != p.compressed_sha256 {
         return Err(OpenError::PayloadHash);
     }
+    let hash = hex::encode(s.file_digest);
+    if depth == Depth::Full {
+        check_payload(&s, p, limits, &metas)?;
+    }
+    if keyring.is_bundle_revoked(&hash) {
+        return Err(OpenError::RevokedBundle(crate::short(&hash).to_string()));
+    }
+    Ok(Opened {
+        manifest,
+        hash,
+        file_len,
+        payload: out,
+    })
+}
+
+/// Whether every tensor's bytes matched its signed hash: `Err(None)` when the layout itself was wrong,
+/// `Err(Some(i))` when tensor `i`'s hash differs.
+type TensorVerdict = Result<(), Option<usize>>;
+
+/// What streaming a payload found, judged afterwards by [`check_payload`].
+struct Streamed {
+    read_err: Option<std::io::Error>,
+    short_by: u64,
+    extra: u64,
+    file_digest: [u8; 32],
+    comp_digest: [u8; 32],
+    frame: Result<(), FrameProblem>,
+    /// When decompressed: what the decoder did, the payload's SHA-256, the layout's verdict.
+    decoded: Option<(Decoded, [u8; 32], TensorVerdict)>,
+}
+
+/// Everything after the compressed payload's hash: frame, decompression, payload hash, tensors.
+fn check_payload(
+    s: &Streamed,
+    p: &PayloadInfo,
+    limits: &Limits,
+    metas: &[TensorMeta],
+) -> Result<(), OpenError> {
     if p.len > limits.max_payload_bytes {
         return Err(OpenError::Decompress {
             expected: p.len,
             why: "larger than this reader accepts".into(),
         });
     }
-    let payload = decompress(h.payload, p.len, limits)?;
-    if crate::sha256_hex(&payload) != p.sha256 {
+    if let Some((
+        Decoded {
+            write_failed: Some(e),
+            ..
+        },
+        _,
+        _,
+    )) = &s.decoded
+    {
+        return Err(OpenError::Write(std::io::Error::new(
+            e.kind(),
+            e.to_string(),
+        )));
+    }
+    let frame_err = |why: &str| OpenError::PayloadFrame(why.to_string());
+    match s.frame {
+        Ok(()) => {}
+        Err(FrameProblem::NotZstd) => return Err(frame_err("it does not start with a zstd frame")),
+        Err(FrameProblem::Extra) => return Err(frame_err("extra data after the first frame")),
+        Err(FrameProblem::Damaged) => return Err(frame_err("the frame is damaged or truncated")),
+    }
+    let Some((d, whole, tensors)) = &s.decoded else {
+        return Err(frame_err("the frame is damaged or truncated"));
+    };
+    match d.head {
+        Head::Ok => {}
+        Head::Window => {
+            return Err(frame_err(
+                "its window is larger than ferry allows (2^27 bytes)",
+            ))
+        }
+        Head::Damaged => return Err(frame_err("the frame header is damaged")),
+        Head::SizeDiffers => {
+            return Err(frame_err("the frame declares a different size than signed"))
+        }
+        Head::NoSize => return Err(frame_err("the frame does not declare its size")),
+    }
+    let err = |why: String| OpenError::Decompress {
+        expected: p.len,
+        why,
+    };
+    if let Some(why) = &d.failed {
+        return Err(err(why.clone()));
+    }
+    if d.produced != p.len {
+        return Err(err(format!("got {} bytes", d.produced)));
+    }
+    if hex::encode(whole) != p.sha256 {
         return Err(OpenError::DecompressedHash);
     }
-    let metas = manifest.tensor_metas();
-    check_tensors(&payload, &metas, &manifest)?;
-    let hash = crate::sha256_hex(bytes);
-    if keyring.is_bundle_revoked(&hash) {
-        return Err(OpenError::RevokedBundle(crate::short(&hash).to_string()));
+    match tensors {
+        Ok(()) => Ok(()),
+        Err(None) => Err(OpenError::TensorTable),
+        Err(Some(i)) => Err(OpenError::TensorHash(crate::escape(
+            metas.get(*i).map_or("", |m| m.name.as_str()),
+        ))),
     }
-    Ok(Bundle {
-        hash,
-        file_len: bytes.len() as u64,
-        manifest,
-        payload,
-        metas,
+}
+
+/// The frame header's verdict, taken before anything is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Ok,
+    Damaged,
+    Window,
+    SizeDiffers,
+    NoSize,
+}
+
+/// What the decoder did.
+struct Decoded {
+    head: Head,
+    produced: u64,
+    failed: Option<String>,
+    write_failed: Option<std::io::Error>,
+}
+
+/// The decompressing side of [`read_bundle`]: a zstd stream decoder, started only once the frame header has
+/// arrived and passed the window and size checks, writing at most the signed length (plus one byte, to tell
+/// "too long") to the output and to the payload's hash workers.
+struct Inflate<'o, W> {
+    fanout: Fanout,
+    dctx: Option<zstd::zstd_safe::DCtx<'static>>,
+    head: Option<Head>,
+    expected: u64,
+    produced: u64,
+    finished: bool,
+    failed: Option<String>,
+    write_failed: Option<std::io::Error>,
+    out: &'o mut W,
+}
+
+impl<'o, W: Write> Inflate<'o, W> {
+    fn new(fanout: Fanout, expected: u64, out: &'o mut W) -> Self {
+        Inflate {
+            fanout,
+            dctx: None,
+            head: None,
+            expected,
+            produced: 0,
+            finished: false,
+            failed: None,
+            write_failed: None,
+            out,
+        }
+    }
+
+    /// Decide, from the frame header, whether to decode at all (before any byte is decoded).
+    fn start(&mut self, header: &[u8], limits: &Limits) {
+        let head = match (
+            frame_window_size(header),
+            zstd::zstd_safe::get_frame_content_size(header),
+        ) {
+            (None, _) => Head::Damaged,
+            (Some(w), _) if w > 1u64 << limits.window_log_max => Head::Window,
+            (_, Ok(Some(n))) if n == self.expected => Head::Ok,
+            (_, Ok(Some(_))) => Head::SizeDiffers,
+            _ => Head::NoSize,
+        };
+        self.head = Some(head);
+        if head != Head::Ok {
+            return;
+        }
+        let mut dctx = zstd::zstd_safe::DCtx::create();
+        match dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            limits.window_log_max,
+        )) {
+            Ok(_) => self.dctx = Some(dctx),
+            Err(code) => self.failed = Some(zstd::zstd_safe::get_error_name(code).to_string()),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], walker: &FrameWalker, limits: &Limits) {
+        if self.head.is_none() {
+            match walker.header() {
+                Some(header) => {
+                    let header = header.to_vec();
+                    self.start(&header, limits)
+                }
+                None if walker.failed() => self.head = Some(Head::Damaged),
+                None => return,
+            }
+        }
+        if self.finished || self.failed.is_some() || self.write_failed.is_some() {
+            return;
+        }
+        let Some(dctx) = self.dctx.as_mut() else {
+            return;
+        };
+        let mut input = zstd::zstd_safe::InBuffer::around(chunk);
+        loop {
+            // At most one byte past the signed length, so "too long" shows without decoding a bomb.
+            let room = (self.expected + 1 - self.produced).min(CHUNK as u64) as usize;
+            if room == 0 {
+                return;
+            }
+            let mut buf = self.fanout.buffer(room);
+            if buf.capacity() > room {
+                buf = Vec::with_capacity(room);
+            }
+            let res = {
+                let mut output = zstd::zstd_safe::OutBuffer::around(&mut buf);
+                dctx.decompress_stream(&mut output, &mut input)
+            };
+            let n = buf.len();
+            if n > 0 {
+                self.produced += n as u64;
+                if let Err(e) = self.out.write_all(&buf) {
+                    self.write_failed = Some(e);
+                    return;
+                }
+                self.fanout.send(buf);
+            }
+            match res {
+                Err(code) => {
+                    self.failed = Some(zstd::zstd_safe::get_error_name(code).to_string());
+                    return;
+                }
+                Ok(0) => {
+                    self.finished = true;
+                    return;
+                }
+                Ok(_) if input.pos() == chunk.len() && n < room => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn finish(self) -> Decoded {
+        let head = self.head.unwrap_or(Head::Damaged);
+        let failed = match (&self.failed, head, self.finished) {
+            (Some(f), _, _) => Some(f.clone()),
+            (None, Head::Ok, false) if self.produced <= self.expected => {
+                Some("the frame ends early".to_string())
+            }
+            _ => None,
+        };
+        Decoded {
+            head,
+            produced: self.produced,
+            failed,
+            write_failed: self.write_failed,
+        }
+    }
+}
+
+/// Verify bundle bytes already in memory against trusted keys, then decompress and check the payload. Nothing is
+/// parsed before the signature and the compressed payload's hash have verified.
+pub fn open(bytes: &[u8], keyring: &Keyring, limits: &Limits) -> Result<Bundle, OpenError> {
+    let o = read_bundle(
+        bytes,
+        bytes.len() as u64,
+        keyring,
+        limits,
+        Depth::Full,
+        Vec::new(),
+    )?;
+    Ok(Bundle::from_opened(o))
+}
+
+/// Read and verify a bundle file: only a regular file is opened ([`fsutil::open_regular`]: a FIFO, a device or
+/// a directory is refused before anything is read), its 32-byte header is checked before anything else is read,
+/// and the payload is read once, as a stream, up to its signed length.
+pub fn open_file(path: &Path, keyring: &Keyring) -> Result<Bundle, OpenError> {
+    open_file_into(path, keyring, Vec::new()).map(Bundle::from_opened)
+}
+
+/// [`open_file`], writing the verified payload to `out` instead of memory: a scratch file (HQ's merge), a
+/// temp file about to become the user's output (`unpack`), or `std::io::sink()` (`verify`). The bytes reach
+/// `out` while the file is read, before the checks that end reading; on an error, whatever reached `out` is not
+/// verified and must be thrown away (a scratch file removed, a temp file never linked).
+pub fn open_file_into<W: Write>(
+    path: &Path,
+    keyring: &Keyring,
+    out: W,
+) -> Result<Opened<W>, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    read_bundle(file, len, keyring, &Limits::default(), Depth::Full, out)
+}
+
+/// Verify a bundle file's header, signature, manifest and compressed payload hash, and compute its hash, without
+/// decompressing: what `pack --base` needs to name the global an update is based on.
+pub fn identify_file(path: &Path, keyring: &Keyring) -> Result<Identity, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    let o = read_bundle(
+        file,
+        len,
+        keyring,
+        &Limits::default(),
+        Depth::Identify,
+        std::io::sink(),
+    )?;
+    Ok(Identity {
+        manifest: o.manifest,
+        hash: o.hash,
+        file_len: o.file_len,
     })
 }
 
@@ -446,47 +1180,6 @@ fn check_role(m: &Manifest, role: Role, id: &str) -> Result<(), OpenError> {
     }
 }
 
-fn decompress(frame: &[u8], expected: u64, limits: &Limits) -> Result<Vec<u8>, OpenError> {
-    let frame_err = |why: &str| OpenError::PayloadFrame(why.to_string());
-    if u32_at(frame, 0) != Some(ZSTD_MAGIC) {
-        return Err(frame_err("it does not start with a zstd frame"));
-    }
-    match zstd::zstd_safe::find_frame_compressed_size(frame) {
-        Ok(n) if n == frame.len() => {}
-        Ok(_) => return Err(frame_err("extra data after the first frame")),
-        Err(_) => return Err(frame_err("the frame is damaged or truncated")),
-    }
-    match frame_window_size(frame) {
-        Some(w) if w <= 1u64 << limits.window_log_max => {}
-        Some(_) => {
-            return Err(frame_err(
-                "its window is larger than ferry allows (2^27 bytes)",
-            ))
-        }
-        None => return Err(frame_err("the frame header is damaged")),
-    }
-    match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(n)) if n == expected => {}
-        Ok(Some(_)) => return Err(frame_err("the frame declares a different size than signed")),
-        _ => return Err(frame_err("the frame does not declare its size")),
-    }
-    let err = |why: String| OpenError::Decompress { expected, why };
-    let mut dec =
-        zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| err(e.to_string()))?;
-    dec.window_log_max(limits.window_log_max)
-        .map_err(|e| err(e.to_string()))?;
-    // Reserve only a little up front: the buffer grows with what actually decodes, so a small frame that
-    // declares a huge size costs nothing before it is refused.
-    let mut out = Vec::with_capacity(expected.min(16 << 20) as usize);
-    dec.take(expected + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| err(e.to_string()))?;
-    if out.len() as u64 != expected {
-        return Err(err(format!("got {} bytes", out.len())));
-    }
-    Ok(out)
-}
-
 /// The window size a zstd frame header declares (RFC 8878 §3.1.1.1). libzstd skips its own window limit when
 /// it can decode a frame in one pass, so the limit is checked here, from the header.
 fn frame_window_size(frame: &[u8]) -> Option<u64> {
@@ -507,27 +1200,6 @@ fn frame_window_size(frame: &[u8]) -> Option<u64> {
     v[..fcs_len].copy_from_slice(b);
     let size = u64::from_le_bytes(v);
     Some(if fcs_len == 2 { size + 256 } else { size })
-}
-
-fn check_tensors(
-    payload: &[u8],
-    metas: &[TensorMeta],
-    manifest: &Manifest,
-) -> Result<(), OpenError> {
-    let header = canonical_header(metas).ok_or(OpenError::TensorTable)?;
-    if payload.get(..header.len()) != Some(&header[..]) {
-        return Err(OpenError::TensorTable);
-    }
-    let data_len: usize = metas.iter().map(|m| m.byte_len().unwrap_or(0)).sum();
-    if header.len().checked_add(data_len) != Some(payload.len()) {
-        return Err(OpenError::TensorTable);
-    }
-    for (t, entry) in crate::payload::tensor_refs(payload, metas).zip(&manifest.tensors) {
-        if crate::sha256_hex(t.data) != entry.sha256 {
-            return Err(OpenError::TensorHash(crate::escape(t.name)));
-        }
-    }
-    Ok(())
 }
 
 /// What `inspect` can tell without trusting anything.
@@ -551,8 +1223,18 @@ pub struct Inspected {
 
 /// Parse a bundle's header and manifest without verifying anything. For display only: nothing here is trusted.
 pub fn inspect(bytes: &[u8]) -> Result<Inspected, OpenError> {
-    let h = parse_header(bytes, &Limits::default())?;
-    let manifest = Manifest::parse(h.version, h.manifest_bytes)
+    inspect_from(bytes, bytes.len() as u64)
+}
+
+/// [`inspect`] a file: a regular file only, its header read first, the rest only hashed as it streams past.
+pub fn inspect_file(path: &Path) -> Result<Inspected, OpenError> {
+    let (file, len) = fsutil::open_regular(path)?;
+    inspect_from(file, len)
+}
+
+fn inspect_from<R: Read>(mut src: R, file_len: u64) -> Result<Inspected, OpenError> {
+    let h = read_header(&mut src, file_len, &Limits::default())?;
+    let manifest = Manifest::parse(h.version, h.manifest_bytes())
         .and_then(|m| m.validate().map(|_| m))
         .and_then(|m| {
             if u32::from(h.version) == m.format {
@@ -561,13 +1243,51 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, OpenError> {
                 Err("manifest format differs from the header's version".into())
             }
         });
+    let mut hasher = Sha256::new();
+    hasher.update(&h.bytes);
+    let mut buf = vec![0u8; CHUNK.min((file_len - h.bytes.len() as u64) as usize + 1)];
+    let mut payload_len = 0u64;
+    loop {
+        let n = read_full(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        payload_len += n as u64;
+    }
     Ok(Inspected {
         version: h.version,
         key_id: hex::encode(h.key_id),
         manifest,
-        header_len: (bytes.len() - h.payload.len()) as u64,
-        payload_len: h.payload.len() as u64,
-        hash: crate::sha256_hex(bytes),
-        file_len: bytes.len() as u64,
+        header_len: h.bytes.len() as u64,
+        payload_len,
+        hash: hex::encode(hasher.finalize()),
+        file_len: h.bytes.len() as u64 + payload_len,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// zstd's multithreaded output depends on the job layout, never on how many threads ran the jobs: the same
+    /// payload seals to the same bytes on a 2-core and a 64-core machine.
+    #[test]
+    fn multithreaded_compression_does_not_depend_on_the_thread_count() {
+        let data: Vec<u8> = (0..(24u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8 & 0x1f)
+            .collect();
+        let run = |workers: u32| {
+            use zstd::zstd_safe::CParameter as P;
+            let mut c = zstd::zstd_safe::CCtx::create();
+            c.set_parameter(P::CompressionLevel(3)).unwrap();
+            c.set_parameter(P::ChecksumFlag(true)).unwrap();
+            c.set_parameter(P::NbWorkers(workers)).unwrap();
+            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+            c.compress2(&mut out, &data).unwrap();
+            out
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(5));
+        assert_eq!(zstd::stream::decode_all(&one[..]).unwrap(), data);
+    }
 }

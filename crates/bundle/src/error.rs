@@ -83,6 +83,12 @@ pub enum OpenError {
     /// A tensor's bytes differ from its signed hash.
     #[error("tensor {0:?} does not match its signed hash")]
     TensorHash(String),
+    /// Reading the file failed part way (an I/O error of the medium).
+    #[error("reading the bundle failed: {0}")]
+    Read(#[source] std::io::Error),
+    /// Writing the verified payload where the caller asked (a scratch or output file) failed.
+    #[error("writing the payload failed: {0}")]
+    Write(#[source] std::io::Error),
 }
 
 /// Why a bundle could not be made.

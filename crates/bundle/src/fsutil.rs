@@ -34,6 +34,15 @@ pub enum FsError {
     /// The target is a symbolic link, which could redirect the write anywhere.
     #[error("{} is a symbolic link; refusing to write through it", crate::escape_path(.0))]
     Symlink(PathBuf),
+    /// The path is not a regular file (a FIFO, a device, a directory, a socket): ferry reads only regular files,
+    /// so a `/dev/zero` or a named pipe on a stick cannot make a reader allocate without bound or hang (issue 15).
+    #[error("{} is {kind}, not a regular file; ferry reads only regular files", crate::escape_path(.path))]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a FIFO", "a character device", ...).
+        kind: &'static str,
+    },
     /// The file is larger than the reader accepts.
     #[error("{} is {size} bytes, more than the {limit}-byte limit", crate::escape_path(.path))]
     TooLarge {
@@ -255,12 +264,58 @@ fn write_new_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsErro
     sync_dir(dir)
 }
 
+/// [`write_new`] for output produced as a stream: `fill` writes the file's contents into a new temp file in the
+/// target directory; only when it succeeds is the file fsynced and linked under its final name (never replacing
+/// anything). When `fill` fails, the temp file is removed and nothing appears at `path`. For outputs too large to
+/// hold in memory (`unpack` of a big model), and for outputs that must not appear before a check that ends with
+/// the stream (the payload verifies only once it has been read whole).
+pub fn write_new_with<T, E: From<FsError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> Result<T, E>,
+) -> Result<T, E> {
+    if refuse_symlink(path)? {
+        return Err(FsError::Exists(path.to_path_buf()).into());
+    }
+    let dir = parent_dir(path);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ferry-tmp-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| FsError::io(dir, e))?;
+    let torn = failpoint::step(Step::TempWrite) == Action::Torn;
+    let value = fill(tmp.as_file_mut())?;
+    if torn {
+        let len = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = tmp.as_file().set_len(len / 2);
+        let _ = tmp.as_file().sync_all();
+        std::process::abort();
+    }
+    tmp.as_file().sync_all().map_err(|e| FsError::io(path, e))?;
+    failpoint::step(Step::Link);
+    tmp.persist_noclobber(path).map_err(|e| {
+        if e.error.kind() == io::ErrorKind::AlreadyExists {
+            FsError::Exists(path.to_path_buf())
+        } else {
+            FsError::io(path, e.error)
+        }
+    })?;
+    sync_dir(dir)?;
+    Ok(value)
+}
+
 /// [`write_new`], but a file already there with exactly these bytes counts as success: for content-addressed
 /// files that a crashed run may have written already.
 pub fn write_new_or_same(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     match write_new(path, bytes) {
-        Err(FsError::Exists(p)) => match read_capped(&p, bytes.len() as u64) {
-            Ok(existing) if existing == bytes => Ok(()),
+        Err(FsError::Exists(p)) => match open_regular(&p) {
+            Ok((f, len))
+                if len == bytes.len() as u64 && file_equals(&f, bytes).unwrap_or(false) =>
+            {
+                Ok(())
+            }
             _ => Err(FsError::Exists(p)),
         },
         r => r,
@@ -289,10 +344,10 @@ pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
             // cache, which is still a check of the write path.
             #[cfg(target_os = "linux")]
             let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-            read_capped_file(f, path, bytes.len() as u64 + 1)
+            file_equals(&f, bytes).map_err(|e| FsError::io(path, e))
         })
-        .and_then(|back| {
-            if back == bytes {
+        .and_then(|same| {
+            if same {
                 Ok(())
             } else {
                 Err(FsError::ReadBackMismatch(path.to_path_buf()))
@@ -304,15 +359,65 @@ pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     checked
 }
 
-/// Read a whole file, refusing one larger than `limit` bytes (checked both from the metadata and while reading,
-/// since a file can grow under us).
-pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
-    let f = File::open(path).map_err(|e| FsError::io(path, e))?;
-    read_capped_file(f, path, limit)
+/// Open `path` for reading only if it is a regular file, and return it with its length.
+///
+/// The open itself must not block or have side effects on a special file: on unix it is non-blocking
+/// (`O_NONBLOCK`, so opening a FIFO with no writer returns at once instead of hanging) and the type is checked on
+/// the open descriptor (`fstat`), so a path swapped between the check and the open cannot slip through. A
+/// symbolic link is followed: a link to a regular file is fine, a link to `/dev/zero` is refused. For a regular
+/// file `O_NONBLOCK` changes nothing about reads.
+pub fn open_regular(path: &Path) -> Result<(File, u64), FsError> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path).map_err(|e| FsError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| FsError::io(path, e))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(FsError::NotRegular {
+            path: path.to_path_buf(),
+            kind: describe_type(&ft),
+        });
+    }
+    Ok((file, meta.len()))
 }
 
-fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
-    let size = f.metadata().map_err(|e| FsError::io(path, e))?.len();
+fn describe_type(ft: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if ft.is_char_device() {
+            return "a character device";
+        }
+        if ft.is_block_device() {
+            return "a block device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Read a whole regular file, refusing one larger than `limit` bytes (checked both from the metadata and while
+/// reading, since a file can grow under us) and anything that is not a regular file ([`open_regular`]).
+pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
+    let (f, size) = open_regular(path)?;
+    read_capped_file(f, size, path, limit)
+}
+
+fn read_capped_file(f: File, size: u64, path: &Path, limit: u64) -> Result<Vec<u8>, FsError> {
     if size > limit {
         return Err(FsError::TooLarge {
             path: path.to_path_buf(),
@@ -332,6 +437,38 @@ fn read_capped_file(f: File, path: &Path, limit: u64) -> Result<Vec<u8>, FsError
         });
     }
     Ok(out)
+}
+
+/// Whether the file `f` holds exactly `bytes`, read in bounded chunks (no second copy of the file in memory).
+fn file_equals(mut f: &File, bytes: &[u8]) -> io::Result<bool> {
+    let mut buf = vec![0u8; (1 << 20).min(bytes.len() + 1)];
+    let mut at = 0;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(at == bytes.len());
+        }
+        if bytes.get(at..at + n) != Some(&buf[..n]) {
+            return Ok(false);
+        }
+        at += n;
+    }
+}
+
+/// Create a new scratch file at `path` for reading and writing, refusing to replace anything there. Scratch
+/// files (a merge's spooled payloads) are not durable steps: they are never fsynced, a crash simply leaves them
+/// behind for the next run to remove, and nothing refers to them once the process ends.
+pub fn create_scratch(path: &Path) -> Result<File, FsError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| FsError::io(path, e))
 }
 
 /// Create a directory (and parents) if missing. The parent of every directory created is fsynced, so the new

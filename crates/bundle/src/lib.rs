@@ -16,13 +16,15 @@ pub mod keys;
 pub mod manifest;
 pub mod payload;
 pub mod revocation;
+mod stream;
 pub mod tensor;
 
 mod error;
 
 pub use container::{
-    assemble, assemble_version, compress, inspect, open, open_file, seal, Bundle, Inspected,
-    Limits, Sealed, MAX_BUNDLE_BYTES,
+    assemble, assemble_version, compress, identify_file, inspect, inspect_file, open, open_file,
+    open_file_into, seal, Bundle, BundleWriter, Identity, Inspected, Limits, Opened, Sealed,
+    MAX_BUNDLE_BYTES,
 };
 pub use error::{OpenError, SealError};
 pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};

@@ -6,15 +6,13 @@
 //! list and comparing bytes.
 
 use crate::error::SealError;
-use crate::manifest::TensorEntry;
 use crate::tensor::{all_finite, byte_len, dtype_name, dtype_size, fingerprint, valid_name};
 use crate::tensor::{TensorMeta, TensorRef};
 
-/// A canonical safetensors file with its signed tensor entries, ready to seal.
+/// A canonical safetensors file with its layout, ready to seal (the tensor hashes are computed while sealing).
 #[derive(Debug, Clone)]
 pub struct Payload {
     pub(crate) bytes: Vec<u8>,
-    pub(crate) entries: Vec<TensorEntry>,
     pub(crate) metas: Vec<TensorMeta>,
 }
 
@@ -57,21 +55,10 @@ impl Payload {
         let total: usize = sorted.iter().map(|t| t.data.len()).sum();
         let mut bytes = Vec::with_capacity(header.len() + total);
         bytes.extend_from_slice(&header);
-        let mut entries = Vec::with_capacity(sorted.len());
         for t in &sorted {
             bytes.extend_from_slice(t.data);
-            entries.push(TensorEntry {
-                name: t.name.to_string(),
-                dtype: dtype_name(t.dtype).to_string(),
-                shape: t.shape.to_vec(),
-                sha256: crate::sha256_hex(t.data),
-            });
         }
-        Ok(Payload {
-            bytes,
-            entries,
-            metas,
-        })
+        Ok(Payload { bytes, metas })
     }
 
     /// Build from any safetensors file (e.g. one PyTorch saved): parsed, checked and re-serialised canonically.

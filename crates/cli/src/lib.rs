@@ -119,13 +119,22 @@ pub fn load_keyring(trust: &[PathBuf]) -> Result<Keyring> {
     Ok(Keyring::load(trust)?)
 }
 
-/// Read and verify one bundle file, with a spinner for big files.
+/// Read and verify one bundle file into memory, with a spinner for big files.
 pub fn open_bundle(path: &Path, keyring: &Keyring) -> Result<ferry_bundle::Bundle> {
+    with_spinner(path, "verifying", || ferry_bundle::open_file(path, keyring))
+}
+
+/// Run `f` on the bundle at `path` behind a spinner when the file is big; errors name the file.
+pub fn with_spinner<T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, ferry_bundle::OpenError>,
+) -> Result<T> {
     let big = std::fs::metadata(path)
         .map(|m| m.len() > SPINNER_BYTES)
         .unwrap_or(false);
-    let pb = big.then(|| spinner(format!("verifying {}", escape_path(path))));
-    let r = ferry_bundle::open_file(path, keyring).with_context(|| escape_path(path));
+    let pb = big.then(|| spinner(format!("{what} {}", escape_path(path))));
+    let r = f().with_context(|| escape_path(path));
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -237,7 +246,10 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
     let ring = args.trust.keyring()?;
     let mut failed = 0;
     for f in &args.files {
-        match open_bundle(f, &ring) {
+        // Verified as a stream, the payload checked and dropped: memory stays at a few chunks.
+        match with_spinner(f, "verifying", || {
+            ferry_bundle::open_file_into(f, &ring, std::io::sink())
+        }) {
             Ok(b) => {
                 if args.json {
                     let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": b.hash, "manifest": b.manifest});
@@ -313,8 +325,7 @@ pub struct InspectArgs {
 
 /// `inspect`: show a bundle's header and manifest, clearly marked unverified.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let bytes = fsutil::read_capped(&args.file, ferry_bundle::MAX_BUNDLE_BYTES)?;
-    let i = ferry_bundle::inspect(&bytes).with_context(|| escape_path(&args.file))?;
+    let i = ferry_bundle::inspect_file(&args.file).with_context(|| escape_path(&args.file))?;
     if args.json {
         let v = serde_json::json!({
             "verified": false,
@@ -427,14 +438,22 @@ pub struct UnpackArgs {
 /// `unpack`: verify, then write the plain safetensors payload.
 pub fn unpack(args: &UnpackArgs) -> Result<()> {
     let ring = args.trust.keyring()?;
-    let b = open_bundle(&args.file, &ring)?;
-    fsutil::write_new(&args.out, b.payload())?;
+    // The payload streams into a temp file beside --out, linked under its name only once it verified.
+    let (manifest, hash) = fsutil::write_new_with(&args.out, |file| {
+        with_spinner(&args.file, "verifying", || {
+            let o = ferry_bundle::open_file_into(&args.file, &ring, std::io::BufWriter::new(file))?;
+            o.payload
+                .into_inner()
+                .map_err(|e| ferry_bundle::OpenError::Write(e.into_error()))?;
+            Ok((o.manifest, o.hash))
+        })
+    })?;
     println!(
         "wrote {} ({} tensors, {} bytes) from {}",
         escape_path(&args.out),
-        b.metas().len(),
-        b.payload().len(),
-        describe(&b.manifest, &b.hash)
+        manifest.tensors.len(),
+        manifest.payload.len,
+        describe(&manifest, &hash)
     );
     Ok(())
 }

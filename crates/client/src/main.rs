@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{escape, escape_path, short, Draft, Role};
-use ferry_cli::{describe, open_bundle, read_secret_key, read_weights};
+use ferry_cli::{describe, open_bundle, read_secret_key, read_weights, with_spinner};
 use ferry_site::{ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
@@ -165,7 +165,12 @@ fn pack(a: &PackArgs) -> Result<()> {
         );
     }
     let ring = a.trust.keyring()?;
-    let base = open_bundle(&a.base, &ring).context("base global")?;
+    // The base's signed compressed-payload hash pins its weights: verifying up to that hash names it, without
+    // decompressing a model pack never reads (issue 13).
+    let base = with_spinner(&a.base, "checking", || {
+        ferry_bundle::identify_file(&a.base, &ring)
+    })
+    .context("base global")?;
     if base.manifest.kind != ferry_bundle::BundleKind::Global {
         anyhow::bail!(
             "{} is not a global bundle; --base takes the global the weights were trained from",

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_io;
 pub mod demo;
 pub mod fed;
 pub mod fedavg;

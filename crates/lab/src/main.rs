@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_lab::{bench, demo, fedavg, seed_table, split::SplitKind};
+use ferry_lab::{bench, bench_io, demo, fedavg, seed_table, split::SplitKind};
 use ferry_merge::{Strategy, Weighting};
 use ferry_train::data::DataSpec;
 use ferry_train::Arch;
@@ -46,7 +46,7 @@ enum Command {
     Fedavg(FedAvgArgs),
     /// Images per second of a training or inference step.
     #[command(
-        after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json"
+        after_help = "Examples:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json\n  ferry-lab bench bundle --size-mb 256 --json\n  ferry-lab bench merge --sites 4 --size-mb 64 --python bench/merge_ref.py --json\n  ferry-lab bench merge --sites 50 --size-mb 500 --synthetic --json"
     )]
     Bench(BenchArgs),
 }
@@ -177,6 +177,10 @@ enum BenchWhat {
     Train,
     /// Inference forward passes.
     Infer,
+    /// `ferry-client pack` and `verify` against `zstd | sha256sum` on the same bytes (issue 13).
+    Bundle,
+    /// `ferry-server merge` against `zstd -d | sha256sum` and, with --python, the Python reference (issue 13).
+    Merge,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +208,33 @@ struct BenchArgs {
     /// Layer implementation: fused (ferry's CPU ops) or generic (candle's own ops, the baseline).
     #[arg(long, value_enum, default_value = "fused")]
     ops: OpsArg,
+    /// bundle, merge: model size in MiB (merge --synthetic: in MB).
+    #[arg(long, default_value_t = 64)]
+    size_mb: usize,
+    /// merge: number of site updates.
+    #[arg(long, default_value_t = 4)]
+    sites: usize,
+    /// merge: fedavg, fedavgm, fedadam, median or trimmed-mean.
+    #[arg(long, default_value = "fedavg")]
+    strategy: Strategy,
+    /// bundle, merge: alternating rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// bundle, merge: working folder; generated inputs are kept there and reused.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// bundle, merge: the ferry-client / ferry-server to measure [default: the one next to ferry-lab].
+    #[arg(long, value_name = "PATH")]
+    tool: Option<PathBuf>,
+    /// bundle, merge: an older ferry-client / ferry-server measured in the same rounds.
+    #[arg(long, value_name = "PATH")]
+    before: Option<PathBuf>,
+    /// merge: the Python reference (bench/merge_ref.py), run with python3 in the same rounds.
+    #[arg(long, value_name = "FILE")]
+    python: Option<PathBuf>,
+    /// merge: run the merge engine in this process on generated inputs that are never written to disk.
+    #[arg(long)]
+    synthetic: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -288,6 +319,41 @@ fn run(cli: Cli) -> Result<()> {
                 write_json(p, &fedavg::json(&cfg, &r))?;
             }
         }
+        Command::Bench(a) if matches!(a.what, BenchWhat::Bundle | BenchWhat::Merge) => {
+            let bundle = matches!(a.what, BenchWhat::Bundle);
+            let tool = match &a.tool {
+                Some(t) => t.clone(),
+                None if a.synthetic => PathBuf::new(),
+                None => bench_io::sibling(if bundle {
+                    "ferry-client"
+                } else {
+                    "ferry-server"
+                })?,
+            };
+            let cfg = bench_io::IoBenchConfig {
+                dir: a.dir.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!(
+                        "lab-out/bench-{}-{}",
+                        if bundle { "bundle" } else { "merge" },
+                        a.size_mb
+                    ))
+                }),
+                size_mb: a.size_mb,
+                sites: a.sites,
+                strategy: a.strategy,
+                rounds: a.rounds.max(1),
+                tool,
+                before: a.before.clone(),
+                python: a.python.clone(),
+            };
+            if bundle {
+                bench_io::bundle(&cfg)?;
+            } else if a.synthetic {
+                bench_io::synthetic(&cfg)?;
+            } else {
+                bench_io::merge(&cfg)?;
+            }
+        }
         Command::Bench(a) => {
             if let Some(t) = a.threads {
                 if t == 0 {
@@ -298,7 +364,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let kind = match a.what {
                 BenchWhat::Train => bench::BenchKind::Train,
-                BenchWhat::Infer => bench::BenchKind::Infer,
+                _ => bench::BenchKind::Infer,
             };
             let ops = match a.ops {
                 OpsArg::Fused => ferry_train::Ops::Fused,

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::config::has_suffix;
 use crate::state::Moments;
 use crate::tensor::{decode_f64, encode_f64, for_each_f64, max_f64_into, max_into};
-use crate::{MergeConfig, MergeError, OwnedTensor, ServerState, Strategy, TensorSource, Weighting};
+use crate::{MergeConfig, MergeError, ServerState, Strategy, TensorSource, Weighting};
 use ferry_bundle::tensor::{dtype_size, is_float, is_int, TensorMeta};
 
 /// One verified update to merge.
@@ -209,23 +209,53 @@ fn describe(dtype: Dtype, shape: &[usize], len: usize) -> String {
     format!("{dtype} {shape:?} ({len} bytes)")
 }
 
-/// Read a tensor and check it against the layout and, for floats, that every value is finite.
-fn read_checked(
+/// Check that a source holds tensor `meta` with exactly the layout's dtype, shape and byte length.
+fn check_layout(
     src: &mut dyn TensorSource,
     meta: &TensorMeta,
     len: usize,
     origin: &str,
-) -> Result<OwnedTensor, MergeError> {
-    let t = src.read(&meta.name)?;
-    if t.dtype != meta.dtype || t.shape != meta.shape || t.data.len() != len {
+) -> Result<(), MergeError> {
+    let (dtype, shape, found) = src.describe(&meta.name)?;
+    if dtype != meta.dtype || shape != meta.shape || found != len {
         return Err(MergeError::LayoutMismatch {
             origin: origin.to_string(),
             tensor: meta.name.clone(),
             expected: describe(meta.dtype, &meta.shape, len),
-            found: describe(t.dtype, &t.shape, t.data.len()),
+            found: describe(dtype, &shape, found),
         });
     }
-    Ok(t)
+    Ok(())
+}
+
+/// Elements `start..start + cnt` of tensor `meta` from `src`, which must be exactly that many bytes.
+fn read_slice(
+    src: &mut dyn TensorSource,
+    meta: &TensorMeta,
+    start: usize,
+    cnt: usize,
+    origin: &str,
+) -> Result<Vec<u8>, MergeError> {
+    let size = dtype_size(meta.dtype).unwrap_or(1);
+    let bytes = src.read_elements(&meta.name, start, cnt)?;
+    if bytes.len() != cnt * size {
+        return Err(MergeError::LayoutMismatch {
+            origin: origin.to_string(),
+            tensor: meta.name.clone(),
+            expected: format!("{} bytes at element {start}", cnt * size),
+            found: format!("{} bytes", bytes.len()),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The slices `(start, count)` covering `numel` elements, `chunk` at a time.
+fn slices(numel: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..numel.div_ceil(chunk)).map(move |k| {
+        let start = k * chunk;
+        (start, chunk.min(numel - start))
+    })
 }
 
 /// Visit float data, refusing a NaN or infinity.
@@ -273,6 +303,44 @@ fn site_origin(c: &Contribution<'_>) -> String {
 /// - integer and boolean tensors, and BatchNorm counters (`num_batches_tracked`): element-wise maximum, dtype
 ///   kept.
 pub fn merge(
+    layout: &[TensorMeta],
+    base: &mut dyn TensorSource,
+    contributions: &mut [Contribution<'_>],
+    config: &MergeConfig,
+    server: &mut ServerState,
+    mut sink: impl FnMut(&TensorMeta, Vec<u8>) -> Result<(), MergeError>,
+) -> Result<MergeReport, MergeError> {
+    let mut current: Option<(TensorMeta, Vec<u8>)> = None;
+    let report = merge_streaming(
+        layout,
+        base,
+        contributions,
+        config,
+        server,
+        |meta, piece| {
+            match current.as_mut() {
+                Some((m, data)) if m.name == meta.name => data.extend_from_slice(&piece),
+                _ => {
+                    if let Some((m, data)) = current.replace((meta.clone(), piece)) {
+                        sink(&m, data)?;
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    if let Some((m, data)) = current.take() {
+        sink(&m, data)?;
+    }
+    Ok(report)
+}
+
+/// [`merge`], handing the output to `sink` as it is computed: each tensor as consecutive slices of its bytes
+/// (in sorted-name order, a tensor's slices in element order, an empty tensor as one empty slice). Every input
+/// is read slice by slice too, so memory stays at one slice per input plus the accumulator, whatever the size of
+/// a tensor and the number of sites (issue 13). The output bytes are the same as [`merge`]'s: each element is
+/// computed alone, and the sums run in the same order.
+pub fn merge_streaming(
     layout: &[TensorMeta],
     base: &mut dyn TensorSource,
     contributions: &mut [Contribution<'_>],
@@ -354,28 +422,43 @@ pub fn merge(
         }
     }
 
+    // Slices: the averaging rules hold one f64 accumulator slice and one input slice; the robust rules one
+    // f64 slice of every input, so their slice shrinks with the number of sites (about 64 MiB in all).
+    let chunk = config.chunk_elements.max(1);
+    let robust_chunk = chunk.min(((8 << 20) / n).max(1024));
+
     // Pass 1: check every input, measure distances from the base.
     let origins: Vec<String> = contributions.iter().map(site_origin).collect();
     let mut sq = vec![0f64; n];
     let mut bvals = Vec::new();
     for ((meta, &len), kind) in layout.iter().zip(&lens).zip(&kinds) {
-        if *kind == Kind::Trainable {
-            let b = read_checked(base, meta, len, BASE)?;
-            bvals.clear();
-            visit_finite(meta, &b.data, BASE, |_, x| bvals.push(x))?;
-            for &i in &order {
-                let t = read_checked(contributions[i].source, meta, len, &origins[i])?;
-                let acc = &mut sq[i];
-                visit_finite(meta, &t.data, &origins[i], |j, x| {
-                    let d = x - bvals[j];
-                    *acc += d * d;
-                })?;
+        let trainable = *kind == Kind::Trainable;
+        if trainable {
+            check_layout(base, meta, len, BASE)?;
+        }
+        for &i in &order {
+            check_layout(contributions[i].source, meta, len, &origins[i])?;
+        }
+        if !trainable && !is_float(meta.dtype) {
+            continue;
+        }
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
+        for (start, cnt) in slices(numel, chunk) {
+            if trainable {
+                let b = read_slice(base, meta, start, cnt, BASE)?;
+                bvals.clear();
+                visit_finite(meta, &b, BASE, |_, x| bvals.push(x))?;
             }
-        } else {
             for &i in &order {
-                let t = read_checked(contributions[i].source, meta, len, &origins[i])?;
-                if is_float(meta.dtype) {
-                    visit_finite(meta, &t.data, &origins[i], |_, _| {})?;
+                let t = read_slice(contributions[i].source, meta, start, cnt, &origins[i])?;
+                let acc = &mut sq[i];
+                if trainable {
+                    visit_finite(meta, &t, &origins[i], |j, x| {
+                        let d = x - bvals[j];
+                        *acc += d * d;
+                    })?;
+                } else {
+                    visit_finite(meta, &t, &origins[i], |_, _| {})?;
                 }
             }
         }
@@ -389,7 +472,7 @@ pub fn merge(
         })
         .collect();
 
-    // Pass 2: combine.
+    // Pass 2: combine, slice by slice.
     let mut ctx = Ctx {
         contributions,
         order: &order,
@@ -401,32 +484,59 @@ pub fn merge(
     let mut new_moments: BTreeMap<String, Moments> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(layout.len());
     for ((meta, &len), kind) in layout.iter().zip(&lens).zip(&kinds) {
-        let (rule, bytes) = match *kind {
-            Kind::Max => (TensorRule::Max, ctx.max(meta, len)?),
-            _ if strategy.is_robust() => {
-                let clip = *kind == Kind::Trainable && scales.iter().any(|&s| s < 1.0);
-                let rule = if strategy == Strategy::Median {
-                    TensorRule::Median
-                } else {
-                    TensorRule::TrimmedMean
-                };
-                (rule, ctx.robust(meta, len, base, clip)?)
-            }
-            Kind::Trainable => {
-                let (rule, vals) = ctx.trainable(meta, len, base, server, &mut new_moments)?;
-                (rule, encode(meta, &vals)?)
-            }
-            Kind::BnMean => (TensorRule::BnMean, encode(meta, &ctx.weighted(meta, len)?)?),
-            Kind::BnVar(None) => (
-                TensorRule::BnVarAverage,
-                encode(meta, &ctx.weighted(meta, len)?)?,
-            ),
-            Kind::BnVar(Some(j)) => (
-                TensorRule::BnVarPooled,
-                encode(meta, &ctx.pooled_var(meta, len, &layout[j], lens[j])?)?,
-            ),
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
+        let robust = strategy.is_robust() && *kind != Kind::Max;
+        let rule = match *kind {
+            Kind::Max => TensorRule::Max,
+            _ if robust && strategy == Strategy::Median => TensorRule::Median,
+            _ if robust => TensorRule::TrimmedMean,
+            Kind::Trainable => match strategy {
+                Strategy::FedAvgM => TensorRule::Momentum,
+                Strategy::FedAdam => TensorRule::Adam,
+                _ => TensorRule::Average,
+            },
+            Kind::BnMean => TensorRule::BnMean,
+            Kind::BnVar(None) => TensorRule::BnVarAverage,
+            Kind::BnVar(Some(_)) => TensorRule::BnVarPooled,
         };
-        sink(meta, bytes)?;
+        let clip = *kind == Kind::Trainable && scales.iter().any(|&s| s < 1.0);
+        let mut moments =
+            (strategy.is_stateful() && *kind == Kind::Trainable && !robust).then(|| Moments {
+                m: Vec::with_capacity(numel),
+                v: Vec::with_capacity(if strategy == Strategy::FedAdam {
+                    numel
+                } else {
+                    0
+                }),
+            });
+        if numel == 0 {
+            sink(meta, Vec::new())?;
+        }
+        for (start, cnt) in slices(numel, if robust { robust_chunk } else { chunk }) {
+            let s = Slice { meta, start, cnt };
+            let bytes = match *kind {
+                Kind::Max => ctx.max(&s)?,
+                _ if robust => ctx.robust(&s, base, clip)?,
+                Kind::Trainable => {
+                    let old = server.tensors.get(&meta.name);
+                    let vals = ctx.trainable(&s, base, old, moments.as_mut())?;
+                    encode(meta, &vals)?
+                }
+                Kind::BnMean | Kind::BnVar(None) => encode(meta, &ctx.weighted(&s)?)?,
+                Kind::BnVar(Some(j)) => {
+                    let mean = Slice {
+                        meta: &layout[j],
+                        start,
+                        cnt,
+                    };
+                    encode(meta, &ctx.pooled_var(&s, &mean)?)?
+                }
+            };
+            sink(meta, bytes)?;
+        }
+        if let Some(mo) = moments {
+            new_moments.insert(meta.name.clone(), mo);
+        }
         tensors.push(TensorReport {
             name: meta.name.clone(),
             dtype: meta.dtype.to_string(),
@@ -510,67 +620,73 @@ struct Ctx<'c, 'a> {
     config: &'c MergeConfig,
 }
 
+/// Elements `start..start + cnt` of one tensor.
+struct Slice<'m> {
+    meta: &'m TensorMeta,
+    start: usize,
+    cnt: usize,
+}
+
 impl Ctx<'_, '_> {
-    fn read(&mut self, i: usize, meta: &TensorMeta, len: usize) -> Result<OwnedTensor, MergeError> {
-        read_checked(self.contributions[i].source, meta, len, &self.origins[i])
+    fn read(&mut self, i: usize, s: &Slice<'_>) -> Result<Vec<u8>, MergeError> {
+        read_slice(
+            self.contributions[i].source,
+            s.meta,
+            s.start,
+            s.cnt,
+            &self.origins[i],
+        )
     }
 
     /// Element-wise maximum over the updates, in the tensor's own dtype.
-    fn max(&mut self, meta: &TensorMeta, len: usize) -> Result<Vec<u8>, MergeError> {
+    fn max(&mut self, s: &Slice<'_>) -> Result<Vec<u8>, MergeError> {
+        let meta = s.meta;
         if is_int(meta.dtype) {
             let mut acc: Option<Vec<u8>> = None;
             for k in 0..self.order.len() {
-                let t = self.read(self.order[k], meta, len)?;
+                let t = self.read(self.order[k], s)?;
                 match acc.as_mut() {
-                    None => acc = Some(t.data),
+                    None => acc = Some(t),
                     Some(a) => {
-                        max_into(meta.dtype, a, &t.data);
+                        max_into(meta.dtype, a, &t);
                     }
                 }
             }
             return acc.ok_or(MergeError::NoContributions);
         }
-        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
-        let mut acc = vec![f64::NEG_INFINITY; numel];
+        let mut acc = vec![f64::NEG_INFINITY; s.cnt];
         for k in 0..self.order.len() {
             let i = self.order[k];
-            let t = self.read(i, meta, len)?;
-            visit_finite(meta, &t.data, &self.origins[i], |_, _| {})?;
-            max_f64_into(&mut acc, meta.dtype, &t.data);
+            let t = self.read(i, s)?;
+            visit_finite(meta, &t, &self.origins[i], |_, _| {})?;
+            max_f64_into(&mut acc, meta.dtype, &t);
         }
         encode(meta, &acc)
     }
 
     /// `Σ wᵢ xᵢ` over the updates (no clipping).
-    fn weighted(&mut self, meta: &TensorMeta, len: usize) -> Result<Vec<f64>, MergeError> {
-        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
-        let mut acc = vec![0f64; numel];
+    fn weighted(&mut self, s: &Slice<'_>) -> Result<Vec<f64>, MergeError> {
+        let mut acc = vec![0f64; s.cnt];
         for k in 0..self.order.len() {
             let (i, w) = (self.order[k], self.weights[k]);
-            let t = self.read(i, meta, len)?;
-            visit_finite(meta, &t.data, &self.origins[i], |j, x| acc[j] += w * x)?;
+            let t = self.read(i, s)?;
+            visit_finite(s.meta, &t, &self.origins[i], |j, x| acc[j] += w * x)?;
         }
         Ok(acc)
     }
 
     /// Pooled BatchNorm variance: `Σ wᵢ(σᵢ² + (μᵢ − μ)²)`, `μ = Σ wᵢμᵢ` (two passes over the means, for
     /// accuracy when the means are large compared with the spread).
-    fn pooled_var(
-        &mut self,
-        var: &TensorMeta,
-        var_len: usize,
-        mean: &TensorMeta,
-        mean_len: usize,
-    ) -> Result<Vec<f64>, MergeError> {
-        let mu = self.weighted(mean, mean_len)?;
+    fn pooled_var(&mut self, var: &Slice<'_>, mean: &Slice<'_>) -> Result<Vec<f64>, MergeError> {
+        let mu = self.weighted(mean)?;
         let mut acc = vec![0f64; mu.len()];
         let mut mi = Vec::new();
         for k in 0..self.order.len() {
             let (i, w) = (self.order[k], self.weights[k]);
-            let m = self.read(i, mean, mean_len)?;
-            decode_f64(mean.dtype, &m.data, &mut mi);
-            let v = self.read(i, var, var_len)?;
-            visit_finite(var, &v.data, &self.origins[i], |j, s2| {
+            let m = self.read(i, mean)?;
+            decode_f64(mean.meta.dtype, &m, &mut mi);
+            let v = self.read(i, var)?;
+            visit_finite(var.meta, &v, &self.origins[i], |j, s2| {
                 let d = mi[j] - mu[j];
                 acc[j] += w * (s2 + d * d);
             })?;
@@ -578,151 +694,121 @@ impl Ctx<'_, '_> {
         Ok(acc)
     }
 
-    /// A trainable float tensor under fedavg / fedavgm / fedadam.
+    /// A slice of a trainable float tensor under fedavg / fedavgm / fedadam. `old` is the tensor's server state;
+    /// the slice's new moments are appended to `moments`.
     fn trainable(
         &mut self,
-        meta: &TensorMeta,
-        len: usize,
+        s: &Slice<'_>,
         base: &mut dyn TensorSource,
-        server: &ServerState,
-        new_moments: &mut BTreeMap<String, Moments>,
-    ) -> Result<(TensorRule, Vec<f64>), MergeError> {
+        old: Option<&Moments>,
+        moments: Option<&mut Moments>,
+    ) -> Result<Vec<f64>, MergeError> {
+        let (meta, cnt) = (s.meta, s.cnt);
         let strategy = self.config.strategy;
         let need_base = strategy.is_stateful() || self.scales.iter().any(|&s| s < 1.0);
         let mut b = Vec::new();
         if need_base {
-            let t = read_checked(base, meta, len, BASE)?;
-            visit_finite(meta, &t.data, BASE, |_, x| b.push(x))?;
+            let t = read_slice(base, meta, s.start, cnt, BASE)?;
+            visit_finite(meta, &t, BASE, |_, x| b.push(x))?;
         }
-        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
-        let mut avg = vec![0f64; numel];
+        let mut avg = vec![0f64; cnt];
         for k in 0..self.order.len() {
             let i = self.order[k];
-            let (w, s) = (self.weights[k], self.scales[i]);
-            let t = self.read(i, meta, len)?;
-            if s < 1.0 {
-                visit_finite(meta, &t.data, &self.origins[i], |j, x| {
-                    avg[j] += w * (b[j] + s * (x - b[j]))
+            let (w, sc) = (self.weights[k], self.scales[i]);
+            let t = self.read(i, s)?;
+            if sc < 1.0 {
+                visit_finite(meta, &t, &self.origins[i], |j, x| {
+                    avg[j] += w * (b[j] + sc * (x - b[j]))
                 })?;
             } else {
-                visit_finite(meta, &t.data, &self.origins[i], |j, x| avg[j] += w * x)?;
+                visit_finite(meta, &t, &self.origins[i], |j, x| avg[j] += w * x)?;
             }
         }
-        let old = server.tensors.get(&meta.name);
+        let Some(mo) = moments else {
+            return Ok(avg);
+        };
+        let at = |v: &[f32], j: usize| v.get(s.start + j).map(|&x| f64::from(x));
         match strategy {
             Strategy::FedAvgM => {
                 let c = self.config.fedavgm;
-                let mut m = Vec::with_capacity(numel);
-                for j in 0..numel {
+                for j in 0..cnt {
                     let delta = b[j] - avg[j];
-                    let m_old = old.map_or(0.0, |o| f64::from(o.m[j]));
+                    let m_old = old.and_then(|o| at(&o.m, j)).unwrap_or(0.0);
                     let m_new = c.beta * m_old + delta;
                     avg[j] = b[j] - c.lr * m_new;
-                    m.push(m_new as f32);
+                    mo.m.push(m_new as f32);
                 }
-                new_moments.insert(meta.name.clone(), Moments { m, v: Vec::new() });
-                Ok((TensorRule::Momentum, avg))
             }
             Strategy::FedAdam => {
                 let c = self.config.fedadam;
-                let (mut m, mut v) = (Vec::with_capacity(numel), Vec::with_capacity(numel));
-                for j in 0..numel {
+                for j in 0..cnt {
                     let delta = b[j] - avg[j];
-                    let m_old = old.map_or(0.0, |o| f64::from(o.m[j]));
+                    let m_old = old.and_then(|o| at(&o.m, j)).unwrap_or(0.0);
                     // Reddi et al. start v at τ² (v₋₁ ≥ τ²).
-                    let v_old = old.map_or(c.tau * c.tau, |o| f64::from(o.v[j]));
+                    let v_old = old.and_then(|o| at(&o.v, j)).unwrap_or(c.tau * c.tau);
                     let m_new = c.beta1 * m_old + (1.0 - c.beta1) * delta;
                     let v_new = c.beta2 * v_old + (1.0 - c.beta2) * delta * delta;
                     avg[j] = b[j] - c.lr * m_new / (v_new.sqrt() + c.tau);
-                    m.push(m_new as f32);
-                    v.push(v_new as f32);
+                    mo.m.push(m_new as f32);
+                    mo.v.push(v_new as f32);
                 }
-                new_moments.insert(meta.name.clone(), Moments { m, v });
-                Ok((TensorRule::Adam, avg))
             }
-            _ => Ok((TensorRule::Average, avg)),
+            _ => {}
         }
+        Ok(avg)
     }
 
-    /// Median or trimmed mean, coordinate by coordinate, reading `chunk_elements` of every input at a time.
+    /// Median or trimmed mean of one slice, coordinate by coordinate, from a slice of every input.
     fn robust(
         &mut self,
-        meta: &TensorMeta,
-        len: usize,
+        s: &Slice<'_>,
         base: &mut dyn TensorSource,
         clip: bool,
     ) -> Result<Vec<u8>, MergeError> {
-        let size = dtype_size(meta.dtype).unwrap_or(1);
-        let numel = len / size;
+        let (meta, cnt) = (s.meta, s.cnt);
         let n = self.order.len();
         let trim = if self.config.strategy == Strategy::TrimmedMean {
             self.config.trim
         } else {
             0
         };
-        let chunk = self.config.chunk_elements.max(1);
-        let mut out = Vec::with_capacity(len);
         let mut b = Vec::new();
-        let mut cols = Vec::new();
-        let mut column = vec![0f64; n];
-        let mut res = Vec::new();
-        let mut start = 0;
-        while start < numel {
-            let cnt = chunk.min(numel - start);
-            let short = |origin: &str, got: usize| MergeError::LayoutMismatch {
-                origin: origin.to_string(),
-                tensor: meta.name.clone(),
-                expected: format!("{} bytes at element {start}", cnt * size),
-                found: format!("{got} bytes"),
-            };
-            b.clear();
-            if clip {
-                let bytes = base.read_elements(&meta.name, start, cnt)?;
-                if bytes.len() != cnt * size {
-                    return Err(short(BASE, bytes.len()));
-                }
-                visit_finite(meta, &bytes, BASE, |_, x| b.push(x))?;
-            }
-            cols.clear();
-            cols.resize(n * cnt, 0f64);
-            for k in 0..n {
-                let i = self.order[k];
-                let s = self.scales[i];
-                let bytes = self.contributions[i]
-                    .source
-                    .read_elements(&meta.name, start, cnt)?;
-                if bytes.len() != cnt * size {
-                    return Err(short(&self.origins[i], bytes.len()));
-                }
-                let col = &mut cols[k * cnt..(k + 1) * cnt];
-                visit_finite(meta, &bytes, &self.origins[i], |j, x| {
-                    col[j] = if clip && s < 1.0 {
-                        b[j] + s * (x - b[j])
-                    } else {
-                        x
-                    };
-                })?;
-            }
-            res.clear();
-            for j in 0..cnt {
-                for k in 0..n {
-                    column[k] = cols[k * cnt + j];
-                }
-                column.sort_by(f64::total_cmp);
-                res.push(if trim == 0 && self.config.strategy == Strategy::Median {
-                    if n % 2 == 1 {
-                        column[n / 2]
-                    } else {
-                        (column[n / 2 - 1] + column[n / 2]) / 2.0
-                    }
-                } else {
-                    let kept = &column[trim..n - trim];
-                    kept.iter().sum::<f64>() / kept.len() as f64
-                });
-            }
-            out.extend_from_slice(&encode(meta, &res)?);
-            start += cnt;
+        if clip {
+            let bytes = read_slice(base, meta, s.start, cnt, BASE)?;
+            visit_finite(meta, &bytes, BASE, |_, x| b.push(x))?;
         }
-        Ok(out)
+        let mut cols = vec![0f64; n * cnt];
+        for k in 0..n {
+            let i = self.order[k];
+            let sc = self.scales[i];
+            let bytes = self.read(i, s)?;
+            let col = &mut cols[k * cnt..(k + 1) * cnt];
+            visit_finite(meta, &bytes, &self.origins[i], |j, x| {
+                col[j] = if clip && sc < 1.0 {
+                    b[j] + sc * (x - b[j])
+                } else {
+                    x
+                };
+            })?;
+        }
+        let mut column = vec![0f64; n];
+        let mut res = Vec::with_capacity(cnt);
+        for j in 0..cnt {
+            for k in 0..n {
+                column[k] = cols[k * cnt + j];
+            }
+            column.sort_by(f64::total_cmp);
+            res.push(if trim == 0 && self.config.strategy == Strategy::Median {
+                if n % 2 == 1 {
+                    column[n / 2]
+                } else {
+                    (column[n / 2 - 1] + column[n / 2]) / 2.0
+                }
+            } else {
+                let kept = &column[trim..n - trim];
+                kept.iter().sum::<f64>() / kept.len() as f64
+            });
+        }
+        encode(meta, &res)
     }
 }

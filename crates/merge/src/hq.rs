@@ -1,8 +1,8 @@
 //! HQ's round on disk: the one path from sticks to the next global that `ferry-server` and `ferry-lab` share.
 //!
-//! verify each update (one at a time) → spool its verified payload to the state dir → check the batch against
-//! the ledger → stream-merge tensor by tensor → seal the next global → store it in the state dir → commit the
-//! ledger → write it to the outgoing stick. The state dir (`--state`):
+//! verify each update (one at a time), streaming its payload into a scratch file in the state dir as it is
+//! checked → check the batch against the ledger → merge slice by slice, compressing and hashing the next global
+//! as it is computed → sign it → store it in the state dir → commit the ledger → write it to the outgoing stick. The state dir (`--state`):
 //! - `ledger.json`: the ledger (commit point of a round);
 //! - `globals/<hash>.ferry`: every global HQ signed, so the current one can be re-emitted (`emit`) and serves
 //!   as the base of the next merge;
@@ -18,13 +18,15 @@ use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, FsError};
 use ferry_bundle::revocation::{self, RevocationError, Verified};
-use ferry_bundle::tensor::{TensorMeta, TensorRef};
+use ferry_bundle::tensor::TensorMeta;
 use ferry_bundle::{
-    BundleKind, Draft, Keyring, OpenError, Payload, RevocationRef, SealError, Sealed, SecretKey,
+    BundleKind, BundleWriter, Draft, Keyring, OpenError, Payload, RevocationRef, SealError, Sealed,
+    SecretKey,
 };
 
+use crate::engine::merge_streaming;
 use crate::{
-    merge, Contribution, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError, MergeReport,
+    Contribution, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError, MergeReport,
     PayloadFile, ServerState, UpdateInfo,
 };
 
@@ -384,7 +386,6 @@ pub fn merge_round(
         });
     }
     let current = ledger.current().clone();
-    let (_, base) = read_current(dir, &current.hash, key)?;
 
     remove_stale_spools(dir);
     let spool = tempfile::Builder::new()
@@ -394,11 +395,29 @@ pub fn merge_round(
             path: dir.to_path_buf(),
             source: e,
         })?;
+    // The base global from HQ's own store, verified as it is decompressed into the spool.
+    let base_path = globals_path(dir, &current.hash);
+    let (mut base_source, base) =
+        PayloadFile::verify(spool.path(), "base", &base_path, &hq_ring(key)?).map_err(|e| {
+            HqError::Corrupt {
+                path: base_path.clone(),
+                why: e.to_string(),
+            }
+        })?;
+    if base.hash != current.hash {
+        return Err(HqError::Corrupt {
+            path: base_path,
+            why: "stored global does not match the ledger's hash".into(),
+        });
+    }
     let mut infos = Vec::new();
     let mut sources = Vec::new();
     let mut capped = Vec::new();
     for (i, path) in files.iter().enumerate() {
-        let bundle = ferry_bundle::open_file(path, keyring).map_err(|source| HqError::Open {
+        // Each update streams once from the stick into a scratch file, which the merge reads only if the
+        // whole bundle verified.
+        let (source, bundle) = PayloadFile::verify(spool.path(), &format!("u{i}"), path, keyring)
+            .map_err(|source| HqError::Open {
             path: path.clone(),
             source,
         })?;
@@ -425,49 +444,12 @@ pub fn merge_round(
         // Check as we go, so a stale or foreign bundle is refused before the next one is even read.
         ledger.check_update(&info)?;
         infos.push(info);
-        sources.push(PayloadFile::spool(spool.path(), &format!("u{i}"), &bundle)?);
+        sources.push(source);
     }
     ledger.check_batch(&infos)?;
 
-    let layout: Vec<TensorMeta> = base.metas().to_vec();
-    let mut base_source = PayloadFile::spool(spool.path(), "base", &base)?;
+    let layout: Vec<TensorMeta> = base.metas();
     let mut server = read_server_state(dir, &current.hash)?;
-
-    let mut contributions: Vec<Contribution<'_>> = infos
-        .iter()
-        .zip(sources.iter_mut())
-        .map(|(u, s)| Contribution {
-            site: u.site.clone(),
-            bundle: u.bundle.clone(),
-            samples: u.samples,
-            source: s,
-        })
-        .collect();
-    let mut merged: Vec<(TensorMeta, Vec<u8>)> = Vec::with_capacity(layout.len());
-    let report = merge(
-        &layout,
-        &mut base_source,
-        &mut contributions,
-        &config.merge,
-        &mut server,
-        |meta, data| {
-            merged.push((meta.clone(), data));
-            Ok(())
-        },
-    )?;
-    drop(contributions);
-    let refs: Vec<TensorRef<'_>> = merged
-        .iter()
-        .map(|(m, d)| TensorRef {
-            name: &m.name,
-            dtype: m.dtype,
-            shape: &m.shape,
-            data: d,
-        })
-        .collect();
-    let payload = Payload::from_tensors(&refs)?;
-    drop(refs);
-    drop(merged);
 
     let mut contributors: Vec<_> = infos.iter().map(UpdateInfo::contributor).collect();
     contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
@@ -489,7 +471,36 @@ pub fn merge_round(
         created,
         expires: Some(created.saturating_add(config.valid_for)),
     };
-    let sealed = ferry_bundle::seal(draft, &payload, key, config.level)?;
+    // The next global is compressed and hashed as the merge computes it, slice by slice: it is never held
+    // uncompressed.
+    let mut writer = BundleWriter::new(draft, layout.clone(), key, config.level)?;
+    let mut contributions: Vec<Contribution<'_>> = infos
+        .iter()
+        .zip(sources.iter_mut())
+        .map(|(u, s)| Contribution {
+            site: u.site.clone(),
+            bundle: u.bundle.clone(),
+            samples: u.samples,
+            source: s,
+        })
+        .collect();
+    let report = merge_streaming(
+        &layout,
+        &mut base_source,
+        &mut contributions,
+        &config.merge,
+        &mut server,
+        |meta, data| {
+            writer.write(data).map_err(|e| MergeError::Output {
+                tensor: meta.name.clone(),
+                reason: e.to_string(),
+            })
+        },
+    )?;
+    drop(contributions);
+    drop(sources);
+    drop(base_source);
+    let sealed = writer.finish()?;
 
     // Store, then commit. Until `record_round` renames the ledger, the federation is on the old round.
     for v in &new_lists {

@@ -16,7 +16,9 @@ mod state;
 mod tensor;
 
 pub use config::{BnPair, BnRules, FedAdamConfig, FedAvgMConfig, MergeConfig, Strategy, Weighting};
-pub use engine::{merge, Contribution, ContributionReport, MergeReport, TensorReport, TensorRule};
+pub use engine::{
+    merge, merge_streaming, Contribution, ContributionReport, MergeReport, TensorReport, TensorRule,
+};
 pub use error::{LedgerError, MergeError};
 pub use ledger::{
     CurrentGlobal, Ledger, LedgerData, LedgerStatus, RoundEntry, UpdateInfo, LEDGER_FILE,

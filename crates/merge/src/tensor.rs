@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil;
@@ -31,6 +31,13 @@ pub struct OwnedTensor {
 pub trait TensorSource {
     /// The whole tensor `name`.
     fn read(&mut self, name: &str) -> Result<OwnedTensor, MergeError>;
+
+    /// The dtype, shape and byte length of tensor `name`, without its data. The default reads the tensor;
+    /// file-backed sources answer from their index.
+    fn describe(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, usize), MergeError> {
+        let t = self.read(name)?;
+        Ok((t.dtype, t.shape, t.data.len()))
+    }
 
     /// `count` elements of tensor `name` starting at element `start`, as raw bytes. Robust strategies read
     /// tensors in slices through this so that n inputs of one large tensor are never in memory at once. The
@@ -139,6 +146,11 @@ impl TensorSource for MemorySource {
         self.get(name).cloned()
     }
 
+    fn describe(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, usize), MergeError> {
+        let t = self.get(name)?;
+        Ok((t.dtype, t.shape.clone(), t.data.len()))
+    }
+
     fn read_elements(
         &mut self,
         name: &str,
@@ -151,8 +163,9 @@ impl TensorSource for MemorySource {
 }
 
 /// A verified bundle's payload in a scratch file, read back tensor by tensor with seeks: the one file-backed
-/// [`TensorSource`]. It can only be made from a [`Bundle`], whose tensors `open` has already checked against
-/// their signed hashes, so its index is trusted and never parsed from the file.
+/// [`TensorSource`]. It is made only by [`PayloadFile::verify`], which streams the bundle into the file through
+/// `ferry_bundle::open_file_into` and keeps the file only when every check passed, so its index comes from the
+/// verified manifest and is never parsed from the file.
 #[derive(Debug)]
 pub struct PayloadFile {
     file: File,
@@ -162,22 +175,89 @@ pub struct PayloadFile {
 }
 
 impl PayloadFile {
-    /// Write `bundle`'s payload to `dir/<label>.safetensors` (a new file) and open it for reading.
+    /// Verify the bundle at `bundle` against `keyring`, decompressing its payload into a new scratch file
+    /// `dir/<label>.safetensors` as it is read (no copy in memory, no fsync: scratch is not durable). On any
+    /// refusal the scratch file is removed and the bundle's error returned.
+    pub fn verify(
+        dir: &Path,
+        label: &str,
+        bundle: &Path,
+        keyring: &ferry_bundle::Keyring,
+    ) -> Result<(PayloadFile, ferry_bundle::Opened<()>), ferry_bundle::OpenError> {
+        let path = dir.join(format!("{label}.safetensors"));
+        let file = fsutil::create_scratch(&path)?;
+        let opened = ferry_bundle::open_file_into(
+            bundle,
+            keyring,
+            std::io::BufWriter::with_capacity(1 << 20, file),
+        )
+        .and_then(|o| {
+            let file = o
+                .payload
+                .into_inner()
+                .map_err(|e| ferry_bundle::OpenError::Write(e.into_error()))?;
+            Ok(ferry_bundle::Opened {
+                manifest: o.manifest,
+                hash: o.hash,
+                file_len: o.file_len,
+                payload: file,
+            })
+        });
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        let ferry_bundle::Opened {
+            manifest,
+            hash,
+            file_len,
+            payload: file,
+        } = opened;
+        let source =
+            PayloadFile::indexed(file, path, manifest.tensor_metas(), manifest.payload.len);
+        Ok((
+            source,
+            ferry_bundle::Opened {
+                manifest,
+                hash,
+                file_len,
+                payload: (),
+            },
+        ))
+    }
+
+    /// Write the payload of a `bundle` already verified in memory to a new scratch file `dir/<label>.safetensors`
+    /// (not fsynced) and open it for reading.
     pub fn spool(dir: &Path, label: &str, bundle: &Bundle) -> Result<PayloadFile, MergeError> {
         let path = dir.join(format!("{label}.safetensors"));
-        fsutil::write_new(&path, bundle.payload())?;
-        let file = File::open(&path).map_err(|source| MergeError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let data_len: usize = bundle.tensors().map(|t| t.data.len()).sum();
-        let mut offset = (bundle.payload().len() - data_len) as u64;
-        let mut index = Vec::with_capacity(bundle.metas().len());
-        for t in bundle.tensors() {
-            index.push((t.meta(), offset, t.data.len()));
-            offset += t.data.len() as u64;
+        let mut file = fsutil::create_scratch(&path)?;
+        file.write_all(bundle.payload())
+            .map_err(|source| MergeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(PayloadFile::indexed(
+            file,
+            path,
+            bundle.metas().to_vec(),
+            bundle.payload().len() as u64,
+        ))
+    }
+
+    /// The source over a verified canonical payload of `len` bytes with layout `metas`, held in `file`.
+    fn indexed(file: File, path: PathBuf, metas: Vec<TensorMeta>, len: u64) -> PayloadFile {
+        let data_len: u64 = metas.iter().map(|m| m.byte_len().unwrap_or(0) as u64).sum();
+        let mut offset = len - data_len;
+        let mut index = Vec::with_capacity(metas.len());
+        for m in metas {
+            let n = m.byte_len().unwrap_or(0);
+            index.push((m, offset, n));
+            offset += n as u64;
         }
-        Ok(PayloadFile { file, path, index })
+        PayloadFile { file, path, index }
     }
 
     fn find(&self, name: &str) -> Result<&(TensorMeta, u64, usize), MergeError> {
@@ -204,6 +284,11 @@ impl PayloadFile {
 }
 
 impl TensorSource for PayloadFile {
+    fn describe(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, usize), MergeError> {
+        let (meta, _, len) = self.find(name)?;
+        Ok((meta.dtype, meta.shape.clone(), *len))
+    }
+
     fn read(&mut self, name: &str) -> Result<OwnedTensor, MergeError> {
         let (meta, offset, len) = self.find(name)?.clone();
         let data = self.read_at(offset, len)?;
