@@ -332,7 +332,11 @@ fn check_state_files(state: &Path, ctx: &str) {
                     "local.json",
                     "current.safetensors",
                     "weights",
-                    "lock"
+                    "lock",
+                    // Trust the first import pins (issue 15): written before the record, kept on a retry.
+                    "pin.json",
+                    "revocations",
+                    "hq-keys.ferry-keys",
                 ]
                 .contains(&name.as_str()),
             "{ctx}: unexpected file {name} in the state"
