@@ -59,7 +59,8 @@ pub struct Contributor {
     pub bundle: String,
     /// Site id.
     pub site: String,
-    /// Signed sample count.
+    /// The sample count the merge weighted the update by: the count the site signed, or less where HQ capped
+    /// it (`--max-samples`, `--max-sample-ratio`).
     pub samples: u64,
 }
 

@@ -190,8 +190,12 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
         let out = out?;
         for c in &out.report.contributions {
             println!(
-                "HQ: verified {} ({} samples): weight {:.2}, distance from the global {:.3}",
-                c.site, c.samples, c.weight, c.distance
+                "HQ: verified {} ({} samples): weight {}, distance from the global {:.3}",
+                c.site,
+                c.samples,
+                c.weight
+                    .map_or_else(|| "-".to_string(), |w| format!("{w:.2}")),
+                c.distance
             );
         }
         println!(

@@ -236,7 +236,18 @@ pub struct MergeConfig {
     /// Elements per slice when the robust strategies read a tensor in slices (default 1 Mi: 50 inputs use
     /// about 400 MB of f64 buffers).
     pub chunk_elements: usize,
+    /// Bound R on each site's BatchNorm statistics under the averaging strategies (`--bn-bound`, default
+    /// [`DEFAULT_BN_BOUND`]; 0 turns it off): a running mean is kept within R of the base global's standard
+    /// deviations from the base's mean, a running variance within a factor R² of the base's. Statistics are not
+    /// trained by gradient, so without a bound one site could set them to anything (issue 15).
+    pub bn_bound: f64,
 }
+
+/// Default [`MergeConfig::bn_bound`]: a site's BatchNorm mean may sit 100 base standard deviations from the
+/// base's and its variance a factor 10⁴ away. Generous on purpose: round 1 starts from the initial statistics
+/// (mean 0, variance 1), which real data moves a long way; the bound is there to stop absurd values (a variance
+/// of 10³⁰), not to second-guess training. `median` and `trimmed-mean` bound every site more tightly.
+pub const DEFAULT_BN_BOUND: f64 = 100.0;
 
 impl Default for MergeConfig {
     fn default() -> Self {
@@ -249,6 +260,7 @@ impl Default for MergeConfig {
             fedadam: FedAdamConfig::default(),
             bn: BnRules::default(),
             chunk_elements: 1 << 20,
+            bn_bound: DEFAULT_BN_BOUND,
         }
     }
 }
@@ -283,6 +295,12 @@ impl MergeConfig {
                 a.lr, a.beta1, a.beta2, a.tau
             ));
         }
+        if !(self.bn_bound == 0.0 || (self.bn_bound.is_finite() && self.bn_bound >= 1.0)) {
+            return bad(format!(
+                "--bn-bound must be 0 (off) or at least 1, not {}",
+                self.bn_bound
+            ));
+        }
         if self.chunk_elements == 0 {
             return bad("chunk_elements must be at least 1".into());
         }
@@ -312,6 +330,10 @@ impl MergeConfig {
         }
         if let Some(c) = self.clip_norm {
             s += &format!(" clip={c}");
+        }
+        // Only a non-default bound is named, so globals merged under the default describe themselves as before.
+        if self.bn_bound != DEFAULT_BN_BOUND && !self.strategy.is_robust() {
+            s += &format!(" bn-bound={}", self.bn_bound);
         }
         s
     }

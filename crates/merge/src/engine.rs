@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::has_suffix;
 use crate::state::Moments;
-use crate::tensor::{decode_f64, encode_f64, for_each_f64, max_f64_into, max_into};
+use crate::tensor::{decode_int, encode_f64, encode_int, for_each_f64, max_f64_into};
 use crate::{MergeConfig, MergeError, ServerState, Strategy, TensorSource, Weighting};
 use ferry_bundle::tensor::{dtype_size, is_float, is_int, TensorMeta};
 
@@ -63,8 +63,15 @@ pub enum TensorRule {
     BnVarPooled,
     /// BatchNorm running variance without a matching mean tensor: weighted average.
     BnVarAverage,
-    /// Integer, boolean or counter tensor: element-wise maximum.
+    /// Counter stored as a float (`num_batches_tracked` as f32): element-wise maximum.
     Max,
+    /// Integer or boolean tensor under an averaging strategy: weighted average, rounded (a boolean by weighted
+    /// majority).
+    IntAverage,
+    /// Integer or boolean tensor under `median`: coordinate median (the lower middle value's side, rounded down).
+    IntMedian,
+    /// Integer or boolean tensor under `trimmed-mean`: coordinate trimmed mean, rounded.
+    IntTrimmedMean,
 }
 
 impl fmt::Display for TensorRule {
@@ -78,7 +85,10 @@ impl fmt::Display for TensorRule {
             TensorRule::BnMean => "bn mean: weighted average",
             TensorRule::BnVarPooled => "bn var: pooled variance",
             TensorRule::BnVarAverage => "bn var: weighted average (no matching mean)",
-            TensorRule::Max => "max",
+            TensorRule::Max => "counter: max",
+            TensorRule::IntAverage => "integer: weighted average, rounded",
+            TensorRule::IntMedian => "integer: coordinate median",
+            TensorRule::IntTrimmedMean => "integer: coordinate trimmed mean, rounded",
         })
     }
 }
@@ -92,8 +102,9 @@ pub struct ContributionReport {
     pub bundle: String,
     /// The signed sample count.
     pub samples: u64,
-    /// The weight used (sums to 1; `1/n` for the robust strategies, which ignore weights).
-    pub weight: f64,
+    /// The weight used (the weights sum to 1). `None` under the robust strategies (median, trimmed mean), which
+    /// give every update the same say whatever its sample count.
+    pub weight: Option<f64>,
     /// L2 distance of the update from the base over the trainable float tensors (not BatchNorm statistics or
     /// counters), before clipping.
     pub distance: f64,
@@ -101,6 +112,8 @@ pub struct ContributionReport {
     pub clipped: bool,
     /// The factor the update's difference from the base was multiplied by (1 when not clipped).
     pub scale: f64,
+    /// Elements of the update's BatchNorm statistics that `--bn-bound` pulled back towards the base global's.
+    pub bn_bounded: u64,
 }
 
 /// One output tensor and the rule that made it.
@@ -165,8 +178,13 @@ fn median_in_place(v: &mut [f64]) -> Option<f64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Trainable,
-    BnMean,
+    /// A BatchNorm running mean, with its variance's index.
+    BnMean(Option<usize>),
+    /// A BatchNorm running variance, with its mean's index.
     BnVar(Option<usize>),
+    /// Integer or boolean data.
+    Int,
+    /// A counter stored as a float.
     Max,
 }
 
@@ -179,25 +197,29 @@ fn classify(layout: &[TensorMeta], config: &MergeConfig) -> Vec<Kind> {
     layout
         .iter()
         .map(|t| {
-            if is_int(t.dtype)
-                || config
-                    .bn
-                    .counters
-                    .iter()
-                    .any(|c| has_suffix(&t.name, c).is_some())
+            if is_int(t.dtype) {
+                return Kind::Int;
+            }
+            if config
+                .bn
+                .counters
+                .iter()
+                .any(|c| has_suffix(&t.name, c).is_some())
             {
                 return Kind::Max;
             }
+            let partner = |prefix: &str, suffix: &str| {
+                index
+                    .get(format!("{prefix}{suffix}").as_str())
+                    .copied()
+                    .filter(|&j| is_float(layout[j].dtype) && layout[j].shape == t.shape)
+            };
             for p in &config.bn.pairs {
                 if let Some(prefix) = has_suffix(&t.name, &p.var) {
-                    let mean = index
-                        .get(format!("{prefix}{}", p.mean).as_str())
-                        .copied()
-                        .filter(|&j| is_float(layout[j].dtype) && layout[j].shape == t.shape);
-                    return Kind::BnVar(mean);
+                    return Kind::BnVar(partner(prefix, &p.mean));
                 }
-                if has_suffix(&t.name, &p.mean).is_some() {
-                    return Kind::BnMean;
+                if let Some(prefix) = has_suffix(&t.name, &p.mean) {
+                    return Kind::BnMean(partner(prefix, &p.var));
                 }
             }
             Kind::Trainable
@@ -298,10 +320,12 @@ fn site_origin(c: &Contribution<'_>) -> String {
 /// - trainable float tensors (F64/F32/F16/BF16): the strategy, accumulated in f64, written back in the
 ///   original dtype rounded to nearest;
 /// - BatchNorm running means ([`crate::BnRules`]): weighted average; running variances: pooled variance
-///   `Σ wᵢ(σᵢ² + (μᵢ − μ)²)` with `μ = Σ wᵢμᵢ` (never a server-optimizer step, never clipped); under median /
-///   trimmed-mean both are taken coordinate-wise like every float tensor;
-/// - integer and boolean tensors, and BatchNorm counters (`num_batches_tracked`): element-wise maximum, dtype
-///   kept.
+///   `Σ wᵢ(σᵢ² + (μᵢ − μ)²)` with `μ = Σ wᵢμᵢ` (never a server-optimizer step, never clipped), each site's
+///   statistics first bounded relative to the base's ([`MergeConfig::bn_bound`]); a negative variance refuses
+///   the update; under median / trimmed-mean both are taken coordinate-wise like every float tensor;
+/// - integer and boolean tensors: the strategy's rule in integer arithmetic (median, trimmed mean rounded,
+///   weighted average rounded; a boolean by weighted majority), dtype kept;
+/// - counters stored as floats (`num_batches_tracked` as f32): element-wise maximum.
 pub fn merge(
     layout: &[TensorMeta],
     base: &mut dyn TensorSource,
@@ -457,6 +481,15 @@ pub fn merge_streaming(
                         let d = x - bvals[j];
                         *acc += d * d;
                     })?;
+                } else if matches!(kind, Kind::BnVar(_)) {
+                    let mut negative = false;
+                    visit_finite(meta, &t, &origins[i], |_, x| negative |= x < 0.0)?;
+                    if negative {
+                        return Err(MergeError::NegativeVariance {
+                            origin: origins[i].clone(),
+                            tensor: meta.name.clone(),
+                        });
+                    }
                 } else {
                     visit_finite(meta, &t, &origins[i], |_, _| {})?;
                 }
@@ -480,14 +513,20 @@ pub fn merge_streaming(
         weights: &weights,
         scales: &scales,
         config,
+        bn_bounded: vec![0; n],
     };
     let mut new_moments: BTreeMap<String, Moments> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(layout.len());
     for ((meta, &len), kind) in layout.iter().zip(&lens).zip(&kinds) {
         let numel = len / dtype_size(meta.dtype).unwrap_or(1);
-        let robust = strategy.is_robust() && *kind != Kind::Max;
+        let robust = strategy.is_robust() && !matches!(kind, Kind::Max | Kind::Int);
         let rule = match *kind {
             Kind::Max => TensorRule::Max,
+            Kind::Int => match strategy {
+                Strategy::Median => TensorRule::IntMedian,
+                Strategy::TrimmedMean => TensorRule::IntTrimmedMean,
+                _ => TensorRule::IntAverage,
+            },
             _ if robust && strategy == Strategy::Median => TensorRule::Median,
             _ if robust => TensorRule::TrimmedMean,
             Kind::Trainable => match strategy {
@@ -495,7 +534,7 @@ pub fn merge_streaming(
                 Strategy::FedAdam => TensorRule::Adam,
                 _ => TensorRule::Average,
             },
-            Kind::BnMean => TensorRule::BnMean,
+            Kind::BnMean(_) => TensorRule::BnMean,
             Kind::BnVar(None) => TensorRule::BnVarAverage,
             Kind::BnVar(Some(_)) => TensorRule::BnVarPooled,
         };
@@ -512,25 +551,32 @@ pub fn merge_streaming(
         if numel == 0 {
             sink(meta, Vec::new())?;
         }
-        for (start, cnt) in slices(numel, if robust { robust_chunk } else { chunk }) {
+        let per_input = robust || *kind == Kind::Int;
+        for (start, cnt) in slices(numel, if per_input { robust_chunk } else { chunk }) {
             let s = Slice { meta, start, cnt };
+            let at = |j: usize| Slice {
+                meta: &layout[j],
+                start,
+                cnt,
+            };
             let bytes = match *kind {
                 Kind::Max => ctx.max(&s)?,
+                Kind::Int => ctx.int(&s)?,
                 _ if robust => ctx.robust(&s, base, clip)?,
                 Kind::Trainable => {
                     let old = server.tensors.get(&meta.name);
                     let vals = ctx.trainable(&s, base, old, moments.as_mut())?;
                     encode(meta, &vals)?
                 }
-                Kind::BnMean | Kind::BnVar(None) => encode(meta, &ctx.weighted(&s)?)?,
-                Kind::BnVar(Some(j)) => {
-                    let mean = Slice {
-                        meta: &layout[j],
-                        start,
-                        cnt,
-                    };
-                    encode(meta, &ctx.pooled_var(&s, &mean)?)?
+                Kind::BnMean(var) => {
+                    let bound = ctx.mean_bound(base, &s, var.map(at).as_ref())?;
+                    encode(meta, &ctx.weighted(&s, &bound)?)?
                 }
+                Kind::BnVar(None) => {
+                    let bound = ctx.var_bound(base, &s)?;
+                    encode(meta, &ctx.weighted(&s, &bound)?)?
+                }
+                Kind::BnVar(Some(j)) => encode(meta, &ctx.pooled_var(base, &s, &at(j))?)?,
             };
             sink(meta, bytes)?;
         }
@@ -559,10 +605,11 @@ pub fn merge_streaming(
                 site: c.site.clone(),
                 bundle: c.bundle.clone(),
                 samples: c.samples,
-                weight,
+                weight: (!strategy.is_robust()).then_some(weight),
                 distance: distances[i],
                 clipped: scales[i] < 1.0,
                 scale: scales[i],
+                bn_bounded: ctx.bn_bounded[i],
             }
         })
         .collect();
@@ -618,6 +665,36 @@ struct Ctx<'c, 'a> {
     weights: &'c [f64],
     scales: &'c [f64],
     config: &'c MergeConfig,
+    /// Per contribution (by index): BatchNorm statistic elements the bound pulled back.
+    bn_bounded: Vec<u64>,
+}
+
+/// Below this, a base variance counts as this when bounding a site's statistics: a channel the base global
+/// never saw vary must still let sites' statistics move a little.
+const VAR_FLOOR: f64 = 1e-2;
+
+/// The bound on one slice of a BatchNorm statistic, per element, from the base global's statistics.
+enum StatBound {
+    None,
+    Range { lo: Vec<f64>, hi: Vec<f64> },
+}
+
+impl StatBound {
+    /// Clamp `v` into the range; the number of elements moved.
+    fn apply(&self, v: &mut [f64]) -> u64 {
+        let StatBound::Range { lo, hi } = self else {
+            return 0;
+        };
+        let mut moved = 0;
+        for ((x, &l), &h) in v.iter_mut().zip(lo).zip(hi) {
+            let c = x.clamp(l, h);
+            if c != *x {
+                *x = c;
+                moved += 1;
+            }
+        }
+        moved
+    }
 }
 
 /// Elements `start..start + cnt` of one tensor.
@@ -638,22 +715,9 @@ impl Ctx<'_, '_> {
         )
     }
 
-    /// Element-wise maximum over the updates, in the tensor's own dtype.
+    /// Element-wise maximum over the updates of a counter stored as a float.
     fn max(&mut self, s: &Slice<'_>) -> Result<Vec<u8>, MergeError> {
         let meta = s.meta;
-        if is_int(meta.dtype) {
-            let mut acc: Option<Vec<u8>> = None;
-            for k in 0..self.order.len() {
-                let t = self.read(self.order[k], s)?;
-                match acc.as_mut() {
-                    None => acc = Some(t),
-                    Some(a) => {
-                        max_into(meta.dtype, a, &t);
-                    }
-                }
-            }
-            return acc.ok_or(MergeError::NoContributions);
-        }
         let mut acc = vec![f64::NEG_INFINITY; s.cnt];
         for k in 0..self.order.len() {
             let i = self.order[k];
@@ -664,32 +728,165 @@ impl Ctx<'_, '_> {
         encode(meta, &acc)
     }
 
-    /// `Σ wᵢ xᵢ` over the updates (no clipping).
-    fn weighted(&mut self, s: &Slice<'_>) -> Result<Vec<f64>, MergeError> {
+    /// An integer or boolean slice, combined the way the strategy combines floats, in exact integer arithmetic
+    /// where it can be (median, trimmed mean, all-equal inputs) and rounded otherwise.
+    fn int(&mut self, s: &Slice<'_>) -> Result<Vec<u8>, MergeError> {
+        let (meta, cnt) = (s.meta, s.cnt);
+        let n = self.order.len();
+        let mut cols = vec![0i128; n * cnt];
+        let mut vals = Vec::with_capacity(cnt);
+        for k in 0..n {
+            let t = self.read(self.order[k], s)?;
+            if !decode_int(meta.dtype, &t, &mut vals) || vals.len() != cnt {
+                return Err(MergeError::UnsupportedDtype {
+                    tensor: meta.name.clone(),
+                    dtype: meta.dtype,
+                });
+            }
+            cols[k * cnt..(k + 1) * cnt].copy_from_slice(&vals);
+        }
+        let trim = self.config.trim;
+        let mut column = vec![0i128; n];
+        let mut out = Vec::with_capacity(cnt);
+        for j in 0..cnt {
+            for k in 0..n {
+                column[k] = cols[k * cnt + j];
+            }
+            out.push(match self.config.strategy {
+                Strategy::Median => {
+                    column.sort_unstable();
+                    if n % 2 == 1 {
+                        column[n / 2]
+                    } else {
+                        (column[n / 2 - 1] + column[n / 2]).div_euclid(2)
+                    }
+                }
+                Strategy::TrimmedMean => {
+                    column.sort_unstable();
+                    let kept = &column[trim..n - trim];
+                    let len = kept.len() as i128;
+                    (2 * kept.iter().sum::<i128>() + len).div_euclid(2 * len)
+                }
+                _ if column.iter().all(|&x| x == column[0]) => column[0],
+                _ => {
+                    let avg: f64 = column
+                        .iter()
+                        .zip(self.weights)
+                        .map(|(&x, &w)| w * x as f64)
+                        .sum();
+                    avg.round() as i128
+                }
+            });
+        }
+        encode_int(meta.dtype, &out).ok_or_else(|| MergeError::UnsupportedDtype {
+            tensor: meta.name.clone(),
+            dtype: meta.dtype,
+        })
+    }
+
+    /// The base global's slice of a float tensor.
+    fn base_values(base: &mut dyn TensorSource, s: &Slice<'_>) -> Result<Vec<f64>, MergeError> {
+        let bytes = read_slice(base, s.meta, s.start, s.cnt, BASE)?;
+        let mut v = Vec::with_capacity(s.cnt);
+        visit_finite(s.meta, &bytes, BASE, |_, x| v.push(x))?;
+        Ok(v)
+    }
+
+    /// The bound on sites' running means: within R base standard deviations of the base's mean. No bound
+    /// without the matching variance, or with `--bn-bound 0`.
+    fn mean_bound(
+        &self,
+        base: &mut dyn TensorSource,
+        mean: &Slice<'_>,
+        var: Option<&Slice<'_>>,
+    ) -> Result<StatBound, MergeError> {
+        let r = self.config.bn_bound;
+        let Some(var) = var.filter(|_| r > 0.0) else {
+            return Ok(StatBound::None);
+        };
+        let m = Self::base_values(base, mean)?;
+        let v = Self::base_values(base, var)?;
+        let width: Vec<f64> = v.iter().map(|&v| r * v.max(VAR_FLOOR).sqrt()).collect();
+        Ok(StatBound::Range {
+            lo: m.iter().zip(&width).map(|(m, w)| m - w).collect(),
+            hi: m.iter().zip(&width).map(|(m, w)| m + w).collect(),
+        })
+    }
+
+    /// The bound on sites' running variances: within a factor R² of the base's (no bound with `--bn-bound 0`).
+    fn var_bound(
+        &self,
+        base: &mut dyn TensorSource,
+        var: &Slice<'_>,
+    ) -> Result<StatBound, MergeError> {
+        let r2 = self.config.bn_bound * self.config.bn_bound;
+        if r2 == 0.0 {
+            return Ok(StatBound::None);
+        }
+        let v = Self::base_values(base, var)?;
+        Ok(StatBound::Range {
+            lo: v.iter().map(|&v| v / r2).collect(),
+            hi: v.iter().map(|&v| v.max(VAR_FLOOR) * r2).collect(),
+        })
+    }
+
+    /// The `k`-th update's slice of a BatchNorm statistic, bounded (counted when `count`).
+    fn stat(
+        &mut self,
+        k: usize,
+        s: &Slice<'_>,
+        bound: &StatBound,
+        count: bool,
+    ) -> Result<Vec<f64>, MergeError> {
+        let i = self.order[k];
+        let t = self.read(i, s)?;
+        let mut v = Vec::with_capacity(s.cnt);
+        visit_finite(s.meta, &t, &self.origins[i], |_, x| v.push(x))?;
+        let moved = bound.apply(&mut v);
+        if count {
+            self.bn_bounded[i] += moved;
+        }
+        Ok(v)
+    }
+
+    /// `Σ wᵢ xᵢ` over the updates' bounded statistics (no clipping: statistics are not trained by gradient).
+    fn weighted(&mut self, s: &Slice<'_>, bound: &StatBound) -> Result<Vec<f64>, MergeError> {
         let mut acc = vec![0f64; s.cnt];
         for k in 0..self.order.len() {
-            let (i, w) = (self.order[k], self.weights[k]);
-            let t = self.read(i, s)?;
-            visit_finite(s.meta, &t, &self.origins[i], |j, x| acc[j] += w * x)?;
+            let w = self.weights[k];
+            for (a, x) in acc.iter_mut().zip(self.stat(k, s, bound, true)?) {
+                *a += w * x;
+            }
         }
         Ok(acc)
     }
 
-    /// Pooled BatchNorm variance: `Σ wᵢ(σᵢ² + (μᵢ − μ)²)`, `μ = Σ wᵢμᵢ` (two passes over the means, for
-    /// accuracy when the means are large compared with the spread).
-    fn pooled_var(&mut self, var: &Slice<'_>, mean: &Slice<'_>) -> Result<Vec<f64>, MergeError> {
-        let mu = self.weighted(mean)?;
-        let mut acc = vec![0f64; mu.len()];
-        let mut mi = Vec::new();
+    /// Pooled BatchNorm variance: `Σ wᵢ(σᵢ² + (μᵢ − μ)²)`, `μ = Σ wᵢμᵢ`, over bounded statistics (two passes
+    /// over the means, for accuracy when the means are large compared with the spread).
+    fn pooled_var(
+        &mut self,
+        base: &mut dyn TensorSource,
+        var: &Slice<'_>,
+        mean: &Slice<'_>,
+    ) -> Result<Vec<f64>, MergeError> {
+        let mean_bound = self.mean_bound(base, mean, Some(var))?;
+        let var_bound = self.var_bound(base, var)?;
+        let mut mu = vec![0f64; var.cnt];
         for k in 0..self.order.len() {
-            let (i, w) = (self.order[k], self.weights[k]);
-            let m = self.read(i, mean)?;
-            decode_f64(mean.meta.dtype, &m, &mut mi);
-            let v = self.read(i, var)?;
-            visit_finite(var.meta, &v, &self.origins[i], |j, s2| {
+            let w = self.weights[k];
+            for (a, x) in mu.iter_mut().zip(self.stat(k, mean, &mean_bound, false)?) {
+                *a += w * x;
+            }
+        }
+        let mut acc = vec![0f64; var.cnt];
+        for k in 0..self.order.len() {
+            let w = self.weights[k];
+            let mi = self.stat(k, mean, &mean_bound, false)?;
+            let vi = self.stat(k, var, &var_bound, true)?;
+            for j in 0..acc.len() {
                 let d = mi[j] - mu[j];
-                acc[j] += w * (s2 + d * d);
-            })?;
+                acc[j] += w * (vi[j] + d * d);
+            }
         }
         Ok(acc)
     }

@@ -39,6 +39,14 @@ pub enum MergeError {
         /// The tensor name.
         tensor: String,
     },
+    /// A BatchNorm running variance below zero: no training produces one.
+    #[error("{origin} holds a negative value in the BatchNorm running variance {tensor}; that update is broken or hostile, leave it out of the merge")]
+    NegativeVariance {
+        /// `site <id>`.
+        origin: String,
+        /// The tensor name.
+        tensor: String,
+    },
     /// A tensor's dtype, shape or byte length differs from the model layout.
     #[error("{origin} has tensor {tensor} as {found}, but the model layout says {expected}; the update was made for another model")]
     LayoutMismatch {

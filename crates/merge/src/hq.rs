@@ -56,7 +56,7 @@ pub enum HqError {
     #[error("{}: this is a global bundle, not a site update", ferry_bundle::escape_path(.0))]
     NotAnUpdate(PathBuf),
     /// Fewer updates than `--min-sites`.
-    #[error("only {got} update(s) given, but --min-sites is {min}; wait for more sites or lower --min-sites")]
+    #[error("only {got} update(s) given, but a merge needs at least {min} (--min-sites); wait for the other sites' updates, or pass --min-sites {got} to merge without them")]
     TooFewSites {
         /// Updates given.
         got: usize,
@@ -99,15 +99,39 @@ pub enum HqError {
     },
 }
 
+/// Default [`RoundConfig::min_sites`].
+pub const DEFAULT_MIN_SITES: usize = 2;
+
+/// Default [`RoundConfig::max_sample_ratio`]: a site may declare up to 10 times the lower median of the counts
+/// (the field study's sites held about the same number of images each).
+pub const DEFAULT_MAX_SAMPLE_RATIO: u64 = 10;
+
+/// A sample count the merge did not use as signed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CappedSamples {
+    /// The site.
+    pub site: String,
+    /// The count it signed.
+    pub declared: u64,
+    /// The count the merge weighted it by.
+    pub used: u64,
+    /// Which bound applied: `--max-samples` or `--max-sample-ratio`.
+    pub bound: &'static str,
+}
+
 /// Options of one merge round.
 #[derive(Debug, Clone)]
 pub struct RoundConfig {
     /// Strategy and per-tensor settings.
     pub merge: MergeConfig,
-    /// Refuse fewer updates than this.
+    /// Refuse fewer updates than this (default 2: a courier who drops the other sites' files must not produce
+    /// a one-site "merge" unnoticed).
     pub min_sites: usize,
     /// Cap each update's signed sample count at this (flagged in the report).
     pub max_samples: Option<u64>,
+    /// Cap a sample count above this many times the lower median of all the updates' counts (0: off). One site,
+    /// or a stolen site key, cannot then take the merge over by signing a huge count.
+    pub max_sample_ratio: u64,
     /// zstd level of the output.
     pub level: i32,
     /// How long the new global stays fresh, in seconds (its signed `expires` is its creation time plus this).
@@ -118,8 +142,9 @@ impl Default for RoundConfig {
     fn default() -> Self {
         RoundConfig {
             merge: MergeConfig::default(),
-            min_sites: 1,
+            min_sites: DEFAULT_MIN_SITES,
             max_samples: None,
+            max_sample_ratio: DEFAULT_MAX_SAMPLE_RATIO,
             level: 3,
             valid_for: ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY,
         }
@@ -135,8 +160,8 @@ pub struct RoundOutcome {
     pub sealed: Sealed,
     /// Per-site weights, distances, clipping, and per-tensor rules.
     pub report: MergeReport,
-    /// Sites whose sample counts were capped by `max_samples`.
-    pub capped: Vec<String>,
+    /// Sample counts capped by `max_samples` or `max_sample_ratio`.
+    pub capped: Vec<CappedSamples>,
     /// The revocation list the global names, written next to it in the output dir.
     pub revocations: Option<PathBuf>,
 }
@@ -327,6 +352,31 @@ fn read_current(
     Ok((bytes, bundle))
 }
 
+/// Cap every sample count above `ratio` times the lower median of all the counts (no-op for `ratio` 0 or a
+/// single update). The lower median, so that with two sites the smaller count is the reference.
+fn cap_sample_ratio(infos: &mut [UpdateInfo], ratio: u64, capped: &mut Vec<CappedSamples>) {
+    if ratio == 0 || infos.len() < 2 {
+        return;
+    }
+    let mut counts: Vec<u64> = infos.iter().map(|u| u.samples).collect();
+    counts.sort_unstable();
+    let limit = counts[(counts.len() - 1) / 2].saturating_mul(ratio);
+    for u in infos.iter_mut().filter(|u| u.samples > limit) {
+        if let Some(c) = capped.iter_mut().find(|c| c.site == u.site) {
+            c.used = limit;
+            c.bound = "--max-sample-ratio";
+        } else {
+            capped.push(CappedSamples {
+                site: u.site.clone(),
+                declared: u.samples,
+                used: limit,
+                bound: "--max-sample-ratio",
+            });
+        }
+        u.samples = limit;
+    }
+}
+
 /// Remove `.spool-*` directories a crashed merge left behind (we hold the ledger lock, so none is in use).
 fn remove_stale_spools(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -428,7 +478,12 @@ pub fn merge_round(
         let mut samples = site.samples;
         if let Some(max) = config.max_samples {
             if samples > max {
-                capped.push(site.id.clone());
+                capped.push(CappedSamples {
+                    site: site.id.clone(),
+                    declared: site.samples,
+                    used: max,
+                    bound: "--max-samples",
+                });
                 samples = max;
             }
         }
@@ -447,6 +502,7 @@ pub fn merge_round(
         sources.push(source);
     }
     ledger.check_batch(&infos)?;
+    cap_sample_ratio(&mut infos, config.max_sample_ratio, &mut capped);
 
     let layout: Vec<TensorMeta> = base.metas();
     let mut server = read_server_state(dir, &current.hash)?;

@@ -15,7 +15,10 @@ mod ledger;
 mod state;
 mod tensor;
 
-pub use config::{BnPair, BnRules, FedAdamConfig, FedAvgMConfig, MergeConfig, Strategy, Weighting};
+pub use config::{
+    BnPair, BnRules, FedAdamConfig, FedAvgMConfig, MergeConfig, Strategy, Weighting,
+    DEFAULT_BN_BOUND,
+};
 pub use engine::{
     merge, merge_streaming, Contribution, ContributionReport, MergeReport, TensorReport, TensorRule,
 };

@@ -342,15 +342,6 @@ pub(crate) fn for_each_f64(d: Dtype, bytes: &[u8], mut f: impl FnMut(usize, f64)
     }
 }
 
-/// Decode float data into f64 values.
-pub(crate) fn decode_f64(d: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
-    out.clear();
-    for_each_f64(d, bytes, |_, x| {
-        out.push(x);
-        true
-    });
-}
-
 /// Round f64 values to the nearest value of dtype `d` (ties to even) and encode them little-endian.
 /// Returns `None` when a value is not finite after rounding (overflow of F16's range, for instance).
 pub(crate) fn encode_f64(d: Dtype, vals: &[f64]) -> Option<Vec<u8>> {
@@ -391,28 +382,55 @@ pub(crate) fn encode_f64(d: Dtype, vals: &[f64]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Element-wise maximum of integer (or boolean) data: `acc[i] = max(acc[i], other[i])`, compared in `d`'s
-/// own signedness. `false` for a dtype that is not an integer.
-pub(crate) fn max_into(d: Dtype, acc: &mut [u8], other: &[u8]) -> bool {
-    fn go<const N: usize, T: PartialOrd>(acc: &mut [u8], other: &[u8], dec: fn([u8; N]) -> T) {
-        for (a, o) in acc.chunks_exact_mut(N).zip(other.chunks_exact(N)) {
-            if dec(arr::<N>(o)) > dec(arr::<N>(a)) {
-                a.copy_from_slice(o);
-            }
-        }
+/// Decode integer (or boolean) data into i128 values, in `d`'s own signedness. `false` for a dtype that is not
+/// an integer.
+pub(crate) fn decode_int(d: Dtype, bytes: &[u8], out: &mut Vec<i128>) -> bool {
+    fn go<const N: usize, T: Into<i128>>(bytes: &[u8], out: &mut Vec<i128>, dec: fn([u8; N]) -> T) {
+        out.extend(bytes.chunks_exact(N).map(|c| dec(arr::<N>(c)).into()));
     }
+    out.clear();
     match d {
-        Dtype::BOOL | Dtype::U8 => go::<1, u8>(acc, other, u8::from_le_bytes),
-        Dtype::I8 => go::<1, i8>(acc, other, i8::from_le_bytes),
-        Dtype::I16 => go::<2, i16>(acc, other, i16::from_le_bytes),
-        Dtype::U16 => go::<2, u16>(acc, other, u16::from_le_bytes),
-        Dtype::I32 => go::<4, i32>(acc, other, i32::from_le_bytes),
-        Dtype::U32 => go::<4, u32>(acc, other, u32::from_le_bytes),
-        Dtype::I64 => go::<8, i64>(acc, other, i64::from_le_bytes),
-        Dtype::U64 => go::<8, u64>(acc, other, u64::from_le_bytes),
+        Dtype::BOOL | Dtype::U8 => go::<1, u8>(bytes, out, u8::from_le_bytes),
+        Dtype::I8 => go::<1, i8>(bytes, out, i8::from_le_bytes),
+        Dtype::I16 => go::<2, i16>(bytes, out, i16::from_le_bytes),
+        Dtype::U16 => go::<2, u16>(bytes, out, u16::from_le_bytes),
+        Dtype::I32 => go::<4, i32>(bytes, out, i32::from_le_bytes),
+        Dtype::U32 => go::<4, u32>(bytes, out, u32::from_le_bytes),
+        Dtype::I64 => go::<8, i64>(bytes, out, i64::from_le_bytes),
+        Dtype::U64 => go::<8, u64>(bytes, out, u64::from_le_bytes),
         _ => return false,
     }
     true
+}
+
+/// Encode i128 values as integer dtype `d`, saturating at its range (a boolean is 0 or 1). `None` for a dtype
+/// that is not an integer.
+pub(crate) fn encode_int(d: Dtype, vals: &[i128]) -> Option<Vec<u8>> {
+    fn go<T: TryFrom<i128> + Copy, const N: usize>(
+        vals: &[i128],
+        lo: T,
+        hi: T,
+        enc: fn(T) -> [u8; N],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(vals.len() * N);
+        for &v in vals {
+            let t = T::try_from(v).unwrap_or(if v < 0 { lo } else { hi });
+            out.extend_from_slice(&enc(t));
+        }
+        out
+    }
+    Some(match d {
+        Dtype::BOOL => vals.iter().map(|&v| u8::from(v > 0)).collect(),
+        Dtype::U8 => go(vals, u8::MIN, u8::MAX, u8::to_le_bytes),
+        Dtype::I8 => go(vals, i8::MIN, i8::MAX, i8::to_le_bytes),
+        Dtype::I16 => go(vals, i16::MIN, i16::MAX, i16::to_le_bytes),
+        Dtype::U16 => go(vals, u16::MIN, u16::MAX, u16::to_le_bytes),
+        Dtype::I32 => go(vals, i32::MIN, i32::MAX, i32::to_le_bytes),
+        Dtype::U32 => go(vals, u32::MIN, u32::MAX, u32::to_le_bytes),
+        Dtype::I64 => go(vals, i64::MIN, i64::MAX, i64::to_le_bytes),
+        Dtype::U64 => go(vals, u64::MIN, u64::MAX, u64::to_le_bytes),
+        _ => return None,
+    })
 }
 
 /// Float element-wise maximum, for counters stored as floats.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::{seal, Draft, Dtype, Keyring, Payload, Role, SecretKey, TensorRef};
-use ferry_merge::hq::{self, HqError, RoundConfig};
+use ferry_merge::hq::{self, CappedSamples, HqError, RoundConfig};
 use ferry_merge::{LedgerError, MergeConfig, MergeError, Strategy};
 
 struct Fed {
@@ -242,8 +242,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The defaults, except that one site may merge alone: most tests here are about something else.
 fn fedavg() -> RoundConfig {
-    RoundConfig::default()
+    RoundConfig {
+        min_sites: 1,
+        ..RoundConfig::default()
+    }
 }
 
 #[test]
@@ -321,7 +325,13 @@ fn two_rounds_match_an_independent_reference() {
     );
     assert_eq!(
         t["bn1.num_batches_tracked"],
-        (Dtype::I64, a.count.max(b.count).to_le_bytes().to_vec())
+        // An integer follows the strategy: the weighted average, rounded.
+        (
+            Dtype::I64,
+            ((wa * a.count as f64 + wb * b.count as f64).round() as i64)
+                .to_le_bytes()
+                .to_vec()
+        )
     );
     let head: Vec<u8> = avg(&a.head, &b.head)
         .iter()
@@ -690,4 +700,65 @@ fn revocation_lists_are_stored_applied_and_named_by_every_later_global() {
             }
         )
     });
+}
+
+#[test]
+fn defaults_refuse_a_one_site_merge_and_cap_a_huge_sample_count() {
+    let fed = Fed::new();
+    let g0 = fed.start();
+    let ua = fed.site_round(0, &g0, &Model::at(1.0), 100);
+    // A stolen site-b key signs the largest count there is.
+    let ub = fed.site_round(1, &g0, &Model::at(2.0), u64::MAX);
+
+    // A courier who brings only one update gets no merge unless HQ asks for one explicitly.
+    let e = fed.refused(
+        std::slice::from_ref(&ua),
+        &RoundConfig::default(),
+        &fed.ring,
+        &|e| matches!(e, HqError::TooFewSites { got: 1, min: 2 }),
+    );
+    assert!(e.to_string().contains("--min-sites 1"), "{e}");
+
+    // Site b's count is weighted as 10 x the lower median (100): weights 100/1100 and 1000/1100.
+    let r = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[],
+        &[ua, ub],
+        &RoundConfig::default(),
+        &fed.out,
+    )
+    .unwrap();
+    assert_eq!(
+        r.capped,
+        vec![CappedSamples {
+            site: "site-b".into(),
+            declared: u64::MAX,
+            used: 1000,
+            bound: "--max-sample-ratio",
+        }]
+    );
+    let weight = |site: &str| {
+        r.report
+            .contributions
+            .iter()
+            .find(|c| c.site == site)
+            .and_then(|c| c.weight)
+            .unwrap()
+    };
+    assert!((weight("site-b") - 1000.0 / 1100.0).abs() < 1e-12);
+    assert!((weight("site-a") - 100.0 / 1100.0).abs() < 1e-12);
+    let g1 = ferry_bundle::open_file(&r.path, &fed.hq_ring).unwrap();
+    let conv = f32s(&read_tensors(g1.payload())["conv1.weight"].1);
+    let want = ((100.0 * 1.0 + 1000.0 * 2.0) / 1100.0) as f32;
+    assert!((conv[0] - want).abs() < 1e-6, "{} vs {want}", conv[0]);
+    // The global records the count it used, and the ledger the same.
+    let b = g1
+        .manifest
+        .contributors
+        .iter()
+        .find(|c| c.site == "site-b")
+        .unwrap();
+    assert_eq!(b.samples, 1000);
 }

@@ -31,8 +31,8 @@ fn fedavg_weights_by_samples() {
     .unwrap();
     // 0.25·a + 0.75·b by hand.
     assert_eq!(f32s(&out["w"].data), vec![4.0, 5.0, 6.375]);
-    assert_eq!(report.contributions[0].weight, 0.25);
-    assert_eq!(report.contributions[1].weight, 0.75);
+    assert_eq!(report.contributions[0].weight, Some(0.25));
+    assert_eq!(report.contributions[1].weight, Some(0.75));
     assert_eq!(report.tensors[0].rule, TensorRule::Average);
 
     // Weights that do not divide evenly: (1·1 + 2·2)/3 rounded once to f32.
@@ -68,7 +68,10 @@ fn equal_weights_ignore_samples() {
     };
     let (out, report) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
     assert_eq!(f32s(&out["w"].data), vec![4.0, 10.0]);
-    assert!(report.contributions.iter().all(|c| c.weight == 1.0 / 3.0));
+    assert!(report
+        .contributions
+        .iter()
+        .all(|c| c.weight == Some(1.0 / 3.0)));
 }
 
 fn mixed_sites() -> (ferry_merge::MemorySource, Vec<Site>) {
@@ -194,9 +197,9 @@ fn half_precision_is_written_back_rounded_to_nearest() {
 }
 
 #[test]
-fn integers_take_the_maximum_and_keep_their_dtype() {
-    let u8t = |v: &[u8]| ferry_merge::OwnedTensor {
-        dtype: Dtype::U8,
+fn integers_follow_the_strategy_and_keep_their_dtype() {
+    let u8t = |dtype: Dtype, v: &[u8]| ferry_merge::OwnedTensor {
+        dtype,
         shape: vec![v.len()],
         data: v.to_vec(),
     };
@@ -209,53 +212,218 @@ fn integers_take_the_maximum_and_keep_their_dtype() {
         "base",
         &[
             ("bn.num_batches_tracked", i64t(&[], &[5])),
-            ("mask", u8t(&[0, 0, 0])),
+            ("flags", u8t(Dtype::BOOL, &[0, 0])),
+            ("mask", u8t(Dtype::U8, &[0, 0, 0])),
             ("q", i32t(&[0, 0])),
         ],
     );
+    // Samples 1, 1, 3: weights 0.2, 0.2, 0.6.
     let mut sites = vec![
         site(
             "a",
             "aa",
-            10,
+            1,
             &[
-                ("bn.num_batches_tracked", i64t(&[], &[1200])),
-                ("mask", u8t(&[1, 0, 0])),
+                ("bn.num_batches_tracked", i64t(&[], &[100])),
+                ("flags", u8t(Dtype::BOOL, &[1, 0])),
+                ("mask", u8t(Dtype::U8, &[1, 0, 1])),
                 ("q", i32t(&[-5, 3])),
             ],
         ),
         site(
             "b",
             "bb",
-            99,
+            1,
             &[
                 ("bn.num_batches_tracked", i64t(&[], &[300])),
-                ("mask", u8t(&[0, 0, 1])),
+                ("flags", u8t(Dtype::BOOL, &[1, 0])),
+                ("mask", u8t(Dtype::U8, &[0, 0, 1])),
                 ("q", i32t(&[-7, -1])),
             ],
         ),
         site(
             "c",
             "cc",
-            1,
+            3,
             &[
-                ("bn.num_batches_tracked", i64t(&[], &[4_000_000_000_000])),
-                ("mask", u8t(&[0, 0, 0])),
+                ("bn.num_batches_tracked", i64t(&[], &[200])),
+                ("flags", u8t(Dtype::BOOL, &[0, 1])),
+                ("mask", u8t(Dtype::U8, &[0, 1, 0])),
                 ("q", i32t(&[-9, 2])),
             ],
         ),
     ];
-    for strategy in [Strategy::FedAvg, Strategy::Median] {
+    // By hand: fedavg 0.2·a + 0.2·b + 0.6·c, rounded half away from zero (a boolean by weighted majority);
+    // median and trimmed mean (trim 1) per coordinate over the sorted values.
+    type Want = (i64, [u8; 2], [u8; 3], [i32; 2], TensorRule);
+    let cases: [(Strategy, Want); 3] = [
+        (
+            Strategy::FedAvg,
+            (200, [0, 1], [0, 1, 0], [-8, 2], TensorRule::IntAverage),
+        ),
+        (
+            Strategy::Median,
+            (200, [1, 0], [0, 0, 1], [-7, 2], TensorRule::IntMedian),
+        ),
+        (
+            Strategy::TrimmedMean,
+            (200, [1, 0], [0, 0, 1], [-7, 2], TensorRule::IntTrimmedMean),
+        ),
+    ];
+    for (strategy, (nbt, flags, mask, q, rule)) in cases {
         let (out, report) =
             run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap();
         assert_eq!(
             out["bn.num_batches_tracked"],
-            i64t(&[], &[4_000_000_000_000])
+            i64t(&[], &[nbt]),
+            "{strategy}"
         );
-        assert_eq!(out["mask"], u8t(&[1, 0, 1]));
-        assert_eq!(out["q"], i32t(&[-5, 3]));
-        assert!(report.tensors.iter().all(|t| t.rule == TensorRule::Max));
+        assert_eq!(out["flags"], u8t(Dtype::BOOL, &flags), "{strategy}");
+        assert_eq!(out["mask"], u8t(Dtype::U8, &mask), "{strategy}");
+        assert_eq!(out["q"], i32t(&q), "{strategy}");
+        assert!(report.tensors.iter().all(|t| t.rule == rule), "{strategy}");
     }
+}
+
+#[test]
+fn a_counter_stored_as_a_float_takes_the_maximum() {
+    let base = source("base", &[("bn.num_batches_tracked", f32t(&[], &[0.0]))]);
+    let mut sites = vec![
+        site(
+            "a",
+            "aa",
+            1,
+            &[("bn.num_batches_tracked", f32t(&[], &[5.0]))],
+        ),
+        site(
+            "b",
+            "bb",
+            1,
+            &[("bn.num_batches_tracked", f32t(&[], &[7.0]))],
+        ),
+        site(
+            "c",
+            "cc",
+            9,
+            &[("bn.num_batches_tracked", f32t(&[], &[6.0]))],
+        ),
+    ];
+    let (out, report) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    assert_eq!(out["bn.num_batches_tracked"], f32t(&[], &[7.0]));
+    assert_eq!(report.tensors[0].rule, TensorRule::Max);
+}
+
+#[test]
+fn a_negative_running_variance_is_refused_naming_site_and_tensor() {
+    let bn = |m: f32, v: f32| {
+        vec![
+            ("layer.running_mean", f32t(&[1], &[m])),
+            ("layer.running_var", f32t(&[1], &[v])),
+        ]
+    };
+    let base = source("base", &bn(0.0, 1.0));
+    let mut sites = vec![
+        site("a", "aa", 10, &bn(0.2, 0.9)),
+        site("b", "bb", 10, &bn(0.1, -0.5)),
+    ];
+    for strategy in [Strategy::FedAvg, Strategy::Median] {
+        let e = run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::NegativeVariance { origin, tensor }
+                if origin.contains("site b") && tensor == "layer.running_var"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("negative"), "{e}");
+    }
+}
+
+#[test]
+fn batchnorm_statistics_are_bounded_relative_to_the_base_global() {
+    let bn = |m: f32, v: f32| {
+        vec![
+            ("layer.running_mean", f32t(&[1], &[m])),
+            ("layer.running_var", f32t(&[1], &[v])),
+        ]
+    };
+    // Base σ = 2: with R = 100 a site's mean stays within 0 ± 200 and its variance within [4e-4, 4e4].
+    let base = source("base", &bn(0.0, 4.0));
+    let mut sites = vec![
+        site("a", "aa", 1, &bn(0.5, 1.2)),
+        site("b", "bb", 1, &bn(1.0e6, 1.0e12)),
+    ];
+    let (out, report) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    let mean = f32s(&out["layer.running_mean"].data)[0] as f64;
+    let var = f32s(&out["layer.running_var"].data)[0] as f64;
+    let mu = 0.5 * 0.5 + 0.5 * 200.0;
+    let pooled =
+        0.5 * (1.2 + (0.5 - mu) * (0.5 - mu)) + 0.5 * (4.0e4 + (200.0 - mu) * (200.0 - mu));
+    assert!((mean - mu).abs() < 1e-4, "{mean} vs {mu}");
+    assert!((var - pooled).abs() < 1e-6 * pooled, "{var} vs {pooled}");
+    let bounded: Vec<(String, u64)> = report
+        .contributions
+        .iter()
+        .map(|c| (c.site.clone(), c.bn_bounded))
+        .collect();
+    assert_eq!(bounded, vec![("a".to_string(), 0), ("b".to_string(), 2)]);
+
+    // --bn-bound 0 turns the bound off: the hostile statistics go through as sent.
+    let off = MergeConfig {
+        bn_bound: 0.0,
+        ..MergeConfig::default()
+    };
+    let (out, report) = run(&base, &mut sites, &off, &mut ServerState::new()).unwrap();
+    let mean = f32s(&out["layer.running_mean"].data)[0] as f64;
+    assert!((mean - (0.25 + 5.0e5)).abs() < 1.0, "{mean}");
+    assert!(report.contributions.iter().all(|c| c.bn_bounded == 0));
+
+    let bad = MergeConfig {
+        bn_bound: 0.5,
+        ..MergeConfig::default()
+    };
+    let e = run(&base, &mut sites, &bad, &mut ServerState::new()).unwrap_err();
+    assert!(e.to_string().contains("--bn-bound"), "{e}");
+}
+
+#[test]
+fn robust_strategies_report_no_weights_and_averaging_ones_do() {
+    let base = source("base", &[("w", f32t(&[1], &[0.0]))]);
+    let mut sites = vec![
+        site("a", "aa", 1, &[("w", f32t(&[1], &[1.0]))]),
+        site("b", "bb", 3, &[("w", f32t(&[1], &[2.0]))]),
+        site("c", "cc", 4, &[("w", f32t(&[1], &[9.0]))]),
+    ];
+    for strategy in [Strategy::Median, Strategy::TrimmedMean] {
+        let (_, report) = run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap();
+        assert!(
+            report.contributions.iter().all(|c| c.weight.is_none()),
+            "{strategy}"
+        );
+    }
+    let (_, report) = run(
+        &base,
+        &mut sites,
+        &cfg(Strategy::FedAvg),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    let w: Vec<f64> = report
+        .contributions
+        .iter()
+        .map(|c| c.weight.unwrap())
+        .collect();
+    assert_eq!(w, vec![0.125, 0.375, 0.5]);
 }
 
 /// Biased mean and variance of a sample.

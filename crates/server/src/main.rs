@@ -165,12 +165,20 @@ struct MergeArgs {
     /// BatchNorm statistic names as mean:var suffix pairs, comma-separated.
     #[arg(long)]
     bn_names: Option<ferry_merge::BnRules>,
-    /// Refuse fewer updates than this.
-    #[arg(long, default_value_t = 1)]
+    /// Refuse fewer updates than this. Merging a single site's update needs an explicit --min-sites 1.
+    #[arg(long, default_value_t = ferry_merge::hq::DEFAULT_MIN_SITES)]
     min_sites: usize,
     /// Cap each update's signed sample count at this (capped sites are reported).
     #[arg(long)]
     max_samples: Option<u64>,
+    /// Cap a sample count above K times the lower median of the updates' counts, so one site cannot take the
+    /// merge over by signing a huge count (0: off; capped sites are reported).
+    #[arg(long, value_name = "K", default_value_t = ferry_merge::hq::DEFAULT_MAX_SAMPLE_RATIO)]
+    max_sample_ratio: u64,
+    /// Keep each site's BatchNorm running means within R base standard deviations of the current global's,
+    /// and its running variances within a factor R² (0: off; bounded elements are reported).
+    #[arg(long, value_name = "R", default_value_t = ferry_merge::DEFAULT_BN_BOUND)]
+    bn_bound: f64,
     /// Print the merge report as JSON.
     #[arg(long)]
     json: bool,
@@ -260,6 +268,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         weighting: a.weights,
         trim: a.trim,
         clip_norm: a.clip_norm,
+        bn_bound: a.bn_bound,
         ..Default::default()
     };
     if let Some(lr) = a.server_lr {
@@ -273,6 +282,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         merge,
         min_sites: a.min_sites,
         max_samples: a.max_samples,
+        max_sample_ratio: a.max_sample_ratio,
         level: a.level,
         valid_for: a.valid_days.saturating_mul(DAY),
     };
@@ -301,16 +311,26 @@ fn merge(a: &MergeArgs) -> Result<()> {
         "site", "samples", "weight", "distance"
     );
     for c in &out.report.contributions {
-        let clip = if c.clipped {
-            format!(" (clipped x{:.3})", c.scale)
-        } else {
-            String::new()
-        };
+        let mut notes = String::new();
+        if c.clipped {
+            notes += &format!(" (clipped x{:.3})", c.scale);
+        }
+        if c.bn_bounded > 0 {
+            notes += &format!(
+                " ({} BatchNorm statistic value{} bounded)",
+                c.bn_bounded,
+                if c.bn_bounded == 1 { "" } else { "s" }
+            );
+        }
+        // The robust strategies give every update the same say: no weight to show.
+        let weight = c
+            .weight
+            .map_or_else(|| "-".to_string(), |w| format!("{w:.4}"));
         println!(
-            "{:<12} {:>10} {:>8.4} {:>12.4}  {}{clip}",
+            "{:<12} {:>10} {:>8} {:>12.4}  {}{notes}",
             c.site,
             c.samples,
-            c.weight,
+            weight,
             c.distance,
             ferry_bundle::short(&c.bundle)
         );
@@ -324,8 +344,11 @@ fn merge(a: &MergeArgs) -> Result<()> {
     for o in outliers {
         eprintln!("warning: {}'s update is far from the others (distance {:.3}); consider --clip-norm or a robust strategy", o.site, o.distance);
     }
-    for s in &out.capped {
-        eprintln!("warning: {s}'s sample count was capped at --max-samples");
+    for c in &out.capped {
+        eprintln!(
+            "warning: {} signed {} samples; weighted as {} ({})",
+            c.site, c.declared, c.used, c.bound
+        );
     }
     println!(
         "wrote {} ({} bytes), {}",
