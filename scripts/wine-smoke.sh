@@ -59,7 +59,7 @@ client status --state site-a/
 client unpack --trust keys/hq.pub usb/global-r0.ferry --out weights.safetensors
 client pack --key keys/site-a.key --weights weights.safetensors --samples 100 --base usb/global-r0.ferry \
     --trust keys/hq.pub --out usb/
-server merge --key keys/hq.key --trust keys/ --state hq/ --out usb/ usb/site-a-r0.ferry
+server merge --key keys/hq.key --trust keys/ --state hq/ --out usb/ --min-sites 1 usb/site-a-r0.ferry
 server status --state hq/
 client import --trust keys/hq.pub --state site-a/ usb/global-r1.ferry
 client unpack --trust keys/hq.pub usb/global-r1.ferry --out global-r1.safetensors

@@ -630,16 +630,17 @@ fn read_header<R: Read + ?Sized>(
     limits: &Limits,
 ) -> Result<HeaderFrame, OpenError> {
     let fixed = 8 + FIXED;
-    if file_len < fixed as u64 {
-        return Err(OpenError::TooShort(file_len as usize));
-    }
     let mut bytes = vec![0u8; fixed];
     let got = read_full(src, &mut bytes)?;
-    if got < fixed {
-        return Err(OpenError::TooShort(got));
-    }
-    if u32_at(&bytes, 0) != Some(SKIPPABLE_MAGIC) || bytes[8..16] != HEADER_MAGIC[..] {
+    // The magic first, on whatever arrived: a short file of something else is "not a bundle", and only a file
+    // that starts like one is "too short".
+    let magic_ok = bytes[..got.min(4)] == SKIPPABLE_MAGIC.to_le_bytes()[..got.min(4)]
+        && (got <= 8 || bytes[8..got.min(16)] == HEADER_MAGIC[..got.min(16) - 8]);
+    if !magic_ok {
         return Err(OpenError::WrongMagic);
+    }
+    if got < fixed || file_len < fixed as u64 {
+        return Err(OpenError::TooShort(got.min(file_len as usize)));
     }
     let version = u16::from_le_bytes([bytes[16], bytes[17]]);
     if !READ_VERSIONS.contains(&u32::from(version)) {

@@ -59,6 +59,9 @@ fn merge_refuses_special_and_huge_files_at_once_and_leaves_the_state() {
             state.clone().into(),
             os("--out"),
             dir.join("out").into(),
+            // One file per merge here: the hostile file must be what refuses it, not the site count.
+            os("--min-sites"),
+            os("1"),
             file.clone().into(),
         ];
         let args: Vec<&std::ffi::OsStr> = merge.iter().map(|a| a.as_os_str()).collect();
