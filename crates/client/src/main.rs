@@ -377,7 +377,7 @@ fn export(a: &ExportArgs) -> Result<()> {
     let key = read_secret_key(&a.key)?;
     let state = SiteState::open(&a.state)?;
     let lock = state.lock()?;
-    let (path, sealed) = state.export(&lock, &key, &a.out, a.level)?;
+    let (path, sealed) = state.export(&lock, &key, &a.out, a.level, false)?;
     println!(
         "wrote {} ({} bytes), {}",
         escape_path(&path),

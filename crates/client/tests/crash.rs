@@ -337,6 +337,7 @@ fn check_state_files(state: &Path, ctx: &str) {
                     "pin.json",
                     "revocations",
                     "hq-keys.ferry-keys",
+                    "audit.jsonl",
                 ]
                 .contains(&name.as_str()),
             "{ctx}: unexpected file {name} in the state"

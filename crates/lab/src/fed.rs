@@ -253,7 +253,7 @@ impl Federation {
         let (path, sealed) = {
             let lock = site.state.lock()?;
             site.state
-                .export(&lock, &site.key, &self.usb, LEVEL)
+                .export(&lock, &site.key, &self.usb, LEVEL, false)
                 .with_context(|| format!("{} exporting", site.id))?
         };
         Ok(self.log_crossing(Crossing::of(&path, &sealed.hash, Direction::ToHq)?))

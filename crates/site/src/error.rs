@@ -203,6 +203,16 @@ pub enum ExportError {
     /// Sealing or writing the bundle failed.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// An update for this round already left the site.
+    #[error("an update for round {round} was already exported ({file}, {}); HQ refuses two updates of one site in a round, so carry that one, or pass --again to replace it (the audit log records which file superseded which)", ferry_bundle::short(.sha256))]
+    AlreadyExported {
+        /// The round.
+        round: u64,
+        /// The file written then (escaped).
+        file: String,
+        /// Its hash.
+        sha256: String,
+    },
     /// The local model was trained from an older global.
     #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}: train again")]
     StaleLocal {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use ferry_bundle::tensor::all_finite;
 use ferry_bundle::{escape, short, Bundle, BundleKind, Draft, Payload, Sealed, SecretKey};
 
+use crate::audit::{AuditAction, AuditEntry};
 use crate::state::{GlobalRecord, SiteLock, SiteState};
 use crate::trust::{expired, PreparedTrust};
 use crate::{ExportError, SiteError};
@@ -186,6 +187,14 @@ impl SiteState {
         };
         // The commit point: until this rename the site holds the old global.
         self.commit_global(lock, &rec, bundle.payload())?;
+        let entry = AuditEntry::new(
+            AuditAction::Import,
+            source,
+            &bundle.hash,
+            bundle.file_len,
+            m,
+        );
+        self.append_audit(lock, &entry)?;
         Ok(ImportOutcome::Installed {
             previous: current,
             warnings,
@@ -211,16 +220,27 @@ impl SiteState {
     }
 
     /// Seal the local model as an update bundle for the current global, write it into `out_dir` (atomically,
-    /// read back), and mark the local model exported.
+    /// read back), mark the local model exported and log the export. A second, different update for a round
+    /// already exported is refused unless `again` (two updates of one site in a batch make HQ refuse the whole
+    /// batch); with `again` the log records which update it supersedes.
     pub fn export(
         &self,
         lock: &SiteLock<'_>,
         key: &SecretKey,
         out_dir: &Path,
         level: i32,
+        again: bool,
     ) -> Result<(PathBuf, Sealed), ExportError> {
         self.check_lock(lock)?;
         let cur = self.require_current()?;
+        let previous = self.last_export(&cur.federation, cur.round)?;
+        if let (Some(p), false) = (&previous, again) {
+            return Err(ExportError::AlreadyExported {
+                round: cur.round,
+                file: p.file.clone(),
+                sha256: p.sha256.clone(),
+            });
+        }
         let (local, weights) = self.local_weights()?;
         if local.base_hash != cur.hash {
             return Err(ExportError::StaleLocal {
@@ -247,6 +267,15 @@ impl SiteState {
         let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
         let path = sealed.write_to_dir(out_dir)?;
         self.mark_exported(lock, &sealed.hash)?;
+        let mut entry = AuditEntry::new(
+            AuditAction::Export,
+            &path.display().to_string(),
+            &sealed.hash,
+            sealed.bytes.len() as u64,
+            &sealed.manifest,
+        );
+        entry.supersedes = previous.map(|p| p.sha256);
+        self.append_audit(lock, &entry)?;
         Ok((path, sealed))
     }
 }

@@ -7,12 +7,14 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod audit;
 mod error;
 mod exchange;
 mod state;
 mod trust;
 mod work;
 
+pub use audit::{AuditAction, AuditEntry, AuditTensor};
 pub use error::{ExportError, SiteError};
 pub use exchange::{ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
 pub use state::{

@@ -17,6 +17,7 @@
 //! - `hq-keys.ferry-keys`: the newest list of HQ keys signed by the pinned root (`ferry_bundle::keylist`).
 //! - `revocations/<sha256>.ferry-rev`: every revocation list the site verified, applied on every later import
 //!   (issue 15 §2).
+//! - `audit.jsonl`: one line per bundle imported or exported (`crate::audit`, issue 16), append-only.
 //! - `lock`: held while a command changes the state ([`SiteLock`]).
 //!
 //! Reading needs no lock. Every method that changes a file takes a [`SiteLock`], so the compiler makes sure the
@@ -650,7 +651,7 @@ impl SiteState {
 }
 
 /// A whole file, or `None` when it does not exist.
-fn read_if_present(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SiteError> {
+pub(crate) fn read_if_present(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SiteError> {
     match fsutil::read_capped(path, limit) {
         Ok(b) => Ok(Some(b)),
         Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

@@ -9,7 +9,8 @@ use ferry_bundle::{
     TensorRef,
 };
 use ferry_site::{
-    ImportOutcome, ImportPolicy, ImportTrust, LocalRun, SiteError, SiteLock, SiteState,
+    AuditAction, ExportError, ImportOutcome, ImportPolicy, ImportTrust, LocalRun, SiteError,
+    SiteLock, SiteState,
 };
 
 fn jump(max_round_jump: u64) -> ImportPolicy {
@@ -291,18 +292,93 @@ fn local_model_exports_once_per_global_and_goes_stale_on_import() {
     assert_eq!((rec.base_hash.as_str(), rec.round), (g0.hash.as_str(), 0));
     assert_eq!(state.local().unwrap(), Some(rec));
     assert!(state.pending_export().unwrap());
-    let (path, sealed) = state.export(&lock, &a, usb.path(), 3).unwrap();
+    let (path, sealed) = state.export(&lock, &a, usb.path(), 3, false).unwrap();
     assert_eq!(path.file_name().unwrap(), "site-a-r0.ferry");
     assert_eq!(sealed.manifest.site.as_ref().unwrap().samples, 1234);
     assert_eq!(sealed.manifest.base.as_deref(), Some(g0.hash.as_str()));
     assert!(!state.pending_export().unwrap());
-    // Exporting again would overwrite the stick's file: refused, nothing changed.
-    assert!(state.export(&lock, &a, usb.path(), 3).is_err());
+    // A second update for the same round is refused (HQ would refuse the whole batch), nothing changed.
+    let before = std::fs::read(state.dir().join("local.json")).unwrap();
+    let err = state.export(&lock, &a, usb.path(), 3, false).unwrap_err();
+    assert!(
+        matches!(&err, ExportError::AlreadyExported { round: 0, sha256, .. } if *sha256 == sealed.hash),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--again"), "{err}");
+    assert_eq!(
+        std::fs::read(state.dir().join("local.json")).unwrap(),
+        before
+    );
+    // With --again (to another stick: the first file is still on this one) the log says what it superseded.
+    let usb2 = tempfile::tempdir().unwrap();
+    let (_, again) = state.export(&lock, &a, usb2.path(), 3, true).unwrap();
+
+    // The audit log: the import, the export, the export that superseded it; each with the tensor list.
+    let log = state.audit_log().unwrap();
+    let what: Vec<(AuditAction, u64, &str, Option<&str>)> = log
+        .iter()
+        .map(|e| {
+            (
+                e.action,
+                e.round,
+                e.sha256.as_str(),
+                e.supersedes.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        what,
+        vec![
+            (AuditAction::Import, 0, g0.hash.as_str(), None),
+            (AuditAction::Export, 0, sealed.hash.as_str(), None),
+            (
+                AuditAction::Export,
+                0,
+                again.hash.as_str(),
+                Some(sealed.hash.as_str())
+            ),
+        ]
+    );
+    let e = &log[1];
+    assert_eq!(e.size, sealed.bytes.len() as u64);
+    assert_eq!((e.signer.as_str(), e.signer_role), ("site-a", Role::Site));
+    let names: Vec<&str> = e.tensors.iter().map(|t| t.name.as_str()).collect();
+    let want: Vec<String> = sealed
+        .manifest
+        .tensors
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    assert_eq!(names, want);
+    assert!(e.tensors.iter().all(|t| !t.dtype.is_empty()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.dir().join("audit.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "audit log readable by others: {mode:o}");
+    }
+    // A torn last line (a crash while appending) is skipped, and the next entry starts on a fresh line.
+    let path = state.dir().join("audit.jsonl");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"{\"time\":17");
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(state.audit_log().unwrap().len(), 3);
 
     let g1 = global(1, Some(&g0.hash), "city", 1.0);
     import(&state, &lock, &g1, "g1", &jump(10)).unwrap();
-    let err = state.export(&lock, &a, usb.path(), 3).unwrap_err();
+    let err = state.export(&lock, &a, usb.path(), 3, false).unwrap_err();
     assert!(err.to_string().contains("train"), "{err}");
+    let log = state.audit_log().unwrap();
+    assert_eq!(
+        log.len(),
+        4,
+        "the torn line was not cut off before the next entry"
+    );
+    assert_eq!((log[3].action, log[3].round), (AuditAction::Import, 1));
+    assert_eq!(log[3].sha256, g1.hash);
 }
 
 #[test]

@@ -146,7 +146,7 @@ fn export_refuses_a_symlinked_output_and_leaves_state_unchanged() {
     let key = test_key("site-a", Role::Site, 2);
     let lock = state.lock().expect("lock");
     let err = state
-        .export(&lock, &key, &out, 3)
+        .export(&lock, &key, &out, 3, false)
         .expect_err("wrote through a symlink");
     assert!(err.to_string().contains("site-a-r0.ferry"), "{err}");
     assert!(!victim.exists(), "followed the symlink");
@@ -158,7 +158,7 @@ fn export_refuses_a_symlinked_output_and_leaves_state_unchanged() {
     );
     // The next run, on a clean stick, succeeds.
     let clean = tmp.path().join("clean");
-    let (path, sealed) = state.export(&lock, &key, &clean, 3).expect("export");
+    let (path, sealed) = state.export(&lock, &key, &clean, 3, false).expect("export");
     assert_eq!(std::fs::read(path).expect("read"), sealed.bytes);
 }
 
@@ -183,7 +183,7 @@ fn export_to_a_read_only_medium_fails_cleanly() {
     let key = test_key("site-a", Role::Site, 2);
     let lock = state.lock().expect("lock");
     let err = state
-        .export(&lock, &key, &out, 3)
+        .export(&lock, &key, &out, 3, false)
         .expect_err("wrote to a read-only medium");
     assert!(
         matches!(err, ExportError::Seal(ferry_bundle::SealError::Fs(_))),
