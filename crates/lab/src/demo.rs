@@ -96,7 +96,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
         cfg.rounds, cfg.epochs, cfg.samples, cfg.batch, cfg.lr
     );
     println!("  accuracy: 'exact' = every character of the plate right (the field study's measure); 'chars' = characters right");
-    let data = field_data(cfg.samples, cfg.val, cfg.local_test, cfg.seed)?;
+    let data = field_data(arch, cfg.samples, cfg.val, cfg.local_test, cfg.seed)?;
     println!(
         "  data: site-a {} loose crops, site-b {} tight crops, validation {} (90% loose, 10% tight); each site also holds {} plates of its own for local evaluation",
         data.a.len(),

@@ -115,16 +115,13 @@ pub struct FedAvgResult {
     pub rows: Vec<RoundRow>,
 }
 
-fn load(
-    spec: &DataSpec,
-    limit: Option<usize>,
-    arch_input: Option<(usize, usize, usize)>,
-) -> Result<Dataset> {
+fn load(spec: &DataSpec, limit: Option<usize>, arch: Arch) -> Result<Dataset> {
     let s = spinner(format!("loading {spec}"));
     let d = spec.load(&LoadConfig {
         limit,
         font: None,
-        input: arch_input,
+        input: Some(arch.input()),
+        classes: Some(arch.classes()),
     });
     s.finish_and_clear();
     d.with_context(|| format!("loading {spec}"))
@@ -132,7 +129,7 @@ fn load(
 
 /// The train and test sets.
 fn datasets(cfg: &FedAvgConfig, arch: Arch) -> Result<(Dataset, Dataset)> {
-    let train = load(&cfg.data, cfg.limit, Some(arch.input()))?;
+    let train = load(&cfg.data, cfg.limit, arch)?;
     let test_spec = match (&cfg.test_data, &cfg.data) {
         (Some(t), _) => Some(t.clone()),
         (None, DataSpec::Idx { dir, .. }) => Some(DataSpec::Idx {
@@ -147,7 +144,7 @@ fn datasets(cfg: &FedAvgConfig, arch: Arch) -> Result<(Dataset, Dataset)> {
         (None, _) => None,
     };
     match test_spec {
-        Some(t) => Ok((train, load(&t, cfg.test_limit, Some(arch.input()))?)),
+        Some(t) => Ok((train, load(&t, cfg.test_limit, arch)?)),
         None => {
             // A folder without --test-data: hold out a sixth, chosen with the seed.
             let mut idx: Vec<usize> = (0..train.len()).collect();

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod demo;
 pub mod fed;
 pub mod fedavg;
+pub mod gallery;
 pub mod plates;
 pub mod progress;
 pub mod report;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_lab::{bench, demo, fedavg, seed_table, split::SplitKind};
+use ferry_lab::{bench, demo, fedavg, gallery, seed_table, split::SplitKind};
 use ferry_merge::{Strategy, Weighting};
 use ferry_train::data::DataSpec;
 use ferry_train::Arch;
@@ -44,6 +44,11 @@ enum Command {
         after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5"
     )]
     Fedavg(FedAvgArgs),
+    /// A PNG of generated plates, loose crops (site A) above tight crops (site B): what the demo trains on.
+    #[command(
+        after_help = "Example:\n  ferry-lab gallery                       # writes docs/img/plates.png\n  ferry-lab gallery --out sheet.png --per-style 48 --seed 7"
+    )]
+    Gallery(GalleryArgs),
     /// Images per second of a training or inference step.
     #[command(
         after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json"
@@ -171,6 +176,25 @@ struct FedAvgArgs {
     train: TrainFlags,
 }
 
+#[derive(Debug, Args)]
+struct GalleryArgs {
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE", default_value = "docs/img/plates.png")]
+    out: PathBuf,
+    /// Plates of each crop style.
+    #[arg(long, value_name = "N", default_value_t = gallery::GalleryConfig::default().per_style)]
+    per_style: usize,
+    /// Plates per row.
+    #[arg(long, default_value_t = gallery::GalleryConfig::default().cols)]
+    cols: usize,
+    /// Screen pixels per plate pixel (1-8).
+    #[arg(long, default_value_t = gallery::GalleryConfig::default().scale)]
+    scale: usize,
+    /// Generator seed (tight crops use SEED + 1).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum BenchWhat {
     /// Training steps (forward, loss, backward, Adam).
@@ -288,6 +312,13 @@ fn run(cli: Cli) -> Result<()> {
                 write_json(p, &fedavg::json(&cfg, &r))?;
             }
         }
+        Command::Gallery(a) => gallery::run(&gallery::GalleryConfig {
+            out: a.out,
+            per_style: a.per_style,
+            cols: a.cols,
+            scale: a.scale,
+            seed: a.seed,
+        })?,
         Command::Bench(a) => {
             if let Some(t) = a.threads {
                 if t == 0 {

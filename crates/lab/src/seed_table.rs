@@ -290,7 +290,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             ""
         }
     );
-    let data = field_data(cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
+    let data = field_data(Arch::PlateCnn, cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
     let rows_dir = cfg.out.join("rows");
     let mut rows = Vec::new();
     let report = |r: &Row| {

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::arch::Arch;
-use crate::data_api::Dataset;
+use crate::data_api::{Dataset, Task};
 use crate::error::TrainError;
 use crate::model::{Mode, Model};
 use crate::optim::{Adam, AdamConfig};
@@ -144,7 +144,13 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
             ),
         });
     }
-    if data.task != arch.task() {
+    // Plate data may use fewer tokens than the model reads (one-line plates only) but never another layout;
+    // a token outside the model's classes (a region name for plate-cnn) is caught with the labels below.
+    let fits = match (data.task, arch.task()) {
+        (Task::Plate { slots: a, .. }, Task::Plate { slots: b, .. }) => a == b,
+        (d, m) => d == m,
+    };
+    if !fits {
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
             detail: format!(
@@ -159,9 +165,23 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
     }
     let classes = arch.classes() as u32;
     if let Some(bad) = data.labels.iter().find(|&&l| l >= classes) {
+        let detail = match data.task {
+            Task::Plate { .. } => format!(
+                "plate token '{}' (class {bad}) is not one the model reads (it has {classes} classes{})",
+                crate::data::plates::decode(&[*bad]),
+                if classes as usize == crate::data::plates::BASE_CLASSES {
+                    ": one-line plates only, no region names"
+                } else {
+                    ""
+                }
+            ),
+            Task::Classes { .. } => {
+                format!("label {bad} is out of range (the model has {classes} classes)")
+            }
+        };
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
-            detail: format!("label {bad} is out of range (the model has {classes} classes)"),
+            detail,
         });
     }
     Ok(())
