@@ -1,13 +1,21 @@
-# ferry's everyday commands. `just --list` shows them.
+# ferry's everyday commands. `just --list` shows them. Each is a shortcut: the scripts run without `just`.
 
-# The whole test suite (what CI runs).
-test:
-    cargo test --workspace
+# The whole test suite, with its data and tools set up first (what CI runs). Extra arguments go to cargo test.
+test *ARGS:
+    scripts/test.sh {{ARGS}}
 
 # Formatting and lints, as CI checks them.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Release artefacts into target/ferry-dist/: Linux and Windows binaries, .debs, signed SHA256SUMS (docs/install.md).
+dist:
+    scripts/dist.sh
+
+# The README walkthrough with the Windows binaries under Wine (after `just dist`).
+wine-smoke:
+    scripts/wine-smoke.sh target/x86_64-pc-windows-gnu/dist
 
 # The air-gapped loop end to end on synthetic plates (about 5 minutes on 2 cores).
 demo:

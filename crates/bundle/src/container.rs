@@ -8,7 +8,8 @@ use crate::error::{OpenError, SealError};
 use crate::fsutil;
 use crate::keys::{KeyError, Keyring, Role, SecretKey};
 use crate::manifest::{BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION};
-use crate::payload::{canonical_header, Payload, TensorMeta, TensorRef};
+use crate::payload::{canonical_header, Payload};
+use crate::tensor::{TensorMeta, TensorRef};
 
 /// zstd skippable-frame magic used for the ferry header (0x184D2A5E, little-endian on disk).
 pub const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
@@ -463,10 +464,7 @@ fn check_tensors(
     if payload.get(..header.len()) != Some(&header[..]) {
         return Err(OpenError::TensorTable);
     }
-    let data_len: usize = metas
-        .iter()
-        .map(|m| crate::payload::byte_len(m.dtype, &m.shape).unwrap_or(0))
-        .sum();
+    let data_len: usize = metas.iter().map(|m| m.byte_len().unwrap_or(0)).sum();
     if header.len().checked_add(data_len) != Some(payload.len()) {
         return Err(OpenError::TensorTable);
     }

@@ -331,19 +331,34 @@ fn check_private(path: &Path) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Off Unix there are no mode bits: on Windows who may read a file is its ACL, which the standard library cannot
+/// read and this crate (no `unsafe`) does not parse. Rather than pretend to check, say so once per process
+/// (issue 17).
 #[cfg(not(unix))]
-fn check_private(_path: &Path) -> Result<(), KeyError> {
+fn check_private(path: &Path) -> Result<(), KeyError> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "warning: {}: who may read this secret key is not checked on this system; keep keys in a folder only \
+             you can open (under your user profile), never on a shared drive or a stick",
+            path.display()
+        )
+    });
     Ok(())
 }
 
-/// `field: value` lines of a key file.
-struct Fields<'a> {
+/// `field: value` lines of a key file (and of a file signature, [`crate::filesig`]).
+pub(crate) struct Fields<'a> {
     path: &'a Path,
     map: BTreeMap<&'a str, &'a str>,
 }
 
 impl<'a> Fields<'a> {
-    fn parse(text: &'a str, path: &'a Path, magic: &str) -> Result<Fields<'a>, KeyError> {
+    pub(crate) fn parse(
+        text: &'a str,
+        path: &'a Path,
+        magic: &str,
+    ) -> Result<Fields<'a>, KeyError> {
         let mut map = BTreeMap::new();
         let mut f = Fields {
             path,
@@ -386,7 +401,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn get(&self, k: &str) -> Result<&'a str, KeyError> {
+    pub(crate) fn get(&self, k: &str) -> Result<&'a str, KeyError> {
         self.map
             .get(k)
             .copied()
@@ -480,6 +495,16 @@ impl Keyring {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// A keyring trusting the public halves of `keys` (for tests).
+#[cfg(test)]
+pub(crate) fn test_ring(keys: &[&SecretKey]) -> Keyring {
+    let mut r = Keyring::new();
+    for k in keys {
+        r.add(k.public()).unwrap();
+    }
+    r
 }
 
 #[cfg(test)]

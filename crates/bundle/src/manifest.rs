@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{validate_id, Role};
-use crate::payload::{dtype_name, parse_dtype, TensorMeta};
+use crate::tensor::{byte_len, fingerprint, parse_dtype, valid_name, TensorMeta};
 
 /// The only format version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -151,11 +151,7 @@ pub struct Draft {
     pub created: u64,
 }
 
-pub(crate) fn is_hash(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
+use crate::is_sha256_hex as is_hash;
 
 impl Manifest {
     /// Check everything that can be checked from the manifest alone. Run on every manifest read, after its
@@ -222,14 +218,20 @@ impl Manifest {
         }
         let mut prev: Option<&str> = None;
         for t in &self.tensors {
-            crate::payload::check_name(&t.name).map_err(|e| e.to_string())?;
+            if !valid_name(&t.name) {
+                return Err(format!(
+                    "tensor name {:?} is not allowed (empty, over {} bytes, or containing control characters)",
+                    crate::escape(&t.name),
+                    crate::tensor::MAX_NAME_BYTES
+                ));
+            }
             if prev.is_some_and(|p| p >= t.name.as_str()) {
                 return Err("tensors are not sorted by name, or a name repeats".into());
             }
             prev = Some(&t.name);
             let dtype = parse_dtype(&t.dtype)
                 .ok_or_else(|| format!("tensor {:?}: unsupported dtype", t.name))?;
-            if crate::payload::byte_len(dtype, &t.shape).is_none() {
+            if byte_len(dtype, &t.shape).is_none() {
                 return Err(format!("tensor {:?}: shape is too large", t.name));
             }
             if !is_hash(&t.sha256) {
@@ -265,18 +267,6 @@ impl Manifest {
     }
 }
 
-/// The model fingerprint: SHA-256 over one line `name\tDTYPE\tdim,dim,...\n` per tensor, in sorted-name order.
-/// Two bundles with the same fingerprint hold the same model layout.
-pub fn fingerprint<'a>(tensors: impl Iterator<Item = &'a TensorMeta>) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for t in tensors {
-        let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-        h.update(format!("{}\t{}\t{}\n", t.name, dtype_name(t.dtype), shape.join(",")).as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
 impl Draft {
     /// A round-0 global made by `init`.
     pub fn initial(federation: &str, arch: Option<String>) -> Draft {
@@ -293,14 +283,20 @@ impl Draft {
         }
     }
 
-    /// A site's update trained from the global `base` (whose file hash is `base_hash`): same federation, round
-    /// and architecture as the base.
-    pub fn update_for(base: &Manifest, base_hash: &str, site: &str, samples: u64) -> Draft {
+    /// A site's update trained from the global with file hash `base_hash` (of `federation`, `arch`, `round`).
+    pub fn update(
+        federation: &str,
+        arch: Option<String>,
+        round: u64,
+        base_hash: &str,
+        site: &str,
+        samples: u64,
+    ) -> Draft {
         Draft {
             kind: BundleKind::Update,
-            federation: base.federation.clone(),
-            arch: base.arch.clone(),
-            round: base.round,
+            federation: federation.to_string(),
+            arch,
+            round,
             base: Some(base_hash.to_string()),
             site: Some(SiteInfo {
                 id: site.to_string(),
@@ -310,5 +306,18 @@ impl Draft {
             strategy: None,
             created: crate::unix_now(),
         }
+    }
+
+    /// A site's update trained from the global `base` (whose file hash is `base_hash`): same federation, round
+    /// and architecture as the base.
+    pub fn update_for(base: &Manifest, base_hash: &str, site: &str, samples: u64) -> Draft {
+        Draft::update(
+            &base.federation,
+            base.arch.clone(),
+            base.round,
+            base_hash,
+            site,
+            samples,
+        )
     }
 }

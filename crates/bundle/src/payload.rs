@@ -5,112 +5,10 @@
 //! nothing but the declared tensors, and a reader can check the header by rebuilding it from the signed tensor
 //! list and comparing bytes.
 
-use safetensors::Dtype;
-
 use crate::error::SealError;
 use crate::manifest::TensorEntry;
-
-/// Longest tensor name accepted.
-pub const MAX_NAME_BYTES: usize = 1024;
-
-/// A tensor's name, dtype and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorMeta {
-    /// Name.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape (`[]` for a scalar).
-    pub shape: Vec<usize>,
-}
-
-/// A borrowed tensor: name, dtype, shape and little-endian bytes.
-#[derive(Debug, Clone, Copy)]
-pub struct TensorRef<'a> {
-    /// Name.
-    pub name: &'a str,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: &'a [usize],
-    /// Raw bytes.
-    pub data: &'a [u8],
-}
-
-/// The dtypes ferry carries, with their safetensors names.
-const DTYPES: &[(Dtype, &str)] = &[
-    (Dtype::F64, "F64"),
-    (Dtype::F32, "F32"),
-    (Dtype::F16, "F16"),
-    (Dtype::BF16, "BF16"),
-    (Dtype::I64, "I64"),
-    (Dtype::I32, "I32"),
-    (Dtype::I16, "I16"),
-    (Dtype::I8, "I8"),
-    (Dtype::U64, "U64"),
-    (Dtype::U32, "U32"),
-    (Dtype::U16, "U16"),
-    (Dtype::U8, "U8"),
-    (Dtype::BOOL, "BOOL"),
-];
-
-/// The safetensors name of a supported dtype (`"?"` for others, which ferry never writes).
-pub fn dtype_name(d: Dtype) -> &'static str {
-    DTYPES
-        .iter()
-        .find(|(x, _)| *x == d)
-        .map(|(_, n)| *n)
-        .unwrap_or("?")
-}
-
-/// Parse a supported dtype name.
-pub fn parse_dtype(s: &str) -> Option<Dtype> {
-    DTYPES.iter().find(|(_, n)| *n == s).map(|(d, _)| *d)
-}
-
-/// Bytes per element of a supported dtype.
-pub fn dtype_size(d: Dtype) -> usize {
-    d.bitsize() / 8
-}
-
-/// Byte length of a tensor, or `None` on overflow.
-pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    if !dtype.bitsize().is_multiple_of(8) {
-        return None;
-    }
-    shape
-        .iter()
-        .try_fold(dtype.bitsize() / 8, |acc, &d| acc.checked_mul(d))
-}
-
-/// Check a tensor name: non-empty, at most [`MAX_NAME_BYTES`], no control characters.
-pub fn check_name(name: &str) -> Result<(), SealError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
-        return Err(SealError::BadTensorName(crate::escape(name)));
-    }
-    Ok(())
-}
-
-/// Whether every element of a float tensor is finite (non-float tensors are always finite).
-pub fn all_finite(dtype: Dtype, data: &[u8]) -> bool {
-    match dtype {
-        Dtype::F64 => data.chunks_exact(8).all(|c| {
-            let b: [u8; 8] = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
-            f64::from_le_bytes(b).is_finite()
-        }),
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        // Exponent all ones means Inf or NaN in both 16-bit formats.
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
-        _ => true,
-    }
-}
+use crate::tensor::{all_finite, byte_len, dtype_name, dtype_size, fingerprint, valid_name};
+use crate::tensor::{TensorMeta, TensorRef};
 
 /// A canonical safetensors file with its signed tensor entries, ready to seal.
 #[derive(Debug, Clone)]
@@ -133,8 +31,10 @@ impl Payload {
         }
         let mut metas = Vec::with_capacity(sorted.len());
         for t in &sorted {
-            check_name(t.name)?;
-            if parse_dtype(dtype_name(t.dtype)).is_none() {
+            if !valid_name(t.name) {
+                return Err(SealError::BadTensorName(crate::escape(t.name)));
+            }
+            if dtype_size(t.dtype).is_none() {
                 return Err(SealError::UnsupportedDtype {
                     name: crate::escape(t.name),
                     dtype: format!("{:?}", t.dtype),
@@ -217,7 +117,7 @@ impl Payload {
 
     /// The model fingerprint of this payload.
     pub fn fingerprint(&self) -> String {
-        crate::manifest::fingerprint(self.metas.iter())
+        fingerprint(self.metas.iter())
     }
 
     /// Iterate tensors in sorted-name order.
@@ -306,6 +206,7 @@ pub(crate) fn canonical_header(metas: &[TensorMeta]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::Dtype;
 
     #[test]
     fn canonical_payload_is_read_by_safetensors() {
@@ -383,9 +284,5 @@ mod tests {
             Payload::from_tensors(&[t("x", Dtype::F8_E4M3, &one[..1])]),
             Err(SealError::UnsupportedDtype { .. })
         ));
-        let h16 = 0x7c00u16.to_le_bytes();
-        assert!(!all_finite(Dtype::F16, &h16));
-        assert!(!all_finite(Dtype::BF16, &0x7fc0u16.to_le_bytes()));
-        assert!(all_finite(Dtype::BF16, &0x3f80u16.to_le_bytes()));
     }
 }

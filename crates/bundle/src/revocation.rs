@@ -341,17 +341,10 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::test_ring as ring;
 
     fn hq() -> SecretKey {
         SecretKey::from_seed(Role::Hq, "hq", [1; 32])
-    }
-
-    fn ring(keys: &[&SecretKey]) -> Keyring {
-        let mut r = Keyring::new();
-        for k in keys {
-            r.add(k.public()).unwrap();
-        }
-        r
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The adversarial test kit (issue 6): every file in `tests/testkit/` through every reader that applies to it,
 //! checked against `tests/testkit/expectations.tsv`, with bounded time and memory; the kit is regenerated and
-//! compared byte for byte; and the file-level attacks (symlinked output, read-only medium, input changed after
-//! verifying) on real state directories.
+//! compared byte for byte. The file-level attacks on a site's state directory (symlinked output, read-only
+//! medium, input changed after verifying, signed NaN) run the same kit in `crates/site/tests/testkit_files.rs`.
 //!
 //! The list of vectors comes from the directory: a file without expectations, or an expectation without a file,
 //! fails the run. Rows whose `bug` column is set describe a reader defect: they must not panic and stay bounded
@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_bundle::keys::PublicKey;
-use ferry_bundle::site::{LocalRecord, SiteState};
-use ferry_bundle::{
-    inspect, open, open_file, sha256_hex, Keyring, Limits, Payload, Role, SecretKey,
-};
+use ferry_bundle::{inspect, open, open_file, sha256_hex, Keyring, Limits, Payload};
 
 #[allow(dead_code)]
 #[path = "../examples/make_testkit.rs"]
@@ -352,157 +349,4 @@ fn regenerating_reproduces_the_committed_kit() {
         total < 2 << 20,
         "the kit is {total} bytes; keep it under 2 MB"
     );
-}
-
-// ---- files: the medium and the output path ----
-
-fn test_key(stem: &str, role: Role, seed: u8) -> SecretKey {
-    SecretKey::from_seed(role, stem, [seed; 32])
-}
-
-/// A site state holding the kit's round-0 global and a trained local model, ready to export.
-fn site_ready_to_export(dir: &Path) -> SiteState {
-    let ring = keyring("hq+site-a");
-    let g = open_file(&kit_dir().join("valid-global-r0.ferry"), &ring).expect("valid global");
-    let state = SiteState::open(dir).expect("state");
-    state.import(&g, "kit", 10).expect("import");
-    let rec = LocalRecord {
-        base_hash: g.hash.clone(),
-        round: 0,
-        samples: 10,
-        epochs: 1,
-        steps: 1,
-        trained_at: 1_700_000_000,
-        weights_sha256: String::new(),
-        exported: None,
-    };
-    state.write_local(g.payload(), &rec).expect("local");
-    state
-}
-
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut m = BTreeMap::new();
-    walk(dir, dir, &mut m);
-    m.remove("lock");
-    m
-}
-
-#[test]
-fn input_changed_after_verifying_is_never_reread() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join("global.ferry");
-    let r0 = std::fs::read(kit_dir().join("valid-global-r0.ferry")).expect("r0");
-    let r1 = std::fs::read(kit_dir().join("valid-global-r1.ferry")).expect("r1");
-    std::fs::write(&path, &r0).expect("write");
-    let ring = keyring("hq");
-    let b = open_file(&path, &ring).expect("verifies");
-    // The stick is swapped under us: another valid bundle, then garbage, at the same path.
-    std::fs::write(&path, &r1).expect("swap");
-    assert_eq!(
-        b.hash,
-        sha256_hex(&r0),
-        "the bundle is named by the bytes that verified"
-    );
-    assert_eq!(
-        b.payload(),
-        open(&r0, &ring, &Limits::default()).expect("r0").payload()
-    );
-    std::fs::write(&path, b"garbage").expect("swap");
-    let state = SiteState::open(&tmp.path().join("state")).expect("state");
-    state
-        .import(&b, "stick", 10)
-        .expect("import what was verified");
-    assert_eq!(
-        state.current().expect("rec").expect("some").hash,
-        sha256_hex(&r0)
-    );
-    assert_eq!(
-        std::fs::read(state.current_model_path()).expect("model"),
-        b.payload()
-    );
-}
-
-#[test]
-fn a_signed_non_finite_global_verifies_but_is_never_installed() {
-    let ring = keyring("hq");
-    for v in ["st-signed-nan.ferry", "st-signed-inf.ferry"] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let state = SiteState::open(tmp.path()).expect("fresh state");
-        let before = snapshot(state.dir());
-        let b = open_file(&kit_dir().join(v), &ring).expect("open checks origin, not values");
-        let err = state.import(&b, v, 10).expect_err("installed NaN weights");
-        assert!(
-            matches!(err, ferry_bundle::site::SiteError::NonFinite(_)),
-            "{v}: {err:?}"
-        );
-        assert_eq!(snapshot(state.dir()), before, "{v}: state changed");
-    }
-}
-
-#[cfg(unix)]
-#[test]
-fn export_refuses_a_symlinked_output_and_leaves_state_unchanged() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = site_ready_to_export(&tmp.path().join("state"));
-    let before = snapshot(state.dir());
-    let out = tmp.path().join("stick");
-    std::fs::create_dir(&out).expect("stick");
-    let victim = tmp.path().join("victim");
-    std::os::unix::fs::symlink(&victim, out.join("site-a-r0.ferry")).expect("symlink");
-    let key = test_key("site-a", Role::Site, 2);
-    let err = state
-        .export(&key, &out, 3)
-        .expect_err("wrote through a symlink");
-    assert!(err.to_string().contains("site-a-r0.ferry"), "{err}");
-    assert!(!victim.exists(), "followed the symlink");
-    assert_eq!(snapshot(state.dir()), before, "state changed");
-    assert_eq!(
-        std::fs::read_dir(&out).expect("ls").count(),
-        1,
-        "temp files left on the stick"
-    );
-    // The next run, on a clean stick, succeeds.
-    let clean = tmp.path().join("clean");
-    let (path, sealed) = state.export(&key, &clean, 3).expect("export");
-    assert_eq!(std::fs::read(path).expect("read"), sealed.bytes);
-}
-
-#[cfg(unix)]
-#[test]
-fn export_to_a_read_only_medium_fails_cleanly() {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = site_ready_to_export(&tmp.path().join("state"));
-    let before = snapshot(state.dir());
-    let ro = tmp.path().join("ro");
-    std::fs::create_dir(&ro).expect("dir");
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
-    // Root ignores mode bits: fall back to a directory no one can create files in.
-    let probe = ro.join("probe");
-    let out = if std::fs::write(&probe, b"").is_ok() {
-        std::fs::remove_file(&probe).expect("rm");
-        PathBuf::from("/proc/self")
-    } else {
-        ro.clone()
-    };
-    let key = test_key("site-a", Role::Site, 2);
-    let err = state
-        .export(&key, &out, 3)
-        .expect_err("wrote to a read-only medium");
-    assert!(
-        matches!(
-            err,
-            ferry_bundle::site::ExportError::Seal(ferry_bundle::SealError::Fs(_))
-        ),
-        "{err:?}"
-    );
-    assert_eq!(snapshot(state.dir()), before, "state changed");
-    assert!(
-        state.pending_export().expect("pending"),
-        "marked exported although nothing was written"
-    );
-    if out == ro {
-        assert_eq!(std::fs::read_dir(&ro).expect("ls").count(), 0);
-    }
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
 }

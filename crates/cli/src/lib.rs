@@ -11,6 +11,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ferry_bundle::{escape, fsutil, short, BundleKind, Keyring, Manifest, Role, SecretKey};
 
+pub mod release;
+
 /// Exit status when an input was refused or an operation failed.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit status for a usage error (clap uses the same).

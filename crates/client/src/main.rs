@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use ferry_bundle::site::{ImportOutcome, SiteState, DEFAULT_MAX_ROUND_JUMP};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{short, Draft, Role, SecretKey};
 use ferry_cli::{describe, open_bundle, read_weights};
+use ferry_site::{ImportOutcome, ImportPolicy, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +50,12 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+    /// Check a file's detached signature (<FILE>.sig), e.g. a release's SHA256SUMS.
+    VerifyFile(ferry_cli::release::VerifyFileArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(ferry_cli::release::CompletionsArgs),
+    /// Print the man page, or write one per command with --out.
+    Man(ferry_cli::release::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,10 +168,12 @@ fn pack(a: &PackArgs) -> Result<()> {
 
 fn import(a: &ImportArgs) -> Result<()> {
     let ring = a.trust.keyring()?;
-    let state = SiteState::open(&a.state)?;
-    let _lock = state.lock()?;
     let bundle = open_bundle(&a.file, &ring)?;
-    match state.import(&bundle, &a.file.display().to_string(), a.max_round_jump)? {
+    let state = SiteState::at(&a.state);
+    let policy = ImportPolicy {
+        max_round_jump: a.max_round_jump,
+    };
+    match state.import_new(&bundle, &a.file.display().to_string(), &policy)? {
         ImportOutcome::AlreadyCurrent => {
             println!(
                 "already current: round {} ({}), nothing to do",
@@ -241,8 +249,8 @@ fn status(a: &StatusArgs) -> Result<()> {
 fn export(a: &ExportArgs) -> Result<()> {
     let key = SecretKey::read(&a.key)?;
     let state = SiteState::open(&a.state)?;
-    let _lock = state.lock()?;
-    let (path, sealed) = state.export(&key, &a.out, a.level)?;
+    let lock = state.lock()?;
+    let (path, sealed) = state.export(&lock, &key, &a.out, a.level)?;
     println!(
         "wrote {} ({} bytes), {}",
         path.display(),
@@ -271,5 +279,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
+        Command::VerifyFile(a) => ferry_cli::release::verify_file(a),
+        Command::Completions(a) => ferry_cli::release::completions(Cli::command(), a),
+        Command::Man(a) => ferry_cli::release::man(Cli::command(), a),
     })
 }

@@ -1,16 +1,15 @@
 //! `ferry-client train`, `eval` and `recalibrate` (issue 4): argument structs, progress bars and printing over
-//! `ferry_train::site`. Stage one is clap (`*Args`, no I/O); stage two opens the state, picks the device and loads
+//! `ferry_site`. Stage one is clap (`*Args`, no I/O); stage two opens the state, picks the device and loads
 //! the data at the model's input size; the work is one library call.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_bundle::site::SiteState;
+use ferry_site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{
-    device, eval_site, recalibrate_site, site_arch, train_site, AdamConfig, Arch, DeviceChoice,
-    EpochStats, EvalTarget, StepStats, TrainConfig, TrainObserver,
+    device, AdamConfig, Arch, DeviceChoice, EpochStats, StepStats, TrainConfig, TrainObserver,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -37,8 +36,7 @@ pub struct DataArgs {
 impl DataArgs {
     /// Stage two: open the state, check its model can be trained, pick the device, load the data at its input size.
     fn resolve(&self) -> Result<(SiteState, Arch, ferry_train::Device, Dataset)> {
-        let state = SiteState::open(&self.state)
-            .with_context(|| format!("opening site state {}", self.state.display()))?;
+        let state = SiteState::open(&self.state)?;
         let (_, arch) = site_arch(&state)?;
         let dev = device::select(&self.device)?;
         let cfg = LoadConfig {
@@ -171,7 +169,8 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         bar: None,
         batches: 0,
     };
-    let s = train_site(&state, &data, &cfg, &dev, &mut bars).context("training")?;
+    let lock = state.lock()?;
+    let s = train_site(&state, &lock, &data, &cfg, &dev, &mut bars).context("training")?;
     let resumed = s
         .resumed_after
         .map(|e| format!(", resumed after epoch {e}"))
@@ -232,7 +231,8 @@ pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
         data.len()
     ));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let res = recalibrate_site(&state, &data, args.batch, &dev).context("recalibrating");
+    let lock = state.lock()?;
+    let res = recalibrate_site(&state, &lock, &data, args.batch, &dev).context("recalibrating");
     spinner.finish_and_clear();
     let (r, path) = res?;
     if r.batches == 0 {

@@ -13,7 +13,8 @@
 //! The recovery story is written down in `docs/threat-model.md` ("Crash safety").
 //!
 //! It also checks that a second process cannot change a state another one holds, and that a full or read-only
-//! stick gives a clean error with nothing written (needs root to mount a tmpfs; skipped with a notice otherwise).
+//! stick gives a clean error with nothing written (on a small tmpfs, mounted in a private mount namespace; as a
+//! normal user, inside an unprivileged user namespace, so the test runs without root and never skips).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -22,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use ferry_bundle::fsutil::DirLock;
-use ferry_bundle::site::{LocalRecord, SiteState};
 use ferry_bundle::{
     open, open_file, seal, sha256_hex, Bundle, BundleKind, Contributor, Draft, Dtype, Keyring,
     Limits, Payload, Role, SecretKey, TensorRef,
 };
+use ferry_site::{ImportPolicy, LocalRun, SiteState};
 use serde_json::Value;
 
 const SIGABRT: i32 = 6;
@@ -129,19 +130,18 @@ impl Fixture {
             &inp.join("global-r1.ferry"),
         );
         let local = payload(0.5, local_elems, noisy).bytes().to_vec();
-        let state = SiteState::open(&root.path().join("template")).unwrap();
-        state.import(&g0, "global-r0.ferry", 100).unwrap();
-        let rec = LocalRecord {
-            base_hash: g0.hash.clone(),
-            round: 0,
+        let state = SiteState::at(&root.path().join("template"));
+        state
+            .import_new(&g0, "global-r0.ferry", &ImportPolicy::default())
+            .unwrap();
+        let lock = state.lock().unwrap();
+        let run = LocalRun {
             samples: 10,
             epochs: 1,
             steps: 1,
-            trained_at: 1,
-            weights_sha256: String::new(),
-            exported: None,
         };
-        state.write_local(&local, &rec).unwrap();
+        state.record_local(&lock, &local, run).unwrap();
+        drop(lock);
         let local_rec = serde_json::to_value(state.local().unwrap().unwrap()).unwrap();
         Fixture {
             root,
@@ -593,37 +593,44 @@ fn import_and_export_refuse_a_state_another_process_holds() {
     }
 }
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, options: &str) -> Option<Mount> {
-        std::fs::create_dir_all(dir).unwrap();
-        match Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(dir)
-            .output()
-        {
-            Ok(o) if o.status.success() => Some(Mount(dir.to_path_buf())),
-            Ok(o) => {
-                eprintln!(
-                    "NOTICE: skipping the full/read-only stick test: cannot mount a tmpfs ({}); run as root to include it",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("NOTICE: skipping the full/read-only stick test: cannot run mount ({e})");
-                None
-            }
-        }
+/// Run `ferry-client args` with a tmpfs (mount `options`) at `stick`, in a private mount namespace made by
+/// `unshare` (with a user namespace when not root, so no root is needed), and return its output and the names it
+/// left on the stick. The tmpfs goes away with the namespace. Panics when the namespace or the mount cannot be had.
+fn client_on_tmpfs(args: &[OsString], stick: &Path, options: &str) -> (Output, BTreeSet<String>) {
+    const NO_MOUNT: i32 = 97;
+    std::fs::create_dir_all(stick).unwrap();
+    let listing = stick.with_extension("left");
+    // The mount, then the command, then the listing, all inside the namespace.
+    let script = format!(
+        r#"mount -t tmpfs -o "$1" tmpfs "$2" || exit {NO_MOUNT}; stick=$2; listing=$3; shift 3
+"$@"; rc=$?; ls -A "$stick" > "$listing"; exit $rc"#
+    );
+    let mut cmd = Command::new("unshare");
+    // Who we are: the owner of the directory just made.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(stick).unwrap()) == 0;
+    if !root {
+        cmd.args(["--user", "--map-root-user"]);
     }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
+    cmd.args(["--mount", "sh", "-c", &script, "sh", options])
+        .arg(stick)
+        .arg(&listing)
+        .arg(env!("CARGO_BIN_EXE_ferry-client"))
+        .args(args)
+        .env_remove("FERRY_FAILPOINT")
+        .env_remove("FERRY_FAILPOINT_TORN");
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run unshare (util-linux): {e}"));
+    assert_ne!(
+        o.status.code(),
+        Some(NO_MOUNT),
+        "cannot mount a tmpfs in a private namespace: this test needs root or unprivileged user namespaces \
+         (unshare --user); {}",
+        text(&o)
+    );
+    let left = std::fs::read_to_string(&listing)
+        .unwrap_or_else(|e| panic!("{}: {e}; {}", listing.display(), text(&o)));
+    (o, left.lines().map(str::to_owned).collect())
 }
 
 #[test]
@@ -632,25 +639,16 @@ fn export_to_a_full_or_read_only_stick_fails_cleanly_and_changes_nothing() {
     let fx = Fixture::new(64 << 10, true);
     let c = fx.case("stick");
     let before = snapshot(&c.state);
-    let Some(full) = Mount::tmpfs(&fx.path("full"), "size=64k") else {
-        return;
-    };
-    let Some(ro) = Mount::tmpfs(&fx.path("ro"), "ro,size=1m") else {
-        return;
-    };
-    for (m, why) in [
-        (&full, "No space left on device"),
-        (&ro, "Read-only file system"),
+    for (stick, options, why) in [
+        ("full", "size=64k", "No space left on device"),
+        ("ro", "ro,size=1m", "Read-only file system"),
     ] {
         let mut args = fx.export_args(&c);
-        *args.last_mut().unwrap() = m.0.clone().into();
-        let o = client(&args, None);
+        let stick = fx.path(stick);
+        *args.last_mut().unwrap() = stick.clone().into();
+        let (o, left) = client_on_tmpfs(&args, &stick, options);
         refused(&o, why);
-        assert!(
-            names(&m.0).is_empty(),
-            "{why}: left {:?} on the stick",
-            names(&m.0)
-        );
+        assert!(left.is_empty(), "{why}: left {left:?} on the stick");
         assert_eq!(snapshot(&c.state), before, "{why}: state changed");
         assert_eq!(status(&c.state)["pending_export"], Value::Bool(true));
     }

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use ferry_merge::hq::RoundConfig;
-use ferry_train::{eval_site, AdamConfig, Arch, Device, EvalTarget, Evaluation, TrainConfig};
+use ferry_site::{eval_site, EvalTarget};
+use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::plates::{field_data, scaled_warmup};

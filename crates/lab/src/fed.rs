@@ -6,19 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ferry_bundle::site::{LocalRecord, SiteState};
 use ferry_bundle::{open_file, Keyring, Payload, PublicKey, Role, SecretKey};
 use ferry_merge::hq::{self, RoundConfig, RoundOutcome};
+use ferry_site::{train_site, ImportPolicy, LocalRun, SiteState, SiteTrainSummary};
 use ferry_train::data::Dataset;
-use ferry_train::{
-    evaluate, train_site, Arch, Device, Evaluation, Model, SiteTrainSummary, TrainConfig,
-    TrainObserver,
-};
+use ferry_train::{evaluate, Arch, Device, Evaluation, Model, TrainConfig, TrainObserver};
 
 /// zstd level of every bundle the lab writes (the tools' default).
 pub const LEVEL: i32 = 3;
-/// How far ahead of its current global a site accepts a new one (the client's default).
-const MAX_ROUND_JUMP: u64 = 100;
 /// Images per evaluation batch.
 pub const EVAL_BATCH: usize = 256;
 
@@ -145,7 +140,7 @@ impl Federation {
             let (_, public) = key.write_pair(&keys)?;
             // HQ trusts what is in the `.pub` file it was handed, not the in-memory key.
             hq_trust.add(PublicKey::read(&public)?)?;
-            let state = SiteState::open(&root.join("sites").join(id))?;
+            let state = SiteState::at(&root.join("sites").join(id));
             sites.push(Site {
                 id: id.clone(),
                 key,
@@ -187,12 +182,13 @@ impl Federation {
         let site = &self.sites[i];
         let bundle = open_file(&self.global, &self.site_trust)
             .with_context(|| format!("{} verifying {}", site.id, self.global.display()))?;
-        {
-            let _lock = site.state.lock()?;
-            site.state
-                .import(&bundle, &self.global.display().to_string(), MAX_ROUND_JUMP)
-                .with_context(|| format!("{} importing {}", site.id, self.global.display()))?;
-        }
+        site.state
+            .import_new(
+                &bundle,
+                &self.global.display().to_string(),
+                &ImportPolicy::default(),
+            )
+            .with_context(|| format!("{} importing {}", site.id, self.global.display()))?;
         let c = Crossing::of(
             &self.global,
             &bundle.hash,
@@ -210,7 +206,8 @@ impl Federation {
         obs: &mut dyn TrainObserver,
     ) -> Result<SiteTrainSummary> {
         let site = &self.sites[i];
-        train_site(&site.state, data, cfg, &Device::Cpu, obs)
+        let lock = site.state.lock()?;
+        train_site(&site.state, &lock, data, cfg, &Device::Cpu, obs)
             .with_context(|| format!("training {}", site.id))
     }
 
@@ -225,22 +222,16 @@ impl Federation {
         steps: u64,
     ) -> Result<()> {
         let site = &self.sites[i];
-        let _lock = site.state.lock()?;
-        let cur = site
-            .state
-            .current()?
-            .with_context(|| format!("{} holds no global", site.id))?;
-        let rec = LocalRecord {
-            base_hash: cur.hash,
-            round: cur.round,
-            samples,
-            epochs,
-            steps,
-            trained_at: ferry_bundle::unix_now(),
-            weights_sha256: String::new(),
-            exported: None,
-        };
-        site.state.write_local(weights, &rec)?;
+        let lock = site.state.lock()?;
+        site.state.record_local(
+            &lock,
+            weights,
+            LocalRun {
+                samples,
+                epochs,
+                steps,
+            },
+        )?;
         Ok(())
     }
 
@@ -248,9 +239,9 @@ impl Federation {
     pub fn export(&mut self, i: usize) -> Result<&Crossing> {
         let site = &self.sites[i];
         let (path, sealed) = {
-            let _lock = site.state.lock()?;
+            let lock = site.state.lock()?;
             site.state
-                .export(&site.key, &self.usb, LEVEL)
+                .export(&lock, &site.key, &self.usb, LEVEL)
                 .with_context(|| format!("{} exporting", site.id))?
         };
         Ok(self.log_crossing(Crossing::of(&path, &sealed.hash, Direction::ToHq)?))

@@ -64,8 +64,7 @@ pub fn run(cfg: &GalleryConfig) -> Result<()> {
     let width = cfg.cols * (pw + gap) + gap;
     let height = sets.len() * (band + rows * (ph + gap));
     let to_u32 = |v: usize| u32::try_from(v).map_err(|_| anyhow!("gallery: image too large"));
-    let root =
-        BitMapBackend::new(&cfg.out, (to_u32(width)?, to_u32(height)?)).into_drawing_area();
+    let root = BitMapBackend::new(&cfg.out, (to_u32(width)?, to_u32(height)?)).into_drawing_area();
     let err = |e: DrawingAreaErrorKind<_>| anyhow!("gallery {}: {e}", cfg.out.display());
     root.fill(&WHITE).map_err(err)?;
     let mut y = 0usize;

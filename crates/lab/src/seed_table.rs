@@ -9,7 +9,7 @@
 //!   then exported, verified and merged through real bundles.
 //! - `fedavg-e<E>`: ceil(T/E) rounds of E local epochs (the last round gets what is left, so every row aggregates
 //!   at epoch T), each site keeping its Adam state between rounds as in the field study, all through real
-//!   bundles (`train_site`, `SiteState::export`, `hq::merge_round`, `SiteState::import`).
+//!   bundles (`ferry_site::train_site`, `SiteState::export`, `hq::merge_round`, `SiteState::import`).
 //!
 //! Every row is evaluated on the validation set after every epoch-equivalent: standalone rows after each epoch,
 //! federated rows after each merge.

@@ -16,13 +16,9 @@ use serde::Serialize;
 
 use crate::config::has_suffix;
 use crate::state::Moments;
-use crate::tensor::{
-    decode_f64, elem_size, encode_f64, for_each_f64, is_float, is_int, max_f64_into, max_into,
-};
-use crate::{
-    MergeConfig, MergeError, OwnedTensor, ServerState, Strategy, TensorMeta, TensorSource,
-    Weighting,
-};
+use crate::tensor::{decode_f64, encode_f64, for_each_f64, max_f64_into, max_into};
+use crate::{MergeConfig, MergeError, OwnedTensor, ServerState, Strategy, TensorSource, Weighting};
+use ferry_bundle::tensor::{dtype_size, is_float, is_int, TensorMeta};
 
 /// One verified update to merge.
 pub struct Contribution<'a> {
@@ -534,7 +530,7 @@ impl Ctx<'_, '_> {
             }
             return acc.ok_or(MergeError::NoContributions);
         }
-        let numel = len / elem_size(meta.dtype).unwrap_or(1);
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
         let mut acc = vec![f64::NEG_INFINITY; numel];
         for k in 0..self.order.len() {
             let i = self.order[k];
@@ -547,7 +543,7 @@ impl Ctx<'_, '_> {
 
     /// `Σ wᵢ xᵢ` over the updates (no clipping).
     fn weighted(&mut self, meta: &TensorMeta, len: usize) -> Result<Vec<f64>, MergeError> {
-        let numel = len / elem_size(meta.dtype).unwrap_or(1);
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
         let mut acc = vec![0f64; numel];
         for k in 0..self.order.len() {
             let (i, w) = (self.order[k], self.weights[k]);
@@ -598,7 +594,7 @@ impl Ctx<'_, '_> {
             let t = read_checked(base, meta, len, BASE)?;
             visit_finite(meta, &t.data, BASE, |_, x| b.push(x))?;
         }
-        let numel = len / elem_size(meta.dtype).unwrap_or(1);
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
         let mut avg = vec![0f64; numel];
         for k in 0..self.order.len() {
             let i = self.order[k];
@@ -656,7 +652,7 @@ impl Ctx<'_, '_> {
         base: &mut dyn TensorSource,
         clip: bool,
     ) -> Result<Vec<u8>, MergeError> {
-        let size = elem_size(meta.dtype).unwrap_or(1);
+        let size = dtype_size(meta.dtype).unwrap_or(1);
         let numel = len / size;
         let n = self.order.len();
         let trim = if self.config.strategy == Strategy::TrimmedMean {

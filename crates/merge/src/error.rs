@@ -127,14 +127,6 @@ pub enum MergeError {
         /// What is wrong.
         reason: String,
     },
-    /// A tensor file could not be parsed.
-    #[error("{} is not a usable safetensors file ({reason}); spool the verified payload again", .path.display())]
-    BadTensorFile {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
     /// Reading a tensor failed at the operating-system level.
     #[error("reading {}: {source}", .path.display())]
     Io {

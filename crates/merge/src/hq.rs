@@ -11,19 +11,15 @@
 //! A crash before the ledger commit leaves the ledger on the old round (the orphan files are harmless); a crash
 //! after it leaves the new global in `globals/`, and `emit` writes it to a stick.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, FsError};
-use ferry_bundle::{
-    BundleKind, Contributor as ManifestContributor, Draft, Keyring, OpenError, Payload, SealError,
-    Sealed, SecretKey, TensorRef,
-};
+use ferry_bundle::tensor::{TensorMeta, TensorRef};
+use ferry_bundle::{BundleKind, Draft, Keyring, OpenError, Payload, SealError, Sealed, SecretKey};
 
 use crate::{
-    merge, Contribution, Contributor, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError,
-    MergeReport, OwnedTensor, ServerState, TensorMeta, TensorSource, UpdateInfo,
+    merge, Contribution, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError, MergeReport,
+    PayloadFile, ServerState, UpdateInfo,
 };
 
 /// Why an HQ operation failed. Nothing was committed.
@@ -227,96 +223,25 @@ fn remove_stale_spools(dir: &Path) {
     }
 }
 
-/// One verified payload spooled to disk, read back tensor by tensor.
-struct SpoolSource {
-    file: File,
-    path: PathBuf,
-    /// (name, dtype, shape, offset, len) sorted by name.
-    index: Vec<(TensorMeta, u64, usize)>,
-}
-
-impl SpoolSource {
-    fn create(
-        dir: &Path,
-        label: &str,
-        bundle: &ferry_bundle::Bundle,
-    ) -> Result<SpoolSource, HqError> {
-        let path = dir.join(format!("{label}.safetensors"));
-        fsutil::write_new(&path, bundle.payload())?;
-        let file = File::open(&path).map_err(|e| FsError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
-        let header = bundle.payload().len() - bundle.tensors().map(|t| t.data.len()).sum::<usize>();
-        let mut offset = header as u64;
-        let mut index = Vec::new();
-        for t in bundle.tensors() {
-            index.push((
-                TensorMeta {
-                    name: t.name.to_string(),
-                    dtype: t.dtype,
-                    shape: t.shape.to_vec(),
-                },
-                offset,
-                t.data.len(),
-            ));
-            offset += t.data.len() as u64;
+/// The server-optimizer state stored with the global `global` (`server/<global>.safetensors`), or the empty
+/// state when that global has none (every stateless merge, and round 0).
+fn read_server_state(dir: &Path, global: &str) -> Result<ServerState, HqError> {
+    let path = server_state_path(dir, global);
+    if !path.exists() {
+        return Ok(ServerState::new());
+    }
+    // Two f32 moments of the model: far below any bundle ferry reads.
+    let bytes = fsutil::read_capped(&path, 2 * ferry_bundle::MAX_BUNDLE_BYTES)?;
+    let (state, bound) = ServerState::from_bytes(&bytes, &path)?;
+    if bound != global {
+        return Err(MergeError::StateGlobalMismatch {
+            path,
+            state_global: bound,
+            current: global.to_string(),
         }
-        Ok(SpoolSource { file, path, index })
+        .into());
     }
-
-    fn find(&self, name: &str) -> Result<&(TensorMeta, u64, usize), MergeError> {
-        self.index
-            .binary_search_by(|(m, _, _)| m.name.as_str().cmp(name))
-            .map(|i| &self.index[i])
-            .map_err(|_| {
-                MergeError::BadLayout(format!(
-                    "tensor {name:?} is missing from {}",
-                    self.path.display()
-                ))
-            })
-    }
-
-    fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MergeError> {
-        let mut buf = vec![0u8; len];
-        self.file
-            .seek(SeekFrom::Start(offset))
-            .and_then(|_| self.file.read_exact(&mut buf))
-            .map_err(|e| MergeError::BadLayout(format!("{}: {e}", self.path.display())))?;
-        Ok(buf)
-    }
-}
-
-impl TensorSource for SpoolSource {
-    fn read(&mut self, name: &str) -> Result<OwnedTensor, MergeError> {
-        let (meta, offset, len) = self.find(name)?.clone();
-        let data = self.read_at(offset, len)?;
-        Ok(OwnedTensor {
-            dtype: meta.dtype,
-            shape: meta.shape,
-            data,
-        })
-    }
-
-    fn read_elements(
-        &mut self,
-        name: &str,
-        start: usize,
-        count: usize,
-    ) -> Result<Vec<u8>, MergeError> {
-        let (meta, offset, len) = self.find(name)?.clone();
-        let size = ferry_bundle::payload::dtype_size(meta.dtype);
-        let (b, e) = (
-            start.saturating_mul(size),
-            start.saturating_add(count).saturating_mul(size),
-        );
-        if e > len {
-            return Err(MergeError::BadLayout(format!(
-                "slice {start}+{count} is past the end of tensor {name:?}"
-            )));
-        }
-        self.read_at(offset + b as u64, e - b)
-    }
+    Ok(state)
 }
 
 /// Merge update bundle files into the next global. Verifies every file against `keyring` before anything is
@@ -382,37 +307,13 @@ pub fn merge_round(
         // Check as we go, so a stale or foreign bundle is refused before the next one is even read.
         ledger.check_update(&info)?;
         infos.push(info);
-        sources.push(SpoolSource::create(
-            spool.path(),
-            &format!("u{i}"),
-            &bundle,
-        )?);
+        sources.push(PayloadFile::spool(spool.path(), &format!("u{i}"), &bundle)?);
     }
     ledger.check_batch(&infos)?;
 
-    let layout: Vec<TensorMeta> = base
-        .tensors()
-        .map(|t| TensorMeta {
-            name: t.name.to_string(),
-            dtype: t.dtype,
-            shape: t.shape.to_vec(),
-        })
-        .collect();
-    let mut base_source = SpoolSource::create(spool.path(), "base", &base)?;
-    let state_path = server_state_path(dir, &current.hash);
-    let mut server = if state_path.exists() {
-        let bytes = fsutil::read_capped(&state_path, 64 << 30)?;
-        let (state, bound) = ServerState::from_bytes(&bytes, &state_path)?;
-        if bound != current.hash {
-            return Err(HqError::Corrupt {
-                path: state_path,
-                why: "server state is bound to another global".into(),
-            });
-        }
-        state
-    } else {
-        ServerState::new()
-    };
+    let layout: Vec<TensorMeta> = base.metas().to_vec();
+    let mut base_source = PayloadFile::spool(spool.path(), "base", &base)?;
+    let mut server = read_server_state(dir, &current.hash)?;
 
     let mut contributions: Vec<Contribution<'_>> = infos
         .iter()
@@ -450,8 +351,8 @@ pub fn merge_round(
     drop(refs);
     drop(merged);
 
-    let mut sorted = infos.clone();
-    sorted.sort_by(|a, b| a.bundle.cmp(&b.bundle));
+    let mut contributors: Vec<_> = infos.iter().map(UpdateInfo::contributor).collect();
+    contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
     let draft = Draft {
         kind: BundleKind::Global,
         federation: base.manifest.federation.clone(),
@@ -459,14 +360,7 @@ pub fn merge_round(
         round: current.round + 1,
         base: Some(current.hash.clone()),
         site: None,
-        contributors: sorted
-            .iter()
-            .map(|u| ManifestContributor {
-                bundle: u.bundle.clone(),
-                site: u.site.clone(),
-                samples: u.samples,
-            })
-            .collect(),
+        contributors: contributors.clone(),
         strategy: Some(config.merge.describe()),
         created: ferry_bundle::unix_now(),
     };
@@ -482,7 +376,6 @@ pub fn merge_round(
             &server.to_bytes(&sealed.hash)?,
         )?;
     }
-    let contributors: Vec<Contributor> = sorted.iter().map(Contributor::from).collect();
     let round = ledger.record_round(&sealed.hash, &config.merge.describe(), &contributors)?;
     drop(spool);
     let path = sealed

@@ -8,13 +8,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, DirLock, FsError};
+use ferry_bundle::Contributor;
 use serde::{Deserialize, Serialize};
 
 use crate::LedgerError;
 
 /// The ledger file name inside the HQ state dir.
 pub const LEDGER_FILE: &str = "ledger.json";
-const FORMAT: &str = "ferry-ledger/1";
+const FORMAT: &str = "ferry-ledger/2";
+/// The first format, read and upgraded on load: its contributors also carried their round.
+const FORMAT_V1: &str = "ferry-ledger/1";
 const MAX_LEDGER_LEN: u64 = 256 << 20;
 
 /// The current global.
@@ -27,20 +30,6 @@ pub struct CurrentGlobal {
     pub hash: String,
 }
 
-/// One merged update, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Contributor {
-    /// The site id.
-    pub site: String,
-    /// The update bundle hash, hex.
-    pub bundle: String,
-    /// Its signed sample count.
-    pub samples: u64,
-    /// The round the update was trained in (the round of the global it was based on).
-    pub round: u64,
-}
-
 /// One round of the federation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +40,8 @@ pub struct RoundEntry {
     pub global: String,
     /// How it was produced (`init`, or [`crate::MergeConfig::describe`]).
     pub strategy: String,
-    /// The updates merged into it (empty for round 0).
+    /// The updates merged into it (empty for round 0), as listed in the global's manifest. They were trained
+    /// on the previous round's global.
     pub contributors: Vec<Contributor>,
 }
 
@@ -59,7 +49,7 @@ pub struct RoundEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerData {
-    /// Always `ferry-ledger/1`.
+    /// Always `ferry-ledger/2`.
     pub format: String,
     /// The federation id.
     pub federation: String,
@@ -94,13 +84,13 @@ pub struct UpdateInfo {
     pub samples: u64,
 }
 
-impl From<&UpdateInfo> for Contributor {
-    fn from(u: &UpdateInfo) -> Self {
+impl UpdateInfo {
+    /// How the update is listed in the next global's manifest and in the ledger.
+    pub fn contributor(&self) -> Contributor {
         Contributor {
-            site: u.site.clone(),
-            bundle: u.bundle.clone(),
-            samples: u.samples,
-            round: u.round,
+            bundle: self.bundle.clone(),
+            site: self.site.clone(),
+            samples: self.samples,
         }
     }
 }
@@ -198,11 +188,10 @@ impl Ledger {
             }
             Err(e) => return Err(e.into()),
         };
-        let data: LedgerData =
-            serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let data = parse(&bytes).map_err(|reason| LedgerError::Corrupt {
+            path: path.clone(),
+            reason,
+        })?;
         validate(&data).map_err(|reason| LedgerError::Corrupt { path, reason })?;
         Ok(data)
     }
@@ -450,6 +439,77 @@ impl fmt::Display for LedgerStatus {
 
 fn short(h: &str) -> &str {
     h.get(..12).unwrap_or(h)
+}
+
+/// Parse `ledger.json`, upgrading a `ferry-ledger/1` file (written before contributors were the manifest's
+/// records) in memory; the next recorded round writes it back as the current format.
+fn parse(bytes: &[u8]) -> Result<LedgerData, String> {
+    #[derive(Deserialize)]
+    struct Format {
+        format: String,
+    }
+    let format = serde_json::from_slice::<Format>(bytes)
+        .map_err(|e| e.to_string())?
+        .format;
+    if format != FORMAT_V1 {
+        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ContributorV1 {
+        site: String,
+        bundle: String,
+        samples: u64,
+        #[allow(dead_code)]
+        round: u64,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RoundV1 {
+        round: u64,
+        global: String,
+        strategy: String,
+        contributors: Vec<ContributorV1>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct LedgerV1 {
+        #[allow(dead_code)]
+        format: String,
+        federation: String,
+        arch: Option<String>,
+        model_fingerprint: String,
+        current: CurrentGlobal,
+        history: Vec<RoundV1>,
+        merged: BTreeSet<String>,
+    }
+    let v1: LedgerV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(LedgerData {
+        format: FORMAT.into(),
+        federation: v1.federation,
+        arch: v1.arch,
+        model_fingerprint: v1.model_fingerprint,
+        current: v1.current,
+        history: v1
+            .history
+            .into_iter()
+            .map(|r| RoundEntry {
+                round: r.round,
+                global: r.global,
+                strategy: r.strategy,
+                contributors: r
+                    .contributors
+                    .into_iter()
+                    .map(|c| Contributor {
+                        bundle: c.bundle,
+                        site: c.site,
+                        samples: c.samples,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        merged: v1.merged,
+    })
 }
 
 fn to_json(d: &LedgerData) -> Vec<u8> {

@@ -4,20 +4,14 @@
 //! where the last merge stopped and a state that belongs to another global is refused, not silently used.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ferry_bundle::fsutil;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{MergeError, Strategy};
 
-/// The file name of the server-optimizer state inside the HQ state dir.
-pub const STATE_FILE: &str = "server-state.safetensors";
-
 const FORMAT: &str = "ferry-server-state/1";
-/// The largest state file `load` reads (two f32 moments of a model far larger than ferry targets).
-const MAX_STATE_LEN: u64 = 1 << 40;
 
 /// The moments of one tensor: `m` (momentum or first moment) and, for FedAdam, `v` (second moment).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -67,43 +61,6 @@ impl ServerState {
             .get(tensor)
             .filter(|t| !t.v.is_empty())
             .map(|t| t.v.as_slice())
-    }
-
-    /// The path of the state file in `dir`.
-    pub fn path(dir: &Path) -> PathBuf {
-        dir.join(STATE_FILE)
-    }
-
-    /// Load the state from the HQ dir for the current global `current_global` (the ledger's current hash).
-    /// No file gives the empty state; a file bound to another global is refused (reset to continue).
-    pub fn load(dir: &Path, current_global: &str) -> Result<Self, MergeError> {
-        let path = Self::path(dir);
-        let bytes = match fsutil::read_capped(&path, MAX_STATE_LEN) {
-            Ok(b) => b,
-            Err(fsutil::FsError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(ServerState::new())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let (state, global) = Self::from_bytes(&bytes, &path)?;
-        if global != current_global {
-            return Err(MergeError::StateGlobalMismatch {
-                path,
-                state_global: global,
-                current: current_global.to_string(),
-            });
-        }
-        Ok(state)
-    }
-
-    /// Write the state atomically into the HQ dir, bound to `global`: the hash of the global the merge just
-    /// produced. Call it after every merge, whatever the strategy, before recording the round in the ledger.
-    pub fn save(&self, dir: &Path, global: &str) -> Result<(), MergeError> {
-        let bytes = self.to_bytes(global)?;
-        fsutil::write_replace(&Self::path(dir), &bytes)?;
-        Ok(())
     }
 
     /// Serialize to safetensors bytes: `m:<tensor>` and `v:<tensor>` F32 vectors, strategy, step and global in

@@ -1,53 +1,19 @@
-//! Tensors as the merge engine sees them: a layout entry ([`TensorMeta`]), owned little-endian bytes
-//! ([`OwnedTensor`]), and random-access sources ([`TensorSource`]) that hand out one tensor at a time so memory
-//! stays near one tensor per input (issue 3, streaming). Also the dtype codecs the rules use.
+//! Tensors as the merge engine reads them: owned little-endian bytes ([`OwnedTensor`]) and random-access sources
+//! ([`TensorSource`]) that hand out one tensor (or one slice of one) at a time, so memory stays near one tensor
+//! per input (issue 3, streaming). Layout entries, dtypes and sizes are ferry-bundle's ([`ferry_bundle::tensor`]);
+//! this module adds the numeric codecs the merge rules use.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorInfo;
+use ferry_bundle::fsutil;
+use ferry_bundle::tensor::{dtype_size, TensorMeta};
+use ferry_bundle::Bundle;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::MergeError;
-
-/// One entry of the model layout: the name, dtype and shape every input must have.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorMeta {
-    /// The tensor key, as in a PyTorch `state_dict`.
-    pub name: String,
-    /// The storage dtype.
-    pub dtype: Dtype,
-    /// The shape (empty for a rank-0 scalar).
-    pub shape: Vec<usize>,
-}
-
-impl TensorMeta {
-    /// The number of elements, or `None` when the shape overflows.
-    pub fn numel(&self) -> Option<usize> {
-        numel(&self.shape)
-    }
-
-    /// The data length in bytes, or `None` for an overflowing shape or a dtype without a whole-byte element.
-    pub fn byte_len(&self) -> Option<usize> {
-        self.numel()?.checked_mul(elem_size(self.dtype)?)
-    }
-
-    /// The layout of every tensor in a safetensors file, sorted by name.
-    pub fn layout_of(st: &SafeTensors<'_>) -> Vec<TensorMeta> {
-        let mut v: Vec<TensorMeta> = st
-            .iter()
-            .map(|(name, t)| TensorMeta {
-                name: name.to_string(),
-                dtype: t.dtype(),
-                shape: t.shape().to_vec(),
-            })
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
-    }
-}
 
 /// A tensor's dtype, shape and raw little-endian data, as stored in a safetensors file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +34,7 @@ pub trait TensorSource {
 
     /// `count` elements of tensor `name` starting at element `start`, as raw bytes. Robust strategies read
     /// tensors in slices through this so that n inputs of one large tensor are never in memory at once. The
-    /// default reads the whole tensor and cuts the slice out; file-backed sources should seek instead.
+    /// default reads the whole tensor and cuts the slice out; file-backed sources seek instead.
     fn read_elements(
         &mut self,
         name: &str,
@@ -80,30 +46,40 @@ pub trait TensorSource {
     }
 }
 
-/// Elements `start..start + count` of a tensor, as bytes: the one bounds check behind every `read_elements`.
+/// Bytes per element of a dtype the engine merges, or the error naming the tensor.
+pub(crate) fn elem_size(dtype: Dtype, tensor: &str) -> Result<usize, MergeError> {
+    dtype_size(dtype).ok_or_else(|| MergeError::UnsupportedDtype {
+        tensor: tensor.to_string(),
+        dtype,
+    })
+}
+
+/// The byte range of elements `start..start + count`, or `None` on overflow.
+fn slice_range(size: usize, start: usize, count: usize) -> Option<(usize, usize)> {
+    Some((
+        start.checked_mul(size)?,
+        start.checked_add(count)?.checked_mul(size)?,
+    ))
+}
+
+fn short_slice(name: &str, start: usize, count: usize) -> MergeError {
+    MergeError::BadLayout(format!(
+        "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
+    ))
+}
+
+/// Elements `start..start + count` of a tensor, as bytes: the bounds check behind the in-memory `read_elements`.
 fn element_slice(
     t: &OwnedTensor,
     name: &str,
     start: usize,
     count: usize,
 ) -> Result<Vec<u8>, MergeError> {
-    let size = elem_size(t.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
-        tensor: name.to_string(),
-        dtype: t.dtype,
-    })?;
-    slice_bytes(&t.data, size, start, count)
+    let size = elem_size(t.dtype, name)?;
+    slice_range(size, start, count)
+        .and_then(|(b, e)| t.data.get(b..e))
         .map(<[u8]>::to_vec)
-        .ok_or_else(|| {
-            MergeError::BadLayout(format!(
-                "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
-            ))
-        })
-}
-
-fn slice_bytes(data: &[u8], size: usize, start: usize, count: usize) -> Option<&[u8]> {
-    let b = start.checked_mul(size)?;
-    let e = start.checked_add(count)?.checked_mul(size)?;
-    data.get(b..e)
+        .ok_or_else(|| short_slice(name, start, count))
 }
 
 /// An in-memory source: a map from names to tensors, with a label used in error messages.
@@ -174,122 +150,66 @@ impl TensorSource for MemorySource {
     }
 }
 
-/// The largest safetensors header [`SafetensorsFile`] accepts (the format's own limit is 100 MB).
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
-
-/// A safetensors file on disk (a verified payload the caller spooled), read tensor by tensor with seeks:
-/// only the header is kept in memory.
+/// A verified bundle's payload in a scratch file, read back tensor by tensor with seeks: the one file-backed
+/// [`TensorSource`]. It can only be made from a [`Bundle`], whose tensors `open` has already checked against
+/// their signed hashes, so its index is trusted and never parsed from the file.
 #[derive(Debug)]
-pub struct SafetensorsFile {
-    path: PathBuf,
+pub struct PayloadFile {
     file: File,
-    data_start: u64,
-    index: HashMap<String, TensorInfo>,
+    path: PathBuf,
+    /// (layout entry, byte offset in the file, byte length), sorted by name.
+    index: Vec<(TensorMeta, u64, usize)>,
 }
 
-impl SafetensorsFile {
-    /// Open `path` and parse and check its header (every tensor's offsets lie inside the file and match its
-    /// dtype and shape).
-    pub fn open(path: &Path) -> Result<Self, MergeError> {
-        let io = |source| MergeError::Io {
-            path: path.to_path_buf(),
+impl PayloadFile {
+    /// Write `bundle`'s payload to `dir/<label>.safetensors` (a new file) and open it for reading.
+    pub fn spool(dir: &Path, label: &str, bundle: &Bundle) -> Result<PayloadFile, MergeError> {
+        let path = dir.join(format!("{label}.safetensors"));
+        fsutil::write_new(&path, bundle.payload())?;
+        let file = File::open(&path).map_err(|source| MergeError::Io {
+            path: path.clone(),
             source,
-        };
-        let bad = |reason: String| MergeError::BadTensorFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut file = File::open(path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n)
-            .map_err(|_| bad("shorter than a header".into()))?;
-        let n = u64::from_le_bytes(n);
-        if n > MAX_HEADER_LEN || n.saturating_add(8) > file_len {
-            return Err(bad(format!("header length {n} does not fit the file")));
+        })?;
+        let data_len: usize = bundle.tensors().map(|t| t.data.len()).sum();
+        let mut offset = (bundle.payload().len() - data_len) as u64;
+        let mut index = Vec::with_capacity(bundle.metas().len());
+        for t in bundle.tensors() {
+            index.push((t.meta(), offset, t.data.len()));
+            offset += t.data.len() as u64;
         }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io)?;
-        let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-        let data_start = 8 + n;
-        let data_len = file_len - data_start;
-        let mut index = HashMap::with_capacity(raw.len());
-        for (name, v) in raw {
-            if name == "__metadata__" {
-                continue;
-            }
-            let info: TensorInfo =
-                serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
-            let (b, e) = info.data_offsets;
-            let want = numel(&info.shape).and_then(|k| k.checked_mul(elem_size(info.dtype)?));
-            if b > e || e as u64 > data_len || want != Some(e - b) {
-                return Err(bad(format!(
-                    "tensor {name} has offsets {b}..{e} that do not match its dtype and shape"
-                )));
-            }
-            index.insert(name, info);
-        }
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            file,
-            data_start,
-            index,
-        })
+        Ok(PayloadFile { file, path, index })
     }
 
-    /// The layout of every tensor in the file, sorted by name.
-    pub fn layout(&self) -> Vec<TensorMeta> {
-        let mut v: Vec<TensorMeta> = self
-            .index
-            .iter()
-            .map(|(name, i)| TensorMeta {
-                name: name.clone(),
-                dtype: i.dtype,
-                shape: i.shape.clone(),
+    fn find(&self, name: &str) -> Result<&(TensorMeta, u64, usize), MergeError> {
+        self.index
+            .binary_search_by(|(m, _, _)| m.name.as_str().cmp(name))
+            .map(|i| &self.index[i])
+            .map_err(|_| MergeError::MissingTensor {
+                origin: self.path.display().to_string(),
+                tensor: name.to_string(),
             })
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
     }
 
     fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MergeError> {
-        let io = |source| MergeError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        self.file
-            .seek(SeekFrom::Start(self.data_start + offset))
-            .map_err(io)?;
         let mut buf = vec![0u8; len];
         self.file
-            .read_exact(&mut buf)
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| self.file.read_exact(&mut buf))
             .map_err(|source| MergeError::Io {
                 path: self.path.clone(),
                 source,
             })?;
         Ok(buf)
     }
-
-    fn info(&self, name: &str) -> Result<TensorInfo, MergeError> {
-        self.index
-            .get(name)
-            .cloned()
-            .ok_or_else(|| MergeError::MissingTensor {
-                origin: self.path.display().to_string(),
-                tensor: name.to_string(),
-            })
-    }
 }
 
-impl TensorSource for SafetensorsFile {
+impl TensorSource for PayloadFile {
     fn read(&mut self, name: &str) -> Result<OwnedTensor, MergeError> {
-        let info = self.info(name)?;
-        let (b, e) = info.data_offsets;
-        let data = self.read_at(b as u64, e - b)?;
+        let (meta, offset, len) = self.find(name)?.clone();
+        let data = self.read_at(offset, len)?;
         Ok(OwnedTensor {
-            dtype: info.dtype,
-            shape: info.shape,
+            dtype: meta.dtype,
+            shape: meta.shape,
             data,
         })
     }
@@ -300,59 +220,13 @@ impl TensorSource for SafetensorsFile {
         start: usize,
         count: usize,
     ) -> Result<Vec<u8>, MergeError> {
-        let info = self.info(name)?;
-        let (b, e) = info.data_offsets;
-        let size = elem_size(info.dtype).ok_or_else(|| MergeError::UnsupportedDtype {
-            tensor: name.to_string(),
-            dtype: info.dtype,
-        })?;
-        let range = start
-            .checked_mul(size)
-            .zip(start.checked_add(count).and_then(|x| x.checked_mul(size)))
-            .filter(|&(s, t)| t <= e - b && s <= t);
-        let Some((s, t)) = range else {
-            return Err(MergeError::BadLayout(format!(
-                "tensor {name} is shorter than the slice {start}+{count} the merge asked for"
-            )));
+        let (meta, offset, len) = self.find(name)?.clone();
+        let size = elem_size(meta.dtype, name)?;
+        let Some((b, e)) = slice_range(size, start, count).filter(|&(_, e)| e <= len) else {
+            return Err(short_slice(name, start, count));
         };
-        self.read_at((b + s) as u64, t - s)
+        self.read_at(offset + b as u64, e - b)
     }
-}
-
-pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
-}
-
-/// Bytes per element of the dtypes ferry can merge; `None` for everything else.
-pub(crate) fn elem_size(d: Dtype) -> Option<usize> {
-    Some(match d {
-        Dtype::BOOL | Dtype::U8 | Dtype::I8 => 1,
-        Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
-        Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
-        Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
-        _ => return None,
-    })
-}
-
-/// Whether the dtype is one of the floating-point types the engine averages.
-pub(crate) fn is_float(d: Dtype) -> bool {
-    matches!(d, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
-}
-
-/// Whether the dtype is an integer (or boolean) type, merged by the max rule.
-pub(crate) fn is_int(d: Dtype) -> bool {
-    matches!(
-        d,
-        Dtype::BOOL
-            | Dtype::U8
-            | Dtype::I8
-            | Dtype::I16
-            | Dtype::U16
-            | Dtype::I32
-            | Dtype::U32
-            | Dtype::I64
-            | Dtype::U64
-    )
 }
 
 fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
@@ -395,7 +269,7 @@ pub(crate) fn decode_f64(d: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
 /// Round f64 values to the nearest value of dtype `d` (ties to even) and encode them little-endian.
 /// Returns `None` when a value is not finite after rounding (overflow of F16's range, for instance).
 pub(crate) fn encode_f64(d: Dtype, vals: &[f64]) -> Option<Vec<u8>> {
-    let size = elem_size(d)?;
+    let size = dtype_size(d)?;
     let mut out = Vec::with_capacity(vals.len() * size);
     for &x in vals {
         match d {

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferry_bundle::site::SiteState;
 use ferry_bundle::{seal, Draft, Dtype, Keyring, Payload, Role, SecretKey, TensorRef};
 use ferry_merge::hq::{self, HqError, RoundConfig};
 use ferry_merge::{LedgerError, MergeConfig, MergeError, Strategy};
@@ -150,24 +149,41 @@ impl Fed {
         }
     }
 
-    /// Site `i` imports `global`, "trains" to `model`, exports with `samples`.
+    /// Site `i` verifies `global`, "trains" to `model` and writes its update with `samples` to the stick: what
+    /// `ferry-client pack` (or `export`) does.
     fn site_round(&self, i: usize, global: &Path, model: &Model, samples: u64) -> PathBuf {
-        let dir = self.state.parent().unwrap().join(format!("site{i}"));
-        let site = SiteState::open(&dir).unwrap();
+        self.site_update(i, global, model, samples, &self.usb)
+    }
+
+    /// [`Fed::site_round`] into any folder.
+    fn site_update(
+        &self,
+        i: usize,
+        global: &Path,
+        model: &Model,
+        samples: u64,
+        out: &Path,
+    ) -> PathBuf {
         let g = ferry_bundle::open_file(global, &self.hq_ring).unwrap();
-        site.import(&g, "usb", 10).unwrap();
-        let rec = ferry_bundle::site::LocalRecord {
-            base_hash: g.hash.clone(),
-            round: g.manifest.round,
-            samples,
-            epochs: 1,
-            steps: 1,
-            trained_at: 0,
-            weights_sha256: String::new(),
-            exported: None,
-        };
-        site.write_local(model.payload().bytes(), &rec).unwrap();
-        site.export(&self.sites[i], &self.usb, 3).unwrap().0
+        let key = &self.sites[i];
+        let draft = Draft::update_for(&g.manifest, &g.hash, key.id(), samples);
+        let sealed = ferry_bundle::seal(draft, &model.payload(), key, 3).unwrap();
+        sealed.write_to_dir(out).unwrap()
+    }
+
+    /// Merge `files`, expecting a refusal that `ok` accepts and that changes nothing on disk.
+    fn refused(
+        &self,
+        files: &[PathBuf],
+        cfg: &RoundConfig,
+        ring: &Keyring,
+        ok: &dyn Fn(&HqError) -> bool,
+    ) -> HqError {
+        let before = self.snapshot();
+        let err = hq::merge_round(&self.state, &self.hq, ring, files, cfg, &self.out).unwrap_err();
+        assert!(ok(&err), "unexpected: {err}");
+        assert_eq!(self.snapshot(), before, "state changed after: {err}");
+        err
     }
 
     fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
@@ -337,12 +353,9 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         &fed.out,
     )
     .unwrap();
-    let before = fed.snapshot();
     let check =
         |files: &[PathBuf], cfg: &RoundConfig, ring: &Keyring, ok: &dyn Fn(&HqError) -> bool| {
-            let err = hq::merge_round(&fed.state, &fed.hq, ring, files, cfg, &fed.out).unwrap_err();
-            assert!(ok(&err), "unexpected: {err}");
-            assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+            fed.refused(files, cfg, ring, ok);
         };
     // Stale: site B's update is based on round 0, HQ is at round 1.
     check(std::slice::from_ref(&ub), &fedavg(), &fed.ring, &|e| {
@@ -356,36 +369,12 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
     let a1 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
     let dup_dir = fed.usb.join("dup");
     std::fs::create_dir_all(&dup_dir).unwrap();
-    let site0 = SiteState::open(&fed.state.parent().unwrap().join("site0")).unwrap();
-    let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();
-    let rec = ferry_bundle::site::LocalRecord {
-        base_hash: g1.hash.clone(),
-        round: 1,
-        samples: 11,
-        epochs: 1,
-        steps: 1,
-        trained_at: 0,
-        weights_sha256: String::new(),
-        exported: None,
-    };
-    site0
-        .write_local(Model::at(1.7).payload().bytes(), &rec)
-        .unwrap();
-    let (a1_again, _) = site0.export(&fed.sites[0], &dup_dir, 3).unwrap();
+    let a1_again = fed.site_update(0, &r1.path, &Model::at(1.7), 11, &dup_dir);
     check(&[a1.clone(), a1_again], &fedavg(), &fed.ring, &|e| {
         matches!(e, HqError::Ledger(LedgerError::DuplicateSite { .. }))
     });
     // Unknown key (site-c is not trusted).
-    let c_dir = fed.state.parent().unwrap().join("site2");
-    let site2 = SiteState::open(&c_dir).unwrap();
-    site2.import(&g1, "usb", 10).unwrap();
-    site2
-        .write_local(
-            Model::at(1.0).payload().bytes(),
-            &ferry_bundle::site::LocalRecord { ..rec.clone() },
-        )
-        .unwrap();
-    let (uc, _) = site2.export(&fed.sites[2], &fed.usb, 3).unwrap();
+    let uc = fed.site_round(2, &r1.path, &Model::at(1.0), 11);
     check(&[a1.clone(), uc], &fedavg(), &fed.ring, &|e| {
         matches!(
             e,
@@ -413,6 +402,7 @@ fn every_refusal_writes_nothing_and_leaves_the_state() {
         &|e| matches!(e, HqError::TooFewSites { .. }),
     );
     // A different model layout, validly signed.
+    let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();
     let other = {
         let d = bytes_f32(&[1.0, 2.0]);
         let p = Payload::from_tensors(&[TensorRef {
@@ -504,4 +494,50 @@ fn server_momentum_survives_between_runs() {
         walk(&fed.state.join("server")).len() >= 2,
         "server state is stored per global"
     );
+}
+
+#[test]
+fn server_state_of_another_global_or_damaged_refuses_the_merge() {
+    let fed = Fed::new();
+    let cfg = RoundConfig {
+        merge: MergeConfig {
+            strategy: Strategy::FedAvgM,
+            ..Default::default()
+        },
+        ..fedavg()
+    };
+    let (g0, _) = hq::init(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        "city",
+        None,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let u1 = fed.site_round(0, &g0, &Model::at(1.0), 10);
+    let r1 = hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u1], &cfg, &fed.out).unwrap();
+    let u2 = fed.site_round(0, &r1.path, &Model::at(1.5), 10);
+    let current = fed
+        .state
+        .join("server")
+        .join(format!("{}.safetensors", r1.sealed.hash));
+    let good = std::fs::read(&current).unwrap();
+    // The state stored under the current global's name, but bound to another global (restored from another
+    // backup, say): refused, nothing written.
+    let (state, _) = ferry_merge::ServerState::from_bytes(&good, &current).unwrap();
+    std::fs::write(&current, state.to_bytes(&"e".repeat(64)).unwrap()).unwrap();
+    let err = fed.refused(std::slice::from_ref(&u2), &cfg, &fed.ring, &|e| {
+        matches!(e, HqError::Merge(MergeError::StateGlobalMismatch { .. }))
+    });
+    assert!(err.to_string().contains("reset"), "{err}");
+    // Damaged: refused the same way.
+    std::fs::write(&current, &good[..good.len() / 2]).unwrap();
+    fed.refused(std::slice::from_ref(&u2), &cfg, &fed.ring, &|e| {
+        matches!(e, HqError::Merge(MergeError::StateCorrupt { .. }))
+    });
+    // The real state back: the round goes through.
+    std::fs::write(&current, &good).unwrap();
+    hq::merge_round(&fed.state, &fed.hq, &fed.ring, &[u2], &cfg, &fed.out).unwrap();
 }

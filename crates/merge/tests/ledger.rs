@@ -1,6 +1,7 @@
 //! The HQ ledger: rounds recorded atomically, every refusal leaves ledger.json byte-for-byte unchanged.
 
-use ferry_merge::{Contributor, Ledger, LedgerError, UpdateInfo, LEDGER_FILE};
+use ferry_bundle::Contributor;
+use ferry_merge::{Ledger, LedgerError, UpdateInfo, LEDGER_FILE};
 
 const G0: &str = "00aa";
 const G1: &str = "11bb";
@@ -32,7 +33,7 @@ fn rounds_are_recorded_and_survive_a_reload() {
     assert_eq!((l.current().round, l.current().hash.as_str()), (0, G0));
     let batch = [update("a", "a1", G0, 0), update("b", "b1", G0, 0)];
     l.check_batch(&batch).unwrap();
-    let cs: Vec<Contributor> = batch.iter().map(Contributor::from).collect();
+    let cs: Vec<Contributor> = batch.iter().map(UpdateInfo::contributor).collect();
     assert_eq!(
         l.record_round(G1, "fedavg weights=samples", &cs).unwrap(),
         1
@@ -56,12 +57,8 @@ fn rounds_are_recorded_and_survive_a_reload() {
 fn every_refusal_leaves_the_ledger_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = init(dir.path());
-    l.record_round(
-        G1,
-        "fedavg",
-        &[Contributor::from(&update("a", "a1", G0, 0))],
-    )
-    .unwrap();
+    l.record_round(G1, "fedavg", &[update("a", "a1", G0, 0).contributor()])
+        .unwrap();
     let before = bytes(dir.path());
     type Case = (Vec<UpdateInfo>, fn(&LedgerError) -> bool, &'static str);
     let cases: Vec<Case> = vec![
@@ -137,25 +134,21 @@ fn every_refusal_leaves_the_ledger_unchanged() {
         assert_eq!(bytes(dir.path()), before);
     }
     // record_round re-checks what it records.
-    let replay = [Contributor::from(&update("a", "a1", G1, 1))];
+    let replay = [update("a", "a1", G1, 1).contributor()];
     assert!(matches!(
         l.record_round("22cc", "fedavg", &replay),
         Err(LedgerError::Replay { .. })
     ));
     let twice = [
-        Contributor::from(&update("b", "b2", G1, 1)),
-        Contributor::from(&update("b", "b3", G1, 1)),
+        update("b", "b2", G1, 1).contributor(),
+        update("b", "b3", G1, 1).contributor(),
     ];
     assert!(matches!(
         l.record_round("22cc", "fedavg", &twice),
         Err(LedgerError::DuplicateSite { .. })
     ));
     assert!(matches!(
-        l.record_round(
-            G0,
-            "fedavg",
-            &[Contributor::from(&update("c", "c1", G1, 1))]
-        ),
+        l.record_round(G0, "fedavg", &[update("c", "c1", G1, 1).contributor()]),
         Err(LedgerError::BadInput(_))
     ));
     assert!(matches!(
@@ -196,12 +189,8 @@ fn two_processes_cannot_hold_the_ledger() {
 fn a_damaged_ledger_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let mut l = init(dir.path());
-    l.record_round(
-        G1,
-        "fedavg",
-        &[Contributor::from(&update("a", "a1", G0, 0))],
-    )
-    .unwrap();
+    l.record_round(G1, "fedavg", &[update("a", "a1", G0, 0).contributor()])
+        .unwrap();
     drop(l);
     let good = String::from_utf8(bytes(dir.path())).unwrap();
     let path = dir.path().join(LEDGER_FILE);
@@ -209,7 +198,7 @@ fn a_damaged_ledger_is_an_error_not_a_panic() {
         good[..good.len() / 2].to_string(),
         "not json".to_string(),
         good.replace("\"round\": 1,\n    \"hash\"", "\"round\": 5,\n    \"hash\""),
-        good.replace("ferry-ledger/1", "ferry-ledger/9"),
+        good.replace("ferry-ledger/2", "ferry-ledger/9"),
         good.replace("\"a1\"\n  ]", "\"a1\", \"ffff\"\n  ]"),
         good.replace("\"federation\"", "\"extra\": 1, \"federation\""),
     ];
@@ -222,4 +211,72 @@ fn a_damaged_ledger_is_an_error_not_a_panic() {
             "case {i}: {err}"
         );
     }
+}
+
+/// `ledger.json` as ferry wrote it before contributors were the manifest's records (`ferry-ledger/1`).
+const LEDGER_V1: &str = r#"{
+  "format": "ferry-ledger/1",
+  "federation": "plates",
+  "arch": "resnet8",
+  "model_fingerprint": "f1f1",
+  "current": {
+    "round": 1,
+    "hash": "11bb"
+  },
+  "history": [
+    {
+      "round": 0,
+      "global": "00aa",
+      "strategy": "init",
+      "contributors": []
+    },
+    {
+      "round": 1,
+      "global": "11bb",
+      "strategy": "fedavg",
+      "contributors": [
+        {
+          "site": "a",
+          "bundle": "a1",
+          "samples": 100,
+          "round": 0
+        }
+      ]
+    }
+  ],
+  "merged": [
+    "a1"
+  ]
+}
+"#;
+
+#[test]
+fn a_first_format_ledger_is_read_and_upgraded_on_the_next_round() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(LEDGER_FILE), LEDGER_V1).unwrap();
+    let mut l = Ledger::load(dir.path()).unwrap();
+    assert_eq!((l.current().round, l.current().hash.as_str()), (1, G1));
+    assert_eq!(
+        l.data().history[1].contributors,
+        [Contributor {
+            bundle: "a1".into(),
+            site: "a".into(),
+            samples: 100
+        }]
+    );
+    // Still the old file until a round is recorded; then the current format.
+    assert_eq!(bytes(dir.path()), LEDGER_V1.as_bytes());
+    let replay = l.check_update(&update("a", "a1", G1, 1)).unwrap_err();
+    assert!(
+        matches!(replay, LedgerError::Replay { round: 1, .. }),
+        "{replay}"
+    );
+    l.record_round("22cc", "fedavg", &[update("b", "b2", G1, 1).contributor()])
+        .unwrap();
+    drop(l);
+    let text = String::from_utf8(bytes(dir.path())).unwrap();
+    assert!(text.contains("ferry-ledger/2"), "{text}");
+    let l = Ledger::load(dir.path()).unwrap();
+    assert_eq!(l.current().round, 2);
+    assert_eq!(l.data().history.len(), 3);
 }

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use ferry_merge::{
-    merge, Contribution, Dtype, MergeConfig, MergeError, SafetensorsFile, ServerState, Strategy,
-    TensorMeta, TensorRule, Weighting,
+    merge, Contribution, Dtype, MergeConfig, MergeError, PayloadFile, ServerState, Strategy,
+    TensorRule, TensorSource, Weighting,
 };
 
 fn cfg(strategy: Strategy) -> MergeConfig {
@@ -653,30 +653,34 @@ fn an_f16_result_that_overflows_is_refused() {
 }
 
 #[test]
-fn file_sources_stream_and_match_memory_sources() {
+fn payload_files_stream_and_match_memory_sources() {
     let (base, mut sites) = mixed_sites();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, s: &ferry_merge::MemorySource| {
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = s
+    let hq = ferry_bundle::SecretKey::from_seed(ferry_bundle::Role::Hq, "hq", [7; 32]);
+    let mut ring = ferry_bundle::Keyring::new();
+    ring.add(hq.public()).unwrap();
+    // Each source sealed and verified as a real bundle, then spooled: the path HQ's merge takes.
+    let spool = |label: &str, s: &ferry_merge::MemorySource| {
+        let refs: Vec<ferry_bundle::TensorRef<'_>> = s
             .tensors()
             .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
-                        .unwrap(),
-                )
+            .map(|(n, t)| ferry_bundle::TensorRef {
+                name: n,
+                dtype: t.dtype,
+                shape: &t.shape,
+                data: &t.data,
             })
             .collect();
-        let path = dir.path().join(name);
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-        path
+        let payload = ferry_bundle::Payload::from_tensors(&refs).unwrap();
+        let sealed =
+            ferry_bundle::seal(ferry_bundle::Draft::initial("t", None), &payload, &hq, 1).unwrap();
+        let bundle =
+            ferry_bundle::open(&sealed.bytes, &ring, &ferry_bundle::Limits::default()).unwrap();
+        (
+            bundle.metas().to_vec(),
+            PayloadFile::spool(dir.path(), label, &bundle).unwrap(),
+        )
     };
-    let bpath = write("base.safetensors", &base);
-    let paths: Vec<_> = sites
-        .iter()
-        .map(|s| write(&format!("{}.safetensors", s.id), &s.src))
-        .collect();
     for strategy in [Strategy::FedAvg, Strategy::TrimmedMean] {
         // A tiny slice size exercises the sliced reads of the robust path.
         let config = MergeConfig {
@@ -685,11 +689,10 @@ fn file_sources_stream_and_match_memory_sources() {
             ..cfg(strategy)
         };
         let (want, _) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
-        let mut bsrc = SafetensorsFile::open(&bpath).unwrap();
-        let layout: Vec<TensorMeta> = bsrc.layout();
-        let mut files: Vec<SafetensorsFile> = paths
+        let (layout, mut bsrc) = spool(&format!("base-{strategy}"), &base);
+        let mut files: Vec<PayloadFile> = sites
             .iter()
-            .map(|p| SafetensorsFile::open(p).unwrap())
+            .map(|s| spool(&format!("{}-{strategy}", s.id), &s.src).1)
             .collect();
         let mut cs: Vec<Contribution<'_>> = files
             .iter_mut()
@@ -723,12 +726,24 @@ fn file_sources_stream_and_match_memory_sources() {
         .unwrap();
         assert_eq!(got, want, "{strategy}");
     }
-    // A truncated file is refused when opened.
-    let bytes = std::fs::read(&bpath).unwrap();
-    let cut = dir.path().join("cut.safetensors");
-    std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+    // Reads outside what the bundle holds are errors, not panics or short reads.
+    let (layout, mut file) = spool("bounds", &base);
+    let t = &layout[0];
+    let n = t.numel().unwrap();
+    assert_eq!(
+        file.read_elements(&t.name, 0, n).unwrap(),
+        file.read(&t.name).unwrap().data
+    );
     assert!(matches!(
-        SafetensorsFile::open(&cut),
-        Err(MergeError::BadTensorFile { .. })
+        file.read_elements(&t.name, n, 1),
+        Err(MergeError::BadLayout(_))
+    ));
+    assert!(matches!(
+        file.read_elements(&t.name, usize::MAX, 2),
+        Err(MergeError::BadLayout(_))
+    ));
+    assert!(matches!(
+        file.read("no.such.tensor"),
+        Err(MergeError::MissingTensor { .. })
     ));
 }

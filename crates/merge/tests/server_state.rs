@@ -1,11 +1,10 @@
-//! Server optimizers against a reference loop, and their state surviving a restart between rounds (issue 3).
+//! Server optimizers against a reference loop, and their state surviving serialization between rounds (issue 3).
+//! The state on HQ's disk (`server/<global>.safetensors`) is tested through `merge_round` in `hq_rounds.rs`.
 
 mod common;
 
 use common::*;
-use ferry_merge::{
-    FedAdamConfig, FedAvgMConfig, MergeConfig, MergeError, ServerState, Strategy, STATE_FILE,
-};
+use ferry_merge::{FedAdamConfig, FedAvgMConfig, MergeConfig, MergeError, ServerState, Strategy};
 
 const DA: [[f32; 3]; 2] = [[0.5, -0.25, 1.0], [0.125, 0.75, -0.5]];
 const DB: [[f32; 3]; 2] = [[-0.1, 0.3, 2.0], [0.2, -0.6, 0.05]];
@@ -167,41 +166,32 @@ fn state_survives_a_restart_between_rounds() {
             x = f32s(&out["w"].data);
             mem_outputs.push(out);
         }
-        // Two processes: load, merge, save bound to the new global, each round.
-        let dir = tempfile::tempdir().unwrap();
+        // Two processes: each round starts from the bytes the last one wrote, bound to its global.
+        let path = std::path::Path::new("server/state.safetensors");
+        let mut bytes = ServerState::new().to_bytes("00").unwrap();
         let mut global = "00".to_string();
         let mut x = x0();
         for (r, mem_out) in mem_outputs.iter().enumerate() {
-            let mut state = ServerState::load(dir.path(), &global).unwrap();
+            let (mut state, bound) = ServerState::from_bytes(&bytes, path).unwrap();
+            assert_eq!(bound, global);
             let (out, _) = run(&base_of(&x), &mut round_sites(r, &x), &config, &mut state).unwrap();
             assert_eq!(&out, mem_out, "round {r} after a restart");
             x = f32s(&out["w"].data);
             global = format!("{r}1{r}1");
-            state.save(dir.path(), &global).unwrap();
+            bytes = state.to_bytes(&global).unwrap();
         }
-        let loaded = ServerState::load(dir.path(), &global).unwrap();
-        assert_eq!(loaded, mem);
+        let (loaded, bound) = ServerState::from_bytes(&bytes, path).unwrap();
+        assert_eq!((loaded, bound), (mem, global));
     }
 }
 
 #[test]
-fn state_for_another_global_or_strategy_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_state_for_another_strategy_is_refused_and_damaged_bytes_are_errors() {
     let config = configs().remove(0);
     let mut state = ServerState::new();
     let x = x0();
     run(&base_of(&x), &mut round_sites(0, &x), &config, &mut state).unwrap();
-    state.save(dir.path(), "abcd").unwrap();
-    let before = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
-
-    let err = ServerState::load(dir.path(), "ef01").unwrap_err();
-    assert!(
-        matches!(err, MergeError::StateGlobalMismatch { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("reset"), "{err}");
-
-    let mut state = ServerState::load(dir.path(), "abcd").unwrap();
+    let before = state.clone();
     for other in [Strategy::FedAdam, Strategy::FedAvg, Strategy::Median] {
         let cfg = MergeConfig {
             strategy: other,
@@ -210,9 +200,8 @@ fn state_for_another_global_or_strategy_is_refused() {
         let err = run(&base_of(&x), &mut round_sites(1, &x), &cfg, &mut state).unwrap_err();
         assert!(matches!(err, MergeError::StrategySwitch { .. }), "{err}");
     }
-    // A refused merge leaves the state as it was, in memory and on disk.
-    assert_eq!(state, ServerState::load(dir.path(), "abcd").unwrap());
-    assert_eq!(std::fs::read(dir.path().join(STATE_FILE)).unwrap(), before);
+    // A refused merge leaves the state as it was.
+    assert_eq!(state, before);
 
     // A reset (the empty state) may start any strategy.
     let mut reset = ServerState::new();
@@ -223,17 +212,15 @@ fn state_for_another_global_or_strategy_is_refused() {
     run(&base_of(&x), &mut round_sites(1, &x), &cfg, &mut reset).unwrap();
     assert_eq!(reset.strategy(), Some(Strategy::FedAdam));
 
-    // A damaged file is an error, not a panic.
-    std::fs::write(dir.path().join(STATE_FILE), &before[..before.len() / 2]).unwrap();
-    assert!(matches!(
-        ServerState::load(dir.path(), "abcd"),
-        Err(MergeError::StateCorrupt { .. })
-    ));
-    std::fs::write(dir.path().join(STATE_FILE), b"{}").unwrap();
-    assert!(matches!(
-        ServerState::load(dir.path(), "abcd"),
-        Err(MergeError::StateCorrupt { .. })
-    ));
+    // Damaged bytes are an error, not a panic.
+    let bytes = state.to_bytes("abcd").unwrap();
+    let path = std::path::Path::new("server/abcd.safetensors");
+    for bad in [&bytes[..bytes.len() / 2], b"{}".as_slice()] {
+        assert!(matches!(
+            ServerState::from_bytes(bad, path),
+            Err(MergeError::StateCorrupt { .. })
+        ));
+    }
 }
 
 #[test]

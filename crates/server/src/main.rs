@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{Draft, Role, SecretKey};
 use ferry_cli::{describe, read_weights};
 
@@ -43,6 +43,14 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+    /// Sign a file (a release's SHA256SUMS) with a ferry key: writes <FILE>.sig.
+    SignFile(ferry_cli::release::SignFileArgs),
+    /// Check a file's detached signature (<FILE>.sig), e.g. a release's SHA256SUMS.
+    VerifyFile(ferry_cli::release::VerifyFileArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(ferry_cli::release::CompletionsArgs),
+    /// Print the man page, or write one per command with --out.
+    Man(ferry_cli::release::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -355,5 +363,9 @@ fn main() -> ExitCode {
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
+        Command::SignFile(a) => ferry_cli::release::sign_file(a),
+        Command::VerifyFile(a) => ferry_cli::release::verify_file(a),
+        Command::Completions(a) => ferry_cli::release::completions(Cli::command(), a),
+        Command::Man(a) => ferry_cli::release::man(Cli::command(), a),
     })
 }

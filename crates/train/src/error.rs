@@ -1,8 +1,6 @@
 //! The one error type of ferry-train (issue 4). Every variant reads as a sentence a control-centre operator can act
 //! on: what went wrong, then what to do about it.
 
-use std::path::PathBuf;
-
 /// Why a training, evaluation or recalibration step failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -10,14 +8,6 @@ pub enum TrainError {
     /// The architecture name is not one ferry knows.
     #[error("unknown model architecture `{0}`: ferry knows plate-cnn and mnist-cnn")]
     UnknownArch(String),
-    /// The imported global was made from foreign weights and records no architecture.
-    #[error(
-        "this global carries foreign weights (no architecture): ferry cannot train it, import and re-pack only"
-    )]
-    ForeignWeights,
-    /// No global model has been imported into the site state directory yet.
-    #[error("no global model has been imported into {}: run `ferry-client import` first", .0.display())]
-    NoGlobal(PathBuf),
     /// The bytes are not a readable safetensors file.
     #[error("the weights are not a valid safetensors file ({0}); the file is damaged or not a ferry model")]
     WeightsFormat(String),
@@ -54,16 +44,8 @@ pub enum TrainError {
         step: u64,
     },
     /// Saved optimizer state cannot be used.
-    #[error("the saved optimizer state is unusable ({0}); delete optimizer.safetensors in the site state to start with fresh moments")]
+    #[error("the saved optimizer state is unusable ({0})")]
     OptimizerState(String),
-    /// A training state file (checkpoint, deployed-model record) cannot be used.
-    #[error("the state file {} is damaged ({detail}); delete it: the next `train` or `recalibrate` rebuilds it", .path.display())]
-    Checkpoint {
-        /// The checkpoint file.
-        path: PathBuf,
-        /// What was wrong with it.
-        detail: String,
-    },
     /// `--device cuda` was asked of a build without CUDA support.
     #[error("this build of ferry has no CUDA support: use --device cpu, or rebuild with `--features cuda`")]
     CudaNotBuilt,
@@ -73,15 +55,6 @@ pub enum TrainError {
     /// A device name other than cpu or cuda.
     #[error("unknown device `{0}`: use cpu or cuda")]
     UnknownDevice(String),
-    /// A file operation in the site state directory failed.
-    #[error(transparent)]
-    Fs(#[from] ferry_bundle::fsutil::FsError),
-    /// The site state directory is locked by another process.
-    #[error(transparent)]
-    Lock(#[from] ferry_bundle::fsutil::LockError),
-    /// The site state directory could not be read or updated.
-    #[error(transparent)]
-    Site(#[from] ferry_bundle::site::SiteError),
     /// The tensor library reported an error (a bug or an out-of-memory condition, not bad input).
     #[error("the tensor computation failed ({0}); if memory is short, lower --batch")]
     Tensor(#[from] candle_core::Error),

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod bench;
 mod block;
+pub mod checkpoint;
 mod cpu;
 // Used by the trainer once plate-crnn lands (issue 12); tested on its own until then.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -20,7 +21,6 @@ mod matmul;
 pub mod model;
 pub mod optim;
 mod param_grads;
-pub mod site;
 #[cfg(test)]
 mod testutil;
 pub mod train;
@@ -32,8 +32,7 @@ pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model, Ops};
 pub use optim::{Adam, AdamConfig};
-pub use site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};
 pub use train::{
-    evaluate, recalibrate, train, train_epoch, EpochStats, Evaluation, Recalibration, StepStats,
-    TrainConfig, TrainObserver, TrainSummary,
+    evaluate, recalibrate, train, train_epoch, train_epochs, EpochStats, Evaluation, Recalibration,
+    StepStats, TrainConfig, TrainObserver, TrainSummary,
 };

@@ -337,7 +337,7 @@ pub fn train(
 /// Train epochs `first..cfg.epochs` with round `round`'s shuffling, calling `after_epoch` after each one (the site
 /// wrapper writes its checkpoint there).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn train_epochs(
+pub fn train_epochs<E: From<TrainError>>(
     model: &mut Model,
     adam: &mut Adam,
     data: &Dataset,
@@ -345,8 +345,8 @@ pub(crate) fn train_epochs(
     round: u64,
     first: u32,
     obs: &mut dyn TrainObserver,
-    mut after_epoch: impl FnMut(&Model, &Adam, u32) -> Result<(), TrainError>,
-) -> Result<TrainSummary, TrainError> {
+    mut after_epoch: impl FnMut(&Model, &Adam, u32) -> Result<(), E>,
+) -> Result<TrainSummary, E> {
     cfg.check()?;
     check_data(model.arch(), data)?;
     let start = Instant::now();
@@ -573,7 +573,7 @@ mod tests {
             9,
             0,
             &mut (),
-            |_, _, _| Ok(()),
+            |_, _, _| Ok::<_, TrainError>(()),
         )
         .unwrap();
 
@@ -586,7 +586,7 @@ mod tests {
             9,
             0,
             &mut (),
-            |_, _, _| Ok(()),
+            |_, _, _| Ok::<_, TrainError>(()),
         )
         .unwrap();
         // "Interrupt": keep only the bytes, as a checkpoint would.
@@ -601,7 +601,7 @@ mod tests {
             9,
             1,
             &mut (),
-            |_, _, _| Ok(()),
+            |_, _, _| Ok::<_, TrainError>(()),
         )
         .unwrap();
 

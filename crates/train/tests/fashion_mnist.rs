@@ -1,25 +1,17 @@
-//! mnist-cnn on real Fashion-MNIST (issue 4), installed by `apt-get install dataset-fashion-mnist` (`.ci/run` does
-//! it). Skipped with a notice when the files are absent.
+//! mnist-cnn on real Fashion-MNIST (issue 4): Debian's `dataset-fashion-mnist`, which `scripts/test.sh` fetches
+//! (issue 17). The test fails when the files are absent; it never skips.
 //!
 //! The bound: one epoch over the first 3,000 training images (47 steps of batch 64, lr 2e-3, warm-up 10) reached
 //! 76.4 % on the first 1,000 test images when measured (73.8 % with lr 1e-3); the test asks for 70 %, leaving a
 //! margin for other CPUs' floating-point rounding. Takes ~20 s in the dev profile.
 
-use std::path::Path;
-
 use ferry_train::data::{DataSpec, LoadConfig};
 use ferry_train::{evaluate, train, Adam, AdamConfig, Arch, Device, Model, TrainConfig};
 
-const DIR: &str = "/usr/share/datasets/fashion-mnist";
-
 #[test]
 fn mnist_cnn_learns_fashion_mnist_in_one_short_epoch() {
-    if !Path::new(DIR).join("train-labels-idx1-ubyte.gz").exists() {
-        eprintln!(
-            "skipping: Fashion-MNIST not found in {DIR} (apt-get install dataset-fashion-mnist)"
-        );
-        return;
-    }
+    let dir = ferry_testdata::fashion_mnist();
+    let dir = dir.display();
     let load = |spec: &str, n| {
         let spec: DataSpec = spec.parse().unwrap();
         spec.load(&LoadConfig {
@@ -28,8 +20,8 @@ fn mnist_cnn_learns_fashion_mnist_in_one_short_epoch() {
         })
         .unwrap()
     };
-    let train_set = load(&format!("idx:{DIR}"), 3000);
-    let test_set = load(&format!("idx:{DIR}:test"), 1000);
+    let train_set = load(&format!("idx:{dir}"), 3000);
+    let test_set = load(&format!("idx:{dir}:test"), 1000);
     let arch = Arch::MnistCnn;
     let mut model = Model::init(arch, 0, &Device::Cpu).unwrap();
     let mut adam = Adam::new(arch, &Device::Cpu).unwrap();

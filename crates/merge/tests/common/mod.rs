@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use ferry_bundle::tensor::TensorMeta;
 use ferry_merge::{
     merge, Contribution, Dtype, MemorySource, MergeConfig, MergeError, MergeReport, OwnedTensor,
-    ServerState, TensorMeta,
+    ServerState,
 };
 
 pub fn f32t(shape: &[usize], v: &[f32]) -> OwnedTensor {

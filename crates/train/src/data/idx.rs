@@ -374,14 +374,7 @@ mod tests {
 
     #[test]
     fn real_fashion_mnist() {
-        let dir = Path::new("/usr/share/datasets/fashion-mnist");
-        if !dir.is_dir() {
-            eprintln!(
-                "skipping: {} absent (apt-get install dataset-fashion-mnist)",
-                dir.display()
-            );
-            return;
-        }
+        let dir = &ferry_testdata::fashion_mnist();
         let test = load(dir, Split::Test).unwrap();
         assert_eq!((test.len(), test.height, test.width), (10_000, 28, 28));
         assert_eq!(test.task, Task::Classes { classes: 10 });

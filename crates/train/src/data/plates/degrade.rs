@@ -69,7 +69,11 @@ pub(super) fn camera(
     // allows.
     let size = text_px.min(2.4 * digit_px);
     let room = ((size - 9.0) / 9.0).clamp(0.2, 1.0);
-    let passes = if rng.random_bool(f64::from(0.3 * room)) { 2 } else { 1 };
+    let passes = if rng.random_bool(f64::from(0.3 * room)) {
+        2
+    } else {
+        1
+    };
     let (bx, by) = (u(rng, 0.0, 0.25 * room), u(rng, 0.0, 0.25 * room));
     for _ in 0..passes {
         blur(out, bx, by);

@@ -372,7 +372,8 @@ enum Kind {
 struct Sample {
     crop: CropStyle,
     label: [u32; SLOTS],
-    /// Text height of the bottom (or only) line, in output pixels.
+    /// Text height of the bottom (or only) line, in output pixels (the tests check the crop styles with it).
+    #[cfg_attr(not(test), allow(dead_code))]
     text_px: f32,
 }
 
@@ -715,15 +716,11 @@ mod tests {
 
     #[test]
     fn ttf_font_renders() {
-        let path = Path::new("/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf");
-        if !path.is_file() {
-            eprintln!(
-                "skipping: {} absent (apt-get install fonts-nanum)",
-                path.display()
-            );
-            return;
-        }
-        let d = generate(PlateStyle::Tight, 20, 1, Some(path)).unwrap();
+        let path = ferry_testdata::font(
+            "fonts-nanum",
+            "usr/share/fonts/truetype/nanum/NanumGothicBold.ttf",
+        );
+        let d = generate(PlateStyle::Tight, 20, 1, Some(&path)).unwrap();
         let u = generate(PlateStyle::Tight, 20, 1, None).unwrap();
         assert_eq!(d.labels, u.labels);
         assert_ne!(d.images, u.images);
@@ -746,11 +743,12 @@ mod tests {
         let e = generate(PlateStyle::Tight, 1, 0, Some(&dir.path().join("none.ttf"))).unwrap_err();
         assert!(matches!(e, DataError::Io { .. }), "{e}");
         // A font without Hangul.
-        let latin = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
-        if latin.is_file() {
-            let e = generate(PlateStyle::Tight, 1, 0, Some(latin)).unwrap_err();
-            assert!(e.to_string().contains("no glyph"), "{e}");
-        }
+        let latin = ferry_testdata::font(
+            "fonts-dejavu-core",
+            "usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        );
+        let e = generate(PlateStyle::Tight, 1, 0, Some(&latin)).unwrap_err();
+        assert!(e.to_string().contains("no glyph"), "{e}");
     }
 
     /// Writes contact sheets to $TMPDIR and reports the generation speed:
@@ -766,12 +764,13 @@ mod tests {
             let labels: Vec<String> = (0..12).map(|i| decode(d.label(i))).collect();
             eprintln!("{}: first labels {labels:?}", p.display());
         }
-        let font = Path::new("/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf");
-        if font.is_file() {
-            let d = generate(PlateStyle::Mixed, 48, 1, Some(font)).unwrap();
-            let p = dir.join("plates-ttf.png");
-            d.save_sheet(&(0..48).collect::<Vec<_>>(), 6, &p).unwrap();
-        }
+        let font = ferry_testdata::font(
+            "fonts-nanum",
+            "usr/share/fonts/truetype/nanum/NanumGothicBold.ttf",
+        );
+        let d = generate(PlateStyle::Mixed, 48, 1, Some(&font)).unwrap();
+        let p = dir.join("plates-ttf.png");
+        d.save_sheet(&(0..48).collect::<Vec<_>>(), 6, &p).unwrap();
         let glyphs = unifont_glyphs().unwrap();
         let cfg = RenderConfig::default();
         let mut buf = vec![0f32; PLATE_HEIGHT * PLATE_WIDTH];

@@ -4,40 +4,45 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use ferry_bundle::site::{GlobalRecord, SiteState};
-use ferry_train::data::{DataSpec, Dataset, LoadConfig};
-use ferry_train::site::{CHECKPOINT_FILE, DEPLOYED_FILE, OPTIMIZER_FILE};
-use ferry_train::{
-    eval_site, recalibrate_site, train_site, AdamConfig, Arch, Device, EpochStats, EvalTarget,
-    Model, TrainConfig, TrainError, TrainObserver,
+use ferry_bundle::{open, seal, Draft, Keyring, Limits, Payload, Role, SecretKey};
+use ferry_site::{
+    eval_site, recalibrate_site, train_site, EvalTarget, ImportPolicy, SiteError, SiteState,
 };
+use ferry_train::data::{DataSpec, Dataset, LoadConfig};
+use ferry_train::{AdamConfig, Arch, Device, EpochStats, Model, TrainConfig, TrainObserver};
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const CHECKPOINT_FILE: &str = "train-checkpoint.safetensors";
+const DEPLOYED_FILE: &str = "deployed.safetensors";
 
 fn plates(n: usize) -> Dataset {
     let spec: DataSpec = format!("plates:mixed:{n}:4").parse().unwrap();
     spec.load(&LoadConfig::default()).unwrap()
 }
 
-/// A state directory holding an imported plate-cnn global (round 3), as `import` leaves it.
+/// A state directory holding an imported plate-cnn global (round 0, seed 42), as `ferry-client import` leaves
+/// it: a real signed global, verified and imported. `arch: None` makes it a global of foreign weights.
 fn site(dir: &Path, arch: Option<&str>) -> SiteState {
-    let state = SiteState::open(dir).unwrap();
+    let hq = SecretKey::from_seed(Role::Hq, "hq", [1; 32]);
     let weights = Model::init(Arch::PlateCnn, 42, &Device::Cpu)
         .unwrap()
         .to_safetensors()
         .unwrap();
-    let sha = state.store_weights(&weights).unwrap();
-    let rec = GlobalRecord {
-        round: 3,
-        hash: "ab".repeat(32),
-        federation: "test".into(),
-        arch: arch.map(String::from),
-        model_fingerprint: "cd".repeat(32),
-        payload_sha256: sha,
-        samples: 0,
-        imported_at: 0,
-        source: "test".into(),
-        previous: None,
-    };
-    std::fs::write(dir.join("global.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
+    let payload = Payload::from_safetensors(&weights).unwrap();
+    let sealed = seal(
+        Draft::initial("test", arch.map(String::from)),
+        &payload,
+        &hq,
+        3,
+    )
+    .unwrap();
+    let mut ring = Keyring::new();
+    ring.add(hq.public()).unwrap();
+    let bundle = open(&sealed.bytes, &ring, &Limits::default()).unwrap();
+    let state = SiteState::at(dir);
+    state
+        .import_new(&bundle, "global-r0.ferry", &ImportPolicy::default())
+        .unwrap();
     state
 }
 
@@ -68,26 +73,36 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
 
     // Uninterrupted run.
     let sa = site(a.path(), Some("plate-cnn"));
-    let whole = train_site(&sa, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
+    let lock_a = sa.lock().unwrap();
+    let whole = train_site(&sa, &lock_a, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
     let local = sa.local().unwrap().unwrap();
     assert_eq!(local.samples, 40);
     assert_eq!(local.steps, 2 * 3);
+    let global = sa.current().unwrap().unwrap();
     assert_eq!(
         (local.round, local.epochs, local.base_hash.as_str()),
-        (3, 2, "ab".repeat(32).as_str())
+        (0, 2, global.hash.as_str())
     );
     assert!(a.path().join(OPTIMIZER_FILE).exists());
     assert!(!a.path().join(CHECKPOINT_FILE).exists());
 
     // Interrupted after epoch 1, then run again: resumes, same step count, same weights.
     let sb = site(b.path(), Some("plate-cnn"));
+    let lock_b = sb.lock().unwrap();
     let r = catch_unwind(AssertUnwindSafe(|| {
-        train_site(&sb, &data, &cfg(2), &Device::Cpu, &mut StopAfterFirstEpoch)
+        train_site(
+            &sb,
+            &lock_b,
+            &data,
+            &cfg(2),
+            &Device::Cpu,
+            &mut StopAfterFirstEpoch,
+        )
     }));
     assert!(r.is_err());
     assert!(b.path().join(CHECKPOINT_FILE).exists());
     assert!(sb.local().unwrap().is_none());
-    let resumed = train_site(&sb, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
+    let resumed = train_site(&sb, &lock_b, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
     assert_eq!(resumed.resumed_after, Some(1));
     assert_eq!(resumed.round_steps, whole.round_steps);
     assert_eq!(resumed.train.total_steps, whole.train.total_steps);
@@ -98,7 +113,7 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
     );
 
     // The next round continues Adam's step count from the saved optimizer state.
-    let again = train_site(&sa, &data, &cfg(1), &Device::Cpu, &mut ()).unwrap();
+    let again = train_site(&sa, &lock_a, &data, &cfg(1), &Device::Cpu, &mut ()).unwrap();
     assert_eq!(again.train.total_steps, whole.train.total_steps + 3);
     assert_eq!(again.round_steps, 3);
 }
@@ -107,8 +122,9 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
 fn foreign_weights_cannot_be_trained() {
     let dir = tempfile::tempdir().unwrap();
     let state = site(dir.path(), None);
-    let err = train_site(&state, &plates(4), &cfg(1), &Device::Cpu, &mut ()).unwrap_err();
-    assert!(matches!(err, TrainError::ForeignWeights), "{err}");
+    let lock = state.lock().unwrap();
+    let err = train_site(&state, &lock, &plates(4), &cfg(1), &Device::Cpu, &mut ()).unwrap_err();
+    assert!(matches!(err, SiteError::ForeignWeights), "{err}");
     assert!(err.to_string().contains("import and re-pack only"));
 }
 
@@ -118,7 +134,8 @@ fn recalibration_writes_the_deployed_model_and_leaves_the_global_alone() {
     let state = site(dir.path(), Some("plate-cnn"));
     let global = state.global_weights().unwrap();
     let data = plates(24);
-    let (r, path) = recalibrate_site(&state, &data, 16, &Device::Cpu).unwrap();
+    let lock = state.lock().unwrap();
+    let (r, path) = recalibrate_site(&state, &lock, &data, 16, &Device::Cpu).unwrap();
     assert_eq!((r.samples, r.batches), (24, 2));
     assert_eq!(path, dir.path().join(DEPLOYED_FILE));
     assert_eq!(state.global_weights().unwrap(), global);

@@ -1,13 +1,18 @@
-//! Site import: freshness rules on real bundles, and refusals that leave the state untouched.
+//! Site import and export on real bundles: freshness rules, refusals that leave the state (or the absence of one)
+//! untouched, one export per global, locking.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ferry_bundle::site::{ImportOutcome, LocalRecord, SiteError, SiteState};
 use ferry_bundle::{
     open, seal, Bundle, Contributor, Draft, Dtype, Keyring, Limits, Payload, Role, SecretKey,
     TensorRef,
 };
+use ferry_site::{ImportOutcome, ImportPolicy, LocalRun, SiteError, SiteState};
+
+fn jump(max_round_jump: u64) -> ImportPolicy {
+    ImportPolicy { max_round_jump }
+}
 
 fn hq() -> SecretKey {
     SecretKey::from_seed(Role::Hq, "hq", [1; 32])
@@ -72,22 +77,23 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     let dir = tempfile::tempdir().unwrap();
-    let state = SiteState::open(dir.path()).unwrap();
+    let state = SiteState::at(&dir.path().join("site"));
     let g0 = global(0, None, "city", 0.0);
     let g1 = global(1, Some(&g0.hash), "city", 1.0);
     let g1_other = global(1, Some(&g0.hash), "city", 5.0);
     let g2 = global(2, Some(&g1.hash), "city", 2.0);
 
     assert!(matches!(
-        state.import(&g0, "g0", 10).unwrap(),
+        state.import_new(&g0, "g0", &jump(10)).unwrap(),
         ImportOutcome::Installed { previous: None }
     ));
+    let lock = state.lock().unwrap();
     assert_eq!(
         std::fs::read(state.current_model_path()).unwrap(),
         g0.payload()
     );
     assert!(matches!(
-        state.import(&g1, "g1", 10).unwrap(),
+        state.import(&lock, &g1, "g1", &jump(10)).unwrap(),
         ImportOutcome::Installed { previous: Some(_) }
     ));
     assert_eq!(state.current().unwrap().unwrap().round, 1);
@@ -95,11 +101,11 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     assert_eq!(state.global_weights().unwrap(), g1.payload());
     // Re-importing the current global is a no-op success.
     assert_eq!(
-        state.import(&g1, "g1 again", 10).unwrap(),
+        state.import(&lock, &g1, "g1 again", &jump(10)).unwrap(),
         ImportOutcome::AlreadyCurrent
     );
 
-    let before = snapshot(dir.path());
+    let before = snapshot(state.dir());
     type IsExpected = fn(&SiteError) -> bool;
     let refusals: Vec<(Bundle, IsExpected)> = vec![
         (g0.clone(), |e| matches!(e, SiteError::Rollback { .. })),
@@ -114,9 +120,9 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
         }),
     ];
     for (b, is_expected) in refusals {
-        let err = state.import(&b, "x", 10).unwrap_err();
+        let err = state.import(&lock, &b, "x", &jump(10)).unwrap_err();
         assert!(is_expected(&err), "unexpected {err:?}");
-        assert_eq!(snapshot(dir.path()), before, "state changed after {err}");
+        assert_eq!(snapshot(state.dir()), before, "state changed after {err}");
     }
     // A model with another layout.
     let other_layout = {
@@ -137,10 +143,10 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
         open(&s.bytes, &ring, &Limits::default()).unwrap()
     };
     assert!(matches!(
-        state.import(&other_layout, "x", 10),
+        state.import(&lock, &other_layout, "x", &jump(10)),
         Err(SiteError::ModelChanged { .. })
     ));
-    assert_eq!(snapshot(dir.path()), before);
+    assert_eq!(snapshot(state.dir()), before);
     // An update is not a global.
     let a = SecretKey::from_seed(Role::Site, "site-a", [2; 32]);
     let u = seal(
@@ -154,59 +160,117 @@ fn imports_in_order_and_refuses_rollback_jumps_and_foreign_globals() {
     ring.add(a.public()).unwrap();
     let ub = open(&u.bytes, &ring, &Limits::default()).unwrap();
     assert!(matches!(
-        state.import(&ub, "x", 10),
+        state.import(&lock, &ub, "x", &jump(10)),
         Err(SiteError::NotAGlobal)
     ));
-    assert_eq!(snapshot(dir.path()), before);
+    assert_eq!(snapshot(state.dir()), before);
 
     assert!(matches!(
-        state.import(&g2, "g2", 1).unwrap(),
+        state.import(&lock, &g2, "g2", &jump(1)).unwrap(),
         ImportOutcome::Installed { .. }
     ));
     assert_eq!(state.previous().unwrap().unwrap().hash, g1.hash);
 }
 
 #[test]
+fn a_refused_first_import_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("new-site");
+    let state = SiteState::at(&fresh);
+    let a = SecretKey::from_seed(Role::Site, "site-a", [2; 32]);
+    let g0 = global(0, None, "city", 0.0);
+    let u = seal(
+        Draft::update_for(&g0.manifest, &g0.hash, "site-a", 3),
+        &payload(9.0),
+        &a,
+        3,
+    )
+    .unwrap();
+    let mut ring = Keyring::new();
+    ring.add(a.public()).unwrap();
+    let update = open(&u.bytes, &ring, &Limits::default()).unwrap();
+    assert!(matches!(
+        state.import_new(&update, "x", &jump(10)),
+        Err(SiteError::NotAGlobal)
+    ));
+    assert!(!fresh.exists(), "a refused import created the state folder");
+    // Commands that need a state say so instead of creating one.
+    assert!(matches!(
+        SiteState::open(&fresh),
+        Err(SiteError::NoState(_))
+    ));
+    assert!(matches!(state.lock(), Err(SiteError::NoState(_))));
+    assert!(!fresh.exists());
+}
+
+#[test]
+fn a_lock_of_another_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (
+        SiteState::at(&dir.path().join("one")),
+        SiteState::at(&dir.path().join("two")),
+    );
+    let g0 = global(0, None, "city", 0.0);
+    one.import_new(&g0, "g0", &jump(10)).unwrap();
+    two.import_new(&g0, "g0", &jump(10)).unwrap();
+    let lock_one = one.lock().unwrap();
+    let before = snapshot(two.dir());
+    let err = two
+        .record_local(
+            &lock_one,
+            payload(0.5).bytes(),
+            LocalRun {
+                samples: 1,
+                epochs: 1,
+                steps: 1,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, SiteError::WrongLock(_)), "{err}");
+    assert_eq!(snapshot(two.dir()), before);
+}
+
+#[test]
 fn local_model_exports_once_per_global_and_goes_stale_on_import() {
     let dir = tempfile::tempdir().unwrap();
     let usb = tempfile::tempdir().unwrap();
-    let state = SiteState::open(dir.path()).unwrap();
+    let state = SiteState::at(dir.path());
     let a = SecretKey::from_seed(Role::Site, "site-a", [2; 32]);
     let g0 = global(0, None, "city", 0.0);
-    state.import(&g0, "g0", 10).unwrap();
+    state.import_new(&g0, "g0", &jump(10)).unwrap();
     assert!(!state.pending_export().unwrap());
-    let rec = LocalRecord {
-        base_hash: g0.hash.clone(),
-        round: 0,
+    let lock = state.lock().unwrap();
+    let run = LocalRun {
         samples: 1234,
         epochs: 1,
         steps: 20,
-        trained_at: 0,
-        weights_sha256: String::new(),
-        exported: None,
     };
-    state.write_local(payload(0.5).bytes(), &rec).unwrap();
+    let rec = state
+        .record_local(&lock, payload(0.5).bytes(), run)
+        .unwrap();
+    assert_eq!((rec.base_hash.as_str(), rec.round), (g0.hash.as_str(), 0));
+    assert_eq!(state.local().unwrap(), Some(rec));
     assert!(state.pending_export().unwrap());
-    let (path, sealed) = state.export(&a, usb.path(), 3).unwrap();
+    let (path, sealed) = state.export(&lock, &a, usb.path(), 3).unwrap();
     assert_eq!(path.file_name().unwrap(), "site-a-r0.ferry");
     assert_eq!(sealed.manifest.site.as_ref().unwrap().samples, 1234);
     assert_eq!(sealed.manifest.base.as_deref(), Some(g0.hash.as_str()));
     assert!(!state.pending_export().unwrap());
     // Exporting again would overwrite the stick's file: refused, nothing changed.
-    assert!(state.export(&a, usb.path(), 3).is_err());
+    assert!(state.export(&lock, &a, usb.path(), 3).is_err());
 
     let g1 = global(1, Some(&g0.hash), "city", 1.0);
-    state.import(&g1, "g1", 10).unwrap();
-    let err = state.export(&a, usb.path(), 3).unwrap_err();
+    state.import(&lock, &g1, "g1", &jump(10)).unwrap();
+    let err = state.export(&lock, &a, usb.path(), 3).unwrap_err();
     assert!(err.to_string().contains("train"), "{err}");
 }
 
 #[test]
 fn damaged_state_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let state = SiteState::open(dir.path()).unwrap();
+    let state = SiteState::at(dir.path());
     state
-        .import(&global(0, None, "city", 0.0), "g0", 10)
+        .import_new(&global(0, None, "city", 0.0), "g0", &jump(10))
         .unwrap();
     std::fs::write(dir.path().join("global.json"), b"{not json").unwrap();
     assert!(matches!(state.current(), Err(SiteError::Corrupt { .. })));

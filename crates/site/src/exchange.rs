@@ -1,0 +1,190 @@
+//! The two steps of a round that touch the stick: installing a verified global ([`SiteState::import`]) and
+//! sealing the local model as an update ([`SiteState::export`]).
+
+use std::path::{Path, PathBuf};
+
+use ferry_bundle::tensor::all_finite;
+use ferry_bundle::{escape, short, Bundle, BundleKind, Draft, Payload, Sealed, SecretKey};
+
+use crate::state::{GlobalRecord, SiteLock, SiteState};
+use crate::{ExportError, SiteError};
+
+/// Default largest round jump accepted by `import`.
+pub const DEFAULT_MAX_ROUND_JUMP: u64 = 100;
+
+/// What a site accepts on import beyond what the bundle's signature proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportPolicy {
+    /// Refuse a global more than this many rounds ahead of the one held.
+    pub max_round_jump: u64,
+}
+
+impl Default for ImportPolicy {
+    fn default() -> Self {
+        ImportPolicy {
+            max_round_jump: DEFAULT_MAX_ROUND_JUMP,
+        }
+    }
+}
+
+/// What `import` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// The global was installed.
+    Installed {
+        /// The global held before, if any.
+        previous: Option<GlobalRecord>,
+    },
+    /// The site already holds exactly this global: nothing to do.
+    AlreadyCurrent,
+}
+
+impl SiteState {
+    /// Check whether `bundle` (verified) may be installed here, without changing anything: what [`import`]
+    /// checks first. Works on a directory that does not exist yet (a first import).
+    ///
+    /// [`import`]: SiteState::import
+    pub fn check_import(&self, bundle: &Bundle, policy: &ImportPolicy) -> Result<(), SiteError> {
+        let m = &bundle.manifest;
+        if m.kind != BundleKind::Global {
+            return Err(SiteError::NotAGlobal);
+        }
+        let current = if self.exists() { self.current()? } else { None };
+        if let Some(cur) = &current {
+            if cur.hash == bundle.hash {
+                return Ok(());
+            }
+            if cur.federation != m.federation {
+                return Err(SiteError::WrongFederation {
+                    expected: cur.federation.clone(),
+                    found: escape(&m.federation),
+                });
+            }
+            if m.round <= cur.round {
+                return Err(SiteError::Rollback {
+                    current: cur.round,
+                    current_hash: short(&cur.hash).to_string(),
+                    found: m.round,
+                    found_hash: short(&bundle.hash).to_string(),
+                });
+            }
+            if m.round - cur.round > policy.max_round_jump {
+                return Err(SiteError::RoundJump {
+                    current: cur.round,
+                    found: m.round,
+                    max: policy.max_round_jump,
+                });
+            }
+            if cur.model_fingerprint != m.model_fingerprint {
+                return Err(SiteError::ModelChanged {
+                    expected: short(&cur.model_fingerprint).to_string(),
+                    found: short(&m.model_fingerprint).to_string(),
+                });
+            }
+        }
+        // HQ never signs non-finite weights; a global that has them came from a broken or hostile HQ.
+        if let Some(t) = bundle.tensors().find(|t| !all_finite(t.dtype, t.data)) {
+            return Err(SiteError::NonFinite(escape(t.name)));
+        }
+        Ok(())
+    }
+
+    /// Install a verified global after the freshness checks of [`SiteState::check_import`]. Re-importing the
+    /// current global changes nothing (it only repairs `current.safetensors`). `source` is where the file came
+    /// from, for the record.
+    pub fn import(
+        &self,
+        lock: &SiteLock<'_>,
+        bundle: &Bundle,
+        source: &str,
+        policy: &ImportPolicy,
+    ) -> Result<ImportOutcome, SiteError> {
+        self.check_lock(lock)?;
+        self.check_import(bundle, policy)?;
+        let m = &bundle.manifest;
+        let current = self.current()?;
+        if current.as_ref().is_some_and(|c| c.hash == bundle.hash) {
+            self.write_current_model(lock, bundle.payload())?;
+            return Ok(ImportOutcome::AlreadyCurrent);
+        }
+        let payload_sha256 = self.store_weights(lock, bundle.payload())?;
+        let rec = GlobalRecord {
+            round: m.round,
+            hash: bundle.hash.clone(),
+            federation: m.federation.clone(),
+            arch: m.arch.clone(),
+            model_fingerprint: m.model_fingerprint.clone(),
+            payload_sha256,
+            samples: m
+                .contributors
+                .iter()
+                .fold(0u64, |acc, c| acc.saturating_add(c.samples)),
+            imported_at: ferry_bundle::unix_now(),
+            source: escape(source),
+            previous: current.clone().map(|mut c| {
+                c.previous = None;
+                Box::new(c)
+            }),
+        };
+        // The commit point: until this rename the site holds the old global.
+        self.commit_global(lock, &rec, bundle.payload())?;
+        Ok(ImportOutcome::Installed { previous: current })
+    }
+
+    /// Check, create the directory if this is the site's first global, lock, and import: the whole of
+    /// `ferry-client import` after verification. A refused bundle creates nothing.
+    pub fn import_new(
+        &self,
+        bundle: &Bundle,
+        source: &str,
+        policy: &ImportPolicy,
+    ) -> Result<ImportOutcome, SiteError> {
+        self.check_import(bundle, policy)?;
+        let lock = if self.exists() {
+            self.lock()?
+        } else {
+            self.create_and_lock()?
+        };
+        self.import(&lock, bundle, source, policy)
+    }
+
+    /// Seal the local model as an update bundle for the current global, write it into `out_dir` (atomically,
+    /// read back), and mark the local model exported.
+    pub fn export(
+        &self,
+        lock: &SiteLock<'_>,
+        key: &SecretKey,
+        out_dir: &Path,
+        level: i32,
+    ) -> Result<(PathBuf, Sealed), ExportError> {
+        self.check_lock(lock)?;
+        let cur = self.require_current()?;
+        let (local, weights) = self.local_weights()?;
+        if local.base_hash != cur.hash {
+            return Err(ExportError::StaleLocal {
+                trained_round: local.round,
+                current_round: cur.round,
+            });
+        }
+        let payload = Payload::from_safetensors(&weights)?;
+        if payload.fingerprint() != cur.model_fingerprint {
+            return Err(SiteError::Corrupt {
+                path: self.weights_path(&local.weights_sha256),
+                why: "local model's layout differs from the global it was trained from".into(),
+            }
+            .into());
+        }
+        let draft = Draft::update(
+            &cur.federation,
+            cur.arch.clone(),
+            cur.round,
+            &cur.hash,
+            key.id(),
+            local.samples,
+        );
+        let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
+        let path = sealed.write_to_dir(out_dir)?;
+        self.mark_exported(lock, &sealed.hash)?;
+        Ok((path, sealed))
+    }
+}

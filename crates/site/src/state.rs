@@ -1,0 +1,504 @@
+//! A site's state directory: the one owner of every file in it, and of the records that say what they hold.
+//!
+//! Layout (every write atomic; the JSON records are the commit points; weights are content-addressed, so a crash
+//! between two writes never leaves a record pointing at the wrong bytes):
+//! - `global.json`: the current global ([`GlobalRecord`]), with the one before it inside (`previous`), so one
+//!   rename installs both.
+//! - `weights/<sha256>.safetensors`: plain safetensors files named by their hash.
+//! - `current.safetensors`: a copy of the current global's weights at a stable path, for the recogniser.
+//! - `local.json`: the trained local model waiting to be exported ([`LocalRecord`]).
+//! - `optimizer.safetensors`: the site's Adam moments and lifetime step, carried from round to round.
+//! - `train-checkpoint.safetensors`: model and optimizer after the last finished epoch of a run in progress.
+//! - `deployed.safetensors` + `deployed.json`: the current global with BatchNorm statistics recalibrated on local
+//!   data ([`DeployedRecord`]).
+//! - `lock`: held while a command changes the state ([`SiteLock`]).
+//!
+//! Reading needs no lock. Every method that changes a file takes a [`SiteLock`], so the compiler makes sure the
+//! caller holds the directory's lock.
+
+use std::path::{Path, PathBuf};
+
+use ferry_bundle::fsutil::{self, DirLock, FsError};
+use ferry_bundle::is_sha256_hex as is_hash;
+use serde::{Deserialize, Serialize};
+
+use crate::SiteError;
+
+/// File names inside a site state directory.
+mod files {
+    pub const GLOBAL: &str = "global.json";
+    pub const LOCAL: &str = "local.json";
+    pub const WEIGHTS: &str = "weights";
+    pub const CURRENT_MODEL: &str = "current.safetensors";
+    pub const OPTIMIZER: &str = "optimizer.safetensors";
+    pub const CHECKPOINT: &str = "train-checkpoint.safetensors";
+    pub const DEPLOYED: &str = "deployed.safetensors";
+    pub const DEPLOYED_RECORD: &str = "deployed.json";
+}
+
+/// Largest state record read.
+const MAX_RECORD: u64 = 16 << 20;
+/// Largest weights file read from the state directory.
+pub(crate) const MAX_WEIGHTS: u64 = 16 << 30;
+/// Largest training-state file read (a model plus two Adam moments is about 3× the model).
+const MAX_TRAINING_STATE: u64 = 3 * MAX_WEIGHTS;
+
+/// The global a site currently holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalRecord {
+    /// Round.
+    pub round: u64,
+    /// SHA-256 of the global bundle file.
+    pub hash: String,
+    /// Federation.
+    pub federation: String,
+    /// Architecture, if ferry can train it.
+    pub arch: Option<String>,
+    /// Model fingerprint.
+    pub model_fingerprint: String,
+    /// SHA-256 of the plain safetensors payload (`weights/<this>.safetensors`).
+    pub payload_sha256: String,
+    /// Sample count behind it (sum over contributors; 0 for an `init` global).
+    pub samples: u64,
+    /// When it was imported (seconds since the epoch).
+    pub imported_at: u64,
+    /// The file it was imported from, as given, escaped.
+    pub source: String,
+    /// The global held before this one (its own `previous` is dropped).
+    #[serde(default)]
+    pub previous: Option<Box<GlobalRecord>>,
+}
+
+/// A trained local model waiting to be exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRecord {
+    /// Hash of the global it was trained from.
+    pub base_hash: String,
+    /// That global's round.
+    pub round: u64,
+    /// Training samples behind it.
+    pub samples: u64,
+    /// Local epochs run.
+    pub epochs: u32,
+    /// Optimizer steps run in this round.
+    pub steps: u64,
+    /// When training finished.
+    pub trained_at: u64,
+    /// SHA-256 of its safetensors (`weights/<this>.safetensors`).
+    pub weights_sha256: String,
+    /// Hash of the update bundle it was exported as, once exported.
+    #[serde(default)]
+    pub exported: Option<String>,
+}
+
+/// What a training run reports about the local model it produced: the facts [`SiteState::record_local`] turns
+/// into a [`LocalRecord`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalRun {
+    /// Training samples behind it (the FedAvg weight).
+    pub samples: u64,
+    /// Local epochs run.
+    pub epochs: u32,
+    /// Optimizer steps run in this round.
+    pub steps: u64,
+}
+
+/// Record of a recalibrated model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedRecord {
+    /// Hash of the global whose BatchNorm statistics were recalibrated.
+    pub base_hash: String,
+    /// Its round.
+    pub round: u64,
+    /// Samples the statistics were estimated on.
+    pub samples: u64,
+    /// When (seconds since the epoch).
+    pub recalibrated_at: u64,
+}
+
+/// A site's state directory.
+#[derive(Debug, Clone)]
+pub struct SiteState {
+    dir: PathBuf,
+}
+
+/// The state directory's lock, held until dropped. Methods that change the state take one.
+#[derive(Debug)]
+pub struct SiteLock<'a> {
+    state: &'a SiteState,
+    _lock: DirLock,
+}
+
+impl SiteState {
+    /// The state directory at `dir`. Nothing is read or created until a method needs it.
+    pub fn at(dir: &Path) -> SiteState {
+        SiteState {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The state directory at `dir`, which must exist (a site that imported a global).
+    pub fn open(dir: &Path) -> Result<SiteState, SiteError> {
+        let state = SiteState::at(dir);
+        if !state.exists() {
+            return Err(SiteError::NoState(dir.to_path_buf()));
+        }
+        Ok(state)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the directory exists.
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// Take the state lock (held until the guard is dropped). The directory must exist.
+    pub fn lock(&self) -> Result<SiteLock<'_>, SiteError> {
+        if !self.exists() {
+            return Err(SiteError::NoState(self.dir.clone()));
+        }
+        Ok(SiteLock {
+            state: self,
+            _lock: DirLock::acquire(&self.dir)?,
+        })
+    }
+
+    /// Create the directory if needed and take the lock: for the first import, once the bundle has been
+    /// verified and checked, so a refused import leaves nothing behind.
+    pub(crate) fn create_and_lock(&self) -> Result<SiteLock<'_>, SiteError> {
+        fsutil::ensure_dir(&self.dir)?;
+        fsutil::ensure_dir(&self.dir.join(files::WEIGHTS))?;
+        self.lock()
+    }
+
+    /// Refuse a guard that does not lock this directory.
+    pub(crate) fn check_lock(&self, lock: &SiteLock<'_>) -> Result<(), SiteError> {
+        if std::ptr::eq(lock.state, self) || lock.state.dir == self.dir {
+            Ok(())
+        } else {
+            Err(SiteError::WrongLock(lock.state.dir.clone()))
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, SiteError> {
+        let path = self.path(name);
+        let Some(bytes) = read_if_present(&path, MAX_RECORD)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SiteError::Corrupt {
+                path,
+                why: e.to_string(),
+            })
+    }
+
+    fn write_record<T: Serialize>(
+        &self,
+        lock: &SiteLock<'_>,
+        name: &str,
+        rec: &T,
+    ) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        let mut bytes = serde_json::to_vec_pretty(rec).map_err(|e| SiteError::Corrupt {
+            path: self.path(name),
+            why: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        Ok(fsutil::write_replace(&self.path(name), &bytes)?)
+    }
+
+    /// The path of content-addressed weights.
+    pub fn weights_path(&self, sha256: &str) -> PathBuf {
+        self.dir
+            .join(files::WEIGHTS)
+            .join(format!("{sha256}.safetensors"))
+    }
+
+    /// Read content-addressed weights, checking their hash.
+    pub fn read_weights(&self, sha256: &str) -> Result<Vec<u8>, SiteError> {
+        let path = self.weights_path(sha256);
+        if !is_hash(sha256) {
+            return Err(SiteError::Corrupt {
+                path,
+                why: "record names an invalid hash".into(),
+            });
+        }
+        let bytes = fsutil::read_capped(&path, MAX_WEIGHTS)?;
+        if ferry_bundle::sha256_hex(&bytes) != sha256 {
+            return Err(SiteError::Corrupt {
+                path,
+                why: "weights do not match their recorded hash".into(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Store weights under their hash (no-op if a good copy is already there); returns the hash.
+    pub(crate) fn store_weights(
+        &self,
+        lock: &SiteLock<'_>,
+        bytes: &[u8],
+    ) -> Result<String, SiteError> {
+        self.check_lock(lock)?;
+        let sha = ferry_bundle::sha256_hex(bytes);
+        let path = self.weights_path(&sha);
+        fsutil::ensure_dir(&self.dir.join(files::WEIGHTS))?;
+        if path.exists() {
+            if self.read_weights(&sha).is_err() {
+                // A damaged copy (bit rot, a torn write before the record existed): replace it.
+                fsutil::write_replace(&path, bytes)?;
+            }
+        } else {
+            fsutil::write_new(&path, bytes)?;
+        }
+        Ok(sha)
+    }
+
+    /// The current global, if one was imported.
+    pub fn current(&self) -> Result<Option<GlobalRecord>, SiteError> {
+        self.read_record(files::GLOBAL)
+    }
+
+    /// The current global, or [`SiteError::NoGlobal`].
+    pub fn require_current(&self) -> Result<GlobalRecord, SiteError> {
+        self.current()?
+            .ok_or_else(|| SiteError::NoGlobal(self.dir.clone()))
+    }
+
+    /// The global held before the current one.
+    pub fn previous(&self) -> Result<Option<GlobalRecord>, SiteError> {
+        Ok(self.current()?.and_then(|c| c.previous.map(|p| *p)))
+    }
+
+    /// Install `rec` as the current global (the commit point of an import), then refresh the recogniser's copy.
+    pub(crate) fn commit_global(
+        &self,
+        lock: &SiteLock<'_>,
+        rec: &GlobalRecord,
+        payload: &[u8],
+    ) -> Result<(), SiteError> {
+        self.write_record(lock, files::GLOBAL, rec)?;
+        self.write_current_model(lock, payload)?;
+        self.collect_garbage()
+    }
+
+    /// The current global's plain safetensors bytes.
+    pub fn global_weights(&self) -> Result<Vec<u8>, SiteError> {
+        self.read_weights(&self.require_current()?.payload_sha256)
+    }
+
+    /// `current.safetensors`: a stable path to the current global's plain weights, for the deployed recogniser.
+    pub fn current_model_path(&self) -> PathBuf {
+        self.path(files::CURRENT_MODEL)
+    }
+
+    /// Rewrite `current.safetensors` unless it already holds `payload` (repairs a crash between the commit and
+    /// the refresh).
+    pub(crate) fn write_current_model(
+        &self,
+        lock: &SiteLock<'_>,
+        payload: &[u8],
+    ) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        let path = self.current_model_path();
+        if read_if_present(&path, MAX_WEIGHTS)?.as_deref() == Some(payload) {
+            return Ok(());
+        }
+        Ok(fsutil::write_replace(&path, payload)?)
+    }
+
+    /// The local model waiting to be exported (or already exported: see `exported`).
+    pub fn local(&self) -> Result<Option<LocalRecord>, SiteError> {
+        self.read_record(files::LOCAL)
+    }
+
+    /// The local model's record and safetensors bytes.
+    pub fn local_weights(&self) -> Result<(LocalRecord, Vec<u8>), SiteError> {
+        let rec = self
+            .local()?
+            .ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
+        let w = self.read_weights(&rec.weights_sha256)?;
+        Ok((rec, w))
+    }
+
+    /// Whether a local model was trained from the current global.
+    pub fn local_is_fresh(&self) -> Result<bool, SiteError> {
+        let (Some(cur), Some(local)) = (self.current()?, self.local()?) else {
+            return Ok(false);
+        };
+        Ok(local.base_hash == cur.hash)
+    }
+
+    /// Record weights trained from the current global as the site's local model (weights first, then the record:
+    /// the record is the commit point).
+    pub fn record_local(
+        &self,
+        lock: &SiteLock<'_>,
+        weights_safetensors: &[u8],
+        run: LocalRun,
+    ) -> Result<LocalRecord, SiteError> {
+        let cur = self.require_current()?;
+        let weights_sha256 = self.store_weights(lock, weights_safetensors)?;
+        let rec = LocalRecord {
+            base_hash: cur.hash,
+            round: cur.round,
+            samples: run.samples,
+            epochs: run.epochs,
+            steps: run.steps,
+            trained_at: ferry_bundle::unix_now(),
+            weights_sha256,
+            exported: None,
+        };
+        self.write_record(lock, files::LOCAL, &rec)?;
+        self.collect_garbage()?;
+        Ok(rec)
+    }
+
+    /// Mark the local model as exported in the update bundle with this hash.
+    pub(crate) fn mark_exported(
+        &self,
+        lock: &SiteLock<'_>,
+        bundle_hash: &str,
+    ) -> Result<(), SiteError> {
+        let mut rec = self
+            .local()?
+            .ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
+        rec.exported = Some(bundle_hash.to_string());
+        self.write_record(lock, files::LOCAL, &rec)
+    }
+
+    /// Whether the local model is trained but not yet exported for the current global.
+    pub fn pending_export(&self) -> Result<bool, SiteError> {
+        Ok(self.local_is_fresh()? && self.local()?.is_some_and(|l| l.exported.is_none()))
+    }
+
+    /// The optimizer state carried from earlier rounds, if any.
+    pub fn optimizer(&self) -> Result<Option<Vec<u8>>, SiteError> {
+        read_if_present(&self.optimizer_path(), MAX_TRAINING_STATE)
+    }
+
+    /// Where the optimizer state lives (for messages).
+    pub fn optimizer_path(&self) -> PathBuf {
+        self.path(files::OPTIMIZER)
+    }
+
+    /// Replace the optimizer state.
+    pub fn write_optimizer(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        Ok(fsutil::write_replace(&self.optimizer_path(), bytes)?)
+    }
+
+    /// The checkpoint of a training run in progress, if any.
+    pub fn checkpoint(&self) -> Result<Option<Vec<u8>>, SiteError> {
+        read_if_present(&self.checkpoint_path(), MAX_TRAINING_STATE)
+    }
+
+    /// Where the training checkpoint lives (for messages).
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.path(files::CHECKPOINT)
+    }
+
+    /// Replace the training checkpoint (one file, so there is never half a checkpoint).
+    pub fn write_checkpoint(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        Ok(fsutil::write_replace(&self.checkpoint_path(), bytes)?)
+    }
+
+    /// Drop the training checkpoint once its run is recorded.
+    pub fn remove_checkpoint(&self, lock: &SiteLock<'_>) -> Result<(), SiteError> {
+        self.check_lock(lock)?;
+        let path = self.checkpoint_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(FsError::Io { path, source }.into()),
+        }
+    }
+
+    /// The recalibrated model of the current global, if one was made for it.
+    pub fn deployed(&self) -> Result<Option<(DeployedRecord, Vec<u8>)>, SiteError> {
+        let Some(rec) = self.read_record::<DeployedRecord>(files::DEPLOYED_RECORD)? else {
+            return Ok(None);
+        };
+        if rec.base_hash != self.require_current()?.hash {
+            return Ok(None);
+        }
+        let path = self.path(files::DEPLOYED);
+        let bytes = fsutil::read_capped(&path, MAX_WEIGHTS)?;
+        Ok(Some((rec, bytes)))
+    }
+
+    /// Record the current global recalibrated on `samples` local samples as the deployed model. Returns where
+    /// the weights were written.
+    pub fn write_deployed(
+        &self,
+        lock: &SiteLock<'_>,
+        weights_safetensors: &[u8],
+        samples: u64,
+    ) -> Result<PathBuf, SiteError> {
+        self.check_lock(lock)?;
+        let cur = self.require_current()?;
+        let path = self.path(files::DEPLOYED);
+        // Weights first, then the record that names their global: a crash between the two leaves a record for
+        // an older global, which `deployed` ignores.
+        fsutil::write_replace(&path, weights_safetensors)?;
+        let rec = DeployedRecord {
+            base_hash: cur.hash,
+            round: cur.round,
+            samples,
+            recalibrated_at: ferry_bundle::unix_now(),
+        };
+        self.write_record(lock, files::DEPLOYED_RECORD, &rec)?;
+        Ok(path)
+    }
+
+    /// Remove weights no record points at (best effort: a leftover file only costs disk).
+    fn collect_garbage(&self) -> Result<(), SiteError> {
+        let mut keep = Vec::new();
+        if let Some(cur) = self.current()? {
+            keep.push(cur.payload_sha256.clone());
+            if let Some(prev) = cur.previous {
+                keep.push(prev.payload_sha256);
+            }
+        }
+        if let Some(l) = self.local()? {
+            keep.push(l.weights_sha256);
+        }
+        let dir = self.dir.join(files::WEIGHTS);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let stem = name.strip_suffix(".safetensors").unwrap_or("");
+                if is_hash(stem) && !keep.iter().any(|k| k == stem) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A whole file, or `None` when it does not exist.
+fn read_if_present(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SiteError> {
+    match fsutil::read_capped(path, limit) {
+        Ok(b) => Ok(Some(b)),
+        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
