@@ -8,8 +8,10 @@
 //! Conventions are PyTorch's `F.ctc_loss(log_softmax(z), .., blank=0, reduction="mean", zero_infinity=True)`:
 //! each sample's loss `−log p(target | z)` is divided by the target's length and the batch is averaged; a
 //! target that cannot fit in `T` steps (its length plus its repeated neighbours exceeds `T`) counts 0 and gets
-//! no gradient. The recursion is Graves' scaled one (probabilities renormalised at every step, `f64`), so it
-//! needs only `T` logarithms per sample.
+//! no gradient. A reader may emit several rows (a two-line plate's lines): each row is its own sequence with its
+//! own target (possibly empty: an all-blank row), and a sample's loss is the rows' sum over their total length.
+//! The recursion is Graves' scaled one (probabilities renormalised at every step, `f64`), so it needs only `T`
+//! logarithms per sample.
 
 use candle_core::{DType, Tensor};
 
@@ -151,45 +153,59 @@ fn sample_loss(
     Some(-log_p)
 }
 
-/// The non-blank labels of one right-aligned slot row, in order (a plate's tokens).
-fn target_of(labels: &[u32]) -> Vec<u32> {
-    labels.iter().copied().filter(|&l| l != 0).collect()
-}
-
-/// Mean CTC loss of a batch and its gradient with respect to the logits `(B, T, K)` (row-major), for labels
-/// given as `B` rows of `slots` right-aligned class ids (0 = padding). Returns the loss, the gradient and how
-/// many samples could not be aligned (counted as 0).
+/// Mean CTC loss of a batch and its gradient with respect to the logits `(B, T, K)` (row-major). The `T` steps
+/// are `rows` consecutive output rows of `T / rows` steps each (a two-line plate's lines), and `targets` holds
+/// `rows` targets per sample, sample-major (an empty target: the row must stay blank). A sample's loss is the sum
+/// over its rows divided by its total target length (PyTorch's "mean" per sequence), then the batch is averaged.
+/// Returns the loss, the gradient and how many samples could not be aligned (counted as 0, no gradient).
 pub(crate) fn batch_loss(
     logits: &[f32],
     dims: (usize, usize, usize),
-    labels: &[u32],
-    slots: usize,
+    rows: usize,
+    targets: &[Vec<u32>],
 ) -> Result<(f64, Vec<f32>, usize), TrainError> {
     let (b, t, k) = dims;
-    if logits.len() != b * t * k || labels.len() != b * slots || b == 0 {
+    if rows == 0
+        || t % rows != 0
+        || logits.len() != b * t * k
+        || targets.len() != b * rows
+        || b == 0
+    {
         return Err(TrainError::Config(format!(
-            "CTC: {} logits and {} labels do not fit a batch of {b} × {t} steps × {k} classes with {slots} slots",
+            "CTC: {} logits and {} targets do not fit a batch of {b} × {t} steps ({rows} rows) × {k} classes",
             logits.len(),
-            labels.len()
+            targets.len()
         )));
     }
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= k) {
+    if let Some(&bad) = targets
+        .iter()
+        .flatten()
+        .find(|&&l| l == 0 || l as usize >= k)
+    {
         return Err(TrainError::Config(format!(
-            "CTC: label {bad} is not below {k} classes"
+            "CTC: target class {bad} is the blank or not below {k} classes"
         )));
     }
+    let steps = t / rows;
     let mut grad = vec![0f32; b * t * k];
     let (mut total, mut infeasible) = (0.0, 0);
-    for ((z, g), l) in logits
+    for ((z, g), tgt) in logits
         .chunks_exact(t * k)
         .zip(grad.chunks_exact_mut(t * k))
-        .zip(labels.chunks_exact(slots))
+        .zip(targets.chunks_exact(rows))
     {
-        let target = target_of(l);
-        match sample_loss(z, t, k, &target, g) {
-            Some(loss) if !target.is_empty() => {
-                // PyTorch's "mean": each loss over its target length, then over the batch.
-                let scale = 1.0 / (target.len() as f64 * b as f64);
+        let len: usize = tgt.iter().map(Vec::len).sum();
+        let mut loss = Some(0.0);
+        for ((zr, gr), target) in z
+            .chunks_exact(steps * k)
+            .zip(g.chunks_exact_mut(steps * k))
+            .zip(tgt)
+        {
+            loss = loss.and_then(|l| sample_loss(zr, steps, k, target, gr).map(|r| l + r));
+        }
+        match loss {
+            Some(loss) if len > 0 => {
+                let scale = 1.0 / (len as f64 * b as f64);
                 total += loss * scale;
                 for v in g.iter_mut() {
                     *v = (f64::from(*v) * scale) as f32;
@@ -197,67 +213,66 @@ pub(crate) fn batch_loss(
             }
             _ => {
                 g.fill(0.0);
-                infeasible += usize::from(!target.is_empty());
+                infeasible += usize::from(len > 0);
             }
         }
     }
     Ok((total, grad, infeasible))
 }
 
-/// The CTC loss of `logits` `(B, T, K)` against right-aligned slot labels, as a scalar tensor in the graph:
-/// its value is the mean loss and its gradient with respect to `logits` the exact CTC gradient.
-pub(crate) fn loss(logits: &Tensor, labels: &[u32], slots: usize) -> Result<Tensor, TrainError> {
+/// The CTC loss of `logits` `(B, T, K)` (`rows` output rows of `T / rows` steps) against `rows` targets per
+/// sample, as a scalar tensor in the graph: its value is the mean loss and its gradient with respect to
+/// `logits` the exact CTC gradient.
+pub(crate) fn loss(
+    logits: &Tensor,
+    rows: usize,
+    targets: &[Vec<u32>],
+) -> Result<Tensor, TrainError> {
     let dims = logits.dims3()?;
     let host = logits
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let (value, grad, _) = batch_loss(&host, dims, labels, slots)?;
+    let (value, grad, _) = batch_loss(&host, dims, rows, targets)?;
     let g = Tensor::from_vec(grad, dims, logits.device())?.to_dtype(logits.dtype())?;
     // s − detach(s) is 0 with gradient g; adding the value gives the loss.
     let s = (logits * &g)?.sum_all()?;
     Ok(((&s - s.detach())? + value)?)
 }
 
-/// Greedy (best-path) decoding of `(B, T, K)` logits: the arg-max class per step, repeats collapsed, blanks
-/// dropped; then right-aligned into `slots` ids like the labels (0 in front). A sequence longer than `slots`
-/// keeps its last `slots` ids and is marked with [`TOO_LONG`] in slot 0, so it never matches a label.
-pub(crate) fn decode(logits: &[f32], dims: (usize, usize, usize), slots: usize) -> Vec<u32> {
+/// Greedy (best-path) decoding of `(B, T, K)` logits in `rows` rows: per row the arg-max class per step,
+/// repeats collapsed, blanks dropped; a sample's rows concatenated.
+pub(crate) fn decode(logits: &[f32], dims: (usize, usize, usize), rows: usize) -> Vec<Vec<u32>> {
     let (_, t, k) = dims;
-    let mut out = Vec::with_capacity(logits.len() / (t * k).max(1) * slots);
-    for z in logits.chunks_exact(t * k) {
-        let mut seq = Vec::with_capacity(t);
-        let mut prev = 0usize;
-        for row in z.chunks_exact(k) {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                    if v > bv {
-                        (i, v)
-                    } else {
-                        (bi, bv)
+    let steps = t / rows.max(1);
+    logits
+        .chunks_exact((t * k).max(1))
+        .map(|z| {
+            let mut seq = Vec::with_capacity(t);
+            for row in z.chunks_exact((steps * k).max(1)) {
+                let mut prev = 0usize;
+                for step in row.chunks_exact(k) {
+                    let best = step
+                        .iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                            if v > bv {
+                                (i, v)
+                            } else {
+                                (bi, bv)
+                            }
+                        })
+                        .0;
+                    if best != 0 && best != prev {
+                        seq.push(best as u32);
                     }
-                })
-                .0;
-            if best != 0 && best != prev {
-                seq.push(best as u32);
+                    prev = best;
+                }
             }
-            prev = best;
-        }
-        let mut row = vec![0u32; slots];
-        let keep = seq.len().min(slots);
-        row[slots - keep..].copy_from_slice(&seq[seq.len() - keep..]);
-        if seq.len() > slots && slots > 0 {
-            row[0] = TOO_LONG;
-        }
-        out.extend(row);
-    }
-    out
+            seq
+        })
+        .collect()
 }
-
-/// Marks a decoded sequence longer than the slots (no label has this id).
-pub(crate) const TOO_LONG: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
@@ -378,13 +393,15 @@ mod tests {
         0.02076171,
         0.01608764,
     ];
-    /// The three targets right-aligned in 4 slots.
-    const LABELS: [u32; 12] = [0, 1, 2, 2, 0, 0, 0, 3, 4, 1, 4, 2];
+    /// The three targets, one row each.
+    fn targets() -> Vec<Vec<u32>> {
+        vec![vec![1, 2, 2], vec![3], vec![4, 1, 4, 2]]
+    }
 
     #[test]
     fn matches_pytorch_loss_and_gradient() {
         let mut g = vec![0f32; 30];
-        for (i, target) in [&[1u32, 2, 2][..], &[3], &[4, 1, 4, 2]].iter().enumerate() {
+        for (i, target) in targets().iter().enumerate() {
             let loss = sample_loss(&Z[i * 30..(i + 1) * 30], 6, 5, target, &mut g).unwrap();
             assert!(
                 (loss - PER[i]).abs() < 1e-4 * PER[i],
@@ -392,7 +409,7 @@ mod tests {
                 PER[i]
             );
         }
-        let (mean, grad, infeasible) = batch_loss(&Z, (3, 6, 5), &LABELS, 4).unwrap();
+        let (mean, grad, infeasible) = batch_loss(&Z, (3, 6, 5), 1, &targets()).unwrap();
         assert_eq!(infeasible, 0);
         assert!((mean - MEAN).abs() < 1e-4 * MEAN, "{mean} vs {MEAN}");
         for (i, (a, b)) in grad.iter().zip(GRAD).enumerate() {
@@ -424,24 +441,60 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_separate_sequences() {
+        // Two rows of 3 steps = the two halves of each 6-step sample: the loss is the two rows' losses over the
+        // total length, and an empty target asks for an all-blank row.
+        let t = vec![vec![], vec![1, 2], vec![3], vec![4]];
+        let (mean, grad, infeasible) = batch_loss(&Z[..60], (2, 6, 5), 2, &t).unwrap();
+        assert_eq!(infeasible, 0);
+        let mut g = vec![0f32; 15];
+        let mut want = 0.0;
+        for (s, rows) in t.chunks(2).enumerate() {
+            let len: usize = rows.iter().map(Vec::len).sum();
+            let mut l = 0.0;
+            for (r, target) in rows.iter().enumerate() {
+                let z = &Z[s * 30 + r * 15..][..15];
+                l += sample_loss(z, 3, 5, target, &mut g).unwrap();
+                for (a, b) in grad[s * 30 + r * 15..][..15].iter().zip(&g) {
+                    assert!((f64::from(*a) - f64::from(*b) / (2.0 * len as f64)).abs() < 1e-6);
+                }
+            }
+            want += l / len as f64 / 2.0;
+        }
+        assert!((mean - want).abs() < 1e-9, "{mean} vs {want}");
+        // An all-blank row costs −Σ log p(blank).
+        let blank: f64 = (0..3)
+            .map(|s| {
+                let row = &Z[s * 5..s * 5 + 5];
+                let lse = row.iter().map(|&v| f64::from(v).exp()).sum::<f64>().ln();
+                lse - f64::from(row[0])
+            })
+            .sum();
+        let mut g = vec![0f32; 15];
+        assert!((sample_loss(&Z[..15], 3, 5, &[], &mut g).unwrap() - blank).abs() < 1e-9);
+    }
+
+    #[test]
     fn a_target_that_cannot_fit_counts_zero() {
         // 1,1,1,1 needs 7 steps (three blanks between the repeats): T = 6 cannot emit it.
-        let labels = [1u32, 1, 1, 1, 0, 0, 0, 3];
-        let (mean, grad, infeasible) = batch_loss(&Z[..60], (2, 6, 5), &labels, 4).unwrap();
+        let t = vec![vec![1u32, 1, 1, 1], vec![3]];
+        let (mean, grad, infeasible) = batch_loss(&Z[..60], (2, 6, 5), 1, &t).unwrap();
         assert_eq!(infeasible, 1);
         assert!(grad[..30].iter().all(|&v| v == 0.0));
         let mut g = vec![0f32; 30];
         let second = sample_loss(&Z[30..60], 6, 5, &[3], &mut g).unwrap();
         assert!((mean - second / 2.0).abs() < 1e-9, "{mean} vs {second}");
-        // Wrong sizes and labels beyond the classes are errors, not panics.
-        assert!(batch_loss(&Z[..60], (2, 6, 5), &labels[..7], 4).is_err());
-        assert!(batch_loss(&Z[..30], (1, 6, 5), &[0, 0, 0, 9], 4).is_err());
+        // Wrong sizes, blanks and classes beyond K in targets are errors, not panics.
+        assert!(batch_loss(&Z[..60], (2, 6, 5), 1, &t[..1]).is_err());
+        assert!(batch_loss(&Z[..60], (2, 6, 5), 4, &t).is_err());
+        assert!(batch_loss(&Z[..30], (1, 6, 5), 1, &[vec![9]]).is_err());
+        assert!(batch_loss(&Z[..30], (1, 6, 5), 1, &[vec![0, 1]]).is_err());
     }
 
     #[test]
     fn the_graph_loss_has_the_ctc_value_and_gradient() {
         let z = Var::from_vec(Z.to_vec(), (3, 6, 5), &Device::Cpu).unwrap();
-        let l = loss(z.as_tensor(), &LABELS, 4).unwrap();
+        let l = loss(z.as_tensor(), 1, &targets()).unwrap();
         let v = f64::from(l.to_scalar::<f32>().unwrap());
         assert!((v - MEAN).abs() < 1e-4 * MEAN, "{v} vs {MEAN}");
         let grads = l.backward().unwrap();
@@ -459,20 +512,25 @@ mod tests {
 
     #[test]
     fn greedy_decoding_collapses_repeats_and_drops_blanks() {
-        // Steps (arg-max): 1 1 0 1 2 2 0 -> "1 1 2"; K = 3.
+        // Steps (arg-max): 1 1 0 1 2 2 0 -> [1, 1, 2]; K = 3.
         let steps = [1usize, 1, 0, 1, 2, 2, 0];
-        let mut logits = vec![0f32; steps.len() * 3];
-        for (t, &c) in steps.iter().enumerate() {
-            logits[t * 3 + c] = 1.0;
-        }
-        assert_eq!(decode(&logits, (1, 7, 3), 4), vec![0, 1, 1, 2]);
-        // Longer than the slots: marked so that it never matches.
-        let d = decode(&logits, (1, 7, 3), 2);
-        assert_eq!(d, vec![TOO_LONG, 2]);
-        // All blank: an empty plate.
+        let one_hot = |steps: &[usize]| {
+            let mut logits = vec![0f32; steps.len() * 3];
+            for (t, &c) in steps.iter().enumerate() {
+                logits[t * 3 + c] = 1.0;
+            }
+            logits
+        };
+        assert_eq!(decode(&one_hot(&steps), (1, 7, 3), 1), vec![vec![1, 1, 2]]);
+        // Two rows decode separately: a repeat across the row boundary is kept.
         assert_eq!(
-            decode(&[1.0, 0.0, 0.0, 1.0, 0.0, 0.0], (1, 2, 3), 3),
-            vec![0, 0, 0]
+            decode(&one_hot(&[0, 2, 2, 2, 0, 1]), (1, 6, 3), 2),
+            vec![vec![2, 2, 1]]
+        );
+        // All blank: nothing.
+        assert_eq!(
+            decode(&one_hot(&[0, 0]), (1, 2, 3), 1),
+            vec![Vec::<u32>::new()]
         );
     }
 }

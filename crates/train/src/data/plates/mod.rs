@@ -171,6 +171,18 @@ pub fn decode(labels: &[u32]) -> String {
         .collect()
 }
 
+/// The lines of a plate from its [`SLOTS`] label ids, as token sequences: a plate with a region name reads the
+/// region and two digits on the top line and the rest below; a one-line plate has an empty top line. A reader
+/// with one output row per line learns each line as its own sequence.
+pub fn lines(labels: &[u32]) -> [Vec<u32>; 2] {
+    let tokens: Vec<u32> = labels.iter().copied().filter(|&l| l != 0).collect();
+    if tokens.first().is_some_and(|&t| t as usize >= FIRST_REGION) && tokens.len() > 3 {
+        [tokens[..3].to_vec(), tokens[3..].to_vec()]
+    } else {
+        [Vec::new(), tokens]
+    }
+}
+
 /// A random one-line plate string, 7 or 8 characters with equal probability.
 pub fn random_plate<R: Rng + ?Sized>(rng: &mut R) -> String {
     let lead = if rng.random_bool(0.5) { 3 } else { 2 };
@@ -511,6 +523,14 @@ mod tests {
             encode("제주34아5678").unwrap()
         );
         assert_eq!(decode(&[0, 99, 1]), "?0");
+        assert_eq!(
+            lines(&encode("서울12바3456").unwrap()),
+            [vec![51, 2, 3], vec![43, 4, 5, 6, 7]]
+        );
+        assert_eq!(
+            lines(&encode("123가4567").unwrap()),
+            [vec![], vec![2, 3, 4, 11, 5, 6, 7, 8]]
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..200 {
             let p = random_plate(&mut rng);
