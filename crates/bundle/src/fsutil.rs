@@ -375,6 +375,9 @@ pub enum LockError {
     Fs(#[from] FsError),
 }
 
+/// Tries before a held lock is reported busy (25 ms apart).
+const LOCK_RETRIES: u32 = 8;
+
 impl DirLock {
     /// Take the lock without waiting.
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
@@ -386,10 +389,18 @@ impl DirLock {
             .write(true)
             .open(&path)
             .map_err(|e| FsError::io(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(DirLock { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(LockError::Busy(dir.to_path_buf())),
-            Err(fs::TryLockError::Error(e)) => Err(FsError::io(&path, e).into()),
+        // A child another thread is spawning shares this process's open files between fork and exec,
+        // so a lock this process just released can look held for a moment. Another ferry process holds
+        // the lock for seconds at least; a short, bounded retry tells the two apart.
+        for _ in 0..LOCK_RETRIES {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(25))
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(FsError::io(&path, e).into()),
+            }
         }
+        Err(LockError::Busy(dir.to_path_buf()))
     }
 }

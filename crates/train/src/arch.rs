@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::data_api::Task;
+use crate::data::Task;
 use crate::error::TrainError;
 
 /// Character slots on a plate (the longest plate, `123가4567`, has 8 characters).
@@ -96,30 +96,14 @@ pub(crate) const PLATE_CONV: [usize; 3] = [16, 32, 64];
 /// Width of the plate-cnn's shared hidden layer.
 pub(crate) const PLATE_HIDDEN: usize = 256;
 
-/// How a block of a convolutional reader pools after conv + BatchNorm + ReLU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pool {
-    /// 2×2 max-pool, stride 2.
-    Both,
-    /// 2×1 max-pool: halves the height, keeps every column (the sequence axis).
-    Height,
-}
-
-impl Pool {
-    /// (rows, columns) of the pooling window.
-    pub fn window(self) -> (usize, usize) {
-        match self {
-            Pool::Both => (2, 2),
-            Pool::Height => (2, 1),
-        }
-    }
-}
-
-/// plate-ctc's blocks: (output channels, pooling). 32×96 → 16×48 → 8×24 → 4×24: 24 columns, 4 px each.
-pub(crate) const CTC_BLOCKS: [(usize, Pool); 3] =
-    [(32, Pool::Both), (64, Pool::Both), (128, Pool::Height)];
+/// plate-ctc's blocks (output channels), each conv 3×3 + BatchNorm + ReLU + 2×2 max-pool, the fused block:
+/// 32×96 → 16×48 → 8×24 → 4×12, 12 columns of 8 px.
+pub(crate) const CTC_CONV: [usize; 3] = [32, 64, 128];
 /// Width of plate-ctc's per-column hidden layer.
 pub(crate) const CTC_HIDDEN: usize = 256;
+/// CTC steps each column emits (left half, right half): 12 columns give 24 steps per row, 4 px each, enough for
+/// an 8-character plate with repeated digits in a loose crop.
+pub const CTC_SUB: usize = 2;
 /// plate-ctc's output rows: a two-line plate's top line (region and two digits; blank on one-line plates), then
 /// the main line.
 pub const CTC_ROWS: usize = 2;
@@ -209,7 +193,7 @@ impl Arch {
         match self {
             Arch::PlateCtc => Reader::Ctc {
                 rows: CTC_ROWS,
-                steps: crate::data::plates::PLATE_WIDTH / 4,
+                steps: crate::data::plates::PLATE_WIDTH / 8 * CTC_SUB,
             },
             Arch::PlateCnn | Arch::MnistCnn => Reader::Slots,
         }
@@ -223,7 +207,7 @@ impl Arch {
         match self {
             Arch::PlateCtc => {
                 let (mut cin, mut h, _) = self.input();
-                for (i, &(cout, pool)) in CTC_BLOCKS.iter().enumerate() {
+                for (i, &cout) in CTC_CONV.iter().enumerate() {
                     // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
                     push(
                         format!("conv{}.weight", i + 1),
@@ -232,11 +216,12 @@ impl Arch {
                     );
                     batch_norm(&mut push, i + 1, cout);
                     cin = cout;
-                    h /= pool.window().0;
+                    h /= 2;
                 }
-                // Per column: the column's features (channels × remaining rows) → hidden → rows × classes.
+                // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps ×
+                // classes.
                 let column = cin * h;
-                let out = CTC_ROWS * crate::data::plates::charset().len();
+                let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
                 push(
                     "fc1.weight".into(),
                     vec![CTC_HIDDEN, column],

@@ -24,8 +24,7 @@ mod param_grads;
 #[cfg(test)]
 mod testutil;
 pub mod train;
-
-pub(crate) use data as data_api;
+mod workspace;
 
 pub use arch::{Arch, TensorKind, TensorSpec};
 pub use device::{Device, DeviceChoice};

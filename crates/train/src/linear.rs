@@ -7,6 +7,10 @@
 //! once, then `dW = g'ᵀ·x` and `dx = g'·W` as GEMMs over transposed views (no copies), `db` as column sums, and no
 //! `dx` at all for inputs that need none (the first layer). Weights stay in PyTorch's `(out, in)` layout. Other
 //! devices and dtypes use candle's ops unchanged.
+//!
+//! The weight and bias gradients go to the optimizer through the model's workspace ([`crate::param_grads`]).
+
+use std::sync::Arc;
 
 use candle_core::{
     bail, utils::get_num_threads, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
@@ -14,6 +18,7 @@ use candle_core::{
 
 use crate::cpu::{f32_slice, with_f32};
 use crate::matmul::{matmul_new, MatRef};
+use crate::workspace::{Handle, Workspace};
 
 /// Threads for an `n × inp × out` product: below ~2¹⁸ multiply-adds, splitting costs more than it saves.
 fn threads(n: usize, inp: usize, out: usize) -> usize {
@@ -43,6 +48,8 @@ fn check_shapes(x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, usize)
 /// The fused CPU op over `(x, w, b)`.
 struct FusedLinear {
     relu: bool,
+    /// Where the backward pass hands the weight and bias gradients.
+    ws: Handle,
 }
 
 impl CustomOp3 for FusedLinear {
@@ -128,7 +135,8 @@ impl CustomOp3 for FusedLinear {
                 }
             }
             let sums = sums.into_iter().map(|s| s as f32).collect();
-            crate::param_grads::offer(b, Tensor::from_vec(sums, out, dev)?)
+            let db = Tensor::from_vec(sums, out, dev)?;
+            self.ws.offer(b, db)
         } else {
             None
         };
@@ -137,7 +145,8 @@ impl CustomOp3 for FusedLinear {
             let dw = with_f32(x, "linear backward", |xs| {
                 matmul_new(g_rows.t(), MatRef::row_major(xs, n, inp)?, threads)
             })?;
-            crate::param_grads::offer(w, Tensor::from_vec(dw, (out, inp), dev)?)
+            let dw = Tensor::from_vec(dw, (out, inp), dev)?;
+            self.ws.offer(w, dw)
         } else {
             None
         };
@@ -156,22 +165,26 @@ impl CustomOp3 for FusedLinear {
 
 /// `relu?(x·wᵀ + b)` for x `(n, in)`, a PyTorch-layout weight w `(out, in)` and bias b `(out)`: `(n, out)`.
 ///
-/// On the CPU in f32 this is one fused node (see the module docs); elsewhere, or in other dtypes, candle's own
-/// matmul, broadcast add and ReLU, so the GPU keeps candle's kernels; and so with `fused` false (the reference
-/// path).
+/// On the CPU in f32, given the model's workspace, this is one fused node (see the module docs); elsewhere, or in
+/// other dtypes, candle's own matmul, broadcast add and ReLU, so the GPU keeps candle's kernels; and so without a
+/// workspace (the reference path).
 pub(crate) fn linear(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     relu: bool,
-    fused: bool,
+    ws: Option<&Arc<Workspace>>,
 ) -> Result<Tensor> {
     check_shapes(x.shape(), w.shape(), b.shape())?;
-    let fused = fused && x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
-    if fused {
+    let cpu_f32 = x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32);
+    if let Some(ws) = ws.filter(|_| cpu_f32) {
+        let op = FusedLinear {
+            relu,
+            ws: ws.handle(),
+        };
         return x
             .contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, FusedLinear { relu });
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
     if relu {
@@ -201,6 +214,7 @@ mod tests {
 
     #[test]
     fn fused_linear_matches_candles_chain_values_and_gradients() {
+        let ws = Workspace::new();
         for (i, &(n, inp, out)) in CASES.iter().enumerate() {
             for relu in [false, true] {
                 for x_grad in [true, false] {
@@ -214,8 +228,8 @@ mod tests {
                     };
                     let w = Var::from_tensor(&(rnd(&[out, inp], seed + 1) * 0.2).unwrap()).unwrap();
                     let b = Var::from_tensor(&rnd(&[out], seed + 2)).unwrap();
-                    let ours = linear(&x, w.as_tensor(), b.as_tensor(), relu, true).unwrap();
-                    let want = linear(&x, w.as_tensor(), b.as_tensor(), relu, false).unwrap();
+                    let ours = linear(&x, w.as_tensor(), b.as_tensor(), relu, Some(&ws)).unwrap();
+                    let want = linear(&x, w.as_tensor(), b.as_tensor(), relu, None).unwrap();
                     assert_close(&what, &ours, &want, 1e-5);
                     let probe = rnd(&[n, out], seed + 3);
                     let go = probe_grads(&ours, &probe);
@@ -250,8 +264,9 @@ mod tests {
         let wt = Var::from_tensor(&rnd(&[7, 5], 2)).unwrap();
         let b = Var::from_tensor(&rnd(&[5], 3)).unwrap();
         let (x, w) = (xt.as_tensor().t().unwrap(), wt.as_tensor().t().unwrap());
-        let ours = linear(&x, &w, b.as_tensor(), true, true).unwrap();
-        let want = linear(&x, &w, b.as_tensor(), true, false).unwrap();
+        let ws = Workspace::new();
+        let ours = linear(&x, &w, b.as_tensor(), true, Some(&ws)).unwrap();
+        let want = linear(&x, &w, b.as_tensor(), true, None).unwrap();
         assert_close("values", &ours, &want, 1e-5);
         let probe = rnd(&[4, 5], 4);
         let go = probe_grads(&ours, &probe);
@@ -271,7 +286,7 @@ mod tests {
         let x = rnd(&[3, 5], 1).to_dtype(DType::F64).unwrap();
         let w = rnd(&[2, 5], 2).to_dtype(DType::F64).unwrap();
         let b = rnd(&[2], 3).to_dtype(DType::F64).unwrap();
-        let y = linear(&x, &w, &b, true, true).unwrap();
+        let y = linear(&x, &w, &b, true, Some(&Workspace::new())).unwrap();
         assert_eq!(y.dtype(), DType::F64);
         let want = x
             .matmul(&w.t().unwrap())
@@ -285,34 +300,43 @@ mod tests {
 
     #[test]
     fn mismatched_shapes_are_errors() {
+        let ws = Workspace::new();
+        let fused = Some(&ws);
         let x = rnd(&[3, 5], 1);
         let (w, b) = (rnd(&[4, 5], 2), rnd(&[4], 3));
-        assert!(linear(&x, &w, &b, false, true).is_ok());
+        assert!(linear(&x, &w, &b, false, fused).is_ok());
         assert!(
-            linear(&x, &rnd(&[4, 6], 2), &b, false, true).is_err(),
+            linear(&x, &rnd(&[4, 6], 2), &b, false, fused).is_err(),
             "weight's in"
         );
         assert!(
-            linear(&x, &w, &rnd(&[3], 3), true, true).is_err(),
+            linear(&x, &w, &rnd(&[3], 3), true, fused).is_err(),
             "bias length"
         );
         assert!(
-            linear(&x, &w, &rnd(&[1, 4], 3), false, true).is_err(),
+            linear(&x, &w, &rnd(&[1, 4], 3), false, fused).is_err(),
             "bias rank"
         );
         assert!(
-            linear(&rnd(&[3, 5, 1], 1), &w, &b, false, true).is_err(),
+            linear(&rnd(&[3, 5, 1], 1), &w, &b, false, fused).is_err(),
             "input rank"
         );
         assert!(
-            linear(&x, &rnd(&[20], 2), &b, false, true).is_err(),
+            linear(&x, &rnd(&[20], 2), &b, false, fused).is_err(),
             "weight rank"
         );
         // The op itself checks too, when called directly.
-        let bad = x.apply_op3(&rnd(&[4, 6], 2), &b, FusedLinear { relu: false });
+        let bad = x.apply_op3(
+            &rnd(&[4, 6], 2),
+            &b,
+            FusedLinear {
+                relu: false,
+                ws: ws.handle(),
+            },
+        );
         assert!(bad.is_err());
         // Mixed dtypes fall back to candle, which refuses them.
         let b64 = b.to_dtype(DType::F64).unwrap();
-        assert!(linear(&x, &w, &b64, false, true).is_err(), "mixed dtypes");
+        assert!(linear(&x, &w, &b64, false, fused).is_err(), "mixed dtypes");
     }
 }

@@ -7,6 +7,7 @@
 //! exponential average with momentum 0.1; candle's layer fixes the momentum at construction.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -15,10 +16,14 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::arch::{Arch, TensorKind, PLATE_CONV, PLATE_HIDDEN};
+use crate::arch::{
+    Arch, TensorKind, CTC_CONV, CTC_HIDDEN, CTC_ROWS, CTC_SUB, PLATE_CONV, PLATE_HIDDEN,
+};
 use crate::block::{self, BlockNorm};
 use crate::error::TrainError;
 use crate::linear;
+use crate::param_grads::Step;
+use crate::workspace::Workspace;
 
 /// PyTorch's BatchNorm defaults.
 const BN_EPS: f64 = 1e-5;
@@ -74,7 +79,7 @@ impl BatchNorm2d {
         x: &Tensor,
         weight: &Tensor,
         mode: Mode,
-        fused: bool,
+        ws: Option<&Arc<Workspace>>,
     ) -> candle_core::Result<Tensor> {
         let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
         let (factor, norm) = match mode {
@@ -93,7 +98,7 @@ impl BatchNorm2d {
             Mode::Recalibrate(f) => (f, BlockNorm::Batch { eps: BN_EPS }),
         };
         let (b, _, h, w) = x.dims4()?;
-        let (out, stats) = block::conv_block(x, weight, &affine, 1, norm, fused)?;
+        let (out, stats) = block::conv_block(x, weight, &affine, 1, norm, ws)?;
         if let Some((mean, var)) = stats {
             let count = (b * h * w) as f64;
             // The running variance is the unbiased estimate, as in PyTorch.
@@ -133,9 +138,14 @@ impl Dense {
         })
     }
 
-    /// `relu?(x·Wᵀ + b)`: one fused op on the CPU, candle's ops elsewhere or when `fused` is off.
-    fn forward(&self, x: &Tensor, relu: bool, fused: bool) -> candle_core::Result<Tensor> {
-        linear::linear(x, &self.weight, &self.bias, relu, fused)
+    /// `relu?(x·Wᵀ + b)`: one fused op on the CPU given the workspace, candle's ops elsewhere or without.
+    fn forward(
+        &self,
+        x: &Tensor,
+        relu: bool,
+        ws: Option<&Arc<Workspace>>,
+    ) -> candle_core::Result<Tensor> {
+        linear::linear(x, &self.weight, &self.bias, relu, ws)
     }
 }
 
@@ -168,12 +178,17 @@ impl PlateCnn {
         Ok(PlateCnn { blocks, fc1, heads })
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode, fused: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        ws: Option<&Arc<Workspace>>,
+    ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (weight, bn) in &self.blocks {
-            x = bn.conv_block(&x, weight, mode, fused)?;
+            x = bn.conv_block(&x, weight, mode, ws)?;
         }
-        let x = self.fc1.forward(&x.flatten_from(1)?, true, fused)?;
+        let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
         let weights: Vec<&Tensor> = self.heads.iter().map(|h| &h.weight).collect();
         let biases: Vec<&Tensor> = self.heads.iter().map(|h| &h.bias).collect();
         let heads = Dense {
@@ -181,7 +196,62 @@ impl PlateCnn {
             bias: Tensor::cat(&biases, 0)?,
         };
         let (b, slots) = (x.dim(0)?, self.heads.len());
-        heads.forward(&x, false, fused)?.reshape((b, slots, ()))
+        heads.forward(&x, false, ws)?.reshape((b, slots, ()))
+    }
+}
+
+/// The sequence reader (issue 12): fused conv blocks down to 12 columns, then one fused two-layer classifier
+/// applied to every column, emitting [`CTC_ROWS`] rows × [`CTC_SUB`] steps × classes per column; the logits are
+/// `(batch, rows·steps, classes)`, row-major by row, for CTC (`crate::ctc`).
+#[derive(Debug, Clone)]
+struct PlateCtc {
+    /// (conv weight, BatchNorm) per block.
+    blocks: Vec<(Tensor, BatchNorm2d)>,
+    fc1: Dense,
+    fc2: Dense,
+}
+
+impl PlateCtc {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let (mut cin, mut h, _) = Arch::PlateCtc.input();
+        let mut blocks = Vec::new();
+        for (i, &cout) in CTC_CONV.iter().enumerate() {
+            let n = i + 1;
+            let weight = vb.get((cout, cin, 3, 3), &format!("conv{n}.weight"))?;
+            let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
+            blocks.push((weight, bn));
+            cin = cout;
+            h /= 2;
+        }
+        let classes = Arch::PlateCtc.classes();
+        let fc1 = Dense::new(cin * h, CTC_HIDDEN, vb.pp("fc1"))?;
+        let fc2 = Dense::new(CTC_HIDDEN, CTC_ROWS * CTC_SUB * classes, vb.pp("fc2"))?;
+        Ok(PlateCtc { blocks, fc1, fc2 })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        ws: Option<&Arc<Workspace>>,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (weight, bn) in &self.blocks {
+            x = bn.conv_block(&x, weight, mode, ws)?;
+        }
+        // One row per column, features in (channel, row) order: PyTorch's `permute(0, 3, 1, 2)`.
+        let (b, c, h, w) = x.dims4()?;
+        let cols = x
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .reshape((b * w, c * h))?;
+        let hidden = self.fc1.forward(&cols, true, ws)?;
+        let out = self.fc2.forward(&hidden, false, ws)?;
+        // (b, w, rows, sub, k) → (b, rows, w, sub, k): each row's steps left to right.
+        out.reshape((b, w, CTC_ROWS, CTC_SUB, ()))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((b, CTC_ROWS * w * CTC_SUB, ()))
     }
 }
 
@@ -208,7 +278,7 @@ impl MnistCnn {
         })
     }
 
-    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, ws: Option<&Arc<Workspace>>) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (weight, bias) in &self.convs {
             // conv + bias + ReLU + pool as one block: the bias is the affine shift with unit scale.
@@ -219,15 +289,16 @@ impl MnistCnn {
                 mean: vec![0.0; o],
                 invstd: vec![1.0; o],
             };
-            x = block::conv_block(&x, weight, &affine, 2, norm, fused)?.0;
+            x = block::conv_block(&x, weight, &affine, 2, norm, ws)?.0;
         }
-        let x = self.fc1.forward(&x.flatten_from(1)?, true, fused)?;
-        self.fc2.forward(&x, false, fused)?.unsqueeze(1)
+        let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
+        self.fc2.forward(&x, false, ws)?.unsqueeze(1)
     }
 }
 
 #[derive(Debug, Clone)]
 enum Net {
+    Ctc(PlateCtc),
     Plate(PlateCnn),
     Mnist(MnistCnn),
 }
@@ -250,6 +321,8 @@ pub struct Model {
     /// Whether forward passes on the CPU use the fused convolution blocks (always, but for the tests that compare
     /// them with candle's generic ops).
     fused: bool,
+    /// The fused ops' buffers and gradient channel (issue 11): every op a forward pass builds holds a handle.
+    workspace: Arc<Workspace>,
     /// `num_batches_tracked` per BatchNorm layer, by full tensor name. Kept on the host: candle has no such counter.
     batches_tracked: BTreeMap<String, i64>,
 }
@@ -337,6 +410,7 @@ impl Model {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = match arch {
+            Arch::PlateCtc => Net::Ctc(PlateCtc::new(vb)?),
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };
@@ -364,6 +438,7 @@ impl Model {
             varmap,
             net,
             fused: true,
+            workspace: Workspace::new(),
             batches_tracked,
         })
     }
@@ -414,13 +489,28 @@ impl Model {
         &self.device
     }
 
-    /// Logits of shape `(batch, slots, classes)` for images of shape `(batch, channels, height, width)`.
+    /// Logits of shape `(batch, slots, classes)` (plate-ctc: `(batch, rows·steps, classes)`, see
+    /// [`Arch::reader`]) for images of shape `(batch, channels, height, width)`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, TrainError> {
-        let out = match &self.net {
-            Net::Plate(n) => n.forward(x, mode, self.fused)?,
-            Net::Mnist(n) => n.forward(x, self.fused)?,
-        };
-        Ok(out)
+        Ok(self.forward_mode(x, mode)?)
+    }
+
+    /// The forward pass behind [`Model::forward`] and `ModuleT`: the fused ops get the model's workspace, the
+    /// generic ones none.
+    fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let ws = self.fused.then_some(&self.workspace);
+        match &self.net {
+            Net::Ctc(n) => n.forward(x, mode, ws),
+            Net::Plate(n) => n.forward(x, mode, ws),
+            Net::Mnist(n) => n.forward(x, ws),
+        }
+    }
+
+    /// Opens a training step on the model's gradient channel ([`crate::param_grads`]): the fused ops of forward
+    /// passes run before the returned guard is dropped hand their parameters' gradients to its
+    /// [`Step::backward`] instead of candle's store.
+    pub(crate) fn open_step(&self) -> Step<'_> {
+        self.workspace.grads.open()
     }
 
     /// Choose the ops forward passes use on the CPU: the fused blocks (the default) or candle's generic ops (the
@@ -468,10 +558,7 @@ impl std::fmt::Debug for Model {
 impl ModuleT for Model {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mode = if train { Mode::Train } else { Mode::Eval };
-        match &self.net {
-            Net::Plate(n) => n.forward(x, mode, self.fused),
-            Net::Mnist(n) => n.forward(x, self.fused),
-        }
+        self.forward_mode(x, mode)
     }
 }
 
@@ -702,7 +789,11 @@ mod tests {
             let (c, h, w) = arch.input();
             let x = Tensor::zeros((2, c, h, w), DType::F32, &cpu()).unwrap();
             let y = m.forward(&x, Mode::Eval).unwrap();
-            assert_eq!(y.dims(), &[2, arch.slots(), arch.classes()]);
+            let steps = match arch.reader() {
+                crate::arch::Reader::Slots => arch.slots(),
+                crate::arch::Reader::Ctc { rows, steps } => rows * steps,
+            };
+            assert_eq!(y.dims(), &[2, steps, arch.classes()]);
         }
     }
 }

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 
 use crate::arch::Arch;
-use crate::data_api::Dataset;
+use crate::data::Dataset;
 
 /// Deterministic pseudo-random values in [-0.5, 0.5).
 pub(crate) fn rnd(shape: &[usize], seed: u64) -> Tensor {

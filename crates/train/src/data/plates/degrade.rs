@@ -224,7 +224,7 @@ const COS16: [f32; 9] = [
     0.980_785_3,
     0.923_879_5,
     0.831_469_6,
-    0.707_106_8,
+    std::f32::consts::FRAC_1_SQRT_2,
     0.555_570_2,
     0.382_683_43,
     0.195_090_32,
@@ -259,6 +259,7 @@ const LUMA_Q: [f32; 64] = [
 
 /// JPEG's lossy step on a grayscale image: 8×8 blocks (the edge replicated to fill the last ones), DCT,
 /// quantisation with the standard table at `quality` (libjpeg's scaling), inverse DCT.
+#[allow(clippy::needless_range_loop)] // 8×8 DCT blocks read clearest as matrix indexing.
 fn jpeg(img: &mut Gray, quality: f32) {
     let c = dct_matrix();
     let scale = if quality < 50.0 {
@@ -299,11 +300,11 @@ fn jpeg(img: &mut Gray, quality: f32) {
                     tmp[n][l] = (0..8).map(|k| c[k][n] * coef[k][l]).sum();
                 }
             }
-            for i in 0..8 {
+            for (i, row) in tmp.iter().enumerate() {
                 for j in 0..8 {
                     let (y, x) = (by + i, bx + j);
                     if y < img.h && x < img.w {
-                        let v: f32 = (0..8).map(|l| tmp[i][l] * c[l][j]).sum();
+                        let v: f32 = (0..8).map(|l| row[l] * c[l][j]).sum();
                         img.px[y * img.w + x] = ((v + 128.0) / 255.0).clamp(0.0, 1.0);
                     }
                 }

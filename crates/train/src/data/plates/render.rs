@@ -136,15 +136,16 @@ pub(super) fn homography(from: &[(f64, f64); 4], to: &[(f64, f64); 4]) -> [f64; 
         } else {
             m[col][col]
         };
-        for j in col..9 {
-            m[col][j] /= d;
+        for v in &mut m[col][col..9] {
+            *v /= d;
         }
-        for r in 0..8 {
+        let pivot_row = m[col];
+        for (r, row) in m.iter_mut().enumerate() {
             if r != col {
-                let f = m[r][col];
+                let f = row[col];
                 if f != 0.0 {
-                    for j in col..9 {
-                        m[r][j] -= f * m[col][j];
+                    for (v, p) in row[col..9].iter_mut().zip(&pivot_row[col..9]) {
+                        *v -= f * p;
                     }
                 }
             }

@@ -1,0 +1,265 @@
+//! The block's backward pass on the CPU: from the pooled output's gradient, `dy` (the convolution output's
+//! gradient, through pool, ReLU and the normalisation) and γ's and β's gradients; then `dW = Σ dy·colsᵀ` and, only
+//! when the input needs it, `dx = col2im(Wᵀ·dy)`, chunk by chunk with the column matrices recomputed. Partial
+//! sums are combined in a fixed order, so the results do not depend on the thread count.
+
+use candle_core::{bail, Result, Tensor};
+use rayon::prelude::*;
+
+use super::forward::coefficients;
+use super::{BlockNorm, ConvBlockOp, Saved};
+use crate::cpu::with_f32;
+use crate::matmul::{matmul, MatMut, MatRef};
+use crate::workspace::{lock, Pooled};
+
+/// Fixed number of partial weight gradients summed at the end: more than the cores used here, and independent of
+/// the thread count so that the sum's rounding is too.
+const GRAD_GROUPS: usize = 4;
+
+impl ConvBlockOp {
+    /// The gradients of `x` (when it tracks them), the weight (`None` when handed to the optimizer) and the
+    /// affine parameters, from the output's gradient `grad`.
+    pub(super) fn backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        affine: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geo;
+        let saved = lock(&self.state).saved.take();
+        let Some(saved) = saved else {
+            bail!("convolution block: backward pass without a kept forward pass (or a second backward pass)")
+        };
+        let params = affine.flatten_all()?.to_vec1::<f32>()?;
+        if params.len() != 2 * g.o {
+            bail!("convolution block: the affine parameters changed after the forward pass")
+        }
+        let (gamma, beta) = params.split_at(g.o);
+        let (dy, dgamma, dbeta) = with_f32(grad, "convolution block gradient", |gout| {
+            let (hp, wp) = g.pooled();
+            if gout.len() != g.b * g.o * hp * wp {
+                bail!("convolution block: the output gradient does not match the forward pass")
+            }
+            Ok(self.dy(&saved, gamma, beta, gout))
+        })?;
+        drop(saved);
+        let want_dx = x.track_op();
+        let (dw, dx) = with_f32(x, "convolution block input", |xv| {
+            with_f32(weight, "convolution block weight", |wv| {
+                self.conv_grads(xv, wv, &dy, want_dx)
+            })
+        })?;
+        let dev = x.device();
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?;
+        // The weight's gradient goes to the optimizer directly when this op belongs to the open training step.
+        let dw = Tensor::from_vec(dw, weight.shape(), dev)?;
+        let dw = self.ws.offer(weight, dw);
+        let mut da = dgamma;
+        da.extend(dbeta);
+        let da = Tensor::from_vec(da, affine.shape(), dev)?;
+        Ok((dx, dw, Some(da)))
+    }
+
+    /// The gradient of the convolution output from the pooled output's gradient `gout` (NCHW), through pool, ReLU
+    /// and the normalisation; also `(Σ dz·ŷ, Σ dz)` per channel (γ's and β's gradients).
+    fn dy(
+        &self,
+        saved: &Saved,
+        gamma: &[f32],
+        beta: &[f32],
+        gout: &[f32],
+    ) -> (Pooled, Vec<f32>, Vec<f32>) {
+        let g = self.geo;
+        let (hp, wp) = g.pooled();
+        let hw = g.hw();
+        let y = &*saved.y;
+        let coeffs = coefficients(gamma, beta, &saved.mean, &saved.invstd);
+        let mut dy = self.ws.take(y.len());
+        // Pass 1, one task per chunk: route each pooled gradient to its window's first maximum (if that passed the
+        // ReLU), zero elsewhere, and sum dz and dz·ŷ per channel.
+        let parts: Vec<Vec<(f64, f64)>> = dy
+            .par_chunks_mut(g.o * g.nb * hw)
+            .enumerate()
+            .map(|(j, dc)| {
+                let (b0, n) = g.chunk(j);
+                dc.fill(0.0);
+                let mut sums = vec![(0f64, 0f64); g.o];
+                for (oc, sum) in sums.iter_mut().enumerate() {
+                    let (scale, shift) = coeffs[oc];
+                    let (mean, invstd) = (saved.mean[oc], saved.invstd[oc]);
+                    for i in 0..n {
+                        let bi = b0 + i;
+                        let p0 = g.plane(bi, oc);
+                        let src = &y[p0..][..hw];
+                        let local = p0 - g.chunk_offset(j);
+                        let d = &mut dc[local..][..hw];
+                        let gp = &gout[(bi * g.o + oc) * hp * wp..][..hp * wp];
+                        for py in 0..hp {
+                            for px in 0..wp {
+                                let gv = gp[py * wp + px];
+                                let p = 2 * py * g.wo + 2 * px;
+                                let pos = [p, p + 1, p + g.wo, p + g.wo + 1];
+                                let (k, m) = window_max(pos.map(|q| src[q] * scale + shift));
+                                if m > 0.0 && gv != 0.0 {
+                                    d[pos[k]] = gv;
+                                    sum.0 += f64::from(gv);
+                                    sum.1 +=
+                                        f64::from(gv) * f64::from((src[pos[k]] - mean) * invstd);
+                                }
+                            }
+                        }
+                    }
+                }
+                sums
+            })
+            .collect();
+        let mut sdz = vec![0f64; g.o];
+        let mut sdzx = vec![0f64; g.o];
+        for part in &parts {
+            for (oc, &(a, b)) in part.iter().enumerate() {
+                sdz[oc] += a;
+                sdzx[oc] += b;
+            }
+        }
+        // Pass 2: dy = a·dz (constant normalisation) or, with batch statistics,
+        // dy = γ·invstd·(dz − mean(dz) − ŷ·mean(dz·ŷ)), ŷ = (y − mean)·invstd.
+        let batch = matches!(self.norm, BlockNorm::Batch { .. });
+        let count = (g.b * hw) as f64;
+        let lin: Vec<(f32, f32, f32)> = (0..g.o)
+            .map(|oc| {
+                let (mean, invstd) = (saved.mean[oc], saved.invstd[oc]);
+                let a = gamma[oc] * invstd;
+                if batch {
+                    let (mdz, mdzx) = ((sdz[oc] / count) as f32, (sdzx[oc] / count) as f32);
+                    let k_y = -a * invstd * mdzx;
+                    (a, k_y, -a * mdz - k_y * mean)
+                } else {
+                    (a, 0.0, 0.0)
+                }
+            })
+            .collect();
+        dy.par_chunks_mut(g.o * g.nb * hw)
+            .enumerate()
+            .for_each(|(j, dc)| {
+                let (_, n) = g.chunk(j);
+                let yc = &y[g.chunk_offset(j)..][..dc.len()];
+                for (oc, (drow, yrow)) in dc
+                    .chunks_exact_mut(n * hw)
+                    .zip(yc.chunks_exact(n * hw))
+                    .enumerate()
+                {
+                    let (a, k_y, k0) = lin[oc];
+                    if batch {
+                        for (dv, &yv) in drow.iter_mut().zip(yrow) {
+                            *dv = a * *dv + yv * k_y + k0;
+                        }
+                    } else if a != 1.0 {
+                        for dv in drow.iter_mut() {
+                            *dv *= a;
+                        }
+                    }
+                }
+            });
+        let dgamma = sdzx.iter().map(|&v| v as f32).collect();
+        let dbeta = sdz.iter().map(|&v| v as f32).collect();
+        (dy, dgamma, dbeta)
+    }
+
+    /// `dW = Σ dy·colsᵀ` and, if `want_dx`, `dx = col2im(Wᵀ·dy)` (NCHW), chunk by chunk in [`GRAD_GROUPS`]
+    /// groups of consecutive chunks.
+    fn conv_grads(
+        &self,
+        x: &[f32],
+        wt: &[f32],
+        dy: &[f32],
+        want_dx: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let g = self.geo;
+        let (hw, ckk) = (g.hw(), g.ckk());
+        let chunks = g.chunks();
+        let groups = GRAD_GROUPS.min(chunks);
+        // Group `q` holds chunks `bounds[q] .. bounds[q + 1]`, so its images are contiguous in `dx`.
+        let bounds: Vec<usize> = (0..=groups).map(|q| q * chunks / groups).collect();
+        let image = g.c * g.h * g.w;
+        let mut dx = if want_dx {
+            vec![0f32; g.b * image]
+        } else {
+            Vec::new()
+        };
+        let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(groups);
+        let mut rest = dx.as_mut_slice();
+        for q in 0..groups {
+            let images = if want_dx {
+                let (first, _) = g.chunk(bounds[q]);
+                let last = g.chunk(bounds[q + 1] - 1);
+                last.0 + last.1 - first
+            } else {
+                0
+            };
+            let (head, tail) = rest.split_at_mut(images * image);
+            dx_parts.push(head);
+            rest = tail;
+        }
+        let partial: Vec<Vec<f32>> = dx_parts
+            .into_par_iter()
+            .enumerate()
+            .map(|(q, dxq)| -> Result<Vec<f32>> {
+                let mut dw = vec![0f32; g.o * ckk];
+                let first_image = g.chunk(bounds[q]).0;
+                // The group's column matrix and its gradient, reused for each of its chunks.
+                let mut cols = self.ws.take(ckk * g.nb * hw);
+                let mut dcols = want_dx.then(|| self.ws.take(ckk * g.nb * hw));
+                for j in bounds[q]..bounds[q + 1] {
+                    let (b0, n) = g.chunk(j);
+                    let dyc =
+                        MatRef::row_major(&dy[g.chunk_offset(j)..][..g.o * n * hw], g.o, n * hw)?;
+                    let cols = &mut cols[..ckk * n * hw];
+                    g.im2col(x, b0, n, cols);
+                    matmul(
+                        MatMut::row_major(&mut dw, g.o, ckk)?,
+                        dyc,
+                        MatRef::row_major(cols, ckk, n * hw)?.t(),
+                        j > bounds[q],
+                        1,
+                    )?;
+                    if let Some(dcols) = &mut dcols {
+                        let dcols = &mut dcols[..ckk * n * hw];
+                        matmul(
+                            MatMut::row_major(dcols, ckk, n * hw)?,
+                            MatRef::row_major(wt, g.o, ckk)?.t(),
+                            dyc,
+                            false,
+                            1,
+                        )?;
+                        let off = (b0 - first_image) * image;
+                        g.col2im(dcols, n, &mut dxq[off..off + n * image]);
+                    }
+                }
+                Ok(dw)
+            })
+            .collect::<Result<_>>()?;
+        let mut dw = vec![0f32; g.o * ckk];
+        for p in &partial {
+            for (d, v) in dw.iter_mut().zip(p) {
+                *d += v;
+            }
+        }
+        Ok((dw, want_dx.then_some(dx)))
+    }
+}
+
+/// Index (top-left, top-right, bottom-left, bottom-right) and value of a 2×2 window's first maximum: PyTorch's
+/// choice on ties.
+#[inline]
+fn window_max(v: [f32; 4]) -> (usize, f32) {
+    let mut best = (0, v[0]);
+    for (i, &x) in v.iter().enumerate().skip(1) {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best
+}
