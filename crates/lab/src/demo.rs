@@ -87,7 +87,7 @@ fn pct(e: &Evaluation) -> String {
 /// Run the demo, printing as it goes; returns the per-round numbers (also written to `dir`).
 pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     let start = Instant::now();
-    let arch = Arch::PlateCnn;
+    let arch = Arch::PlateCtc;
     let warmup = cfg
         .warmup
         .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));

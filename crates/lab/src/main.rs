@@ -51,7 +51,7 @@ enum Command {
     Gallery(GalleryArgs),
     /// Images per second of a training or inference step.
     #[command(
-        after_help = "Example:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json"
+        after_help = "Example:\n  ferry-lab bench train --model plate-ctc --batch 64 --steps 50 --threads 2 --json"
     )]
     Bench(BenchArgs),
 }
@@ -136,7 +136,7 @@ struct FedAvgArgs {
     /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
     #[arg(long, value_name = "SPEC")]
     test_data: Option<DataSpec>,
-    /// Model: plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-cnn otherwise.
+    /// Model: plate-ctc, plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-ctc otherwise.
     #[arg(long, value_name = "ARCH")]
     model: Option<Arch>,
     /// Number of sites K.
@@ -207,8 +207,8 @@ enum BenchWhat {
 struct BenchArgs {
     /// What to time.
     what: BenchWhat,
-    /// plate-cnn or mnist-cnn.
-    #[arg(long, value_name = "ARCH", default_value = "plate-cnn")]
+    /// plate-ctc, plate-cnn or mnist-cnn.
+    #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
     model: Arch,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
