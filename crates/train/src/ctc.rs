@@ -38,7 +38,7 @@ fn sample_loss(
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0;
         for (o, &v) in out.iter_mut().zip(row) {
-            *o = f64::from(v - max).exp();
+            *o = (f64::from(v) - f64::from(max)).exp();
             sum += *o;
         }
         for o in out.iter_mut() {
