@@ -17,8 +17,8 @@ use crate::plates::{field_data, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
-/// Settings of the demo. `Default` is what `ferry-lab demo` runs: about a minute on 2 idle CPU cores
-/// (measured 61 s), a few minutes with the cores shared.
+/// Settings of the demo. `Default` is what `ferry-lab demo` runs with plate-ctc: 508 s measured on 2 CPU cores
+/// shared with other jobs (load 8), final global 26.4 % exact (docs/experiments.md).
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     /// Output folder (must not hold a federation yet).
