@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # compare.sh — ferry against its PyTorch twin on this machine, in one run (issue 7).
 #
-#   bench/compare.sh                      # both models, train and infer, batch 64, 2 threads, 3 rounds
-#   ROUNDS=5 STEPS=60 THREADS=1 bench/compare.sh
+#   bench/compare.sh                      # every model, train and infer, batch 64, 2 threads, 3 rounds
+#   ROUNDS=5 STEPS=60 THREADS=1 MODELS=plate-ctc bench/compare.sh
 #
 # Each round runs, back to back for every model and mode: ferry's fused ops, candle's generic ops (the baseline:
 # `ferry-lab bench --ops generic`), optionally an older ferry-lab binary (BEFORE=path), and the twin
@@ -21,6 +21,7 @@ STEPS=${STEPS:-40}
 BATCH=${BATCH:-64}
 THREADS=${THREADS:-2}
 BEFORE=${BEFORE:-}
+MODELS=${MODELS:-plate-ctc plate-cnn mnist-cnn}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
@@ -30,7 +31,7 @@ trap 'rm -f "$OUT"' EXIT
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), batch $BATCH, $THREADS threads, $STEPS steps" >&2
 for round in $(seq "$ROUNDS"); do
-  for model in plate-cnn mnist-cnn; do
+  for model in $MODELS; do
     for mode in train infer; do
       args=(bench "$mode" --model "$model" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" --json)
       run() { # label, command...

@@ -4,7 +4,16 @@ training and inference steps on the CPU, printing the same JSON as `ferry-lab be
 
     python3 bench/torch_twin.py --model plate-cnn --batch 64 --steps 30 --threads 2
 
+Same network, checked: `cargo run --release -p ferry-train --example twin_check -- plate-ctc /tmp/twin` writes a
+trained ferry model and a batch with ferry's logits; `python3 bench/torch_twin.py check --model plate-ctc --dir
+/tmp/twin` loads the weights into the twin with `load_state_dict(strict=True)` and compares the logits.
+
 Architectures (crates/train/src/arch.rs, model.rs):
+- plate-ctc: input 1x32x96; three blocks conv3x3 pad 1 (32/64/128, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2
+  (-> 128x4x12); per column (12 of them) its 512 features (channel, row) -> fc1 256 + ReLU -> fc2 2x2x68: two rows
+  (a two-line plate's top line, then the main line) of 2 steps per column, i.e. two rows of 24 steps, each read
+  with CTC (blank = class 0); loss = the rows' CTC losses summed over each plate's total length, batch mean
+  (ferry's crates/train/src/ctc.rs).
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
@@ -40,6 +49,46 @@ class PlateCnn(nn.Module):
         return torch.stack([h(x) for h in self.heads], 1)
 
 
+class PlateCtc(nn.Module):
+    ROWS, SUB, CLASSES = 2, 2, 68
+
+    def __init__(self):
+        super().__init__()
+        cin, h = 1, 32
+        for i, cout in enumerate([32, 64, 128], start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
+            cin, h = cout, h // 2
+        self.fc1 = nn.Linear(cin * h, 256)
+        self.fc2 = nn.Linear(256, self.ROWS * self.SUB * self.CLASSES)
+
+    def forward(self, x):
+        for i in (1, 2, 3):
+            x = F.max_pool2d(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))), 2)
+        b, c, h, w = x.shape
+        x = x.permute(0, 3, 1, 2).reshape(b * w, c * h)  # one row per column, features (channel, row)
+        x = self.fc2(F.relu(self.fc1(x))).view(b, w, self.ROWS, self.SUB, self.CLASSES)
+        # (batch, rows * steps, classes), each row's steps left to right
+        return x.permute(0, 2, 1, 3, 4).reshape(b, self.ROWS * w * self.SUB, self.CLASSES)
+
+
+def ctc_loss(logits, rows_targets):
+    """rows_targets: per sample, one list of class ids per row (possibly empty)."""
+    b, t, k = logits.shape
+    rows = len(rows_targets[0])
+    steps = t // rows
+    total = logits.new_zeros(())
+    lengths = torch.tensor([sum(len(r) for r in s) for s in rows_targets], dtype=logits.dtype)
+    for r in range(rows):
+        lp = F.log_softmax(logits[:, r * steps:(r + 1) * steps], -1).transpose(0, 1)
+        tg = torch.tensor([c for s in rows_targets for c in s[r]], dtype=torch.long)
+        tl = torch.tensor([len(s[r]) for s in rows_targets])
+        il = torch.full((b,), steps, dtype=torch.long)
+        per = F.ctc_loss(lp, tg, il, tl, blank=0, reduction="none", zero_infinity=True)
+        total = total + (per / lengths).sum()
+    return total / b
+
+
 class MnistCnn(nn.Module):
     def __init__(self):
         super().__init__()
@@ -55,6 +104,7 @@ class MnistCnn(nn.Module):
 
 
 MODELS = {
+    "plate-ctc": (PlateCtc, (1, 32, 96), 8, 68),
     "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
     "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
 }
@@ -73,7 +123,8 @@ def init_like_ferry(model):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "infer"], nargs="?", default="train")
+    p.add_argument("mode", choices=["train", "infer", "check"], nargs="?", default="train")
+    p.add_argument("--dir", help="check: the folder twin_check wrote")
     p.add_argument("--model", default="plate-cnn", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=30)
@@ -85,15 +136,36 @@ def main():
     cls, (c, h, w), slots, classes = MODELS[a.model]
     model = cls()
     init_like_ferry(model)
+    if a.mode == "check":
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(f"{a.dir}/weights.safetensors"), strict=True)
+        model.eval()
+        io = load_file(f"{a.dir}/io.safetensors")
+        with torch.inference_mode():
+            out = model(io["x"])
+        diff = (out - io["logits"]).abs().max().item()
+        scale = io["logits"].abs().max().item()
+        print(json.dumps({"model": a.model, "strict_load": True, "logits": list(out.shape),
+                          "max_abs_diff": diff, "max_abs_logit": scale}))
+        raise SystemExit(0 if diff <= 1e-4 * max(1.0, scale) else 1)
     x = torch.rand(a.batch, c, h, w)
     y = torch.randint(0, classes, (a.batch * slots,))
+    if a.model == "plate-ctc":
+        # Random one-line plates (7 or 8 digits and syllables in the main row, an empty top row), as ferry's
+        # bench draws them (crates/train/src/bench.rs).
+        g = torch.Generator().manual_seed(2)
+        targets = [[[], torch.randint(1, 51, (7 + int(torch.randint(0, 2, (1,), generator=g)),), generator=g).tolist()]
+                   for _ in range(a.batch)]
+        loss_fn = lambda out: ctc_loss(out, targets)
+    else:
+        loss_fn = lambda out: F.cross_entropy(out.reshape(-1, classes), y)
     if a.mode == "train":
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=2.5e-4)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x).reshape(-1, classes), y)
+            loss = loss_fn(model(x))
             loss.backward()
             opt.step()
     else:

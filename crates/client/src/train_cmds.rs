@@ -43,6 +43,7 @@ impl DataArgs {
             limit: self.limit,
             font: self.font.clone(),
             input: Some(arch.input()),
+            classes: Some(arch.classes()),
         };
         let data = self
             .data

@@ -34,7 +34,7 @@ pub struct FedAvgConfig {
     /// Test data (`None`: the IDX test split, fresh plates of the same style, or 1/6 of a folder held out).
     #[serde(serialize_with = "display_opt")]
     pub test_data: Option<DataSpec>,
-    /// Model (`None`: mnist-cnn for IDX data, plate-cnn otherwise).
+    /// Model (`None`: mnist-cnn for IDX data, plate-ctc otherwise).
     #[serde(serialize_with = "display_opt")]
     pub model: Option<Arch>,
     /// Number of sites K.
@@ -115,16 +115,13 @@ pub struct FedAvgResult {
     pub rows: Vec<RoundRow>,
 }
 
-fn load(
-    spec: &DataSpec,
-    limit: Option<usize>,
-    arch_input: Option<(usize, usize, usize)>,
-) -> Result<Dataset> {
+fn load(spec: &DataSpec, limit: Option<usize>, arch: Arch) -> Result<Dataset> {
     let s = spinner(format!("loading {spec}"));
     let d = spec.load(&LoadConfig {
         limit,
         font: None,
-        input: arch_input,
+        input: Some(arch.input()),
+        classes: Some(arch.classes()),
     });
     s.finish_and_clear();
     d.with_context(|| format!("loading {spec}"))
@@ -132,7 +129,7 @@ fn load(
 
 /// The train and test sets.
 fn datasets(cfg: &FedAvgConfig, arch: Arch) -> Result<(Dataset, Dataset)> {
-    let train = load(&cfg.data, cfg.limit, Some(arch.input()))?;
+    let train = load(&cfg.data, cfg.limit, arch)?;
     let test_spec = match (&cfg.test_data, &cfg.data) {
         (Some(t), _) => Some(t.clone()),
         (None, DataSpec::Idx { dir, .. }) => Some(DataSpec::Idx {
@@ -147,7 +144,7 @@ fn datasets(cfg: &FedAvgConfig, arch: Arch) -> Result<(Dataset, Dataset)> {
         (None, _) => None,
     };
     match test_spec {
-        Some(t) => Ok((train, load(&t, cfg.test_limit, Some(arch.input()))?)),
+        Some(t) => Ok((train, load(&t, cfg.test_limit, arch)?)),
         None => {
             // A folder without --test-data: hold out a sixth, chosen with the seed.
             let mut idx: Vec<usize> = (0..train.len()).collect();
@@ -173,7 +170,7 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
     }
     let arch = cfg.model.unwrap_or(match cfg.data {
         DataSpec::Idx { .. } => Arch::MnistCnn,
-        _ => Arch::PlateCnn,
+        _ => Arch::PlateCtc,
     });
     let (train, test) = datasets(cfg, arch)?;
     let parts = split(&train, cfg.sites, cfg.split, cfg.seed)?;

@@ -10,6 +10,7 @@ pub mod bench_io;
 pub mod demo;
 pub mod fed;
 pub mod fedavg;
+pub mod gallery;
 pub mod plates;
 pub mod progress;
 pub mod report;

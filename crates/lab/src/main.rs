@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_lab::{bench, bench_io, demo, fedavg, seed_table, split::SplitKind};
+use ferry_lab::{bench, bench_io, demo, fedavg, gallery, seed_table, split::SplitKind};
 use ferry_merge::{Strategy, Weighting};
 use ferry_train::data::DataSpec;
 use ferry_train::Arch;
@@ -27,8 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (about
-    /// 1-3 minutes on 2 CPU cores).
+    /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (8.5
+    /// minutes measured on 2 busy CPU cores; the final global reads about a quarter of the plates exactly).
     #[command(
         after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo"
     )]
@@ -44,9 +44,14 @@ enum Command {
         after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5"
     )]
     Fedavg(FedAvgArgs),
+    /// A PNG of generated plates, loose crops (site A) above tight crops (site B): what the demo trains on.
+    #[command(
+        after_help = "Example:\n  ferry-lab gallery                       # writes docs/img/plates.png\n  ferry-lab gallery --out sheet.png --per-style 48 --seed 7"
+    )]
+    Gallery(GalleryArgs),
     /// Images per second of a training or inference step.
     #[command(
-        after_help = "Examples:\n  ferry-lab bench train --model plate-cnn --batch 64 --steps 50 --threads 2 --json\n  ferry-lab bench bundle --size-mb 256 --json\n  ferry-lab bench merge --sites 4 --size-mb 64 --python bench/merge_ref.py --json\n  ferry-lab bench merge --sites 50 --size-mb 500 --synthetic --json"
+        after_help = "Examples:\n  ferry-lab bench train --model plate-ctc --batch 64 --steps 50 --threads 2 --json\n  ferry-lab bench bundle --size-mb 256 --json\n  ferry-lab bench merge --sites 4 --size-mb 64 --python bench/merge_ref.py --json\n  ferry-lab bench merge --sites 50 --size-mb 500 --synthetic --json"
     )]
     Bench(BenchArgs),
 }
@@ -131,7 +136,7 @@ struct FedAvgArgs {
     /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
     #[arg(long, value_name = "SPEC")]
     test_data: Option<DataSpec>,
-    /// Model: plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-cnn otherwise.
+    /// Model: plate-ctc, plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-ctc otherwise.
     #[arg(long, value_name = "ARCH")]
     model: Option<Arch>,
     /// Number of sites K.
@@ -171,6 +176,25 @@ struct FedAvgArgs {
     train: TrainFlags,
 }
 
+#[derive(Debug, Args)]
+struct GalleryArgs {
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE", default_value = "docs/img/plates.png")]
+    out: PathBuf,
+    /// Plates of each crop style.
+    #[arg(long, value_name = "N", default_value_t = gallery::GalleryConfig::default().per_style)]
+    per_style: usize,
+    /// Plates per row.
+    #[arg(long, default_value_t = gallery::GalleryConfig::default().cols)]
+    cols: usize,
+    /// Screen pixels per plate pixel (1-8).
+    #[arg(long, default_value_t = gallery::GalleryConfig::default().scale)]
+    scale: usize,
+    /// Generator seed (tight crops use SEED + 1).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum BenchWhat {
     /// Training steps (forward, loss, backward, Adam).
@@ -187,8 +211,8 @@ enum BenchWhat {
 struct BenchArgs {
     /// What to time.
     what: BenchWhat,
-    /// plate-cnn or mnist-cnn.
-    #[arg(long, value_name = "ARCH", default_value = "plate-cnn")]
+    /// plate-ctc, plate-cnn or mnist-cnn.
+    #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
     model: Arch,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
@@ -354,6 +378,13 @@ fn run(cli: Cli) -> Result<()> {
                 bench_io::merge(&cfg)?;
             }
         }
+        Command::Gallery(a) => gallery::run(&gallery::GalleryConfig {
+            out: a.out,
+            per_style: a.per_style,
+            cols: a.cols,
+            scale: a.scale,
+            seed: a.seed,
+        })?,
         Command::Bench(a) => {
             if let Some(t) = a.threads {
                 if t == 0 {

@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use ferry_train::data::{plates, Dataset, PlateStyle};
+use ferry_train::Arch;
 
 use crate::progress::spinner;
 
@@ -22,14 +23,23 @@ pub struct FieldData {
     pub val: Dataset,
 }
 
-/// Generate `per_site` plates for each site, `val` validation plates and `local_test` held-out plates per site.
-pub fn field_data(per_site: usize, val: usize, local_test: usize, seed: u64) -> Result<FieldData> {
+/// Generate `per_site` plates for each site, `val` validation plates and `local_test` held-out plates per site, for
+/// a reader of `arch` (no two-line plates for one without the region names).
+pub fn field_data(
+    arch: Arch,
+    per_site: usize,
+    val: usize,
+    local_test: usize,
+    seed: u64,
+) -> Result<FieldData> {
     let s = spinner(format!(
         "generating {} synthetic plates (2 x {per_site} training, {val} validation, 2 x {local_test} local test)",
         2 * per_site + val + 2 * local_test
     ));
+    let render = plates::RenderConfig::for_classes(Some(arch.classes()));
     let gen = |style, n, stream: u64| {
-        plates::generate(style, n, seed.wrapping_mul(1000).wrapping_add(stream), None)
+        let seed = seed.wrapping_mul(1000).wrapping_add(stream);
+        plates::generate_with(style, n, seed, None, &render)
     };
     let val_loose = (val * 9).div_ceil(10);
     let result = (|| -> Result<FieldData> {

@@ -74,7 +74,8 @@ pub fn write_table(
     write_csv(&dir.join(format!("{stem}.csv")), header, rows)
 }
 
-fn register_fonts() {
+/// Registers the built-in DejaVu fonts with plotters (once).
+pub(crate) fn register_fonts() {
     // A font compiled into the binary: PNG text works on a machine without any fonts installed.
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -125,7 +125,7 @@ fn standalone(
     tcfg: &TrainConfig,
 ) -> Result<(Row, Vec<u8>, u64)> {
     let start = Instant::now();
-    let arch = Arch::PlateCnn;
+    let arch = Arch::PlateCtc;
     let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
     let mut adam = Adam::new(arch, &Device::Cpu)?;
     let mut curve = vec![point(0, &eval(&model, val)?)];
@@ -162,7 +162,7 @@ fn one_shot(
     trained: &[(Vec<u8>, u64); 2],
 ) -> Result<Row> {
     let start = Instant::now();
-    let mut fed = Federation::create(dir, Arch::PlateCnn, cfg.seed, &site_ids())?;
+    let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let mut updates = Vec::new();
     for (i, (weights, steps)) in trained.iter().enumerate() {
@@ -200,7 +200,7 @@ fn fedavg(
 ) -> Result<Row> {
     let start = Instant::now();
     let name = format!("fedavg-e{e}");
-    let mut fed = Federation::create(dir, Arch::PlateCnn, cfg.seed, &site_ids())?;
+    let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let rounds = cfg.total_epochs.div_ceil(e);
     let mut done = 0;
@@ -290,7 +290,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             ""
         }
     );
-    let data = field_data(cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
+    let data = field_data(Arch::PlateCtc, cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
     let rows_dir = cfg.out.join("rows");
     let mut rows = Vec::new();
     let report = |r: &Row| {

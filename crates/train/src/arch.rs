@@ -17,7 +17,11 @@ pub const PLATE_CLASSES: usize = 51;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Arch {
-    /// Licence-plate reader: conv/BatchNorm blocks, a shared hidden layer, one head per character slot.
+    /// Licence-plate reader (issue 12, the default): conv/BatchNorm blocks that keep 24 columns, a per-column
+    /// classifier with two output rows (a two-line plate's top line, and the main line), trained with CTC.
+    PlateCtc,
+    /// The first licence-plate reader: conv/BatchNorm blocks, a shared hidden layer, one head per character
+    /// slot (one-line plates only). Kept loadable and trainable for globals that name it.
     PlateCnn,
     /// The FedAvg paper's MNIST CNN (McMahan et al. 2017): 1,663,370 parameters, no BatchNorm.
     MnistCnn,
@@ -92,13 +96,41 @@ pub(crate) const PLATE_CONV: [usize; 3] = [16, 32, 64];
 /// Width of the plate-cnn's shared hidden layer.
 pub(crate) const PLATE_HIDDEN: usize = 256;
 
+/// plate-ctc's blocks (output channels), each conv 3×3 + BatchNorm + ReLU + 2×2 max-pool, the fused block:
+/// 32×96 → 16×48 → 8×24 → 4×12, 12 columns of 8 px.
+pub(crate) const CTC_CONV: [usize; 3] = [32, 64, 128];
+/// Width of plate-ctc's per-column hidden layer.
+pub(crate) const CTC_HIDDEN: usize = 256;
+/// CTC steps each column emits (left half, right half): 12 columns give 24 steps per row, 4 px each, enough for
+/// an 8-character plate with repeated digits in a loose crop.
+pub const CTC_SUB: usize = 2;
+/// plate-ctc's output rows: a two-line plate's top line (region and two digits; blank on one-line plates), then
+/// the main line.
+pub const CTC_ROWS: usize = 2;
+
+/// How a plate reader's outputs map to a plate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// One class per label slot (`(batch, slots, classes)` logits), cross-entropy per slot.
+    Slots,
+    /// `rows` rows of `steps` columns (`(batch, rows·steps, classes)` logits, class 0 the CTC blank), each row
+    /// a sequence read with CTC and greedy decoding.
+    Ctc {
+        /// Output rows (lines of a plate).
+        rows: usize,
+        /// Columns per row.
+        steps: usize,
+    },
+}
+
 impl Arch {
     /// All architectures, for listings.
-    pub const ALL: [Arch; 2] = [Arch::PlateCnn, Arch::MnistCnn];
+    pub const ALL: [Arch; 3] = [Arch::PlateCtc, Arch::PlateCnn, Arch::MnistCnn];
 
-    /// Look an architecture up by its name as recorded in bundles (`plate-cnn`, `mnist-cnn`).
+    /// Look an architecture up by its name as recorded in bundles (`plate-ctc`, `plate-cnn`, `mnist-cnn`).
     pub fn from_name(name: &str) -> Result<Arch, TrainError> {
         match name {
+            "plate-ctc" => Ok(Arch::PlateCtc),
             "plate-cnn" => Ok(Arch::PlateCnn),
             "mnist-cnn" => Ok(Arch::MnistCnn),
             other => Err(TrainError::UnknownArch(other.to_string())),
@@ -108,6 +140,7 @@ impl Arch {
     /// The name recorded in bundles.
     pub fn name(self) -> &'static str {
         match self {
+            Arch::PlateCtc => "plate-ctc",
             Arch::PlateCnn => "plate-cnn",
             Arch::MnistCnn => "mnist-cnn",
         }
@@ -116,7 +149,7 @@ impl Arch {
     /// Input shape `(channels, height, width)`.
     pub fn input(self) -> (usize, usize, usize) {
         match self {
-            Arch::PlateCnn => (
+            Arch::PlateCtc | Arch::PlateCnn => (
                 1,
                 crate::data::plates::PLATE_HEIGHT,
                 crate::data::plates::PLATE_WIDTH,
@@ -128,6 +161,10 @@ impl Arch {
     /// The task (label layout) the model predicts.
     pub fn task(self) -> Task {
         match self {
+            Arch::PlateCtc => Task::Plate {
+                slots: PLATE_SLOTS,
+                classes: crate::data::plates::charset().len(),
+            },
             Arch::PlateCnn => Task::Plate {
                 slots: PLATE_SLOTS,
                 classes: PLATE_CLASSES,
@@ -151,12 +188,61 @@ impl Arch {
         }
     }
 
+    /// How the outputs read as a plate (or a class).
+    pub fn reader(self) -> Reader {
+        match self {
+            Arch::PlateCtc => Reader::Ctc {
+                rows: CTC_ROWS,
+                steps: crate::data::plates::PLATE_WIDTH / 8 * CTC_SUB,
+            },
+            Arch::PlateCnn | Arch::MnistCnn => Reader::Slots,
+        }
+    }
+
     /// Every tensor of the model, sorted by name (the order used for initialisation and optimizer state).
     pub fn tensors(self) -> Vec<TensorSpec> {
         let mut out = Vec::new();
         let mut push =
             |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
         match self {
+            Arch::PlateCtc => {
+                let (mut cin, mut h, _) = self.input();
+                for (i, &cout) in CTC_CONV.iter().enumerate() {
+                    // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
+                    push(
+                        format!("conv{}.weight", i + 1),
+                        vec![cout, cin, 3, 3],
+                        TensorKind::Weight { fan_in: cin * 9 },
+                    );
+                    batch_norm(&mut push, i + 1, cout);
+                    cin = cout;
+                    h /= 2;
+                }
+                // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps ×
+                // classes.
+                let column = cin * h;
+                let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
+                push(
+                    "fc1.weight".into(),
+                    vec![CTC_HIDDEN, column],
+                    TensorKind::Weight { fan_in: column },
+                );
+                push(
+                    "fc1.bias".into(),
+                    vec![CTC_HIDDEN],
+                    TensorKind::Bias { fan_in: column },
+                );
+                push(
+                    "fc2.weight".into(),
+                    vec![out, CTC_HIDDEN],
+                    TensorKind::Weight { fan_in: CTC_HIDDEN },
+                );
+                push(
+                    "fc2.bias".into(),
+                    vec![out],
+                    TensorKind::Bias { fan_in: CTC_HIDDEN },
+                );
+            }
             Arch::PlateCnn => {
                 let (c0, h, w) = self.input();
                 let mut cin = c0;
@@ -168,23 +254,7 @@ impl Arch {
                         vec![cout, cin, 3, 3],
                         TensorKind::Weight { fan_in: cin * 9 },
                     );
-                    push(format!("bn{n}.weight"), vec![cout], TensorKind::BnWeight);
-                    push(format!("bn{n}.bias"), vec![cout], TensorKind::BnBias);
-                    push(
-                        format!("bn{n}.running_mean"),
-                        vec![cout],
-                        TensorKind::RunningMean,
-                    );
-                    push(
-                        format!("bn{n}.running_var"),
-                        vec![cout],
-                        TensorKind::RunningVar,
-                    );
-                    push(
-                        format!("bn{n}.num_batches_tracked"),
-                        vec![],
-                        TensorKind::BatchesTracked,
-                    );
+                    batch_norm(&mut push, n, cout);
                     cin = cout;
                 }
                 let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
@@ -269,6 +339,27 @@ impl Arch {
     }
 }
 
+/// The five tensors of BatchNorm layer `bn{n}` over `c` channels.
+fn batch_norm(push: &mut impl FnMut(String, Vec<usize>, TensorKind), n: usize, c: usize) {
+    push(format!("bn{n}.weight"), vec![c], TensorKind::BnWeight);
+    push(format!("bn{n}.bias"), vec![c], TensorKind::BnBias);
+    push(
+        format!("bn{n}.running_mean"),
+        vec![c],
+        TensorKind::RunningMean,
+    );
+    push(
+        format!("bn{n}.running_var"),
+        vec![c],
+        TensorKind::RunningVar,
+    );
+    push(
+        format!("bn{n}.num_batches_tracked"),
+        vec![],
+        TensorKind::BatchesTracked,
+    );
+}
+
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -303,8 +394,8 @@ mod tests {
     }
 
     #[test]
-    fn plate_cnn_predicts_every_character_of_the_charset() {
-        assert_eq!(PLATE_CLASSES, crate::data::plates::charset().len());
+    fn plate_cnn_predicts_every_one_line_character() {
+        assert_eq!(PLATE_CLASSES, crate::data::plates::BASE_CLASSES);
     }
 
     #[test]

@@ -43,9 +43,22 @@ fn synthetic(arch: Arch, batch: usize, device: &Device) -> Result<(Tensor, Tenso
         .map(|_| rng.random::<f32>())
         .collect();
     let classes = arch.classes() as u32;
-    let y: Vec<u32> = (0..batch * arch.slots())
-        .map(|_| rng.random_range(0..classes))
-        .collect();
+    let y: Vec<u32> = match arch.reader() {
+        crate::arch::Reader::Slots => (0..batch * arch.slots())
+            .map(|_| rng.random_range(0..classes))
+            .collect(),
+        // A sequence reader's labels are plates: 7 or 8 digits and syllables (no region), right-aligned.
+        crate::arch::Reader::Ctc { .. } => (0..batch)
+            .flat_map(|_| {
+                let len = rng.random_range(7..=8usize);
+                let mut plate = vec![0u32; arch.slots() - len];
+                plate.extend(
+                    (0..len).map(|_| rng.random_range(1..crate::data::plates::BASE_CLASSES as u32)),
+                );
+                plate
+            })
+            .collect(),
+    };
     Ok((
         Tensor::from_vec(x, (batch, c, h, w), device)?,
         Tensor::from_vec(y, batch * arch.slots(), device)?,

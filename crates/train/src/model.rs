@@ -16,7 +16,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::arch::{Arch, TensorKind, PLATE_CONV, PLATE_HIDDEN};
+use crate::arch::{
+    Arch, TensorKind, CTC_CONV, CTC_HIDDEN, CTC_ROWS, CTC_SUB, PLATE_CONV, PLATE_HIDDEN,
+};
 use crate::block::{self, BlockNorm};
 use crate::error::TrainError;
 use crate::linear;
@@ -198,6 +200,61 @@ impl PlateCnn {
     }
 }
 
+/// The sequence reader (issue 12): fused conv blocks down to 12 columns, then one fused two-layer classifier
+/// applied to every column, emitting [`CTC_ROWS`] rows × [`CTC_SUB`] steps × classes per column; the logits are
+/// `(batch, rows·steps, classes)`, row-major by row, for CTC (`crate::ctc`).
+#[derive(Debug, Clone)]
+struct PlateCtc {
+    /// (conv weight, BatchNorm) per block.
+    blocks: Vec<(Tensor, BatchNorm2d)>,
+    fc1: Dense,
+    fc2: Dense,
+}
+
+impl PlateCtc {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let (mut cin, mut h, _) = Arch::PlateCtc.input();
+        let mut blocks = Vec::new();
+        for (i, &cout) in CTC_CONV.iter().enumerate() {
+            let n = i + 1;
+            let weight = vb.get((cout, cin, 3, 3), &format!("conv{n}.weight"))?;
+            let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
+            blocks.push((weight, bn));
+            cin = cout;
+            h /= 2;
+        }
+        let classes = Arch::PlateCtc.classes();
+        let fc1 = Dense::new(cin * h, CTC_HIDDEN, vb.pp("fc1"))?;
+        let fc2 = Dense::new(CTC_HIDDEN, CTC_ROWS * CTC_SUB * classes, vb.pp("fc2"))?;
+        Ok(PlateCtc { blocks, fc1, fc2 })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+        ws: Option<&Arc<Workspace>>,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (weight, bn) in &self.blocks {
+            x = bn.conv_block(&x, weight, mode, ws)?;
+        }
+        // One row per column, features in (channel, row) order: PyTorch's `permute(0, 3, 1, 2)`.
+        let (b, c, h, w) = x.dims4()?;
+        let cols = x
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .reshape((b * w, c * h))?;
+        let hidden = self.fc1.forward(&cols, true, ws)?;
+        let out = self.fc2.forward(&hidden, false, ws)?;
+        // (b, w, rows, sub, k) → (b, rows, w, sub, k): each row's steps left to right.
+        out.reshape((b, w, CTC_ROWS, CTC_SUB, ()))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((b, CTC_ROWS * w * CTC_SUB, ()))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct MnistCnn {
     /// (weight, bias) of the two 5×5 'same' convolutions.
@@ -241,6 +298,7 @@ impl MnistCnn {
 
 #[derive(Debug, Clone)]
 enum Net {
+    Ctc(PlateCtc),
     Plate(PlateCnn),
     Mnist(MnistCnn),
 }
@@ -352,6 +410,7 @@ impl Model {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = match arch {
+            Arch::PlateCtc => Net::Ctc(PlateCtc::new(vb)?),
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };
@@ -430,7 +489,8 @@ impl Model {
         &self.device
     }
 
-    /// Logits of shape `(batch, slots, classes)` for images of shape `(batch, channels, height, width)`.
+    /// Logits of shape `(batch, slots, classes)` (plate-ctc: `(batch, rows·steps, classes)`, see
+    /// [`Arch::reader`]) for images of shape `(batch, channels, height, width)`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, TrainError> {
         Ok(self.forward_mode(x, mode)?)
     }
@@ -440,6 +500,7 @@ impl Model {
     fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let ws = self.fused.then_some(&self.workspace);
         match &self.net {
+            Net::Ctc(n) => n.forward(x, mode, ws),
             Net::Plate(n) => n.forward(x, mode, ws),
             Net::Mnist(n) => n.forward(x, ws),
         }
@@ -728,7 +789,11 @@ mod tests {
             let (c, h, w) = arch.input();
             let x = Tensor::zeros((2, c, h, w), DType::F32, &cpu()).unwrap();
             let y = m.forward(&x, Mode::Eval).unwrap();
-            assert_eq!(y.dims(), &[2, arch.slots(), arch.classes()]);
+            let steps = match arch.reader() {
+                crate::arch::Reader::Slots => arch.slots(),
+                crate::arch::Reader::Ctc { rows, steps } => rows * steps,
+            };
+            assert_eq!(y.dims(), &[2, steps, arch.classes()]);
         }
     }
 }

@@ -12,8 +12,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::arch::Arch;
-use crate::data::Dataset;
+use crate::arch::{Arch, Reader};
+use crate::data::{Dataset, Task};
 use crate::error::TrainError;
 use crate::model::{Mode, Model};
 use crate::optim::{Adam, AdamConfig};
@@ -144,7 +144,13 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
             ),
         });
     }
-    if data.task != arch.task() {
+    // Plate data may use fewer tokens than the model reads (one-line plates only) but never another layout;
+    // a token outside the model's classes (a region name for plate-cnn) is caught with the labels below.
+    let fits = match (data.task, arch.task()) {
+        (Task::Plate { slots: a, .. }, Task::Plate { slots: b, .. }) => a == b,
+        (d, m) => d == m,
+    };
+    if !fits {
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
             detail: format!(
@@ -159,9 +165,23 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
     }
     let classes = arch.classes() as u32;
     if let Some(bad) = data.labels.iter().find(|&&l| l >= classes) {
+        let detail = match data.task {
+            Task::Plate { .. } => format!(
+                "plate token '{}' (class {bad}) is not one the model reads (it has {classes} classes{})",
+                crate::data::plates::decode(&[*bad]),
+                if classes as usize == crate::data::plates::BASE_CLASSES {
+                    ": one-line plates only, no region names"
+                } else {
+                    ""
+                }
+            ),
+            Task::Classes { .. } => {
+                format!("label {bad} is out of range (the model has {classes} classes)")
+            }
+        };
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
-            detail: format!("label {bad} is out of range (the model has {classes} classes)"),
+            detail,
         });
     }
     Ok(())
@@ -185,24 +205,81 @@ fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tens
     Ok((x, y))
 }
 
-/// Mean cross-entropy over all character slots of `logits` `(n, slots, classes)` against flat labels.
-fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
-    let (n, s, c) = logits.dims3()?;
-    Ok(candle_nn::loss::cross_entropy(
-        &logits.reshape((n * s, c))?,
-        labels,
-    )?)
+/// The training loss of `logits` against flat labels `(n * slots)`: mean cross-entropy over all character slots
+/// of `(n, slots, classes)` logits for a slot reader, the CTC loss of each plate's lines for a sequence reader
+/// ([`crate::ctc`]).
+fn loss(arch: Arch, logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
+    match arch.reader() {
+        Reader::Slots => {
+            let (n, s, c) = logits.dims3()?;
+            Ok(candle_nn::loss::cross_entropy(
+                &logits.reshape((n * s, c))?,
+                labels,
+            )?)
+        }
+        Reader::Ctc { rows, .. } => {
+            let labels = labels.to_vec1::<u32>()?;
+            let targets = ctc_targets(&labels, arch.slots(), rows)?;
+            crate::ctc::loss(logits, rows, &targets)
+        }
+    }
 }
 
-/// (exactly matched samples, correct characters) of a batch.
-fn hits(logits: &Tensor, labels: &[u32], slots: usize) -> Result<(usize, usize), TrainError> {
-    let pred = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+/// Per sample, one target per output row: a plate's lines ([`crate::data::plates::lines`]).
+fn ctc_targets(labels: &[u32], slots: usize, rows: usize) -> Result<Vec<Vec<u32>>, TrainError> {
+    if rows != 2 {
+        return Err(TrainError::Config(format!(
+            "a CTC plate reader needs 2 output rows (a plate's two lines), not {rows}"
+        )));
+    }
+    Ok(labels
+        .chunks(slots)
+        .flat_map(crate::data::plates::lines)
+        .collect())
+}
+
+/// What a model read for each sample, as [`crate::data::plates::encode`] lays labels out: `slots` class ids,
+/// right-aligned with blanks in front (a CTC reader's extra characters beyond `slots` are cut from the front).
+pub fn predictions(arch: Arch, logits: &Tensor) -> Result<Vec<u32>, TrainError> {
+    match arch.reader() {
+        Reader::Slots => Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?),
+        Reader::Ctc { rows, .. } => {
+            let dims = logits.dims3()?;
+            let host = logits.flatten_all()?.to_vec1::<f32>()?;
+            let slots = arch.slots();
+            let mut out = Vec::with_capacity(dims.0 * slots);
+            for seq in crate::ctc::decode(&host, dims, rows) {
+                let keep = &seq[seq.len().saturating_sub(slots)..];
+                out.extend(std::iter::repeat_n(0, slots - keep.len()));
+                out.extend_from_slice(keep);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// (exactly matched samples, correct characters) of a batch. A CTC reader's plate is exact only if it read
+/// exactly the label's characters (not more); characters compare position by position, right-aligned.
+fn hits(arch: Arch, logits: &Tensor, labels: &[u32]) -> Result<(usize, usize), TrainError> {
+    let slots = arch.slots();
+    let overlong: Vec<bool> = match arch.reader() {
+        Reader::Slots => Vec::new(),
+        Reader::Ctc { rows, .. } => {
+            let dims = logits.dims3()?;
+            let host = logits.flatten_all()?.to_vec1::<f32>()?;
+            crate::ctc::decode(&host, dims, rows)
+                .iter()
+                .map(|s| s.len() > slots)
+                .collect()
+        }
+    };
+    let pred = predictions(arch, logits)?;
     let mut exact = 0;
     let mut chars = 0;
-    for (p, l) in pred.chunks(slots).zip(labels.chunks(slots)) {
+    for (i, (p, l)) in pred.chunks(slots).zip(labels.chunks(slots)).enumerate() {
         let ok = p.iter().zip(l).filter(|(a, b)| a == b).count();
         chars += ok;
-        exact += usize::from(ok == slots);
+        exact += usize::from(ok == slots && !overlong.get(i).copied().unwrap_or(false));
     }
     Ok((exact, chars))
 }
@@ -221,7 +298,7 @@ pub(crate) fn train_step(
     // `param_grads`); the guard closes the step however this function returns.
     let step = model.open_step();
     let logits = model.forward(x, Mode::Train)?;
-    let l = loss(&logits, y)?;
+    let l = loss(model.arch(), &logits, y)?;
     let lv = l.to_scalar::<f32>()?;
     if !lv.is_finite() {
         return Err(TrainError::Diverged {
@@ -269,7 +346,6 @@ pub fn train_epoch(
     }
     let order = epoch_order(data.len(), cfg.seed, round, epoch);
     let batches = order.len().div_ceil(cfg.batch);
-    let slots = data.slots();
     let start = Instant::now();
     let (mut seen, mut exact, mut loss_sum) = (0usize, 0usize, 0f64);
     for (b, idx) in order.chunks(cfg.batch).enumerate() {
@@ -279,7 +355,7 @@ pub fn train_epoch(
             .iter()
             .flat_map(|&i| data.label(i).iter().copied())
             .collect();
-        exact += hits(&logits, &labels, slots)?.0;
+        exact += hits(model.arch(), &logits, &labels)?.0;
         seen += idx.len();
         loss_sum += f64::from(lv);
         let secs = start.elapsed().as_secs_f64().max(1e-9);
@@ -384,9 +460,10 @@ pub fn evaluate(
     for idx in all.chunks(bs) {
         let (x, y) = batch(data, idx, model.device())?;
         let logits = model.forward(&x, Mode::Eval)?;
-        loss_sum += f64::from(loss(&logits, &y)?.to_scalar::<f32>()?) * idx.len() as f64;
+        loss_sum +=
+            f64::from(loss(model.arch(), &logits, &y)?.to_scalar::<f32>()?) * idx.len() as f64;
         let labels = y.to_vec1::<u32>()?;
-        let (e, c) = hits(&logits, &labels, slots)?;
+        let (e, c) = hits(model.arch(), &logits, &labels)?;
         exact += e;
         chars += c;
     }
@@ -498,9 +575,14 @@ mod tests {
                 plain_losses[5] < plain_losses[0],
                 "{arch:?}: the reference path learns"
             );
+            // CTC's alignment posteriors amplify the float rounding in which the two paths differ.
+            let tol = match arch.reader() {
+                Reader::Slots => 1e-4,
+                Reader::Ctc { .. } => 1e-2,
+            };
             for (step, (a, b)) in fused_losses.iter().zip(&plain_losses).enumerate() {
                 assert!(
-                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    (a - b).abs() <= tol * b.abs().max(1.0),
                     "{arch:?} step {step}: loss {a} vs {b}"
                 );
             }
@@ -510,7 +592,7 @@ mod tests {
                         let scale = p.iter().fold(1f32, |m, v| m.max(v.abs()));
                         let diff = p.iter().zip(f).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                         assert!(
-                            diff <= 1e-3 * scale,
+                            diff <= 10.0 * tol * scale,
                             "{arch:?} {name}: max difference {diff}"
                         );
                     }

@@ -91,6 +91,9 @@ pub struct LoadConfig {
     /// `(C, H, W)` to convert and resize folder images to (C = 1 or 3); default
     /// `(1, PLATE_HEIGHT, PLATE_WIDTH)`. IDX and plate datasets have fixed sizes and ignore it.
     pub input: Option<(usize, usize, usize)>,
+    /// Classes per slot of the model the plates are for: generated plates use no token beyond them (a reader
+    /// without the region names, such as `plate-cnn`, gets no two-line plates). Default: all of them.
+    pub classes: Option<usize>,
 }
 
 impl DataSpec {
@@ -99,9 +102,13 @@ impl DataSpec {
         let limit = opts.limit.unwrap_or(usize::MAX);
         match self {
             DataSpec::Idx { dir, split } => Ok(idx::load(dir, *split)?.limit(limit)),
-            DataSpec::Plates { style, n, seed } => {
-                plates::generate(*style, (*n).min(limit), *seed, opts.font.as_deref())
-            }
+            DataSpec::Plates { style, n, seed } => plates::generate_with(
+                *style,
+                (*n).min(limit),
+                *seed,
+                opts.font.as_deref(),
+                &plates::RenderConfig::for_classes(opts.classes),
+            ),
             DataSpec::Folder { csv } => folder::load(
                 csv,
                 opts.input

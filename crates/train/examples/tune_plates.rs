@@ -1,0 +1,83 @@
+//! Recipe tuning helper (issue 12): trains a plate reader on fresh generated plates, chunk by chunk, and prints the
+//! exact-match accuracy on a *tuning* set (seeds of its own, never the lab's validation set) after each chunk.
+//!
+//! `cargo run --release -p ferry-train --example tune_plates -- ARCH STYLE CHUNK CHUNKS LR BATCH WARMUP DECAY [TUNE_N [VAL_N]]`
+//!
+//! STYLE: loose, tight or mixed training plates; CHUNK: fresh plates per chunk (each chunk one pass);
+//! DECAY: `none` (constant after warm-up) or `cos` (cosine to 0 over all chunks, set per chunk).
+//! Prints one line per chunk: images seen, seconds, mean training loss, tuning exact and character accuracy.
+//! With VAL_N > 0 the run is a measurement, not tuning: every line reports the *validation* set instead, the one
+//! `ferry-lab seed-table --seed 1 --val VAL_N` uses (90 % loose from seed 1003, 10 % tight from seed 1004).
+use std::time::Instant;
+
+use ferry_train::data::{plates, Dataset, PlateStyle};
+use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Model, TrainConfig};
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let arch = Arch::from_name(&a[1]).unwrap();
+    let style: PlateStyle = a[2].parse().unwrap();
+    let chunk: usize = a[3].parse().unwrap();
+    let chunks: u64 = a[4].parse().unwrap();
+    let lr: f64 = a[5].parse().unwrap();
+    let batch: usize = a[6].parse().unwrap();
+    let warmup: u64 = a[7].parse().unwrap();
+    let cosine = a[8] == "cos";
+    let tune_n: usize = a.get(9).map_or(1000, |s| s.parse().unwrap());
+    let render = plates::RenderConfig::for_classes(Some(arch.classes()));
+    let gen = |style, n, seed| plates::generate_with(style, n, seed, None, &render).unwrap();
+    // The tuning set: 90 % loose, 10 % tight, like the validation set, from seeds the lab never uses.
+    let tl = (tune_n * 9).div_ceil(10);
+    let val_n: usize = a.get(10).map_or(0, |s| s.parse().unwrap());
+    let tune = if val_n > 0 {
+        let vl = (val_n * 9).div_ceil(10);
+        Dataset::concat(&[
+            &gen(PlateStyle::Loose, vl, 1003),
+            &gen(PlateStyle::Tight, val_n - vl, 1004),
+        ])
+    } else {
+        Dataset::concat(&[
+            &gen(PlateStyle::Loose, tl, 777_001),
+            &gen(PlateStyle::Tight, tune_n - tl, 777_002),
+        ])
+    }
+    .unwrap();
+    let what = if val_n > 0 { "val" } else { "tune" };
+    let dev = candle_core::Device::Cpu;
+    let mut model = Model::init(arch, 1, &dev).unwrap();
+    let mut adam = Adam::new(arch, &dev).unwrap();
+    let start = Instant::now();
+    let mut seen = 0;
+    for c in 0..chunks {
+        let data = gen(style, chunk, 500_000 + c);
+        let peak = lr;
+        let lr_now = if cosine {
+            // The chunk's midpoint on a cosine from the peak to 0.
+            let t = (c as f64 + 0.5) / chunks as f64;
+            peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        } else {
+            peak
+        };
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch,
+            seed: 1,
+            adam: AdamConfig {
+                lr: lr_now,
+                warmup,
+                ..AdamConfig::default()
+            },
+        };
+        let st = train_epoch(&mut model, &mut adam, &data, &cfg, c, 0, &mut ()).unwrap();
+        seen += data.len();
+        let ev = evaluate(&model, &tune, 256).unwrap();
+        println!(
+            "images {seen:>7}  {:>6.0} s  lr {lr_now:.2e}  loss {:.4}  train-exact {:.3}  {what}-exact {:.4}  chars {:.4}",
+            start.elapsed().as_secs_f64(),
+            st.loss,
+            st.accuracy,
+            ev.accuracy,
+            ev.char_accuracy.unwrap_or(f64::NAN)
+        );
+    }
+}
