@@ -285,8 +285,16 @@ impl<'k> BundleWriter<'k> {
         );
         let prefix = 8 + FIXED + SIG_LEN + serde_json::to_vec(&probe).map_or(0, |m| m.len());
         let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // Room for the whole bundle up front (zstd's bound on the compressed size): growing the buffer by
+        // doubling would copy it and, for a moment, hold it twice (issue 13). Capacity not written to is only
+        // reserved address space, not memory; where even that is refused (strict overcommit), the buffer grows.
+        let bound = usize::try_from(expected)
+            .map_or(0, zstd::zstd_safe::compress_bound)
+            .saturating_add(prefix);
         let collector = std::thread::spawn(move || {
-            let mut bytes = vec![0u8; prefix];
+            let mut bytes = Vec::new();
+            let _ = bytes.try_reserve_exact(bound);
+            bytes.resize(prefix, 0);
             let mut h = Sha256::new();
             for c in out_rx {
                 h.update(&c);
@@ -420,10 +428,8 @@ impl<'k> BundleWriter<'k> {
         if header.len() == prefix {
             bytes[..prefix].copy_from_slice(&header);
         } else {
-            let mut exact = Vec::with_capacity(header.len() + compressed_len as usize);
-            exact.extend_from_slice(&header);
-            exact.extend_from_slice(&bytes[prefix..]);
-            bytes = exact;
+            // Moved in place (within the reserved room when the header is longer), never held twice.
+            bytes.splice(..prefix, header);
         }
         let hash = crate::sha256_hex(&bytes);
         Ok(Sealed {
