@@ -108,8 +108,8 @@ pub fn summary(expected: &[TensorEntry], got: &[TensorMeta]) -> Option<String> {
     let mut line = d[..d.len().min(SHOWN)].join("; ");
     if d.len() > SHOWN {
         line.push_str(&format!(
-            "; and {} more",
-            crate::count((d.len() - SHOWN) as u64, "difference")
+            "; and {}",
+            crate::count((d.len() - SHOWN) as u64, "more difference")
         ));
     }
     Some(line)
