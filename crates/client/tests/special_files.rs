@@ -66,6 +66,8 @@ fn every_reading_command_refuses_special_and_huge_files_at_once() {
                 "import",
                 vec![
                     os("import"),
+                    os("--federation"),
+                    os("city"),
                     os("--trust"),
                     hq_pub.clone().into(),
                     os("--state"),
