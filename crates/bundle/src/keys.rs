@@ -84,6 +84,9 @@ pub enum KeyError {
         /// Its mode bits.
         mode: u32,
     },
+    /// A public key file was given where the secret key is needed (`--key site-a.pub`, issue 17).
+    #[error("{}: this is a public key; this option takes the secret key made with it ({}), which stays on the machine that signs", crate::escape_path(.0), crate::escape_path(&.0.with_extension("key")))]
+    PublicNotSecret(PathBuf),
     /// A value (id, role) is not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -483,12 +486,19 @@ impl SecretKey {
         path: &Path,
         passphrase: impl FnOnce() -> Result<SecretString, KeyError>,
     ) -> Result<SecretKey, KeyError> {
-        check_private(path)?;
         let bytes = Zeroizing::new(fsutil::read_capped(path, MAX_KEY_FILE)?);
         let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::Malformed {
             path: path.to_path_buf(),
             why: "not UTF-8 text".into(),
         })?;
+        // A .pub file is readable by all on purpose: say what it is rather than asking for `chmod 600`.
+        if text
+            .lines()
+            .any(|l| l.trim_start().starts_with("ferry-public-key:"))
+        {
+            return Err(KeyError::PublicNotSecret(path.to_path_buf()));
+        }
+        check_private(path)?;
         let (head, armor) = match text.find(ARMOR_BEGIN) {
             Some(i) => (&text[..i], Some(&text[i..])),
             None => (text, None),

@@ -56,6 +56,24 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A Unix time as operators read it, always in UTC: `2026-12-02 06:30 UTC` (issue 17). Machine output (JSON,
+/// state records) keeps the number; this is for messages and human-readable listings only.
+pub fn utc(secs: u64) -> String {
+    // Days to a civil date: Howard Hinnant's `civil_from_days`, on the proleptic Gregorian calendar.
+    let days = (secs / 86_400) as i64;
+    let (hour, minute) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+}
+
 /// The first 12 characters of a hash, for messages.
 pub fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
@@ -71,4 +89,16 @@ pub fn escape(s: &str) -> String {
 /// UTF-8 show as U+FFFD.
 pub fn escape_path(p: &std::path::Path) -> String {
     escape(&p.to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates_match_the_calendar() {
+        // calendar.timegm((2026, 12, 2, 6, 30, 0)) and friends, in Python.
+        assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(super::utc(1_796_193_000), "2026-12-02 06:30 UTC");
+        assert_eq!(super::utc(951_868_799), "2000-02-29 23:59 UTC");
+        assert_eq!(super::utc(4_107_542_400), "2100-03-01 00:00 UTC");
+    }
 }

@@ -14,6 +14,7 @@ use ferry_bundle::{
     escape, escape_path, fsutil, short, BundleKind, Keyring, Manifest, Role, SecretKey,
 };
 
+pub mod layout;
 pub mod release;
 
 /// Exit status when an input was refused or an operation failed.
@@ -22,22 +23,124 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 /// Run a tool's body, print `ferry-<tool>: <error>: <cause>...` once on failure, and map to an exit code.
+/// Standard output closed by its reader (`inspect ... | head`) is a clean exit, status 0, as in ripgrep
+/// (issue 17): the reader has what it wanted.
 pub fn run_main(tool: &str, body: impl FnOnce() -> Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            // Collapse a cause that merely repeats its context.
-            let mut parts: Vec<String> = Vec::new();
-            for c in chain {
-                if !parts.iter().any(|p| p.contains(&c)) {
-                    parts.push(c);
-                }
-            }
-            eprintln!("{tool}: {}", parts.join(": "));
+            eprintln!("{tool}: {}", error_line(&e));
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// The error and its causes on one line, each said once: a cause that repeats its context is dropped, and a
+/// context that only names a path is replaced by a cause that starts with that path (an I/O error names its
+/// path itself; issue 17: "usb/: usb/: Is a directory").
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain().map(|c| c.to_string()) {
+        if parts.iter().any(|p| p.contains(&c)) {
+            continue;
+        }
+        match parts.last_mut() {
+            Some(last) if c.starts_with(last.as_str()) => *last = c,
+            _ => parts.push(c),
+        }
+    }
+    parts.join(": ")
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StdoutError>()
+            .is_some_and(|s| s.0.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Standard output could not be written. [`outln!`] returns it; [`run_main`] treats a broken pipe as a clean
+/// exit and reports anything else (a full disk behind `> file`).
+#[derive(Debug)]
+pub struct StdoutError(pub std::io::Error);
+
+impl std::fmt::Display for StdoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write to standard output: {}", self.0)
+    }
+}
+
+impl std::error::Error for StdoutError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// `println!` that returns [`StdoutError`] from the enclosing function (which returns `anyhow::Result`)
+/// instead of panicking when stdout is closed.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        if let ::std::result::Result::Err(e) = ::std::writeln!(::std::io::stdout().lock(), $($arg)*) {
+            return ::std::result::Result::Err($crate::StdoutError(e).into());
+        }
+    }};
+}
+
+/// `print!` with [`outln!`]'s error handling.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        if let ::std::result::Result::Err(e) = ::std::write!(::std::io::stdout().lock(), $($arg)*) {
+            return ::std::result::Result::Err($crate::StdoutError(e).into());
+        }
+    }};
+}
+
+/// Print `value` as pretty JSON on stdout (the `--json` of every command that reports something).
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `n` and the noun, plural when `n` is not 1: "1 epoch", "0 contributors", "3 batches" (issue 17: no
+/// "1 epochs", no "contributor(s)"). For regular English nouns.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else if ["s", "x", "ch", "sh"].iter().any(|e| noun.ends_with(e)) {
+        format!("{n} {noun}es")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// Refuse a directory where a bundle file is expected, naming a bundle inside it if there is one (issue 17:
+/// `import usb/` said "usb/: usb/: Is a directory").
+pub fn require_file(path: &Path) -> Result<()> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    let mut bundles: Vec<PathBuf> = std::fs::read_dir(path)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "ferry") && p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    bundles.sort();
+    let hint = match bundles.last() {
+        Some(b) => format!(", e.g. {}", escape_path(b)),
+        None => String::new(),
+    };
+    anyhow::bail!(
+        "{} is a directory; give the bundle file in it{hint}",
+        escape_path(path)
+    )
 }
 
 /// A spinner on stderr for work on big files (hidden when stderr is not a terminal).
@@ -130,6 +233,7 @@ pub fn with_spinner<T>(
     what: &str,
     f: impl FnOnce() -> std::result::Result<T, ferry_bundle::OpenError>,
 ) -> Result<T> {
+    require_file(path)?;
     let big = std::fs::metadata(path)
         .map(|m| m.len() > SPINNER_BYTES)
         .unwrap_or(false);
@@ -157,6 +261,9 @@ pub struct KeygenArgs {
     /// FERRY_PASSPHRASE. Every command that uses the key then asks for it (or reads FERRY_PASSPHRASE).
     #[arg(long)]
     pub protect: bool,
+    /// Print JSON: the two files, the key id and the fingerprint.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `keygen`: make a key pair of the given role.
@@ -179,21 +286,29 @@ pub fn keygen(args: &KeygenArgs, role: Role) -> Result<()> {
     } else {
         sk.write_pair(&args.out)?
     };
+    if args.json {
+        let pk = sk.public();
+        return print_json(&serde_json::json!({
+            "secret": escape_path(&secret), "public": escape_path(&public), "role": pk.role.to_string(),
+            "id": escape(&pk.id), "key_id": pk.key_id_hex(), "fingerprint": pk.fingerprint(),
+            "protected": args.protect,
+        }));
+    }
     let protected = if args.protect {
         ", protected by a passphrase"
     } else {
         ""
     };
-    println!(
+    outln!(
         "wrote {} (secret{protected}, keep it here)",
         escape_path(&secret)
     );
-    println!(
+    outln!(
         "wrote {} (public, key id {})",
         escape_path(&public),
         sk.public().key_id_hex()
     );
-    println!("fingerprint {}", sk.public().fingerprint());
+    outln!("fingerprint {}", sk.public().fingerprint());
     Ok(())
 }
 
@@ -206,17 +321,26 @@ pub struct FingerprintArgs {
     /// Public key files (.pub).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Print one JSON object per key.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `fingerprint`: show each key's role, id, key id and full fingerprint.
 pub fn fingerprint(args: &FingerprintArgs) -> Result<()> {
     for f in &args.files {
         let k = ferry_bundle::PublicKey::read(f)?;
-        println!(
+        if args.json {
+            let v = serde_json::json!({"file": escape_path(f), "role": k.role.to_string(), "id": escape(&k.id),
+                "key_id": k.key_id_hex(), "fingerprint": k.fingerprint()});
+            outln!("{v}");
+            continue;
+        }
+        outln!(
             "{}  {} {}  key id {}\n  fingerprint {}",
             escape_path(f),
             k.role,
-            k.id,
+            escape(&k.id),
             k.key_id_hex(),
             k.fingerprint()
         );
@@ -253,9 +377,9 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
             Ok(b) => {
                 if args.json {
                     let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": b.hash, "manifest": b.manifest});
-                    println!("{v}");
+                    outln!("{v}");
                 } else {
-                    println!(
+                    outln!(
                         "OK    {}  {}",
                         escape_path(f),
                         describe(&b.manifest, &b.hash)
@@ -264,27 +388,28 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
             }
             Err(e) => {
                 failed += 1;
-                let msg = e
-                    .chain()
-                    .skip(1)
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ");
+                // The line starts with the file, already printed in its column.
+                let line = error_line(&e);
+                let name = escape_path(f);
+                let msg = line
+                    .strip_prefix(&format!("{name}: "))
+                    .unwrap_or(&line)
+                    .to_string();
                 if args.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"file": escape_path(f), "ok": false, "error": msg})
                     );
                 } else {
-                    println!("FAIL  {}  {msg}", escape_path(f));
+                    outln!("FAIL  {}  {msg}", escape_path(f));
                 }
             }
         }
     }
     if failed > 0 {
         anyhow::bail!(
-            "{failed} of {} bundle(s) failed verification",
-            args.files.len()
+            "{failed} of {} failed verification",
+            count(args.files.len() as u64, "bundle")
         );
     }
     Ok(())
@@ -294,15 +419,23 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
 pub fn describe(m: &Manifest, hash: &str) -> String {
     let who = match (&m.kind, &m.site) {
         (BundleKind::Update, Some(s)) => {
-            format!("update from {} ({} samples)", escape(&s.id), s.samples)
+            format!(
+                "update from {} ({})",
+                escape(&s.id),
+                count(s.samples, "sample")
+            )
         }
-        _ => format!("global ({} contributor(s))", m.contributors.len()),
+        _ if m.contributors.is_empty() => "global (initial model)".to_string(),
+        _ => format!(
+            "global ({})",
+            count(m.contributors.len() as u64, "contributor")
+        ),
     };
     format!(
-        "{who}, federation {}, round {}, {} tensors, signed by {} {} [{}], sha256 {}",
+        "{who}, federation {}, round {}, {}, signed by {} {} [{}], sha256 {}",
         escape(&m.federation),
         m.round,
-        m.tensors.len(),
+        count(m.tensors.len() as u64, "tensor"),
         m.signer.role,
         escape(&m.signer.id),
         escape(&m.signer.key_id),
@@ -313,7 +446,7 @@ pub fn describe(m: &Manifest, hash: &str) -> String {
 /// Arguments of `inspect`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Reads the header without any key: nothing shown is verified. Use `verify` to check it."
+    after_help = "Example:\n  inspect /media/usb/global-r3.ferry | head -20\n  inspect --json /media/usb/site-a-r3.ferry\n\nReads the header without any key: nothing shown is verified. Use `verify` to check it."
 )]
 pub struct InspectArgs {
     /// Bundle file.
@@ -325,6 +458,7 @@ pub struct InspectArgs {
 
 /// `inspect`: show a bundle's header and manifest, clearly marked unverified.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
+    require_file(&args.file)?;
     let i = ferry_bundle::inspect_file(&args.file).with_context(|| escape_path(&args.file))?;
     if args.json {
         let v = serde_json::json!({
@@ -339,81 +473,89 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             "manifest": i.manifest.as_ref().ok(),
             "manifest_error": i.manifest.as_ref().err(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_json(&v);
     }
-    println!("UNVERIFIED: shown without checking the signature; run `verify --trust ...` before trusting it.");
-    println!(
+    outln!("UNVERIFIED: shown without checking the signature; run `verify --trust ...` before trusting it.");
+    outln!(
         "file        {} ({} bytes, sha256 {})",
         escape_path(&args.file),
         i.file_len,
         i.hash
     );
-    println!(
+    outln!(
         "format      {} (header {} bytes, payload {} bytes)",
-        i.version, i.header_len, i.payload_len
+        i.version,
+        i.header_len,
+        i.payload_len
     );
-    println!("key id      {}", i.key_id);
+    outln!("key id      {}", i.key_id);
     let m = match &i.manifest {
         Ok(m) => m,
         Err(e) => anyhow::bail!("manifest cannot be read: {e}"),
     };
-    println!("kind        {}", m.kind);
-    println!("federation  {}", escape(&m.federation));
-    println!(
+    outln!("kind        {}", m.kind);
+    outln!("federation  {}", escape(&m.federation));
+    outln!(
         "arch        {}",
         m.arch
             .as_deref()
             .map(escape)
             .unwrap_or_else(|| "(foreign weights)".into())
     );
-    println!("round       {}", m.round);
-    println!("base        {}", m.base.as_deref().unwrap_or("(none)"));
+    outln!("round       {}", m.round);
+    outln!("base        {}", m.base.as_deref().unwrap_or("(none)"));
     if let Some(r) = &m.revocations {
-        println!(
+        outln!(
             "revocations list {} (sha256 {})",
             r.serial,
             short(&r.sha256)
         );
     }
     if let Some(e) = m.expires {
-        println!("expires     {e} (unix seconds)");
+        outln!("expires     {}", ferry_bundle::utc(e));
     }
     if let Some(s) = &m.site {
-        println!("site        {} ({} samples)", escape(&s.id), s.samples);
+        outln!(
+            "site        {} ({})",
+            escape(&s.id),
+            count(s.samples, "sample")
+        );
     }
     for c in &m.contributors {
-        println!(
-            "contributor {} {} samples, bundle {}",
+        outln!(
+            "contributor {} {}, bundle {}",
             escape(&c.site),
-            c.samples,
+            count(c.samples, "sample"),
             short(&c.bundle)
         );
     }
     if let Some(s) = &m.strategy {
-        println!("strategy    {}", escape(s));
+        outln!("strategy    {}", escape(s));
     }
-    println!(
+    outln!(
         "signer      {} {} [{}]",
         m.signer.role,
         escape(&m.signer.id),
         escape(&m.signer.key_id)
     );
-    println!("created     {} (unix seconds)", m.created);
-    println!("fingerprint {}", m.model_fingerprint);
+    outln!("created     {}", ferry_bundle::utc(m.created));
+    outln!("fingerprint {}", m.model_fingerprint);
     let ratio = m.payload.len as f64 / (m.payload.compressed_len.max(1)) as f64;
-    println!(
+    outln!(
         "payload     {} -> {} bytes zstd ({ratio:.2}x), sha256 {}",
-        m.payload.len, m.payload.compressed_len, m.payload.sha256
+        m.payload.len,
+        m.payload.compressed_len,
+        m.payload.sha256
     );
-    println!("tensors     {}", m.tensors.len());
+    outln!("tensors     {}", m.tensors.len());
     for t in &m.tensors {
         let n: usize = t.shape.iter().product();
-        println!(
-            "  {:<40} {:<5} {:?} ({n} values)",
+        outln!(
+            "  {:<40} {:<5} {:?} ({})",
             escape(&t.name),
             t.dtype,
-            t.shape
+            t.shape,
+            count(n as u64, "value")
         );
     }
     Ok(())
@@ -422,7 +564,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 /// Arguments of `unpack`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  unpack --trust keys/hq.pub bundles/global-r3.ferry --out model.safetensors\n\nThe output is a plain safetensors file (PyTorch: safetensors.torch.load_file)."
+    after_help = "Example:\n  unpack --trust keys/hq.pub bundles/global-r3.ferry --out model.safetensors\n  unpack --json --trust keys/hq.pub bundles/global-r3.ferry --out model.safetensors\n\nThe output is a plain safetensors file (PyTorch: safetensors.torch.load_file)."
 )]
 pub struct UnpackArgs {
     /// Trusted keys and revocation lists.
@@ -433,6 +575,9 @@ pub struct UnpackArgs {
     /// Where to write the safetensors file (must not exist).
     #[arg(long)]
     pub out: PathBuf,
+    /// Print JSON: the file written, the bundle's hash and manifest.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `unpack`: verify, then write the plain safetensors payload.
@@ -448,10 +593,15 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
             Ok((o.manifest, o.hash))
         })
     })?;
-    println!(
-        "wrote {} ({} tensors, {} bytes) from {}",
+    if args.json {
+        return print_json(&serde_json::json!({
+            "file": escape_path(&args.out), "bytes": manifest.payload.len, "hash": hash, "manifest": manifest,
+        }));
+    }
+    outln!(
+        "wrote {} ({}, {} bytes) from {}",
         escape_path(&args.out),
-        manifest.tensors.len(),
+        count(manifest.tensors.len() as u64, "tensor"),
         manifest.payload.len,
         describe(&manifest, &hash)
     );

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+
+use crate::outln;
 use clap::Args;
 use ferry_bundle::{filesig, fsutil};
 
@@ -23,7 +25,12 @@ pub struct CompletionsArgs {
 /// `completions`: print the completion script for `cmd` (the tool's whole clap definition) to stdout.
 pub fn completions(mut cmd: clap::Command, args: &CompletionsArgs) -> Result<()> {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(args.shell, &mut cmd, name, &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, name, &mut script);
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(&script)
+        .map_err(crate::StdoutError)?;
     Ok(())
 }
 
@@ -63,14 +70,16 @@ pub fn man(mut cmd: clap::Command, args: &ManArgs) -> Result<()> {
     let pages = man_pages(&cmd)?;
     let Some(dir) = &args.out else {
         use std::io::Write;
-        std::io::stdout().write_all(&pages[0].1)?;
+        std::io::stdout()
+            .write_all(&pages[0].1)
+            .map_err(crate::StdoutError)?;
         return Ok(());
     };
     fsutil::ensure_dir(dir)?;
     for (name, roff) in &pages {
         fsutil::write_replace(&dir.join(name), roff)?;
     }
-    println!(
+    outln!(
         "wrote {} man pages into {}",
         pages.len(),
         ferry_bundle::escape_path(dir)
@@ -108,7 +117,7 @@ pub fn sign_file(args: &SignFileArgs) -> Result<()> {
     let out = sig_path(&args.file, &args.out);
     filesig::sign_file(&args.file, &out, &key)?;
     let public = key.public();
-    println!(
+    outln!(
         "wrote {} (signature of {} by {} {} [{}])",
         ferry_bundle::escape_path(&out),
         ferry_bundle::escape_path(&args.file),
@@ -141,7 +150,7 @@ pub fn verify_file(args: &VerifyFileArgs) -> Result<()> {
     let sig = sig_path(&args.file, &args.sig);
     let key = filesig::verify_file(&args.file, &sig, &ring)
         .with_context(|| ferry_bundle::escape_path(&args.file))?;
-    println!(
+    outln!(
         "OK    {}  signed by {} {} [{}]",
         ferry_bundle::escape_path(&args.file),
         key.role,

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{escape, escape_path, short, Draft, Role};
-use ferry_cli::{describe, open_bundle, read_secret_key, read_weights, with_spinner};
+use ferry_cli::{
+    count, describe, open_bundle, outln, print_json, read_secret_key, read_weights, with_spinner,
+};
 use ferry_site::{ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP};
 
 #[derive(Debug, Parser)]
@@ -46,6 +48,8 @@ enum Command {
     Recalibrate(train_cmds::RecalibrateArgs),
     /// Seal the locally trained model as an update bundle for HQ.
     Export(ExportArgs),
+    /// The audit log: every bundle imported or exported, with its hash, size, signer and tensor list.
+    Log(LogArgs),
     /// Check bundles against trusted keys.
     Verify(ferry_cli::VerifyArgs),
     /// Show a bundle's header and manifest without verifying it.
@@ -62,7 +66,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-client pack --key keys/site-a.key --weights model.safetensors --samples 80000 \\\n      --base global-r3.ferry --trust keys/hq.pub --out /media/usb/\n\nWrites <OUT>/<site>-r<round>.ferry; round, federation and base hash come from the base global."
+    after_help = "Example:\n  ferry-client pack --key keys/site-a.key --weights model.safetensors --samples 80000 \\\n      --base global-r3.ferry --trust keys/hq.pub --out /media/usb/\n\nWrites <OUT>/<site>-r<round>.ferry; round, federation and base hash come from the base global.\nThe weights must hold exactly the base global's tensors (names, dtypes, shapes): in PyTorch, save\nmodel.state_dict() of the model unpacked from the global, in F32, without a `module.` prefix."
 )]
 struct PackArgs {
     /// This site's secret key.
@@ -85,6 +89,9 @@ struct PackArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Print JSON: the file written, its hash and manifest.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -122,11 +129,33 @@ struct ImportArgs {
     /// fast-forward by a leaked HQ key; after a long absence, raise it on purpose). Example: --max-round-jump 30
     #[arg(long, default_value_t = DEFAULT_MAX_ROUND_JUMP)]
     max_round_jump: u64,
+    /// Print JSON: what happened (installed or already current), the round, hash, manifest and warnings.
+    #[arg(long)]
+    json: bool,
     /// The global bundle.
     file: PathBuf,
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-client log --state site/\n  ferry-client log --state site/ --tensors\n  ferry-client log --state site/ --json > audit.json\n\nThe log is site/audit.jsonl: one JSON line per bundle that entered or left the site, appended\nafter each import and export. Show it to whoever must know what left the building: each export\nlists every tensor it carried (names, dtypes, shapes) and nothing else."
+)]
+struct LogArgs {
+    /// The site's state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// List each bundle's tensors too.
+    #[arg(long)]
+    tensors: bool,
+    /// Print the entries as one JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-client status --state site/\n  ferry-client status --state site/ --json"
+)]
 struct StatusArgs {
     /// The site's state directory.
     #[arg(long)]
@@ -138,7 +167,7 @@ struct StatusArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/"
+    after_help = "Examples:\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/ --json"
 )]
 struct ExportArgs {
     /// The site's state directory.
@@ -153,6 +182,30 @@ struct ExportArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Export although an update for this round already left the site (it replaces that one: carry only the
+    /// new file; the audit log records which superseded which).
+    #[arg(long)]
+    again: bool,
+    /// Print JSON: the file written, its hash and manifest.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `pack` and `export` print: the update written.
+fn report_written(path: &std::path::Path, sealed: &ferry_bundle::Sealed, json: bool) -> Result<()> {
+    if json {
+        return print_json(&serde_json::json!({
+            "file": escape_path(path), "bytes": sealed.bytes.len(), "hash": sealed.hash,
+            "manifest": sealed.manifest,
+        }));
+    }
+    outln!(
+        "wrote {} ({} bytes), {}",
+        escape_path(path),
+        sealed.bytes.len(),
+        describe(&sealed.manifest, &sealed.hash)
+    );
+    Ok(())
 }
 
 fn pack(a: &PackArgs) -> Result<()> {
@@ -179,24 +232,21 @@ fn pack(a: &PackArgs) -> Result<()> {
     }
     let payload = read_weights(&a.weights)?;
     if payload.fingerprint() != base.manifest.model_fingerprint {
+        let why = ferry_cli::layout::summary(&base.manifest.tensors, payload.metas())
+            .unwrap_or_else(|| "tensor names, dtypes or shapes differ".into());
         anyhow::bail!(
-            "{}: tensor names, dtypes or shapes differ from the base global's model; HQ would refuse this update",
+            "{} does not fit the base global's model (HQ would refuse the update): {why}",
             escape_path(&a.weights)
         );
     }
     let draft = Draft::update_for(&base.manifest, &base.hash, key.id(), a.samples);
     let sealed = ferry_bundle::seal(draft, &payload, &key, a.level)?;
     let path = sealed.write_to_dir(&a.out)?;
-    println!(
-        "wrote {} ({} bytes), {}",
-        escape_path(&path),
-        sealed.bytes.len(),
-        describe(&sealed.manifest, &sealed.hash)
-    );
-    Ok(())
+    report_written(&path, &sealed, a.json)
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
+    ferry_cli::require_file(&a.file)?;
     let keys = if a.trust.is_empty() {
         ferry_bundle::Keyring::new()
     } else {
@@ -235,9 +285,22 @@ fn import(a: &ImportArgs) -> Result<()> {
         )
     })?;
     let outcome = state.import_new(&bundle, &a.file.display().to_string(), &policy, &prepared)?;
+    if a.json {
+        let (installed, previous, warnings) = match &outcome {
+            ImportOutcome::AlreadyCurrent { warnings } => (false, None, warnings),
+            ImportOutcome::Installed { previous, warnings } => {
+                (true, previous.as_ref().map(|p| p.round), warnings)
+            }
+        };
+        return print_json(&serde_json::json!({
+            "file": escape_path(&a.file), "installed": installed, "round": bundle.manifest.round,
+            "previous_round": previous, "hash": bundle.hash, "manifest": bundle.manifest,
+            "model": escape_path(&state.current_model_path()), "warnings": warnings,
+        }));
+    }
     match outcome {
         ImportOutcome::AlreadyCurrent { warnings } => {
-            println!(
+            outln!(
                 "already current: round {} ({}), nothing to do",
                 bundle.manifest.round,
                 short(&bundle.hash)
@@ -248,12 +311,12 @@ fn import(a: &ImportArgs) -> Result<()> {
             let from = previous
                 .map(|p| format!(" (was round {})", p.round))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "imported round {}{from}: {}",
                 bundle.manifest.round,
                 describe(&bundle.manifest, &bundle.hash)
             );
-            println!(
+            outln!(
                 "model for the recogniser: {}",
                 escape_path(&state.current_model_path())
             );
@@ -280,16 +343,17 @@ fn status(a: &StatusArgs) -> Result<()> {
     let mut warnings = Vec::new();
     if let Some(newest) = lists.last().filter(|v| v.list.expired(now)) {
         warnings.push(format!(
-            "the newest revocation list ({}) expired at {} (unix); ask HQ for a newer one",
+            "the newest revocation list ({}) expired at {}; ask HQ for a newer one",
             newest.list.serial,
-            newest.list.expires.unwrap_or(0)
+            ferry_bundle::utc(newest.list.expires.unwrap_or(0))
         ));
     }
     if let Some(g) = &cur {
         if let Some(e) = g.expires.filter(|e| now > *e) {
             warnings.push(format!(
-                "global round {} expired at {e} (unix); ask HQ for a newer one (air-gapped clocks drift: check this machine's date too)",
-                g.round
+                "global round {} expired at {}; ask HQ for a newer one (air-gapped clocks drift: check this machine's date too)",
+                g.round,
+                ferry_bundle::utc(e)
             ));
         }
     }
@@ -297,17 +361,16 @@ fn status(a: &StatusArgs) -> Result<()> {
         let v = serde_json::json!({"global": cur, "previous": state.previous()?, "local": local, "pending_export": pending,
             "pin": pin, "revocation_lists": lists.iter().map(|v| serde_json::json!({"serial": v.list.serial, "sha256": v.sha256, "expires": v.list.expires})).collect::<Vec<_>>(),
             "warnings": warnings});
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_json(&v);
     }
     let Some(g) = cur else {
-        println!("no global imported yet; run `ferry-client import`");
+        outln!("no global imported yet; run `ferry-client import`");
         return Ok(());
     };
-    println!("federation  {}", escape(&g.federation));
-    println!("round       {}", g.round);
-    println!("global      {}", escape(&g.hash));
-    println!(
+    outln!("federation  {}", escape(&g.federation));
+    outln!("round       {}", g.round);
+    outln!("global      {}", escape(&g.hash));
+    outln!(
         "arch        {}",
         g.arch
             .as_deref()
@@ -315,59 +378,65 @@ fn status(a: &StatusArgs) -> Result<()> {
             .unwrap_or_else(|| "(foreign weights: import and re-pack only)".into())
     );
     // Stored escaped; escaped again in case an older ferry wrote the record.
-    println!(
-        "imported    {} (unix) from {}",
-        g.imported_at,
+    outln!(
+        "imported    {} from {}",
+        ferry_bundle::utc(g.imported_at),
         escape(&g.source)
     );
     if let Some(e) = g.expires {
-        println!("expires     {e} (unix)");
+        outln!("expires     {}", ferry_bundle::utc(e));
     }
     match &pin {
         Some(p) => match &p.root {
-            Some(r) => println!("pinned      root key {} ({})", r.key_id, p.how),
-            None => println!(
-                "pinned      HQ key(s) {} ({})",
+            Some(r) => outln!(
+                "pinned      root key {} ({})",
+                escape(&r.key_id),
+                escape(&p.how)
+            ),
+            None => outln!(
+                "pinned      HQ {} {} ({})",
+                if p.hq_keys.len() == 1 { "key" } else { "keys" },
                 p.hq_keys
                     .iter()
-                    .map(|k| k.key_id.as_str())
+                    .map(|k| escape(&k.key_id))
                     .collect::<Vec<_>>()
                     .join(", "),
-                p.how
+                escape(&p.how)
             ),
         },
         None => {
-            println!("pinned      nothing yet (the next import pins the federation and HQ's key)")
+            outln!("pinned      nothing yet (the next import pins the federation and HQ's key)")
         }
     }
     match lists.last() {
-        Some(v) => println!(
-            "revocations {} list(s), newest {} ({})",
-            lists.len(),
+        Some(v) => outln!(
+            "revocations {}, newest {} ({})",
+            count(lists.len() as u64, "list"),
             v.list.serial,
             short(&v.sha256)
         ),
-        None => println!("revocations none"),
+        None => outln!("revocations none"),
     }
-    println!("model file  {}", escape_path(&state.current_model_path()));
+    outln!("model file  {}", escape_path(&state.current_model_path()));
     match local {
         Some(l) if l.base_hash == g.hash => match &l.exported {
-            Some(h) => println!(
-                "local       trained ({} samples, {} epochs), exported as {}",
-                l.samples,
-                l.epochs,
+            Some(h) => outln!(
+                "local       trained ({}, {}), exported as {}",
+                count(l.samples, "sample"),
+                count(l.epochs.into(), "epoch"),
                 short(h)
             ),
-            None => println!(
-                "local       trained ({} samples, {} epochs), WAITING TO BE EXPORTED",
-                l.samples, l.epochs
+            None => outln!(
+                "local       trained ({}, {}), WAITING TO BE EXPORTED",
+                count(l.samples, "sample"),
+                count(l.epochs.into(), "epoch")
             ),
         },
-        Some(l) => println!(
+        Some(l) => outln!(
             "local       trained from an older global (round {}); train again",
             l.round
         ),
-        None => println!("local       not trained this round"),
+        None => outln!("local       not trained this round"),
     }
     print_warnings(&warnings);
     Ok(())
@@ -376,14 +445,49 @@ fn status(a: &StatusArgs) -> Result<()> {
 fn export(a: &ExportArgs) -> Result<()> {
     let key = read_secret_key(&a.key)?;
     let state = SiteState::open(&a.state)?;
+    // Checked before the lock too, which would leave a `lock` file in a folder that holds no state (issue 17).
+    state.require_current()?;
     let lock = state.lock()?;
-    let (path, sealed) = state.export(&lock, &key, &a.out, a.level, false)?;
-    println!(
-        "wrote {} ({} bytes), {}",
-        escape_path(&path),
-        sealed.bytes.len(),
-        describe(&sealed.manifest, &sealed.hash)
-    );
+    let (path, sealed) = state.export(&lock, &key, &a.out, a.level, a.again)?;
+    report_written(&path, &sealed, a.json)
+}
+
+fn log(a: &LogArgs) -> Result<()> {
+    let state = SiteState::open(&a.state)?;
+    let entries = state.audit_log()?;
+    if a.json {
+        return print_json(&entries);
+    }
+    if entries.is_empty() {
+        outln!("nothing imported or exported yet");
+        return Ok(());
+    }
+    for e in &entries {
+        // Every string in an entry was escaped when it was logged.
+        outln!(
+            "{}  {:<6}  round {:<4} {}  {}  {}, {}, signed by {} {}",
+            ferry_bundle::utc(e.time),
+            e.action,
+            e.round,
+            short(&e.sha256),
+            e.file,
+            ferry_cli::count(e.size, "byte"),
+            ferry_cli::count(e.tensors.len() as u64, "tensor"),
+            e.signer_role,
+            e.signer
+        );
+        if let Some(old) = &e.supersedes {
+            outln!(
+                "      replaces the update {} exported before it",
+                short(old)
+            );
+        }
+        if a.tensors {
+            for t in &e.tensors {
+                outln!("      {} {} {:?}", t.name, t.dtype, t.shape);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -404,6 +508,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => train_cmds::run_eval(a),
         Command::Recalibrate(a) => train_cmds::run_recalibrate(a),
         Command::Export(a) => export(a),
+        Command::Log(a) => log(a),
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),

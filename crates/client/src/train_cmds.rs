@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ferry_cli::{count, outln, print_json};
 use ferry_site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{
@@ -55,6 +56,9 @@ impl DataArgs {
 
 /// `ferry-client train`: train the imported global on local data.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-client train --state site/ --data folder:/data/plates/labels.csv --epochs 2\n  ferry-client train --state site/ --data plates:loose:2000 --epochs 1 --json\n\nResumable: run it again after an interruption and it continues from the last finished epoch."
+)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
@@ -73,10 +77,16 @@ pub struct TrainArgs {
     /// Seed of the shuffling order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Print one JSON object instead of a sentence (the progress bars stay on stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ferry-client eval`: accuracy of the site's model on local data.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-client eval --state site/ --data folder:/data/plates/test.csv\n  ferry-client eval --state site/ --data idx:data/fashion-mnist:test --model global --json"
+)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub data: DataArgs,
@@ -91,12 +101,18 @@ pub struct EvalArgs {
 
 /// `ferry-client recalibrate`: re-estimate BatchNorm statistics on local data (labels unused).
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example (new cameras, same model):\n  ferry-client recalibrate --state site/ --data folder:/data/plates/last-week.csv\n\nWrites the deployed model; the global and the local update stay as they are."
+)]
 pub struct RecalibrateArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Images per batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Progress bars for a training run: one bar per epoch showing loss, accuracy and images/s.
@@ -171,16 +187,24 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
     };
     let lock = state.lock()?;
     let s = train_site(&state, &lock, &data, &cfg, &dev, &mut bars).context("training")?;
+    if args.json {
+        return print_json(&serde_json::json!({
+            "arch": arch.name(), "round": s.base.round, "base": s.base.hash, "samples": s.train.samples,
+            "epochs": args.epochs, "steps": s.round_steps, "resumed_after": s.resumed_after,
+            "loss": s.train.loss, "accuracy": s.train.accuracy, "images_per_sec": s.train.images_per_sec,
+            "device": args.data.device.to_string(),
+        }));
+    }
     let resumed = s
         .resumed_after
         .map(|e| format!(", resumed after epoch {e}"))
         .unwrap_or_default();
-    println!(
-        "trained {arch} from round {} on {} samples: {} epochs, {} steps{resumed}; loss {:.3}, train accuracy {:.1}%, {:.0} img/s on {}; run `ferry-client export` next",
+    outln!(
+        "trained {arch} from round {} on {}: {}, {}{resumed}; loss {:.3}, train accuracy {:.1}%, {:.0} img/s on {}; run `ferry-client export` next",
         s.base.round,
-        s.train.samples,
-        args.epochs,
-        s.round_steps,
+        count(s.train.samples as u64, "sample"),
+        count(args.epochs.into(), "epoch"),
+        count(s.round_steps, "step"),
         s.train.loss,
         100.0 * s.train.accuracy,
         s.train.images_per_sec,
@@ -202,7 +226,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
             "char_accuracy": e.char_accuracy,
             "loss": e.loss,
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
         let chars = e
             .char_accuracy
@@ -213,9 +237,9 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         } else {
             "accuracy"
         };
-        println!(
-            "{which} {arch} model on {} samples: {:.1}% {what}{chars} (loss {:.3})",
-            e.samples,
+        outln!(
+            "{which} {arch} model on {}: {:.1}% {what}{chars} (loss {:.3})",
+            count(e.samples as u64, "sample"),
             100.0 * e.accuracy,
             e.loss
         );
@@ -235,13 +259,19 @@ pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
     let res = recalibrate_site(&state, &lock, &data, args.batch, &dev).context("recalibrating");
     spinner.finish_and_clear();
     let (r, path) = res?;
+    if args.json {
+        return print_json(&serde_json::json!({
+            "arch": arch.name(), "samples": r.samples, "batches": r.batches,
+            "file": ferry_bundle::escape_path(&path),
+        }));
+    }
     if r.batches == 0 {
-        println!("{arch} has no BatchNorm layers: nothing to recalibrate; wrote the global unchanged to {}", ferry_bundle::escape_path(&path));
+        outln!("{arch} has no BatchNorm layers: nothing to recalibrate; wrote the global unchanged to {}", ferry_bundle::escape_path(&path));
     } else {
-        println!(
-            "recalibrated {arch} BatchNorm statistics on {} samples ({} batches); deployed model written to {} (the global and the local update are unchanged)",
-            r.samples,
-            r.batches,
+        outln!(
+            "recalibrated {arch} BatchNorm statistics on {} ({}); deployed model written to {} (the global and the local update are unchanged)",
+            count(r.samples as u64, "sample"),
+            count(r.batches as u64, "batch"),
             ferry_bundle::escape_path(&path)
         );
     }

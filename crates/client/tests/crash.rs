@@ -330,6 +330,7 @@ fn check_state_files(state: &Path, ctx: &str) {
                 || [
                     "global.json",
                     "local.json",
+                    "pin.json",
                     "current.safetensors",
                     "weights",
                     "lock",

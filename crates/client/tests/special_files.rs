@@ -99,7 +99,7 @@ fn every_reading_command_refuses_special_and_huge_files_at_once() {
             let r = special::run(env!("CARGO_BIN_EXE_ferry-client"), &args);
             // "verify" prints its FAIL line on stdout and a summary on stderr.
             let expect = if cmd == "verify" {
-                "1 of 1 bundle(s) failed verification"
+                "1 of 1 bundle failed verification"
             } else {
                 expect
             };

@@ -99,7 +99,7 @@ fn file_names_with_escape_sequences_are_printed_and_stored_escaped() {
     assert!(o.status.success(), "{o:?}");
     assert!(printable(&o).contains("\\u{1b}[31m"));
     let o = client(&[os("inspect"), broken.as_os_str()], &[]);
-    assert!(refusal(&o).contains("wrong magic"));
+    assert!(refusal(&o).contains("not a ferry bundle"));
     for json in [false, true] {
         let mut args = vec![os("verify"), os("--trust"), hq_pub.as_os_str()];
         if json {

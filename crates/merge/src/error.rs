@@ -164,6 +164,9 @@ pub enum LedgerError {
     /// `init` found a ledger already.
     #[error("{} already holds a ledger; use it, or choose an empty --state directory for a new federation", ferry_bundle::escape_path(.0))]
     Exists(PathBuf),
+    /// The HQ state directory does not exist.
+    #[error("the HQ state {} does not exist; create it with `ferry-server init --state {} --key ... --federation ...`, or give the --state folder `init` made", ferry_bundle::escape_path(.0), ferry_bundle::escape_path(.0))]
+    NoState(PathBuf),
     /// `load` found no ledger.
     #[error("{} holds no ledger; run `ferry-server init --state {}` first", ferry_bundle::escape_path(.0), ferry_bundle::escape_path(.0))]
     Missing(PathBuf),

@@ -168,6 +168,14 @@ impl Ledger {
 
     /// Lock `dir` and load its ledger, checking it is consistent.
     pub fn load(dir: &Path) -> Result<Ledger, LedgerError> {
+        // Checked before the lock, which would create `lock` in a folder that holds no ledger (issue 17: a
+        // refused merge leaves nothing behind) or fail with "lock: No such file" on a missing one.
+        if !dir.is_dir() {
+            return Err(LedgerError::NoState(dir.to_path_buf()));
+        }
+        if !dir.join(LEDGER_FILE).exists() {
+            return Err(LedgerError::Missing(dir.to_path_buf()));
+        }
         let lock = DirLock::acquire(dir)?;
         let data = Self::peek(dir)?;
         Ok(Ledger {
@@ -180,6 +188,9 @@ impl Ledger {
     /// Read and check the ledger without taking the lock (for `ferry-server status` while a merge runs: the
     /// file is replaced atomically, so this sees the state before or after the merge, never half of it).
     pub fn peek(dir: &Path) -> Result<LedgerData, LedgerError> {
+        if !dir.is_dir() {
+            return Err(LedgerError::NoState(dir.to_path_buf()));
+        }
         let path = dir.join(LEDGER_FILE);
         let bytes = match fsutil::read_capped(&path, MAX_LEDGER_LEN) {
             Ok(b) => b,

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use ferry_bundle::{escape_path, Draft, Role};
-use ferry_cli::{describe, read_secret_key, read_weights};
+use ferry_bundle::{escape, escape_path, Draft, Role};
+use ferry_cli::{count, describe, outln, print_json, read_secret_key, read_weights};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,7 +16,7 @@ use ferry_cli::{describe, read_secret_key, read_weights};
     about = "ferry at HQ: start a federation, verify and merge site updates, sign the next global"
 )]
 #[command(
-    after_help = "Start a federation:\n  ferry-server keygen --id hq --out keys/\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --out bundles/"
+    after_help = "Start a federation:\n  ferry-server keygen --id hq --out keys/\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\nThen each round:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ /media/usb/*.ferry"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,12 +26,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make HQ's key pair (<ID>.key secret, <ID>.pub for the sites), or with --root the federation's root key.
-    Keygen(KeygenArgs),
+    Keygen(HqKeygenArgs),
     /// Show a public key's full fingerprint, to compare over the phone.
     Fingerprint(ferry_cli::FingerprintArgs),
     /// With the offline root key, sign the list of current HQ keys that sites accept (HQ key rotation).
     SignHqKeys(SignHqKeysArgs),
-    /// Write the round-0 global bundle (and, with --state, start HQ's ledger).
+    /// Start a federation: write the round-0 global bundle and start HQ's ledger in --state.
     Init(InitArgs),
     /// Verify site updates and merge them into the next signed global.
     Merge(MergeArgs),
@@ -58,7 +58,10 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-struct KeygenArgs {
+#[command(
+    after_help = "Examples:\n  ferry-server keygen --id hq --out keys/\n  ferry-server keygen --id hq --out keys/ --protect        # asks for a passphrase twice\n  ferry-server keygen --root --id root --out /media/offline-usb/ --protect\n\nWrites <ID>.key (secret, mode 0600) and <ID>.pub (give this one to the sites). Read the printed\nfingerprint to each site over the phone; they compare it with `ferry-client fingerprint hq.pub`."
+)]
+struct HqKeygenArgs {
     #[command(flatten)]
     key: ferry_cli::KeygenArgs,
     /// Make the federation's offline root key instead of an HQ key (example: keygen --root --id root
@@ -94,7 +97,8 @@ struct SignHqKeysArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --out bundles/"
+    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
+    override_usage = "ferry-server init --key <KEY> --federation <FEDERATION> --state <DIR> (--weights <FILE> | --arch <NAME>) [OPTIONS]"
 )]
 struct InitArgs {
     /// HQ's secret key.
@@ -115,9 +119,12 @@ struct InitArgs {
     /// Directory to write global-r0.ferry into.
     #[arg(long, default_value = "bundles")]
     out: PathBuf,
-    /// HQ state directory: records round 0 in a new ledger there (needed for `merge`).
-    #[arg(long)]
+    /// HQ state directory (required): records round 0 in a new ledger there, which every `merge` continues from.
+    #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// Print JSON: the file written, its hash and manifest.
+    #[arg(long)]
+    json: bool,
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
@@ -194,6 +201,9 @@ struct MergeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-server status --state hq/\n  ferry-server status --state hq/ --json"
+)]
 struct StatusArgs {
     /// HQ state directory.
     #[arg(long)]
@@ -204,6 +214,9 @@ struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example (a stick was lost, or a site needs the current global again):\n  ferry-server emit --key keys/hq.key --state hq/ --out /media/usb/"
+)]
 struct EmitArgs {
     /// HQ's secret key (to verify the stored global).
     #[arg(long)]
@@ -214,9 +227,21 @@ struct EmitArgs {
     /// Directory to write the current global into.
     #[arg(long, default_value = "bundles")]
     out: PathBuf,
+    /// Print JSON: the file written.
+    #[arg(long)]
+    json: bool,
 }
 
 fn init(a: &InitArgs) -> Result<()> {
+    // Without a ledger no `merge` can ever follow this global (issue 17): refuse before anything is written.
+    let Some(state) = &a.state else {
+        anyhow::bail!(
+            "init needs --state DIR: HQ's state folder, where the ledger every `merge` continues from is kept \
+             (e.g. ferry-server init --state hq/ --key {} --federation {} ...)",
+            escape_path(&a.key),
+            escape(&a.federation)
+        );
+    };
     let key = read_secret_key(&a.key)?;
     if key.role() != Role::Hq {
         anyhow::bail!(
@@ -242,14 +267,14 @@ fn init(a: &InitArgs) -> Result<()> {
             .created
             .saturating_add(a.valid_days.saturating_mul(DAY)),
     );
-    let (path, sealed) = match &a.state {
-        Some(state) => ferry_merge::hq::init_with(state, &key, &payload, draft, &a.out, a.level)?,
-        None => {
-            let sealed = ferry_bundle::seal(draft, &payload, &key, a.level)?;
-            (sealed.write_to_dir(&a.out)?, sealed)
-        }
-    };
-    println!(
+    let (path, sealed) = ferry_merge::hq::init_with(state, &key, &payload, draft, &a.out, a.level)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "file": escape_path(&path), "bytes": sealed.bytes.len(), "hash": sealed.hash,
+            "state": escape_path(state), "manifest": sealed.manifest,
+        }));
+    }
+    outln!(
         "wrote {} ({} bytes), {}",
         escape_path(&path),
         sealed.bytes.len(),
@@ -262,6 +287,9 @@ fn merge(a: &MergeArgs) -> Result<()> {
     let key = read_secret_key(&a.key)?;
     // The lists are verified against the trusted keys and the state's federation, and stored, by the merge.
     let keyring = ferry_cli::load_keyring(&a.trust.trust)?;
+    for u in &a.updates {
+        ferry_cli::require_file(u)?;
+    }
     let lists = a.trust.revocation_files()?;
     let mut merge = ferry_merge::MergeConfig {
         strategy: a.strategy,
@@ -287,8 +315,8 @@ fn merge(a: &MergeArgs) -> Result<()> {
         valid_for: a.valid_days.saturating_mul(DAY),
     };
     let pb = ferry_cli::spinner(format!(
-        "verifying and merging {} update(s)",
-        a.updates.len()
+        "verifying and merging {}",
+        count(a.updates.len() as u64, "update")
     ));
     let result = ferry_merge::hq::merge_round(
         &a.state, &key, &keyring, &lists, &a.updates, &config, &a.out,
@@ -296,19 +324,18 @@ fn merge(a: &MergeArgs) -> Result<()> {
     pb.finish_and_clear();
     let out = result?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "file": escape_path(&out.path), "hash": out.sealed.hash, "round": out.sealed.manifest.round,
-                "report": out.report, "capped": out.capped,
-                "revocations": out.revocations.as_deref().map(escape_path),
-            }))?
-        );
-        return Ok(());
+        return print_json(&serde_json::json!({
+            "file": escape_path(&out.path), "hash": out.sealed.hash, "round": out.sealed.manifest.round,
+            "report": out.report, "capped": out.capped,
+            "revocations": out.revocations.as_deref().map(escape_path),
+        }));
     }
-    println!(
+    outln!(
         "{:<12} {:>10} {:>8} {:>12}  bundle",
-        "site", "samples", "weight", "distance"
+        "site",
+        "samples",
+        "weight",
+        "distance"
     );
     for c in &out.report.contributions {
         let mut notes = String::new();
@@ -326,9 +353,9 @@ fn merge(a: &MergeArgs) -> Result<()> {
         let weight = c
             .weight
             .map_or_else(|| "-".to_string(), |w| format!("{w:.4}"));
-        println!(
+        outln!(
             "{:<12} {:>10} {:>8} {:>12.4}  {}{notes}",
-            c.site,
+            escape(&c.site),
             c.samples,
             weight,
             c.distance,
@@ -342,22 +369,25 @@ fn merge(a: &MergeArgs) -> Result<()> {
         Vec::new()
     };
     for o in outliers {
-        eprintln!("warning: {}'s update is far from the others (distance {:.3}); consider --clip-norm or a robust strategy", o.site, o.distance);
+        eprintln!("warning: {}'s update is far from the others (distance {:.3}); consider --clip-norm or a robust strategy", escape(&o.site), o.distance);
     }
     for c in &out.capped {
         eprintln!(
             "warning: {} signed {} samples; weighted as {} ({})",
-            c.site, c.declared, c.used, c.bound
+            escape(&c.site),
+            c.declared,
+            c.used,
+            c.bound
         );
     }
-    println!(
+    outln!(
         "wrote {} ({} bytes), {}",
         escape_path(&out.path),
         out.sealed.bytes.len(),
         describe(&out.sealed.manifest, &out.sealed.hash)
     );
     if let Some(r) = &out.revocations {
-        println!(
+        outln!(
             "wrote {} (the revocation list the global names: carry it with the global)",
             escape_path(r)
         );
@@ -368,9 +398,9 @@ fn merge(a: &MergeArgs) -> Result<()> {
 fn status(a: &StatusArgs) -> Result<()> {
     let s = ferry_merge::hq::status(&a.state)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        print_json(&s)?;
     } else {
-        print!("{s}");
+        ferry_cli::out!("{s}");
     }
     Ok(())
 }
@@ -378,7 +408,10 @@ fn status(a: &StatusArgs) -> Result<()> {
 fn emit(a: &EmitArgs) -> Result<()> {
     let key = read_secret_key(&a.key)?;
     let path = ferry_merge::hq::emit(&a.state, &key, &a.out)?;
-    println!("wrote {}", escape_path(&path));
+    if a.json {
+        return print_json(&serde_json::json!({"file": escape_path(&path)}));
+    }
+    outln!("wrote {}", escape_path(&path));
     Ok(())
 }
 
@@ -399,17 +432,17 @@ fn sign_hq_keys(a: &SignHqKeysArgs) -> Result<()> {
     );
     let bytes = ferry_bundle::keylist::sign(&list, &root)?;
     ferry_bundle::fsutil::write_new_verified(&a.out, &bytes)?;
-    println!(
-        "wrote {} naming {} HQ key(s) for federation {}, serial {}",
+    outln!(
+        "wrote {} naming {} for federation {}, serial {}",
         escape_path(&a.out),
-        keys.len(),
-        a.federation,
+        count(keys.len() as u64, "HQ key"),
+        escape(&a.federation),
         a.serial
     );
     for k in &keys {
-        println!(
+        outln!(
             "  {} {}  fingerprint {}",
-            k.id,
+            escape(&k.id),
             k.key_id_hex(),
             k.fingerprint()
         );
@@ -449,6 +482,9 @@ struct RevokeArgs {
     /// The list file to write (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// Print JSON: the file written and the signed list.
+    #[arg(long)]
+    json: bool,
 }
 
 fn revoke(a: &RevokeArgs) -> Result<()> {
@@ -488,11 +524,17 @@ fn revoke(a: &RevokeArgs) -> Result<()> {
         ferry_merge::hq::store_revocation(state, &key, &bytes)?;
     }
     ferry_bundle::fsutil::write_new_verified(&a.out, &bytes)?;
-    println!(
-        "wrote {} revoking {} key(s) and {} bundle(s){}",
+    if a.json {
+        return print_json(&serde_json::json!({
+            "file": escape_path(&a.out), "sha256": ferry_bundle::sha256_hex(&bytes),
+            "stored_in_state": a.state.as_deref().map(escape_path), "list": list,
+        }));
+    }
+    outln!(
+        "wrote {} revoking {} and {}{}",
         escape_path(&a.out),
-        a.revoke.len(),
-        a.bundles.len(),
+        count(a.revoke.len() as u64, "key"),
+        count(a.bundles.len() as u64, "bundle"),
         if a.state.is_some() {
             "; stored in HQ's state"
         } else {

@@ -125,7 +125,11 @@ impl SiteState {
         if let Some(e) = m.expires.filter(|_| m.expired(policy.now)) {
             expired(
                 policy,
-                format!("global round {} expired at {e} (unix)", m.round),
+                format!(
+                    "global round {} expired at {}",
+                    m.round,
+                    ferry_bundle::utc(e)
+                ),
                 &mut warnings,
             )?;
         }

@@ -329,8 +329,9 @@ fn check_list_expiry(
         expired(
             policy,
             format!(
-                "the root-signed HQ key list {} expired at {} (unix)",
-                list.serial, list.expires
+                "the root-signed HQ key list {} expired at {}",
+                list.serial,
+                ferry_bundle::utc(list.expires)
             ),
             warnings,
         )?;
