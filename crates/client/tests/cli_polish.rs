@@ -605,6 +605,69 @@ fn a_round_reports_in_json_utc_dates_and_proper_plurals() {
         update.as_os_str(),
     ]));
     assert!(text.contains("update from site-a (8 samples)"), "{text}");
+
+    // The audit log (issue 16): the import and the export, each with its hash and tensor list.
+    let v = json(&client(&[
+        OsStr::new("log"),
+        OsStr::new("--json"),
+        OsStr::new("--state"),
+        s,
+    ]));
+    let entries = v.as_array().expect("a JSON array");
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["import", "export"], "{v}");
+    let exported = &entries[1];
+    let update_bytes = std::fs::read(&update).unwrap();
+    assert_eq!(exported["size"].as_u64(), Some(update_bytes.len() as u64));
+    assert_eq!(exported["signer"], "site-a");
+    assert!(!exported["tensors"].as_array().unwrap().is_empty(), "{v}");
+    let text = success(&client(&[
+        OsStr::new("log"),
+        OsStr::new("--tensors"),
+        OsStr::new("--state"),
+        s,
+    ]));
+    assert!(text.contains(" UTC  export"), "{text}");
+    assert!(text.contains("signed by site site-a"), "{text}");
+
+    // A second export for the same round is refused; --again replaces it and the log says so.
+    let usb2 = dir.path().join("usb2");
+    let o = client(&[
+        OsStr::new("export"),
+        OsStr::new("--state"),
+        s,
+        OsStr::new("--key"),
+        dir.path().join("keys/site-a.key").as_os_str(),
+        OsStr::new("--out"),
+        usb2.as_os_str(),
+    ]);
+    assert!(refusal(&o).contains("--again"), "{o:?}");
+    assert!(!usb2.exists(), "a refused export wrote {}", usb2.display());
+    let v = json(&client(&[
+        OsStr::new("export"),
+        OsStr::new("--again"),
+        OsStr::new("--json"),
+        OsStr::new("--state"),
+        s,
+        OsStr::new("--key"),
+        dir.path().join("keys/site-a.key").as_os_str(),
+        OsStr::new("--out"),
+        usb2.as_os_str(),
+    ]));
+    let again = v["hash"].as_str().unwrap().to_string();
+    let text = success(&client(&[OsStr::new("log"), OsStr::new("--state"), s]));
+    assert!(text.contains("replaces the update"), "{text}");
+    let v = json(&client(&[
+        OsStr::new("log"),
+        OsStr::new("--json"),
+        OsStr::new("--state"),
+        s,
+    ]));
+    assert_eq!(v[2]["sha256"].as_str(), Some(again.as_str()));
+    assert_eq!(v[2]["supersedes"], entries[1]["sha256"]);
 }
 
 #[test]
