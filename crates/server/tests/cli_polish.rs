@@ -338,6 +338,9 @@ fn init_emit_merge_and_revoke_report_in_json_and_plurals() {
             state.as_os_str(),
             OsStr::new("--out"),
             out.as_os_str(),
+            // One site here: the default asks for two.
+            OsStr::new("--min-sites"),
+            OsStr::new("1"),
         ];
         if json {
             a.push(OsStr::new("--json"));

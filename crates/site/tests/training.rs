@@ -21,11 +21,11 @@ fn plates(n: usize) -> Dataset {
     spec.load(&LoadConfig::default()).unwrap()
 }
 
-/// A state directory holding an imported plate-cnn global (round 0, seed 42), as `ferry-client import` leaves
+/// A state directory holding an imported plate-ctc global (round 0, seed 42), as `ferry-client import` leaves
 /// it: a real signed global, verified and imported. `arch: None` makes it a global of foreign weights.
 fn site(dir: &Path, arch: Option<&str>) -> SiteState {
     let hq = SecretKey::from_seed(Role::Hq, "hq", [1; 32]);
-    let weights = Model::init(Arch::PlateCnn, 42, &Device::Cpu)
+    let weights = Model::init(Arch::PlateCtc, 42, &Device::Cpu)
         .unwrap()
         .to_safetensors()
         .unwrap();
@@ -80,7 +80,7 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
 
     // Uninterrupted run.
-    let sa = site(a.path(), Some("plate-cnn"));
+    let sa = site(a.path(), Some("plate-ctc"));
     let lock_a = sa.lock().unwrap();
     let whole = train_site(&sa, &lock_a, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
     let local = sa.local().unwrap().unwrap();
@@ -95,7 +95,7 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
     assert!(!a.path().join(CHECKPOINT_FILE).exists());
 
     // Interrupted after epoch 1, then run again: resumes, same step count, same weights.
-    let sb = site(b.path(), Some("plate-cnn"));
+    let sb = site(b.path(), Some("plate-ctc"));
     let lock_b = sb.lock().unwrap();
     let r = catch_unwind(AssertUnwindSafe(|| {
         train_site(
@@ -139,7 +139,7 @@ fn foreign_weights_cannot_be_trained() {
 #[test]
 fn recalibration_writes_the_deployed_model_and_leaves_the_global_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let state = site(dir.path(), Some("plate-cnn"));
+    let state = site(dir.path(), Some("plate-ctc"));
     let global = state.global_weights().unwrap();
     let data = plates(24);
     let lock = state.lock().unwrap();
