@@ -54,7 +54,7 @@ server init --key keys/hq.key --arch plate-cnn --seed 1 --federation city-cctv -
 client verify --trust keys/hq.pub usb/global-r0.ferry
 client inspect usb/global-r0.ferry >inspect.txt
 grep -q "federation  city-cctv" inspect.txt
-client import --trust keys/hq.pub --state site-a/ usb/global-r0.ferry
+client import --federation city-cctv --trust keys/hq.pub --state site-a/ usb/global-r0.ferry
 client status --state site-a/
 client unpack --trust keys/hq.pub usb/global-r0.ferry --out weights.safetensors
 client pack --key keys/site-a.key --weights weights.safetensors --samples 100 --base usb/global-r0.ferry \
