@@ -319,18 +319,20 @@ fn a_counter_stored_as_a_float_takes_the_maximum() {
     assert_eq!(report.tensors[0].rule, TensorRule::Max);
 }
 
+/// One BatchNorm layer with a single channel: running mean `m`, running variance `v`.
+fn bn1(m: f32, v: f32) -> Vec<(&'static str, ferry_merge::OwnedTensor)> {
+    vec![
+        ("layer.running_mean", f32t(&[1], &[m])),
+        ("layer.running_var", f32t(&[1], &[v])),
+    ]
+}
+
 #[test]
 fn a_negative_running_variance_is_refused_naming_site_and_tensor() {
-    let bn = |m: f32, v: f32| {
-        vec![
-            ("layer.running_mean", f32t(&[1], &[m])),
-            ("layer.running_var", f32t(&[1], &[v])),
-        ]
-    };
-    let base = source("base", &bn(0.0, 1.0));
+    let base = source("base", &bn1(0.0, 1.0));
     let mut sites = vec![
-        site("a", "aa", 10, &bn(0.2, 0.9)),
-        site("b", "bb", 10, &bn(0.1, -0.5)),
+        site("a", "aa", 10, &bn1(0.2, 0.9)),
+        site("b", "bb", 10, &bn1(0.1, -0.5)),
     ];
     for strategy in [Strategy::FedAvg, Strategy::Median] {
         let e = run(&base, &mut sites, &cfg(strategy), &mut ServerState::new()).unwrap_err();
@@ -345,17 +347,11 @@ fn a_negative_running_variance_is_refused_naming_site_and_tensor() {
 
 #[test]
 fn batchnorm_statistics_are_bounded_relative_to_the_base_global() {
-    let bn = |m: f32, v: f32| {
-        vec![
-            ("layer.running_mean", f32t(&[1], &[m])),
-            ("layer.running_var", f32t(&[1], &[v])),
-        ]
-    };
     // Base σ = 2: with R = 100 a site's mean stays within 0 ± 200 and its variance within [4e-4, 4e4].
-    let base = source("base", &bn(0.0, 4.0));
+    let base = source("base", &bn1(0.0, 4.0));
     let mut sites = vec![
-        site("a", "aa", 1, &bn(0.5, 1.2)),
-        site("b", "bb", 1, &bn(1.0e6, 1.0e12)),
+        site("a", "aa", 1, &bn1(0.5, 1.2)),
+        site("b", "bb", 1, &bn1(1.0e6, 1.0e12)),
     ];
     let (out, report) = run(
         &base,
