@@ -10,7 +10,8 @@ use ferry_cli::{count, outln, print_json};
 use ferry_site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{
-    device, AdamConfig, Arch, DeviceChoice, EpochStats, StepStats, TrainConfig, TrainObserver,
+    device, AdamConfig, Arch, CosineDecay, DeviceChoice, EpochStats, StepStats, TrainConfig,
+    TrainObserver,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -71,6 +72,13 @@ pub struct TrainArgs {
     /// Linear warm-up steps (counted over the site's lifetime: the Adam state persists between rounds).
     #[arg(long, default_value_t = AdamConfig::default().warmup)]
     pub warmup: u64,
+    /// Cosine learning-rate decay after the warm-up, ending at this step of the site's lifetime (the same count as
+    /// --warmup; plan it as rounds × epochs × steps per epoch). 0 keeps the rate flat.
+    #[arg(long, default_value_t = 0, value_name = "STEP")]
+    pub decay_until: u64,
+    /// Where the decay ends, as a fraction of --lr.
+    #[arg(long, default_value_t = CosineDecay::DEFAULT_FLOOR, value_name = "FRACTION")]
+    pub decay_floor: f64,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -178,6 +186,10 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         adam: AdamConfig {
             lr: args.lr,
             warmup: args.warmup,
+            decay: (args.decay_until > 0).then_some(CosineDecay {
+                until: args.decay_until,
+                floor: args.decay_floor,
+            }),
             ..AdamConfig::default()
         },
     };

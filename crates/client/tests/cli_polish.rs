@@ -558,6 +558,34 @@ fn a_round_reports_in_json_utc_dates_and_proper_plurals() {
     );
     assert!(v["loss"].is_f64() && v["steps"].is_u64(), "{v}");
 
+    // A cosine decay: a floor outside [0, 1] is refused before any training, a sound one trains.
+    let decay = |floor: &str| {
+        client(
+            &[
+                "train",
+                "--data",
+                "plates:loose:8",
+                "--batch",
+                "4",
+                "--decay-until",
+                "4",
+                "--decay-floor",
+                floor,
+                "--state",
+            ]
+            .iter()
+            .map(OsStr::new)
+            .chain([s])
+            .collect::<Vec<_>>(),
+        )
+    };
+    let err = refusal(&decay("1.5"));
+    assert!(
+        err.contains("learning-rate floor must be a fraction between 0 and 1, not 1.5"),
+        "{err}"
+    );
+    assert!(success(&decay("0.1")).contains("on 8 samples: 1 epoch, "));
+
     let out = success(&client(&[OsStr::new("status"), OsStr::new("--state"), s]));
     assert!(out.contains("(8 samples, 1 epoch)"), "{out}");
     assert!(

@@ -13,7 +13,7 @@ use ferry_site::{eval_site, EvalTarget};
 use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
-use crate::plates::{field_data, scaled_warmup};
+use crate::plates::{field_data, planned_decay, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
@@ -39,6 +39,8 @@ pub struct DemoConfig {
     pub warmup: Option<u64>,
     /// Images per step.
     pub batch: usize,
+    /// Cosine learning-rate decay over the sites' whole run (all rounds), rather than a flat rate.
+    pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
 }
@@ -55,6 +57,7 @@ impl Default for DemoConfig {
             lr: 2e-3,
             warmup: None,
             batch: 32,
+            cosine: true,
             seed: 1,
         }
     }
@@ -93,8 +96,9 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
         .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));
     println!("ferry-lab demo: everything goes into {}", cfg.dir.display());
     println!(
-        "  {} rounds; each site trains {} local epochs per round on {} synthetic plates ({arch}, batch {}, Adam lr {}, warm-up {warmup} steps = 0.8 epoch, scaled down from the field study's 1000 for 80k plates)",
-        cfg.rounds, cfg.epochs, cfg.samples, cfg.batch, cfg.lr
+        "  {} rounds; each site trains {} local epochs per round on {} synthetic plates ({arch}, batch {}, Adam lr {}, warm-up {warmup} steps = 0.8 epoch, scaled down from the field study's 1000 for 80k plates{})",
+        cfg.rounds, cfg.epochs, cfg.samples, cfg.batch, cfg.lr,
+        if cfg.cosine { ", then a cosine decay over all rounds" } else { "" }
     );
     println!("  accuracy: 'exact' = every character of the plate right (the field study's measure); 'chars' = characters right");
     let data = field_data(arch, cfg.samples, cfg.val, cfg.local_test, cfg.seed)?;
@@ -141,6 +145,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
             ..AdamConfig::default()
         },
     };
+    let tcfg = planned_decay(&tcfg, cfg.cosine, cfg.samples, cfg.rounds * cfg.epochs);
     let round_cfg = RoundConfig::default();
     for r in 1..=cfg.rounds {
         println!("\n== round {r} of {} ==", cfg.rounds);

@@ -80,6 +80,15 @@ struct DemoArgs {
     train: TrainFlags,
 }
 
+/// How the learning rate moves after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LrSchedule {
+    /// Constant.
+    Flat,
+    /// Cosine decay to 1 % of the peak over the planned run.
+    Cosine,
+}
+
 /// Optimizer flags shared by the three experiments. The defaults differ per command (see `resolve`), so they are
 /// options here: clap's derived defaults cannot vary with the subcommand.
 #[derive(Debug, Args)]
@@ -94,6 +103,10 @@ struct TrainFlags {
     /// Images per step [default: demo 32, seed-table 64, fedavg 10 (the FedAvg paper's B)].
     #[arg(long)]
     batch: Option<usize>,
+    /// Learning rate after the warm-up: `cosine` decays it over each trainer's whole planned run (every round)
+    /// to 1 % of the peak, `flat` keeps it (the field study) [default: demo cosine, seed-table and fedavg flat].
+    #[arg(long, value_name = "SCHEDULE")]
+    lr_schedule: Option<LrSchedule>,
     /// Seed of the initial weights, the data and the shuffles.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -296,6 +309,10 @@ fn run(cli: Cli) -> Result<()> {
                 lr: a.train.lr.unwrap_or(d.lr),
                 warmup: a.train.warmup,
                 batch: a.train.batch.unwrap_or(d.batch),
+                cosine: a
+                    .train
+                    .lr_schedule
+                    .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
             };
             demo::run(&cfg)?;
@@ -311,6 +328,10 @@ fn run(cli: Cli) -> Result<()> {
                 lr: a.train.lr.unwrap_or(d.lr),
                 warmup: a.train.warmup,
                 batch: a.train.batch.unwrap_or(d.batch),
+                cosine: a
+                    .train
+                    .lr_schedule
+                    .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
             };
             let rows = seed_table::run(&cfg)?;

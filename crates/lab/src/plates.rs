@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::Arch;
+use ferry_train::{Arch, CosineDecay, TrainConfig};
 
 use crate::progress::spinner;
 
@@ -64,4 +64,19 @@ pub fn scaled_warmup(samples: usize, batch: usize) -> u64 {
     ((samples.div_ceil(batch.max(1)) as f64) * 0.8)
         .round()
         .max(1.0) as u64
+}
+
+/// `cfg` with its learning rate decaying on a cosine over a trainer's whole planned run (`epochs` passes over
+/// `samples` images: the steps an optimizer that lives across rounds takes in total), when `cosine` is set;
+/// `cfg` unchanged otherwise.
+pub fn planned_decay(cfg: &TrainConfig, cosine: bool, samples: usize, epochs: u32) -> TrainConfig {
+    let mut cfg = cfg.clone();
+    if cosine {
+        let until = samples.div_ceil(cfg.batch.max(1)) as u64 * u64::from(epochs);
+        cfg.adam.decay = Some(CosineDecay {
+            until,
+            floor: CosineDecay::DEFAULT_FLOOR,
+        });
+    }
+    cfg
 }

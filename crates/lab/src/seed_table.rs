@@ -26,7 +26,7 @@ use ferry_train::{evaluate, AdamConfig, Arch, Device, Evaluation, Model, TrainCo
 use serde::Serialize;
 
 use crate::fed::{Federation, EVAL_BATCH};
-use crate::plates::{field_data, scaled_warmup, FieldData};
+use crate::plates::{field_data, planned_decay, scaled_warmup, FieldData};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
@@ -49,6 +49,9 @@ pub struct SeedTableConfig {
     pub warmup: Option<u64>,
     /// Images per step.
     pub batch: usize,
+    /// Cosine learning-rate decay over each trainer's whole run (all T epochs), rather than the field study's flat
+    /// rate.
+    pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
 }
@@ -64,6 +67,7 @@ impl Default for SeedTableConfig {
             lr: 1e-3,
             warmup: None,
             batch: 64,
+            cosine: false,
             seed: 1,
         }
     }
@@ -131,7 +135,7 @@ fn standalone(
     let mut curve = vec![point(0, &eval(&model, val)?)];
     let tcfg = TrainConfig {
         epochs: cfg.total_epochs,
-        ..tcfg.clone()
+        ..planned_decay(tcfg, cfg.cosine, data.len(), cfg.total_epochs)
     };
     for epoch in 0..cfg.total_epochs {
         // Round 0's shuffles, exactly what `train_site` runs on a round-0 global.
@@ -203,6 +207,8 @@ fn fedavg(
     let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let rounds = cfg.total_epochs.div_ceil(e);
+    // Each site's optimizer lives across the rounds, so its decay spans all T epochs.
+    let site_cfg = |set: &Dataset| planned_decay(tcfg, cfg.cosine, set.len(), cfg.total_epochs);
     let mut done = 0;
     for r in 0..rounds {
         let epochs = e.min(cfg.total_epochs - done);
@@ -215,7 +221,7 @@ fn fedavg(
                 set,
                 &TrainConfig {
                     epochs,
-                    ..tcfg.clone()
+                    ..site_cfg(set)
                 },
                 &mut TrainBars::new(label),
             )?;

@@ -68,6 +68,7 @@ fn seed_table_small_end_to_end() {
         lr: 1e-3,
         warmup: None,
         batch: 32,
+        cosine: true,
         seed: 3,
     };
     let rows = seed_table::run(&cfg).unwrap();

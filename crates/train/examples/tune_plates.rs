@@ -8,10 +8,14 @@
 //! Prints one line per chunk: images seen, seconds, mean training loss, tuning exact and character accuracy.
 //! With VAL_N > 0 the run is a measurement, not tuning: every line reports the *validation* set instead, the one
 //! `ferry-lab seed-table --seed 1 --val VAL_N` uses (90 % loose from seed 1003, 10 % tight from seed 1004).
+//! At the end it prints where the errors are (loose / tight, one- / two-line plates, each label slot) and, with
+//! `TUNE_SAVE=FILE`, writes the model's safetensors there.
 use std::time::Instant;
 
+use candle_core::Tensor;
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Model, TrainConfig};
+use ferry_train::train::predictions;
+use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Mode, Model, TrainConfig};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -80,4 +84,66 @@ fn main() {
             ev.char_accuracy.unwrap_or(f64::NAN)
         );
     }
+    breakdown(&model, &tune);
+    if let Ok(path) = std::env::var("TUNE_SAVE") {
+        std::fs::write(&path, model.to_safetensors().unwrap()).unwrap();
+        println!("model written to {path}");
+    }
+}
+
+/// Where the errors are: exact match by crop style and by line count, and the error rate of each label slot.
+fn breakdown(model: &Model, set: &Dataset) {
+    let arch = model.arch();
+    let slots = set.slots();
+    let mut pred = Vec::with_capacity(set.labels.len());
+    let all: Vec<usize> = (0..set.len()).collect();
+    for idx in all.chunks(256) {
+        let b = set.subset(idx);
+        let x = Tensor::from_vec(
+            b.images.clone(),
+            (b.len(), b.channels, b.height, b.width),
+            model.device(),
+        )
+        .unwrap();
+        let logits = model.forward(&x, Mode::Eval).unwrap();
+        pred.extend(predictions(arch, &logits).unwrap());
+    }
+    // (plates, exact) by group; errors by slot.
+    let mut groups: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut slot_err = vec![0usize; slots];
+    for i in 0..set.len() {
+        let (p, l) = (&pred[i * slots..(i + 1) * slots], set.label(i));
+        let exact = p == l;
+        let style = set
+            .styles
+            .as_ref()
+            .map_or("?".to_string(), |s| format!("{:?}", s[i]).to_lowercase());
+        let lines = if plates::lines(l)[0].is_empty() {
+            "one-line"
+        } else {
+            "two-line"
+        };
+        for g in [style, lines.to_string()] {
+            let e = groups.entry(g).or_default();
+            e.0 += 1;
+            e.1 += usize::from(exact);
+        }
+        for (k, (a, b)) in p.iter().zip(l).enumerate() {
+            slot_err[k] += usize::from(a != b);
+        }
+    }
+    for (g, (n, e)) in &groups {
+        println!(
+            "  {g:<9} {n:>5} plates  exact {:.1} %",
+            100.0 * *e as f64 / *n as f64
+        );
+    }
+    let rates: Vec<String> = slot_err
+        .iter()
+        .map(|e| format!("{:.1}", 100.0 * *e as f64 / set.len() as f64))
+        .collect();
+    println!(
+        "  error % by label slot (left to right): {}",
+        rates.join(" ")
+    );
 }

@@ -30,7 +30,7 @@ pub use arch::{Arch, TensorKind, TensorSpec};
 pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model, Ops};
-pub use optim::{Adam, AdamConfig};
+pub use optim::{Adam, AdamConfig, CosineDecay};
 pub use train::{
     evaluate, recalibrate, train, train_epoch, train_epochs, EpochStats, Evaluation, Recalibration,
     StepStats, TrainConfig, TrainObserver, TrainSummary,

@@ -1,5 +1,5 @@
 //! Adam (Kingma & Ba 2015, as in PyTorch's `torch.optim.Adam` without weight decay) over a model's trainable
-//! tensors in sorted-name order, with a linear learning-rate warm-up. Written here rather than using
+//! tensors in sorted-name order, with a linear learning-rate warm-up and an optional cosine decay. Written here rather than using
 //! `candle_nn::AdamW` because the moments and the step count must be saved in the site state and carried from round
 //! to round (the field study kept each site's Adam state across rounds), and AdamW does not expose them.
 
@@ -29,6 +29,24 @@ pub struct AdamConfig {
     pub beta2: f64,
     /// Denominator guard.
     pub eps: f64,
+    /// Cosine decay after the warm-up; `None` keeps `lr` flat.
+    pub decay: Option<CosineDecay>,
+}
+
+/// A cosine learning-rate decay (Loshchilov & Hutter 2017, without restarts) on the optimizer's lifetime step
+/// count: from `lr` at the end of the warm-up down to `lr · floor` at step `until`, flat after that. A floor above
+/// zero keeps a site that trains past the planned steps (an extra round) learning rather than frozen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CosineDecay {
+    /// The step at which the decay reaches its floor.
+    pub until: u64,
+    /// The final learning rate as a fraction of `lr`, in `[0, 1]`.
+    pub floor: f64,
+}
+
+impl CosineDecay {
+    /// The floor ferry uses unless told otherwise: 1 % of the peak.
+    pub const DEFAULT_FLOOR: f64 = 0.01;
 }
 
 impl Default for AdamConfig {
@@ -40,6 +58,7 @@ impl Default for AdamConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            decay: None,
         }
     }
 }
@@ -47,10 +66,17 @@ impl Default for AdamConfig {
 impl AdamConfig {
     /// The learning rate used for step number `step` (1-based).
     pub fn lr_at(&self, step: u64) -> f64 {
-        if self.warmup == 0 || step >= self.warmup {
-            self.lr
-        } else {
-            self.lr * step as f64 / self.warmup as f64
+        if self.warmup > 0 && step < self.warmup {
+            return self.lr * step as f64 / self.warmup as f64;
+        }
+        match self.decay {
+            Some(d) if d.until > self.warmup => {
+                let t = (step.min(d.until) - self.warmup) as f64 / (d.until - self.warmup) as f64;
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                self.lr * (d.floor + (1.0 - d.floor) * cos)
+            }
+            Some(d) => self.lr * d.floor,
+            None => self.lr,
         }
     }
 }

@@ -53,6 +53,14 @@ impl TrainConfig {
                 self.adam.lr
             )));
         }
+        if let Some(d) = self.adam.decay {
+            if !(0.0..=1.0).contains(&d.floor) {
+                return Err(TrainError::Config(format!(
+                    "the learning-rate floor must be a fraction between 0 and 1, not {}",
+                    d.floor
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -755,5 +763,34 @@ mod tests {
             [c.lr_at(1), c.lr_at(2), c.lr_at(4), c.lr_at(100)],
             [0.25, 0.5, 1.0, 1.0]
         );
+    }
+
+    #[test]
+    fn cosine_decay_follows_warmup_and_stops_at_its_floor() {
+        let c = AdamConfig {
+            lr: 1.0,
+            warmup: 4,
+            decay: Some(crate::CosineDecay {
+                until: 104,
+                floor: 0.1,
+            }),
+            ..AdamConfig::default()
+        };
+        let at = |s| c.lr_at(s);
+        assert_eq!([at(2), at(4)], [0.5, 1.0]);
+        // Halfway through the decay: the midpoint between the peak and the floor.
+        assert!((at(54) - 0.55).abs() < 1e-12, "{}", at(54));
+        assert!(at(30) > at(54) && at(54) > at(90));
+        assert!((at(104) - 0.1).abs() < 1e-12);
+        assert!((at(10_000) - 0.1).abs() < 1e-12);
+        // A decay that ends inside the warm-up leaves the floor after it.
+        let short = AdamConfig {
+            decay: Some(crate::CosineDecay {
+                until: 2,
+                floor: 0.1,
+            }),
+            ..c
+        };
+        assert!((short.lr_at(50) - 0.1).abs() < 1e-12);
     }
 }
