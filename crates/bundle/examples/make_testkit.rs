@@ -247,6 +247,7 @@ fn draft_global(round: u64, base: Option<String>, contributors: Vec<Contributor>
         revocations: None,
         created: CREATED,
         expires: None,
+        encrypt_to: Vec::new(),
     }
 }
 
@@ -266,6 +267,7 @@ fn draft_update(base: &str, site: &str, samples: u64) -> Draft {
         revocations: None,
         created: CREATED,
         expires: None,
+        encrypt_to: Vec::new(),
     }
 }
 
