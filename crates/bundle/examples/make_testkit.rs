@@ -735,7 +735,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
         "a plain safetensors file offered as a bundle",
     );
     for (v, what) in [
-        (3u16, "version-3"),
+        (4u16, "version-4"),
         (0, "version-0"),
         (0xffff, "version-65535"),
     ] {
@@ -747,7 +747,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
             STD,
             "UnsupportedVersion",
             "UnsupportedVersion",
-            "header version is not 1 or 2: a clear 'newer format' error",
+            "header version is not 1, 2 or 3: a clear 'newer format' error",
         );
     }
     let mut b = g.to_vec();
