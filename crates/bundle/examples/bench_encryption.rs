@@ -72,8 +72,10 @@ fn main() {
             "{label:<9} {mib} MiB model: bundle {size} bytes; pack {pack:.2} s, verify (signature + hash only) \
              {identify:.2} s, verify {verify:.2} s, unpack {unpack:.2} s"
         );
-        rows.push(serde_json::json!({"payload": label, "model_mib": mib, "bundle_bytes": size,
-            "pack_s": pack, "identify_s": identify, "verify_s": verify, "unpack_s": unpack}));
+        rows.push(
+            serde_json::json!({"payload": label, "model_mib": mib, "bundle_bytes": size,
+            "pack_s": pack, "identify_s": identify, "verify_s": verify, "unpack_s": unpack}),
+        );
     }
     println!("{}", serde_json::Value::Array(rows));
 }

@@ -84,7 +84,9 @@ pub enum OpenError {
     #[error("tensor {0:?} does not match its signed hash")]
     TensorHash(String),
     /// The payload is encrypted and no identity was given to decrypt it (issue 15 §5).
-    #[error("payload is encrypted to {0}; pass --identity with one of their secret keys to read it")]
+    #[error(
+        "payload is encrypted to {0}; pass --identity with one of their secret keys to read it"
+    )]
     Encrypted(String),
     /// The payload is encrypted, but to none of the identities given.
     #[error("payload is encrypted to {to}, not to your identity ({yours}); pass --identity with one of their secret keys")]
@@ -96,7 +98,9 @@ pub enum OpenError {
     },
     /// The ciphertext verified against its signed hash but did not decrypt with an identity the manifest names:
     /// the signer encrypted it to a different key than it says.
-    #[error("payload does not decrypt with your identity ({0}), although the signed manifest names it")]
+    #[error(
+        "payload does not decrypt with your identity ({0}), although the signed manifest names it"
+    )]
     Decrypt(String),
     /// The decrypted payload differs from the signed length or hash.
     #[error("decrypted payload does not match its signed hash")]

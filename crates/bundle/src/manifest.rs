@@ -172,7 +172,10 @@ impl Encryption {
         for r in &self.recipients {
             validate_id("recipient id", &r.id).map_err(|e| e.to_string())?;
             if r.key_id.len() != 16
-                || !r.key_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                || !r
+                    .key_id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             {
                 return Err("a recipient's key_id is not 16 lower-case hex digits".into());
             }

@@ -31,7 +31,10 @@ fn payload() -> Payload {
     let w: Vec<u8> = (0..100_000u32)
         .flat_map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7).to_le_bytes())
         .collect();
-    let b: Vec<u8> = [0.5f32, -0.5].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let b: Vec<u8> = [0.5f32, -0.5]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     Payload::from_tensors(&[
         TensorRef {
             name: "fc.weight",
@@ -139,7 +142,10 @@ fn a_clear_bundle_stays_format_2() {
     assert_eq!(sealed.manifest.format, 2);
     assert!(sealed.manifest.encryption.is_none());
     let text = String::from_utf8_lossy(&sealed.bytes[32..header_len(&sealed.bytes) - 64]);
-    assert!(!text.contains("encryption"), "format 2 has no encryption field");
+    assert!(
+        !text.contains("encryption"),
+        "format 2 has no encryption field"
+    );
 }
 
 #[test]
@@ -188,7 +194,11 @@ fn a_tampered_ciphertext_is_refused_by_its_hash_before_decryption() {
     let clean = std::fs::read(&path).unwrap();
     let start = header_len(&clean);
     // In the age header, in the middle of the STREAM, and the last byte (the final chunk's tag).
-    for at in [start + 30, start + (clean.len() - start) / 2, clean.len() - 1] {
+    for at in [
+        start + 30,
+        start + (clean.len() - start) / 2,
+        clean.len() - 1,
+    ] {
         let mut bad = clean.clone();
         bad[at] ^= 0x01;
         let p = dir.path().join(format!("bad-{at}.ferry"));
@@ -276,10 +286,7 @@ fn a_global_encrypted_to_two_sites_opens_for_each_and_not_for_a_third() {
     for (id, seed) in [("site-a", 2), ("site-b", 3)] {
         let mut r = ring(&[&hq()]);
         r.add_identity(&site(id, seed));
-        assert_eq!(
-            open_file(&path, &r).unwrap().payload(),
-            payload().bytes()
-        );
+        assert_eq!(open_file(&path, &r).unwrap().payload(), payload().bytes());
     }
     let mut r = ring(&[&hq()]);
     r.add_identity(&site("site-c", 4));

@@ -428,7 +428,12 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
         match checked {
             Ok((manifest, hash, opened)) => {
                 let sealed_to = (!opened)
-                    .then(|| manifest.encryption.as_ref().map(|e| e.describe_recipients()))
+                    .then(|| {
+                        manifest
+                            .encryption
+                            .as_ref()
+                            .map(|e| e.describe_recipients())
+                    })
                     .flatten();
                 if args.json {
                     let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": hash,

@@ -16,7 +16,9 @@ fn site_a() -> SecretKey {
 }
 
 fn payload() -> Payload {
-    let d: Vec<u8> = (0..4).flat_map(|i| (i as f32 + 0.5).to_le_bytes()).collect();
+    let d: Vec<u8> = (0..4)
+        .flat_map(|i| (i as f32 + 0.5).to_le_bytes())
+        .collect();
     Payload::from_tensors(&[TensorRef {
         name: "w",
         dtype: Dtype::F32,
@@ -66,11 +68,19 @@ fn an_encrypted_global_needs_the_site_key_and_nothing_is_written_without_it() {
     let recipient = site_a().public().recipient_text();
 
     // verify: no key needed for the signature and the ciphertext; it says the payload is encrypted.
-    let o = client(&[os("verify"), os("--trust"), hq_pub.as_os_str(), g.as_os_str()]);
+    let o = client(&[
+        os("verify"),
+        os("--trust"),
+        hq_pub.as_os_str(),
+        g.as_os_str(),
+    ]);
     assert!(o.status.success(), "{o:?}");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("OK "), "{out}");
-    assert!(out.contains(&format!("payload encrypted to site-a {recipient}")), "{out}");
+    assert!(
+        out.contains(&format!("payload encrypted to site-a {recipient}")),
+        "{out}"
+    );
 
     // import and unpack without the key: one line naming the recipients, no state, no output.
     let state = dir.path().join("site");
@@ -107,7 +117,10 @@ fn an_encrypted_global_needs_the_site_key_and_nothing_is_written_without_it() {
     // The wrong key (HQ's .key is not at the site, but a key of another site would be): named as such.
     let other = SecretKey::from_seed(Role::Site, "site-b", [3; 32]);
     other.write_pair(&keys).unwrap();
-    let err = refusal(&unpack(&[os("--identity"), keys.join("site-b.key").as_os_str()]));
+    let err = refusal(&unpack(&[
+        os("--identity"),
+        keys.join("site-b.key").as_os_str(),
+    ]));
     assert!(err.contains("not to your identity (site-b "), "{err}");
     assert!(!out.exists());
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())

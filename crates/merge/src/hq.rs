@@ -269,7 +269,10 @@ fn hq_ring(key: &SecretKey) -> Result<Keyring, HqError> {
 
 /// The keys a global is encrypted to: the caller's (the member sites), plus HQ's own key, so HQ can read the
 /// global it stores (issue 15 §5). None: in the clear.
-fn with_hq(mut encrypt_to: Vec<ferry_bundle::PublicKey>, key: &SecretKey) -> Vec<ferry_bundle::PublicKey> {
+fn with_hq(
+    mut encrypt_to: Vec<ferry_bundle::PublicKey>,
+    key: &SecretKey,
+) -> Vec<ferry_bundle::PublicKey> {
     if !encrypt_to.is_empty() && !encrypt_to.contains(&key.public()) {
         encrypt_to.push(key.public());
     }

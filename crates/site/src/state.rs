@@ -509,7 +509,10 @@ impl SiteState {
     /// Replace the optimizer state.
     pub fn write_optimizer(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
         self.check_lock(lock)?;
-        Ok(fsutil::write_replace_private(&self.optimizer_path(), bytes)?)
+        Ok(fsutil::write_replace_private(
+            &self.optimizer_path(),
+            bytes,
+        )?)
     }
 
     /// The checkpoint of a training run in progress, if any.
@@ -525,7 +528,10 @@ impl SiteState {
     /// Replace the training checkpoint (one file, so there is never half a checkpoint).
     pub fn write_checkpoint(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
         self.check_lock(lock)?;
-        Ok(fsutil::write_replace_private(&self.checkpoint_path(), bytes)?)
+        Ok(fsutil::write_replace_private(
+            &self.checkpoint_path(),
+            bytes,
+        )?)
     }
 
     /// Drop the training checkpoint once its run is recorded.
