@@ -247,6 +247,7 @@ fn draft_global(round: u64, base: Option<String>, contributors: Vec<Contributor>
         revocations: None,
         created: CREATED,
         expires: None,
+        encrypt_to: Vec::new(),
     }
 }
 
@@ -266,6 +267,7 @@ fn draft_update(base: &str, site: &str, samples: u64) -> Draft {
         revocations: None,
         created: CREATED,
         expires: None,
+        encrypt_to: Vec::new(),
     }
 }
 
@@ -733,7 +735,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
         "a plain safetensors file offered as a bundle",
     );
     for (v, what) in [
-        (3u16, "version-3"),
+        (4u16, "version-4"),
         (0, "version-0"),
         (0xffff, "version-65535"),
     ] {
@@ -745,7 +747,7 @@ fn container(kit: &mut Kit, g: &[u8], upd: &[u8]) {
             STD,
             "UnsupportedVersion",
             "UnsupportedVersion",
-            "header version is not 1 or 2: a clear 'newer format' error",
+            "header version is not 1, 2 or 3: a clear 'newer format' error",
         );
     }
     let mut b = g.to_vec();

@@ -10,7 +10,8 @@ use crate::error::{OpenError, SealError};
 use crate::fsutil;
 use crate::keys::{KeyError, Keyring, Role, SecretKey};
 use crate::manifest::{
-    BundleKind, Draft, Manifest, PayloadInfo, Signer, FORMAT_VERSION, READ_VERSIONS,
+    BundleKind, Draft, EncryptedTo, Encryption, Manifest, PayloadInfo, Signer,
+    ENCRYPTED_FORMAT_VERSION, ENCRYPTION_SCHEME, FORMAT_VERSION, READ_VERSIONS,
 };
 use crate::payload::{canonical_header, Payload};
 use crate::stream::{self, Fanout, FrameProblem, FrameWalker, TensorHashes, CHUNK};
@@ -28,6 +29,7 @@ pub const SIGNATURE_DOMAIN: &[u8] = b"ferry-bundle-v2\0";
 fn signature_domain(version: u16) -> &'static [u8] {
     match version {
         1 => b"ferry-bundle-v1\0",
+        3 => b"ferry-bundle-v3\0",
         _ => SIGNATURE_DOMAIN,
     }
 }
@@ -130,11 +132,13 @@ impl Sealed {
         }
     }
 
-    /// Write to `dir/<file_name>` atomically, never overwriting, then read it back from the medium.
+    /// Write to `dir/<file_name>` atomically, never overwriting, then read it back from the medium. The file is
+    /// created 0600: it holds weights, which are personal data (issue 15 §5); the stick's file system may not keep
+    /// the mode, the sender's disk does.
     pub fn write_to_dir(&self, dir: &Path) -> Result<std::path::PathBuf, SealError> {
         fsutil::ensure_dir(dir)?;
         let path = dir.join(self.file_name());
-        fsutil::write_new_verified(&path, &self.bytes)?;
+        fsutil::write_new_verified_private(&path, &self.bytes)?;
         Ok(path)
     }
 }
@@ -211,7 +215,7 @@ pub struct BundleWriter<'k> {
     whole: std::thread::JoinHandle<Sha256>,
     tensors: std::thread::JoinHandle<TensorHashes>,
     out_tx: std::sync::mpsc::SyncSender<Vec<u8>>,
-    collector: std::thread::JoinHandle<(Vec<u8>, Sha256)>,
+    collector: std::thread::JoinHandle<Result<Collected, String>>,
     header_len: usize,
     expected: u64,
     written: u64,
@@ -226,6 +230,49 @@ impl std::fmt::Debug for BundleWriter<'_> {
             .field("written", &self.written)
             .finish_non_exhaustive()
     }
+}
+
+/// What the collector thread of a [`BundleWriter`] gathered: the bundle's bytes behind room for the header, and
+/// the compressed payload's length and hash; when encrypting, the bytes are the age file and its hash comes too.
+struct Collected {
+    bytes: Vec<u8>,
+    compressed_len: u64,
+    compressed: Sha256,
+    ciphertext: Option<Sha256>,
+}
+
+/// The bundle's bytes being written, hashed past the header's room (the ciphertext's hash, issue 15 §5).
+struct HashedTail {
+    bytes: Vec<u8>,
+    hash: Sha256,
+}
+
+impl Write for HashedTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.hash.update(buf);
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The recipients a draft encrypts to, as the manifest lists them (deduplicated, in the caller's order).
+fn encrypted_to(draft: &Draft) -> Vec<EncryptedTo> {
+    let mut out: Vec<EncryptedTo> = Vec::new();
+    for k in &draft.encrypt_to {
+        let recipient = k.recipient_text();
+        if !out.iter().any(|r| r.recipient == recipient) {
+            out.push(EncryptedTo {
+                role: k.role,
+                id: k.id.clone(),
+                key_id: k.key_id_hex(),
+                recipient,
+            });
+        }
+    }
+    out
 }
 
 fn zerr(code: usize) -> SealError {
@@ -268,6 +315,18 @@ impl<'k> BundleWriter<'k> {
 
         let (whole_tx, whole) = stream::spawn_fold(Sha256::new());
         let (tensor_tx, tensors) = stream::spawn_fold(TensorHashes::new(header.clone(), lens));
+        // Encryption (issue 15 §5): an age file to the draft's recipients, whose plaintext is the zstd frame.
+        let recipients = encrypted_to(&draft);
+        let encryptor = if recipients.is_empty() {
+            None
+        } else {
+            let keys: Vec<age::x25519::Recipient> =
+                draft.encrypt_to.iter().map(|k| k.recipient()).collect();
+            Some(
+                age::Encryptor::with_recipients(keys.iter().map(|r| r as &dyn age::Recipient))
+                    .map_err(|e| SealError::Encrypt(e.to_string()))?,
+            )
+        };
         // The header predicted with the compressed length's digits taken from the payload's length.
         let public = key.public();
         let probe = manifest_for(
@@ -281,6 +340,12 @@ impl<'k> BundleWriter<'k> {
                 len: expected,
                 sha256: "0".repeat(64),
             },
+            (!recipients.is_empty()).then(|| Encryption {
+                scheme: ENCRYPTION_SCHEME.into(),
+                recipients: recipients.clone(),
+                len: expected,
+                sha256: "0".repeat(64),
+            }),
             vec![String::new(); metas.len()],
         );
         let prefix = 8 + FIXED + SIG_LEN + serde_json::to_vec(&probe).map_or(0, |m| m.len());
@@ -296,11 +361,37 @@ impl<'k> BundleWriter<'k> {
             let _ = bytes.try_reserve_exact(bound);
             bytes.resize(prefix, 0);
             let mut h = Sha256::new();
+            let mut compressed_len = 0u64;
+            let Some(encryptor) = encryptor else {
+                for c in out_rx {
+                    h.update(&c);
+                    compressed_len += c.len() as u64;
+                    bytes.extend_from_slice(&c);
+                }
+                return Ok(Collected {
+                    bytes,
+                    compressed_len,
+                    compressed: h,
+                    ciphertext: None,
+                });
+            };
+            let tail = HashedTail {
+                bytes,
+                hash: Sha256::new(),
+            };
+            let mut w = encryptor.wrap_output(tail).map_err(|e| e.to_string())?;
             for c in out_rx {
                 h.update(&c);
-                bytes.extend_from_slice(&c);
+                compressed_len += c.len() as u64;
+                w.write_all(&c).map_err(|e| e.to_string())?;
             }
-            (bytes, h)
+            let tail = w.finish().map_err(|e| e.to_string())?;
+            Ok(Collected {
+                bytes: tail.bytes,
+                compressed_len,
+                compressed: h,
+                ciphertext: Some(tail.hash),
+            })
         });
         let mut w = BundleWriter {
             draft,
@@ -405,26 +496,34 @@ impl<'k> BundleWriter<'k> {
         drop(out_tx);
         let payload_sha = hex::encode(stream::join(whole).finalize());
         let tensors = stream::join(tensors);
-        let (mut bytes, comp_hash) = stream::join(collector);
-        let compressed_len = (bytes.len() - prefix) as u64;
+        let collected = stream::join(collector).map_err(SealError::Encrypt)?;
+        let mut bytes = collected.bytes;
+        let on_disk = (bytes.len() - prefix) as u64;
         let public = key.public();
+        let encryption = collected.ciphertext.map(|h| Encryption {
+            scheme: ENCRYPTION_SCHEME.into(),
+            recipients: encrypted_to(&draft),
+            len: on_disk,
+            sha256: hex::encode(h.finalize()),
+        });
         let manifest = manifest_for(
             &draft,
             &metas,
             &public,
             PayloadInfo {
                 codec: "zstd".into(),
-                compressed_len,
-                compressed_sha256: hex::encode(comp_hash.finalize()),
+                compressed_len: collected.compressed_len,
+                compressed_sha256: hex::encode(collected.compressed.finalize()),
                 len: expected,
                 sha256: payload_sha,
             },
+            encryption,
             tensors.digests().iter().map(hex::encode).collect(),
         );
         manifest.validate().map_err(SealError::InvalidDraft)?;
         let manifest_bytes =
             serde_json::to_vec(&manifest).map_err(|e| SealError::InvalidDraft(e.to_string()))?;
-        let header = header_frame(FORMAT_VERSION as u16, &manifest_bytes, key);
+        let header = header_frame(manifest.format as u16, &manifest_bytes, key);
         if header.len() == prefix {
             bytes[..prefix].copy_from_slice(&header);
         } else {
@@ -446,6 +545,7 @@ fn manifest_for(
     metas: &[TensorMeta],
     public: &crate::keys::PublicKey,
     payload: PayloadInfo,
+    encryption: Option<Encryption>,
     sha256s: Vec<String>,
 ) -> Manifest {
     let expires = match draft.kind {
@@ -459,7 +559,11 @@ fn manifest_for(
         BundleKind::Update => draft.expires,
     };
     Manifest {
-        format: FORMAT_VERSION,
+        format: if encryption.is_some() {
+            ENCRYPTED_FORMAT_VERSION
+        } else {
+            FORMAT_VERSION
+        },
         kind: draft.kind,
         federation: draft.federation.clone(),
         arch: draft.arch.clone(),
@@ -471,6 +575,7 @@ fn manifest_for(
         strategy: draft.strategy.clone(),
         revocations: draft.revocations.clone(),
         payload,
+        encryption,
         tensors: metas
             .iter()
             .zip(sha256s)
@@ -761,13 +866,45 @@ fn read_bundle<R: Read, W: Write>(
     let h = read_header(&mut src, file_len, limits)?;
     let manifest = verify_header(&h, keyring)?;
     let p = &manifest.payload;
+    // What sits on disk after the header: the zstd frame, or (format 3) the age file holding it.
+    let (disk_len, disk_sha) = match &manifest.encryption {
+        Some(e) => (e.len, &e.sha256),
+        None => (p.compressed_len, &p.compressed_sha256),
+    };
     let payload_len = file_len - h.bytes.len() as u64;
-    if payload_len != p.compressed_len {
+    if payload_len != disk_len {
         return Err(OpenError::PayloadLength {
-            expected: p.compressed_len,
+            expected: disk_len,
             actual: payload_len,
         });
     }
+    // An encrypted payload is read only with an identity the signed manifest names (issue 15 §5); without
+    // one, the refusal comes before any payload byte is read.
+    let identities: Option<Vec<&age::x25519::Identity>> = match (&manifest.encryption, depth) {
+        (Some(e), Depth::Full) => {
+            let ours = keyring.identities();
+            if ours.is_empty() {
+                return Err(OpenError::Encrypted(e.describe_recipients()));
+            }
+            let named: Vec<&age::x25519::Identity> = ours
+                .iter()
+                .filter(|i| e.recipients.iter().any(|r| r.recipient == i.recipient))
+                .map(|i| i.identity())
+                .collect();
+            if named.is_empty() {
+                return Err(OpenError::NotARecipient {
+                    to: e.describe_recipients(),
+                    yours: ours
+                        .iter()
+                        .map(|i| format!("{} {}", i.id, i.recipient))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            Some(named)
+        }
+        _ => None,
+    };
     let metas = manifest.tensor_metas();
     let header = canonical_header(&metas);
     let decode = depth == Depth::Full && p.len <= limits.max_payload_bytes;
@@ -777,8 +914,8 @@ fn read_bundle<R: Read, W: Write>(
 
     let s = {
         let (file_tx, file_h) = stream::spawn_fold(file_hash);
-        let (comp_tx, comp_h) = stream::spawn_fold(Sha256::new());
-        let mut compressed = Fanout::new(vec![file_tx, comp_tx]);
+        let (disk_tx, disk_h) = stream::spawn_fold(Sha256::new());
+        let mut disk = Fanout::new(vec![file_tx, disk_tx]);
         let mut inflate = decode.then(|| {
             let (whole_tx, whole_h) = stream::spawn_fold(Sha256::new());
             let lens = metas.iter().map(|m| m.byte_len().unwrap_or(0) as u64);
@@ -791,25 +928,61 @@ fn read_bundle<R: Read, W: Write>(
             )
         });
         let mut walker = FrameWalker::new();
-        let mut left = p.compressed_len;
-        let mut read_err = None;
-        while left > 0 {
-            let want = (CHUNK as u64).min(left) as usize;
-            let mut buf = compressed.buffer(want);
-            match (&mut src).take(want as u64).read_to_end(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => left -= n as u64,
-                Err(e) => {
-                    read_err = Some(e);
-                    break;
+        let mut tee = Tee {
+            src: &mut src,
+            left: disk_len,
+            fanout: &mut disk,
+            err: None,
+        };
+        let mut decrypted = None;
+        match &identities {
+            None => {
+                // In the clear (or only identified): the bytes on disk are what the decoder follows.
+                let plain = manifest.encryption.is_none();
+                loop {
+                    let want = (CHUNK as u64).min(tee.left) as usize;
+                    if want == 0 {
+                        break;
+                    }
+                    let Some(chunk) = tee.next_chunk(want) else {
+                        break;
+                    };
+                    if plain {
+                        walker.feed(&chunk);
+                        if let Some((inf, _, _)) = inflate.as_mut() {
+                            inf.feed(&chunk, &walker, limits);
+                        }
+                    }
                 }
             }
-            let chunk = compressed.send(buf);
-            walker.feed(&chunk);
-            if let Some((inf, _, _)) = inflate.as_mut() {
-                inf.feed(&chunk, &walker, limits);
+            Some(ids) => {
+                // Encrypted: age decrypts while the ciphertext streams past the hash workers; the plaintext (the
+                // zstd frame) is hashed and followed like a payload in the clear. Nothing it yields is believed
+                // before the ciphertext's hash has been checked, below.
+                let (plain_tx, plain_h) = stream::spawn_fold(Sha256::new());
+                let mut plain = Fanout::new(vec![plain_tx]);
+                let mut plain_len = 0u64;
+                let failed = decrypt_into(&mut tee, ids, |buf: Vec<u8>| {
+                    plain_len += buf.len() as u64;
+                    let chunk = plain.send(buf);
+                    walker.feed(&chunk);
+                    if let Some((inf, _, _)) = inflate.as_mut() {
+                        inf.feed(&chunk, &walker, limits);
+                    }
+                    plain.buffer(CHUNK)
+                });
+                // Whatever age did not read is still hashed: the ciphertext verdict needs every byte.
+                while tee.left > 0 && tee.err.is_none() {
+                    let want = (CHUNK as u64).min(tee.left) as usize;
+                    if tee.next_chunk(want).is_none() {
+                        break;
+                    }
+                }
+                drop(plain);
+                decrypted = Some((failed, plain_len, stream::join(plain_h).finalize().into()));
             }
         }
+        let (read_err, left) = (tee.err.take(), tee.left);
         // A file that grew after its length was read: bytes past the signed length are refused too.
         let mut probe = [0u8; 1];
         let extra = if left == 0 && read_err.is_none() {
@@ -817,7 +990,7 @@ fn read_bundle<R: Read, W: Write>(
         } else {
             0
         };
-        drop(compressed);
+        drop(disk);
         let decoded = inflate.map(|(inf, whole_h, check_h)| {
             let d = inf.finish();
             (d, stream::join(whole_h), stream::join(check_h))
@@ -827,7 +1000,8 @@ fn read_bundle<R: Read, W: Write>(
             short_by: left,
             extra,
             file_digest: stream::join(file_h).finalize().into(),
-            comp_digest: stream::join(comp_h).finalize().into(),
+            comp_digest: stream::join(disk_h).finalize().into(),
+            decrypted,
             frame: walker.finish(),
             decoded: decoded.map(|(d, whole, check)| {
                 let tensors = match header {
@@ -855,12 +1029,20 @@ fn read_bundle<R: Read, W: Write>(
     }
     if s.short_by > 0 || s.extra > 0 {
         return Err(OpenError::PayloadLength {
-            expected: p.compressed_len,
-            actual: p.compressed_len - s.short_by + s.extra,
+            expected: disk_len,
+            actual: disk_len - s.short_by + s.extra,
         });
     }
-    if hex::encode(s.comp_digest) != p.compressed_sha256 {
+    if hex::encode(s.comp_digest) != *disk_sha {
         return Err(OpenError::PayloadHash);
+    }
+    if let Some((failed, plain_len, plain_digest)) = &s.decrypted {
+        if let Some(why) = failed {
+            return Err(OpenError::Decrypt(why.clone()));
+        }
+        if *plain_len != p.compressed_len || hex::encode(plain_digest) != p.compressed_sha256 {
+            return Err(OpenError::DecryptedHash);
+        }
     }
     let hash = hex::encode(s.file_digest);
     if depth == Depth::Full {
@@ -877,6 +1059,92 @@ fn read_bundle<R: Read, W: Write>(
     })
 }
 
+/// The payload's bytes on disk as [`read_bundle`] reads them: at most the signed length, each piece handed to
+/// the hash workers as it passes, whether this thread pulls it in chunks or age's decryptor pulls it through
+/// [`Read`]. A read error is kept for the verdicts (and passed on to the puller).
+struct Tee<'a, R> {
+    src: &'a mut R,
+    left: u64,
+    fanout: &'a mut Fanout,
+    err: Option<std::io::Error>,
+}
+
+impl<R: Read> Tee<'_, R> {
+    /// The next `want` bytes (fewer at the end of the file), or `None` at the end or on an error.
+    fn next_chunk(&mut self, want: usize) -> Option<std::sync::Arc<Vec<u8>>> {
+        let mut buf = self.fanout.buffer(want);
+        match (&mut *self.src).take(want as u64).read_to_end(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => {
+                self.left -= n as u64;
+                Some(self.fanout.send(buf))
+            }
+            Err(e) => {
+                self.err = Some(e);
+                None
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let want = (out.len() as u64).min(self.left) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        match self.src.read(&mut out[..want]) {
+            Ok(n) => {
+                if n > 0 {
+                    self.left -= n as u64;
+                    let mut buf = self.fanout.buffer(n);
+                    buf.extend_from_slice(&out[..n]);
+                    self.fanout.send(buf);
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let kept = std::io::Error::new(e.kind(), e.to_string());
+                self.err = Some(e);
+                Err(kept)
+            }
+        }
+    }
+}
+
+/// Decrypt the age file `tee` reads with `identities`, handing the plaintext to `sink` in chunks of up to
+/// [`CHUNK`] bytes (`sink` returns the next empty buffer). Returns why decryption failed, if it did: a header
+/// age cannot read, no stanza for these identities, or a chunk that does not authenticate (age's STREAM).
+/// The plaintext is bounded by the ciphertext, which is bounded by its signed length.
+fn decrypt_into<R: Read>(
+    tee: &mut Tee<'_, R>,
+    identities: &[&age::x25519::Identity],
+    mut sink: impl FnMut(Vec<u8>) -> Vec<u8>,
+) -> Option<String> {
+    let reader = std::io::BufReader::with_capacity(CHUNK, &mut *tee);
+    let decryptor = match age::Decryptor::new_buffered(reader) {
+        Ok(d) => d,
+        Err(e) => return Some(format!("not a readable age file: {e}")),
+    };
+    let mut plain = match decryptor.decrypt(identities.iter().map(|i| *i as &dyn age::Identity)) {
+        Ok(r) => r,
+        Err(age::DecryptError::NoMatchingKeys) => {
+            return Some("no recipient stanza of the age file is for it".into())
+        }
+        Err(e) => return Some(e.to_string()),
+    };
+    let mut buf = Vec::with_capacity(CHUNK);
+    loop {
+        buf.clear();
+        match (&mut plain).take(CHUNK as u64).read_to_end(&mut buf) {
+            Ok(0) => return None,
+            Ok(_) => buf = sink(std::mem::take(&mut buf)),
+            Err(e) => return Some(format!("the ciphertext does not authenticate: {e}")),
+        }
+    }
+}
+
 /// Whether every tensor's bytes matched its signed hash: `Err(None)` when the layout itself was wrong,
 /// `Err(Some(i))` when tensor `i`'s hash differs.
 type TensorVerdict = Result<(), Option<usize>>;
@@ -887,7 +1155,10 @@ struct Streamed {
     short_by: u64,
     extra: u64,
     file_digest: [u8; 32],
+    /// SHA-256 of the payload bytes on disk: the zstd frame, or the age file when encrypted.
     comp_digest: [u8; 32],
+    /// When decrypted: why decryption failed (if it did), the plaintext's length and SHA-256.
+    decrypted: Option<(Option<String>, u64, [u8; 32])>,
     frame: Result<(), FrameProblem>,
     /// When decompressed: what the decoder did, the payload's SHA-256, the layout's verdict.
     decoded: Option<(Decoded, [u8; 32], TensorVerdict)>,

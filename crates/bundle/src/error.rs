@@ -19,7 +19,7 @@ pub enum OpenError {
     #[error("not a ferry bundle: wrong magic bytes")]
     WrongMagic,
     /// The header says a format version this ferry does not know.
-    #[error("bundle format version {0} is not one this ferry reads (it reads versions 1 and 2); if the bundle is newer, upgrade ferry")]
+    #[error("bundle format version {0} is not one this ferry reads (it reads versions 1, 2 and 3); if the bundle is newer, upgrade ferry")]
     UnsupportedVersion(u16),
     /// The header frame is damaged.
     #[error("damaged bundle header: {0}")]
@@ -83,6 +83,28 @@ pub enum OpenError {
     /// A tensor's bytes differ from its signed hash.
     #[error("tensor {0:?} does not match its signed hash")]
     TensorHash(String),
+    /// The payload is encrypted and no identity was given to decrypt it (issue 15 §5).
+    #[error(
+        "payload is encrypted to {0}; pass --identity with one of their secret keys to read it"
+    )]
+    Encrypted(String),
+    /// The payload is encrypted, but to none of the identities given.
+    #[error("payload is encrypted to {to}, not to your identity ({yours}); pass --identity with one of their secret keys")]
+    NotARecipient {
+        /// The recipients the manifest names (escaped).
+        to: String,
+        /// The identities given.
+        yours: String,
+    },
+    /// The ciphertext verified against its signed hash but did not decrypt with an identity the manifest names:
+    /// the signer encrypted it to a different key than it says.
+    #[error(
+        "payload does not decrypt with your identity ({0}), although the signed manifest names it"
+    )]
+    Decrypt(String),
+    /// The decrypted payload differs from the signed length or hash.
+    #[error("decrypted payload does not match its signed hash")]
+    DecryptedHash,
     /// Reading the file failed part way (an I/O error of the medium).
     #[error("reading the bundle failed: {0}")]
     Read(#[source] std::io::Error),
@@ -130,4 +152,7 @@ pub enum SealError {
     /// Compression failed.
     #[error("compression failed: {0}")]
     Compress(String),
+    /// Encrypting the payload failed (issue 15 §5).
+    #[error("encrypting the payload failed: {0}")]
+    Encrypt(String),
 }

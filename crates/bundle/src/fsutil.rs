@@ -324,9 +324,19 @@ pub fn write_new_or_same(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 
 /// Write `bytes` to `path`, atomically replacing what is there. Used for state files, never for bundles.
 pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    write_replace_mode(path, bytes, false)
+}
+
+/// [`write_replace`] for a file that holds weights or other private data (issue 15 §5): mode 0600, also when it
+/// replaces a file that had wider permissions.
+pub fn write_replace_private(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    write_replace_mode(path, bytes, true)
+}
+
+fn write_replace_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsError> {
     refuse_symlink(path)?;
     let dir = parent_dir(path);
-    let tmp = write_temp(dir, path, bytes, false)?;
+    let tmp = write_temp(dir, path, bytes, private)?;
     failpoint::step(Step::Link);
     tmp.persist(path).map_err(|e| FsError::io(path, e.error))?;
     sync_dir(dir)
@@ -336,7 +346,16 @@ pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 /// so a failing stick is caught where the file was written rather than where it is read. When the read-back
 /// fails or differs, the file is removed again (best effort), so no damaged file is left under the final name.
 pub fn write_new_verified(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
-    write_new(path, bytes)?;
+    write_new_verified_mode(path, bytes, false)
+}
+
+/// [`write_new_verified`] with mode 0600: a bundle that holds weights (issue 15 §5).
+pub fn write_new_verified_private(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    write_new_verified_mode(path, bytes, true)
+}
+
+fn write_new_verified_mode(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsError> {
+    write_new_mode(path, bytes, private)?;
     let checked = File::open(path)
         .map_err(|e| FsError::io(path, e))
         .and_then(|f| {

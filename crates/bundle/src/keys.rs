@@ -7,6 +7,12 @@
 //! A secret key file is either plain (`ferry-secret-key: 1`, the seed in hex) or protected by a passphrase
 //! (`ferry-secret-key: 2`, the seed encrypted with age's scrypt recipient, issue 15 §4), so that a lost PC or a
 //! copied disk does not give the key away. Secret bytes are wiped from memory when dropped (`zeroize`).
+//!
+//! Every ferry key is also an X25519 key for age (issue 15 §5), derived, not stored: the recipient is the
+//! Montgomery form of the Ed25519 public key ([`PublicKey::recipient`]) and the identity is the Ed25519 secret
+//! scalar ([`SecretKey::age_identity`]), the conversion libsodium and age's `ssh-ed25519` recipients use. So the
+//! key an operator already compared over the phone (its fingerprint) also names whom a bundle is encrypted to,
+//! a protected `.key` protects the decryption key too, and there is no second key file to lose or mix up.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -226,6 +232,20 @@ impl PublicKey {
         &self.key
     }
 
+    /// The age X25519 recipient of this key (`age1…`): the Montgomery form of the Ed25519 public key, so the
+    /// key's fingerprint also pins whom a payload is encrypted to (issue 15 §5).
+    pub fn recipient_text(&self) -> String {
+        age_bech32(AGE_RECIPIENT_HRP, self.key.to_montgomery().as_bytes())
+    }
+
+    /// [`PublicKey::recipient_text`] as the age crate's recipient.
+    pub fn recipient(&self) -> age::x25519::Recipient {
+        // The text is age's own encoding of 32 bytes, which age always parses back.
+        self.recipient_text()
+            .parse()
+            .unwrap_or_else(|e| unreachable!("age rejected its own recipient encoding: {e}"))
+    }
+
     /// The `.pub` file text.
     pub fn to_file_text(&self) -> String {
         format!(
@@ -369,6 +389,17 @@ impl Protection {
     }
 }
 
+/// age's Bech32 prefixes of X25519 recipients and identities.
+const AGE_RECIPIENT_HRP: &str = "age";
+const AGE_SECRET_HRP: &str = "age-secret-key-";
+
+/// 32 key bytes in age's Bech32 text form (lower case; identities are shown upper case).
+fn age_bech32(hrp: &str, bytes: &[u8]) -> String {
+    let hrp = bech32::Hrp::parse(hrp).unwrap_or_else(|e| unreachable!("fixed prefix: {e}"));
+    bech32::encode_lower::<bech32::Bech32>(hrp, bytes)
+        .unwrap_or_else(|e| unreachable!("32 bytes fit a Bech32 string: {e}"))
+}
+
 /// The first line of the age armour that holds a protected key's seed.
 const ARMOR_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
 
@@ -408,6 +439,38 @@ impl SecretKey {
             id: self.id.clone(),
             key: self.key.verifying_key(),
         }
+    }
+
+    /// The age X25519 identity of this key: the Ed25519 secret scalar (SHA-512 of the seed, first half; X25519
+    /// clamps it), whose public half is [`PublicKey::recipient`] (issue 15 §5).
+    pub fn age_identity(&self) -> age::x25519::Identity {
+        let text = self.age_identity_text();
+        text.expose_secret()
+            .parse()
+            .unwrap_or_else(|e| unreachable!("age rejected its own identity encoding: {e}"))
+    }
+
+    /// The age identity as text (`AGE-SECRET-KEY-1…`), which `age -d -i FILE` reads: how an operator decrypts a
+    /// payload with the standard tool (`ferry-client age-identity`).
+    pub fn age_identity_text(&self) -> SecretString {
+        let scalar = Zeroizing::new(self.key.to_scalar_bytes());
+        let text = Zeroizing::new(age_bech32(AGE_SECRET_HRP, &scalar[..]));
+        SecretString::from(text.to_uppercase())
+    }
+
+    /// The text of an age identity file for [`SecretKey::age_identity`], which `age -d -i FILE` reads: two
+    /// comment lines naming the key, then the identity. Wiped from memory when dropped.
+    pub fn age_identity_file_text(&self) -> Zeroizing<String> {
+        let public = self.public();
+        Zeroizing::new(format!(
+            "# age identity derived from ferry key {} {} (key id {}); keep it private (mode 0600)\n\
+             # public key: {}\n{}\n",
+            self.role,
+            self.id,
+            public.key_id_hex(),
+            public.recipient_text(),
+            self.age_identity_text().expose_secret()
+        ))
     }
 
     /// Sign `message` (the caller adds the domain prefix).
@@ -737,12 +800,36 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The public keys an operator trusts, by key id.
+/// The public keys an operator trusts, by key id, and the operator's own decryption identities (issue 15 §5).
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
     keys: BTreeMap<[u8; 8], PublicKey>,
     revoked: std::collections::BTreeSet<[u8; 8]>,
     revoked_bundles: std::collections::BTreeSet<String>,
+    identities: Vec<DecryptionKey>,
+}
+
+/// One of the operator's own keys, as an age X25519 identity that opens payloads encrypted to it.
+#[derive(Clone)]
+pub struct DecryptionKey {
+    /// The key's id (site id or HQ id), for messages.
+    pub id: String,
+    /// Its recipient, `age1…`.
+    pub recipient: String,
+    identity: age::x25519::Identity,
+}
+
+impl fmt::Debug for DecryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DecryptionKey({} {})", self.id, self.recipient)
+    }
+}
+
+impl DecryptionKey {
+    /// The age identity.
+    pub fn identity(&self) -> &age::x25519::Identity {
+        &self.identity
+    }
 }
 
 impl Keyring {
@@ -836,6 +923,24 @@ impl Keyring {
     /// All trusted keys, by key id.
     pub fn keys(&self) -> impl Iterator<Item = &PublicKey> {
         self.keys.values()
+    }
+
+    /// Add one of the operator's own secret keys as a decryption identity: payloads encrypted to its recipient
+    /// can then be read (`--identity`).
+    pub fn add_identity(&mut self, key: &SecretKey) {
+        let recipient = key.public().recipient_text();
+        if !self.identities.iter().any(|i| i.recipient == recipient) {
+            self.identities.push(DecryptionKey {
+                id: key.id().to_string(),
+                recipient,
+                identity: key.age_identity(),
+            });
+        }
+    }
+
+    /// The decryption identities added with [`Keyring::add_identity`].
+    pub fn identities(&self) -> &[DecryptionKey] {
+        &self.identities
     }
 
     /// Number of trusted keys.

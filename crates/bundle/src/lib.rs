@@ -29,7 +29,8 @@ pub use container::{
 pub use error::{OpenError, SealError};
 pub use keys::{KeyError, Keyring, PublicKey, Role, SecretKey};
 pub use manifest::{
-    BundleKind, Contributor, Draft, Manifest, RevocationRef, SiteInfo, TensorEntry,
+    BundleKind, Contributor, Draft, EncryptedTo, Encryption, Manifest, RevocationRef, SiteInfo,
+    TensorEntry,
 };
 pub use payload::Payload;
 pub use safetensors::Dtype;

@@ -8,16 +8,27 @@
 //! lacks it refuses the global until it is given the list) and `expires` (when a global is stale: sites warn
 //! after it). A version-1 manifest is parsed by its own, exact field list ([`Manifest::parse`]), so a
 //! version-1 manifest holding a version-2 field is refused like any unknown field.
+//!
+//! Version 3 (issue 15 §5) is version 2 plus one field, `encryption`, and is written only for a bundle whose
+//! payload is encrypted to its recipients' keys: a bundle in the clear stays version 2, byte for byte what an
+//! older ferry writes and reads. The `encryption` object names the recipients and pins the ciphertext by
+//! length and hash, so a reader verifies the signature and the ciphertext before it decrypts anything.
 
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{validate_id, Role};
 use crate::tensor::{byte_len, fingerprint, parse_dtype, valid_name, TensorMeta};
 
-/// The format version this crate writes.
+/// The format version this crate writes for a bundle in the clear.
 pub const FORMAT_VERSION: u32 = 2;
+/// The format version this crate writes for a bundle whose payload is encrypted (issue 15 §5).
+pub const ENCRYPTED_FORMAT_VERSION: u32 = 3;
 /// Every format version this crate reads (`docs/bundle-format.md` §11).
-pub const READ_VERSIONS: &[u32] = &[1, 2];
+pub const READ_VERSIONS: &[u32] = &[1, 2, 3];
+/// The one encryption scheme: age (v1) to X25519 recipients, STREAM payload.
+pub const ENCRYPTION_SCHEME: &str = "age-x25519";
+/// Most recipients one payload may be encrypted to (every site of a large federation, with room).
+pub const MAX_RECIPIENTS: usize = 1024;
 /// How long a global stays fresh by default: 90 days. Air-gapped rounds are slow (a courier a month is common),
 /// and an expired global only causes a warning unless a site asks for refusals.
 pub const DEFAULT_GLOBAL_VALIDITY: u64 = 90 * 24 * 3600;
@@ -104,6 +115,85 @@ pub struct RevocationRef {
     pub sha256: String,
 }
 
+/// How the payload is encrypted (format 3): to whom, and the ciphertext's length and hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Always `"age-x25519"`: an age v1 file to X25519 recipients, whose plaintext is the zstd frame.
+    pub scheme: String,
+    /// Every key the payload is encrypted to.
+    pub recipients: Vec<EncryptedTo>,
+    /// Bytes of the age file (the payload region on disk).
+    pub len: u64,
+    /// SHA-256 of the age file.
+    pub sha256: String,
+}
+
+/// One recipient of an encrypted payload: a ferry key, named as such and by its age recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptedTo {
+    /// The key's role.
+    pub role: Role,
+    /// The key's id (site id or HQ id).
+    pub id: String,
+    /// The key id, 16 lower-case hex digits.
+    pub key_id: String,
+    /// The age X25519 recipient derived from the key, `age1…`.
+    pub recipient: String,
+}
+
+impl Encryption {
+    /// The recipients for a message: `hq (age1…), site-a (age1…)`, escaped.
+    pub fn describe_recipients(&self) -> String {
+        self.recipients
+            .iter()
+            .map(|r| format!("{} {}", crate::escape(&r.id), crate::escape(&r.recipient)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.scheme != ENCRYPTION_SCHEME {
+            return Err(format!(
+                "encryption scheme {:?} is not supported",
+                crate::escape(&self.scheme)
+            ));
+        }
+        if self.recipients.is_empty() || self.recipients.len() > MAX_RECIPIENTS {
+            return Err(format!(
+                "an encrypted payload names 1 to {MAX_RECIPIENTS} recipients"
+            ));
+        }
+        if !is_hash(&self.sha256) {
+            return Err("encryption.sha256 is not a lower-case SHA-256 hex string".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &self.recipients {
+            validate_id("recipient id", &r.id).map_err(|e| e.to_string())?;
+            if r.key_id.len() != 16
+                || !r
+                    .key_id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err("a recipient's key_id is not 16 lower-case hex digits".into());
+            }
+            let parsed: Result<age::x25519::Recipient, _> = r.recipient.parse();
+            if !parsed.is_ok_and(|p| p.to_string() == r.recipient) {
+                return Err(format!(
+                    "recipient {:?} is not an age X25519 recipient",
+                    crate::escape(&r.recipient)
+                ));
+            }
+            if !seen.insert(r.recipient.as_str()) {
+                return Err("a recipient is listed twice".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Who signed the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,8 +232,12 @@ pub struct Manifest {
     pub strategy: Option<String>,
     /// Global only (format 2): the newest revocation list HQ holds, which a site must hold too.
     pub revocations: Option<RevocationRef>,
-    /// Codec, lengths and hashes of the payload.
+    /// Codec, lengths and hashes of the payload (of the zstd frame: the plaintext, when encrypted).
     pub payload: PayloadInfo,
+    /// Format 3 only, and always set there: to whom the payload is encrypted, and the ciphertext's length and
+    /// hash. Not written at all in format 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
     /// Every tensor, sorted by name (byte order), unique.
     pub tensors: Vec<TensorEntry>,
     /// The signing key.
@@ -152,6 +246,28 @@ pub struct Manifest {
     pub created: u64,
     /// Global only (format 2, always set there): when it goes stale, seconds since the Unix epoch.
     pub expires: Option<u64>,
+}
+
+/// A format-2 manifest, field for field: no `encryption`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestV2 {
+    format: u32,
+    kind: BundleKind,
+    federation: String,
+    arch: Option<String>,
+    model_fingerprint: String,
+    round: u64,
+    base: Option<String>,
+    site: Option<SiteInfo>,
+    contributors: Vec<Contributor>,
+    strategy: Option<String>,
+    revocations: Option<RevocationRef>,
+    payload: PayloadInfo,
+    tensors: Vec<TensorEntry>,
+    signer: Signer,
+    created: u64,
+    expires: Option<u64>,
 }
 
 /// A format-1 manifest, field for field: no `revocations`, no `expires`.
@@ -200,6 +316,9 @@ pub struct Draft {
     /// Global only: when it goes stale (seconds since the epoch). A global sealed without one gets
     /// `created` + [`DEFAULT_GLOBAL_VALIDITY`].
     pub expires: Option<u64>,
+    /// The keys the payload is encrypted to (issue 15 §5): HQ for an update, the member sites for a global.
+    /// Empty: the payload is in the clear (format 2).
+    pub encrypt_to: Vec<crate::keys::PublicKey>,
 }
 
 use crate::is_sha256_hex as is_hash;
@@ -224,10 +343,33 @@ impl Manifest {
                 strategy: m.strategy,
                 revocations: None,
                 payload: m.payload,
+                encryption: None,
                 tensors: m.tensors,
                 signer: m.signer,
                 created: m.created,
                 expires: None,
+            });
+        }
+        if version == 2 {
+            let m: ManifestV2 = serde_json::from_slice(bytes).map_err(err)?;
+            return Ok(Manifest {
+                format: m.format,
+                kind: m.kind,
+                federation: m.federation,
+                arch: m.arch,
+                model_fingerprint: m.model_fingerprint,
+                round: m.round,
+                base: m.base,
+                site: m.site,
+                contributors: m.contributors,
+                strategy: m.strategy,
+                revocations: m.revocations,
+                payload: m.payload,
+                encryption: None,
+                tensors: m.tensors,
+                signer: m.signer,
+                created: m.created,
+                expires: m.expires,
             });
         }
         serde_json::from_slice(bytes).map_err(err)
@@ -241,6 +383,14 @@ impl Manifest {
                 "manifest format {} (this ferry reads {READ_VERSIONS:?})",
                 self.format
             ));
+        }
+        match (&self.encryption, self.format >= ENCRYPTED_FORMAT_VERSION) {
+            (Some(e), true) => e.validate()?,
+            (None, true) => return Err("a format-3 manifest must describe its encryption".into()),
+            (Some(_), false) => {
+                return Err("only a format-3 manifest may describe an encryption".into())
+            }
+            (None, false) => {}
         }
         if let Some(r) = &self.revocations {
             if !is_hash(&r.sha256) {
@@ -356,6 +506,11 @@ impl Manifest {
         self.site.as_ref().map(|s| s.id.as_str())
     }
 
+    /// Whether the payload is encrypted (format 3).
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
+    }
+
     /// Whether this global has expired at `now` (a format-1 global never does).
     pub fn expired(&self, now: u64) -> bool {
         self.expires.is_some_and(|e| now > e)
@@ -377,6 +532,7 @@ impl Draft {
             revocations: None,
             created: crate::unix_now(),
             expires: None,
+            encrypt_to: Vec::new(),
         }
     }
 
@@ -404,6 +560,7 @@ impl Draft {
             revocations: None,
             created: crate::unix_now(),
             expires: None,
+            encrypt_to: Vec::new(),
         }
     }
 

@@ -56,6 +56,7 @@ fn fixture() -> &'static Fixture {
             revocations: None,
             created: 1_700_000_000,
             expires: None,
+            encrypt_to: Vec::new(),
         };
         let g = seal(draft(BundleKind::Global, None, None), &p, &hq, 3).expect("global");
         let u = seal(

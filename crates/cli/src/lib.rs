@@ -222,6 +222,39 @@ pub fn load_keyring(trust: &[PathBuf]) -> Result<Keyring> {
     Ok(Keyring::load(trust)?)
 }
 
+/// Whose encrypted payloads this command may open: `--identity`, the operator's own secret keys (issue 15 §5).
+#[derive(Debug, Clone, Default, Args)]
+pub struct IdentityArgs {
+    /// Your own secret key (.key), to read a payload encrypted to it (repeatable; a protected key asks for its
+    /// passphrase or reads FERRY_PASSPHRASE). Example: --identity keys/site-a.key
+    #[arg(long)]
+    pub identity: Vec<PathBuf>,
+}
+
+impl IdentityArgs {
+    /// Add each `--identity` key to `ring` as a decryption identity.
+    pub fn apply(&self, ring: &mut Keyring) -> Result<()> {
+        for p in &self.identity {
+            ring.add_identity(&read_secret_key(p)?);
+        }
+        Ok(())
+    }
+
+    /// Whether any identity was given.
+    pub fn is_empty(&self) -> bool {
+        self.identity.is_empty()
+    }
+}
+
+/// Parse `--encrypt-to` public key files: the keys a new bundle's payload is encrypted to (issue 15 §5). Each
+/// may be a `.pub` file or a folder of them, as `--trust` takes.
+pub fn encrypt_to_keys(paths: &[PathBuf]) -> Result<Vec<ferry_bundle::PublicKey>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Keyring::load(paths)?.keys().cloned().collect())
+}
+
 /// Read and verify one bundle file into memory, with a spinner for big files.
 pub fn open_bundle(path: &Path, keyring: &Keyring) -> Result<ferry_bundle::Bundle> {
     with_spinner(path, "verifying", || ferry_bundle::open_file(path, keyring))
@@ -309,6 +342,11 @@ pub fn keygen(args: &KeygenArgs, role: Role) -> Result<()> {
         sk.public().key_id_hex()
     );
     outln!("fingerprint {}", sk.public().fingerprint());
+    outln!(
+        "age recipient {} (payloads encrypted to this key: --encrypt-to {})",
+        sk.public().recipient_text(),
+        escape_path(&public)
+    );
     Ok(())
 }
 
@@ -332,17 +370,18 @@ pub fn fingerprint(args: &FingerprintArgs) -> Result<()> {
         let k = ferry_bundle::PublicKey::read(f)?;
         if args.json {
             let v = serde_json::json!({"file": escape_path(f), "role": k.role.to_string(), "id": escape(&k.id),
-                "key_id": k.key_id_hex(), "fingerprint": k.fingerprint()});
+                "key_id": k.key_id_hex(), "fingerprint": k.fingerprint(), "age_recipient": k.recipient_text()});
             outln!("{v}");
             continue;
         }
         outln!(
-            "{}  {} {}  key id {}\n  fingerprint {}",
+            "{}  {} {}  key id {}\n  fingerprint {}\n  age recipient {}",
             escape_path(f),
             k.role,
             escape(&k.id),
             k.key_id_hex(),
-            k.fingerprint()
+            k.fingerprint(),
+            k.recipient_text()
         );
     }
     Ok(())
@@ -357,6 +396,10 @@ pub struct VerifyArgs {
     /// Trusted keys and revocation lists.
     #[command(flatten)]
     pub trust: TrustArgs,
+    /// Keys that open encrypted payloads. Without one, an encrypted bundle's signature and ciphertext are
+    /// verified and its tensors are not.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// Print one JSON object per file.
     #[arg(long)]
     pub json: bool,
@@ -367,23 +410,43 @@ pub struct VerifyArgs {
 
 /// `verify`: check each file; fails if any does not verify.
 pub fn verify(args: &VerifyArgs) -> Result<()> {
-    let ring = args.trust.keyring()?;
+    let mut ring = args.trust.keyring()?;
+    args.identity.apply(&mut ring)?;
     let mut failed = 0;
     for f in &args.files {
-        // Verified as a stream, the payload checked and dropped: memory stays at a few chunks.
-        match with_spinner(f, "verifying", || {
-            ferry_bundle::open_file_into(f, &ring, std::io::sink())
-        }) {
-            Ok(b) => {
+        // Verified as a stream, the payload checked and dropped: memory stays at a few chunks. An encrypted
+        // payload without an identity: signature and ciphertext hash only (issue 15 §5).
+        let checked = with_spinner(f, "verifying", || {
+            match ferry_bundle::open_file_into(f, &ring, std::io::sink()) {
+                Err(ferry_bundle::OpenError::Encrypted(_)) => {
+                    let i = ferry_bundle::identify_file(f, &ring)?;
+                    Ok((i.manifest, i.hash, false))
+                }
+                r => r.map(|o| (o.manifest, o.hash, true)),
+            }
+        });
+        match checked {
+            Ok((manifest, hash, opened)) => {
+                let sealed_to = (!opened)
+                    .then(|| {
+                        manifest
+                            .encryption
+                            .as_ref()
+                            .map(|e| e.describe_recipients())
+                    })
+                    .flatten();
                 if args.json {
-                    let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": b.hash, "manifest": b.manifest});
+                    let v = serde_json::json!({"file": escape_path(f), "ok": true, "hash": hash,
+                        "decrypted": opened, "manifest": manifest});
                     outln!("{v}");
                 } else {
-                    outln!(
-                        "OK    {}  {}",
-                        escape_path(f),
-                        describe(&b.manifest, &b.hash)
-                    );
+                    outln!("OK    {}  {}", escape_path(f), describe(&manifest, &hash));
+                    if let Some(to) = sealed_to {
+                        outln!(
+                            "      payload encrypted to {to}: signature and ciphertext hash verified; its tensors \
+                             are checked with --identity"
+                        );
+                    }
                 }
             }
             Err(e) => {
@@ -547,6 +610,19 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         m.payload.compressed_len,
         m.payload.sha256
     );
+    if let Some(e) = &m.encryption {
+        outln!(
+            "encrypted   {} to {}, {} bytes of ciphertext, sha256 {}",
+            escape(&e.scheme),
+            e.describe_recipients(),
+            e.len,
+            escape(&e.sha256)
+        );
+        outln!(
+            "            with the standard tools: tail -c +{} FILE | age -d -i IDENTITY | zstd -d -o model.safetensors",
+            i.header_len + 1
+        );
+    }
     outln!("tensors     {}", m.tensors.len());
     for t in &m.tensors {
         let n: usize = t.shape.iter().product();
@@ -561,6 +637,33 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `age-identity`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  age-identity --key keys/hq.key --out hq.age\n  tail -c +HEADER_LEN+1 site-a-r3.ferry | age -d -i hq.age | zstd -d -o model.safetensors\n\n(inspect prints the exact tail command.) The identity is derived from the key: treat the file like the key."
+)]
+pub struct AgeIdentityArgs {
+    /// Your secret key (.key).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Where to write the age identity file (mode 0600; must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `age-identity`: write the age X25519 identity derived from a ferry key, for `age -d -i` (issue 15 §5).
+pub fn age_identity(args: &AgeIdentityArgs) -> Result<()> {
+    let sk = read_secret_key(&args.key)?;
+    let text = sk.age_identity_file_text();
+    fsutil::write_new_private(&args.out, text.as_bytes())?;
+    outln!(
+        "wrote {} (age identity for {}, mode 0600)",
+        escape_path(&args.out),
+        sk.public().recipient_text()
+    );
+    Ok(())
+}
+
 /// Arguments of `unpack`.
 #[derive(Debug, Args)]
 #[command(
@@ -570,6 +673,9 @@ pub struct UnpackArgs {
     /// Trusted keys and revocation lists.
     #[command(flatten)]
     pub trust: TrustArgs,
+    /// Keys that open an encrypted payload.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// Bundle file.
     pub file: PathBuf,
     /// Where to write the safetensors file (must not exist).
@@ -582,7 +688,8 @@ pub struct UnpackArgs {
 
 /// `unpack`: verify, then write the plain safetensors payload.
 pub fn unpack(args: &UnpackArgs) -> Result<()> {
-    let ring = args.trust.keyring()?;
+    let mut ring = args.trust.keyring()?;
+    args.identity.apply(&mut ring)?;
     // The payload streams into a temp file beside --out, linked under its name only once it verified.
     let (manifest, hash) = fsutil::write_new_with(&args.out, |file| {
         with_spinner(&args.file, "verifying", || {

@@ -56,6 +56,8 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+    /// Write the age identity derived from a key, to decrypt a payload with the standard `age` tool.
+    AgeIdentity(ferry_cli::AgeIdentityArgs),
     /// Check a file's detached signature (<FILE>.sig), e.g. a release's SHA256SUMS.
     VerifyFile(ferry_cli::release::VerifyFileArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -132,6 +134,9 @@ struct ImportArgs {
     /// Print JSON: what happened (installed or already current), the round, hash, manifest and warnings.
     #[arg(long)]
     json: bool,
+    /// This site's secret key, to read a global encrypted to the site.
+    #[command(flatten)]
+    identity: ferry_cli::IdentityArgs,
     /// The global bundle.
     file: PathBuf,
 }
@@ -189,6 +194,10 @@ struct ExportArgs {
     /// Print JSON: the file written, its hash and manifest.
     #[arg(long)]
     json: bool,
+    /// Encrypt the update's payload to HQ's key (.pub; repeatable): a lost stick then reveals no weights.
+    /// Example: --encrypt-to keys/hq.pub
+    #[arg(long, value_name = "PUB")]
+    encrypt_to: Vec<PathBuf>,
 }
 
 /// What `pack` and `export` print: the update written.
@@ -277,7 +286,9 @@ fn import(a: &ImportArgs) -> Result<()> {
     };
     let state = SiteState::at(&a.state);
     let prepared = state.prepare_import(&trust, &policy)?;
-    let bundle = open_bundle(&a.file, prepared.keyring()).with_context(|| {
+    let mut ring = prepared.keyring().clone();
+    a.identity.apply(&mut ring)?;
+    let bundle = open_bundle(&a.file, &ring).with_context(|| {
         format!(
             "this site accepts globals of federation {} signed by {}",
             prepared.federation(),
@@ -448,7 +459,8 @@ fn export(a: &ExportArgs) -> Result<()> {
     // Checked before the lock too, which would leave a `lock` file in a folder that holds no state (issue 17).
     state.require_current()?;
     let lock = state.lock()?;
-    let (path, sealed) = state.export(&lock, &key, &a.out, a.level, a.again)?;
+    let encrypt_to = ferry_cli::encrypt_to_keys(&a.encrypt_to)?;
+    let (path, sealed) = state.export_to(&lock, &key, &a.out, a.level, a.again, &encrypt_to)?;
     report_written(&path, &sealed, a.json)
 }
 
@@ -512,6 +524,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
+        Command::AgeIdentity(a) => ferry_cli::age_identity(a),
         Command::VerifyFile(a) => ferry_cli::release::verify_file(a),
         Command::Completions(a) => ferry_cli::release::completions(Cli::command(), a),
         Command::Man(a) => ferry_cli::release::man(Cli::command(), a),

@@ -136,6 +136,9 @@ pub struct RoundConfig {
     pub level: i32,
     /// How long the new global stays fresh, in seconds (its signed `expires` is its creation time plus this).
     pub valid_for: u64,
+    /// Encrypt the new global's payload to these keys (the member sites; issue 15 §5). HQ's own key is added,
+    /// so HQ can read its stored global in the next round. Empty: in the clear.
+    pub encrypt_to: Vec<ferry_bundle::PublicKey>,
 }
 
 impl Default for RoundConfig {
@@ -147,6 +150,7 @@ impl Default for RoundConfig {
             max_sample_ratio: DEFAULT_MAX_SAMPLE_RATIO,
             level: 3,
             valid_for: ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY,
+            encrypt_to: Vec::new(),
         }
     }
 }
@@ -259,7 +263,20 @@ fn write_newest_revocation(dir: &Path, out: &Path) -> Result<Option<PathBuf>, Hq
 fn hq_ring(key: &SecretKey) -> Result<Keyring, HqError> {
     let mut ring = Keyring::new();
     ring.add(key.public()).map_err(SealError::from)?;
+    ring.add_identity(key);
     Ok(ring)
+}
+
+/// The keys a global is encrypted to: the caller's (the member sites), plus HQ's own key, so HQ can read the
+/// global it stores (issue 15 §5). None: in the clear.
+fn with_hq(
+    mut encrypt_to: Vec<ferry_bundle::PublicKey>,
+    key: &SecretKey,
+) -> Vec<ferry_bundle::PublicKey> {
+    if !encrypt_to.is_empty() && !encrypt_to.contains(&key.public()) {
+        encrypt_to.push(key.public());
+    }
+    encrypt_to
 }
 
 /// Start a federation: seal round 0 from `payload`, record it in a new ledger at `dir`, write it to `out`.
@@ -293,6 +310,10 @@ pub fn init_with(
     }
     let federation = draft.federation.clone();
     let arch = draft.arch.clone();
+    let draft = Draft {
+        encrypt_to: with_hq(draft.encrypt_to, key),
+        ..draft
+    };
     let sealed = ferry_bundle::seal(draft, payload, key, level)?;
     fsutil::ensure_dir(&dir.join("globals"))?;
     fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
@@ -426,8 +447,10 @@ pub fn merge_round(
         return Err(HqError::NotHqKey(key.id().to_string()));
     }
     let mut ledger = Ledger::load(dir)?;
-    let (ring, stored_lists, new_lists) =
+    let (mut ring, stored_lists, new_lists) =
         prepare_revocations(dir, &ledger.data().federation, keyring, revocations)?;
+    // HQ's key opens updates encrypted to it (issue 15 §5).
+    ring.add_identity(key);
     let keyring = &ring;
     if files.len() < config.min_sites {
         return Err(HqError::TooFewSites {
@@ -526,6 +549,7 @@ pub fn merge_round(
         }),
         created,
         expires: Some(created.saturating_add(config.valid_for)),
+        encrypt_to: with_hq(config.encrypt_to.clone(), key),
     };
     // The next global is compressed and hashed as the merge computes it, slice by slice: it is never held
     // uncompressed.

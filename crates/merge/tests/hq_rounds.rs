@@ -762,3 +762,79 @@ fn defaults_refuse_a_one_site_merge_and_cap_a_huge_sample_count() {
         .unwrap();
     assert_eq!(b.samples, 1000);
 }
+
+/// Issue 15 §5 at HQ: a global encrypted to the sites (and HQ), updates encrypted to HQ. HQ reads its stored
+/// encrypted global and the encrypted updates with its own key, and the next global is encrypted again.
+#[test]
+fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
+    let fed = Fed::new();
+    let sites: Vec<_> = fed.sites[..2].iter().map(|s| s.public()).collect();
+    let draft = Draft {
+        encrypt_to: sites.clone(),
+        ..Draft::initial("city", Some("test".into()))
+    };
+    let (g0, sealed0) = hq::init_with(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        draft,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let e0 = sealed0
+        .manifest
+        .encryption
+        .as_ref()
+        .expect("encrypted global");
+    let ids: Vec<&str> = e0.recipients.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["site-a", "site-b", "hq"],
+        "HQ is added to read its own store"
+    );
+    // Each site reads the global with its own key and sends an update encrypted to HQ.
+    let mut updates = Vec::new();
+    for (i, x) in [(0, 1.0f32), (1, 3.0)] {
+        let mut ring = fed.hq_ring.clone();
+        ring.add_identity(&fed.sites[i]);
+        let g = ferry_bundle::open_file(&g0, &ring).unwrap();
+        let draft = Draft {
+            encrypt_to: vec![fed.hq.public()],
+            ..Draft::update_for(&g.manifest, &g.hash, fed.sites[i].id(), 100)
+        };
+        let s = ferry_bundle::seal(draft, &Model::at(x).payload(), &fed.sites[i], 3).unwrap();
+        assert_eq!(s.manifest.format, 3);
+        updates.push(s.write_to_dir(&fed.usb).unwrap());
+    }
+    let config = RoundConfig {
+        min_sites: 2,
+        encrypt_to: sites,
+        ..RoundConfig::default()
+    };
+    // `fed.ring` holds no identity: HQ's key is its identity.
+    let r1 = hq::merge_round(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[],
+        &updates,
+        &config,
+        &fed.out,
+    )
+    .unwrap();
+    assert_eq!(r1.sealed.manifest.format, 3);
+    let mut site_ring = fed.hq_ring.clone();
+    site_ring.add_identity(&fed.sites[1]);
+    let g1 = ferry_bundle::open_file(&r1.path, &site_ring).unwrap();
+    let conv = f32s(&read_tensors(g1.payload())["conv1.weight"].1);
+    assert!(conv
+        .iter()
+        .zip(Model::at(2.0).conv)
+        .all(|(a, b)| (a - b).abs() < 1e-5));
+    // Without a key the global verifies only up to its ciphertext.
+    assert!(matches!(
+        ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap_err(),
+        ferry_bundle::OpenError::Encrypted(_)
+    ));
+}

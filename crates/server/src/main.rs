@@ -47,6 +47,8 @@ enum Command {
     Inspect(ferry_cli::InspectArgs),
     /// Verify a bundle and write its plain safetensors payload.
     Unpack(ferry_cli::UnpackArgs),
+    /// Write the age identity derived from a key, to decrypt a payload with the standard `age` tool.
+    AgeIdentity(ferry_cli::AgeIdentityArgs),
     /// Sign a file (a release's SHA256SUMS) with a ferry key: writes <FILE>.sig.
     SignFile(ferry_cli::release::SignFileArgs),
     /// Check a file's detached signature (<FILE>.sig), e.g. a release's SHA256SUMS.
@@ -131,6 +133,10 @@ struct InitArgs {
     /// Days until the global expires (signed; sites warn after it). Example: --valid-days 30.
     #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
     valid_days: u64,
+    /// Encrypt the global's payload to these keys (the member sites' .pub files, or a folder of them; repeatable):
+    /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
+    #[arg(long, value_name = "PUB")]
+    encrypt_to: Vec<PathBuf>,
 }
 
 /// Default validity of a global, in days (`ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY`).
@@ -197,6 +203,10 @@ struct MergeArgs {
     valid_days: u64,
     /// Update bundles.
     #[arg(required = true)]
+    /// Encrypt the global's payload to these keys (the member sites' .pub files, or a folder of them; repeatable):
+    /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
+    #[arg(long, value_name = "PUB")]
+    encrypt_to: Vec<PathBuf>,
     updates: Vec<PathBuf>,
 }
 
@@ -267,6 +277,7 @@ fn init(a: &InitArgs) -> Result<()> {
             .created
             .saturating_add(a.valid_days.saturating_mul(DAY)),
     );
+    draft.encrypt_to = ferry_cli::encrypt_to_keys(&a.encrypt_to)?;
     let (path, sealed) = ferry_merge::hq::init_with(state, &key, &payload, draft, &a.out, a.level)?;
     if a.json {
         return print_json(&serde_json::json!({
@@ -313,6 +324,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         max_sample_ratio: a.max_sample_ratio,
         level: a.level,
         valid_for: a.valid_days.saturating_mul(DAY),
+        encrypt_to: ferry_cli::encrypt_to_keys(&a.encrypt_to)?,
     };
     let pb = ferry_cli::spinner(format!(
         "verifying and merging {}",
@@ -561,6 +573,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),
+        Command::AgeIdentity(a) => ferry_cli::age_identity(a),
         Command::SignFile(a) => ferry_cli::release::sign_file(a),
         Command::VerifyFile(a) => ferry_cli::release::verify_file(a),
         Command::Completions(a) => ferry_cli::release::completions(Cli::command(), a),

@@ -213,6 +213,9 @@ pub enum ExportError {
         /// Its hash.
         sha256: String,
     },
+    /// An update was to be encrypted to a key that is not HQ's (issue 15 §5).
+    #[error("an update is encrypted to HQ only, and {0} is not an HQ key")]
+    NotHqRecipient(String),
     /// The local model was trained from an older global.
     #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}: train again")]
     StaleLocal {

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::tensor::all_finite;
-use ferry_bundle::{escape, short, Bundle, BundleKind, Draft, Payload, Sealed, SecretKey};
+use ferry_bundle::{
+    escape, short, Bundle, BundleKind, Draft, Payload, PublicKey, Role, Sealed, SecretKey,
+};
 
 use crate::audit::{AuditAction, AuditEntry};
 use crate::state::{GlobalRecord, SiteLock, SiteState};
@@ -235,6 +237,29 @@ impl SiteState {
         level: i32,
         again: bool,
     ) -> Result<(PathBuf, Sealed), ExportError> {
+        self.export_to(lock, key, out_dir, level, again, &[])
+    }
+
+    /// [`SiteState::export`] with the update's payload encrypted to `encrypt_to` (HQ's keys, issue 15 §5), so a
+    /// lost stick does not give the site's model away. Empty: in the clear. A key that is not an HQ key is
+    /// refused: only HQ merges updates.
+    pub fn export_to(
+        &self,
+        lock: &SiteLock<'_>,
+        key: &SecretKey,
+        out_dir: &Path,
+        level: i32,
+        again: bool,
+        encrypt_to: &[PublicKey],
+    ) -> Result<(PathBuf, Sealed), ExportError> {
+        if let Some(k) = encrypt_to.iter().find(|k| k.role != Role::Hq) {
+            return Err(ExportError::NotHqRecipient(format!(
+                "{} {} ({})",
+                k.role,
+                k.id,
+                k.key_id_hex()
+            )));
+        }
         self.check_lock(lock)?;
         let cur = self.require_current()?;
         let previous = self.last_export(&cur.federation, cur.round)?;
@@ -268,6 +293,10 @@ impl SiteState {
             key.id(),
             local.samples,
         );
+        let draft = Draft {
+            encrypt_to: encrypt_to.to_vec(),
+            ..draft
+        };
         let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
         let path = sealed.write_to_dir(out_dir)?;
         self.mark_exported(lock, &sealed.hash)?;

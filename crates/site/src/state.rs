@@ -370,10 +370,10 @@ impl SiteState {
         if path.exists() {
             if self.read_weights(&sha).is_err() {
                 // A damaged copy (bit rot, a torn write before the record existed): replace it.
-                fsutil::write_replace(&path, bytes)?;
+                fsutil::write_replace_private(&path, bytes)?;
             }
         } else {
-            fsutil::write_new(&path, bytes)?;
+            fsutil::write_new_private(&path, bytes)?;
         }
         Ok(sha)
     }
@@ -428,7 +428,7 @@ impl SiteState {
         if read_if_present(&path, MAX_WEIGHTS)?.as_deref() == Some(payload) {
             return Ok(());
         }
-        Ok(fsutil::write_replace(&path, payload)?)
+        Ok(fsutil::write_replace_private(&path, payload)?)
     }
 
     /// The local model waiting to be exported (or already exported: see `exported`).
@@ -509,7 +509,10 @@ impl SiteState {
     /// Replace the optimizer state.
     pub fn write_optimizer(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
         self.check_lock(lock)?;
-        Ok(fsutil::write_replace(&self.optimizer_path(), bytes)?)
+        Ok(fsutil::write_replace_private(
+            &self.optimizer_path(),
+            bytes,
+        )?)
     }
 
     /// The checkpoint of a training run in progress, if any.
@@ -525,7 +528,10 @@ impl SiteState {
     /// Replace the training checkpoint (one file, so there is never half a checkpoint).
     pub fn write_checkpoint(&self, lock: &SiteLock<'_>, bytes: &[u8]) -> Result<(), SiteError> {
         self.check_lock(lock)?;
-        Ok(fsutil::write_replace(&self.checkpoint_path(), bytes)?)
+        Ok(fsutil::write_replace_private(
+            &self.checkpoint_path(),
+            bytes,
+        )?)
     }
 
     /// Drop the training checkpoint once its run is recorded.
@@ -565,7 +571,7 @@ impl SiteState {
         let path = self.path(files::DEPLOYED);
         // Weights first, then the record that names their global: a crash between the two leaves a record for
         // an older global, which `deployed` ignores.
-        fsutil::write_replace(&path, weights_safetensors)?;
+        fsutil::write_replace_private(&path, weights_safetensors)?;
         let rec = DeployedRecord {
             base_hash: cur.hash,
             round: cur.round,
