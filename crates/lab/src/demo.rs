@@ -57,7 +57,8 @@ impl Default for DemoConfig {
             lr: 2e-3,
             warmup: None,
             batch: 32,
-            cosine: true,
+            // Measured: cosine 25.4 % exact against flat 28.0 % with these settings (docs/experiments.md).
+            cosine: false,
             seed: 1,
         }
     }

@@ -104,7 +104,7 @@ struct TrainFlags {
     #[arg(long)]
     batch: Option<usize>,
     /// Learning rate after the warm-up: `cosine` decays it over each trainer's whole planned run (every round)
-    /// to 1 % of the peak, `flat` keeps it (the field study) [default: demo cosine, seed-table and fedavg flat].
+    /// to 1 % of the peak, `flat` keeps it (the field study) [default: flat].
     #[arg(long, value_name = "SCHEDULE")]
     lr_schedule: Option<LrSchedule>,
     /// Seed of the initial weights, the data and the shuffles.
