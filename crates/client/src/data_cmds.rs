@@ -2,6 +2,7 @@
 //! on it, and let the model propose the labels an operator then corrects. The reading is
 //! `ferry_train::data` and `ferry_train::predict`; this module parses, prints and writes the CSV.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -9,7 +10,7 @@ use clap::Args;
 use ferry_bundle::{escape, escape_path};
 use ferry_cli::{count, outln, print_json};
 use ferry_site::{load_site_model, site_arch, EvalTarget, SiteState};
-use ferry_train::data::folder::{self, BadFile, FolderOptions, TextEncoding};
+use ferry_train::data::folder::{self, BadFile, TextEncoding};
 use ferry_train::data::{DataSpec, LoadConfig};
 use ferry_train::{device, DeviceChoice};
 
@@ -108,13 +109,20 @@ pub fn run_check_data(a: &CheckDataArgs) -> Result<()> {
         .with_context(|| format!("checking {}", escape(&spec.to_string())))?;
     let unknown: usize = report.outside_alphabet.values().sum();
     if a.json {
+        let escaped = |m: &BTreeMap<String, usize>| -> BTreeMap<String, usize> {
+            m.iter().map(|(k, v)| (escape(k), *v)).collect()
+        };
+        let bad: Vec<serde_json::Value> = report
+            .bad
+            .iter()
+            .map(|b| {
+                serde_json::json!({"line": b.line, "path": escape_path(&b.path), "reason": escape(&b.reason)})
+            })
+            .collect();
         print_json(&serde_json::json!({
             "data": escape(&spec.to_string()), "encoding": report.encoding, "listed": report.listed,
-            "usable": report.usable, "task": report.task,
-            "histogram": report.histogram.iter().map(|(k, v)| (escape(k), *v)).collect::<std::collections::BTreeMap<_, _>>(),
-            "outside_alphabet": report.outside_alphabet.iter().map(|(k, v)| (escape(k), *v)).collect::<std::collections::BTreeMap<_, _>>(),
-            "bad": report.bad.iter().map(|b| serde_json::json!({
-                "line": b.line, "path": escape_path(&b.path), "reason": escape(&b.reason)})).collect::<Vec<_>>(),
+            "usable": report.usable, "task": report.task, "histogram": escaped(&report.histogram),
+            "outside_alphabet": escaped(&report.outside_alphabet), "bad": bad,
         }))?;
     } else {
         outln!(
@@ -190,8 +198,7 @@ pub fn run_predict(a: &PredictArgs) -> Result<()> {
                     escape(&spec.to_string())
                 );
             };
-            let opts = FolderOptions { ..*options };
-            let listing = folder::list(path, &opts, true)
+            let listing = folder::list(path, options, true)
                 .with_context(|| format!("listing {}", escape(&spec.to_string())))?;
             (
                 listing.entries.into_iter().map(|e| e.path).collect(),
@@ -232,7 +239,9 @@ pub fn run_predict(a: &PredictArgs) -> Result<()> {
                 path: p,
                 reason: format!("cannot use the image: {reason}"),
             }),
-            Err(reason) => anyhow::bail!("cannot use image {}: {}", escape_path(&p), escape(&reason)),
+            Err(reason) => {
+                anyhow::bail!("cannot use image {}: {}", escape_path(&p), escape(&reason))
+            }
         }
     }
     if read_paths.is_empty() {
@@ -270,7 +279,10 @@ pub fn run_predict(a: &PredictArgs) -> Result<()> {
         w.write_record([name.as_str(), t.as_str()])?;
         written += 1;
     }
-    let bytes = w.into_inner().context("writing the CSV")?;
+    w.flush().context("writing the CSV")?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing the CSV: {}", e.error()))?;
     ferry_bundle::fsutil::write_new(&out, &bytes)?;
     if a.json {
         return print_json(&serde_json::json!({

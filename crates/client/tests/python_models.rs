@@ -60,7 +60,14 @@ fn images(arch: Arch, n: usize) -> ferry_train::data::Dataset {
                 styles: None,
             }
         }
-        _ => plates::generate(PlateStyle::Mixed, n, 21, None).unwrap(),
+        _ => plates::generate_with(
+            PlateStyle::Mixed,
+            n,
+            21,
+            None,
+            &plates::RenderConfig::for_classes(Some(arch.classes())),
+        )
+        .unwrap(),
     }
 }
 
@@ -109,11 +116,15 @@ fn pytorch_classes_load_ferrys_weights_strictly_and_match_its_outputs() {
         let current = state.join("current.safetensors");
 
         // ferry's logits and readings on the images, from the file the site holds.
-        let ferry = Model::from_safetensors(arch, &std::fs::read(&current).unwrap(), &Device::Cpu)
-            .unwrap();
+        let ferry =
+            Model::from_safetensors(arch, &std::fs::read(&current).unwrap(), &Device::Cpu).unwrap();
         let (c, h, w) = arch.input();
-        let x = Tensor::from_slice(&data.images, (data.len(), c, h, w), &candle_core::Device::Cpu)
-            .unwrap();
+        let x = Tensor::from_slice(
+            &data.images,
+            (data.len(), c, h, w),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let logits = ferry.forward(&x, Mode::Eval).unwrap();
         let shape = logits.dims().to_vec();
         let lv = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -154,7 +165,10 @@ fn pytorch_classes_load_ferrys_weights_strictly_and_match_its_outputs() {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let (diff, scale) = (v["diff"].as_f64().unwrap(), v["scale"].as_f64().unwrap());
         assert!(scale > 0.0, "{arch}: {v}");
-        assert!(diff <= 1e-4 * scale.max(1.0), "{arch}: logits differ by {diff} (scale {scale})");
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{arch}: logits differ by {diff} (scale {scale})"
+        );
         assert_eq!(
             v["keys"].as_u64().unwrap() as usize,
             arch.tensors().len(),

@@ -61,7 +61,11 @@ pub fn diff(a: &Bundle, b: &Bundle) -> Result<BundleDiff, DiffError> {
                 format!("{} tensors against {}", names_a.len(), names_b.len())
             }
             Some((x, y)) if x.name != y.name => {
-                format!("tensor {:?} against {:?}", ferry_bundle::escape(&x.name), ferry_bundle::escape(&y.name))
+                format!(
+                    "tensor {:?} against {:?}",
+                    ferry_bundle::escape(&x.name),
+                    ferry_bundle::escape(&y.name)
+                )
             }
             Some((x, y)) => format!(
                 "tensor {}: {} {:?} against {} {:?}",

@@ -480,11 +480,15 @@ fn run_gate(
     sealed: &Sealed,
 ) -> Result<(EvalRecord, EvalRecord), HqError> {
     let (_, cur) = read_current(dir, &current.hash, key)?;
-    let next = ferry_bundle::open(&sealed.bytes, &hq_ring(key)?, &ferry_bundle::Limits::default())
-        .map_err(|e| HqError::Eval {
-            what: "the merged global".into(),
-            why: e.to_string(),
-        })?;
+    let next = ferry_bundle::open(
+        &sealed.bytes,
+        &hq_ring(key)?,
+        &ferry_bundle::Limits::default(),
+    )
+    .map_err(|e| HqError::Eval {
+        what: "the merged global".into(),
+        why: e.to_string(),
+    })?;
     let before = (gate.evaluate)(&cur).map_err(|why| HqError::Eval {
         what: format!("the current global (round {})", current.round),
         why,

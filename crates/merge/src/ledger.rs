@@ -442,7 +442,11 @@ impl Ledger {
                 });
             }
         }
-        if let Some(s) = extras.stats.iter().find(|s| !bundles.contains(s.bundle.as_str())) {
+        if let Some(s) = extras
+            .stats
+            .iter()
+            .find(|s| !bundles.contains(s.bundle.as_str()))
+        {
             return Err(LedgerError::BadInput(format!(
                 "merge statistics name bundle {}, which is not a contributor",
                 s.bundle
@@ -620,9 +624,7 @@ impl fmt::Display for LedgerStatus {
                 None if sites.is_empty() => "-".to_string(),
                 None => sites.join(", "),
             };
-            let time = r
-                .time
-                .map_or_else(|| "-".to_string(), ferry_bundle::utc);
+            let time = r.time.map_or_else(|| "-".to_string(), ferry_bundle::utc);
             writeln!(
                 f,
                 "  r{:<4} {}  {:<24} {:<20}  {}",
@@ -778,8 +780,14 @@ fn validate(d: &LedgerData) -> Result<(), String> {
                 r.round
             ));
         }
-        if r.stats.iter().any(|s| !r.contributors.iter().any(|c| c.bundle == s.bundle)) {
-            return Err(format!("round {} has statistics for a bundle it does not list", r.round));
+        if r.stats
+            .iter()
+            .any(|s| !r.contributors.iter().any(|c| c.bundle == s.bundle))
+        {
+            return Err(format!(
+                "round {} has statistics for a bundle it does not list",
+                r.round
+            ));
         }
         for c in &r.contributors {
             if !is_hex(&c.bundle)

@@ -181,7 +181,10 @@ fn the_ledger_records_time_weights_distances_and_the_gates_scores() {
     let r1 = &data.history[1];
     assert!(r0.time.is_some());
     let t = r1.time.unwrap();
-    assert!((before..=after).contains(&t), "{t} not in {before}..={after}");
+    assert!(
+        (before..=after).contains(&t),
+        "{t} not in {before}..={after}"
+    );
     // Weights and distances as the merge report gave them: 2 L2 of a 4-vector moved by 0.2 and 0.4.
     let by_site: BTreeMap<&str, _> = r1.stats.iter().map(|s| (s.site.as_str(), s)).collect();
     assert_eq!(by_site.len(), 2);
@@ -189,8 +192,16 @@ fn the_ledger_records_time_weights_distances_and_the_gates_scores() {
     assert!((by_site["site-b"].weight.unwrap() - 0.25).abs() < 1e-12);
     assert!((by_site["site-a"].distance - 0.4).abs() < 1e-6);
     assert!((by_site["site-b"].distance - 0.8).abs() < 1e-6);
-    for (c, s) in out.report.contributions.iter().map(|c| (c, by_site[c.site.as_str()])) {
-        assert_eq!((c.weight, c.distance, &c.bundle), (s.weight, s.distance, &s.bundle));
+    for (c, s) in out
+        .report
+        .contributions
+        .iter()
+        .map(|c| (c, by_site[c.site.as_str()]))
+    {
+        assert_eq!(
+            (c.weight, c.distance, &c.bundle),
+            (s.weight, s.distance, &s.bundle)
+        );
     }
     // The gate's two scores: the current global's on round 0, the merged one's on round 1.
     assert_eq!(r0.evals.len(), 1);
@@ -200,8 +211,14 @@ fn the_ledger_records_time_weights_distances_and_the_gates_scores() {
     assert_eq!(r1.evals[0].data, "mean-of-w");
     // status prints them.
     let shown = hq::status(&fed.state).unwrap().to_string();
-    assert!(shown.contains("site-a (300, weight 0.7500, distance 0.4000)"), "{shown}");
-    assert!(shown.contains("eval mean-of-w: 75.0% on 4 samples"), "{shown}");
+    assert!(
+        shown.contains("site-a (300, weight 0.7500, distance 0.4000)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("eval mean-of-w: 75.0% on 4 samples"),
+        "{shown}"
+    );
     assert!(shown.contains(&ferry_bundle::utc(t)), "{shown}");
 }
 
@@ -222,8 +239,14 @@ fn the_gate_refuses_a_worse_global_and_writes_nothing() {
         "{e}"
     );
     let msg = e.to_string();
-    assert!(msg.contains("30.00%") && msg.contains("round 0") && msg.contains("50.00%"), "{msg}");
-    assert!(msg.contains("nothing written, the ledger is unchanged"), "{msg}");
+    assert!(
+        msg.contains("30.00%") && msg.contains("round 0") && msg.contains("50.00%"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("nothing written, the ledger is unchanged"),
+        "{msg}"
+    );
     assert_eq!(fed.snapshot(), before);
 
     // Better than the current one, but below --min-accuracy.
@@ -309,7 +332,10 @@ fn republish_reissues_an_earlier_global_as_the_next_round() {
     // The federation goes on from it: updates based on round 3 merge into round 4.
     let r4 = fed
         .merge(
-            &[fed.update(0, &path, 0.8, 100), fed.update(1, &path, 0.8, 100)],
+            &[
+                fed.update(0, &path, 0.8, 100),
+                fed.update(1, &path, 0.8, 100),
+            ],
             None,
         )
         .unwrap();
@@ -331,9 +357,15 @@ fn eval_results_are_recorded_for_the_ledgers_globals_only() {
     );
     let before = fed.snapshot();
     let other = "ab".repeat(32);
-    assert_eq!(hq::record_eval(&fed.state, &other, rec.clone()).unwrap(), None);
+    assert_eq!(
+        hq::record_eval(&fed.state, &other, rec.clone()).unwrap(),
+        None
+    );
     assert_eq!(fed.snapshot(), before);
-    assert_eq!(Ledger::peek(&fed.state).unwrap().history[0].evals, vec![rec]);
+    assert_eq!(
+        Ledger::peek(&fed.state).unwrap().history[0].evals,
+        vec![rec]
+    );
     let round0 = hq::global_of_round(&fed.state, &fed.hq, 0).unwrap();
     assert_eq!(round0.hash, g.hash);
 }
@@ -348,11 +380,19 @@ fn diff_measures_every_tensor() {
     assert_eq!(d.tensors.len(), 2);
     let counter = &d.tensors[0];
     assert_eq!(
-        (counter.name.as_str(), counter.l2, counter.max_abs, counter.relative),
+        (
+            counter.name.as_str(),
+            counter.l2,
+            counter.max_abs,
+            counter.relative
+        ),
         ("bn.num_batches_tracked", 1.0, 1.0, None)
     );
     let w = &d.tensors[1];
-    assert_eq!((w.name.as_str(), w.dtype.as_str(), w.shape.clone()), ("w", "F32", vec![4]));
+    assert_eq!(
+        (w.name.as_str(), w.dtype.as_str(), w.shape.clone()),
+        ("w", "F32", vec![4])
+    );
     // 4 elements moved by 0.2: L2 0.4, relative to |(0.5,0.5,0.5,0.5)| = 1.
     assert!((w.l2 - 0.4).abs() < 1e-6 && (w.max_abs - 0.2).abs() < 1e-6);
     assert!((w.relative.unwrap() - 0.4).abs() < 1e-6);
@@ -394,7 +434,10 @@ fn a_ledger_written_before_issue_16_still_loads() {
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let data = Ledger::peek(&fed.state).unwrap();
     assert_eq!(data.current.round, 1);
-    assert!(data.history.iter().all(|r| r.time.is_none() && r.stats.is_empty()));
+    assert!(data
+        .history
+        .iter()
+        .all(|r| r.time.is_none() && r.stats.is_empty()));
     let shown = hq::status(&fed.state).unwrap().to_string();
     assert!(shown.contains("site-a (100)"), "{shown}");
     // Statistics naming a bundle the round does not list are refused as damage.

@@ -348,7 +348,14 @@ fn merge(a: &MergeArgs) -> Result<()> {
         count(a.updates.len() as u64, "update")
     ));
     let result = ferry_merge::hq::merge_round_gated(
-        &a.state, &key, &keyring, &lists, &a.updates, &config, gate.as_mut(), &a.out,
+        &a.state,
+        &key,
+        &keyring,
+        &lists,
+        &a.updates,
+        &config,
+        gate.as_mut(),
+        &a.out,
     );
     pb.finish_and_clear();
     let out = result?;

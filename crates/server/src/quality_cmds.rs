@@ -101,7 +101,9 @@ pub fn print_gate(state: &Path) -> Result<()> {
     if n < 2 {
         return Ok(());
     }
-    if let (Some(before), Some(after)) = (s.rounds[n - 2].evals.last(), s.rounds[n - 1].evals.last()) {
+    if let (Some(before), Some(after)) =
+        (s.rounds[n - 2].evals.last(), s.rounds[n - 1].evals.last())
+    {
         outln!(
             "quality gate passed: round {} reads {}; round {} read {:.1}%",
             s.rounds[n - 1].round,
@@ -209,8 +211,16 @@ pub fn diff(a: &DiffArgs) -> Result<()> {
             "total_l2": d.total_l2, "tensors": d.tensors,
         }));
     }
-    outln!("A {}: {}", escape_path(&a.a), describe(&ba.manifest, &ba.hash));
-    outln!("B {}: {}", escape_path(&a.b), describe(&bb.manifest, &bb.hash));
+    outln!(
+        "A {}: {}",
+        escape_path(&a.a),
+        describe(&ba.manifest, &ba.hash)
+    );
+    outln!(
+        "B {}: {}",
+        escape_path(&a.b),
+        describe(&bb.manifest, &bb.hash)
+    );
     outln!(
         "{:<40} {:>14} {:>10} {:>12}",
         "tensor",
@@ -390,7 +400,9 @@ pub fn report_html(s: &ferry_merge::LedgerStatus, plots: &[&str]) -> String {
             );
         }
     }
-    h.push_str("</table>\n<p>Written by ferry-server report from the ledger.</p>\n</body></html>\n");
+    h.push_str(
+        "</table>\n<p>Written by ferry-server report from the ledger.</p>\n</body></html>\n",
+    );
     h
 }
 
@@ -438,14 +450,15 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         }
     }
     // Plots go through a temporary name and a rename, like every file ferry writes.
-    let write_plot = |name: &str, draw: &dyn Fn(&Path) -> Result<(), ferry_plot::PlotError>| -> Result<()> {
-        let tmp = a.out.join(format!(".{name}.tmp.png"));
-        draw(&tmp)?;
-        let bytes = std::fs::read(&tmp).with_context(|| escape_path(&tmp))?;
-        let _ = std::fs::remove_file(&tmp);
-        ferry_bundle::fsutil::write_replace(&a.out.join(name), &bytes)?;
-        Ok(())
-    };
+    let write_plot =
+        |name: &str, draw: &dyn Fn(&Path) -> Result<(), ferry_plot::PlotError>| -> Result<()> {
+            let tmp = a.out.join(format!(".{name}.tmp.png"));
+            draw(&tmp)?;
+            let bytes = std::fs::read(&tmp).with_context(|| escape_path(&tmp))?;
+            let _ = std::fs::remove_file(&tmp);
+            ferry_bundle::fsutil::write_replace(&a.out.join(name), &bytes)?;
+            Ok(())
+        };
     if !acc.is_empty() {
         write_plot("accuracy.png", &|p: &Path| {
             ferry_plot::plot_accuracy(p, "HQ evaluation per round", "round", &acc)

@@ -140,7 +140,9 @@ impl Hq {
                 let data = if t.dtype == Dtype::F32 && !t.name.contains("running_var") {
                     t.data
                         .chunks_exact(4)
-                        .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * scale).to_le_bytes())
+                        .flat_map(|c| {
+                            (f32::from_le_bytes(c.try_into().unwrap()) * scale).to_le_bytes()
+                        })
                         .collect()
                 } else {
                     t.data.to_vec()
@@ -241,10 +243,7 @@ fn eval_gate_diff_republish_and_report() {
     // merge --require-eval --min-accuracy: refused below the bar, nothing written.
     let u = h.update(&g0, 1.0);
     let before = h.snapshot();
-    let e = refusal(&h.merge(
-        &u,
-        &["--require-eval", DATA, "--min-accuracy", "0.99"],
-    ));
+    let e = refusal(&h.merge(&u, &["--require-eval", DATA, "--min-accuracy", "0.99"]));
     assert!(e.contains("below --min-accuracy 0.99"), "{e}");
     assert!(e.contains("nothing written"), "{e}");
     assert_eq!(h.snapshot(), before);
@@ -259,7 +258,12 @@ fn eval_gate_diff_republish_and_report() {
     assert!(out.contains("quality gate passed"), "{out}");
     let g1 = h.out.join("global-r1.ferry");
     assert_eq!(reference_accuracy(&g1, &h.hq_ring), acc0);
-    let st = json(&server(&["status", "--state", h.state.to_str().unwrap(), "--json"]));
+    let st = json(&server(&[
+        "status",
+        "--state",
+        h.state.to_str().unwrap(),
+        "--json",
+    ]));
     let r1 = &st["rounds"][1];
     assert_eq!(r1["evals"][0]["accuracy"].as_f64().unwrap(), acc0);
     assert_eq!(r1["evals"][0]["data"], DATA);
@@ -297,15 +301,30 @@ fn eval_gate_diff_republish_and_report() {
     let rel = t["relative"].as_f64().unwrap();
     assert!((rel - 0.1).abs() < 1e-5, "{rel}");
     assert!((t["l2"].as_f64().unwrap() - 0.1 * norm).abs() < 1e-4 * norm);
-    let text = success(&server(&["diff", "--trust", &keys, g1.to_str().unwrap(), u2.to_str().unwrap()]));
-    assert!(text.contains("fc1.weight") && text.contains("total L2"), "{text}");
+    let text = success(&server(&[
+        "diff",
+        "--trust",
+        &keys,
+        g1.to_str().unwrap(),
+        u2.to_str().unwrap(),
+    ]));
+    assert!(
+        text.contains("fc1.weight") && text.contains("total L2"),
+        "{text}"
+    );
     // A tampered bundle is refused before any number is printed.
     let mut bytes = std::fs::read(&u2).unwrap();
     let n = bytes.len();
     bytes[n - 10] ^= 1;
     let bad = h.dir.join("tampered.ferry");
     std::fs::write(&bad, bytes).unwrap();
-    refusal(&server(&["diff", "--trust", &keys, g1.to_str().unwrap(), bad.to_str().unwrap()]));
+    refusal(&server(&[
+        "diff",
+        "--trust",
+        &keys,
+        g1.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]));
 
     // republish round 0's weights as round 2; a site that holds round 1 imports it.
     let site = SiteState::at(&h.dir.join("site"));
@@ -351,7 +370,11 @@ fn eval_gate_diff_republish_and_report() {
     import(&g2).unwrap();
     let current = std::fs::read(site.current_model_path()).unwrap();
     let original = ferry_bundle::open_file(&g0, &h.hq_ring).unwrap();
-    assert_eq!(current, original.payload(), "the site holds round 0's weights again");
+    assert_eq!(
+        current,
+        original.payload(),
+        "the site holds round 0's weights again"
+    );
 
     // report: the page shows the ledger's numbers, the plots are PNGs.
     let report = h.dir.join("report");
@@ -365,7 +388,10 @@ fn eval_gate_diff_republish_and_report() {
     let page = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert!(page.contains(&format!("{:.2}%", 100.0 * acc0)), "{page}");
     assert!(page.contains(DATA) && page.contains("site-a"), "{page}");
-    assert!(page.contains("<td class=\"n\">1.0000</td>"), "weight: {page}");
+    assert!(
+        page.contains("<td class=\"n\">1.0000</td>"),
+        "weight: {page}"
+    );
     assert!(page.contains(&format!("{distance:.4}")), "{page}");
     assert!(page.contains("republish r0"), "{page}");
     for png in ["accuracy.png", "distance.png"] {

@@ -155,7 +155,8 @@ pub fn decode_text(
             .ok_or_else(|| DataError::Csv {
                 path: path.to_path_buf(),
                 line: 1,
-                reason: "neither UTF-8 nor CP949 text; save the CSV from Excel as \"CSV UTF-8\"".into(),
+                reason: "neither UTF-8 nor CP949 text; save the CSV from Excel as \"CSV UTF-8\""
+                    .into(),
             })
     };
     match enc {
@@ -519,7 +520,7 @@ pub fn load_with(
                     },
                     None => DataError::Config(format!(
                         "cannot use image {}: {reason}; fix or remove it, or add ?skip-bad (--skip-bad) to leave bad images out",
-                        e.shown(path)
+                        shown(&e.path)
                     )),
                 })
             }
@@ -551,7 +552,7 @@ fn entry_error(path: &Path, e: &Entry, reason: String) -> DataError {
             line,
             reason,
         },
-        None => DataError::Config(format!("{}: {reason}", e.shown(path))),
+        None => DataError::Config(format!("{}: {reason}", shown(&e.path))),
     }
 }
 
@@ -561,7 +562,7 @@ fn outside_alphabet(label: &str, alphabet: &[String]) -> Vec<String> {
     let mut rest = label.trim_start();
     let mut out = Vec::new();
     if let Some(r) = plates::REGIONS.iter().find(|r| rest.starts_with(**r)) {
-        if !alphabet.iter().any(|a| a.as_str() == **r) {
+        if !alphabet.iter().any(|a| a.as_str() == *r) {
             out.push(r.to_string());
         }
         rest = &rest[r.len()..];
@@ -609,9 +610,7 @@ pub fn check(
     let listing = list(path, &opts, false)?;
     let mut bad = listing.bad;
     let task = task_of(&listing.entries);
-    let alphabet = &plates::charset()[..classes
-        .unwrap_or(usize::MAX)
-        .min(plates::charset().len())];
+    let alphabet = &plates::charset()[..classes.unwrap_or(usize::MAX).min(plates::charset().len())];
     let mut histogram = BTreeMap::new();
     let mut outside = BTreeMap::new();
     let mut usable = 0;
@@ -780,8 +779,7 @@ mod tests {
         assert!(std::str::from_utf8(&bytes).is_err());
         let csv = dir.path().join("excel.csv");
         std::fs::write(&csv, &bytes).unwrap();
-        let (d, skipped) =
-            load_with(&csv, &FolderOptions::default(), (1, 4, 8), None).unwrap();
+        let (d, skipped) = load_with(&csv, &FolderOptions::default(), (1, 4, 8), None).unwrap();
         assert!(skipped.is_empty());
         assert_eq!(plates::decode(d.label(0)), "12가3456");
         assert_eq!(plates::decode(d.label(1)), "서울12바3456");
@@ -827,7 +825,11 @@ mod tests {
         png(dir.path(), "ok.png", 4, 4, 9);
         std::fs::write(dir.path().join("bad.png"), b"not a png at all").unwrap();
         let csv = dir.path().join("l.csv");
-        std::fs::write(&csv, "ok.png,1\nbad.png,2\nmissing.png,3\nok.png,cat\nok.png,0\n").unwrap();
+        std::fs::write(
+            &csv,
+            "ok.png,1\nbad.png,2\nmissing.png,3\nok.png,cat\nok.png,0\n",
+        )
+        .unwrap();
         let e = load_with(&csv, &FolderOptions::default(), (1, 4, 4), None).unwrap_err();
         assert!(matches!(e, DataError::Csv { line: 4, .. }), "{e}");
         let opts = FolderOptions {
@@ -839,7 +841,11 @@ mod tests {
         assert_eq!(d.task, Task::Classes { classes: 2 });
         let lines: Vec<_> = bad.iter().map(|b| b.line.unwrap()).collect();
         assert_eq!(lines, vec![4, 2, 3]);
-        assert!(bad[1].reason.contains("cannot use the image"), "{:?}", bad[1]);
+        assert!(
+            bad[1].reason.contains("cannot use the image"),
+            "{:?}",
+            bad[1]
+        );
         // check sees the same, with the histogram.
         let c = check(&csv, &FolderOptions::default(), None).unwrap();
         assert_eq!((c.listed, c.usable, c.task), (5, 2, Some("classes")));
