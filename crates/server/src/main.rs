@@ -339,7 +339,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         Some(e) => e.evaluate(b),
         None => Err("no evaluation data".to_string()),
     };
-    let mut gate = evaluator.is_some().then(|| ferry_merge::hq::EvalGate {
+    let mut gate = evaluator.is_some().then_some(ferry_merge::hq::EvalGate {
         min_accuracy: a.min_accuracy,
         evaluate: &mut evaluate,
     });

@@ -13,7 +13,7 @@ pub fn read(model: &Model, images: &[f32], batch: usize) -> Result<Vec<String>, 
     let arch = model.arch();
     let (c, h, w) = arch.input();
     let per = c * h * w;
-    if images.len() % per != 0 {
+    if !images.len().is_multiple_of(per) {
         return Err(TrainError::DataMismatch {
             arch: arch.name(),
             detail: format!(
