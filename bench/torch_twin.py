@@ -8,7 +8,7 @@ Same network, checked: `cargo run --release -p ferry-train --example twin_check 
 trained ferry model and a batch with ferry's logits; `python3 bench/torch_twin.py check --model plate-ctc --dir
 /tmp/twin` loads the weights into the twin with `load_state_dict(strict=True)` and compares the logits.
 
-Architectures (crates/train/src/arch.rs, model.rs):
+Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, model.rs):
 - plate-ctc: input 1x32x96; three blocks conv3x3 pad 1 (32/64/128, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2
   (-> 128x4x12); per column (12 of them) its 512 features (channel, row) -> fc1 256 + ReLU -> fc2 2x2x68: two rows
   (a two-line plate's top line, then the main line) of 2 steps per column, i.e. two rows of 24 steps, each read
@@ -26,99 +26,15 @@ import argparse
 import json
 import time
 
+import os
+import sys
+
 import torch
-from torch import nn
 import torch.nn.functional as F
 
-
-class PlateCnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        cin = 1
-        for i, cout in enumerate([16, 32, 64], start=1):
-            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
-            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
-            cin = cout
-        self.fc1 = nn.Linear(64 * 4 * 12, 256)
-        self.heads = nn.ModuleList([nn.Linear(256, 51) for _ in range(8)])
-
-    def forward(self, x):
-        for i in (1, 2, 3):
-            x = F.max_pool2d(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return torch.stack([h(x) for h in self.heads], 1)
-
-
-class PlateCtc(nn.Module):
-    ROWS, SUB, CLASSES = 2, 2, 68
-
-    def __init__(self):
-        super().__init__()
-        cin, h = 1, 32
-        for i, cout in enumerate([32, 64, 128], start=1):
-            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
-            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
-            cin, h = cout, h // 2
-        self.fc1 = nn.Linear(cin * h, 256)
-        self.fc2 = nn.Linear(256, self.ROWS * self.SUB * self.CLASSES)
-
-    def forward(self, x):
-        for i in (1, 2, 3):
-            x = F.max_pool2d(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))), 2)
-        b, c, h, w = x.shape
-        x = x.permute(0, 3, 1, 2).reshape(b * w, c * h)  # one row per column, features (channel, row)
-        x = self.fc2(F.relu(self.fc1(x))).view(b, w, self.ROWS, self.SUB, self.CLASSES)
-        # (batch, rows * steps, classes), each row's steps left to right
-        return x.permute(0, 2, 1, 3, 4).reshape(b, self.ROWS * w * self.SUB, self.CLASSES)
-
-
-def ctc_loss(logits, rows_targets):
-    """rows_targets: per sample, one list of class ids per row (possibly empty)."""
-    b, t, k = logits.shape
-    rows = len(rows_targets[0])
-    steps = t // rows
-    total = logits.new_zeros(())
-    lengths = torch.tensor([sum(len(r) for r in s) for s in rows_targets], dtype=logits.dtype)
-    for r in range(rows):
-        lp = F.log_softmax(logits[:, r * steps:(r + 1) * steps], -1).transpose(0, 1)
-        tg = torch.tensor([c for s in rows_targets for c in s[r]], dtype=torch.long)
-        tl = torch.tensor([len(s[r]) for s in rows_targets])
-        il = torch.full((b,), steps, dtype=torch.long)
-        per = F.ctc_loss(lp, tg, il, tl, blank=0, reduction="none", zero_infinity=True)
-        total = total + (per / lengths).sum()
-    return total / b
-
-
-class MnistCnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
-        self.fc1 = nn.Linear(3136, 512)
-        self.fc2 = nn.Linear(512, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1)))).unsqueeze(1)
-
-
-MODELS = {
-    "plate-ctc": (PlateCtc, (1, 32, 96), 8, 68),
-    "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
-    "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
-}
-
-
-def init_like_ferry(model):
-    # Kaiming-uniform with a=sqrt(5) == uniform(+-1/sqrt(fan_in)) for weights, the same bound for biases.
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            bound = 1.0 / fan_in**0.5
-            nn.init.uniform_(m.weight, -bound, bound)
-            if m.bias is not None:
-                nn.init.uniform_(m.bias, -bound, bound)
+# The model classes have one owner, python/ferry_models.py (issue 16); the twin times them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from ferry_models import MODELS, ctc_loss, init_like_ferry  # noqa: E402
 
 
 def main():

@@ -1,6 +1,7 @@
 //! `ferry-client`: the site's tool. Import HQ's global, train on local data, export a signed update.
 //! Every subcommand is a few lines over the ferry libraries.
 
+mod data_cmds;
 mod train_cmds;
 
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ enum Command {
     Eval(train_cmds::EvalArgs),
     /// Re-estimate BatchNorm statistics on local images (no labels) for the deployed model, without a round trip.
     Recalibrate(train_cmds::RecalibrateArgs),
+    /// Report on a dataset without training: counts, label histogram, unreadable images, unknown characters.
+    CheckData(data_cmds::CheckDataArgs),
+    /// What the model reads on images; with --data, a labels CSV to correct instead of typing every label.
+    Predict(data_cmds::PredictArgs),
     /// Seal the locally trained model as an update bundle for HQ.
     Export(ExportArgs),
     /// The audit log: every bundle imported or exported, with its hash, size, signer and tensor list.
@@ -519,6 +524,8 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmds::run_train(a),
         Command::Eval(a) => train_cmds::run_eval(a),
         Command::Recalibrate(a) => train_cmds::run_recalibrate(a),
+        Command::CheckData(a) => data_cmds::run_check_data(a),
+        Command::Predict(a) => data_cmds::run_predict(a),
         Command::Export(a) => export(a),
         Command::Log(a) => log(a),
         Command::Verify(a) => ferry_cli::verify(a),

@@ -21,9 +21,16 @@ pub struct DataArgs {
     /// Site state directory.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
-    /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed:N[:SEED] or folder:LABELS.csv.
+    /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed:N[:SEED], folder:LABELS.csv or
+    /// folder:DIR?labels=filename (docs/training.md).
     #[arg(long, value_name = "SPEC")]
     pub data: DataSpec,
+    /// Leave out (and list) unreadable images and bad label lines of a folder dataset instead of refusing it.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// The labels CSV's encoding: auto (UTF-8, else CP949), utf-8 or cp949.
+    #[arg(long, value_name = "ENC")]
+    pub labels_encoding: Option<ferry_train::data::folder::TextEncoding>,
     /// Use only the first N samples.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -47,10 +54,15 @@ impl DataArgs {
             input: Some(arch.input()),
             classes: Some(arch.classes()),
         };
-        let data = self
-            .data
-            .load(&cfg)
-            .with_context(|| format!("loading {}", self.data))?;
+        let mut spec = self.data.clone();
+        if let Some(o) = spec.folder_options_mut() {
+            o.skip_bad |= self.skip_bad;
+            o.encoding = self.labels_encoding.unwrap_or(o.encoding);
+        }
+        let (data, skipped) = spec
+            .load_checked(&cfg)
+            .with_context(|| format!("loading {}", ferry_bundle::escape(&spec.to_string())))?;
+        crate::data_cmds::report_skipped(&skipped);
         Ok((state, arch, dev, data))
     }
 }

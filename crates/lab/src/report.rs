@@ -3,15 +3,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
+// Plotting has one owner, ferry-plot, shared with `ferry-server report` (issue 16).
+pub use ferry_plot::{register_fonts, Series};
 
-/// One line on a plot: a name and (x, accuracy in 0..1) points.
-#[derive(Debug, Clone)]
-pub struct Series {
-    /// Legend label.
-    pub name: String,
-    /// Points (x, accuracy).
-    pub points: Vec<(f64, f64)>,
+/// Plot accuracy (percent) against `x_label` for every series into a PNG.
+pub fn plot_accuracy(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<()> {
+    Ok(ferry_plot::plot_accuracy(path, title, x_label, series)?)
 }
 
 /// A markdown table from a header and rows.
@@ -72,76 +69,6 @@ pub fn write_table(
     let path = dir.join(format!("{stem}.md"));
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     write_csv(&dir.join(format!("{stem}.csv")), header, rows)
-}
-
-/// Registers the built-in DejaVu fonts with plotters (once).
-pub(crate) fn register_fonts() {
-    // A font compiled into the binary: PNG text works on a machine without any fonts installed.
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            dejavu::sans::regular(),
-        );
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold());
-    });
-}
-
-/// Plot accuracy (percent) against `x_label` for every series into a PNG.
-pub fn plot_accuracy(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<()> {
-    register_fonts();
-    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    let x_max = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .fold(1.0f64, f64::max);
-    let x_min = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .fold(x_max, f64::min)
-        .min(0.0);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(x_min..x_max, 0f64..100f64)
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc("validation accuracy (%)")
-        .label_style(("sans-serif", 15))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, y * 100.0)).collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    root.present()
-        .map_err(|e| anyhow::anyhow!("plot {}: {e}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use ferry_bundle::{
 
 use crate::engine::merge_streaming;
 use crate::{
-    Contribution, Ledger, LedgerError, LedgerStatus, MergeConfig, MergeError, MergeReport,
-    PayloadFile, ServerState, UpdateInfo,
+    Contribution, ContributorStats, EvalRecord, Ledger, LedgerError, LedgerStatus, MergeConfig,
+    MergeError, MergeReport, PayloadFile, RoundExtras, ServerState, UpdateInfo,
 };
 
 /// Why an HQ operation failed. Nothing was committed.
@@ -84,6 +84,32 @@ pub enum HqError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        why: String,
+    },
+    /// The quality gate could not evaluate a global (issue 16).
+    #[error("the quality gate could not evaluate {what}: {why}; nothing written, the ledger is unchanged")]
+    Eval {
+        /// Which global ("the current global (round 3)", "the merged global").
+        what: String,
+        /// Why.
+        why: String,
+    },
+    /// The merged global scores below the current one or below `--min-accuracy` (issue 16).
+    #[error("refused: the merged global reads {:.2}% of {} exactly, below {why}; nothing written, the ledger is unchanged (look at the updates with `ferry-server diff`, merge without the suspect one, or lower --min-accuracy)", 100.0 * .accuracy, ferry_bundle::escape(.data))]
+    BelowGate {
+        /// The merged global's accuracy.
+        accuracy: f64,
+        /// The data spec.
+        data: String,
+        /// What it fell below, in words.
+        why: String,
+    },
+    /// `republish --from-round` names a round the ledger cannot re-issue.
+    #[error("cannot republish round {from}: {why}")]
+    Republish {
+        /// The round asked for.
+        from: u64,
+        /// Why not.
         why: String,
     },
     /// Writing the new global to the output failed after the round was committed.
@@ -443,6 +469,86 @@ pub fn merge_round(
     config: &RoundConfig,
     out: &Path,
 ) -> Result<RoundOutcome, HqError> {
+    merge_round_gated(dir, key, keyring, revocations, files, config, None, out)
+}
+
+/// The quality gate of `ferry-server merge --require-eval` (issue 16): before anything is stored, the merged
+/// global and the current one are evaluated on HQ's own data, and the merge is refused when the merged global
+/// scores below the current one or below `min_accuracy`. Both scores are recorded in the ledger with the round.
+pub struct EvalGate<'a> {
+    /// Refuse a merged global whose accuracy (0..1) is below this.
+    pub min_accuracy: Option<f64>,
+    /// Evaluate a verified global on HQ's data. ferry-merge knows no ML: the caller brings the evaluation
+    /// (ferry-server's goes through ferry-train).
+    pub evaluate: &'a mut dyn FnMut(&ferry_bundle::Bundle) -> Result<EvalRecord, String>,
+}
+
+impl std::fmt::Debug for EvalGate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalGate")
+            .field("min_accuracy", &self.min_accuracy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Apply `gate` to the sealed next global: evaluate it and the current one, refuse when it falls below.
+/// Returns (the current global's evaluation, the next one's).
+fn run_gate(
+    gate: &mut EvalGate<'_>,
+    dir: &Path,
+    key: &SecretKey,
+    current: &crate::CurrentGlobal,
+    sealed: &Sealed,
+) -> Result<(EvalRecord, EvalRecord), HqError> {
+    let (_, cur) = read_current(dir, &current.hash, key)?;
+    let next = ferry_bundle::open(
+        &sealed.bytes,
+        &hq_ring(key)?,
+        &ferry_bundle::Limits::default(),
+    )
+    .map_err(|e| HqError::Eval {
+        what: "the merged global".into(),
+        why: e.to_string(),
+    })?;
+    let before = (gate.evaluate)(&cur).map_err(|why| HqError::Eval {
+        what: format!("the current global (round {})", current.round),
+        why,
+    })?;
+    let after = (gate.evaluate)(&next).map_err(|why| HqError::Eval {
+        what: "the merged global".into(),
+        why,
+    })?;
+    let below = |why: String| HqError::BelowGate {
+        accuracy: after.accuracy,
+        data: after.data.clone(),
+        why,
+    };
+    if after.accuracy < before.accuracy {
+        return Err(below(format!(
+            "the current global's (round {}) {:.2}%",
+            current.round,
+            100.0 * before.accuracy
+        )));
+    }
+    if let Some(min) = gate.min_accuracy.filter(|m| after.accuracy < *m) {
+        return Err(below(format!("--min-accuracy {min}")));
+    }
+    Ok((before, after))
+}
+
+/// [`merge_round`] with an optional quality gate ([`EvalGate`]), run after the next global is sealed and
+/// before anything is stored: a refusal leaves the state and the ledger as they were.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_round_gated(
+    dir: &Path,
+    key: &SecretKey,
+    keyring: &Keyring,
+    revocations: &[(String, Vec<u8>)],
+    files: &[PathBuf],
+    config: &RoundConfig,
+    gate: Option<&mut EvalGate<'_>>,
+    out: &Path,
+) -> Result<RoundOutcome, HqError> {
     if key.role() != ferry_bundle::Role::Hq {
         return Err(HqError::NotHqKey(key.id().to_string()));
     }
@@ -581,6 +687,26 @@ pub fn merge_round(
     drop(sources);
     drop(base_source);
     let sealed = writer.finish()?;
+    let mut extras = RoundExtras {
+        time: created,
+        stats: report
+            .contributions
+            .iter()
+            .map(|c| ContributorStats {
+                bundle: c.bundle.clone(),
+                site: c.site.clone(),
+                weight: c.weight,
+                distance: c.distance,
+                clipped: c.clipped,
+            })
+            .collect(),
+        ..RoundExtras::default()
+    };
+    if let Some(gate) = gate {
+        let (before, after) = run_gate(gate, dir, key, &current, &sealed)?;
+        extras.base_evals = vec![before];
+        extras.evals = vec![after];
+    }
 
     // Store, then commit. Until `record_round` renames the ledger, the federation is on the old round.
     for v in &new_lists {
@@ -595,7 +721,12 @@ pub fn merge_round(
             &server.to_bytes(&sealed.hash)?,
         )?;
     }
-    let round = ledger.record_round(&sealed.hash, &config.merge.describe(), &contributors)?;
+    let round = ledger.record_round_with(
+        &sealed.hash,
+        &config.merge.describe(),
+        &contributors,
+        extras,
+    )?;
     drop(spool);
     let path = sealed
         .write_to_dir(out)
@@ -612,4 +743,93 @@ pub fn merge_round(
         capped,
         revocations,
     })
+}
+
+/// The verified global of round `n` from HQ's store.
+pub fn global_of_round(
+    dir: &Path,
+    key: &SecretKey,
+    n: u64,
+) -> Result<ferry_bundle::Bundle, HqError> {
+    let data = Ledger::peek(dir)?;
+    let Some(entry) = data.history.iter().find(|r| r.round == n) else {
+        return Err(HqError::Republish {
+            from: n,
+            why: format!("the ledger's rounds are 0 to {}", data.current.round),
+        });
+    };
+    Ok(read_current(dir, &entry.global, key)?.1)
+}
+
+/// Record an evaluation of a global in the ledger, if HQ produced it (`ferry-server eval --state`). Returns
+/// its round, or `None` when the ledger does not hold that global (nothing written).
+pub fn record_eval(dir: &Path, global: &str, eval: EvalRecord) -> Result<Option<u64>, HqError> {
+    let mut ledger = Ledger::load(dir)?;
+    Ok(ledger.record_eval(global, eval)?)
+}
+
+/// Re-sign the weights of round `from`'s global as the next round (`ferry-server republish`): HQ's rollback
+/// of a bad global, since sites refuse an older round. The new global is based on the current one (so sites
+/// accept it as the next round), lists no contributors, names the newest revocation list, and is recorded in
+/// the ledger with `republished_from`; it is written to `out` like a merged one. Any server-optimizer state
+/// starts afresh from it.
+pub fn republish(
+    dir: &Path,
+    key: &SecretKey,
+    from: u64,
+    level: i32,
+    valid_for: u64,
+    out: &Path,
+) -> Result<(PathBuf, Sealed), HqError> {
+    if key.role() != ferry_bundle::Role::Hq {
+        return Err(HqError::NotHqKey(key.id().to_string()));
+    }
+    let mut ledger = Ledger::load(dir)?;
+    let current = ledger.current().clone();
+    let Some(entry) = ledger.round(from).cloned() else {
+        return Err(HqError::Republish {
+            from,
+            why: format!("the ledger's rounds are 0 to {}", current.round),
+        });
+    };
+    if from == current.round {
+        return Err(HqError::Republish {
+            from,
+            why: "it is the current global; `ferry-server emit` writes it again".into(),
+        });
+    }
+    let (_, old) = read_current(dir, &entry.global, key)?;
+    let (_, cur) = read_current(dir, &current.hash, key)?;
+    let payload = Payload::from_tensors(&old.tensors().collect::<Vec<_>>())?;
+    let stored = stored_revocations(dir)?;
+    let created = ferry_bundle::unix_now();
+    let draft = Draft {
+        kind: BundleKind::Global,
+        federation: cur.manifest.federation.clone(),
+        arch: cur.manifest.arch.clone(),
+        round: current.round + 1,
+        base: Some(current.hash.clone()),
+        site: None,
+        contributors: Vec::new(),
+        strategy: Some(format!("republish r{from}")),
+        revocations: revocation::newest(&stored).map(|v| RevocationRef {
+            serial: v.list.serial,
+            sha256: v.sha256.clone(),
+        }),
+        created,
+        expires: Some(created.saturating_add(valid_for)),
+    };
+    let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
+    fsutil::ensure_dir(&dir.join("globals"))?;
+    fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
+    let round = ledger.record_republish(&sealed.hash, from, created)?;
+    let path = sealed
+        .write_to_dir(out)
+        .map_err(|source| HqError::EmitAfterCommit {
+            round,
+            out: out.to_path_buf(),
+            source,
+        })?;
+    write_newest_revocation(dir, out)?;
+    Ok((path, sealed))
 }

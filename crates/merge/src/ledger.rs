@@ -2,6 +2,11 @@
 //! from which site. One JSON file, `ledger.json`, in the HQ state dir, replaced atomically on every change; a
 //! [`Ledger`] holds the dir's lock for its lifetime so two merges cannot interleave. Every check refuses
 //! before anything is written.
+//!
+//! Issue 16: each round also records when it was made, each contributor's merge weight and distance from the
+//! base ([`ContributorStats`]), whether it re-issues an earlier global's weights (`republished_from`), and the
+//! evaluations HQ ran on its own data ([`EvalRecord`]). These fields default to empty, so ledgers written
+//! before them load unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -30,8 +35,44 @@ pub struct CurrentGlobal {
     pub hash: String,
 }
 
+/// One contributor's part in a merge, from the merge report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContributorStats {
+    /// The update bundle hash.
+    pub bundle: String,
+    /// The signing site.
+    pub site: String,
+    /// The merge weight (the weights sum to 1); `None` under the robust strategies.
+    pub weight: Option<f64>,
+    /// L2 distance of the update from the base global, before clipping.
+    pub distance: f64,
+    /// Whether `--clip-norm` scaled it down.
+    #[serde(default)]
+    pub clipped: bool,
+}
+
+/// One evaluation of a global on HQ's own data (`ferry-server eval --state`, `merge --require-eval`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalRecord {
+    /// When, Unix seconds (shown as UTC).
+    pub time: u64,
+    /// The data spec evaluated on, as given.
+    pub data: String,
+    /// Samples evaluated.
+    pub samples: u64,
+    /// Exact-match accuracy, 0..1.
+    pub accuracy: f64,
+    /// Per-character accuracy (plates).
+    #[serde(default)]
+    pub char_accuracy: Option<f64>,
+    /// Mean loss.
+    pub loss: f64,
+}
+
 /// One round of the federation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoundEntry {
     /// The round number of the global produced.
@@ -43,10 +84,23 @@ pub struct RoundEntry {
     /// The updates merged into it (empty for round 0), as listed in the global's manifest. They were trained
     /// on the previous round's global.
     pub contributors: Vec<Contributor>,
+    /// When HQ recorded the round, Unix seconds (absent in ledgers written before issue 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<u64>,
+    /// Per contributor: merge weight and distance (empty in older ledgers and for round 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stats: Vec<ContributorStats>,
+    /// The round whose global's weights this round re-issues (`ferry-server republish`); it has no
+    /// contributors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub republished_from: Option<u64>,
+    /// Evaluations of this round's global on HQ's data, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evals: Vec<EvalRecord>,
 }
 
 /// The contents of `ledger.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerData {
     /// Always `ferry-ledger/2`.
@@ -93,6 +147,19 @@ impl UpdateInfo {
             samples: self.samples,
         }
     }
+}
+
+/// What [`Ledger::record_round_with`] records besides the global and its contributors.
+#[derive(Debug, Clone, Default)]
+pub struct RoundExtras {
+    /// When, Unix seconds.
+    pub time: u64,
+    /// Each contributor's weight and distance.
+    pub stats: Vec<ContributorStats>,
+    /// Evaluations of the new global.
+    pub evals: Vec<EvalRecord>,
+    /// Evaluations of the global it replaces (added to that round's entry).
+    pub base_evals: Vec<EvalRecord>,
 }
 
 /// The locked, loaded HQ ledger.
@@ -152,6 +219,10 @@ impl Ledger {
                 global: global_hash.into(),
                 strategy: "init".into(),
                 contributors: Vec::new(),
+                time: Some(ferry_bundle::unix_now()),
+                stats: Vec::new(),
+                republished_from: None,
+                evals: Vec::new(),
             }],
             merged: BTreeSet::new(),
         };
@@ -319,15 +390,28 @@ impl Ledger {
         strategy: &str,
         contributors: &[Contributor],
     ) -> Result<u64, LedgerError> {
+        let extras = RoundExtras {
+            time: ferry_bundle::unix_now(),
+            ..RoundExtras::default()
+        };
+        self.record_round_with(new_global, strategy, contributors, extras)
+    }
+
+    /// [`Ledger::record_round`] with what issue 16 adds: the time, each contributor's weight and distance,
+    /// and the evaluations of the new global and of the one it replaces (the quality gate's scores), all in
+    /// the same atomic write.
+    pub fn record_round_with(
+        &mut self,
+        new_global: &str,
+        strategy: &str,
+        contributors: &[Contributor],
+        extras: RoundExtras,
+    ) -> Result<u64, LedgerError> {
         check_hex("the new global hash", new_global)?;
         if contributors.is_empty() {
             return Err(LedgerError::EmptyBatch);
         }
-        if self.data.history.iter().any(|r| r.global == new_global) {
-            return Err(LedgerError::BadInput(format!(
-                "global {new_global} is already in the ledger"
-            )));
-        }
+        self.check_new_global(new_global)?;
         let mut sites: BTreeMap<&str, &str> = BTreeMap::new();
         let mut bundles = BTreeSet::new();
         for c in contributors {
@@ -358,25 +442,119 @@ impl Ledger {
                 });
             }
         }
+        if let Some(s) = extras
+            .stats
+            .iter()
+            .find(|s| !bundles.contains(s.bundle.as_str()))
+        {
+            return Err(LedgerError::BadInput(format!(
+                "merge statistics name bundle {}, which is not a contributor",
+                s.bundle
+            )));
+        }
         let mut next = self.data.clone();
         let round = next.current.round + 1;
         let mut contributors = contributors.to_vec();
         contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
+        let mut stats = extras.stats;
+        stats.sort_by(|a, b| a.bundle.cmp(&b.bundle));
         next.merged
             .extend(contributors.iter().map(|c| c.bundle.clone()));
+        if let Some(cur) = next.history.last_mut() {
+            cur.evals.extend(extras.base_evals);
+        }
         next.history.push(RoundEntry {
             round,
             global: new_global.into(),
             strategy: strategy.into(),
             contributors,
+            time: Some(extras.time),
+            stats,
+            republished_from: None,
+            evals: extras.evals,
         });
         next.current = CurrentGlobal {
             round,
             hash: new_global.into(),
         };
+        self.commit(next)?;
+        Ok(round)
+    }
+
+    /// Record a global that re-issues the weights of round `from` as the next round (`ferry-server
+    /// republish`: HQ's rollback, since sites refuse older rounds). It has no contributors. Returns the new
+    /// round.
+    pub fn record_republish(
+        &mut self,
+        new_global: &str,
+        from: u64,
+        time: u64,
+    ) -> Result<u64, LedgerError> {
+        check_hex("the new global hash", new_global)?;
+        self.check_new_global(new_global)?;
+        if from > self.data.current.round {
+            return Err(LedgerError::BadInput(format!(
+                "round {from} is not in the ledger (the current round is {})",
+                self.data.current.round
+            )));
+        }
+        let mut next = self.data.clone();
+        let round = next.current.round + 1;
+        next.history.push(RoundEntry {
+            round,
+            global: new_global.into(),
+            strategy: format!("republish r{from}"),
+            contributors: Vec::new(),
+            time: Some(time),
+            stats: Vec::new(),
+            republished_from: Some(from),
+            evals: Vec::new(),
+        });
+        next.current = CurrentGlobal {
+            round,
+            hash: new_global.into(),
+        };
+        self.commit(next)?;
+        Ok(round)
+    }
+
+    /// Add an evaluation to the round whose global is `global` (`ferry-server eval --state`). Returns that
+    /// round, or `None` (nothing written) when the ledger holds no such global.
+    pub fn record_eval(
+        &mut self,
+        global: &str,
+        eval: EvalRecord,
+    ) -> Result<Option<u64>, LedgerError> {
+        let mut next = self.data.clone();
+        let Some(entry) = next.history.iter_mut().find(|r| r.global == global) else {
+            return Ok(None);
+        };
+        entry.evals.push(eval);
+        let round = entry.round;
+        self.commit(next)?;
+        Ok(Some(round))
+    }
+
+    /// The round entry of round `n`.
+    pub fn round(&self, n: u64) -> Option<&RoundEntry> {
+        self.data.history.iter().find(|r| r.round == n)
+    }
+
+    fn check_new_global(&self, new_global: &str) -> Result<(), LedgerError> {
+        if self.data.history.iter().any(|r| r.global == new_global) {
+            return Err(LedgerError::BadInput(format!(
+                "global {new_global} is already in the ledger"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replace the file with `next`, then this value (the file first: on error nothing changed).
+    fn commit(&mut self, next: LedgerData) -> Result<(), LedgerError> {
+        validate(&next).map_err(LedgerError::BadInput)?;
         fsutil::write_replace(&self.dir.join(LEDGER_FILE), &to_json(&next))?;
         self.data = next;
-        Ok(round)
+        Ok(())
     }
 
     /// The federation at a glance, for `ferry-server status` (its `Display` is the printed form).
@@ -386,7 +564,7 @@ impl Ledger {
 }
 
 /// What `ferry-server status` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LedgerStatus {
     /// The federation id.
     pub federation: String,
@@ -428,21 +606,49 @@ impl fmt::Display for LedgerStatus {
             let sites: Vec<String> = r
                 .contributors
                 .iter()
-                .map(|c| format!("{} ({})", c.site, c.samples))
+                .map(|c| {
+                    let stats = r
+                        .stats
+                        .iter()
+                        .find(|s| s.bundle == c.bundle)
+                        .map(|s| {
+                            let w = s.weight.map_or_else(|| "-".into(), |w| format!("{w:.4}"));
+                            format!(", weight {w}, distance {:.4}", s.distance)
+                        })
+                        .unwrap_or_default();
+                    format!("{} ({}{stats})", ferry_bundle::escape(&c.site), c.samples)
+                })
                 .collect();
-            let sites = if sites.is_empty() {
-                "-".to_string()
-            } else {
-                sites.join(", ")
+            let sites = match r.republished_from {
+                Some(from) => format!("weights of round {from}"),
+                None if sites.is_empty() => "-".to_string(),
+                None => sites.join(", "),
             };
+            let time = r.time.map_or_else(|| "-".to_string(), ferry_bundle::utc);
             writeln!(
                 f,
-                "  r{:<4} {}  {:<24} {}",
+                "  r{:<4} {}  {:<24} {:<20}  {}",
                 r.round,
                 short(&r.global),
                 r.strategy,
+                time,
                 sites
             )?;
+            for e in &r.evals {
+                let chars = e
+                    .char_accuracy
+                    .map(|c| format!(", {:.1}% of characters", 100.0 * c))
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "         eval {}: {:.1}% on {} samples{chars} (loss {:.3}), {}",
+                    ferry_bundle::escape(&e.data),
+                    100.0 * e.accuracy,
+                    e.samples,
+                    e.loss,
+                    ferry_bundle::utc(e.time)
+                )?;
+            }
         }
         Ok(())
     }
@@ -508,6 +714,10 @@ fn parse(bytes: &[u8]) -> Result<LedgerData, String> {
                 round: r.round,
                 global: r.global,
                 strategy: r.strategy,
+                time: None,
+                stats: Vec::new(),
+                republished_from: None,
+                evals: Vec::new(),
                 contributors: r
                     .contributors
                     .into_iter()
@@ -556,9 +766,26 @@ fn validate(d: &LedgerData) -> Result<(), String> {
                 r.round
             ));
         }
-        if (i == 0) != r.contributors.is_empty() {
+        if let Some(from) = r.republished_from {
+            if from >= r.round {
+                return Err(format!(
+                    "round {} republishes round {from}, which is not earlier",
+                    r.round
+                ));
+            }
+        }
+        if (i == 0 || r.republished_from.is_some()) != r.contributors.is_empty() {
             return Err(format!(
                 "round {} has the wrong number of contributors",
+                r.round
+            ));
+        }
+        if r.stats
+            .iter()
+            .any(|s| !r.contributors.iter().any(|c| c.bundle == s.bundle))
+        {
+            return Err(format!(
+                "round {} has statistics for a bundle it does not list",
                 r.round
             ));
         }

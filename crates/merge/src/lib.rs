@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod diff;
 mod engine;
 mod error;
 pub mod hq;
@@ -24,7 +25,8 @@ pub use engine::{
 };
 pub use error::{LedgerError, MergeError};
 pub use ledger::{
-    CurrentGlobal, Ledger, LedgerData, LedgerStatus, RoundEntry, UpdateInfo, LEDGER_FILE,
+    ContributorStats, CurrentGlobal, EvalRecord, Ledger, LedgerData, LedgerStatus, RoundEntry,
+    RoundExtras, UpdateInfo, LEDGER_FILE,
 };
 pub use safetensors::Dtype;
 pub use state::ServerState;

@@ -1,6 +1,8 @@
 //! `ferry-server`: HQ's tool. Verify site updates, merge them, sign the next global.
 //! Every subcommand is a few lines over the ferry libraries.
 
+mod quality_cmds;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,6 +43,15 @@ enum Command {
     Emit(EmitArgs),
     /// Sign a revocation list: bundles from the named keys are refused wherever the list is loaded.
     Revoke(RevokeArgs),
+    /// Evaluate a global or update on HQ's own validation data (recorded in the ledger with --state).
+    Eval(quality_cmds::EvalArgs),
+    /// Per-tensor distance between two bundles (both verified first).
+    Diff(quality_cmds::DiffArgs),
+    /// Re-sign an earlier round's global as the next round: how HQ rolls back a bad global.
+    Republish(quality_cmds::RepublishArgs),
+    /// Write an HTML page with plots of the federation from the ledger: rounds, contributors, weights,
+    /// distances, accuracy.
+    Report(quality_cmds::ReportArgs),
     /// Check bundles against trusted keys.
     Verify(ferry_cli::VerifyArgs),
     /// Show a bundle's header and manifest without verifying it.
@@ -201,6 +212,13 @@ struct MergeArgs {
     /// Days until the new global expires (signed; sites warn after it). Example: --valid-days 30.
     #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
     valid_days: u64,
+    /// Quality gate: evaluate the merged and the current global on this data (HQ's validation set) and refuse
+    /// a merged global that scores lower (nothing written). Example: --require-eval folder:hq-val/labels.csv
+    #[arg(long, value_name = "SPEC")]
+    require_eval: Option<ferry_train::data::DataSpec>,
+    /// With --require-eval: also refuse a merged global whose accuracy is below X (0 to 1).
+    #[arg(long, value_name = "X", requires = "require_eval")]
+    min_accuracy: Option<f64>,
     /// Update bundles.
     #[arg(required = true)]
     /// Encrypt the global's payload to these keys (the member sites' .pub files, or a folder of them; repeatable):
@@ -326,12 +344,30 @@ fn merge(a: &MergeArgs) -> Result<()> {
         valid_for: a.valid_days.saturating_mul(DAY),
         encrypt_to: ferry_cli::encrypt_to_keys(&a.encrypt_to)?,
     };
+    let evaluator = (a.require_eval.as_ref())
+        .map(|spec| quality_cmds::Evaluator::for_state(&a.state, spec))
+        .transpose()?;
+    let mut evaluate = |b: &ferry_bundle::Bundle| match &evaluator {
+        Some(e) => e.evaluate(b),
+        None => Err("no evaluation data".to_string()),
+    };
+    let mut gate = evaluator.is_some().then_some(ferry_merge::hq::EvalGate {
+        min_accuracy: a.min_accuracy,
+        evaluate: &mut evaluate,
+    });
     let pb = ferry_cli::spinner(format!(
         "verifying and merging {}",
         count(a.updates.len() as u64, "update")
     ));
-    let result = ferry_merge::hq::merge_round(
-        &a.state, &key, &keyring, &lists, &a.updates, &config, &a.out,
+    let result = ferry_merge::hq::merge_round_gated(
+        &a.state,
+        &key,
+        &keyring,
+        &lists,
+        &a.updates,
+        &config,
+        gate.as_mut(),
+        &a.out,
     );
     pb.finish_and_clear();
     let out = result?;
@@ -403,6 +439,9 @@ fn merge(a: &MergeArgs) -> Result<()> {
             "wrote {} (the revocation list the global names: carry it with the global)",
             escape_path(r)
         );
+    }
+    if a.require_eval.is_some() {
+        quality_cmds::print_gate(&a.state)?;
     }
     Ok(())
 }
@@ -570,6 +609,10 @@ fn main() -> ExitCode {
         Command::Status(a) => status(a),
         Command::Emit(a) => emit(a),
         Command::Revoke(a) => revoke(a),
+        Command::Eval(a) => quality_cmds::eval(a),
+        Command::Diff(a) => quality_cmds::diff(a),
+        Command::Republish(a) => quality_cmds::republish(a),
+        Command::Report(a) => quality_cmds::report(a),
         Command::Verify(a) => ferry_cli::verify(a),
         Command::Inspect(a) => ferry_cli::inspect(a),
         Command::Unpack(a) => ferry_cli::unpack(a),

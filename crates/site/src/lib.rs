@@ -21,4 +21,7 @@ pub use state::{
     DeployedRecord, GlobalRecord, LocalRecord, LocalRun, SiteLock, SitePin, SiteState,
 };
 pub use trust::{ImportTrust, PreparedTrust};
-pub use work::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteTrainSummary};
+pub use work::{
+    eval_site, load_site_model, recalibrate_site, site_arch, train_site, EvalTarget,
+    SiteTrainSummary,
+};

@@ -271,14 +271,12 @@ impl std::fmt::Display for EvalTarget {
     }
 }
 
-/// Evaluate one of the site's models on `data`. Returns the model actually evaluated and the result.
-pub fn eval_site(
+/// Load one of the site's models (`ferry-client eval`, `predict`). Returns the model actually loaded.
+pub fn load_site_model(
     state: &SiteState,
-    data: &Dataset,
     target: EvalTarget,
-    batch: usize,
     device: &Device,
-) -> Result<(EvalTarget, Evaluation), SiteError> {
+) -> Result<(EvalTarget, Model), SiteError> {
     let (_, arch) = site_arch(state)?;
     let (which, bytes) = match target {
         EvalTarget::Auto if state.local_is_fresh()? => {
@@ -291,7 +289,18 @@ pub fn eval_site(
             None => return Err(SiteError::NoDeployed),
         },
     };
-    let model = Model::from_safetensors(arch, &bytes, device)?;
+    Ok((which, Model::from_safetensors(arch, &bytes, device)?))
+}
+
+/// Evaluate one of the site's models on `data`. Returns the model actually evaluated and the result.
+pub fn eval_site(
+    state: &SiteState,
+    data: &Dataset,
+    target: EvalTarget,
+    batch: usize,
+    device: &Device,
+) -> Result<(EvalTarget, Evaluation), SiteError> {
+    let (which, model) = load_site_model(state, target, device)?;
     Ok((which, train::evaluate(&model, data, batch)?))
 }
 

@@ -21,6 +21,7 @@ mod matmul;
 pub mod model;
 pub mod optim;
 mod param_grads;
+pub mod predict;
 #[cfg(test)]
 mod testutil;
 pub mod train;

@@ -2,7 +2,12 @@
 //! stick from elsewhere): every way a file can be wrong is a variant here, never a panic, and every
 //! message names the file (and line) and says what to do.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// A path in a message: control characters escaped (dataset file names are untrusted, issue 16).
+fn shown(p: &Path) -> String {
+    p.display().to_string().escape_debug().to_string()
+}
 
 /// Why a dataset could not be parsed, loaded, generated or saved.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +25,8 @@ pub enum DataError {
     /// A dataset spec string (as given on the command line) is malformed.
     #[error(
         "bad dataset spec '{spec}': {reason}; expected idx:DIR[:test], \
-         plates:loose|tight|mixed:N[:SEED] or folder:LABELS.csv"
+         plates:loose|tight|mixed:N[:SEED], folder:LABELS.csv[?encoding=cp949&skip-bad] or \
+         folder:DIR?labels=filename"
     )]
     Spec {
         /// The spec as given.
@@ -94,7 +100,7 @@ pub enum DataError {
         labels: usize,
     },
     /// A labels CSV has a malformed line.
-    #[error("{} line {line}: {reason}", path.display())]
+    #[error("{} line {line}: {reason}", shown(path))]
     Csv {
         /// The CSV file.
         path: PathBuf,
@@ -104,7 +110,7 @@ pub enum DataError {
         reason: String,
     },
     /// An image named by a labels CSV could not be read or decoded.
-    #[error("{} line {line}: cannot use image {}: {reason}", csv.display(), image.display())]
+    #[error("{} line {line}: cannot use image {}: {}; fix or remove it, or leave bad images out with --skip-bad", shown(csv), shown(image), reason.escape_debug())]
     Image {
         /// The CSV file naming the image.
         csv: PathBuf,

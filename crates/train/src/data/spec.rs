@@ -1,10 +1,17 @@
-//! Dataset spec strings (`idx:DIR[:test]`, `plates:STYLE:N[:SEED]`, `folder:LABELS.csv`): parsing,
-//! printing, and dispatch to the loaders. Parsing does no I/O; [`DataSpec::load`] does it all.
+//! Dataset spec strings (`idx:DIR[:test]`, `plates:STYLE:N[:SEED]`, `folder:LABELS.csv[?OPTIONS]`,
+//! `folder:DIR?labels=filename`): parsing, printing, and dispatch to the loaders. Parsing does no I/O;
+//! [`DataSpec::load`] does it all.
+//!
+//! A folder spec's options follow the last `?`, joined by `&` (issue 16): `labels=filename` (labels from the
+//! image file names, the path being a folder), `encoding=auto|utf-8|cp949` (the labels CSV's text encoding;
+//! `auto`, the default, reads UTF-8 and falls back to CP949) and `skip-bad` (leave out and report bad images
+//! and label lines instead of refusing the dataset). Being part of the spec, they are remembered with it.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::folder::{BadFile, FolderOptions, LabelSource, TextEncoding};
 use super::{folder, idx, plates, DataError, Dataset};
 
 /// Which split of an IDX directory to load.
@@ -74,10 +81,13 @@ pub enum DataSpec {
         /// Generator seed: the same seed gives bit-identical samples.
         seed: u64,
     },
-    /// Image files listed in a CSV of `path,label` lines (`folder:LABELS.csv`).
+    /// Image files listed in a CSV of `path,label` lines (`folder:LABELS.csv`), or the images of a folder
+    /// labelled by their file names (`folder:DIR?labels=filename`).
     Folder {
-        /// The CSV file; image paths in it are relative to its directory.
-        csv: PathBuf,
+        /// The CSV file (image paths in it are relative to its directory), or the folder.
+        path: PathBuf,
+        /// How to read it (`?labels=filename&encoding=cp949&skip-bad`).
+        options: FolderOptions,
     },
 }
 
@@ -97,8 +107,47 @@ pub struct LoadConfig {
 }
 
 impl DataSpec {
-    /// Loads (or generates) the dataset.
+    /// Loads (or generates) the dataset. Samples a `skip-bad` folder spec leaves out are dropped here;
+    /// [`DataSpec::load_checked`] returns them for the caller to report.
     pub fn load(&self, opts: &LoadConfig) -> Result<Dataset, DataError> {
+        Ok(self.load_checked(opts)?.0)
+    }
+
+    /// [`DataSpec::load`], also returning the samples a `skip-bad` folder spec left out (always empty for
+    /// the other kinds, and without `skip-bad`: a bad sample is then an error).
+    pub fn load_checked(&self, opts: &LoadConfig) -> Result<(Dataset, Vec<BadFile>), DataError> {
+        if let DataSpec::Folder { path, options } = self {
+            return folder::load_with(
+                path,
+                options,
+                opts.input
+                    .unwrap_or((1, plates::PLATE_HEIGHT, plates::PLATE_WIDTH)),
+                opts.limit,
+            );
+        }
+        Ok((self.load_other(opts)?, Vec::new()))
+    }
+
+    /// Read the dataset for a report (`ferry-client check-data`), without keeping a folder's pixels: counts,
+    /// label histogram, bad samples, and plate characters outside the alphabet of a model with `opts.classes`
+    /// classes per slot.
+    pub fn check(&self, opts: &LoadConfig) -> Result<folder::DataCheck, DataError> {
+        match self {
+            DataSpec::Folder { path, options } => folder::check(path, options, opts.classes),
+            DataSpec::Idx { .. } => Ok(folder::summarize(&self.load_other(opts)?, "idx")),
+            DataSpec::Plates { .. } => Ok(folder::summarize(&self.load_other(opts)?, "generated")),
+        }
+    }
+
+    /// The folder options, for a folder spec.
+    pub fn folder_options_mut(&mut self) -> Option<&mut FolderOptions> {
+        match self {
+            DataSpec::Folder { options, .. } => Some(options),
+            _ => None,
+        }
+    }
+
+    fn load_other(&self, opts: &LoadConfig) -> Result<Dataset, DataError> {
         let limit = opts.limit.unwrap_or(usize::MAX);
         match self {
             DataSpec::Idx { dir, split } => Ok(idx::load(dir, *split)?.limit(limit)),
@@ -109,12 +158,7 @@ impl DataSpec {
                 opts.font.as_deref(),
                 &plates::RenderConfig::for_classes(opts.classes),
             ),
-            DataSpec::Folder { csv } => folder::load(
-                csv,
-                opts.input
-                    .unwrap_or((1, plates::PLATE_HEIGHT, plates::PLATE_WIDTH)),
-                opts.limit,
-            ),
+            DataSpec::Folder { .. } => Ok(self.load_checked(opts)?.0),
         }
     }
 }
@@ -171,11 +215,32 @@ impl FromStr for DataSpec {
                 Ok(DataSpec::Plates { style, n, seed })
             }
             "folder" => {
-                if rest.is_empty() {
+                let (path, query) = match rest.rsplit_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (rest, None),
+                };
+                if path.is_empty() {
                     return Err(bad("the CSV path is empty"));
                 }
+                let mut options = FolderOptions::default();
+                for opt in query.into_iter().flat_map(|q| q.split('&')) {
+                    match opt.split_once('=') {
+                        Some(("labels", "filename")) => options.labels = LabelSource::FileName,
+                        Some(("labels", "csv")) => options.labels = LabelSource::Csv,
+                        Some(("encoding", e)) => {
+                            options.encoding = e.parse::<TextEncoding>().map_err(|r| bad(&r))?
+                        }
+                        None if opt == "skip-bad" => options.skip_bad = true,
+                        _ => {
+                            return Err(bad(
+                                "folder options are labels=filename|csv, encoding=auto|utf-8|cp949 and skip-bad, joined by &",
+                            ))
+                        }
+                    }
+                }
                 Ok(DataSpec::Folder {
-                    csv: PathBuf::from(rest),
+                    path: PathBuf::from(path),
+                    options,
                 })
             }
             _ => Err(bad("unknown kind")),
@@ -196,7 +261,23 @@ impl fmt::Display for DataSpec {
             DataSpec::Plates { style, n, seed } => {
                 write!(f, "plates:{}:{n}:{seed}", style.name())
             }
-            DataSpec::Folder { csv } => write!(f, "folder:{}", csv.display()),
+            DataSpec::Folder { path, options } => {
+                write!(f, "folder:{}", path.display())?;
+                let mut opts = Vec::new();
+                if options.labels == LabelSource::FileName {
+                    opts.push("labels=filename".to_string());
+                }
+                if options.encoding != TextEncoding::Auto {
+                    opts.push(format!("encoding={}", options.encoding.name()));
+                }
+                if options.skip_bad {
+                    opts.push("skip-bad".into());
+                }
+                if !opts.is_empty() {
+                    write!(f, "?{}", opts.join("&"))?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -248,7 +329,29 @@ mod tests {
             (
                 "folder:site/labels.csv",
                 DataSpec::Folder {
-                    csv: "site/labels.csv".into(),
+                    path: "site/labels.csv".into(),
+                    options: FolderOptions::default(),
+                },
+            ),
+            (
+                "folder:site/plates?labels=filename&skip-bad",
+                DataSpec::Folder {
+                    path: "site/plates".into(),
+                    options: FolderOptions {
+                        labels: LabelSource::FileName,
+                        skip_bad: true,
+                        ..Default::default()
+                    },
+                },
+            ),
+            (
+                "folder:excel.csv?encoding=cp949",
+                DataSpec::Folder {
+                    path: "excel.csv".into(),
+                    options: FolderOptions {
+                        encoding: TextEncoding::Cp949,
+                        ..Default::default()
+                    },
                 },
             ),
         ];
@@ -276,6 +379,10 @@ mod tests {
             "plates:tight:10:x",
             "plates:tight:10:1:2",
             "folder:",
+            "folder:?skip-bad",
+            "folder:x.csv?labels=name",
+            "folder:x.csv?encoding=latin1",
+            "folder:x.csv?skipbad",
         ] {
             match s.parse::<DataSpec>() {
                 Err(DataError::Spec { spec, .. }) => assert_eq!(spec, s),
