@@ -12,6 +12,7 @@ mod envelope;
 pub mod filesig;
 pub mod fsutil;
 pub mod keylist;
+pub mod kit;
 pub mod keys;
 pub mod manifest;
 pub mod payload;

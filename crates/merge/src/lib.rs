@@ -11,6 +11,8 @@ mod config;
 mod engine;
 mod error;
 pub mod hq;
+pub mod members;
+pub mod settings;
 mod ledger;
 mod state;
 mod tensor;
