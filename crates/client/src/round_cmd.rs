@@ -60,7 +60,7 @@ impl TrainObserver for EpochLines {
     }
 }
 
-/// The revocation lists on the stick (`*.ferry-rev` in its top folder): (name, bytes).
+/// The revocation lists on the stick (`*.ferry-rev` in its top folder).
 fn stick_lists(stick: &Path) -> Result<Vec<PathBuf>> {
     let mut v = Vec::new();
     let entries = std::fs::read_dir(stick)
@@ -158,9 +158,9 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         })
         .with_context(|| format!("loading {spec}"))
     };
-    let exported = state.local()?.filter(|l| l.base_hash == global.hash).and_then(|l| l.exported);
-    if state.local_is_fresh()? {
-        let l = state.local()?.unwrap_or_else(|| unreachable!("local_is_fresh saw a record"));
+    let fresh = state.local()?.filter(|l| l.base_hash == global.hash);
+    let exported = fresh.as_ref().and_then(|l| l.exported.clone());
+    if let Some(l) = &fresh {
         outln!(
             "2 train     already trained from round {} ({}, {})",
             l.round,
@@ -228,10 +228,13 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     let (file, bytes, tensors) = match exported {
         Some(hash) => {
             let entry = state.last_export(&cur.federation, cur.round)?;
+            // The file the audit log names, or (a crash before the log line) the conventional name.
+            let site = state.pin()?.and_then(|p| p.site).unwrap_or_default();
             let on_stick = entry
                 .as_ref()
                 .map(|e| PathBuf::from(&e.file))
                 .and_then(|p| p.file_name().map(|n| stick.join(n)))
+                .or_else(|| Some(stick.join(format!("{site}-r{}.ferry", cur.round))))
                 .filter(|p| {
                     std::fs::read(p).is_ok_and(|b| ferry_bundle::sha256_hex(&b) == hash)
                 });
@@ -256,6 +259,9 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             };
             let key = ferry_cli::read_secret_key(key_path)?;
             let lock = state.lock()?;
+            if state.last_export(&cur.federation, cur.round)?.is_none() {
+                remove_unrecorded_update(&stick, &key, &cur.hash, cur.round)?;
+            }
             let (path, sealed) = state.export(&lock, &key, &stick, 3, false)?;
             outln!(
                 "4 export    wrote {} ({})",
@@ -283,6 +289,35 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         escape(&site),
         escape_path(&a.state)
     );
+    Ok(())
+}
+
+/// A power cut between writing the update to the stick and recording it leaves a file the state does not know:
+/// exporting again would refuse to overwrite it. If that file is this site's own update of the current global
+/// (it verifies under this site's key) and the audit log records no export for the round, it never left this
+/// PC: remove it, and the export writes it again.
+fn remove_unrecorded_update(
+    stick: &Path,
+    key: &ferry_bundle::SecretKey,
+    base: &str,
+    round: u64,
+) -> Result<()> {
+    let path = stick.join(format!("{}-r{round}.ferry", key.id()));
+    if !path.is_file() {
+        return Ok(());
+    }
+    let mut ring = ferry_bundle::Keyring::new();
+    ring.add(key.public())?;
+    if let Ok(b) = ferry_bundle::open_file(&path, &ring) {
+        if b.manifest.base.as_deref() == Some(base) {
+            eprintln!(
+                "note: {} was written by an interrupted run and never recorded; writing it again",
+                escape_path(&path)
+            );
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing {}", escape_path(&path)))?;
+        }
+    }
     Ok(())
 }
 

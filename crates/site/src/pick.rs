@@ -33,7 +33,10 @@ impl SiteState {
     ) -> Result<Picked, SiteError> {
         let mut candidates = Vec::new();
         let mut skipped = Vec::new();
-        let entries = std::fs::read_dir(dir).map_err(|e| ferry_bundle::fsutil::FsError::io(dir, e))?;
+        let entries = std::fs::read_dir(dir).map_err(|source| ferry_bundle::fsutil::FsError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for e in entries.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().to_string();
