@@ -197,12 +197,18 @@ pub fn write(
     };
     manifest.validate().map_err(malformed)?;
     if !manifest.hq_keys.contains(&KeyRecord::from(&key.public())) {
-        return Err(malformed("the signing key is not among the kit's HQ keys".into()));
+        return Err(malformed(
+            "the signing key is not among the kit's HQ keys".into(),
+        ));
     }
     match (&manifest.revocations, revocations) {
         (Some(r), Some(bytes)) if crate::sha256_hex(bytes) == r.sha256 => {}
         (None, None) => {}
-        _ => return Err(malformed("the revocation list and its entry disagree".into())),
+        _ => {
+            return Err(malformed(
+                "the revocation list and its entry disagree".into(),
+            ))
+        }
     }
     if std::fs::symlink_metadata(dir).is_ok() {
         return Err(KitError::Exists(dir.to_path_buf()));
@@ -213,7 +219,10 @@ pub fn write(
     if let (Some(r), Some(bytes)) = (&manifest.revocations, revocations) {
         fsutil::write_new_verified(&dir.join(&r.file), bytes)?;
     }
-    fsutil::write_new_verified(&dir.join(HQ_KEY_FILE), key.public().to_file_text().as_bytes())?;
+    fsutil::write_new_verified(
+        &dir.join(HQ_KEY_FILE),
+        key.public().to_file_text().as_bytes(),
+    )?;
     fsutil::write_new_verified(&dir.join(README_FILE), readme.as_bytes())?;
     fsutil::write_new_verified(
         &dir.join(SIGNATURE_FILE),
@@ -248,7 +257,9 @@ pub fn read(dir: &Path) -> Result<Kit, KitError> {
     };
     let manifest: KitManifest =
         serde_json::from_slice(&bytes).map_err(|e| malformed(crate::escape(&e.to_string())))?;
-    let hq_keys = manifest.validate().map_err(|e| malformed(crate::escape(&e)))?;
+    let hq_keys = manifest
+        .validate()
+        .map_err(|e| malformed(crate::escape(&e)))?;
     let mut ring = Keyring::new();
     for k in &hq_keys {
         ring.add(k.clone()).map_err(|e| malformed(e.to_string()))?;
@@ -292,7 +303,13 @@ mod tests {
     }
 
     fn manifest() -> KitManifest {
-        KitManifest::new("city", Some("plate-ctc"), &"ab".repeat(32), "site-b", &hq().public())
+        KitManifest::new(
+            "city",
+            Some("plate-ctc"),
+            &"ab".repeat(32),
+            "site-b",
+            &hq().public(),
+        )
     }
 
     #[test]
@@ -311,7 +328,11 @@ mod tests {
         // Another site id, same signature: refused.
         let text = std::fs::read_to_string(kit.join(MANIFEST_FILE)).unwrap();
         std::fs::write(kit.join(MANIFEST_FILE), text.replace("site-b", "site-c")).unwrap();
-        assert!(matches!(read(&kit), Err(KitError::Signature { .. })), "{:?}", read(&kit));
+        assert!(
+            matches!(read(&kit), Err(KitError::Signature { .. })),
+            "{:?}",
+            read(&kit)
+        );
 
         // A kit signed by a key it does not name cannot be written.
         let other = SecretKey::from_seed(Role::Hq, "hq", [9; 32]);
@@ -341,7 +362,10 @@ mod tests {
         assert!(matches!(read(&kit), Err(KitError::FileChanged(_))));
         std::fs::write(kit.join(MANIFEST_FILE), b"{\"format\": \"\x1b[31m\"").unwrap();
         let e = read(&kit).unwrap_err().to_string();
-        assert!(e.contains("not a valid ferry enrolment kit") && !e.contains('\x1b'), "{e}");
+        assert!(
+            e.contains("not a valid ferry enrolment kit") && !e.contains('\x1b'),
+            "{e}"
+        );
         assert!(read(d.path().join("missing").as_path()).is_err());
     }
 }

@@ -60,14 +60,22 @@ impl SettingRow {
     pub fn new<T: fmt::Display>(name: &str, picked: &(Option<T>, Origin)) -> SettingRow {
         SettingRow {
             name: name.into(),
-            value: picked.0.as_ref().map(|v| ferry_bundle::escape(&v.to_string())),
+            value: picked
+                .0
+                .as_ref()
+                .map(|v| ferry_bundle::escape(&v.to_string())),
             origin: picked.1,
         }
     }
 }
 
 /// Print `config`'s table (or JSON), then the warnings on stderr.
-pub fn print_settings(file: &str, rows: &[SettingRow], warnings: &[String], json: bool) -> Result<()> {
+pub fn print_settings(
+    file: &str,
+    rows: &[SettingRow],
+    warnings: &[String],
+    json: bool,
+) -> Result<()> {
     if json {
         return print_json(&serde_json::json!({
             "file": file, "settings": rows, "warnings": warnings,

@@ -159,7 +159,8 @@ impl Effective {
     }
 
     fn rows(&self) -> Vec<SettingRow> {
-        let path = |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
+        let path =
+            |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
         let trust = (
             self.trust.0.as_ref().map(|v| {
                 v.iter()
@@ -213,7 +214,12 @@ fn known_count(spec: &DataSpec, limit: Option<usize>) -> Option<usize> {
 pub fn run_config(a: &ConfigArgs) -> Result<()> {
     let state = SiteState::at(&a.state);
     let eff = Effective::resolve(&state, &a.flags).context("reading the settings")?;
-    let warnings = match eff.data.0.as_ref().and_then(|d| known_count(d, eff.limit.0)) {
+    let warnings = match eff
+        .data
+        .0
+        .as_ref()
+        .and_then(|d| known_count(d, eff.limit.0))
+    {
         Some(n) => eff.warnings(n),
         None => Vec::new(),
     };

@@ -132,7 +132,10 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         &prepared,
     )? {
         ImportOutcome::AlreadyCurrent { warnings } => {
-            outln!("1 import    round {round} is already imported ({})", short(&picked.bundle.hash));
+            outln!(
+                "1 import    round {round} is already imported ({})",
+                short(&picked.bundle.hash)
+            );
             print_warnings(&warnings);
         }
         ImportOutcome::Installed { warnings, .. } => {
@@ -190,7 +193,8 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             },
         };
         let lock = state.lock()?;
-        let s = train_site(&state, &lock, &data, &cfg, &dev, &mut EpochLines).context("training")?;
+        let s =
+            train_site(&state, &lock, &data, &cfg, &dev, &mut EpochLines).context("training")?;
         drop(lock);
         let resumed = s
             .resumed_after
@@ -208,7 +212,8 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     match (eff.eval_data.0.as_ref(), &exported) {
         (Some(spec), None) => {
             let data = load(spec)?;
-            let (which, e) = eval_site(&state, &data, EvalTarget::Auto, 256, &dev).context("evaluating")?;
+            let (which, e) =
+                eval_site(&state, &data, EvalTarget::Auto, 256, &dev).context("evaluating")?;
             let chars = e
                 .char_accuracy
                 .map(|c| format!(", {:.1}% of characters", 100.0 * c))
@@ -220,7 +225,9 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             );
         }
         (Some(_), Some(_)) => outln!("3 evaluate  skipped: the update already left"),
-        (None, _) => outln!("3 evaluate  skipped: no eval-data set (ferry.toml eval-data, or --eval-data)"),
+        (None, _) => {
+            outln!("3 evaluate  skipped: no eval-data set (ferry.toml eval-data, or --eval-data)")
+        }
     }
 
     // 4. Export.
@@ -235,9 +242,7 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
                 .map(|e| PathBuf::from(&e.file))
                 .and_then(|p| p.file_name().map(|n| stick.join(n)))
                 .or_else(|| Some(stick.join(format!("{site}-r{}.ferry", cur.round))))
-                .filter(|p| {
-                    std::fs::read(p).is_ok_and(|b| ferry_bundle::sha256_hex(&b) == hash)
-                });
+                .filter(|p| std::fs::read(p).is_ok_and(|b| ferry_bundle::sha256_hex(&b) == hash));
             let Some(path) = on_stick else {
                 anyhow::bail!(
                     "the update of round {} left earlier ({}), but it is not on this stick: carry the stick it went to, or replace it with `ferry-client export --again`",
@@ -268,7 +273,11 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
                 escape_path(&path),
                 short(&sealed.hash)
             );
-            (path, sealed.bytes.len() as u64, sealed.manifest.tensors.len())
+            (
+                path,
+                sealed.bytes.len() as u64,
+                sealed.manifest.tensors.len(),
+            )
         }
     };
 

@@ -64,7 +64,11 @@ fn refused(tool: &str, o: Output) -> String {
     // Progress (epoch lines, notes) may come first; the error is one line, the last.
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     let prefix = format!("{tool}: ");
-    assert_eq!(err.lines().filter(|l| l.starts_with(&prefix)).count(), 1, "not one error line: {err:?}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with(&prefix)).count(),
+        1,
+        "not one error line: {err:?}"
+    );
     let last = err.lines().last().unwrap_or_default();
     assert!(last.starts_with(&prefix), "{err}");
     last.to_string()
@@ -113,8 +117,19 @@ impl Fed {
         let keys = fed.path("keys");
         ok(server(&["keygen", "--id", "hq", "--out", p(&keys)]));
         ok(server(&[
-            "init", "--key", p(&keys.join("hq.key")), "--arch", "plate-ctc", "--seed", "1",
-            "--federation", "city", "--state", p(&fed.path("hq")), "--out", p(&fed.path("usb")),
+            "init",
+            "--key",
+            p(&keys.join("hq.key")),
+            "--arch",
+            "plate-ctc",
+            "--seed",
+            "1",
+            "--federation",
+            "city",
+            "--state",
+            p(&fed.path("hq")),
+            "--out",
+            p(&fed.path("usb")),
         ]));
         std::fs::write(
             fed.path("hq/ferry.toml"),
@@ -122,7 +137,13 @@ impl Fed {
         )
         .unwrap();
         for s in sites {
-            let out = ok(server(&["enroll", "--state", p(&fed.path("hq")), "--site", s]));
+            let out = ok(server(&[
+                "enroll",
+                "--state",
+                p(&fed.path("hq")),
+                "--site",
+                s,
+            ]));
             assert!(out.contains(&format!("wrote the kit for {s}")), "{out}");
         }
         fed
@@ -199,20 +220,40 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
 
     for (site, seed) in [("site-a", 1), ("site-b", 2)] {
         let out = fed.enroll(site, seed);
-        assert!(out.contains(&format!("enrolled {site} in federation city")), "{out}");
-        assert!(fed.path(&format!("usb/kit-{site}/reply/{site}.pub")).is_file());
+        assert!(
+            out.contains(&format!("enrolled {site} in federation city")),
+            "{out}"
+        );
+        assert!(fed
+            .path(&format!("usb/kit-{site}/reply/{site}.pub"))
+            .is_file());
         assert!(fed.path(&format!("{site}/keys/{site}.key")).is_file());
         let toml = std::fs::read_to_string(fed.path(&format!("{site}/ferry.toml"))).unwrap();
-        assert!(toml.contains("warmup = 2") && toml.contains("stick = "), "{toml}");
+        assert!(
+            toml.contains("warmup = 2") && toml.contains("stick = "),
+            "{toml}"
+        );
     }
 
     // Round 0 at the sites: import, train, evaluate, export, and the words about what to carry.
     for site in ["site-a", "site-b"] {
         let out = fed.site_round(site);
         assert!(out.contains("1 import    imported round 0"), "{out}");
-        assert!(out.contains("2 train     trained plate-ctc from round 0 on 8 samples"), "{out}");
-        assert!(out.contains("3 evaluate  local model on 4 samples"), "{out}");
-        assert!(out.contains(&format!("Carry {}", p(&fed.path(&format!("usb/{site}-r0.ferry"))))), "{out}");
+        assert!(
+            out.contains("2 train     trained plate-ctc from round 0 on 8 samples"),
+            "{out}"
+        );
+        assert!(
+            out.contains("3 evaluate  local model on 4 samples"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "Carry {}",
+                p(&fed.path(&format!("usb/{site}-r0.ferry")))
+            )),
+            "{out}"
+        );
         assert!(out.contains("no images, no labels"), "{out}");
     }
     // A second run finds everything done and writes nothing.
@@ -229,9 +270,18 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
 
     // HQ: adds the two replies, merges, writes global-r1.
     let out = fed.hq_round();
-    assert!(out.contains("added site-a's key") && out.contains("added site-b's key"), "{out}");
-    assert!(out.contains("merged round 0 (fedavg): site-a (8 samples"), "{out}");
-    assert!(out.contains(&format!("Carry {}", p(&fed.path("usb/global-r1.ferry")))), "{out}");
+    assert!(
+        out.contains("added site-a's key") && out.contains("added site-b's key"),
+        "{out}"
+    );
+    assert!(
+        out.contains("merged round 0 (fedavg): site-a (8 samples"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Carry ") && out.contains("usb/global-r1.ferry ("),
+        "{out}"
+    );
 
     // Round 1: each site picks global-r1 over global-r0 and says why.
     for site in ["site-a", "site-b"] {
@@ -239,7 +289,10 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         let out = ok(o);
         assert!(out.contains("1 import    imported round 1"), "{out}");
-        assert!(err.contains("skipped global-r0.ferry: round 0, older than round 1 chosen"), "{err}");
+        assert!(
+            err.contains("skipped global-r0.ferry: round 0, older than round 1 chosen"),
+            "{err}"
+        );
         assert!(out.contains(&format!("usb/{site}-r1.ferry")), "{out}");
     }
     let out = fed.hq_round();
@@ -250,7 +303,10 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
     let st = fed.hq_status();
     assert_eq!(st["round"], 2, "{st}");
     let rounds = st["rounds"].as_array().unwrap();
-    let merged: Vec<&Value> = rounds.iter().filter(|r| r["round"].as_u64() > Some(0)).collect();
+    let merged: Vec<&Value> = rounds
+        .iter()
+        .filter(|r| r["round"].as_u64() > Some(0))
+        .collect();
     assert_eq!(merged.len(), 2, "{st}");
     for r in merged {
         let mut sites: Vec<&str> = r["contributors"]
@@ -264,11 +320,18 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
     }
     // Run again: nothing for round 2 yet, HQ says whom it waits for.
     let out = fed.hq_round();
-    assert!(out.contains("no update for round 2 on the stick yet"), "{out}");
+    assert!(
+        out.contains("no update for round 2 on the stick yet"),
+        "{out}"
+    );
     assert!(out.contains("waiting for site-a, site-b"), "{out}");
     // And the site's audit log shows both exports.
     let log = ok(client(&["log", "--state", p(&fed.path("site-a"))]));
-    assert_eq!(log.lines().filter(|l| l.contains("export")).count(), 2, "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.contains("export")).count(),
+        2,
+        "{log}"
+    );
 }
 
 #[test]
@@ -280,25 +343,66 @@ fn another_sites_key_is_refused_for_export() {
     let b = fed.path("site-b");
     let key_a = fed.path("site-a/keys/site-a.key");
     let scratch = fed.path("scratch");
-    let o = client(&["round", "--state", p(&b), "--key", p(&key_a), "--stick", p(&fed.path("usb"))]);
+    let o = client(&[
+        "round",
+        "--state",
+        p(&b),
+        "--key",
+        p(&key_a),
+        "--stick",
+        p(&fed.path("usb")),
+    ]);
     let err = refused("ferry-client", o);
-    assert!(err.contains("is not this site's key: this state was enrolled as site-b"), "{err}");
+    assert!(
+        err.contains("is not this site's key: this state was enrolled as site-b"),
+        "{err}"
+    );
     assert!(!fed.path("usb/site-a-r0.ferry").exists() && !fed.path("usb/site-b-r0.ferry").exists());
     let err = refused(
         "ferry-client",
-        client(&["export", "--state", p(&b), "--key", p(&key_a), "--out", p(&scratch)]),
+        client(&[
+            "export",
+            "--state",
+            p(&b),
+            "--key",
+            p(&key_a),
+            "--out",
+            p(&scratch),
+        ]),
     );
     assert!(err.contains("enrolled as site-b"), "{err}");
     assert!(!scratch.exists());
     // A key made elsewhere under site-b's own name is refused too.
-    ok(client(&["keygen", "--id", "site-b", "--out", p(&fed.path("other"))]));
+    ok(client(&[
+        "keygen",
+        "--id",
+        "site-b",
+        "--out",
+        p(&fed.path("other")),
+    ]));
     let err = refused(
         "ferry-client",
-        client(&["export", "--state", p(&b), "--key", p(&fed.path("other/site-b.key")), "--out", p(&scratch)]),
+        client(&[
+            "export",
+            "--state",
+            p(&b),
+            "--key",
+            p(&fed.path("other/site-b.key")),
+            "--out",
+            p(&scratch),
+        ]),
     );
     assert!(err.contains("not this site's key"), "{err}");
     // With its own key (from ferry.toml) it goes through.
-    let out = ok(client(&["export", "--state", p(&b), "--key", p(&fed.path("site-b/keys/site-b.key")), "--out", p(&scratch)]));
+    let out = ok(client(&[
+        "export",
+        "--state",
+        p(&b),
+        "--key",
+        p(&fed.path("site-b/keys/site-b.key")),
+        "--out",
+        p(&scratch),
+    ]));
     assert!(out.contains("site-b-r0.ferry"), "{out}");
 }
 
@@ -311,7 +415,14 @@ fn a_forged_or_foreign_kit_and_a_foreign_global_are_refused() {
     // The wrong fingerprint: refused, nothing created.
     let err = refused(
         "ferry-client",
-        client(&["enroll", p(&kit), "--state", p(&state), "--hq-fingerprint", "0000 1111"]),
+        client(&[
+            "enroll",
+            p(&kit),
+            "--state",
+            p(&state),
+            "--hq-fingerprint",
+            "0000 1111",
+        ]),
     );
     assert!(err.contains("did not come from your HQ"), "{err}");
     assert!(!state.exists());
@@ -324,7 +435,10 @@ fn a_forged_or_foreign_kit_and_a_foreign_global_are_refused() {
     }
     let json = std::fs::read_to_string(forged.join("kit.json")).unwrap();
     std::fs::write(forged.join("kit.json"), json.replace("site-a", "site-z")).unwrap();
-    let err = refused("ferry-client", client(&["enroll", p(&forged), "--state", p(&state)]));
+    let err = refused(
+        "ferry-client",
+        client(&["enroll", p(&forged), "--state", p(&state)]),
+    );
     assert!(err.contains("signature does not verify"), "{err}");
     assert!(!state.exists());
     assert!(!forged.join("reply").exists());
@@ -333,13 +447,39 @@ fn a_forged_or_foreign_kit_and_a_foreign_global_are_refused() {
     // and its global is passed over by this site's round.
     let other = tempfile::tempdir().unwrap();
     let ok_dir = |rel: &str| other.path().join(rel);
-    ok(server(&["keygen", "--id", "hq", "--out", p(&ok_dir("keys"))]));
     ok(server(&[
-        "init", "--key", p(&ok_dir("keys/hq.key")), "--arch", "plate-ctc", "--seed", "2", "--federation",
-        "harbour", "--state", p(&ok_dir("hq")), "--out", p(&ok_dir("usb")),
+        "keygen",
+        "--id",
+        "hq",
+        "--out",
+        p(&ok_dir("keys")),
     ]));
-    ok(server(&["enroll", "--state", p(&ok_dir("hq")), "--key", p(&ok_dir("keys/hq.key")), "--site", "site-a",
-        "--out", p(&ok_dir("usb/kit-site-a"))]));
+    ok(server(&[
+        "init",
+        "--key",
+        p(&ok_dir("keys/hq.key")),
+        "--arch",
+        "plate-ctc",
+        "--seed",
+        "2",
+        "--federation",
+        "harbour",
+        "--state",
+        p(&ok_dir("hq")),
+        "--out",
+        p(&ok_dir("usb")),
+    ]));
+    ok(server(&[
+        "enroll",
+        "--state",
+        p(&ok_dir("hq")),
+        "--key",
+        p(&ok_dir("keys/hq.key")),
+        "--site",
+        "site-a",
+        "--out",
+        p(&ok_dir("usb/kit-site-a")),
+    ]));
 
     fed.enroll("site-a", 1);
     let before = snapshot(&state);
@@ -347,29 +487,60 @@ fn a_forged_or_foreign_kit_and_a_foreign_global_are_refused() {
         "ferry-client",
         client(&["enroll", p(&ok_dir("usb/kit-site-a")), "--state", p(&state)]),
     );
-    assert!(err.contains("already holds a site state (federation city, site site-a)"), "{err}");
+    assert!(
+        err.contains("already holds a site state (federation city, site site-a)"),
+        "{err}"
+    );
     assert_eq!(snapshot(&state), before);
 
     // Only the foreign global on the stick: the round refuses, saying why; the state is unchanged.
     let stick2 = fed.path("stick2");
     std::fs::create_dir(&stick2).unwrap();
-    std::fs::copy(ok_dir("usb/global-r0.ferry"), stick2.join("global-r0.ferry")).unwrap();
-    let err = refused("ferry-client", client(&["round", "--state", p(&state), "--stick", p(&stick2)]));
-    assert!(err.contains("no global in") && err.contains("global-r0.ferry"), "{err}");
+    std::fs::copy(
+        ok_dir("usb/global-r0.ferry"),
+        stick2.join("global-r0.ferry"),
+    )
+    .unwrap();
+    let err = refused(
+        "ferry-client",
+        client(&["round", "--state", p(&state), "--stick", p(&stick2)]),
+    );
+    assert!(
+        err.contains("no global in") && err.contains("global-r0.ferry"),
+        "{err}"
+    );
     assert_eq!(snapshot(&state), before);
     // import of that file, and of that folder: refused too.
-    let err = refused("ferry-client", client(&["import", "--state", p(&state), p(&stick2.join("global-r0.ferry"))]));
+    let err = refused(
+        "ferry-client",
+        client(&[
+            "import",
+            "--state",
+            p(&state),
+            p(&stick2.join("global-r0.ferry")),
+        ]),
+    );
     assert!(err.contains("harbour") || err.contains("not"), "{err}");
-    refused("ferry-client", client(&["import", "--state", p(&state), p(&stick2)]));
+    refused(
+        "ferry-client",
+        client(&["import", "--state", p(&state), p(&stick2)]),
+    );
     assert_eq!(snapshot(&state), before);
 
     // Both globals on one stick: `import FOLDER` takes this federation's and says why it skipped the other.
-    std::fs::copy(fed.path("usb/global-r0.ferry"), stick2.join("global-r0-city.ferry")).unwrap();
+    std::fs::copy(
+        fed.path("usb/global-r0.ferry"),
+        stick2.join("global-r0-city.ferry"),
+    )
+    .unwrap();
     let o = client(&["import", "--state", p(&state), p(&stick2)]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     let out = ok(o);
     assert!(out.contains("imported round 0"), "{out}");
-    assert!(err.contains("note: skipped") && err.contains("global-r0.ferry"), "{err}");
+    assert!(
+        err.contains("note: skipped") && err.contains("global-r0.ferry"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -381,15 +552,46 @@ fn hq_refuses_a_round_with_an_update_from_a_site_that_is_not_a_member() {
     }
     // site-x, never enrolled, packs an update of round 0 from the global's own weights.
     let usb = fed.path("usb");
-    ok(client(&["keygen", "--id", "site-x", "--out", p(&fed.path("x"))]));
-    ok(client(&["unpack", "--trust", p(&fed.path("keys/hq.pub")), p(&usb.join("global-r0.ferry")), "--out",
-        p(&fed.path("x/w.safetensors"))]));
-    ok(client(&["pack", "--key", p(&fed.path("x/site-x.key")), "--weights", p(&fed.path("x/w.safetensors")),
-        "--samples", "8", "--base", p(&usb.join("global-r0.ferry")), "--trust", p(&fed.path("keys/hq.pub")),
-        "--out", p(&usb)]));
+    ok(client(&[
+        "keygen",
+        "--id",
+        "site-x",
+        "--out",
+        p(&fed.path("x")),
+    ]));
+    ok(client(&[
+        "unpack",
+        "--trust",
+        p(&fed.path("keys/hq.pub")),
+        p(&usb.join("global-r0.ferry")),
+        "--out",
+        p(&fed.path("x/w.safetensors")),
+    ]));
+    ok(client(&[
+        "pack",
+        "--key",
+        p(&fed.path("x/site-x.key")),
+        "--weights",
+        p(&fed.path("x/w.safetensors")),
+        "--samples",
+        "8",
+        "--base",
+        p(&usb.join("global-r0.ferry")),
+        "--trust",
+        p(&fed.path("keys/hq.pub")),
+        "--out",
+        p(&usb),
+    ]));
     let ledger = std::fs::read(fed.path("hq/ledger.json")).unwrap();
-    let err = refused("ferry-server", server(&["round", "--state", p(&fed.path("hq"))]));
-    assert!(err.contains("site-x-r0.ferry") && err.contains("site-x is not a member of federation city"), "{err}");
+    let err = refused(
+        "ferry-server",
+        server(&["round", "--state", p(&fed.path("hq"))]),
+    );
+    assert!(
+        err.contains("site-x-r0.ferry")
+            && err.contains("site-x is not a member of federation city"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(fed.path("hq/ledger.json")).unwrap(), ledger);
     assert!(!usb.join("global-r1.ferry").exists());
     // HQ's status names who sent and who is missing: site-x is not a member, so not listed.
@@ -407,7 +609,12 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
     fed.enroll("site-a", 1);
     let state = fed.path("site-a");
     let v: Value = serde_json::from_str(&ok(client(&[
-        "config", "--state", p(&state), "--epochs", "3", "--json",
+        "config",
+        "--state",
+        p(&state),
+        "--epochs",
+        "3",
+        "--json",
     ])))
     .unwrap();
     let row = |name: &str| {
@@ -423,18 +630,44 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
     assert_eq!(row("data")["origin"], "file", "{v}");
     assert_eq!(row("train.epochs")["origin"], "flag", "{v}");
     assert_eq!(row("train.lr")["origin"], "default", "{v}");
-    assert!(row("key")["value"].as_str().unwrap().ends_with("keys/site-a.key"), "{v}");
+    assert!(
+        row("key")["value"]
+            .as_str()
+            .unwrap()
+            .ends_with("keys/site-a.key"),
+        "{v}"
+    );
 
     // The default warm-up with 300 images: half a percent of the peak learning rate.
-    let o = client(&["config", "--state", p(&state), "--data", "plates:loose:300", "--batch", "64", "--warmup", "1000"]);
+    let o = client(&[
+        "config",
+        "--state",
+        p(&state),
+        "--data",
+        "plates:loose:300",
+        "--batch",
+        "64",
+        "--warmup",
+        "1000",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     ok(o);
-    assert!(err.contains("ends at 0.5 % of the peak learning rate"), "{err}");
+    assert!(
+        err.contains("ends at 0.5 % of the peak learning rate"),
+        "{err}"
+    );
 
     // A damaged ferry.toml is one line naming the file and the line.
-    std::fs::write(state.join("ferry.toml"), "data = \"plates:loose:8\"\nepochs = 2\n").unwrap();
+    std::fs::write(
+        state.join("ferry.toml"),
+        "data = \"plates:loose:8\"\nepochs = 2\n",
+    )
+    .unwrap();
     let err = refused("ferry-client", client(&["round", "--state", p(&state)]));
-    assert!(err.contains("ferry.toml") && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("ferry.toml") && err.contains("line 2"),
+        "{err}"
+    );
 
     // HQ: the file's strategy, a flag's min-sites, the default validity.
     std::fs::write(
@@ -443,13 +676,30 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
     )
     .unwrap();
     let v: Value = serde_json::from_str(&ok(server(&[
-        "config", "--state", p(&fed.path("hq")), "--min-sites", "3", "--json",
+        "config",
+        "--state",
+        p(&fed.path("hq")),
+        "--min-sites",
+        "3",
+        "--json",
     ])))
     .unwrap();
     let s = v["settings"].as_array().unwrap();
     let get = |n: &str| s.iter().find(|r| r["name"] == n).unwrap().clone();
-    assert_eq!((get("merge.strategy")["value"].clone(), get("merge.strategy")["origin"].clone()), ("median".into(), "file".into()));
+    assert_eq!(
+        (
+            get("merge.strategy")["value"].clone(),
+            get("merge.strategy")["origin"].clone()
+        ),
+        ("median".into(), "file".into())
+    );
     assert_eq!(get("merge.min-sites")["origin"], "flag");
     assert_eq!(get("merge.valid-days")["origin"], "default");
-    assert!(v["warnings"][0].as_str().unwrap().contains("min-sites is 3"), "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("min-sites is 3"),
+        "{v}"
+    );
 }

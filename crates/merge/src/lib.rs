@@ -11,9 +11,9 @@ mod config;
 mod engine;
 mod error;
 pub mod hq;
+mod ledger;
 pub mod members;
 pub mod settings;
-mod ledger;
 mod state;
 mod tensor;
 

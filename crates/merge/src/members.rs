@@ -37,7 +37,9 @@ pub enum MembersError {
         why: String,
     },
     /// The site has no kit.
-    #[error("{0} is not a member of this federation: enrol it first (ferry-server enroll --site {0})")]
+    #[error(
+        "{0} is not a member of this federation: enrol it first (ferry-server enroll --site {0})"
+    )]
     NotMember(String),
     /// The site already sent its key: a new kit would let someone else enrol under its name.
     #[error("{site} is already enrolled with key {key_id}; a new kit for it is refused (to replace a lost site key, revoke the old one first)")]

@@ -159,7 +159,11 @@ mod tests {
         let s = HqSettings::load(d.path()).unwrap().unwrap();
         assert_eq!(s.key.unwrap(), d.path().join("k/hq.key"));
         assert_eq!(s.merge.min_sites, Some(3));
-        std::fs::write(d.path().join(SETTINGS_FILE), "[merge]\nstrategy = \"best\"\n").unwrap();
+        std::fs::write(
+            d.path().join(SETTINGS_FILE),
+            "[merge]\nstrategy = \"best\"\n",
+        )
+        .unwrap();
         let e = HqSettings::load(d.path()).unwrap_err().to_string();
         assert!(e.contains("strategy") && !e.contains('\n'), "{e}");
         std::fs::write(d.path().join(SETTINGS_FILE), "\n\nmin_sites = 2\n").unwrap();

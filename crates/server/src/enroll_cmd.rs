@@ -107,7 +107,8 @@ impl HqEffective {
     }
 
     fn rows(&self) -> Vec<SettingRow> {
-        let path = |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
+        let path =
+            |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
         let trust = (
             self.trust.0.as_ref().map(|v| {
                 v.iter()
@@ -179,7 +180,11 @@ pub struct EnrollArgs {
     #[arg(long)]
     pub state: PathBuf,
     /// The site to enrol (its id: 1-64 of a-z 0-9 . _ -).
-    #[arg(long, required_unless_present = "add_reply", conflicts_with = "add_reply")]
+    #[arg(
+        long,
+        required_unless_present = "add_reply",
+        conflicts_with = "add_reply"
+    )]
     pub site: Option<String>,
     /// Add the public key a site wrote into its kit (the kit folder or its reply/ folder) to the member list.
     #[arg(long, value_name = "DIR")]
@@ -229,7 +234,10 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
     let eff = HqEffective::resolve(&a.state, &a.hq, &MergeFlags::default())?;
     let key = eff.key(&a.state)?;
     if key.role() != Role::Hq {
-        anyhow::bail!("{} is not an hq key: kits are signed with HQ's key", escape(key.id()));
+        anyhow::bail!(
+            "{} is not an hq key: kits are signed with HQ's key",
+            escape(key.id())
+        );
     }
     let ledger = Ledger::peek(&a.state)?;
     let out = match &a.out {
@@ -274,7 +282,11 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
         "wrote the kit for {site} to {} (federation {}, model {})",
         escape_path(&out),
         escape(&ledger.federation),
-        ledger.arch.as_deref().map(escape).unwrap_or_else(|| "foreign weights".into())
+        ledger
+            .arch
+            .as_deref()
+            .map(escape)
+            .unwrap_or_else(|| "foreign weights".into())
     );
     outln!(
         "HQ key fingerprint {}: read it to {site}'s operator over the phone",
@@ -290,10 +302,14 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
 /// The `.pub` files in a reply folder (`DIR/reply/*.pub` or `DIR/*.pub`).
 pub fn reply_keys(dir: &Path) -> Result<Vec<(PathBuf, PublicKey)>> {
     let reply = ferry_bundle::kit::reply_dir(dir);
-    let folder = if reply.is_dir() { reply } else { dir.to_path_buf() };
+    let folder = if reply.is_dir() {
+        reply
+    } else {
+        dir.to_path_buf()
+    };
     let mut v = Vec::new();
-    let entries = std::fs::read_dir(&folder)
-        .with_context(|| format!("reading {}", escape_path(&folder)))?;
+    let entries =
+        std::fs::read_dir(&folder).with_context(|| format!("reading {}", escape_path(&folder)))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with('.') || !name.ends_with(".pub") {
@@ -315,8 +331,7 @@ fn add_reply(state: &Path, dir: &Path) -> Result<()> {
         );
     }
     for (path, key) in keys {
-        let added = Members::add_key(state, &key)
-            .with_context(|| escape_path(&path))?;
+        let added = Members::add_key(state, &key).with_context(|| escape_path(&path))?;
         match added {
             KeyAdded::Added => outln!(
                 "added {}'s key {}, fingerprint {}: compare it with the one {} read you",

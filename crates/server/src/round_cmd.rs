@@ -64,7 +64,8 @@ fn scan(stick: &Path, federation: &str, round: u64) -> Result<Scan> {
         let m = match ferry_bundle::inspect_file(&p).map(|i| i.manifest) {
             Ok(Ok(m)) => m,
             Ok(Err(why)) => {
-                s.skipped.push((p, format!("unreadable manifest ({})", escape(&why))));
+                s.skipped
+                    .push((p, format!("unreadable manifest ({})", escape(&why))));
                 continue;
             }
             Err(e) => {
@@ -82,15 +83,17 @@ fn scan(stick: &Path, federation: &str, round: u64) -> Result<Scan> {
         if m.federation != federation {
             s.skipped.push((
                 p,
-                format!("an update of federation {}, not this one", escape(&m.federation)),
+                format!(
+                    "an update of federation {}, not this one",
+                    escape(&m.federation)
+                ),
             ));
         } else if m.round < round {
-            s.skipped.push((p, format!("round {}: merged already", m.round)));
+            s.skipped
+                .push((p, format!("round {}: merged already", m.round)));
         } else if m.round > round {
-            s.skipped.push((
-                p,
-                format!("round {}, but HQ is at round {round}", m.round),
-            ));
+            s.skipped
+                .push((p, format!("round {}, but HQ is at round {round}", m.round)));
         } else {
             s.current.push((p, site));
         }
@@ -137,7 +140,10 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     let key = eff.key(&a.state)?;
     let stick = eff.stick(&a.state)?;
     if !stick.is_dir() {
-        anyhow::bail!("the stick {} is not mounted (no such folder)", escape_path(&stick));
+        anyhow::bail!(
+            "the stick {} is not mounted (no such folder)",
+            escape_path(&stick)
+        );
     }
     let ledger = Ledger::peek(&a.state)?;
     add_replies(&a.state, &stick)?;
@@ -203,7 +209,10 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     }
     let config = ferry_merge::hq::RoundConfig {
         merge,
-        min_sites: eff.min_sites.0.unwrap_or(ferry_merge::hq::DEFAULT_MIN_SITES),
+        min_sites: eff
+            .min_sites
+            .0
+            .unwrap_or(ferry_merge::hq::DEFAULT_MIN_SITES),
         valid_for: eff.valid_days.0.unwrap_or(30).saturating_mul(86_400),
         ..Default::default()
     };
@@ -212,7 +221,8 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         "verifying and merging {}",
         count(files.len() as u64, "update")
     ));
-    let result = ferry_merge::hq::merge_round(&a.state, &key, &keyring, &[], &files, &config, &stick);
+    let result =
+        ferry_merge::hq::merge_round(&a.state, &key, &keyring, &[], &files, &config, &stick);
     pb.finish_and_clear();
     let out = result?;
     outln!(
@@ -221,7 +231,12 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         out.report
             .contributions
             .iter()
-            .map(|c| format!("{} ({} samples, distance {:.4})", escape(&c.site), c.samples, c.distance))
+            .map(|c| format!(
+                "{} ({} samples, distance {:.4})",
+                escape(&c.site),
+                c.samples,
+                c.distance
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -64,41 +64,95 @@ fn a_kit_is_signed_and_complete_and_the_member_list_guards_each_site_key() {
     let hq_key = keys.join("hq.key");
     ok(server(&["keygen", "--id", "hq", "--out", p(&keys)]));
     ok(server(&[
-        "init", "--key", p(&hq_key), "--arch", "mnist-cnn", "--federation", "city", "--state", p(&hq),
-        "--out", p(&usb),
+        "init",
+        "--key",
+        p(&hq_key),
+        "--arch",
+        "mnist-cnn",
+        "--federation",
+        "city",
+        "--state",
+        p(&hq),
+        "--out",
+        p(&usb),
     ]));
     // A revocation list stored at HQ travels in every kit written after it.
     let bad = SecretKey::from_seed(Role::Site, "site-z", [9; 32]);
     bad.write_pair(&keys).unwrap();
     ok(server(&[
-        "revoke", "--key", p(&hq_key), "--federation", "city", "--serial", "1", "--revoke",
-        p(&keys.join("site-z.pub")), "--state", p(&hq), "--out", p(&dir.join("rev-1.ferry-rev")),
+        "revoke",
+        "--key",
+        p(&hq_key),
+        "--federation",
+        "city",
+        "--serial",
+        "1",
+        "--revoke",
+        p(&keys.join("site-z.pub")),
+        "--state",
+        p(&hq),
+        "--out",
+        p(&dir.join("rev-1.ferry-rev")),
     ]));
 
     // No stick known and no --out: one line saying where to set it; nothing enrolled.
-    let err = refused(server(&["enroll", "--state", p(&hq), "--key", p(&hq_key), "--site", "site-b"]));
-    assert!(err.contains("where is the stick?") && err.contains("ferry.toml"), "{err}");
+    let err = refused(server(&[
+        "enroll",
+        "--state",
+        p(&hq),
+        "--key",
+        p(&hq_key),
+        "--site",
+        "site-b",
+    ]));
+    assert!(
+        err.contains("where is the stick?") && err.contains("ferry.toml"),
+        "{err}"
+    );
     assert!(!hq.join("members.json").exists());
-    let err = refused(server(&["enroll", "--state", p(&hq), "--key", p(&hq_key), "--site", "../b", "--stick", p(&usb)]));
+    let err = refused(server(&[
+        "enroll",
+        "--state",
+        p(&hq),
+        "--key",
+        p(&hq_key),
+        "--site",
+        "../b",
+        "--stick",
+        p(&usb),
+    ]));
     assert!(err.contains("site"), "{err}");
 
     // The stick remembered in ferry.toml: the kit goes to <stick>/kit-site-b.
-    std::fs::write(hq.join("ferry.toml"), format!("key = {:?}\nstick = \"../usb\"\n", p(&hq_key))).unwrap();
+    std::fs::write(
+        hq.join("ferry.toml"),
+        format!("key = {:?}\nstick = \"../usb\"\n", p(&hq_key)),
+    )
+    .unwrap();
     let out = ok(server(&["enroll", "--state", p(&hq), "--site", "site-b"]));
     let hq_pub = ferry_bundle::PublicKey::read(&keys.join("hq.pub")).unwrap();
     assert!(out.contains(&hq_pub.fingerprint()), "{out}");
     let kit = ferry_bundle::kit::read(&usb.join("kit-site-b")).unwrap();
-    let ledger: serde_json::Value = serde_json::from_slice(&std::fs::read(hq.join("ledger.json")).unwrap()).unwrap();
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hq.join("ledger.json")).unwrap()).unwrap();
     assert_eq!(kit.manifest.site, "site-b");
     assert_eq!(kit.manifest.federation, "city");
     assert_eq!(kit.manifest.arch.as_deref(), Some("mnist-cnn"));
-    assert_eq!(kit.manifest.model_fingerprint, ledger["model_fingerprint"].as_str().unwrap());
+    assert_eq!(
+        kit.manifest.model_fingerprint,
+        ledger["model_fingerprint"].as_str().unwrap()
+    );
     assert_eq!(kit.hq_keys, vec![hq_pub]);
-    let (name, list) = kit.revocations.expect("the kit carries HQ's revocation list");
+    let (name, list) = kit
+        .revocations
+        .expect("the kit carries HQ's revocation list");
     assert!(name.ends_with("revocations-1.ferry-rev"), "{name}");
     assert_eq!(list, std::fs::read(dir.join("rev-1.ferry-rev")).unwrap());
     let readme = std::fs::read_to_string(usb.join("kit-site-b/README.txt")).unwrap();
-    assert!(readme.contains("ferry-client enroll /media/usb/kit-site-b"), "{readme}");
+    assert!(
+        readme.contains("ferry-client enroll /media/usb/kit-site-b"),
+        "{readme}"
+    );
     let m = members(&hq);
     assert_eq!(m["members"][0]["site"], "site-b");
     assert!(m["members"][0]["key"].is_null());
@@ -106,7 +160,15 @@ fn a_kit_is_signed_and_complete_and_the_member_list_guards_each_site_key() {
     // The same folder again: refused; a new kit elsewhere renews the member (no key yet).
     let err = refused(server(&["enroll", "--state", p(&hq), "--site", "site-b"]));
     assert!(err.contains("already exists"), "{err}");
-    ok(server(&["enroll", "--state", p(&hq), "--site", "site-b", "--out", p(&dir.join("kit2"))]));
+    ok(server(&[
+        "enroll",
+        "--state",
+        p(&hq),
+        "--site",
+        "site-b",
+        "--out",
+        p(&dir.join("kit2")),
+    ]));
     assert_eq!(members(&hq)["members"].as_array().unwrap().len(), 1);
 
     // Replies: a non-member, an HQ key, then site-b's key; then another key for site-b.
@@ -129,19 +191,42 @@ fn a_kit_is_signed_and_complete_and_the_member_list_guards_each_site_key() {
 
     let (r, kb) = reply("site-b", 5, Role::Site);
     let out = ok(server(&["enroll", "--state", p(&hq), "--add-reply", p(&r)]));
-    assert!(out.contains("added site-b's key") && out.contains(&kb.public().fingerprint()), "{out}");
-    assert_eq!(members(&hq)["members"][0]["key"]["key_id"], kb.public().key_id_hex());
+    assert!(
+        out.contains("added site-b's key") && out.contains(&kb.public().fingerprint()),
+        "{out}"
+    );
+    assert_eq!(
+        members(&hq)["members"][0]["key"]["key_id"],
+        kb.public().key_id_hex()
+    );
     let out = ok(server(&["enroll", "--state", p(&hq), "--add-reply", p(&r)]));
     assert!(out.contains("already in the member list"), "{out}");
     let (r2, _) = reply("site-b", 6, Role::Site);
-    let err = refused(server(&["enroll", "--state", p(&hq), "--add-reply", p(&r2)]));
+    let err = refused(server(&[
+        "enroll",
+        "--state",
+        p(&hq),
+        "--add-reply",
+        p(&r2),
+    ]));
     assert!(err.contains("site-b is a member with key"), "{err}");
-    let err = refused(server(&["enroll", "--state", p(&hq), "--site", "site-b", "--out", p(&dir.join("kit3"))]));
+    let err = refused(server(&[
+        "enroll",
+        "--state",
+        p(&hq),
+        "--site",
+        "site-b",
+        "--out",
+        p(&dir.join("kit3")),
+    ]));
     assert!(err.contains("already enrolled with key"), "{err}");
     assert!(!dir.join("kit3").exists());
 
     // Status lists the member, and with the stick, whom HQ waits for.
     let out = ok(server(&["status", "--state", p(&hq)]));
-    assert!(out.contains("members     1") && out.contains("site-b"), "{out}");
+    assert!(
+        out.contains("members     1") && out.contains("site-b"),
+        "{out}"
+    );
     assert!(out.contains("round 0: waiting for site-b"), "{out}");
 }

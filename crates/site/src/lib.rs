@@ -19,10 +19,10 @@ mod work;
 
 pub use audit::{AuditAction, AuditEntry, AuditTensor};
 pub use enroll::Enrolled;
-pub use pick::Picked;
-pub use settings::{recipe_warnings, SiteSettings, TrainRecipe};
 pub use error::{ExportError, SiteError};
 pub use exchange::{ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
+pub use pick::Picked;
+pub use settings::{recipe_warnings, SiteSettings, TrainRecipe};
 pub use state::{
     DeployedRecord, GlobalRecord, LocalRecord, LocalRun, SiteLock, SitePin, SiteState,
 };

@@ -33,10 +33,11 @@ impl SiteState {
     ) -> Result<Picked, SiteError> {
         let mut candidates = Vec::new();
         let mut skipped = Vec::new();
-        let entries = std::fs::read_dir(dir).map_err(|source| ferry_bundle::fsutil::FsError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| ferry_bundle::fsutil::FsError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         for e in entries.flatten() {
             let path = e.path();
             let name = e.file_name().to_string_lossy().to_string();
@@ -46,7 +47,9 @@ impl SiteState {
             match ferry_bundle::inspect_file(&path) {
                 Err(err) => skipped.push((path, format!("not a readable bundle ({err})"))),
                 Ok(i) => match i.manifest {
-                    Err(why) => skipped.push((path, format!("unreadable manifest ({})", escape(&why)))),
+                    Err(why) => {
+                        skipped.push((path, format!("unreadable manifest ({})", escape(&why))))
+                    }
                     Ok(m) if m.kind != BundleKind::Global => {
                         skipped.push((path, "a site update (it goes to HQ)".into()))
                     }

@@ -158,14 +158,23 @@ impl SiteState {
             text.push('\n');
         }
         text.push_str(&settings.to_toml());
-        Ok(fsutil::write_replace(&self.settings_path(), text.as_bytes())?)
+        Ok(fsutil::write_replace(
+            &self.settings_path(),
+            text.as_bytes(),
+        )?)
     }
 }
 
 /// Things about a recipe that make no sense for `samples` training samples, in words: a warm-up longer than a
 /// round (the site then trains at a fraction of the peak learning rate), a batch larger than the data, no
 /// epochs, a learning rate out of any useful range.
-pub fn recipe_warnings(samples: usize, batch: usize, epochs: u32, warmup: u64, lr: f64) -> Vec<String> {
+pub fn recipe_warnings(
+    samples: usize,
+    batch: usize,
+    epochs: u32,
+    warmup: u64,
+    lr: f64,
+) -> Vec<String> {
     let mut w = Vec::new();
     if samples == 0 {
         w.push("the training data holds no samples".into());
@@ -212,10 +221,16 @@ mod tests {
             ..SiteSettings::default()
         };
         let text = s.to_toml();
-        assert!(text.contains("[train]") && text.contains("warmup = 50"), "{text}");
+        assert!(
+            text.contains("[train]") && text.contains("warmup = 50"),
+            "{text}"
+        );
         assert_eq!(SiteSettings::parse(&text, Path::new("f")).unwrap(), s);
         let e = SiteSettings::parse("kee = \"x\"\n", Path::new("ferry.toml")).unwrap_err();
-        assert!(e.to_string().contains("ferry.toml") && e.to_string().contains("kee"), "{e}");
+        assert!(
+            e.to_string().contains("ferry.toml") && e.to_string().contains("kee"),
+            "{e}"
+        );
         let r = s.resolve(Path::new("/state"));
         assert_eq!(r.key.unwrap(), Path::new("/state/keys/site-b.key"));
     }
