@@ -274,8 +274,10 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
         out.contains("added site-a's key") && out.contains("added site-b's key"),
         "{out}"
     );
+    // The report lists contributors in bundle-hash order.
+    assert!(out.contains("merged round 0 (fedavg): "), "{out}");
     assert!(
-        out.contains("merged round 0 (fedavg): site-a (8 samples"),
+        out.contains("site-a (8 samples") && out.contains("site-b (8 samples"),
         "{out}"
     );
     assert!(
