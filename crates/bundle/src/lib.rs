@@ -13,6 +13,7 @@ pub mod filesig;
 pub mod fsutil;
 pub mod keylist;
 pub mod keys;
+pub mod kit;
 pub mod manifest;
 pub mod payload;
 pub mod revocation;

@@ -16,6 +16,7 @@ use ferry_bundle::{
 
 pub mod layout;
 pub mod release;
+pub mod settings;
 
 /// Exit status when an input was refused or an operation failed.
 pub const EXIT_FAILURE: u8 = 1;

@@ -1,7 +1,10 @@
 //! `ferry-client`: the site's tool. Import HQ's global, train on local data, export a signed update.
 //! Every subcommand is a few lines over the ferry libraries.
 
+mod config_cmd;
 mod data_cmds;
+mod enroll_cmd;
+mod round_cmd;
 mod train_cmds;
 
 use std::path::PathBuf;
@@ -31,6 +34,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Join a federation with the kit HQ wrote: makes the site state, its key pair, and the reply for HQ.
+    Enroll(enroll_cmd::EnrollArgs),
+    /// One whole round: import the newest global on the stick, train, evaluate, export, say what to carry.
+    Round(round_cmd::RoundArgs),
+    /// Show the effective settings (flags, ferry.toml, defaults) and where each came from.
+    Config(config_cmd::ConfigArgs),
     /// Make this site's key pair (<ID>.key secret, <ID>.pub for HQ).
     Keygen(ferry_cli::KeygenArgs),
     /// Show a public key's full fingerprint, to compare over the phone.
@@ -142,7 +151,7 @@ struct ImportArgs {
     /// This site's secret key, to read a global encrypted to the site.
     #[command(flatten)]
     identity: ferry_cli::IdentityArgs,
-    /// The global bundle.
+    /// The global bundle, or a folder (the stick): then the newest global in it this site can import.
     file: PathBuf,
 }
 
@@ -260,7 +269,9 @@ fn pack(a: &PackArgs) -> Result<()> {
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
-    ferry_cli::require_file(&a.file)?;
+    if !a.file.is_dir() {
+        ferry_cli::require_file(&a.file)?;
+    }
     let keys = if a.trust.is_empty() {
         ferry_bundle::Keyring::new()
     } else {
@@ -290,17 +301,27 @@ fn import(a: &ImportArgs) -> Result<()> {
         ..ImportPolicy::default()
     };
     let state = SiteState::at(&a.state);
-    let prepared = state.prepare_import(&trust, &policy)?;
-    let mut ring = prepared.keyring().clone();
-    a.identity.apply(&mut ring)?;
-    let bundle = open_bundle(&a.file, &ring).with_context(|| {
-        format!(
-            "this site accepts globals of federation {} signed by {}",
-            prepared.federation(),
-            prepared.hq_key_ids()
-        )
-    })?;
-    let outcome = state.import_new(&bundle, &a.file.display().to_string(), &policy, &prepared)?;
+    let mut prepared = state.prepare_import(&trust, &policy)?;
+    // The site's identities join the keyring, so an encrypted global reads, picked from a folder or named.
+    a.identity.apply(prepared.keyring_mut())?;
+    // A folder (the stick): the newest global in it that this site can import (issue 16).
+    let (file, bundle) = if a.file.is_dir() {
+        let picked = state.pick_global(&a.file, &prepared, &policy)?;
+        for (p, why) in &picked.skipped {
+            eprintln!("note: skipped {}: {why}", escape_path(p));
+        }
+        (picked.path, picked.bundle)
+    } else {
+        let bundle = open_bundle(&a.file, prepared.keyring()).with_context(|| {
+            format!(
+                "this site accepts globals of federation {} signed by {}",
+                prepared.federation(),
+                prepared.hq_key_ids()
+            )
+        })?;
+        (a.file.clone(), bundle)
+    };
+    let outcome = state.import_new(&bundle, &file.display().to_string(), &policy, &prepared)?;
     if a.json {
         let (installed, previous, warnings) = match &outcome {
             ImportOutcome::AlreadyCurrent { warnings } => (false, None, warnings),
@@ -309,7 +330,7 @@ fn import(a: &ImportArgs) -> Result<()> {
             }
         };
         return print_json(&serde_json::json!({
-            "file": escape_path(&a.file), "installed": installed, "round": bundle.manifest.round,
+            "file": escape_path(&file), "installed": installed, "round": bundle.manifest.round,
             "previous_round": previous, "hash": bundle.hash, "manifest": bundle.manifest,
             "model": escape_path(&state.current_model_path()), "warnings": warnings,
         }));
@@ -516,6 +537,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry_cli::run_main("ferry-client", || match &cli.command {
+        Command::Enroll(a) => enroll_cmd::run_enroll(a),
+        Command::Round(a) => round_cmd::run_round(a),
+        Command::Config(a) => config_cmd::run_config(a),
         Command::Keygen(a) => ferry_cli::keygen(a, Role::Site),
         Command::Fingerprint(a) => ferry_cli::fingerprint(a),
         Command::Pack(a) => pack(a),

@@ -13,6 +13,8 @@ mod engine;
 mod error;
 pub mod hq;
 mod ledger;
+pub mod members;
+pub mod settings;
 mod state;
 mod tensor;
 

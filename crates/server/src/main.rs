@@ -1,7 +1,9 @@
 //! `ferry-server`: HQ's tool. Verify site updates, merge them, sign the next global.
 //! Every subcommand is a few lines over the ferry libraries.
 
+mod enroll_cmd;
 mod quality_cmds;
+mod round_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,8 +39,14 @@ enum Command {
     Init(InitArgs),
     /// Verify site updates and merge them into the next signed global.
     Merge(MergeArgs),
-    /// Show the federation: round, current global, who contributed to each round.
+    /// Show the federation: round, current global, who contributed to each round, members and who HQ waits for.
     Status(StatusArgs),
+    /// Write a new site's enrolment kit onto the stick (or add a site's reply key with --add-reply).
+    Enroll(enroll_cmd::EnrollArgs),
+    /// One whole round: merge every member's update on the stick, write the next global onto it.
+    Round(round_cmd::RoundArgs),
+    /// Show the effective settings (flags, ferry.toml, defaults) and where each came from.
+    Config(enroll_cmd::ConfigArgs),
     /// Write the current global from the HQ state to a stick again.
     Emit(EmitArgs),
     /// Sign a revocation list: bundles from the named keys are refused wherever the list is loaded.
@@ -236,6 +244,9 @@ struct StatusArgs {
     /// HQ state directory.
     #[arg(long)]
     state: PathBuf,
+    /// The stick, to show whose update for the current round is on it (default: ferry.toml's stick).
+    #[arg(long)]
+    stick: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -447,13 +458,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
 }
 
 fn status(a: &StatusArgs) -> Result<()> {
-    let s = ferry_merge::hq::status(&a.state)?;
-    if a.json {
-        print_json(&s)?;
-    } else {
-        ferry_cli::out!("{s}");
-    }
-    Ok(())
+    round_cmd::status(&a.state, a.stick.as_deref(), a.json)
 }
 
 fn emit(a: &EmitArgs) -> Result<()> {
@@ -607,6 +612,9 @@ fn main() -> ExitCode {
         Command::Init(a) => init(a),
         Command::Merge(a) => merge(a),
         Command::Status(a) => status(a),
+        Command::Enroll(a) => enroll_cmd::run_enroll(a),
+        Command::Round(a) => round_cmd::run_round(a),
+        Command::Config(a) => enroll_cmd::run_config(a),
         Command::Emit(a) => emit(a),
         Command::Revoke(a) => revoke(a),
         Command::Eval(a) => quality_cmds::eval(a),

@@ -191,6 +191,33 @@ pub enum SiteError {
     /// Training, evaluation or recalibration failed.
     #[error(transparent)]
     Train(#[from] TrainError),
+    /// No global in a folder could be imported.
+    #[error("no global in {dir} can be imported: {why}")]
+    NoUsableGlobal {
+        /// The folder (escaped).
+        dir: String,
+        /// Each file and why (escaped).
+        why: String,
+    },
+    /// `ferry.toml` could not be read.
+    #[error("{}: {why}", ferry_bundle::escape_path(.path))]
+    Settings {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (escaped).
+        why: String,
+    },
+    /// The enrolment kit could not be read or verified.
+    #[error(transparent)]
+    Kit(#[from] ferry_bundle::kit::KitError),
+    /// The state directory already belongs to a site.
+    #[error("{} already holds a site state ({what}); enrol into a new, empty --state folder", ferry_bundle::escape_path(.path))]
+    AlreadyEnrolled {
+        /// The state directory.
+        path: PathBuf,
+        /// What it holds (escaped).
+        what: String,
+    },
 }
 
 /// Why `export` failed. Nothing was written to the stick.
@@ -216,6 +243,16 @@ pub enum ExportError {
     /// An update was to be encrypted to a key that is not HQ's (issue 15 §5).
     #[error("an update is encrypted to HQ only, and {0} is not an HQ key")]
     NotHqRecipient(String),
+    /// The key is not the one this site enrolled with.
+    #[error("{given} is not this site's key: this state was enrolled as {site} (key {key_id}); export with {site}'s own key (ferry.toml `key`, or --key)")]
+    WrongSiteKey {
+        /// The key given: its id and key id (escaped).
+        given: String,
+        /// The enrolled site.
+        site: String,
+        /// The enrolled key's id.
+        key_id: String,
+    },
     /// The local model was trained from an older global.
     #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}: train again")]
     StaleLocal {

@@ -116,6 +116,14 @@ impl SiteState {
                 });
             }
         }
+        if let Some(fp) = &trust.pin.model_fingerprint {
+            if *fp != m.model_fingerprint {
+                return Err(SiteError::ModelChanged {
+                    expected: short(fp).to_string(),
+                    found: short(&m.model_fingerprint).to_string(),
+                });
+            }
+        }
         if let Some(r) = &m.revocations {
             if !trust.holds_list(&r.sha256, r.serial) {
                 return Err(SiteError::MissingRevocationList {
@@ -262,6 +270,7 @@ impl SiteState {
         }
         self.check_lock(lock)?;
         let cur = self.require_current()?;
+        self.check_site_key(key)?;
         let previous = self.last_export(&cur.federation, cur.round)?;
         if let (Some(p), false) = (&previous, again) {
             return Err(ExportError::AlreadyExported {

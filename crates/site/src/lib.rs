@@ -8,15 +8,21 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod enroll;
 mod error;
 mod exchange;
+mod pick;
+pub mod settings;
 mod state;
 mod trust;
 mod work;
 
 pub use audit::{AuditAction, AuditEntry, AuditTensor};
+pub use enroll::Enrolled;
 pub use error::{ExportError, SiteError};
 pub use exchange::{ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
+pub use pick::Picked;
+pub use settings::{recipe_warnings, SiteSettings, TrainRecipe};
 pub use state::{
     DeployedRecord, GlobalRecord, LocalRecord, LocalRun, SiteLock, SitePin, SiteState,
 };

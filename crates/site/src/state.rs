@@ -18,6 +18,8 @@
 //! - `revocations/<sha256>.ferry-rev`: every revocation list the site verified, applied on every later import
 //!   (issue 15 §2).
 //! - `audit.jsonl`: one line per bundle imported or exported (`crate::audit`, issue 16), append-only.
+//! - `ferry.toml`: the remembered settings (`crate::settings`, issue 16), written by enrolment, edited by hand.
+//! - `keys/<site>.key`, `keys/<site>.pub`: the site's key pair when enrolment made it (issue 16).
 //! - `lock`: held while a command changes the state ([`SiteLock`]).
 //!
 //! Reading needs no lock. Every method that changes a file takes a [`SiteLock`], so the compiler makes sure the
@@ -142,6 +144,12 @@ pub struct SitePin {
     pub hq_keys: Vec<KeyRecord>,
     /// The federation's offline root key, if the site pins one.
     pub root: Option<KeyRecord>,
+    /// The site's own public key, when enrolment made it (issue 16): exports with another key are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_key: Option<KeyRecord>,
+    /// The model fingerprint the enrolment kit named: a first global of another model is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
     /// When it was pinned (seconds since the epoch).
     pub pinned_at: u64,
     /// How: `first import`, `enrolment`, or `first import (root added ...)`.
@@ -176,6 +184,8 @@ impl SitePin {
             site: None,
             hq_keys,
             root,
+            site_key: None,
+            model_fingerprint: None,
             pinned_at: ferry_bundle::unix_now(),
             how: how.to_string(),
         }
@@ -203,6 +213,12 @@ impl SitePin {
         let hq = self.hq_public_keys()?;
         if hq.iter().any(|k| k.role != ferry_bundle::Role::Hq) {
             return Err("a pinned HQ key is not an hq key".into());
+        }
+        if let Some(k) = &self.site_key {
+            let pk = k.to_key()?;
+            if pk.role != ferry_bundle::Role::Site || Some(&pk.id) != self.site.as_ref() {
+                return Err("the pinned site key is not this site's key".into());
+            }
         }
         match self.root_key()? {
             Some(r) if r.role != ferry_bundle::Role::Root => {

@@ -61,6 +61,10 @@ impl PreparedTrust {
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
     }
+    /// The keyring, to add the site's decryption identities to (an encrypted global, issue 15 §5).
+    pub fn keyring_mut(&mut self) -> &mut Keyring {
+        &mut self.keyring
+    }
     /// The federation the site is (or will be) pinned to.
     pub fn federation(&self) -> &str {
         &self.pin.federation

@@ -1,0 +1,371 @@
+//! Enrolment kits (issue 16): the folder HQ writes onto a stick for a new site, and the site reads to bind its
+//! state to one federation, one site id and HQ's key.
+//!
+//! A kit folder holds:
+//! - `kit.json`: the [`KitManifest`] (federation, architecture and model fingerprint, the site's id, HQ's
+//!   public keys, the revocation list it carries);
+//! - `kit.json.sig`: HQ's detached signature over `kit.json` ([`crate::filesig`]);
+//! - `hq.pub`: HQ's public key file, for the operator to check its fingerprint over the phone;
+//! - `revocations-<serial>.ferry-rev`: HQ's newest revocation list, when it has one;
+//! - `README.txt`: what the operator does with it;
+//! - `reply/<site>.pub`, once the site has enrolled: the site's public key, for HQ.
+//!
+//! The signature binds the manifest to the HQ key it names, so a kit altered on the way (another site id,
+//! federation or revocation list) does not verify. A kit forged whole, with another key, does verify against
+//! its own key: that is what the HQ key's fingerprint, read over the phone, is for (`ferry-client enroll
+//! --hq-fingerprint`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::filesig::{self, FileSigError};
+use crate::fsutil::{self, FsError};
+use crate::keys::{KeyRecord, Keyring, PublicKey, Role, SecretKey};
+
+/// `kit.json`'s format tag.
+pub const KIT_FORMAT: &str = "ferry-kit/1";
+/// The manifest's file name in a kit folder.
+pub const MANIFEST_FILE: &str = "kit.json";
+/// HQ's signature over the manifest.
+pub const SIGNATURE_FILE: &str = "kit.json.sig";
+/// HQ's public key file, for the operator.
+pub const HQ_KEY_FILE: &str = "hq.pub";
+/// The operator's instructions.
+pub const README_FILE: &str = "README.txt";
+/// The folder a site writes its public key into for HQ.
+pub const REPLY_DIR: &str = "reply";
+/// Largest `kit.json` read.
+const MAX_MANIFEST: u64 = 64 << 10;
+/// Largest revocation list read from a kit.
+const MAX_LIST: u64 = 16 << 20;
+
+/// Why a kit could not be written or read. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KitError {
+    /// Reading or writing a file failed.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// The folder is not a kit, or its manifest is malformed.
+    #[error("{}: not a valid ferry enrolment kit: {why}", crate::escape_path(.path))]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (escaped).
+        why: String,
+    },
+    /// The manifest's signature does not verify under the HQ key it names.
+    #[error("{}: the kit's signature does not verify ({source}): it was altered after HQ wrote it; ask HQ for a new kit", crate::escape_path(.path))]
+    Signature {
+        /// The kit folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: FileSigError,
+    },
+    /// A file the manifest names does not match its hash.
+    #[error("{}: does not match the hash the kit names: it was altered or damaged; ask HQ for a new kit", crate::escape_path(.0))]
+    FileChanged(PathBuf),
+    /// The folder to write into is already there.
+    #[error("{} already exists; remove it or write the kit elsewhere", crate::escape_path(.0))]
+    Exists(PathBuf),
+}
+
+/// A file a kit carries beside its manifest, named by hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KitFile {
+    /// Its name inside the kit folder.
+    pub file: String,
+    /// SHA-256 of its bytes.
+    pub sha256: String,
+}
+
+/// `kit.json`: what HQ binds a new site to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KitManifest {
+    /// `ferry-kit/1`.
+    pub format: String,
+    /// The federation.
+    pub federation: String,
+    /// The architecture the federation trains, when ferry can train it.
+    pub arch: Option<String>,
+    /// The model fingerprint every global of the federation carries.
+    pub model_fingerprint: String,
+    /// The site's id: its key's id and the name on its updates.
+    pub site: String,
+    /// HQ's public keys.
+    pub hq_keys: Vec<KeyRecord>,
+    /// HQ's newest revocation list, if any (`revocations-<serial>.ferry-rev`).
+    pub revocations: Option<KitFile>,
+    /// When HQ wrote the kit (seconds since the epoch).
+    pub created: u64,
+}
+
+impl KitManifest {
+    /// A manifest for `site` of `federation`, signed by `hq` (the caller fills in `revocations`).
+    pub fn new(
+        federation: &str,
+        arch: Option<&str>,
+        model_fingerprint: &str,
+        site: &str,
+        hq: &PublicKey,
+    ) -> KitManifest {
+        KitManifest {
+            format: KIT_FORMAT.into(),
+            federation: federation.into(),
+            arch: arch.map(str::to_string),
+            model_fingerprint: model_fingerprint.into(),
+            site: site.into(),
+            hq_keys: vec![KeyRecord::from(hq)],
+            revocations: None,
+            created: crate::unix_now(),
+        }
+    }
+
+    /// Check the fields (ids, keys, hashes), returning HQ's keys.
+    pub fn validate(&self) -> Result<Vec<PublicKey>, String> {
+        if self.format != KIT_FORMAT {
+            return Err(format!(
+                "format is {:?}, expected {KIT_FORMAT:?} (written by a newer ferry?)",
+                crate::escape(&self.format)
+            ));
+        }
+        crate::keys::validate_id("federation", &self.federation).map_err(|e| e.to_string())?;
+        crate::keys::validate_id("site", &self.site).map_err(|e| e.to_string())?;
+        if let Some(a) = &self.arch {
+            crate::keys::validate_id("architecture", a).map_err(|e| e.to_string())?;
+        }
+        if !crate::is_sha256_hex(&self.model_fingerprint) {
+            return Err("the model fingerprint is not a SHA-256".into());
+        }
+        let keys: Vec<PublicKey> = self
+            .hq_keys
+            .iter()
+            .map(KeyRecord::to_key)
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() || keys.iter().any(|k| k.role != Role::Hq) {
+            return Err("the kit must name HQ's keys, and only hq keys".into());
+        }
+        if let Some(r) = &self.revocations {
+            if !crate::is_sha256_hex(&r.sha256) || !safe_name(&r.file) {
+                return Err("the revocation list entry is malformed".into());
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// A plain file name (no folder, no leading dot), as kit entries must be.
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+/// A kit that verified: its manifest, HQ's keys and the revocation list it carries.
+#[derive(Debug, Clone)]
+pub struct Kit {
+    /// The kit folder.
+    pub dir: PathBuf,
+    /// The signed manifest.
+    pub manifest: KitManifest,
+    /// HQ's keys, checked.
+    pub hq_keys: Vec<PublicKey>,
+    /// The revocation list: (file name for messages, bytes), its hash checked against the manifest.
+    pub revocations: Option<(String, Vec<u8>)>,
+}
+
+/// Write a kit folder at `dir` (which must not exist): the manifest, HQ's signature over it, HQ's public key,
+/// the revocation list `revocations` (its bytes; the manifest names its file and hash) and `readme`. Each file is
+/// written atomically; a kit interrupted half way fails to verify and is written again.
+pub fn write(
+    dir: &Path,
+    manifest: &KitManifest,
+    key: &SecretKey,
+    revocations: Option<&[u8]>,
+    readme: &str,
+) -> Result<(), KitError> {
+    let malformed = |why: String| KitError::Malformed {
+        path: dir.join(MANIFEST_FILE),
+        why,
+    };
+    manifest.validate().map_err(malformed)?;
+    if !manifest.hq_keys.contains(&KeyRecord::from(&key.public())) {
+        return Err(malformed(
+            "the signing key is not among the kit's HQ keys".into(),
+        ));
+    }
+    match (&manifest.revocations, revocations) {
+        (Some(r), Some(bytes)) if crate::sha256_hex(bytes) == r.sha256 => {}
+        (None, None) => {}
+        _ => {
+            return Err(malformed(
+                "the revocation list and its entry disagree".into(),
+            ))
+        }
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(KitError::Exists(dir.to_path_buf()));
+    }
+    fsutil::ensure_dir(dir)?;
+    let mut json = serde_json::to_vec_pretty(manifest).map_err(|e| malformed(e.to_string()))?;
+    json.push(b'\n');
+    if let (Some(r), Some(bytes)) = (&manifest.revocations, revocations) {
+        fsutil::write_new_verified(&dir.join(&r.file), bytes)?;
+    }
+    fsutil::write_new_verified(
+        &dir.join(HQ_KEY_FILE),
+        key.public().to_file_text().as_bytes(),
+    )?;
+    fsutil::write_new_verified(&dir.join(README_FILE), readme.as_bytes())?;
+    fsutil::write_new_verified(
+        &dir.join(SIGNATURE_FILE),
+        filesig::sign(&json, key).as_bytes(),
+    )?;
+    // The manifest last: a folder without it is not a kit.
+    fsutil::write_new_verified(&dir.join(MANIFEST_FILE), &json)?;
+    Ok(())
+}
+
+/// Read and verify the kit at `dir`: the manifest parses and is valid, HQ's signature over it verifies under a
+/// key it names, and the revocation list it carries matches its hash. Nothing in the folder but the manifest,
+/// its signature and that list is read.
+pub fn read(dir: &Path) -> Result<Kit, KitError> {
+    let path = dir.join(MANIFEST_FILE);
+    let malformed = |why: String| KitError::Malformed {
+        path: path.clone(),
+        why,
+    };
+    if !dir.is_dir() {
+        return Err(KitError::Malformed {
+            path: dir.to_path_buf(),
+            why: "not a folder (give the kit folder HQ wrote, e.g. /media/usb/kit-site-b)".into(),
+        });
+    }
+    let bytes = match fsutil::read_capped(&path, MAX_MANIFEST) {
+        Ok(b) => b,
+        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(malformed(format!("no {MANIFEST_FILE} in it")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let manifest: KitManifest =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(crate::escape(&e.to_string())))?;
+    let hq_keys = manifest
+        .validate()
+        .map_err(|e| malformed(crate::escape(&e)))?;
+    let mut ring = Keyring::new();
+    for k in &hq_keys {
+        ring.add(k.clone()).map_err(|e| malformed(e.to_string()))?;
+    }
+    filesig::verify_file(&path, &dir.join(SIGNATURE_FILE), &ring).map_err(|source| {
+        KitError::Signature {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })?;
+    let revocations = match &manifest.revocations {
+        Some(r) => {
+            let p = dir.join(&r.file);
+            let bytes = fsutil::read_capped(&p, MAX_LIST)?;
+            if crate::sha256_hex(&bytes) != r.sha256 {
+                return Err(KitError::FileChanged(p));
+            }
+            Some((crate::escape_path(&p), bytes))
+        }
+        None => None,
+    };
+    Ok(Kit {
+        dir: dir.to_path_buf(),
+        manifest,
+        hq_keys,
+        revocations,
+    })
+}
+
+/// The reply folder of the kit at `dir`.
+pub fn reply_dir(dir: &Path) -> PathBuf {
+    dir.join(REPLY_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hq() -> SecretKey {
+        SecretKey::from_seed(Role::Hq, "hq", [1; 32])
+    }
+
+    fn manifest() -> KitManifest {
+        KitManifest::new(
+            "city",
+            Some("plate-ctc"),
+            &"ab".repeat(32),
+            "site-b",
+            &hq().public(),
+        )
+    }
+
+    #[test]
+    fn a_written_kit_reads_back_and_an_altered_one_does_not() {
+        let d = tempfile::tempdir().unwrap();
+        let kit = d.path().join("kit-site-b");
+        write(&kit, &manifest(), &hq(), None, "read me\n").unwrap();
+        let k = read(&kit).unwrap();
+        assert_eq!(k.manifest, manifest_with_time(k.manifest.created));
+        assert_eq!(k.hq_keys, vec![hq().public()]);
+        assert!(matches!(
+            write(&kit, &manifest(), &hq(), None, ""),
+            Err(KitError::Exists(_))
+        ));
+
+        // Another site id, same signature: refused.
+        let text = std::fs::read_to_string(kit.join(MANIFEST_FILE)).unwrap();
+        std::fs::write(kit.join(MANIFEST_FILE), text.replace("site-b", "site-c")).unwrap();
+        assert!(
+            matches!(read(&kit), Err(KitError::Signature { .. })),
+            "{:?}",
+            read(&kit)
+        );
+
+        // A kit signed by a key it does not name cannot be written.
+        let other = SecretKey::from_seed(Role::Hq, "hq", [9; 32]);
+        assert!(write(&d.path().join("k2"), &manifest(), &other, None, "").is_err());
+        assert!(!d.path().join("k2").exists());
+    }
+
+    fn manifest_with_time(t: u64) -> KitManifest {
+        let mut m = manifest();
+        m.created = t;
+        m
+    }
+
+    #[test]
+    fn a_damaged_manifest_or_list_is_one_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let kit = d.path().join("kit");
+        let list = b"not really a list".to_vec();
+        let mut m = manifest();
+        m.revocations = Some(KitFile {
+            file: "revocations-1.ferry-rev".into(),
+            sha256: crate::sha256_hex(&list),
+        });
+        write(&kit, &m, &hq(), Some(&list), "").unwrap();
+        assert_eq!(read(&kit).unwrap().revocations.unwrap().1, list);
+        std::fs::write(kit.join("revocations-1.ferry-rev"), b"changed").unwrap();
+        assert!(matches!(read(&kit), Err(KitError::FileChanged(_))));
+        std::fs::write(kit.join(MANIFEST_FILE), b"{\"format\": \"\x1b[31m\"").unwrap();
+        let e = read(&kit).unwrap_err().to_string();
+        assert!(
+            e.contains("not a valid ferry enrolment kit") && !e.contains('\x1b'),
+            "{e}"
+        );
+        assert!(read(d.path().join("missing").as_path()).is_err());
+    }
+}

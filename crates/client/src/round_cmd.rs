@@ -1,0 +1,337 @@
+//! `ferry-client round` (issue 16): a site's whole round in one command, with the remembered settings.
+//!
+//! 1. import: the newest global on the stick that verifies and passes the import checks
+//!    (`SiteState::pick_global`), with the revocation lists on the stick;
+//! 2. train, with the recipe from flags / `ferry.toml` / defaults;
+//! 3. evaluate on `eval-data`, if set;
+//! 4. export the update to the stick;
+//! 5. say in plain words what to carry back.
+//!
+//! Each step looks at the state first and skips what is done (the global already held, a local model already
+//! trained from it, an update already exported), and training resumes from its last epoch checkpoint, so after
+//! a power cut the same command continues where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_bundle::{escape, escape_path, short};
+use ferry_cli::{count, outln};
+use ferry_site::{
+    eval_site, site_arch, train_site, EvalTarget, ImportOutcome, ImportPolicy, ImportTrust,
+    SiteState, DEFAULT_MAX_ROUND_JUMP,
+};
+use ferry_train::data::LoadConfig;
+use ferry_train::{device, AdamConfig, EpochStats, TrainConfig, TrainObserver};
+
+use crate::config_cmd::{Effective, SettingFlags};
+
+/// `ferry-client round`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  ferry-client round --state site/                      # everything from site/ferry.toml\n  ferry-client round --state site/ --stick /media/usb --epochs 2\n\nImports the newest global on the stick (saying why it skipped the other files), trains it on the\nlocal data, evaluates it on eval-data if set, exports the update to the stick and says what to\ncarry back. Interrupted (a power cut), run it again: it continues where it stopped."
+)]
+pub struct RoundArgs {
+    /// The site's state directory (made by `ferry-client enroll`).
+    #[arg(long)]
+    pub state: PathBuf,
+    #[command(flatten)]
+    pub flags: SettingFlags,
+    /// Refuse a global more than this many rounds ahead of the one held.
+    #[arg(long, default_value_t = DEFAULT_MAX_ROUND_JUMP)]
+    pub max_round_jump: u64,
+}
+
+/// One line per finished epoch, on stderr.
+struct EpochLines;
+
+impl TrainObserver for EpochLines {
+    fn on_epoch(&mut self, e: &EpochStats) {
+        eprintln!(
+            "  epoch {}: loss {:.3}, train accuracy {:.1}%, {:.0} img/s (checkpoint saved)",
+            e.epoch + 1,
+            e.loss,
+            100.0 * e.accuracy,
+            e.images_per_sec
+        );
+    }
+    fn on_note(&mut self, note: &str) {
+        eprintln!("  {note}");
+    }
+}
+
+/// The revocation lists on the stick (`*.ferry-rev` in its top folder).
+fn stick_lists(stick: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    let entries = std::fs::read_dir(stick)
+        .with_context(|| format!("reading the stick {}", escape_path(stick)))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with('.')
+            && name.ends_with(&format!(".{}", ferry_bundle::revocation::EXTENSION))
+        {
+            v.push(e.path());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+pub fn run_round(a: &RoundArgs) -> Result<()> {
+    let state = SiteState::open(&a.state)?;
+    let eff = Effective::resolve(&state, &a.flags).context("reading the settings")?;
+    let Some(stick) = eff.stick.0.clone() else {
+        anyhow::bail!(
+            "where is the stick? give --stick PATH, or set `stick = \"/media/usb\"` in {}",
+            escape_path(&state.settings_path())
+        );
+    };
+    if !stick.is_dir() {
+        anyhow::bail!(
+            "the stick {} is not mounted (no such folder)",
+            escape_path(&stick)
+        );
+    }
+    let policy = ImportPolicy {
+        max_round_jump: a.max_round_jump,
+        ..ImportPolicy::default()
+    };
+
+    // 1. Import.
+    let keys = match &eff.trust.0 {
+        Some(t) => ferry_cli::load_keyring(t)?,
+        None => ferry_bundle::Keyring::new(),
+    };
+    let mut trust = ImportTrust {
+        keys,
+        ..ImportTrust::default()
+    };
+    // Lists that do not verify for this site (another federation's, damaged) are passed over, not fatal.
+    for p in stick_lists(&stick)? {
+        let one = ferry_cli::read_revocation_files(std::slice::from_ref(&p))?;
+        let mut t = trust.clone();
+        t.revocations.extend(one.clone());
+        match state.prepare_import(&t, &policy) {
+            Ok(_) => trust.revocations.extend(one),
+            Err(e) => eprintln!("note: skipped {}: {e}", escape_path(&p)),
+        }
+    }
+    let prepared = state.prepare_import(&trust, &policy)?;
+    let picked = state.pick_global(&stick, &prepared, &policy)?;
+    for (p, why) in &picked.skipped {
+        eprintln!(
+            "note: skipped {}: {why}",
+            escape(&p.file_name().unwrap_or_default().to_string_lossy())
+        );
+    }
+    let round = picked.bundle.manifest.round;
+    match state.import_new(
+        &picked.bundle,
+        &picked.path.display().to_string(),
+        &policy,
+        &prepared,
+    )? {
+        ImportOutcome::AlreadyCurrent { warnings } => {
+            outln!(
+                "1 import    round {round} is already imported ({})",
+                short(&picked.bundle.hash)
+            );
+            print_warnings(&warnings);
+        }
+        ImportOutcome::Installed { warnings, .. } => {
+            outln!(
+                "1 import    imported round {round} from {} ({})",
+                escape_path(&picked.path),
+                short(&picked.bundle.hash)
+            );
+            print_warnings(&warnings);
+        }
+    }
+
+    // 2. Train (and 3. evaluate) unless the local model of this global exists already.
+    let (global, arch) = site_arch(&state)?;
+    let dev_choice = eff.device.0.clone().unwrap_or_default();
+    let dev = device::select(&dev_choice)?;
+    let load = |spec: &ferry_train::data::DataSpec| {
+        spec.load(&LoadConfig {
+            limit: eff.limit.0,
+            font: None,
+            input: Some(arch.input()),
+            classes: Some(arch.classes()),
+        })
+        .with_context(|| format!("loading {spec}"))
+    };
+    let fresh = state.local()?.filter(|l| l.base_hash == global.hash);
+    let exported = fresh.as_ref().and_then(|l| l.exported.clone());
+    if let Some(l) = &fresh {
+        outln!(
+            "2 train     already trained from round {} ({}, {})",
+            l.round,
+            count(l.samples, "sample"),
+            count(l.epochs.into(), "epoch")
+        );
+    } else {
+        let Some(spec) = eff.data.0.as_ref() else {
+            anyhow::bail!(
+                "what data does this site train on? give --data SPEC, or set `data = \"folder:/data/labels.csv\"` in {}",
+                escape_path(&state.settings_path())
+            );
+        };
+        let data = load(spec)?;
+        for w in eff.warnings(data.len()) {
+            eprintln!("warning: {w}");
+        }
+        let (epochs, lr, warmup, batch, seed) = eff.recipe();
+        let cfg = TrainConfig {
+            epochs,
+            batch,
+            seed,
+            adam: AdamConfig {
+                lr,
+                warmup,
+                ..AdamConfig::default()
+            },
+        };
+        let lock = state.lock()?;
+        let s =
+            train_site(&state, &lock, &data, &cfg, &dev, &mut EpochLines).context("training")?;
+        drop(lock);
+        let resumed = s
+            .resumed_after
+            .map(|e| format!(", resumed after epoch {e}"))
+            .unwrap_or_default();
+        outln!(
+            "2 train     trained {arch} from round {} on {}: {}, {}{resumed}; loss {:.3}",
+            s.base.round,
+            count(s.train.samples as u64, "sample"),
+            count(epochs.into(), "epoch"),
+            count(s.round_steps, "step"),
+            s.train.loss
+        );
+    }
+    match (eff.eval_data.0.as_ref(), &exported) {
+        (Some(spec), None) => {
+            let data = load(spec)?;
+            let (which, e) =
+                eval_site(&state, &data, EvalTarget::Auto, 256, &dev).context("evaluating")?;
+            let chars = e
+                .char_accuracy
+                .map(|c| format!(", {:.1}% of characters", 100.0 * c))
+                .unwrap_or_default();
+            outln!(
+                "3 evaluate  {which} model on {}: {:.1}% correct{chars}",
+                count(e.samples as u64, "sample"),
+                100.0 * e.accuracy
+            );
+        }
+        (Some(_), Some(_)) => outln!("3 evaluate  skipped: the update already left"),
+        (None, _) => {
+            outln!("3 evaluate  skipped: no eval-data set (ferry.toml eval-data, or --eval-data)")
+        }
+    }
+
+    // 4. Export.
+    let cur = state.require_current()?;
+    let (file, bytes, tensors) = match exported {
+        Some(hash) => {
+            let entry = state.last_export(&cur.federation, cur.round)?;
+            // The file the audit log names, or (a crash before the log line) the conventional name.
+            let site = state.pin()?.and_then(|p| p.site).unwrap_or_default();
+            let on_stick = entry
+                .as_ref()
+                .map(|e| PathBuf::from(&e.file))
+                .and_then(|p| p.file_name().map(|n| stick.join(n)))
+                .or_else(|| Some(stick.join(format!("{site}-r{}.ferry", cur.round))))
+                .filter(|p| std::fs::read(p).is_ok_and(|b| ferry_bundle::sha256_hex(&b) == hash));
+            let Some(path) = on_stick else {
+                anyhow::bail!(
+                    "the update of round {} left earlier ({}), but it is not on this stick: carry the stick it went to, or replace it with `ferry-client export --again`",
+                    cur.round,
+                    short(&hash)
+                );
+            };
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let tensors = entry.map(|e| e.tensors.len()).unwrap_or(0);
+            outln!("4 export    already on the stick: {}", escape_path(&path));
+            (path, size, tensors)
+        }
+        None => {
+            let Some(key_path) = eff.key.0.as_ref() else {
+                anyhow::bail!(
+                    "which key signs this site's updates? give --key FILE, or set `key = ...` in {}",
+                    escape_path(&state.settings_path())
+                );
+            };
+            let key = ferry_cli::read_secret_key(key_path)?;
+            let lock = state.lock()?;
+            if state.last_export(&cur.federation, cur.round)?.is_none() {
+                remove_unrecorded_update(&stick, &key, &cur.hash, cur.round)?;
+            }
+            let (path, sealed) = state.export(&lock, &key, &stick, 3, false)?;
+            outln!(
+                "4 export    wrote {} ({})",
+                escape_path(&path),
+                short(&sealed.hash)
+            );
+            (
+                path,
+                sealed.bytes.len() as u64,
+                sealed.manifest.tensors.len(),
+            )
+        }
+    };
+
+    // 5. What to carry.
+    let site = state
+        .pin()?
+        .and_then(|p| p.site)
+        .unwrap_or_else(|| "this site".into());
+    outln!();
+    outln!(
+        "Carry {} ({}) back to HQ on this stick.",
+        escape_path(&file),
+        count(bytes, "byte")
+    );
+    outln!(
+        "It holds the model's weights only ({}), signed by {}: no images, no labels. `ferry-client log --state {}` lists what left.",
+        count(tensors as u64, "tensor"),
+        escape(&site),
+        escape_path(&a.state)
+    );
+    Ok(())
+}
+
+/// A power cut between writing the update to the stick and recording it leaves a file the state does not know:
+/// exporting again would refuse to overwrite it. If that file is this site's own update of the current global
+/// (it verifies under this site's key) and the audit log records no export for the round, it never left this
+/// PC: remove it, and the export writes it again.
+fn remove_unrecorded_update(
+    stick: &Path,
+    key: &ferry_bundle::SecretKey,
+    base: &str,
+    round: u64,
+) -> Result<()> {
+    let path = stick.join(format!("{}-r{round}.ferry", key.id()));
+    if !path.is_file() {
+        return Ok(());
+    }
+    let mut ring = ferry_bundle::Keyring::new();
+    ring.add(key.public())?;
+    if let Ok(b) = ferry_bundle::open_file(&path, &ring) {
+        if b.manifest.base.as_deref() == Some(base) {
+            eprintln!(
+                "note: {} was written by an interrupted run and never recorded; writing it again",
+                escape_path(&path)
+            );
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing {}", escape_path(&path)))?;
+        }
+    }
+    Ok(())
+}
+
+fn print_warnings(w: &[String]) {
+    for w in w {
+        eprintln!("warning: {w}");
+    }
+}
