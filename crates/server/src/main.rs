@@ -9,6 +9,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{escape, escape_path, Draft, Role};
 use ferry_cli::{count, describe, outln, print_json, read_secret_key, read_weights};
 
+mod hq_train;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-server",
@@ -97,7 +99,7 @@ struct SignHqKeysArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
+    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n  # warm start on HQ's own data (docs/merging.md, few trips)\n  ferry-server init --key keys/hq.key --arch mnist-cnn --pretrain idx:/srv/hq-data --pretrain-epochs 2 --federation f --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
     override_usage = "ferry-server init --key <KEY> --federation <FEDERATION> --state <DIR> (--weights <FILE> | --arch <NAME>) [OPTIONS]"
 )]
 struct InitArgs {
@@ -131,6 +133,9 @@ struct InitArgs {
     /// Days until the global expires (signed; sites warn after it). Example: --valid-days 30.
     #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
     valid_days: u64,
+    /// Warm start on HQ's own data (issue 14).
+    #[command(flatten)]
+    pretrain: hq_train::PretrainArgs,
 }
 
 /// Default validity of a global, in days (`ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY`).
@@ -139,7 +144,7 @@ const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
 )]
 struct MergeArgs {
     /// HQ's secret key.
@@ -195,6 +200,9 @@ struct MergeArgs {
     /// Days until the new global expires (signed; sites warn after it). Example: --valid-days 30.
     #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
     valid_days: u64,
+    /// Ensemble distillation on HQ's own data after the merge (issue 14).
+    #[command(flatten)]
+    distill: hq_train::DistillArgs,
     /// Update bundles.
     #[arg(required = true)]
     updates: Vec<PathBuf>,
@@ -255,7 +263,8 @@ fn init(a: &InitArgs) -> Result<()> {
         (Some(w), _) => (read_weights(w)?, None),
         (None, Some(name)) => {
             let arch = ferry_train::Arch::from_name(name)?;
-            let model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
+            let mut model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
+            hq_train::pretrain(&a.pretrain, &mut model)?;
             let payload = ferry_bundle::Payload::from_safetensors(&model.to_safetensors()?)?;
             (payload, Some(arch.name()))
         }
@@ -314,14 +323,27 @@ fn merge(a: &MergeArgs) -> Result<()> {
         level: a.level,
         valid_for: a.valid_days.saturating_mul(DAY),
     };
-    let pb = ferry_cli::spinner(format!(
-        "verifying and merging {}",
-        count(a.updates.len() as u64, "update")
-    ));
-    let result = ferry_merge::hq::merge_round(
-        &a.state, &key, &keyring, &lists, &a.updates, &config, &a.out,
+    let mut refiner = hq_train::refiner(&a.distill);
+    // Distillation prints its own progress lines.
+    let pb = refiner.is_none().then(|| {
+        ferry_cli::spinner(format!(
+            "verifying and merging {}",
+            count(a.updates.len() as u64, "update")
+        ))
+    });
+    let result = ferry_merge::hq::merge_round_refined(
+        &a.state,
+        &key,
+        &keyring,
+        &lists,
+        &a.updates,
+        &config,
+        &a.out,
+        refiner.as_mut(),
     );
-    pb.finish_and_clear();
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
     let out = result?;
     if a.json {
         return print_json(&serde_json::json!({

@@ -13,6 +13,7 @@ mod cpu;
 #[cfg_attr(not(test), allow(dead_code))]
 mod ctc;
 pub mod data;
+pub mod distill;
 pub mod device;
 pub mod error;
 mod linear;
