@@ -150,7 +150,7 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
 
     // 2. Train (and 3. evaluate) unless the local model of this global exists already.
     let (global, arch) = site_arch(&state)?;
-    let dev_choice = eff.device.0.clone().unwrap_or_default();
+    let dev_choice = eff.device.0.unwrap_or_default();
     let dev = device::select(&dev_choice)?;
     let load = |spec: &ferry_train::data::DataSpec| {
         spec.load(&LoadConfig {

@@ -818,6 +818,8 @@ pub fn republish(
         }),
         created,
         expires: Some(created.saturating_add(valid_for)),
+        // A republished global goes out in the clear (not yet encrypted to the sites: issue 15 §5 left open).
+        encrypt_to: Vec::new(),
     };
     let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
     fsutil::ensure_dir(&dir.join("globals"))?;
