@@ -906,7 +906,6 @@ mod tests {
             ("ok.png,cat\n", 1),
             ("ok.png,1\nok.png,12가3456\n", 2),
             ("ok.png,12가3456\nok.png,7\n", 2),
-            ("ok.png,1\n\nok.png,999999999\n", 3),
         ];
         for (text, line) in cases {
             let e = err_of(text);
