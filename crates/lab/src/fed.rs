@@ -124,6 +124,12 @@ impl Federation {
     /// Make keys for HQ and `site_ids` in `root/keys/`, then have HQ write round 0 (`arch` initialised from
     /// `seed`) into `root/usb/`. Refuses a `root` that already holds a federation.
     pub fn create(root: &Path, arch: Arch, seed: u64, site_ids: &[String]) -> Result<Federation> {
+        Federation::create_from(root, Model::init(arch, seed, &Device::Cpu)?, site_ids)
+    }
+
+    /// [`Federation::create`] with HQ's round 0 given (a warm start trained on HQ's own data, issue 14).
+    pub fn create_from(root: &Path, model: Model, site_ids: &[String]) -> Result<Federation> {
+        let arch = model.arch();
         if root.join("hq").exists() {
             bail!(
                 "{} already holds a federation; choose a new folder",
@@ -150,7 +156,6 @@ impl Federation {
                 state,
             });
         }
-        let model = Model::init(arch, seed, &Device::Cpu)?;
         let payload = Payload::from_safetensors(&model.to_safetensors()?)?;
         let hq_dir = root.join("hq");
         let usb = root.join("usb");
@@ -276,6 +281,88 @@ impl Federation {
         Ok(out)
     }
 
+    /// [`Federation::merge`] with a step HQ runs on the merged model before sealing it (issue 14: distillation
+    /// on HQ's own data), as `ferry-server merge --distill` does.
+    pub fn merge_refined(
+        &mut self,
+        updates: &[PathBuf],
+        cfg: &RoundConfig,
+        refiner: &mut hq::Refiner<'_>,
+    ) -> Result<RoundOutcome> {
+        let out = hq::merge_round_with(
+            &self.hq_dir,
+            &self.hq_key,
+            &self.hq_trust,
+            &[],
+            updates,
+            cfg,
+            &self.usb,
+            Some(refiner),
+            None,
+        )
+        .context("HQ merge")?;
+        self.global = out.path.clone();
+        self.round = out.sealed.manifest.round;
+        Ok(out)
+    }
+
+    /// A copy of the whole federation (keys, HQ's ledger, every site's state, the stick) in `root`, to try
+    /// another HQ step on the same updates (issue 14). The copy reads its keys back from `root/keys/`; its
+    /// crossings so far are the original's, with paths moved to the copy's stick.
+    pub fn fork(&self, root: &Path) -> Result<Federation> {
+        if root.exists() {
+            bail!("{} exists; choose a new folder", root.display());
+        }
+        copy_dir(&self.root, root)?;
+        let moved = |p: &Path| -> PathBuf {
+            p.strip_prefix(&self.root)
+                .map_or_else(|_| p.to_path_buf(), |rel| root.join(rel))
+        };
+        let keys = root.join("keys");
+        let sites = self
+            .sites
+            .iter()
+            .map(|s| {
+                Ok(Site {
+                    id: s.id.clone(),
+                    key: SecretKey::read(&keys.join(format!("{}.key", s.id)))?,
+                    state: SiteState::at(&root.join("sites").join(&s.id)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Federation {
+            root: root.to_path_buf(),
+            usb: moved(&self.usb),
+            arch: self.arch,
+            hq_dir: moved(&self.hq_dir),
+            hq_key: SecretKey::read(&keys.join("hq.key"))?,
+            hq_trust: self.hq_trust.clone(),
+            site_trust: self.site_trust.clone(),
+            sites,
+            crossings: self
+                .crossings
+                .iter()
+                .map(|c| Crossing {
+                    path: moved(&c.path),
+                    ..c.clone()
+                })
+                .collect(),
+            global: moved(&self.global),
+            round: self.round,
+        })
+    }
+
+    /// Verify update `path` (on this federation's stick) against the sites' keys and load its model.
+    pub fn update_model(&self, path: &Path) -> Result<Model> {
+        let bundle = open_file(path, &self.hq_trust)
+            .with_context(|| format!("verifying {}", path.display()))?;
+        Ok(Model::from_safetensors(
+            self.arch,
+            bundle.payload(),
+            &Device::Cpu,
+        )?)
+    }
+
     /// Verify the newest global against HQ's key and load it.
     pub fn global_model(&self) -> Result<Model> {
         let bundle = open_file(&self.global, &self.site_trust)
@@ -303,4 +390,20 @@ impl Federation {
     pub fn bytes_carried(&self) -> u64 {
         self.crossings.iter().map(|c| c.bytes).sum()
     }
+}
+
+/// Copy a directory tree (regular files and folders; the lab's federations hold nothing else).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
 }

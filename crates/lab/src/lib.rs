@@ -16,3 +16,4 @@ pub mod progress;
 pub mod report;
 pub mod seed_table;
 pub mod split;
+pub mod trips;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_lab::{bench, bench_io, demo, fedavg, gallery, seed_table, split::SplitKind};
+use ferry_lab::{bench, bench_io, demo, fedavg, gallery, seed_table, split::SplitKind, trips};
 use ferry_merge::{Strategy, Weighting};
 use ferry_train::data::DataSpec;
 use ferry_train::Arch;
@@ -41,7 +41,7 @@ enum Command {
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
     #[command(
-        after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5"
+        after_help = "Examples (the FedAvg paper's MNIST CNN setting on Fashion-MNIST):\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split iid --rounds 20 --local-epochs 5 --batch 10\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split shards --rounds 50 --local-epochs 5 --batch 10 --target 0.85\n  # issue 14: one and two trips against FedAvg (docs/experiments.md)\n  ferry-lab fedavg --data idx:/usr/share/datasets/fashion-mnist --sites 10 --split dirichlet:0.5 --rounds 8 --few-trips\n  ferry-lab fedavg --data plates:mixed:4000:1 --sites 2 --split by-style --rounds 5"
     )]
     Fedavg(FedAvgArgs),
     /// A PNG of generated plates, loose crops (site A) above tight crops (site B): what the demo trains on.
@@ -187,6 +187,38 @@ struct FedAvgArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     train: TrainFlags,
+    #[command(flatten)]
+    few: FewTripsArgs,
+}
+
+/// Issue 14: the one- and two-trip rows against FedAvg for 1..--rounds trips.
+#[derive(Debug, Args)]
+struct FewTripsArgs {
+    /// Run the few-trips table (best-site, ensemble, one-shot-*, two-trip-*, fedavg-1..R) instead of one
+    /// FedAvg run. IDX data only: HQ's data is the end of the training file (--hq-samples), which no site holds.
+    #[arg(long)]
+    few_trips: bool,
+    /// Images at the end of the training file that belong to HQ (4/5 to distil and pretrain on, 1/5 to tune on).
+    #[arg(long, value_name = "N", default_value_t = trips::TripsConfig::default().hq_samples, requires = "few_trips")]
+    hq_samples: usize,
+    /// HQ's distillation epochs.
+    #[arg(long, value_name = "N", default_value_t = trips::TripsConfig::default().distill_epochs, requires = "few_trips")]
+    distill_epochs: u32,
+    /// HQ's distillation learning rate.
+    #[arg(long, value_name = "LR", default_value_t = trips::TripsConfig::default().distill_lr, requires = "few_trips")]
+    distill_lr: f64,
+    /// HQ's pretraining epochs for the warm-start rows (0: none).
+    #[arg(long, value_name = "N", default_value_t = trips::TripsConfig::default().pretrain_epochs, requires = "few_trips")]
+    pretrain_epochs: u32,
+    /// FedAvgM server learning rates tried in round 2, chosen on HQ's tuning slice.
+    #[arg(
+        long,
+        value_name = "LR,LR,..",
+        value_delimiter = ',',
+        default_value = "1,1.5,2",
+        requires = "few_trips"
+    )]
+    server_lrs: Vec<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -359,6 +391,23 @@ fn run(cli: Cli) -> Result<()> {
                 test_limit: a.test_limit,
                 seed: a.train.seed,
             };
+            if a.few.few_trips {
+                let t = trips::TripsConfig {
+                    hq_samples: a.few.hq_samples,
+                    distill_epochs: a.few.distill_epochs,
+                    distill_lr: a.few.distill_lr,
+                    pretrain_epochs: a.few.pretrain_epochs,
+                    server_lrs: a.few.server_lrs,
+                };
+                let rows = trips::run(&cfg, &t)?;
+                if let Some(p) = &a.json {
+                    write_json(
+                        p,
+                        &serde_json::json!({ "config": cfg, "few_trips": t, "rows": rows }),
+                    )?;
+                }
+                return Ok(());
+            }
             let r = fedavg::run(&cfg)?;
             if let Some(p) = &a.json {
                 write_json(p, &fedavg::json(&cfg, &r))?;

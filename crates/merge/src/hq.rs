@@ -86,6 +86,15 @@ pub enum HqError {
         /// What is wrong.
         why: String,
     },
+    /// The step HQ runs on the merged model before sealing it ([`Refiner`]: distillation, recalibration)
+    /// failed or returned a different model.
+    #[error("after the merge, {what}: {why}; nothing written, the ledger is unchanged")]
+    Refine {
+        /// The step (its description).
+        what: String,
+        /// Why.
+        why: String,
+    },
     /// The quality gate could not evaluate a global (issue 16).
     #[error("the quality gate could not evaluate {what}: {why}; nothing written, the ledger is unchanged")]
     Eval {
@@ -179,6 +188,98 @@ impl Default for RoundConfig {
             encrypt_to: Vec::new(),
         }
     }
+}
+
+/// A step HQ runs on the merged model before it is sealed (issue 14): ensemble distillation or BatchNorm
+/// re-estimation on HQ's own data. ferry-merge knows no ML, so the step is a callback that the caller
+/// (`ferry-server merge --distill`, `ferry-lab`) builds from `ferry-train`. It gets the architecture the base
+/// global names, the merged model and every verified update, each as plain safetensors bytes in memory, and
+/// returns the refined model, which must have exactly the merged model's tensors (names, dtypes, shapes) and
+/// finite values. Its description is appended to the strategy the global and the ledger record.
+pub struct Refiner<'a> {
+    /// What the step does, e.g. `distill epochs=2 lr=0.0005 data=idx:/data:test`.
+    pub describe: String,
+    /// The step: `(arch, merged, updates) -> refined`, or a one-line error.
+    #[allow(clippy::type_complexity)]
+    pub run: Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String> + 'a>,
+}
+
+impl std::fmt::Debug for Refiner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refiner")
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tensors of `layout`, read from `source`, as a safetensors file in memory.
+fn safetensors_of(
+    layout: &[TensorMeta],
+    source: &mut dyn crate::TensorSource,
+) -> Result<Vec<u8>, MergeError> {
+    let mut owned = Vec::with_capacity(layout.len());
+    for meta in layout {
+        owned.push((meta.name.as_str(), source.read(&meta.name)?));
+    }
+    encode_safetensors(&owned)
+}
+
+fn encode_safetensors(tensors: &[(&str, crate::OwnedTensor)]) -> Result<Vec<u8>, MergeError> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
+            .map_err(|e| MergeError::BadLayout(format!("{name}: {e}")))?;
+        views.push((*name, view));
+    }
+    safetensors::serialize(views, None).map_err(|e| MergeError::BadLayout(e.to_string()))
+}
+
+/// Run `refiner` on the merged tensors and return the refined ones in `layout` order, checked.
+fn refine(
+    refiner: &mut Refiner<'_>,
+    arch: Option<&str>,
+    layout: &[TensorMeta],
+    merged: Vec<(TensorMeta, Vec<u8>)>,
+    updates: &[Vec<u8>],
+) -> Result<Vec<Vec<u8>>, HqError> {
+    let bad = |why: String| HqError::Refine {
+        what: refiner.describe.clone(),
+        why,
+    };
+    let owned: Vec<(&str, crate::OwnedTensor)> = merged
+        .iter()
+        .map(|(m, d)| {
+            (
+                m.name.as_str(),
+                crate::OwnedTensor {
+                    dtype: m.dtype,
+                    shape: m.shape.clone(),
+                    data: d.clone(),
+                },
+            )
+        })
+        .collect();
+    let merged_bytes = encode_safetensors(&owned)?;
+    drop(owned);
+    let refined = (refiner.run)(arch, &merged_bytes, updates).map_err(&bad)?;
+    let payload = Payload::from_safetensors(&refined).map_err(|e| bad(e.to_string()))?;
+    if payload.metas() != layout {
+        return Err(bad(
+            "the refined model's tensors differ from the merged model's".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(layout.len());
+    for t in payload.tensors() {
+        let float = matches!(
+            t.dtype,
+            crate::Dtype::F64 | crate::Dtype::F32 | crate::Dtype::F16 | crate::Dtype::BF16
+        );
+        if float && !crate::tensor::for_each_f64(t.dtype, t.data, |_, x| x.is_finite()) {
+            return Err(bad(format!("tensor {} is not finite", t.name)));
+        }
+        out.push(t.data.to_vec());
+    }
+    Ok(out)
 }
 
 /// What a round produced.
@@ -469,7 +570,17 @@ pub fn merge_round(
     config: &RoundConfig,
     out: &Path,
 ) -> Result<RoundOutcome, HqError> {
-    merge_round_gated(dir, key, keyring, revocations, files, config, None, out)
+    merge_round_with(
+        dir,
+        key,
+        keyring,
+        revocations,
+        files,
+        config,
+        out,
+        None,
+        None,
+    )
 }
 
 /// The quality gate of `ferry-server merge --require-eval` (issue 16): before anything is stored, the merged
@@ -536,18 +647,22 @@ fn run_gate(
     Ok((before, after))
 }
 
-/// [`merge_round`] with an optional quality gate ([`EvalGate`]), run after the next global is sealed and
-/// before anything is stored: a refusal leaves the state and the ledger as they were.
+/// [`merge_round`] with HQ's optional steps. `refiner` runs on the merged model before it is sealed (issue 14:
+/// distillation or recalibration at HQ); without one the global streams to the bundle as the merge computes it,
+/// with one the merged model and the updates are held in memory (fine for the models ferry trains). `gate`
+/// ([`EvalGate`]) runs after the next global is sealed and before anything is stored: a refusal leaves the state
+/// and the ledger as they were.
 #[allow(clippy::too_many_arguments)]
-pub fn merge_round_gated(
+pub fn merge_round_with(
     dir: &Path,
     key: &SecretKey,
     keyring: &Keyring,
     revocations: &[(String, Vec<u8>)],
     files: &[PathBuf],
     config: &RoundConfig,
-    gate: Option<&mut EvalGate<'_>>,
     out: &Path,
+    mut refiner: Option<&mut Refiner<'_>>,
+    gate: Option<&mut EvalGate<'_>>,
 ) -> Result<RoundOutcome, HqError> {
     if key.role() != ferry_bundle::Role::Hq {
         return Err(HqError::NotHqKey(key.id().to_string()));
@@ -640,6 +755,10 @@ pub fn merge_round_gated(
     contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
     let all_lists: Vec<Verified> = stored_lists.into_iter().chain(new_lists.clone()).collect();
     let created = ferry_bundle::unix_now();
+    let describe = match &refiner {
+        Some(r) => format!("{} then {}", config.merge.describe(), r.describe),
+        None => config.merge.describe(),
+    };
     let draft = Draft {
         kind: BundleKind::Global,
         federation: base.manifest.federation.clone(),
@@ -648,7 +767,7 @@ pub fn merge_round_gated(
         base: Some(current.hash.clone()),
         site: None,
         contributors: contributors.clone(),
-        strategy: Some(config.merge.describe()),
+        strategy: Some(describe.clone()),
         revocations: revocation::newest(&all_lists).map(|v| RevocationRef {
             serial: v.list.serial,
             sha256: v.sha256.clone(),
@@ -670,6 +789,7 @@ pub fn merge_round_gated(
             source: s,
         })
         .collect();
+    let mut held: Vec<(TensorMeta, Vec<u8>)> = Vec::new();
     let report = merge_streaming(
         &layout,
         &mut base_source,
@@ -677,12 +797,32 @@ pub fn merge_round_gated(
         &config.merge,
         &mut server,
         |meta, data| {
+            if refiner.is_some() {
+                match held.last_mut() {
+                    Some((m, d)) if m.name == meta.name => d.extend_from_slice(&data),
+                    _ => held.push((meta.clone(), data)),
+                }
+                return Ok(());
+            }
             writer.write(data).map_err(|e| MergeError::Output {
                 tensor: meta.name.clone(),
                 reason: e.to_string(),
             })
         },
     )?;
+    if let Some(r) = refiner.as_deref_mut() {
+        let mut updates = Vec::with_capacity(contributions.len());
+        for c in contributions.iter_mut() {
+            updates.push(safetensors_of(&layout, &mut *c.source)?);
+        }
+        let refined = refine(r, base.manifest.arch.as_deref(), &layout, held, &updates)?;
+        for (meta, data) in layout.iter().zip(refined) {
+            writer.write(data).map_err(|e| MergeError::Output {
+                tensor: meta.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
     drop(contributions);
     drop(sources);
     drop(base_source);
@@ -721,12 +861,7 @@ pub fn merge_round_gated(
             &server.to_bytes(&sealed.hash)?,
         )?;
     }
-    let round = ledger.record_round_with(
-        &sealed.hash,
-        &config.merge.describe(),
-        &contributors,
-        extras,
-    )?;
+    let round = ledger.record_round_with(&sealed.hash, &describe, &contributors, extras)?;
     drop(spool);
     let path = sealed
         .write_to_dir(out)

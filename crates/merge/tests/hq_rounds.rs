@@ -838,3 +838,113 @@ fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
         ferry_bundle::OpenError::Encrypted(_)
     ));
 }
+
+/// Issue 14: a refiner (what `ferry-server merge --distill` hands the merge) sees the merged model and every
+/// update, its output is what HQ signs and records (with its description), and a refiner that fails, changes
+/// the layout or returns a non-finite value refuses the round with nothing written.
+#[test]
+fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
+    let fed = Fed::new();
+    let g0 = fed.start();
+    let a = fed.site_round(0, &g0, &Model::at(1.0), 100);
+    let b = fed.site_round(1, &g0, &Model::at(3.0), 100);
+    let files = vec![a, b];
+    let cfg = RoundConfig::default();
+
+    // Failing, layout-changing and non-finite refiners: refused, nothing changes.
+    let refuse =
+        |run: Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String>>| {
+            let before = fed.snapshot();
+            let mut r = hq::Refiner {
+                describe: "test-step".into(),
+                run,
+            };
+            let err = hq::merge_round_with(
+                &fed.state,
+                &fed.hq,
+                &fed.ring,
+                &[],
+                &files,
+                &cfg,
+                &fed.out,
+                Some(&mut r),
+                None,
+            )
+            .unwrap_err();
+            assert!(matches!(err, HqError::Refine { .. }), "{err}");
+            assert!(err.to_string().contains("test-step"), "{err}");
+            assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+            err
+        };
+    refuse(Box::new(|_, _, _| Err("out of HQ data".into())));
+    // Another layout: only the conv weights.
+    let e = refuse(Box::new(|_, _, _| {
+        let conv = bytes_f32(&Model::at(2.0).conv);
+        Ok(Payload::from_tensors(&[TensorRef {
+            name: "conv1.weight",
+            dtype: Dtype::F32,
+            shape: &[2, 3],
+            data: &conv,
+        }])
+        .unwrap()
+        .bytes()
+        .to_vec())
+    }));
+    assert!(e.to_string().contains("differ"), "{e}");
+    // Not a safetensors file at all.
+    refuse(Box::new(|_, _, _| {
+        let mut p = Model::at(2.0).payload().bytes().to_vec();
+        p.truncate(p.len() - 4);
+        Ok(p)
+    }));
+    // A NaN in the conv weights: patched into the bytes, since ferry's own payload builder refuses one.
+    let mut nan_bytes = Model::at(2.0).payload().bytes().to_vec();
+    let data_start = 8 + u64::from_le_bytes(nan_bytes[..8].try_into().unwrap()) as usize;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&nan_bytes).unwrap();
+    let at = data_start + meta.info("conv1.weight").unwrap().data_offsets.0;
+    nan_bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = refuse(Box::new(move |_, _, _| Ok(nan_bytes.clone())));
+    assert!(e.to_string().contains("NaN or infinity"), "{e}");
+
+    // A refiner that checks its inputs and returns the merge plus 1 on the conv weights.
+    let mut seen = Vec::new();
+    let mut r = hq::Refiner {
+        describe: "plus-one".into(),
+        run: Box::new(|arch, merged, updates| {
+            assert_eq!(arch, None);
+            let m = read_tensors(merged);
+            seen.push(f32s(&m["conv1.weight"].1));
+            for u in updates {
+                seen.push(f32s(&read_tensors(u)["conv1.weight"].1));
+            }
+            let mut out = Model::at(2.0);
+            out.conv = f32s(&m["conv1.weight"].1).iter().map(|x| x + 1.0).collect();
+            Ok(out.payload().bytes().to_vec())
+        }),
+    };
+    let out = hq::merge_round_with(
+        &fed.state,
+        &fed.hq,
+        &fed.ring,
+        &[],
+        &files,
+        &cfg,
+        &fed.out,
+        Some(&mut r),
+        None,
+    )
+    .unwrap();
+    drop(r);
+    // The merge of x=1 and x=3 (equal samples) is x=2; the updates come in bundle-hash order.
+    assert_eq!(seen[0], Model::at(2.0).conv);
+    let mut ups = vec![seen[1].clone(), seen[2].clone()];
+    ups.sort_by(|x, y| x[0].total_cmp(&y[0]));
+    assert_eq!(ups, vec![Model::at(1.0).conv, Model::at(3.0).conv]);
+    let g1 = ferry_bundle::open_file(&out.path, &fed.hq_ring).unwrap();
+    let conv = f32s(&read_tensors(g1.payload())["conv1.weight"].1);
+    let want: Vec<f32> = Model::at(2.0).conv.iter().map(|x| x + 1.0).collect();
+    assert_eq!(conv, want);
+    let strategy = g1.manifest.strategy.clone().unwrap();
+    assert!(strategy.ends_with("then plus-one"), "{strategy}");
+    assert_eq!(hq::status(&fed.state).unwrap().round, 1);
+}

@@ -117,15 +117,16 @@ impl Fed {
         files: &[PathBuf],
         gate: Option<&mut EvalGate<'_>>,
     ) -> Result<hq::RoundOutcome, HqError> {
-        hq::merge_round_gated(
+        hq::merge_round_with(
             &self.state,
             &self.hq,
             &self.ring,
             &[],
             files,
             &RoundConfig::default(),
-            gate,
             &self.out,
+            None,
+            gate,
         )
     }
 

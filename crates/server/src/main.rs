@@ -13,6 +13,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_bundle::{escape, escape_path, Draft, Role};
 use ferry_cli::{count, describe, outln, print_json, read_secret_key, read_weights};
 
+mod hq_train;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-server",
@@ -118,7 +120,7 @@ struct SignHqKeysArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
+    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n  # warm start on HQ's own data (docs/merging.md, few trips)\n  ferry-server init --key keys/hq.key --arch mnist-cnn --pretrain idx:/srv/hq-data --pretrain-epochs 2 --federation f --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
     override_usage = "ferry-server init --key <KEY> --federation <FEDERATION> --state <DIR> (--weights <FILE> | --arch <NAME>) [OPTIONS]"
 )]
 struct InitArgs {
@@ -156,6 +158,9 @@ struct InitArgs {
     /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
     #[arg(long, value_name = "PUB")]
     encrypt_to: Vec<PathBuf>,
+    /// Warm start on HQ's own data (issue 14).
+    #[command(flatten)]
+    pretrain: hq_train::PretrainArgs,
 }
 
 /// Default validity of a global, in days (`ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY`).
@@ -164,7 +169,7 @@ const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
 )]
 struct MergeArgs {
     /// HQ's secret key.
@@ -231,6 +236,9 @@ struct MergeArgs {
     /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
     #[arg(long, value_name = "PUB")]
     encrypt_to: Vec<PathBuf>,
+    /// Ensemble distillation on HQ's own data after the merge (issue 14).
+    #[command(flatten)]
+    distill: hq_train::DistillArgs,
     /// Update bundles.
     #[arg(required = true)]
     updates: Vec<PathBuf>,
@@ -294,7 +302,8 @@ fn init(a: &InitArgs) -> Result<()> {
         (Some(w), _) => (read_weights(w)?, None),
         (None, Some(name)) => {
             let arch = ferry_train::Arch::from_name(name)?;
-            let model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
+            let mut model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
+            hq_train::pretrain(&a.pretrain, &mut model)?;
             let payload = ferry_bundle::Payload::from_safetensors(&model.to_safetensors()?)?;
             (payload, Some(arch.name()))
         }
@@ -366,21 +375,28 @@ fn merge(a: &MergeArgs) -> Result<()> {
         min_accuracy: a.min_accuracy,
         evaluate: &mut evaluate,
     });
-    let pb = ferry_cli::spinner(format!(
-        "verifying and merging {}",
-        count(a.updates.len() as u64, "update")
-    ));
-    let result = ferry_merge::hq::merge_round_gated(
+    let mut refiner = hq_train::refiner(&a.distill);
+    // Distillation prints its own progress lines.
+    let pb = refiner.is_none().then(|| {
+        ferry_cli::spinner(format!(
+            "verifying and merging {}",
+            count(a.updates.len() as u64, "update")
+        ))
+    });
+    let result = ferry_merge::hq::merge_round_with(
         &a.state,
         &key,
         &keyring,
         &lists,
         &a.updates,
         &config,
-        gate.as_mut(),
         &a.out,
+        refiner.as_mut(),
+        gate.as_mut(),
     );
-    pb.finish_and_clear();
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
     let out = result?;
     if a.json {
         return print_json(&serde_json::json!({

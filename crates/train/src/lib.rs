@@ -14,6 +14,7 @@ mod cpu;
 mod ctc;
 pub mod data;
 pub mod device;
+pub mod distill;
 pub mod error;
 mod linear;
 #[allow(unsafe_code)]
