@@ -396,15 +396,15 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         );
     }
 
-    // FedAvg trips needed to match each row.
+    for c in &curve {
+        push(&mut rows, c.clone());
+    }
+    // FedAvg trips needed to match each row (FedAvg's own rows included).
     for r in rows.iter_mut() {
         r.fedavg_trips_to_match = curve
             .iter()
             .find(|c| c.accuracy >= r.accuracy)
             .map(|c| c.round_trips);
-    }
-    for c in &curve {
-        push(&mut rows, c.clone());
     }
     write_outputs(cfg, t, &rows, &curve)?;
     Ok(rows)

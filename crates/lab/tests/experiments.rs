@@ -295,3 +295,110 @@ fn fedavg_through_the_binary_beats_a_site_alone() {
         "federated {fed_acc} vs sites alone {alone:?}"
     );
 }
+
+/// `ferry-lab fedavg --few-trips` through the binary (issue 14): every row is there with its trips, the bytes
+/// carried follow the trips, HQ's tuning choices are recorded, the FedAvg rows are the curve every row is
+/// matched against, and the outputs (table, csv, json, plot) are written.
+#[test]
+fn few_trips_rows_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx = fake_fashion(tmp.path());
+    let out = tmp.path().join("trips");
+    let json = tmp.path().join("trips.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["fedavg", "--data"])
+        .arg(format!("idx:{}", idx.display()))
+        .args(["--sites", "2", "--split", "dirichlet:0.5", "--rounds", "2"])
+        .args(["--local-epochs", "1", "--batch", "16", "--seed", "3"])
+        .args([
+            "--few-trips",
+            "--hq-samples",
+            "100",
+            "--distill-epochs",
+            "1",
+        ])
+        .args(["--pretrain-epochs", "1", "--server-lrs", "1,2", "--out"])
+        .arg(&out)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // HQ's data is named exactly: the last 100 training images, which no site holds.
+    assert!(
+        stdout.contains("training-file images 500..580")
+            && stdout.contains("sites split images 0..500"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no row {name}: {rows:?}"))
+    };
+    let trips = |name: &str| row(name)["round_trips"].as_u64().unwrap();
+    let bytes = |name: &str| row(name)["bytes_carried"].as_u64().unwrap();
+    for (name, t) in [
+        ("best-site", 1),
+        ("ensemble", 1),
+        ("one-shot-avg", 1),
+        ("one-shot-distill", 1),
+        ("two-trip-distill", 2),
+        ("two-trip-fedavgm", 2),
+        ("hq-pretrained", 0),
+        ("one-shot-pretrain", 1),
+        ("one-shot-pretrain-distill", 1),
+        ("two-trip-pretrain", 2),
+        ("two-trip-pretrain-distill", 2),
+        ("fedavg-2", 2),
+    ] {
+        assert_eq!(trips(name), t, "{name}");
+        let acc = row(name)["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{name}: {acc}");
+    }
+    // Bytes carried: the one-trip rows carry the same files; a second trip carries about as much again (the
+    // same tensors, compressed: the sizes differ by what zstd finds).
+    let one = bytes("one-shot-avg");
+    assert!(one > 0);
+    assert_eq!(bytes("one-shot-distill"), one);
+    for two in [
+        "two-trip-distill",
+        "fedavg-2",
+        "two-trip-fedavgm",
+        "two-trip-pretrain",
+    ] {
+        let ratio = bytes(two) as f64 / one as f64;
+        assert!((1.9..2.1).contains(&ratio), "{two}: {ratio}");
+    }
+    assert_eq!(bytes("hq-pretrained"), 0);
+    // HQ's choice of the FedAvgM server lr is recorded with the row.
+    let note = row("two-trip-fedavgm")["note"].as_str().unwrap();
+    assert!(note.contains("server lr"), "{note}");
+    // A row matched by FedAvg names the first FedAvg trip count reaching it: one-shot-avg is fedavg-1 itself.
+    assert_eq!(row("one-shot-avg")["fedavg_trips_to_match"], 1);
+    let curve = [
+        row("one-shot-avg")["accuracy"].as_f64().unwrap(),
+        row("fedavg-2")["accuracy"].as_f64().unwrap(),
+    ];
+    for r in rows {
+        let acc = r["accuracy"].as_f64().unwrap();
+        match r["fedavg_trips_to_match"].as_u64() {
+            Some(k) => {
+                assert!(curve[k as usize - 1] >= acc, "{r}");
+                assert!(curve[..k as usize - 1].iter().all(|&c| c < acc), "{r}");
+            }
+            None => assert!(curve.iter().all(|&c| c < acc), "{r}"),
+        }
+    }
+    // The distilled and recalibrated globals say so in HQ's ledger.
+    let ledger = |branch: &str| {
+        std::fs::read_to_string(out.join(branch).join("hq").join("ledger.json")).unwrap()
+    };
+    assert!(ledger("distill").contains("then distill"));
+    assert!(!ledger("fedavg").contains("then "));
+    for f in ["trips.md", "trips.csv", "trips.json", "trips.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+}

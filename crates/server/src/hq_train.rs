@@ -91,16 +91,14 @@ pub fn refiner(a: &DistillArgs) -> Option<ferry_merge::hq::Refiner<'static>> {
                     format!("recalibration needs a global that names an architecture ferry trains ({e})")
                 })?;
                 let data = load(&spec, None, arch).map_err(|e| format!("{e:#}"))?;
-                let mut model =
-                    ferry_train::Model::from_safetensors(arch, merged, &ferry_train::Device::Cpu)
+                let (bytes, r) =
+                    ferry_train::train::recalibrate_safetensors(arch, merged, &data, 256)
                         .map_err(|e| e.to_string())?;
-                let r =
-                    ferry_train::recalibrate(&mut model, &data, 256).map_err(|e| e.to_string())?;
                 eprintln!(
                     "re-estimated the BatchNorm statistics on {} HQ images ({} batches)",
                     r.samples, r.batches
                 );
-                model.to_safetensors().map_err(|e| e.to_string())
+                Ok(bytes)
             }),
         });
     }

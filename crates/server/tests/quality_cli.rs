@@ -400,3 +400,132 @@ fn eval_gate_diff_republish_and_report() {
         assert!(page.contains(png));
     }
 }
+
+/// Tensors of a bundle, by name.
+fn tensors_of(path: &Path, ring: &Keyring) -> BTreeMap<String, Vec<u8>> {
+    let b = ferry_bundle::open_file(path, ring).unwrap();
+    b.tensors()
+        .map(|t| (t.name.to_string(), t.data.to_vec()))
+        .collect()
+}
+
+/// HQ's own training steps through the binary (issue 14): `init --pretrain` trains round 0 on HQ's data,
+/// `merge --distill` and `merge --recalibrate` change the merged model before it is signed and say so in
+/// the strategy, and unreadable HQ data refuses the round in one line with nothing written.
+#[test]
+fn hq_pretrain_distill_and_recalibrate_through_the_binary() {
+    let h = Hq::start();
+    let g0 = h.out.join("global-r0.ferry");
+    const HQ_DATA: &str = "plates:loose:32:11";
+
+    // init --pretrain: the same seed, trained on HQ's data, is another round 0.
+    let pre_state = h.dir.join("hq-pre");
+    let pre_out = h.dir.join("bundles-pre");
+    let text = success(&server(&[
+        "init",
+        "--key",
+        h.key().to_str().unwrap(),
+        "--arch",
+        "plate-ctc",
+        "--seed",
+        "3",
+        "--federation",
+        "city",
+        "--state",
+        pre_state.to_str().unwrap(),
+        "--out",
+        pre_out.to_str().unwrap(),
+        "--pretrain",
+        HQ_DATA,
+        "--pretrain-epochs",
+        "1",
+        "--pretrain-batch",
+        "16",
+    ]));
+    assert!(text.contains("global-r0.ferry"), "{text}");
+    let plain = tensors_of(&g0, &h.hq_ring);
+    let pretrained = tensors_of(&pre_out.join("global-r0.ferry"), &h.hq_ring);
+    assert_eq!(
+        plain.keys().collect::<Vec<_>>(),
+        pretrained.keys().collect::<Vec<_>>()
+    );
+    assert_ne!(plain["fc1.weight"], pretrained["fc1.weight"]);
+    // Unloadable pretraining data: one line, no state, no bundle.
+    let bad_state = h.dir.join("hq-bad");
+    let e = refusal(&server(&[
+        "init",
+        "--key",
+        h.key().to_str().unwrap(),
+        "--arch",
+        "plate-ctc",
+        "--federation",
+        "city",
+        "--state",
+        bad_state.to_str().unwrap(),
+        "--out",
+        h.dir.join("bundles-bad").to_str().unwrap(),
+        "--pretrain",
+        "folder:/nonexistent/labels.csv",
+    ]));
+    assert!(e.contains("labels.csv"), "{e}");
+    assert!(!bad_state.exists() && !h.dir.join("bundles-bad").exists());
+
+    // merge --distill with unreadable data: refused, nothing written.
+    let u = h.update(&g0, 1.05);
+    let before = h.snapshot();
+    let e = refusal(&h.merge(&u, &["--distill", "folder:/nonexistent/labels.csv"]));
+    assert!(
+        e.contains("after the merge") && e.contains("labels.csv"),
+        "{e}"
+    );
+    assert!(e.contains("nothing written"), "{e}");
+    assert_eq!(h.snapshot(), before);
+
+    // merge --distill: the signed global is the distilled model, not the plain merge (which is the update).
+    let text = success(&h.merge(&u, &["--distill", HQ_DATA, "--distill-epochs", "1"]));
+    assert!(text.contains("global-r1.ferry"), "{text}");
+    let g1 = h.out.join("global-r1.ferry");
+    let b1 = ferry_bundle::open_file(&g1, &h.hq_ring).unwrap();
+    let strategy = b1.manifest.strategy.clone().unwrap();
+    assert!(strategy.contains("then distill"), "{strategy}");
+    assert!(strategy.contains(HQ_DATA), "{strategy}");
+    let merged = tensors_of(&u, &h.hq_ring_with_site());
+    let distilled = tensors_of(&g1, &h.hq_ring);
+    assert_ne!(merged["fc1.weight"], distilled["fc1.weight"]);
+
+    // merge --recalibrate: only the BatchNorm statistics move; the weights are the plain merge's.
+    let u2 = h.update(&g1, 1.0);
+    success(&h.merge(&u2, &["--recalibrate", HQ_DATA]));
+    let g2 = h.out.join("global-r2.ferry");
+    let b2 = ferry_bundle::open_file(&g2, &h.hq_ring).unwrap();
+    assert!(b2
+        .manifest
+        .strategy
+        .clone()
+        .unwrap()
+        .contains("then recalibrate"));
+    let recal = tensors_of(&g2, &h.hq_ring);
+    let update = tensors_of(&u2, &h.hq_ring_with_site());
+    let mut stats_moved = 0;
+    for (name, data) in &recal {
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            stats_moved += usize::from(*data != update[name]);
+        } else if !name.ends_with("num_batches_tracked") {
+            assert_eq!(*data, update[name], "{name} changed");
+        }
+    }
+    assert!(stats_moved > 0, "no BatchNorm statistic was re-estimated");
+    // --distill and --recalibrate together are refused by the argument parser.
+    let o = h.merge(&u2, &["--distill", HQ_DATA, "--recalibrate", HQ_DATA]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
+
+impl Hq {
+    /// HQ's ring plus site-a's key, to read site-a's updates.
+    fn hq_ring_with_site(&self) -> Keyring {
+        let mut ring = self.hq_ring.clone();
+        ring.add(SecretKey::from_seed(Role::Site, "site-a", [2; 32]).public())
+            .unwrap();
+        ring
+    }
+}

@@ -527,6 +527,19 @@ pub fn recalibrate(
     })
 }
 
+/// [`recalibrate`] on a model given as safetensors bytes (what HQ's `merge --recalibrate` and the lab's
+/// `*-recal` rows run on a merged global), returning the recalibrated model's bytes.
+pub fn recalibrate_safetensors(
+    arch: crate::Arch,
+    weights: &[u8],
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<(Vec<u8>, Recalibration), TrainError> {
+    let mut model = Model::from_safetensors(arch, weights, &crate::Device::Cpu)?;
+    let r = recalibrate(&mut model, data, batch_size)?;
+    Ok((model.to_safetensors()?, r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
