@@ -200,9 +200,12 @@ pub struct Refiner<'a> {
     /// What the step does, e.g. `distill epochs=2 lr=0.0005 data=idx:/data:test`.
     pub describe: String,
     /// The step: `(arch, merged, updates) -> refined`, or a one-line error.
-    #[allow(clippy::type_complexity)]
-    pub run: Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String> + 'a>,
+    pub run: RefineFn<'a>,
 }
+
+/// The function of a [`Refiner`]: `(arch, merged, updates) -> refined`, or a one-line error.
+pub type RefineFn<'a> =
+    Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String> + 'a>;
 
 impl std::fmt::Debug for Refiner<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -661,7 +664,7 @@ pub fn merge_round_with(
     files: &[PathBuf],
     config: &RoundConfig,
     out: &Path,
-    mut refiner: Option<&mut Refiner<'_>>,
+    refiner: Option<&mut Refiner<'_>>,
     gate: Option<&mut EvalGate<'_>>,
 ) -> Result<RoundOutcome, HqError> {
     if key.role() != ferry_bundle::Role::Hq {
@@ -810,7 +813,7 @@ pub fn merge_round_with(
             })
         },
     )?;
-    if let Some(r) = refiner.as_deref_mut() {
+    if let Some(r) = refiner {
         let mut updates = Vec::with_capacity(contributions.len());
         for c in contributions.iter_mut() {
             updates.push(safetensors_of(&layout, &mut *c.source)?);

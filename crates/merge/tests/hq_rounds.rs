@@ -852,30 +852,29 @@ fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
     let cfg = RoundConfig::default();
 
     // Failing, layout-changing and non-finite refiners: refused, nothing changes.
-    let refuse =
-        |run: Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String>>| {
-            let before = fed.snapshot();
-            let mut r = hq::Refiner {
-                describe: "test-step".into(),
-                run,
-            };
-            let err = hq::merge_round_with(
-                &fed.state,
-                &fed.hq,
-                &fed.ring,
-                &[],
-                &files,
-                &cfg,
-                &fed.out,
-                Some(&mut r),
-                None,
-            )
-            .unwrap_err();
-            assert!(matches!(err, HqError::Refine { .. }), "{err}");
-            assert!(err.to_string().contains("test-step"), "{err}");
-            assert_eq!(fed.snapshot(), before, "state changed after: {err}");
-            err
+    let refuse = |run: hq::RefineFn<'static>| {
+        let before = fed.snapshot();
+        let mut r = hq::Refiner {
+            describe: "test-step".into(),
+            run,
         };
+        let err = hq::merge_round_with(
+            &fed.state,
+            &fed.hq,
+            &fed.ring,
+            &[],
+            &files,
+            &cfg,
+            &fed.out,
+            Some(&mut r),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, HqError::Refine { .. }), "{err}");
+        assert!(err.to_string().contains("test-step"), "{err}");
+        assert_eq!(fed.snapshot(), before, "state changed after: {err}");
+        err
+    };
     refuse(Box::new(|_, _, _| Err("out of HQ data".into())));
     // Another layout: only the conv weights.
     let e = refuse(Box::new(|_, _, _| {
