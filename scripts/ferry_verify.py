@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Independent reader for ferry bundles (formats 1 and 2), written from docs/bundle-format.md alone.
+"""Independent reader for ferry bundles (formats 1, 2 and 3), written from docs/bundle-format.md alone.
 
     python3 scripts/ferry_verify.py --trust keys/hq.pub FILE [--out model.safetensors]
+    python3 scripts/ferry_verify.py --trust keys/hq.pub --identity site-a.age FILE   # format 3 (encrypted)
 
 Verifies everything the specification says a reader must (header, trusted key by key id, strict Ed25519
 signature, manifest, signer and role rules, compressed length and hash, single zstd frame of the declared size,
 capped decompression, decompressed hash, canonical safetensors header, per-tensor hashes, fingerprint), prints
-a summary of the manifest, and optionally writes the verified safetensors payload.
+a summary of the manifest, and optionally writes the verified safetensors payload. A format-3 bundle's payload
+is an age file (spec §6a): its signature and ciphertext hash are checked first, then it is decrypted with the age
+identity file `ferry-client age-identity` writes (--identity), and the plaintext must match its signed hash
+before it is decompressed.
 
 Exit status: 0 verified, 1 refused, 2 usage or environment error (missing Python modules, unreadable key).
 
-Needs: pip install cryptography zstandard
+Needs: pip install cryptography zstandard (and pyrage, for format 3 only)
 
 Signatures: `cryptography` (OpenSSL) checks S < L and compares R byte for byte, but does not reject small-order
 points; this script adds that check in pure Python, so it matches the strict semantics of the Rust reader
@@ -25,13 +29,16 @@ import stat
 import sys
 import unicodedata
 
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+ENCRYPTED_FORMAT_VERSION = 3
+ENCRYPTION_SCHEME = "age-x25519"
+MAX_RECIPIENTS = 1024
 SKIPPABLE_MAGIC = 0x184D2A5E
 HEADER_MAGIC = b"FERRYBDL"
 ZSTD_MAGIC = 0xFD2FB528
 # Each format version signs under its own domain (spec §3, §11).
-SIGNATURE_DOMAINS = {1: b"ferry-bundle-v1\x00", 2: b"ferry-bundle-v2\x00"}
+SIGNATURE_DOMAINS = {1: b"ferry-bundle-v1\x00", 2: b"ferry-bundle-v2\x00", 3: b"ferry-bundle-v3\x00"}
 KEY_ID_DOMAIN = b"ferry-key-id-v1\x00"
 FIXED = 8 + 2 + 2 + 8 + 4  # header-frame content before the manifest
 SIG_LEN = 64
@@ -332,6 +339,8 @@ def check_manifest_types(m, version):
     optional = ["arch", "base", "site", "strategy"]
     if version >= 2:
         optional += ["revocations", "expires"]
+    if version >= ENCRYPTED_FORMAT_VERSION:
+        optional += ["encryption"]
     _check_object(m, "manifest",
                   ["format", "kind", "federation", "model_fingerprint", "round", "contributors", "payload",
                    "tensors", "signer", "created"],
@@ -346,6 +355,23 @@ def check_manifest_types(m, version):
     else:
         m["revocations"] = None
         m["expires"] = None
+    if version < ENCRYPTED_FORMAT_VERSION:
+        m["encryption"] = None
+    elif m["encryption"] is not None:
+        e = m["encryption"]
+        _check_object(e, "encryption", ["scheme", "recipients", "len", "sha256"])
+        _str(e["scheme"], "encryption.scheme")
+        if not isinstance(e["recipients"], list):
+            raise Refused("signed manifest is invalid: encryption.recipients is not an array")
+        for r in e["recipients"]:
+            _check_object(r, "recipient", ["role", "id", "key_id", "recipient"])
+            if r["role"] not in ("hq", "site", "root"):
+                raise Refused("signed manifest is invalid: a recipient's role is not \"hq\", \"site\" or \"root\"")
+            _str(r["id"], "recipient id")
+            _str(r["key_id"], "recipient key_id")
+            _str(r["recipient"], "recipient")
+        _int(e["len"], "encryption.len")
+        _str(e["sha256"], "encryption.sha256")
     _int(m["format"], "format", U32_MAX)
     if m["kind"] not in ("update", "global"):
         raise Refused("signed manifest is invalid: kind is not \"update\" or \"global\"")
@@ -417,6 +443,13 @@ def validate_manifest(m):
 
     if m["format"] not in READ_VERSIONS:
         bad(f"manifest format {m['format']} (this reader reads {list(READ_VERSIONS)})")
+    encrypted = m["format"] >= ENCRYPTED_FORMAT_VERSION
+    if encrypted and m["encryption"] is None:
+        bad("a format-3 manifest must describe its encryption")
+    if not encrypted and m["encryption"] is not None:
+        bad("only a format-3 manifest may describe an encryption")
+    if encrypted:
+        validate_encryption(m["encryption"], bad)
     if m["revocations"] is not None and not is_hash(m["revocations"]["sha256"]):
         bad("revocations.sha256 is not a lower-case SHA-256 hex string")
     if not valid_id(m["federation"]):
@@ -473,6 +506,109 @@ def validate_manifest(m):
             bad(f"tensor {show(t['name'])!r}: sha256 is not a SHA-256 hex string")
     if fingerprint(m["tensors"]) != m["model_fingerprint"]:
         bad("model_fingerprint does not match the tensor list")
+
+
+def _pyrage():
+    try:
+        import pyrage
+        import pyrage.x25519
+    except ImportError as e:
+        raise EnvError(f"{e}: reading format 3 (encrypted payloads) needs `pip install pyrage`")
+    return pyrage
+
+
+def validate_encryption(e, bad):
+    """Rule 1a (spec §4.3)."""
+    if e["scheme"] != ENCRYPTION_SCHEME:
+        bad(f"encryption scheme {show(e['scheme'])!r} is not supported")
+    if not (1 <= len(e["recipients"]) <= MAX_RECIPIENTS):
+        bad(f"an encrypted payload names 1 to {MAX_RECIPIENTS} recipients")
+    if not is_hash(e["sha256"]):
+        bad("encryption.sha256 is not a lower-case SHA-256 hex string")
+    x25519 = _pyrage().x25519
+    seen = set()
+    for r in e["recipients"]:
+        if not valid_id(r["id"]):
+            bad("recipient id is not a valid id")
+        if len(r["key_id"]) != 16 or any(c not in "0123456789abcdef" for c in r["key_id"]):
+            bad("a recipient's key_id is not 16 lower-case hex digits")
+        try:
+            ok = str(x25519.Recipient.from_str(r["recipient"])) == r["recipient"]
+        except Exception:  # pyrage.RecipientError, and anything else it raises on malformed text
+            ok = False
+        if not ok:
+            bad(f"recipient {show(r['recipient'])!r} is not an age X25519 recipient")
+        if r["recipient"] in seen:
+            bad("a recipient is listed twice")
+        seen.add(r["recipient"])
+
+
+def describe_recipients(e):
+    return ", ".join(f"{show(r['id'])} {show(r['recipient'])}" for r in e["recipients"])
+
+
+def load_identities(paths):
+    """Age X25519 identities from identity files (`ferry-client age-identity` writes one): (identity, recipient)."""
+    if not paths:
+        return []
+    x25519 = _pyrage().x25519
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_KEY_FILE + 1)
+        except OSError as e:
+            raise EnvError(f"{path}: {e.strerror}")
+        if len(data) > MAX_KEY_FILE:
+            raise EnvError(f"{path}: larger than {MAX_KEY_FILE} bytes, not an age identity file")
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise EnvError(f"{path}: not an age identity file: not UTF-8 text")
+        found = 0
+        for line in lines:
+            line = line.strip(WHITESPACE)
+            if not line or line.startswith("#"):
+                continue
+            try:
+                ident = x25519.Identity.from_str(line)
+            except Exception:
+                raise EnvError(f"{path}: not an age identity file: a line is not an AGE-SECRET-KEY-1 identity")
+            out.append((ident, str(ident.to_public())))
+            found += 1
+        if not found:
+            raise EnvError(f"{path}: no age identity (AGE-SECRET-KEY-1...) in it")
+    return out
+
+
+def decrypt_payload(m, region, identities):
+    """Steps 9 (format 3), 9a-9c: the age file's signed length and hash, then decryption with an identity the
+    manifest names, then the plaintext's signed length and hash. Returns the zstd frame."""
+    e = m["encryption"]
+    p = m["payload"]
+    if len(region) != e["len"]:
+        raise Refused(f"payload is {len(region)} bytes but the manifest signed {e['len']}: "
+                      "the file is truncated or has extra bytes")
+    if sha256_hex(region) != e["sha256"]:
+        raise Refused("payload does not match its signed hash: the file was altered or damaged")
+    to = describe_recipients(e)
+    if not identities:
+        raise Refused(f"payload is encrypted to {to}; pass --identity with one of their secret keys to read it")
+    listed = {r["recipient"] for r in e["recipients"]}
+    usable = [i for i, rcpt in identities if rcpt in listed]
+    if not usable:
+        yours = ", ".join(rcpt for _, rcpt in identities)
+        raise Refused(f"payload is encrypted to {to}, not to your identity ({yours}); "
+                      "pass --identity with one of their secret keys")
+    pyrage = _pyrage()
+    try:
+        frame = pyrage.decrypt(bytes(region), usable)
+    except pyrage.DecryptError as err:
+        raise Refused(f"payload does not decrypt with your identity ({show(str(err))}), "
+                      "although the signed manifest names it")
+    if len(frame) != p["compressed_len"] or sha256_hex(frame) != p["compressed_sha256"]:
+        raise Refused("decrypted payload does not match its signed hash")
+    return frame
 
 
 def check_signer_and_role(m, key, key_id_hex):
@@ -539,7 +675,7 @@ def canonical_header(tensors):
 # --------------------------------------------------------------------------------------------------------------
 # The whole check (spec §5).
 
-def verify(data, ring, max_payload=MAX_PAYLOAD_BYTES):
+def verify(data, ring, max_payload=MAX_PAYLOAD_BYTES, identities=()):
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -589,8 +725,10 @@ def verify(data, ring, max_payload=MAX_PAYLOAD_BYTES):
                       f"version {version}")
     check_signer_and_role(m, key, kid.hex())
 
-    # 9: compressed length and hash.
+    # 9: compressed length and hash; in format 3 the ciphertext's, then 9a-9c (decrypt, plaintext hash).
     p = m["payload"]
+    if m["encryption"] is not None:
+        payload = decrypt_payload(m, payload, identities)
     if len(payload) != p["compressed_len"]:
         raise Refused(f"payload is {len(payload)} bytes but the manifest signed {p['compressed_len']}: "
                       "the file is truncated or has extra bytes")
@@ -659,6 +797,9 @@ def summary(m, file_hash, path):
         lines.append(f"  revocations list {m['revocations']['serial']} (sha256 {m['revocations']['sha256']})")
     if m.get("expires") is not None:
         lines.append(f"  expires     {m['expires']} (unix seconds)")
+    if m.get("encryption"):
+        lines.append(f"  encrypted   age to {describe_recipients(m['encryption'])} "
+                     f"({m['encryption']['len']} bytes, sha256 {m['encryption']['sha256']})")
     for c in m["contributors"]:
         lines.append(f"  contributor {c['site']} {c['samples']} samples, bundle {c['bundle']}")
     lines.append(f"  signer      {m['signer']['role']} {m['signer']['id']} [{m['signer']['key_id']}]")
@@ -673,9 +814,9 @@ def summary(m, file_hash, path):
     return "\n".join(lines)
 
 
-def write_new(path, data):
+def write_new(path, data, mode=0o644):
     """Write a new file, never replacing an existing one (or following a symlink there)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -691,16 +832,20 @@ def write_new(path, data):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description="Verify a ferry bundle (format 1) independently of the Rust tools.",
+        description="Verify a ferry bundle (formats 1, 2 and 3) independently of the Rust tools.",
         epilog="Exit status: 0 verified, 1 refused, 2 usage or environment error.")
     ap.add_argument("--trust", action="append", required=True,
                     help="a trusted .pub file or a directory of them (repeatable)")
+    ap.add_argument("--identity", action="append", default=[],
+                    help="an age identity file (`ferry-client age-identity` writes one) to decrypt a format-3 "
+                         "payload (repeatable)")
     ap.add_argument("--out", help="write the verified safetensors payload here (must not exist)")
     ap.add_argument("--json", action="store_true", help="print the verified manifest as JSON")
     ap.add_argument("file", help="the .ferry bundle")
     a = ap.parse_args(argv)
     try:
         ring = load_trust(a.trust)
+        identities = load_identities(a.identity)
         try:
             st = os.stat(a.file)
         except OSError as e:
@@ -713,10 +858,11 @@ def main(argv=None):
             data = f.read(MAX_BUNDLE_BYTES + 1)
         if len(data) > MAX_BUNDLE_BYTES:
             raise Refused(f"{a.file} grew past the {MAX_BUNDLE_BYTES}-byte limit")
-        m, payload, file_hash = verify(data, ring)
+        m, payload, file_hash = verify(data, ring, identities=identities)
         if a.out:
             try:
-                write_new(a.out, payload)
+                # Weights that travelled encrypted stay private on disk (spec §6a).
+                write_new(a.out, payload, 0o600 if m["encryption"] else 0o644)
             except FileExistsError:
                 raise EnvError(f"{a.out} already exists; refusing to overwrite it")
             except OSError as e:

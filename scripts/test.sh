@@ -8,7 +8,8 @@
 # What it sets up, each kept between runs and skipped when already there:
 #   .venv/                  a Python virtualenv with scripts/test-requirements.txt from PyPI (the interop test);
 #   target/test-data/       Debian packages the tests read, unpacked with `dpkg -x` (so a file keeps its path):
-#                           dataset-fashion-mnist, fonts-nanum, fonts-dejavu-core, and zstd for its CLI.
+#                           dataset-fashion-mnist, fonts-nanum, fonts-dejavu-core, zstd for its CLI, and age
+#                           (the standard age CLI, 1.1.1 in Debian) to decrypt an encrypted bundle's payload.
 #                           They are fetched with `apt-get download` and a private package list, so no root is
 #                           needed; a file already installed system-wide (under /usr/share, /usr/bin) is not fetched.
 # The tests find these through crates/testdata (FERRY_TEST_DATA, FERRY_PYTHON override the places) and fail, never
@@ -28,7 +29,7 @@ reqs=$root/scripts/test-requirements.txt
 setup_python() {
     local py=$venv/bin/python3 stamp=$venv/.ferry-requirements
     if [[ -x $py ]] && cmp -s "$reqs" "$stamp" \
-        && "$py" -c 'import numpy, safetensors.torch, cryptography, zstandard, torch' 2>/dev/null; then
+        && "$py" -c 'import numpy, safetensors.torch, cryptography, zstandard, pyrage, torch' 2>/dev/null; then
         return
     fi
     command -v python3 >/dev/null || die "python3 not found: install Python 3 (3.10 or newer)"
@@ -48,6 +49,7 @@ packages=(
     "fonts-nanum usr/share/fonts/truetype/nanum/NanumGothicBold.ttf"
     "fonts-dejavu-core usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     "zstd usr/bin/zstd"
+    "age usr/bin/age"
 )
 
 setup_debian() {

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_bundle::manifest::{Manifest, Signer};
+use ferry_bundle::manifest::{EncryptedTo, Encryption, Manifest, Signer};
 use ferry_bundle::{
     assemble, assemble_version, compress, seal, sha256_hex, BundleKind, Contributor, Draft, Dtype,
     Payload, Role, SecretKey, SiteInfo, TensorRef,
@@ -40,7 +40,8 @@ const KEYS: &[(&str, Role, &str, u8)] = &[
     ("rogue-root", Role::Root, "root", 6),
 ];
 
-fn key(stem: &str) -> SecretKey {
+/// A kit key's secret half (the test adds it as a decryption identity for `id=<stem>` in the trust column).
+pub fn key(stem: &str) -> SecretKey {
     let (_, role, id, seed) = KEYS
         .iter()
         .find(|k| k.0 == stem)
@@ -440,6 +441,7 @@ pub fn build() -> Kit {
     key_lists(&mut kit);
     versions(&mut kit, &g0, &upd, &g1);
     escapes(&mut kit, m0, &hq, &compressed, p.bytes());
+    encrypted(&mut kit, &upd);
     kit
 }
 
@@ -2726,4 +2728,466 @@ fn main() -> std::io::Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+// ---- encrypted (format 3, issue 15 §5) ----
+//
+// The age crate draws its file key, ephemeral keys and nonce from the operating system, so `seal` cannot make a
+// committed vector twice. The encrypted vectors are therefore written by an age v1 writer of the generator's own
+// (https://age-encryption.org/v1: X25519 stanzas, header MAC, STREAM), from the spec and with fixed "random"
+// bytes from the SplitMix64: deterministic like the rest of the kit, and a second implementation of age that the
+// reader (the age crate) must agree with. Fixed randomness is what a test vector needs and what no real
+// encryption may ever use.
+
+/// HMAC-SHA-256 (RFC 2104).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&outer.finalize());
+    out
+}
+
+/// HKDF-SHA-256 (RFC 5869) with 32 bytes of output.
+fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
+    let prk = hmac_sha256(salt, ikm);
+    let mut t = info.to_vec();
+    t.push(1);
+    hmac_sha256(&prk, &t)
+}
+
+/// Base64, standard alphabet, no padding (age's encoding).
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let byte = |i: usize| u32::from(*c.get(i).unwrap_or(&0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..=c.len() {
+            s.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+        }
+    }
+    s
+}
+
+fn chacha(key: &[u8; 32], nonce: &[u8; 12], plain: &[u8]) -> Vec<u8> {
+    use chacha20poly1305::aead::{Aead, KeyInit};
+    chacha20poly1305::ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key))
+        .encrypt(chacha20poly1305::Nonce::from_slice(nonce), plain)
+        .expect("ChaCha20-Poly1305 encrypts any length the kit uses")
+}
+
+/// What to break in an age file the kit writes (the ciphertext hash is then signed over the broken file).
+#[derive(Default, Clone, Copy)]
+struct AgeFault {
+    /// A header MAC that is not the file key's.
+    mac: bool,
+    /// One flipped bit in the first STREAM chunk's ciphertext.
+    stream: bool,
+}
+
+/// An age v1 file of `plain` to the X25519 `recipients` (u-coordinates), randomness from `rng`.
+fn age_file(plain: &[u8], recipients: &[[u8; 32]], rng: &mut Rng, fault: AgeFault) -> Vec<u8> {
+    use curve25519_dalek::montgomery::MontgomeryPoint;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n.div_ceil(8))
+            .flat_map(|_| rng.next().to_le_bytes())
+            .take(n)
+            .collect()
+    };
+    let file_key = random(16);
+    let mut header = String::from("age-encryption.org/v1\n");
+    for r in recipients {
+        let e: [u8; 32] = random(32).try_into().expect("32 bytes");
+        let share = MontgomeryPoint::mul_base_clamped(e).to_bytes();
+        let shared = MontgomeryPoint(*r).mul_clamped(e).to_bytes();
+        let salt = [share, *r].concat();
+        let wrap = hkdf_sha256(&shared, &salt, b"age-encryption.org/v1/X25519");
+        let body = chacha(&wrap, &[0; 12], &file_key);
+        header.push_str(&format!("-> X25519 {}\n{}\n", b64(&share), b64(&body)));
+    }
+    header.push_str("---");
+    let mut mac = hmac_sha256(&hkdf_sha256(&file_key, &[], b"header"), header.as_bytes());
+    if fault.mac {
+        mac[0] ^= 1;
+    }
+    let mut out = format!("{header} {}\n", b64(&mac)).into_bytes();
+    let nonce = random(16);
+    out.extend_from_slice(&nonce);
+    let key = hkdf_sha256(&file_key, &nonce, b"payload");
+    let chunks: Vec<&[u8]> = if plain.is_empty() {
+        vec![&[]]
+    } else {
+        plain.chunks(64 << 10).collect()
+    };
+    for (i, c) in chunks.iter().enumerate() {
+        let mut n = [0u8; 12];
+        n[3..11].copy_from_slice(&(i as u64).to_be_bytes());
+        n[11] = u8::from(i + 1 == chunks.len());
+        let mut sealed = chacha(&key, &n, c);
+        if fault.stream && i == 0 {
+            sealed[0] ^= 1;
+        }
+        out.extend_from_slice(&sealed);
+    }
+    out
+}
+
+/// The X25519 u-coordinate of a kit key (its age recipient, `docs/bundle-format.md` §8.8).
+fn x25519_of(stem: &str) -> [u8; 32] {
+    key(stem)
+        .public()
+        .verifying_key()
+        .to_montgomery()
+        .to_bytes()
+}
+
+/// How `manifest`'s signer encrypts its payload: to `named` (in the manifest) with an age file to `actual`.
+struct Sealing<'a> {
+    named: &'a [&'a str],
+    actual: &'a [&'a str],
+    fault: AgeFault,
+    seed: u64,
+}
+
+/// A format-3 bundle signed by `k`: `m` (payload fields pointed at `plain`/`frame`), encrypted to `s.named` in
+/// the manifest and to `s.actual` in the age file, whose plaintext is `encrypted` (normally `frame`).
+fn encrypted_bundle(
+    m: &Manifest,
+    k: &SecretKey,
+    plain: &[u8],
+    frame: &[u8],
+    encrypted: &[u8],
+    s: &Sealing<'_>,
+) -> Vec<u8> {
+    let actual: Vec<[u8; 32]> = s.actual.iter().map(|stem| x25519_of(stem)).collect();
+    let region = age_file(encrypted, &actual, &mut Rng(s.seed), s.fault);
+    let mut m = m.clone();
+    describe(&mut m, plain, frame);
+    m.format = 3;
+    m.encryption = Some(Encryption {
+        scheme: "age-x25519".into(),
+        recipients: s
+            .named
+            .iter()
+            .map(|stem| {
+                let p = key(stem).public();
+                EncryptedTo {
+                    role: p.role,
+                    id: p.id.clone(),
+                    key_id: p.key_id_hex(),
+                    recipient: p.recipient_text(),
+                }
+            })
+            .collect(),
+        len: region.len() as u64,
+        sha256: sha256_hex(&region),
+    });
+    assemble_version(3, &json(&m), k, &region)
+}
+
+/// Flip one bit of `bytes` at `at`.
+fn flipped(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at] ^= 1;
+    b
+}
+
+fn encrypted(kit: &mut Kit, upd: &ferry_bundle::Sealed) {
+    const WITH_HQ: &str = "hq+site-a+site-b+id=hq";
+    let site_a = key("site-a");
+    let hq = key("hq");
+    let model = Model::new(0.25).payload();
+    let frame = compress(model.bytes(), LEVEL).expect("compress");
+    let honest = Sealing {
+        named: &["hq"],
+        actual: &["hq"],
+        fault: AgeFault::default(),
+        seed: 0xA9E,
+    };
+    let u = encrypted_bundle(
+        &upd.manifest,
+        &site_a,
+        model.bytes(),
+        &frame,
+        &frame,
+        &honest,
+    );
+    let start = 8 + u32::from_le_bytes(u[4..8].try_into().expect("4 bytes")) as usize;
+    kit.bundle(
+        "encrypted-valid-update-to-hq",
+        u.clone(),
+        WITH_HQ,
+        &ok(model.bytes()),
+        "ok",
+        "site-a's update encrypted to HQ (format 3), read with HQ's identity",
+    );
+    kit.bundle(
+        "encrypted-update-no-identity",
+        u.clone(),
+        STD,
+        "Encrypted",
+        "ok",
+        "the same update read without any identity: refused before the payload, naming the recipients",
+    );
+    kit.bundle(
+        "encrypted-update-wrong-identity",
+        u.clone(),
+        "hq+site-a+site-b+id=site-b",
+        "NotARecipient",
+        "ok",
+        "the same update read with site-b's identity, which it is not encrypted to",
+    );
+    kit.bundle(
+        "encrypted-update-version-relabelled-2",
+        {
+            let mut b = u.clone();
+            b[16] = 2;
+            b
+        },
+        WITH_HQ,
+        "BadSignature",
+        "ok-manifest-invalid",
+        "header version 3 → 2: the v2 signature domain does not verify (and a format-2 manifest has no encryption)",
+    );
+    for (what, at, expect) in [
+        ("age-header", start + 30, "PayloadHash"),
+        ("stream", start + (u.len() - start) * 3 / 4, "PayloadHash"),
+        ("last-tag", u.len() - 1, "PayloadHash"),
+    ] {
+        kit.bundle(
+            &format!("encrypted-ciphertext-flipped-{what}"),
+            flipped(&u, at),
+            WITH_HQ,
+            expect,
+            "ok",
+            &format!(
+                "one bit of the age file flipped ({what}): refused by the signed ciphertext hash, before age sees it"
+            ),
+        );
+    }
+    kit.bundle(
+        "encrypted-ciphertext-truncated",
+        u[..u.len() - 1].to_vec(),
+        WITH_HQ,
+        "PayloadLength",
+        "ok",
+        "the age file's last byte cut off",
+    );
+    kit.bundle(
+        "encrypted-ciphertext-extra-byte",
+        [u.as_slice(), &[0]].concat(),
+        WITH_HQ,
+        "PayloadLength",
+        "ok",
+        "one byte after the age file",
+    );
+    let text = String::from_utf8_lossy(&u[32..start - 64]).to_string();
+    let in_list = 32 + text.find("\"recipient\":\"age1").expect("recipient") + 20;
+    kit.bundle(
+        "encrypted-recipient-list-edited",
+        flipped(&u, in_list),
+        WITH_HQ,
+        "BadSignature",
+        "ok-manifest-invalid",
+        "one character of the signed recipient list changed after signing",
+    );
+    kit.bundle(
+        "encrypted-to-another-key-than-named",
+        encrypted_bundle(
+            &upd.manifest,
+            &site_a,
+            model.bytes(),
+            &frame,
+            &frame,
+            &Sealing {
+                actual: &["site-c"],
+                ..honest
+            },
+        ),
+        WITH_HQ,
+        "Decrypt",
+        "ok",
+        "validly signed, names HQ, but the age file is encrypted to site-c: HQ's identity does not decrypt it",
+    );
+    let other = compress(Model::new(0.75).payload().bytes(), LEVEL).expect("compress");
+    kit.bundle(
+        "encrypted-plaintext-not-the-signed-frame",
+        encrypted_bundle(
+            &upd.manifest,
+            &site_a,
+            model.bytes(),
+            &frame,
+            &other,
+            &honest,
+        ),
+        WITH_HQ,
+        "DecryptedHash",
+        "ok",
+        "validly signed, the age file decrypts, but to another zstd frame than payload.compressed_sha256 names",
+    );
+    for (what, fault) in [
+        (
+            "header-mac-wrong",
+            AgeFault {
+                mac: true,
+                ..AgeFault::default()
+            },
+        ),
+        (
+            "stream-chunk-forged",
+            AgeFault {
+                stream: true,
+                ..AgeFault::default()
+            },
+        ),
+    ] {
+        kit.bundle(
+            &format!("encrypted-{what}"),
+            encrypted_bundle(
+                &upd.manifest,
+                &site_a,
+                model.bytes(),
+                &frame,
+                &frame,
+                &Sealing { fault, ..honest },
+            ),
+            WITH_HQ,
+            "Decrypt",
+            "ok",
+            &format!("validly signed over an age file whose {what}: age refuses it"),
+        );
+    }
+
+    // A global to two sites and HQ, more than one 64 KiB STREAM chunk, read by site-b.
+    let mut rng = Rng(0x5EED);
+    let noise: Vec<u8> = (0..20_000)
+        .flat_map(|_| ((rng.next() >> 40) as f32 / 1e6).to_le_bytes())
+        .collect();
+    let big = Payload::from_tensors(&[TensorRef {
+        name: "fc.weight",
+        dtype: Dtype::F32,
+        shape: &[100, 200],
+        data: &noise,
+    }])
+    .expect("payload");
+    let big_frame = compress(big.bytes(), LEVEL).expect("compress");
+    assert!(big_frame.len() > 64 << 10, "two STREAM chunks");
+    let g = seal(draft_global(0, None, vec![]), &big, &hq, LEVEL).expect("global");
+    kit.bundle(
+        "encrypted-valid-global-to-two-sites",
+        encrypted_bundle(
+            &g.manifest,
+            &hq,
+            big.bytes(),
+            &big_frame,
+            &big_frame,
+            &Sealing {
+                named: &["site-a", "site-b", "hq"],
+                actual: &["site-a", "site-b", "hq"],
+                fault: AgeFault::default(),
+                seed: 0x61,
+            },
+        ),
+        "hq+id=site-b",
+        &ok(big.bytes()),
+        "ok",
+        "a global encrypted to site-a, site-b and HQ (two STREAM chunks), read with site-b's identity",
+    );
+
+    // Manifests that break rule 1a, validly signed over an honest age file.
+    let manifest_case = |named: Vec<EncryptedTo>, scheme: &str, format: u32| {
+        let region = age_file(&frame, &[x25519_of("hq")], &mut Rng(7), AgeFault::default());
+        let mut m = upd.manifest.clone();
+        describe(&mut m, model.bytes(), &frame);
+        m.format = format;
+        m.encryption = Some(Encryption {
+            scheme: scheme.into(),
+            recipients: named,
+            len: region.len() as u64,
+            sha256: sha256_hex(&region),
+        });
+        assemble_version(format as u16, &json(&m), &site_a, &region)
+    };
+    let to = |stem: &str| {
+        let p = key(stem).public();
+        EncryptedTo {
+            role: p.role,
+            id: p.id.clone(),
+            key_id: p.key_id_hex(),
+            recipient: p.recipient_text(),
+        }
+    };
+    let upper = EncryptedTo {
+        recipient: to("hq").recipient.to_uppercase(),
+        ..to("hq")
+    };
+    for (what, named, scheme, format, comment) in [
+        (
+            "no-recipients",
+            vec![],
+            "age-x25519",
+            3,
+            "an encryption naming no recipient",
+        ),
+        (
+            "recipient-twice",
+            vec![to("hq"), to("hq")],
+            "age-x25519",
+            3,
+            "HQ listed twice",
+        ),
+        (
+            "recipient-upper-case",
+            vec![upper],
+            "age-x25519",
+            3,
+            "a recipient in upper case (age writes lower case)",
+        ),
+        (
+            "scheme-escape",
+            vec![to("hq")],
+            "age\u{1b}[31m-x25519",
+            3,
+            "an unknown scheme holding an escape sequence (the message must escape it)",
+        ),
+        (
+            "format-2-with-encryption",
+            vec![to("hq")],
+            "age-x25519",
+            2,
+            "a format-2 bundle (v2 domain) whose manifest holds encryption, an unknown field there",
+        ),
+    ] {
+        kit.bundle(
+            &format!("encrypted-manifest-{what}"),
+            manifest_case(named, scheme, format),
+            "hq+site-a+site-b+id=hq",
+            "InvalidManifest",
+            "ok-manifest-invalid",
+            comment,
+        );
+    }
+    let mut m = upd.manifest.clone();
+    describe(&mut m, model.bytes(), &frame);
+    m.format = 3;
+    kit.bundle(
+        "encrypted-manifest-format-3-without-encryption",
+        assemble_version(3, &json(&m), &site_a, &frame),
+        STD,
+        "InvalidManifest",
+        "ok-manifest-invalid",
+        "a format-3 bundle over a clear payload whose manifest describes no encryption",
+    );
 }

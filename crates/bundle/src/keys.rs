@@ -238,6 +238,37 @@ impl PublicKey {
         age_bech32(AGE_RECIPIENT_HRP, self.key.to_montgomery().as_bytes())
     }
 
+    /// The key an age recipient was derived from ([`PublicKey::recipient_text`]), given the role, id and key
+    /// id the manifest lists with it: an X25519 point is two Ed25519 points (the sign of x is lost), and the
+    /// key id, which hashes the full key, picks the one (issue 15 §5: HQ re-encrypts the next global to the
+    /// recipients its current global names, without the operator retyping them).
+    pub fn from_recipient(
+        role: Role,
+        id: &str,
+        key_id_hex: &str,
+        recipient: &str,
+    ) -> Result<PublicKey, KeyError> {
+        let bad =
+            |why: &str| KeyError::Invalid(format!("recipient of {}: {why}", crate::escape(id)));
+        let (hrp, data) = bech32::decode(recipient).map_err(|_| bad("not an age1… recipient"))?;
+        let u: [u8; 32] = data.try_into().map_err(|_| bad("not 32 bytes"))?;
+        if hrp.as_str() != AGE_RECIPIENT_HRP || age_bech32(AGE_RECIPIENT_HRP, &u) != recipient {
+            return Err(bad("not a canonical age1… recipient"));
+        }
+        let point = curve25519_dalek::montgomery::MontgomeryPoint(u);
+        for sign in [0u8, 1] {
+            let Some(ed) = point.to_edwards(sign) else {
+                continue;
+            };
+            if let Ok(k) = PublicKey::from_parts(role, id, &ed.compress().to_bytes()) {
+                if k.key_id_hex() == key_id_hex && k.recipient_text() == recipient {
+                    return Ok(k);
+                }
+            }
+        }
+        Err(bad("no Ed25519 key with this key id gives it"))
+    }
+
     /// [`PublicKey::recipient_text`] as the age crate's recipient.
     pub fn recipient(&self) -> age::x25519::Recipient {
         // The text is age's own encoding of 32 bytes, which age always parses back.

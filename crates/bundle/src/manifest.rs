@@ -290,6 +290,55 @@ struct ManifestV1 {
     created: u64,
 }
 
+impl From<ManifestV1> for ManifestV2 {
+    /// A format-1 manifest is a format-2 one without a revocation list or an expiry.
+    fn from(m: ManifestV1) -> ManifestV2 {
+        ManifestV2 {
+            format: m.format,
+            kind: m.kind,
+            federation: m.federation,
+            arch: m.arch,
+            model_fingerprint: m.model_fingerprint,
+            round: m.round,
+            base: m.base,
+            site: m.site,
+            contributors: m.contributors,
+            strategy: m.strategy,
+            revocations: None,
+            payload: m.payload,
+            tensors: m.tensors,
+            signer: m.signer,
+            created: m.created,
+            expires: None,
+        }
+    }
+}
+
+impl ManifestV2 {
+    /// The manifest of a bundle in the clear (formats 1 and 2 have no `encryption`).
+    fn into_manifest(self) -> Manifest {
+        Manifest {
+            format: self.format,
+            kind: self.kind,
+            federation: self.federation,
+            arch: self.arch,
+            model_fingerprint: self.model_fingerprint,
+            round: self.round,
+            base: self.base,
+            site: self.site,
+            contributors: self.contributors,
+            strategy: self.strategy,
+            revocations: self.revocations,
+            payload: self.payload,
+            encryption: None,
+            tensors: self.tensors,
+            signer: self.signer,
+            created: self.created,
+            expires: self.expires,
+        }
+    }
+}
+
 /// What the caller decides about a new bundle; the rest of the manifest is computed when sealing.
 #[derive(Debug, Clone)]
 pub struct Draft {
@@ -328,51 +377,17 @@ impl Manifest {
     /// are escaped: serde's "unknown field" and "unknown variant" errors quote text from the file (issue 15 §7).
     pub fn parse(version: u16, bytes: &[u8]) -> Result<Manifest, String> {
         let err = |e: serde_json::Error| crate::escape(&e.to_string());
-        if version == 1 {
-            let m: ManifestV1 = serde_json::from_slice(bytes).map_err(err)?;
-            return Ok(Manifest {
-                format: m.format,
-                kind: m.kind,
-                federation: m.federation,
-                arch: m.arch,
-                model_fingerprint: m.model_fingerprint,
-                round: m.round,
-                base: m.base,
-                site: m.site,
-                contributors: m.contributors,
-                strategy: m.strategy,
-                revocations: None,
-                payload: m.payload,
-                encryption: None,
-                tensors: m.tensors,
-                signer: m.signer,
-                created: m.created,
-                expires: None,
-            });
+        match version {
+            1 => {
+                let m: ManifestV1 = serde_json::from_slice(bytes).map_err(err)?;
+                Ok(ManifestV2::from(m).into_manifest())
+            }
+            2 => {
+                let m: ManifestV2 = serde_json::from_slice(bytes).map_err(err)?;
+                Ok(m.into_manifest())
+            }
+            _ => serde_json::from_slice(bytes).map_err(err),
         }
-        if version == 2 {
-            let m: ManifestV2 = serde_json::from_slice(bytes).map_err(err)?;
-            return Ok(Manifest {
-                format: m.format,
-                kind: m.kind,
-                federation: m.federation,
-                arch: m.arch,
-                model_fingerprint: m.model_fingerprint,
-                round: m.round,
-                base: m.base,
-                site: m.site,
-                contributors: m.contributors,
-                strategy: m.strategy,
-                revocations: m.revocations,
-                payload: m.payload,
-                encryption: None,
-                tensors: m.tensors,
-                signer: m.signer,
-                created: m.created,
-                expires: m.expires,
-            });
-        }
-        serde_json::from_slice(bytes).map_err(err)
     }
 
     /// Check everything that can be checked from the manifest alone. Run on every manifest read, after its

@@ -313,3 +313,74 @@ fn the_age_identity_is_the_key_s_recipient() {
         site("site-a", 2).public().recipient_text()
     );
 }
+
+#[test]
+fn a_recipient_gives_back_the_key_it_was_derived_from() {
+    // Both signs of x occur among these keys: the key id must pick the right one each time.
+    let keys: Vec<SecretKey> = (0u8..32)
+        .map(|i| SecretKey::from_seed(Role::Site, &format!("site-{i}"), [i; 32]))
+        .chain([hq()])
+        .collect();
+    for k in &keys {
+        let p = k.public();
+        let back = ferry_bundle::PublicKey::from_recipient(
+            p.role,
+            &p.id,
+            &p.key_id_hex(),
+            &p.recipient_text(),
+        )
+        .unwrap();
+        assert_eq!(back, p);
+    }
+    let p = site("site-a", 2).public();
+    let other = site("site-b", 3).public();
+    for (role, id, key_id, recipient, why) in [
+        (
+            Role::Site,
+            "site-a",
+            other.key_id_hex(),
+            p.recipient_text(),
+            "key id",
+        ),
+        (
+            Role::Hq,
+            "site-a",
+            p.key_id_hex(),
+            p.recipient_text(),
+            "key id",
+        ),
+        (
+            Role::Site,
+            "site-b",
+            p.key_id_hex(),
+            p.recipient_text(),
+            "key id",
+        ),
+        (
+            Role::Site,
+            "site-a",
+            p.key_id_hex(),
+            other.recipient_text(),
+            "key id",
+        ),
+        (
+            Role::Site,
+            "site-a",
+            p.key_id_hex(),
+            p.recipient_text().to_uppercase(),
+            "canonical",
+        ),
+        (
+            Role::Site,
+            "site-a",
+            p.key_id_hex(),
+            "age1qqqq".into(),
+            "recipient",
+        ),
+    ] {
+        let e = ferry_bundle::PublicKey::from_recipient(role, id, &key_id, &recipient)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why) && e.starts_with("recipient of "), "{e}");
+    }
+}

@@ -129,11 +129,16 @@ fn readers_for(file: &str) -> &'static [&'static str] {
     }
 }
 
-/// `+`-joined key stems from `keys/`; `!stem` revokes that key; `bundle=<sha256>` withdraws that bundle; `-` is
+/// `+`-joined key stems from `keys/`; `!stem` revokes that key; `bundle=<sha256>` withdraws that bundle;
+/// `id=stem` adds that kit key as a decryption identity (encrypted vectors; its seed is the generator's); `-` is
 /// the empty keyring.
 fn keyring(trust: &str) -> Keyring {
     let mut ring = Keyring::new();
     for stem in trust.split('+').filter(|s| *s != "-") {
+        if let Some(stem) = stem.strip_prefix("id=") {
+            ring.add_identity(&make_testkit::key(stem));
+            continue;
+        }
         if let Some(hash) = stem.strip_prefix("bundle=") {
             ring.revoke_bundle(hash);
             continue;

@@ -3,6 +3,7 @@
 
 mod config_cmd;
 mod data_cmds;
+mod encrypt;
 mod enroll_cmd;
 mod round_cmd;
 mod train_cmds;
@@ -82,7 +83,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-client pack --key keys/site-a.key --weights model.safetensors --samples 80000 \\\n      --base global-r3.ferry --trust keys/hq.pub --out /media/usb/\n\nWrites <OUT>/<site>-r<round>.ferry; round, federation and base hash come from the base global.\nThe weights must hold exactly the base global's tensors (names, dtypes, shapes): in PyTorch, save\nmodel.state_dict() of the model unpacked from the global, in F32, without a `module.` prefix."
+    after_help = "Example:\n  ferry-client pack --key keys/site-a.key --weights model.safetensors --samples 80000 \\\n      --base global-r3.ferry --trust keys/hq.pub --out /media/usb/\n\nWrites <OUT>/<site>-r<round>.ferry; round, federation and base hash come from the base global.\nThe weights must hold exactly the base global's tensors (names, dtypes, shapes): in PyTorch, save\nmodel.state_dict() of the model unpacked from the global, in F32, without a `module.` prefix.\nWith --encrypt-to keys/hq.pub the weights are encrypted to HQ (a lost stick reveals none)."
 )]
 struct PackArgs {
     /// This site's secret key.
@@ -108,6 +109,10 @@ struct PackArgs {
     /// Print JSON: the file written, its hash and manifest.
     #[arg(long)]
     json: bool,
+    /// Encrypt the update's payload to HQ's key (.pub; repeatable): a lost stick then reveals no weights.
+    /// Example: --encrypt-to keys/hq.pub
+    #[arg(long, value_name = "PUB")]
+    encrypt_to: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -208,10 +213,9 @@ struct ExportArgs {
     /// Print JSON: the file written, its hash and manifest.
     #[arg(long)]
     json: bool,
-    /// Encrypt the update's payload to HQ's key (.pub; repeatable): a lost stick then reveals no weights.
-    /// Example: --encrypt-to keys/hq.pub
-    #[arg(long, value_name = "PUB")]
-    encrypt_to: Vec<PathBuf>,
+    /// --encrypt-to PUB / --encrypt / --no-encrypt.
+    #[command(flatten)]
+    encrypt: encrypt::EncryptArgs,
 }
 
 /// What `pack` and `export` print: the update written.
@@ -253,6 +257,16 @@ fn pack(a: &PackArgs) -> Result<()> {
             escape_path(&a.base)
         );
     }
+    let encrypt_to = ferry_cli::encrypt_to_keys(&a.encrypt_to)?;
+    if let Some(k) = encrypt_to.iter().find(|k| k.role != Role::Hq) {
+        return Err(ferry_site::ExportError::NotHqRecipient(format!(
+            "{} {} ({})",
+            k.role,
+            escape(&k.id),
+            k.key_id_hex()
+        ))
+        .into());
+    }
     let payload = read_weights(&a.weights)?;
     if payload.fingerprint() != base.manifest.model_fingerprint {
         let why = ferry_cli::layout::summary(&base.manifest.tensors, payload.metas())
@@ -262,7 +276,10 @@ fn pack(a: &PackArgs) -> Result<()> {
             escape_path(&a.weights)
         );
     }
-    let draft = Draft::update_for(&base.manifest, &base.hash, key.id(), a.samples);
+    let draft = Draft {
+        encrypt_to,
+        ..Draft::update_for(&base.manifest, &base.hash, key.id(), a.samples)
+    };
     let sealed = ferry_bundle::seal(draft, &payload, &key, a.level)?;
     let path = sealed.write_to_dir(&a.out)?;
     report_written(&path, &sealed, a.json)
@@ -485,7 +502,7 @@ fn export(a: &ExportArgs) -> Result<()> {
     // Checked before the lock too, which would leave a `lock` file in a folder that holds no state (issue 17).
     state.require_current()?;
     let lock = state.lock()?;
-    let encrypt_to = ferry_cli::encrypt_to_keys(&a.encrypt_to)?;
+    let encrypt_to = a.encrypt.resolve(&state)?;
     let (path, sealed) = state.export_to(&lock, &key, &a.out, a.level, a.again, &encrypt_to)?;
     report_written(&path, &sealed, a.json)
 }

@@ -267,7 +267,8 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             if state.last_export(&cur.federation, cur.round)?.is_none() {
                 remove_unrecorded_update(&stick, &key, &cur.hash, cur.round)?;
             }
-            let (path, sealed) = state.export(&lock, &key, &stick, 3, false)?;
+            let encrypt_to = crate::encrypt::from_settings(&state)?;
+            let (path, sealed) = state.export_to(&lock, &key, &stick, 3, false, &encrypt_to)?;
             outln!(
                 "4 export    wrote {} ({})",
                 escape_path(&path),

@@ -166,3 +166,163 @@ fn check_private(p: &Path) {
 
 #[cfg(not(unix))]
 fn check_private(_: &Path) {}
+
+/// The header's format version (2: clear, 3: encrypted payload).
+fn version(p: &Path) -> u16 {
+    let b = std::fs::read(p).unwrap();
+    u16::from_le_bytes([b[16], b[17]])
+}
+
+/// HQ's view: HQ's key opens what is encrypted to it.
+fn hq_ring() -> ferry_bundle::Keyring {
+    let mut r = ferry_bundle::Keyring::new();
+    r.add(site_a().public()).unwrap();
+    r.add_identity(&hq());
+    r
+}
+
+/// Issue 15 §5: a site encrypts its update to the HQ key it pinned, without naming it again (`export
+/// --encrypt`, or ferry.toml's `encrypt = true`, which `round` follows too); `--no-encrypt` overrides the file;
+/// `pack --encrypt-to` encrypts a PyTorch-made update, to HQ keys only.
+#[test]
+fn a_site_encrypts_its_update_to_the_pinned_hq_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    hq().write_pair(&keys).unwrap();
+    site_a().write_pair(&keys).unwrap();
+    let (hq_pub, site_key) = (keys.join("hq.pub"), keys.join("site-a.key"));
+    let g = seal(Draft::initial("city", None), &payload(), &hq(), 3)
+        .unwrap()
+        .write_to_dir(dir.path())
+        .unwrap();
+    let state = dir.path().join("site");
+    // The first import pins HQ's key.
+    let o = client(&[
+        os("import"),
+        os("--federation"),
+        os("city"),
+        os("--trust"),
+        hq_pub.as_os_str(),
+        os("--state"),
+        state.as_os_str(),
+        g.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    // "Training": a local model recorded as the training command does.
+    let trained: Vec<u8> = (0..4)
+        .flat_map(|i| (i as f32 - 7.25).to_le_bytes())
+        .collect();
+    let trained = Payload::from_tensors(&[TensorRef {
+        name: "w",
+        dtype: Dtype::F32,
+        shape: &[4],
+        data: &trained,
+    }])
+    .unwrap();
+    {
+        let s = ferry_site::SiteState::open(&state).unwrap();
+        let lock = s.lock().unwrap();
+        let run = ferry_site::LocalRun {
+            samples: 10,
+            epochs: 1,
+            steps: 1,
+        };
+        s.record_local(&lock, trained.bytes(), run).unwrap();
+    }
+    let usb = dir.path().join("usb");
+    let export = |extra: &[&str]| {
+        let mut args = vec![
+            os("export"),
+            os("--state"),
+            state.as_os_str(),
+            os("--key"),
+            site_key.as_os_str(),
+            os("--out"),
+            usb.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|s| os(s)));
+        client(&args)
+    };
+    let update = usb.join("site-a-r0.ferry");
+
+    // --encrypt: to the pinned HQ key, which opens it; without a key nothing is read.
+    let o = export(&["--encrypt"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(version(&update), 3);
+    let b = ferry_bundle::open_file(&update, &hq_ring()).unwrap();
+    let enc = b.manifest.encryption.as_ref().unwrap();
+    let ids: Vec<&str> = enc.recipients.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["hq"]);
+    assert_eq!(enc.recipients[0].recipient, hq().public().recipient_text());
+    assert_eq!(b.payload(), trained.bytes());
+    let mut no_key = ferry_bundle::Keyring::new();
+    no_key.add(site_a().public()).unwrap();
+    assert!(matches!(
+        ferry_bundle::open_file(&update, &no_key).unwrap_err(),
+        ferry_bundle::OpenError::Encrypted(_)
+    ));
+    // --encrypt with --encrypt-to is a usage error; nothing written.
+    let before = std::fs::read(&update).unwrap();
+    let o = export(&[
+        "--again",
+        "--encrypt",
+        "--encrypt-to",
+        hq_pub.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert_eq!(std::fs::read(&update).unwrap(), before);
+
+    // ferry.toml's `encrypt = true` is the standing choice; --no-encrypt overrides it.
+    std::fs::remove_file(&update).unwrap();
+    std::fs::write(state.join("ferry.toml"), "encrypt = true\n").unwrap();
+    let o = export(&["--again"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(version(&update), 3);
+    std::fs::remove_file(&update).unwrap();
+    let o = export(&["--again", "--no-encrypt"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(version(&update), 2);
+    assert!(ferry_bundle::open_file(&update, &no_key).is_ok());
+
+    // pack --encrypt-to: HQ keys only (nothing written otherwise), then format 3 for HQ.
+    let weights = dir.path().join("trained.safetensors");
+    std::fs::write(&weights, trained.bytes()).unwrap();
+    let packed = dir.path().join("packed");
+    let pack = |to: &Path| {
+        client(&[
+            os("pack"),
+            os("--key"),
+            site_key.as_os_str(),
+            os("--weights"),
+            weights.as_os_str(),
+            os("--samples"),
+            os("10"),
+            os("--base"),
+            g.as_os_str(),
+            os("--trust"),
+            hq_pub.as_os_str(),
+            os("--out"),
+            packed.as_os_str(),
+            os("--encrypt-to"),
+            to.as_os_str(),
+        ])
+    };
+    let err = refusal(&pack(&keys.join("site-a.pub")));
+    assert!(
+        err.contains("encrypted to HQ only") && err.contains("site-a"),
+        "{err}"
+    );
+    assert!(!packed.exists());
+    let o = pack(&hq_pub);
+    assert!(o.status.success(), "{o:?}");
+    let p = packed.join("site-a-r0.ferry");
+    assert_eq!(version(&p), 3);
+    assert_eq!(
+        ferry_bundle::open_file(&p, &hq_ring()).unwrap().payload(),
+        trained.bytes()
+    );
+    assert!(matches!(
+        ferry_bundle::open_file(&p, &no_key).unwrap_err(),
+        ferry_bundle::OpenError::Encrypted(_)
+    ));
+}

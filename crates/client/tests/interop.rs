@@ -6,10 +6,14 @@
 //!   that were packed, for every dtype we test;
 //! - a safetensors file written by Python the way PyTorch writes one (with `__metadata__`) ships through
 //!   `ferry-client pack` and comes back with the same tensors;
-//! - plain `zstd -d` yields the safetensors payload.
+//! - plain `zstd -d` yields the safetensors payload;
+//! - an encrypted (format 3) bundle: the independent reader decrypts it with the age identity file
+//!   `ferry-client age-identity` writes (through `pyrage`), after checking the signature and the ciphertext's
+//!   hash, and the standard `age` CLI plus `zstd -d` yield the payload exactly as docs/bundle-format.md §6a says.
 //!
-//! Needs a Python with numpy, safetensors, cryptography, zstandard and torch, and the `zstd` CLI: `scripts/test.sh`
-//! sets both up without root (a `.venv/` and Debian's `zstd` unpacked under `target/test-data/`), and
+//! Needs a Python with numpy, safetensors, cryptography, zstandard, pyrage and torch, and the `zstd` and `age`
+//! CLIs: `scripts/test.sh` sets them up without root (a `.venv/` and Debian's `zstd` and `age` unpacked under
+//! `target/test-data/`), and
 //! `ferry_testdata` says where the test looks. Without them the test fails; it never skips (issue 17).
 
 use std::path::{Path, PathBuf};
@@ -52,12 +56,14 @@ fn ok(o: Output) -> Output {
 /// The Python interpreter, after checking it has every module the interop checks import; panics with the setup
 /// command when one is missing.
 fn python_checked() -> std::ffi::OsString {
+    python_with("cryptography, zstandard, numpy, safetensors.numpy, safetensors.torch, torch")
+}
+
+/// The Python interpreter, after checking it imports `modules`; panics with the setup command otherwise.
+fn python_with(modules: &str) -> std::ffi::OsString {
     let py = ferry_testdata::python();
     let probe = Command::new(&py)
-        .args([
-            "-c",
-            "import cryptography, zstandard, numpy, safetensors.numpy, safetensors.torch, torch",
-        ])
+        .args(["-c", &format!("import {modules}")])
         .output();
     let why = match probe {
         Ok(o) if o.status.success() => return py,
@@ -408,4 +414,190 @@ fn bundles_interoperate_with_python_and_zstd() {
         .arg("--out")
         .arg(&back)));
     ok(python(COMPARE_STATE_DICT, &[&back, &originals]));
+}
+
+/// Issue 15 §5: a format-3 bundle read by tools that share no code with ferry's reader. The Python reader
+/// (pyrage for age) checks the signature and the ciphertext hash before it decrypts, and the plaintext's signed
+/// hash after; the standard `age` CLI (Debian's 1.1.1) and `zstd -d` yield the payload with the exact commands
+/// of docs/bundle-format.md §6a.
+#[test]
+fn encrypted_bundles_interoperate_with_python_and_the_age_cli() {
+    let py = python_with("cryptography, zstandard, pyrage");
+    let age = ferry_testdata::program("age");
+    let zstd = ferry_testdata::program("zstd");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys");
+    let hq = SecretKey::generate(Role::Hq, "hq").unwrap();
+    let (_, hq_pub) = hq.write_pair(&keys).unwrap();
+    for id in ["site-a", "site-b"] {
+        ok(run(client()
+            .args(["keygen", "--id", id, "--out"])
+            .arg(&keys)));
+    }
+    let site_a = ferry_bundle::PublicKey::read(&keys.join("site-a.pub")).unwrap();
+    // More than one 64 KiB age STREAM chunk, values that do not compress away.
+    let w: Vec<u8> = (0..40_000u32)
+        .flat_map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / 1e7).to_le_bytes())
+        .collect();
+    let payload = Payload::from_tensors(&[TensorRef {
+        name: "fc.weight",
+        dtype: Dtype::F32,
+        shape: &[200, 200],
+        data: &w,
+    }])
+    .unwrap();
+    let draft = Draft {
+        encrypt_to: vec![site_a.clone(), hq.public()],
+        ..Draft::initial("interop", None)
+    };
+    let sealed = ferry_bundle::seal(draft, &payload, &hq, 3).unwrap();
+    assert_eq!(sealed.manifest.format, 3);
+    let global = sealed.write_to_dir(&d.join("bundles")).unwrap();
+    let bytes = std::fs::read(&global).unwrap();
+
+    // The age identity files, as an operator makes them.
+    let identity = |id: &str| {
+        let out = d.join(format!("{id}.age"));
+        ok(run(client()
+            .arg("age-identity")
+            .arg("--key")
+            .arg(keys.join(format!("{id}.key")))
+            .arg("--out")
+            .arg(&out)));
+        out
+    };
+    let (id_a, id_b) = (identity("site-a"), identity("site-b"));
+
+    let verify = |file: &Path, extra: &[&std::ffi::OsStr]| {
+        run(Command::new(&py)
+            .arg(verifier())
+            .arg("--trust")
+            .arg(&hq_pub)
+            .args(extra)
+            .arg(file))
+    };
+    let refused = |o: &Output, want: &str| {
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{}", text(o));
+        assert!(
+            out.starts_with("FAIL") && out.contains(want),
+            "want {want:?}: {}",
+            text(o)
+        );
+    };
+
+    // (a) The Python reader decrypts with site-a's identity and writes the payload, private.
+    let py_out = d.join("py.safetensors");
+    let o = ok(verify(
+        &global,
+        &[
+            "--identity".as_ref(),
+            id_a.as_os_str(),
+            "--out".as_ref(),
+            py_out.as_os_str(),
+        ],
+    ));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.starts_with("OK") && stdout.contains("format      3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "encrypted   age to site-a {}",
+            site_a.recipient_text()
+        )),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&py_out).unwrap(), payload.bytes());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&py_out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // (b) Without an identity: the signature and ciphertext verify, then a refusal naming the recipients; with
+    // site-b's: not a recipient.
+    refused(
+        &verify(&global, &[]),
+        &format!(
+            "payload is encrypted to site-a {}, hq {}; pass --identity",
+            site_a.recipient_text(),
+            hq.public().recipient_text()
+        ),
+    );
+    refused(
+        &verify(&global, &["--identity".as_ref(), id_b.as_os_str()]),
+        "not to your identity (age1",
+    );
+
+    // (c) Tampering: any ciphertext byte is refused by the signed hash, before age sees it; the recipient list
+    // is signed.
+    let h = 8 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    let manifest = String::from_utf8_lossy(&bytes[32..h - 64]).to_string();
+    let in_list = 32 + manifest.find("\"recipient\":\"age1").unwrap() + 20;
+    for (what, at, want) in [
+        (
+            "age header",
+            h + 30,
+            "payload does not match its signed hash",
+        ),
+        (
+            "STREAM chunk",
+            h + (bytes.len() - h) / 2,
+            "payload does not match its signed hash",
+        ),
+        (
+            "last tag byte",
+            bytes.len() - 1,
+            "payload does not match its signed hash",
+        ),
+        ("recipient list", in_list, "signature does not verify"),
+    ] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x01;
+        let path = d.join(format!("flipped-{at}.ferry"));
+        std::fs::write(&path, &bad).unwrap();
+        let o = verify(&path, &["--identity".as_ref(), id_a.as_os_str()]);
+        assert!(
+            o.status.code() == Some(1) && String::from_utf8_lossy(&o.stdout).contains(want),
+            "a flipped {what} byte: {}",
+            text(&o)
+        );
+    }
+
+    // (d) The standard tools, with the exact commands of docs/bundle-format.md §6a.
+    let recipe = |id: &Path, out: &Path| {
+        run(Command::new("bash")
+            .arg("-c")
+            .arg(
+                "set -eo pipefail; H=$(( $(od -An -tu4 -j4 -N4 \"$1\") + 8 )); \
+                 tail -c +$((H + 1)) \"$1\" | \"$2\" -d -i \"$3\" | \"$4\" -d -o \"$5\"",
+            )
+            .arg("bash")
+            .arg(&global)
+            .arg(&age)
+            .arg(id)
+            .arg(&zstd)
+            .arg(out))
+    };
+    let cli_out = d.join("cli.safetensors");
+    ok(recipe(&id_a, &cli_out));
+    assert_eq!(std::fs::read(&cli_out).unwrap(), payload.bytes());
+    let o = run(Command::new(&age).arg("--version"));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("1.1"),
+        "{}",
+        text(&o)
+    );
+    // age itself refuses site-b's identity.
+    let o = recipe(&id_b, &d.join("b.safetensors"));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no identity matched"),
+        "{}",
+        text(&o)
+    );
 }

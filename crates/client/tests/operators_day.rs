@@ -235,6 +235,11 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
         );
     }
 
+    // site-b encrypts its updates to the HQ key its enrolment pinned (issue 15 §5): one line in ferry.toml.
+    let toml = fed.path("site-b/ferry.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("encrypt = true\n{text}")).unwrap();
+
     // Round 0 at the sites: import, train, evaluate, export, and the words about what to carry.
     for site in ["site-a", "site-b"] {
         let out = fed.site_round(site);
@@ -255,6 +260,11 @@ fn two_sites_and_hq_run_two_rounds_with_only_enroll_and_round() {
             "{out}"
         );
         assert!(out.contains("no images, no labels"), "{out}");
+    }
+    // site-b's update is format 3 (encrypted), site-a's format 2; HQ's round below merges both with its own key.
+    for (site, version) in [("site-a", 2u16), ("site-b", 3)] {
+        let b = std::fs::read(fed.path(&format!("usb/{site}-r0.ferry"))).unwrap();
+        assert_eq!(u16::from_le_bytes([b[16], b[17]]), version, "{site}");
     }
     // A second run finds everything done and writes nothing.
     let before = snapshot(&fed.path("usb"));

@@ -113,6 +113,11 @@ pub enum HqError {
         /// What it fell below, in words.
         why: String,
     },
+    /// The current global's recipient list does not give back the keys to encrypt the next global to.
+    #[error(
+        "the current global's recipients cannot be reused ({0}); give the keys with --encrypt-to"
+    )]
+    Recipients(String),
     /// `republish --from-round` names a round the ledger cannot re-issue.
     #[error("cannot republish round {from}: {why}")]
     Republish {
@@ -171,9 +176,52 @@ pub struct RoundConfig {
     pub level: i32,
     /// How long the new global stays fresh, in seconds (its signed `expires` is its creation time plus this).
     pub valid_for: u64,
-    /// Encrypt the new global's payload to these keys (the member sites; issue 15 §5). HQ's own key is added,
-    /// so HQ can read its stored global in the next round. Empty: in the clear.
-    pub encrypt_to: Vec<ferry_bundle::PublicKey>,
+    /// Whom the new global's payload is encrypted to (the member sites; issue 15 §5). HQ's own key is added,
+    /// so HQ can read its stored global in the next round. Default: the same keys as the current global.
+    pub encrypt_to: EncryptTo,
+}
+
+/// Whom a new global (`merge`, `republish`) is encrypted to (issue 15 §5).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EncryptTo {
+    /// The keys the current global is encrypted to, read from its signed manifest in HQ's store; in the clear if
+    /// it is. An encrypted federation so stays encrypted without the operator retyping the recipients.
+    #[default]
+    Same,
+    /// These keys (HQ's own is added). Empty: in the clear.
+    Keys(Vec<ferry_bundle::PublicKey>),
+    /// In the clear, even when the current global is encrypted.
+    Clear,
+}
+
+impl EncryptTo {
+    /// The keys for a global based on `current` (HQ's own key not yet added).
+    pub fn keys_after(
+        &self,
+        current: &ferry_bundle::Manifest,
+    ) -> Result<Vec<ferry_bundle::PublicKey>, HqError> {
+        match self {
+            EncryptTo::Keys(k) => Ok(k.clone()),
+            EncryptTo::Clear => Ok(Vec::new()),
+            EncryptTo::Same => recipients_of(current),
+        }
+    }
+}
+
+/// The keys a global's payload is encrypted to, back from its manifest's recipient list (empty: in the clear).
+pub fn recipients_of(
+    manifest: &ferry_bundle::Manifest,
+) -> Result<Vec<ferry_bundle::PublicKey>, HqError> {
+    let Some(enc) = &manifest.encryption else {
+        return Ok(Vec::new());
+    };
+    enc.recipients
+        .iter()
+        .map(|r| {
+            ferry_bundle::PublicKey::from_recipient(r.role, &r.id, &r.key_id, &r.recipient)
+                .map_err(|e| HqError::Recipients(e.to_string()))
+        })
+        .collect()
 }
 
 impl Default for RoundConfig {
@@ -185,7 +233,7 @@ impl Default for RoundConfig {
             max_sample_ratio: DEFAULT_MAX_SAMPLE_RATIO,
             level: 3,
             valid_for: ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY,
-            encrypt_to: Vec::new(),
+            encrypt_to: EncryptTo::Same,
         }
     }
 }
@@ -777,7 +825,7 @@ pub fn merge_round_with(
         }),
         created,
         expires: Some(created.saturating_add(config.valid_for)),
-        encrypt_to: with_hq(config.encrypt_to.clone(), key),
+        encrypt_to: with_hq(config.encrypt_to.keys_after(&base.manifest)?, key),
     };
     // The next global is compressed and hashed as the merge computes it, slice by slice: it is never held
     // uncompressed.
@@ -917,6 +965,7 @@ pub fn republish(
     from: u64,
     level: i32,
     valid_for: u64,
+    encrypt_to: &EncryptTo,
     out: &Path,
 ) -> Result<(PathBuf, Sealed), HqError> {
     if key.role() != ferry_bundle::Role::Hq {
@@ -956,8 +1005,9 @@ pub fn republish(
         }),
         created,
         expires: Some(created.saturating_add(valid_for)),
-        // A republished global goes out in the clear (not yet encrypted to the sites: issue 15 §5 left open).
-        encrypt_to: Vec::new(),
+        // By default to the keys the current global is encrypted to: a rollback of an encrypted federation
+        // must not put the weights on the stick in the clear (issue 15 §5).
+        encrypt_to: with_hq(encrypt_to.keys_after(&cur.manifest)?, key),
     };
     let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
     fsutil::ensure_dir(&dir.join("globals"))?;

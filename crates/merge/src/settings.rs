@@ -4,6 +4,7 @@
 //! key = "../keys/hq.key"     # relative paths are relative to the state directory
 //! stick = "/media/usb"
 //! trust = ["../keys/"]       # extra site keys, beside the member list's
+//! encrypt-to = ["../keys/sites/"]  # encrypt every new global to these keys (issue 15 §5)
 //!
 //! [merge]
 //! strategy = "fedavg"
@@ -52,6 +53,10 @@ pub struct HqSettings {
     /// Where the stick is mounted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stick: Option<PathBuf>,
+    /// Encrypt every new global to these keys (`.pub` files or folders; issue 15 §5); `[]`: in the clear.
+    /// Unset: the keys the current global is encrypted to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt_to: Option<Vec<PathBuf>>,
     /// The merge.
     #[serde(default, skip_serializing_if = "MergeSettings::is_empty")]
     pub merge: MergeSettings,
@@ -134,6 +139,7 @@ impl HqSettings {
         self.key = self.key.map(abs);
         self.stick = self.stick.map(abs);
         self.trust = self.trust.map(|v| v.into_iter().map(abs).collect());
+        self.encrypt_to = self.encrypt_to.map(|v| v.into_iter().map(abs).collect());
         self
     }
 

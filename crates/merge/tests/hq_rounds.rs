@@ -809,7 +809,7 @@ fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
     }
     let config = RoundConfig {
         min_sites: 2,
-        encrypt_to: sites,
+        encrypt_to: hq::EncryptTo::Keys(sites),
         ..RoundConfig::default()
     };
     // `fed.ring` holds no identity: HQ's key is its identity.
@@ -946,4 +946,156 @@ fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
     let strategy = g1.manifest.strategy.clone().unwrap();
     assert!(strategy.ends_with("then plus-one"), "{strategy}");
     assert_eq!(hq::status(&fed.state).unwrap().round, 1);
+}
+
+/// Issue 15 §5: HQ remembers whom the federation's globals are encrypted to. With no `--encrypt-to`, the next
+/// merge and a republish (HQ's rollback) are encrypted to the keys the current global names; a republished
+/// global of an encrypted federation is format 3, opens for each site, and is refused without a key. A new list
+/// replaces the old one, and `Clear` goes back to the clear.
+#[test]
+fn an_encrypted_federation_stays_encrypted_through_merge_and_republish() {
+    let fed = Fed::new();
+    let sites: Vec<_> = fed.sites[..2].iter().map(|s| s.public()).collect();
+    let draft = Draft {
+        encrypt_to: sites.clone(),
+        ..Draft::initial("city", Some("test".into()))
+    };
+    let (g0, _) = hq::init_with(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        draft,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    let ring_of = |i: usize| {
+        let mut ring = fed.hq_ring.clone();
+        ring.add_identity(&fed.sites[i]);
+        ring
+    };
+    let recipients = |path: &Path| -> Vec<String> {
+        let b = ferry_bundle::identify_file(path, &fed.hq_ring).unwrap();
+        match &b.manifest.encryption {
+            Some(e) => e.recipients.iter().map(|r| r.id.clone()).collect(),
+            None => Vec::new(),
+        }
+    };
+    let update = |i: usize, global: &Path, x: f32| {
+        let g = ferry_bundle::open_file(global, &ring_of(i)).unwrap();
+        let draft = Draft {
+            encrypt_to: vec![fed.hq.public()],
+            ..Draft::update_for(&g.manifest, &g.hash, fed.sites[i].id(), 100)
+        };
+        let s = ferry_bundle::seal(draft, &Model::at(x).payload(), &fed.sites[i], 3).unwrap();
+        s.write_to_dir(&fed.usb).unwrap()
+    };
+    let merge = |updates: &[PathBuf], encrypt_to: hq::EncryptTo| {
+        let config = RoundConfig {
+            min_sites: 2,
+            encrypt_to,
+            ..RoundConfig::default()
+        };
+        hq::merge_round(
+            &fed.state,
+            &fed.hq,
+            &fed.ring,
+            &[],
+            updates,
+            &config,
+            &fed.out,
+        )
+        .unwrap()
+    };
+
+    // Round 1, no recipients given: the same as round 0's.
+    let r1 = merge(
+        &[update(0, &g0, 1.0), update(1, &g0, 3.0)],
+        hq::EncryptTo::Same,
+    );
+    assert_eq!(r1.sealed.manifest.format, 3);
+    assert_eq!(recipients(&r1.path), ["site-a", "site-b", "hq"]);
+
+    // Round 2: republish round 0's weights, no recipients given.
+    let (g2, sealed2) = hq::republish(
+        &fed.state,
+        &fed.hq,
+        0,
+        3,
+        86_400,
+        &Default::default(),
+        &fed.out,
+    )
+    .unwrap();
+    assert_eq!(sealed2.manifest.format, 3);
+    let raw = std::fs::read(&g2).unwrap();
+    assert_eq!(u16::from_le_bytes([raw[16], raw[17]]), 3, "header version");
+    assert_eq!(recipients(&g2), ["site-a", "site-b", "hq"]);
+    for i in 0..2 {
+        let g = ferry_bundle::open_file(&g2, &ring_of(i)).unwrap();
+        assert_eq!(
+            read_tensors(g.payload()),
+            read_tensors(Model::at(0.0).payload().bytes())
+        );
+    }
+    // A site without its key, and a site not on the list, read nothing.
+    let e = ferry_bundle::open_file(&g2, &fed.hq_ring).unwrap_err();
+    assert!(matches!(e, ferry_bundle::OpenError::Encrypted(_)), "{e}");
+    assert!(e.to_string().contains("site-a"), "{e}");
+    let e = ferry_bundle::open_file(&g2, &ring_of(2)).unwrap_err();
+    assert!(
+        matches!(e, ferry_bundle::OpenError::NotARecipient { .. }),
+        "{e}"
+    );
+    // The stick holds no weight bytes in the clear.
+    let conv = bytes_f32(&Model::at(0.0).conv);
+    assert!(!raw.windows(conv.len()).any(|w| w == conv.as_slice()));
+
+    // Round 3: a new list replaces the old one (site-b left); round 4 keeps it.
+    let r3 = merge(
+        &[update(0, &g2, 1.0), update(1, &g2, 1.0)],
+        hq::EncryptTo::Keys(vec![fed.sites[0].public()]),
+    );
+    assert_eq!(recipients(&r3.path), ["site-a", "hq"]);
+    let (g4, _) = hq::republish(
+        &fed.state,
+        &fed.hq,
+        1,
+        3,
+        86_400,
+        &Default::default(),
+        &fed.out,
+    )
+    .unwrap();
+    assert_eq!(recipients(&g4), ["site-a", "hq"]);
+    assert!(matches!(
+        ferry_bundle::open_file(&g4, &ring_of(1)).unwrap_err(),
+        ferry_bundle::OpenError::NotARecipient { .. }
+    ));
+
+    // Back to the clear only when asked; the federation then stays clear.
+    let (g5, sealed5) = hq::republish(
+        &fed.state,
+        &fed.hq,
+        1,
+        3,
+        86_400,
+        &hq::EncryptTo::Clear,
+        &fed.out,
+    )
+    .unwrap();
+    assert_eq!(sealed5.manifest.format, 2);
+    assert!(recipients(&g5).is_empty());
+    let (g6, _) = hq::republish(
+        &fed.state,
+        &fed.hq,
+        1,
+        3,
+        86_400,
+        &Default::default(),
+        &fed.out,
+    )
+    .unwrap();
+    assert!(recipients(&g6).is_empty());
+    ferry_bundle::open_file(&g6, &fed.hq_ring).unwrap();
 }

@@ -302,15 +302,42 @@ fn republish_reissues_an_earlier_global_as_the_next_round() {
     // Refusals first: nothing written.
     let before = fed.snapshot();
     for (from, why) in [(2, "it is the current global"), (7, "rounds are 0 to 2")] {
-        let e = hq::republish(&fed.state, &fed.hq, from, 3, 86_400, &fed.out).unwrap_err();
+        let e = hq::republish(
+            &fed.state,
+            &fed.hq,
+            from,
+            3,
+            86_400,
+            &Default::default(),
+            &fed.out,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains(why), "{e}");
         assert_eq!(fed.snapshot(), before);
     }
-    let e = hq::republish(&fed.state, &fed.sites[0], 1, 3, 86_400, &fed.out).unwrap_err();
+    let e = hq::republish(
+        &fed.state,
+        &fed.sites[0],
+        1,
+        3,
+        86_400,
+        &Default::default(),
+        &fed.out,
+    )
+    .unwrap_err();
     assert!(matches!(e, HqError::NotHqKey(_)), "{e}");
     assert_eq!(fed.snapshot(), before);
 
-    let (path, sealed) = hq::republish(&fed.state, &fed.hq, 1, 3, 86_400, &fed.out).unwrap();
+    let (path, sealed) = hq::republish(
+        &fed.state,
+        &fed.hq,
+        1,
+        3,
+        86_400,
+        &Default::default(),
+        &fed.out,
+    )
+    .unwrap();
     assert_eq!(path.file_name().unwrap(), "global-r3.ferry");
     let g3 = ferry_bundle::open_file(&path, &fed.hq_ring).unwrap();
     let g1 = ferry_bundle::open_file(&r1.path, &fed.hq_ring).unwrap();

@@ -3,6 +3,7 @@
 
 mod enroll_cmd;
 mod quality_cmds;
+mod recipients;
 mod round_cmd;
 
 use std::path::PathBuf;
@@ -232,10 +233,9 @@ struct MergeArgs {
     /// With --require-eval: also refuse a merged global whose accuracy is below X (0 to 1).
     #[arg(long, value_name = "X", requires = "require_eval")]
     min_accuracy: Option<f64>,
-    /// Encrypt the global's payload to these keys (the member sites' .pub files, or a folder of them; repeatable):
-    /// a lost stick then reveals no weights. HQ's own key is added. Example: --encrypt-to keys/sites/
-    #[arg(long, value_name = "PUB")]
-    encrypt_to: Vec<PathBuf>,
+    /// --encrypt-to PUB / --no-encrypt.
+    #[command(flatten)]
+    encrypt: recipients::EncryptArgs,
     /// Ensemble distillation on HQ's own data after the merge (issue 14).
     #[command(flatten)]
     distill: hq_train::DistillArgs,
@@ -362,7 +362,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         max_sample_ratio: a.max_sample_ratio,
         level: a.level,
         valid_for: a.valid_days.saturating_mul(DAY),
-        encrypt_to: ferry_cli::encrypt_to_keys(&a.encrypt_to)?,
+        encrypt_to: a.encrypt.resolve(&a.state)?,
     };
     let evaluator = (a.require_eval.as_ref())
         .map(|spec| quality_cmds::Evaluator::for_state(&a.state, spec))

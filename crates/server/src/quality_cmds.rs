@@ -247,7 +247,7 @@ pub fn diff(a: &DiffArgs) -> Result<()> {
 /// `ferry-server republish`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example (round 5 turned out bad; go back to round 4's weights):\n  ferry-server republish --key keys/hq.key --state hq/ --from-round 4 --out /media/usb/\n\nSites refuse a global older than the one they hold, so a rollback is a new round: this signs round 4's\nweights as round N+1 (based on the current global), records it in the ledger and writes\nglobal-r<N+1>.ferry. Sites import it like any new global."
+    after_help = "Example (round 5 turned out bad; go back to round 4's weights):\n  ferry-server republish --key keys/hq.key --state hq/ --from-round 4 --out /media/usb/\n\nSites refuse a global older than the one they hold, so a rollback is a new round: this signs round 4's\nweights as round N+1 (based on the current global), records it in the ledger and writes\nglobal-r<N+1>.ferry. Sites import it like any new global. It is encrypted to the same keys as the current\nglobal unless --encrypt-to or --no-encrypt says otherwise."
 )]
 pub struct RepublishArgs {
     /// HQ's secret key.
@@ -268,6 +268,9 @@ pub struct RepublishArgs {
     /// Days until the new global expires.
     #[arg(long, default_value_t = ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY / 86_400)]
     pub valid_days: u64,
+    /// --encrypt-to PUB / --no-encrypt (default: as the current global).
+    #[command(flatten)]
+    pub encrypt: crate::recipients::EncryptArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -282,6 +285,7 @@ pub fn republish(a: &RepublishArgs) -> Result<()> {
         a.from_round,
         a.level,
         a.valid_days.saturating_mul(86_400),
+        &a.encrypt.resolve(&a.state)?,
         &a.out,
     )?;
     if a.json {

@@ -214,6 +214,7 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             .0
             .unwrap_or(ferry_merge::hq::DEFAULT_MIN_SITES),
         valid_for: eff.valid_days.0.unwrap_or(30).saturating_mul(86_400),
+        encrypt_to: crate::recipients::from_settings(&a.state)?,
         ..Default::default()
     };
     let files: Vec<PathBuf> = found.current.iter().map(|(p, _)| p.clone()).collect();

@@ -118,6 +118,9 @@ pub enum SiteError {
         /// Pinned HQ key ids.
         pinned: String,
     },
+    /// `export --encrypt` on a site that has pinned no HQ key yet (issue 15 §5).
+    #[error("this site has pinned no HQ key yet (enrolment or the first import pins one): give HQ's key with --encrypt-to hq.pub")]
+    NoPinnedHqKey,
     /// A root is pinned but no HQ key list was ever given.
     #[error("this site pins a root key but holds no list of HQ keys signed by it: give one with --hq-keys")]
     NeedsHqKeyList,

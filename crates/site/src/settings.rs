@@ -7,6 +7,7 @@
 //! stick = "/media/usb"
 //! data = "folder:/data/plates/labels.csv"
 //! eval-data = "folder:/data/plates/test.csv"
+//! encrypt = true                 # updates encrypted to the pinned HQ key (issue 15 §5)
 //!
 //! [train]
 //! epochs = 1
@@ -50,6 +51,9 @@ pub struct SiteSettings {
     /// The local evaluation data (a `--data` spec), evaluated after training in a round.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_data: Option<String>,
+    /// Encrypt every update (`round`, `export`) to the HQ keys the site pinned (issue 15 §5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<bool>,
     /// The training recipe.
     #[serde(default, skip_serializing_if = "TrainRecipe::is_empty")]
     pub train: TrainRecipe,

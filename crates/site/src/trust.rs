@@ -106,6 +106,33 @@ pub(crate) fn expired(
 }
 
 impl SiteState {
+    /// The HQ keys this site accepts globals from: those pinned at enrolment or the first import, or, with a
+    /// pinned root, those named by the newest HQ key list the root signed. `export --encrypt` encrypts the
+    /// update to them, so the operator does not name HQ's key again (issue 15 §5).
+    pub fn pinned_hq_keys(&self) -> Result<Vec<PublicKey>, SiteError> {
+        let Some(pin) = self.pin()? else {
+            return Err(SiteError::NoPinnedHqKey);
+        };
+        let keys = match pin.root_key().map_err(SiteError::InvalidPin)? {
+            None => pin.hq_public_keys().map_err(SiteError::InvalidPin)?,
+            Some(root) => {
+                let Some(bytes) = self.hq_key_list()? else {
+                    return Err(SiteError::NeedsHqKeyList);
+                };
+                keylist::verify(&bytes, &root)
+                    .map_err(|e| SiteError::Corrupt {
+                        path: self.dir().join("hq-keys.ferry-keys"),
+                        why: e.to_string(),
+                    })?
+                    .1
+            }
+        };
+        if keys.is_empty() {
+            return Err(SiteError::NoPinnedHqKey);
+        }
+        Ok(keys)
+    }
+
     /// Work out whom to believe for this import, without writing anything (see the module documentation).
     pub fn prepare_import(
         &self,

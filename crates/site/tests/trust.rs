@@ -572,9 +572,15 @@ fn a_root_pinned_site_follows_hq_key_rotation_under_the_root_only() {
         ),
         |e| matches!(e, SiteError::NeedsHqKeyList),
     );
+    // Nothing pinned yet: `export --encrypt` has no HQ key to encrypt to (issue 15 §5).
+    assert!(matches!(
+        state.pinned_hq_keys().unwrap_err(),
+        SiteError::NoPinnedHqKey
+    ));
     let l1 = key_list(1, "city", &[&hq()], &root());
     import(&state, &root_trust(&l1), &policy(), &g0).unwrap();
     assert!(state.pin().unwrap().unwrap().root.is_some());
+    assert_eq!(state.pinned_hq_keys().unwrap(), vec![hq().public()]);
 
     // HQ's key leaks; the root names a new key. The global signed by it comes with the new list.
     let g1 = global(G {
@@ -595,6 +601,8 @@ fn a_root_pinned_site_follows_hq_key_rotation_under_the_root_only() {
     let l2 = key_list(2, "city", &[&hq2()], &root());
     import(&state, &with_key_list(l2.clone()), &policy(), &g1).unwrap();
     assert_eq!(state.hq_key_list().unwrap().unwrap(), l2);
+    // Updates are now encrypted to the new HQ key, the one the root's newest list names.
+    assert_eq!(state.pinned_hq_keys().unwrap(), vec![hq2().public()]);
     // The old key no longer signs anything this site accepts, and the old list cannot come back.
     let old = global(G::new(2, Some(&g1)));
     let before = snapshot(state.dir());
