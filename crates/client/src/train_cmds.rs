@@ -264,9 +264,8 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         data,
         eff,
     } = args.data.resolve(DataSetting::Train, recipe)?;
-    for w in eff.warnings(data.len()) {
-        eprintln!("warning: {w}");
-    }
+    // Said after training (a refusal stays one line): what in the recipe makes no sense for this data.
+    let warnings = eff.warnings(data.len());
     let (epochs, lr, warmup, batch, seed) = eff.recipe();
     let device = eff.device.0.unwrap_or_default();
     let cfg = TrainConfig {
@@ -289,6 +288,9 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
     };
     let lock = state.lock()?;
     let s = train_site(&state, &lock, &data, &cfg, &dev, &mut bars).context("training")?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if args.json {
         return print_json(&serde_json::json!({
             "arch": arch.name(), "round": s.base.round, "base": s.base.hash, "samples": s.train.samples,
