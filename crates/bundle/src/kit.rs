@@ -7,6 +7,10 @@
 //! - `kit.json.sig`: HQ's detached signature over `kit.json` ([`crate::filesig`]);
 //! - `hq.pub`: HQ's public key file, for the operator to check its fingerprint over the phone;
 //! - `revocations-<serial>.ferry-rev`: HQ's newest revocation list, when it has one;
+//! - with a federation root key (issue 15 §4): `root.pub`, the root's public key, and
+//!   `hq-keys-<serial>.ferry-keys`, the root-signed list of current HQ keys ([`crate::keylist`]), which must name
+//!   every HQ key of the kit. A site enrolled from such a kit pins the root, not HQ's key, so it later accepts a
+//!   new HQ key under a newer root-signed list;
 //! - `README.txt`: what the operator does with it;
 //! - `reply/<site>.pub`, once the site has enrolled: the site's public key, for HQ.
 //!
@@ -33,6 +37,8 @@ pub const SIGNATURE_FILE: &str = "kit.json.sig";
 pub const HQ_KEY_FILE: &str = "hq.pub";
 /// The operator's instructions.
 pub const README_FILE: &str = "README.txt";
+/// The federation root's public key, in a root kit.
+pub const ROOT_KEY_FILE: &str = "root.pub";
 /// The folder a site writes its public key into for HQ.
 pub const REPLY_DIR: &str = "reply";
 /// Largest `kit.json` read.
@@ -102,6 +108,13 @@ pub struct KitManifest {
     pub revocations: Option<KitFile>,
     /// When HQ wrote the kit (seconds since the epoch).
     pub created: u64,
+    /// The federation's root key, when it has one: the site pins it instead of HQ's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<KeyRecord>,
+    /// With `root`: the root-signed list of HQ keys (`hq-keys-<serial>.ferry-keys`), naming every key in
+    /// `hq_keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hq_key_list: Option<KitFile>,
 }
 
 impl KitManifest {
@@ -122,7 +135,26 @@ impl KitManifest {
             hq_keys: vec![KeyRecord::from(hq)],
             revocations: None,
             created: crate::unix_now(),
+            root: None,
+            hq_key_list: None,
         }
+    }
+
+    /// Make this a root kit: `root` and its signed list of HQ keys `list` (the file's bytes). The list must
+    /// verify under `root`, be of this federation and name every HQ key of the kit.
+    pub fn with_root(mut self, root: &PublicKey, list: &[u8]) -> Result<KitManifest, String> {
+        let (l, _) = check_root_list(&self, root, list)?;
+        self.root = Some(KeyRecord::from(root));
+        self.hq_key_list = Some(KitFile {
+            file: format!("hq-keys-{}.{}", l.serial, crate::keylist::EXTENSION),
+            sha256: crate::sha256_hex(list),
+        });
+        Ok(self)
+    }
+
+    /// The root key a root kit names (checked by [`KitManifest::validate`]).
+    pub fn root_key(&self) -> Result<Option<PublicKey>, String> {
+        self.root.as_ref().map(KeyRecord::to_key).transpose()
     }
 
     /// Check the fields (ids, keys, hashes), returning HQ's keys.
@@ -154,8 +186,47 @@ impl KitManifest {
                 return Err("the revocation list entry is malformed".into());
             }
         }
+        match (self.root_key()?, &self.hq_key_list) {
+            (Some(root), Some(l)) => {
+                if root.role != Role::Root {
+                    return Err(format!(
+                        "the kit's root key is a {} key, not a root key",
+                        root.role
+                    ));
+                }
+                if !crate::is_sha256_hex(&l.sha256) || !safe_name(&l.file) {
+                    return Err("the HQ key list entry is malformed".into());
+                }
+            }
+            (None, None) => {}
+            _ => return Err("a root kit names both the root key and its HQ key list".into()),
+        }
         Ok(keys)
     }
+}
+
+/// Verify a root-signed HQ key list for the kit `m`: signed by `root`, of the kit's federation, naming every HQ
+/// key of the kit (the key that signs the kit is one the root vouches for). Returns the list and its keys.
+fn check_root_list(
+    m: &KitManifest,
+    root: &PublicKey,
+    bytes: &[u8],
+) -> Result<(crate::keylist::HqKeyList, Vec<PublicKey>), String> {
+    let (list, keys) = crate::keylist::verify(bytes, root).map_err(|e| e.to_string())?;
+    list.check_federation(&m.federation)
+        .map_err(|e| e.to_string())?;
+    for k in &m.hq_keys {
+        let k = k.to_key()?;
+        if !keys.contains(&k) {
+            return Err(format!(
+                "HQ key {} ({}) is not in the root-signed HQ key list {}",
+                crate::escape(&k.id),
+                k.key_id_hex(),
+                list.serial
+            ));
+        }
+    }
+    Ok((list, keys))
 }
 
 /// A plain file name (no folder, no leading dot), as kit entries must be.
@@ -179,16 +250,22 @@ pub struct Kit {
     pub hq_keys: Vec<PublicKey>,
     /// The revocation list: (file name for messages, bytes), its hash checked against the manifest.
     pub revocations: Option<(String, Vec<u8>)>,
+    /// A root kit's root key.
+    pub root: Option<PublicKey>,
+    /// A root kit's HQ key list: (file name for messages, bytes), verified under `root`.
+    pub hq_key_list: Option<(String, Vec<u8>)>,
 }
 
 /// Write a kit folder at `dir` (which must not exist): the manifest, HQ's signature over it, HQ's public key,
-/// the revocation list `revocations` (its bytes; the manifest names its file and hash) and `readme`. Each file is
-/// written atomically; a kit interrupted half way fails to verify and is written again.
+/// the revocation list `revocations` (its bytes; the manifest names its file and hash), for a root kit
+/// ([`KitManifest::with_root`]) `root.pub` and the HQ key list `hq_key_list` (its bytes), and `readme`. Each file
+/// is written atomically; a kit interrupted half way fails to verify and is written again.
 pub fn write(
     dir: &Path,
     manifest: &KitManifest,
     key: &SecretKey,
     revocations: Option<&[u8]>,
+    hq_key_list: Option<&[u8]>,
     readme: &str,
 ) -> Result<(), KitError> {
     let malformed = |why: String| KitError::Malformed {
@@ -210,6 +287,14 @@ pub fn write(
             ))
         }
     }
+    let root = manifest.root_key().map_err(malformed)?;
+    match (&root, &manifest.hq_key_list, hq_key_list) {
+        (Some(root), Some(l), Some(bytes)) if crate::sha256_hex(bytes) == l.sha256 => {
+            check_root_list(manifest, root, bytes).map_err(malformed)?;
+        }
+        (None, None, None) => {}
+        _ => return Err(malformed("the HQ key list and its entry disagree".into())),
+    }
     if std::fs::symlink_metadata(dir).is_ok() {
         return Err(KitError::Exists(dir.to_path_buf()));
     }
@@ -218,6 +303,10 @@ pub fn write(
     json.push(b'\n');
     if let (Some(r), Some(bytes)) = (&manifest.revocations, revocations) {
         fsutil::write_new_verified(&dir.join(&r.file), bytes)?;
+    }
+    if let (Some(root), Some(l), Some(bytes)) = (&root, &manifest.hq_key_list, hq_key_list) {
+        fsutil::write_new_verified(&dir.join(&l.file), bytes)?;
+        fsutil::write_new_verified(&dir.join(ROOT_KEY_FILE), root.to_file_text().as_bytes())?;
     }
     fsutil::write_new_verified(
         &dir.join(HQ_KEY_FILE),
@@ -234,8 +323,9 @@ pub fn write(
 }
 
 /// Read and verify the kit at `dir`: the manifest parses and is valid, HQ's signature over it verifies under a
-/// key it names, and the revocation list it carries matches its hash. Nothing in the folder but the manifest,
-/// its signature and that list is read.
+/// key it names, the revocation list it carries matches its hash, and a root kit's HQ key list matches its hash,
+/// verifies under the root it names and names the kit's HQ keys. Nothing in the folder but the manifest, its
+/// signature and those lists is read (`root.pub` is for the operator; the signed manifest holds the root).
 pub fn read(dir: &Path) -> Result<Kit, KitError> {
     let path = dir.join(MANIFEST_FILE);
     let malformed = |why: String| KitError::Malformed {
@@ -281,11 +371,31 @@ pub fn read(dir: &Path) -> Result<Kit, KitError> {
         }
         None => None,
     };
+    let root = manifest
+        .root_key()
+        .map_err(|e| malformed(crate::escape(&e)))?;
+    let hq_key_list = match (&root, &manifest.hq_key_list) {
+        (Some(root), Some(l)) => {
+            let p = dir.join(&l.file);
+            let bytes = fsutil::read_capped(&p, MAX_LIST)?;
+            if crate::sha256_hex(&bytes) != l.sha256 {
+                return Err(KitError::FileChanged(p));
+            }
+            check_root_list(&manifest, root, &bytes).map_err(|why| KitError::Malformed {
+                path: p.clone(),
+                why: crate::escape(&why),
+            })?;
+            Some((crate::escape_path(&p), bytes))
+        }
+        _ => None,
+    };
     Ok(Kit {
         dir: dir.to_path_buf(),
         manifest,
         hq_keys,
         revocations,
+        root,
+        hq_key_list,
     })
 }
 
@@ -316,12 +426,12 @@ mod tests {
     fn a_written_kit_reads_back_and_an_altered_one_does_not() {
         let d = tempfile::tempdir().unwrap();
         let kit = d.path().join("kit-site-b");
-        write(&kit, &manifest(), &hq(), None, "read me\n").unwrap();
+        write(&kit, &manifest(), &hq(), None, None, "read me\n").unwrap();
         let k = read(&kit).unwrap();
         assert_eq!(k.manifest, manifest_with_time(k.manifest.created));
         assert_eq!(k.hq_keys, vec![hq().public()]);
         assert!(matches!(
-            write(&kit, &manifest(), &hq(), None, ""),
+            write(&kit, &manifest(), &hq(), None, None, ""),
             Err(KitError::Exists(_))
         ));
 
@@ -336,7 +446,7 @@ mod tests {
 
         // A kit signed by a key it does not name cannot be written.
         let other = SecretKey::from_seed(Role::Hq, "hq", [9; 32]);
-        assert!(write(&d.path().join("k2"), &manifest(), &other, None, "").is_err());
+        assert!(write(&d.path().join("k2"), &manifest(), &other, None, None, "").is_err());
         assert!(!d.path().join("k2").exists());
     }
 
@@ -356,7 +466,7 @@ mod tests {
             file: "revocations-1.ferry-rev".into(),
             sha256: crate::sha256_hex(&list),
         });
-        write(&kit, &m, &hq(), Some(&list), "").unwrap();
+        write(&kit, &m, &hq(), Some(&list), None, "").unwrap();
         assert_eq!(read(&kit).unwrap().revocations.unwrap().1, list);
         std::fs::write(kit.join("revocations-1.ferry-rev"), b"changed").unwrap();
         assert!(matches!(read(&kit), Err(KitError::FileChanged(_))));
@@ -367,5 +477,65 @@ mod tests {
             "{e}"
         );
         assert!(read(d.path().join("missing").as_path()).is_err());
+    }
+
+    fn root() -> SecretKey {
+        SecretKey::from_seed(Role::Root, "root", [5; 32])
+    }
+
+    fn key_list(federation: &str, keys: &[PublicKey], signer: &SecretKey) -> Vec<u8> {
+        let now = crate::unix_now();
+        crate::keylist::sign(
+            &crate::keylist::HqKeyList::new(federation, 3, now, now + 1000, keys),
+            signer,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_root_kit_carries_the_root_and_a_list_naming_its_hq_key() {
+        let d = tempfile::tempdir().unwrap();
+        let list = key_list("city", &[hq().public()], &root());
+        let m = manifest().with_root(&root().public(), &list).unwrap();
+        assert_eq!(m.hq_key_list.as_ref().unwrap().file, "hq-keys-3.ferry-keys");
+        let kit = d.path().join("kit");
+        write(&kit, &m, &hq(), None, Some(&list), "").unwrap();
+        let k = read(&kit).unwrap();
+        assert_eq!(k.root, Some(root().public()));
+        assert_eq!(k.hq_key_list.unwrap().1, list);
+        assert_eq!(
+            std::fs::read_to_string(kit.join(ROOT_KEY_FILE)).unwrap(),
+            root().public().to_file_text()
+        );
+
+        // A list that does not name the kit's HQ key, of another federation, or not signed by the root.
+        let other = SecretKey::from_seed(Role::Hq, "hq-2", [7; 32]);
+        for (bad, why) in [
+            (
+                key_list("city", &[other.public()], &root()),
+                "not in the root-signed",
+            ),
+            (key_list("town", &[hq().public()], &root()), "town"),
+            (
+                key_list(
+                    "city",
+                    &[hq().public()],
+                    &SecretKey::from_seed(Role::Root, "root", [6; 32]),
+                ),
+                "pins root key",
+            ),
+        ] {
+            let e = manifest().with_root(&root().public(), &bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        // A list swapped on the stick for another one: its hash no longer matches.
+        let newer = key_list("city", &[hq().public(), other.public()], &root());
+        std::fs::write(kit.join("hq-keys-3.ferry-keys"), &newer).unwrap();
+        assert!(matches!(read(&kit), Err(KitError::FileChanged(_))));
+        // A manifest naming a root without its list does not validate.
+        let mut half = manifest();
+        half.root = Some(KeyRecord::from(&root().public()));
+        assert!(write(&d.path().join("k3"), &half, &hq(), None, None, "").is_err());
+        assert!(!d.path().join("k3").exists());
     }
 }

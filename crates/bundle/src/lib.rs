@@ -19,6 +19,7 @@ pub mod payload;
 pub mod revocation;
 mod stream;
 pub mod tensor;
+pub mod tomlfile;
 
 mod error;
 

@@ -3,6 +3,7 @@
 //! pick between a flag and the file, and how `config` prints the result.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -66,6 +67,25 @@ impl SettingRow {
                 .map(|v| ferry_bundle::escape(&v.to_string())),
             origin: picked.1,
         }
+    }
+}
+
+impl SettingRow {
+    /// A row for a path setting (key, stick, root ...), shown as the path.
+    pub fn path(name: &str, picked: &(Option<PathBuf>, Origin)) -> SettingRow {
+        let shown = picked.0.as_ref().map(|p| p.display().to_string());
+        SettingRow::new(name, &(shown, picked.1))
+    }
+
+    /// A row for a list of paths (trust), shown joined with ", ".
+    pub fn paths(name: &str, picked: &(Option<Vec<PathBuf>>, Origin)) -> SettingRow {
+        let shown = picked.0.as_ref().map(|v| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        SettingRow::new(name, &(shown, picked.1))
     }
 }
 

@@ -16,6 +16,9 @@ pub struct SettingFlags {
     /// This site's secret key (ferry.toml: key).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// HQ's public key (.pub or a folder of them) for a first import without a kit (ferry.toml: trust).
+    #[arg(long, value_name = "PUB")]
+    pub trust: Vec<PathBuf>,
     /// Where the stick is mounted (ferry.toml: stick).
     #[arg(long)]
     pub stick: Option<PathBuf>,
@@ -50,10 +53,14 @@ pub struct SettingFlags {
 
 impl SettingFlags {
     /// The flags given, as settings to remember (`enroll` writes them into `ferry.toml`).
+    /// Paths are made absolute: a relative path in `ferry.toml` is read relative to the state directory, while
+    /// the flag's was relative to where the command ran.
     pub fn to_settings(&self) -> SiteSettings {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
         let mut s = SiteSettings {
-            key: self.key.clone(),
-            stick: self.stick.clone(),
+            key: self.key.as_ref().map(abs),
+            trust: (!self.trust.is_empty()).then(|| self.trust.iter().map(abs).collect()),
+            stick: self.stick.as_ref().map(abs),
             data: self.data.as_ref().map(ToString::to_string),
             eval_data: self.eval_data.as_ref().map(ToString::to_string),
             ..SiteSettings::default()
@@ -116,7 +123,11 @@ impl Effective {
         Ok(Effective {
             key: pick(flags.key.clone(), file.key.clone(), None),
             stick: pick(flags.stick.clone(), file.stick.clone(), None),
-            trust: pick(None, file.trust.clone(), None),
+            trust: pick(
+                (!flags.trust.is_empty()).then(|| flags.trust.clone()),
+                file.trust.clone(),
+                None,
+            ),
             data: pick(
                 flags.data.clone(),
                 parse_from_file(&path, "data", file.data.as_ref())?,
@@ -141,6 +152,17 @@ impl Effective {
         })
     }
 
+    /// The key file that signs this site's updates, or the error that says where to set it.
+    pub fn key(&self, state: &SiteState) -> Result<PathBuf> {
+        match &self.key.0 {
+            Some(k) => Ok(k.clone()),
+            None => anyhow::bail!(
+                "which key signs this site's updates? give --key FILE, or set `key = \"...\"` in {}",
+                ferry_bundle::escape_path(&state.settings_path())
+            ),
+        }
+    }
+
     /// The recipe's numbers (every one has a default).
     pub fn recipe(&self) -> (u32, f64, u64, usize, u64) {
         (
@@ -159,21 +181,10 @@ impl Effective {
     }
 
     fn rows(&self) -> Vec<SettingRow> {
-        let path =
-            |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
-        let trust = (
-            self.trust.0.as_ref().map(|v| {
-                v.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }),
-            self.trust.1,
-        );
         vec![
-            SettingRow::new("key", &path(&self.key)),
-            SettingRow::new("trust", &trust),
-            SettingRow::new("stick", &path(&self.stick)),
+            SettingRow::path("key", &self.key),
+            SettingRow::paths("trust", &self.trust),
+            SettingRow::path("stick", &self.stick),
             SettingRow::new("data", &self.data),
             SettingRow::new("eval-data", &self.eval_data),
             SettingRow::new("train.epochs", &self.epochs),

@@ -23,7 +23,8 @@ pub struct EnrollArgs {
     /// The new site state directory (must not hold another site).
     #[arg(long)]
     pub state: PathBuf,
-    /// HQ's key fingerprint as HQ read it to you: the kit is refused if its key differs.
+    /// HQ's key fingerprint as HQ read it to you (or, for a federation with a root key, the root's): the kit is
+    /// refused if its key differs.
     #[arg(long, value_name = "FINGERPRINT")]
     pub hq_fingerprint: Option<String>,
     /// Settings to remember in ferry.toml.
@@ -42,14 +43,17 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
     let kit = ferry_bundle::kit::read(&a.kit)?;
     let m = &kit.manifest;
     if let Some(given) = &a.hq_fingerprint {
-        if !kit
-            .hq_keys
+        // A root kit's keys are vouched for by its root: the root's fingerprint identifies the federation.
+        let anchors: Vec<&ferry_bundle::PublicKey> =
+            kit.hq_keys.iter().chain(kit.root.as_ref()).collect();
+        if !anchors
             .iter()
             .any(|k| normalise(&k.fingerprint()) == normalise(given))
         {
             anyhow::bail!(
-                "the kit's HQ key ({}) does not have the fingerprint you were given ({}): this kit did not come from your HQ; do not use it",
-                kit.hq_keys
+                "the kit's {} ({}) does not have the fingerprint you were given ({}): this kit did not come from your HQ; do not use it",
+                if kit.root.is_some() { "HQ and root keys" } else { "HQ key" },
+                anchors
                     .iter()
                     .map(|k| k.fingerprint())
                     .collect::<Vec<_>>()
@@ -100,6 +104,14 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
             escape(&k.id),
             k.key_id_hex(),
             k.fingerprint()
+        );
+    }
+    if let Some(root) = &kit.root {
+        outln!(
+            "root key {} {}, fingerprint {}: this site pins the root; a new HQ key is accepted under a newer HQ key list it signs",
+            escape(&root.id),
+            root.key_id_hex(),
+            root.fingerprint()
         );
     }
     if a.hq_fingerprint.is_none() {

@@ -117,11 +117,12 @@ struct PackArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  First import (pins the federation and HQ's key):\n    ferry-client import --federation city-cctv --trust keys/hq.pub --state site/ /media/usb/global-r0.ferry\n  First import under the federation's root key (pins the root; HQ keys come from root-signed lists):\n    ferry-client import --federation city-cctv --root keys/root.pub --hq-keys /media/usb/hq-keys-1.ferry-keys \\\n        --state site/ /media/usb/global-r0.ferry\n  Later rounds (the pin decides whom to believe; give revocation lists and new HQ key lists HQ sends):\n    ferry-client import --state site/ --revocations /media/usb/revocations-3.ferry-rev /media/usb/global-r4.ferry\n\nRefuses older globals (rollback), forks (round N+1 not based on the global held), other federations,\nHQ keys the pin does not cover, globals naming a revocation list the site lacks, and big round jumps.\nImporting the current global again does nothing (revocation lists given are still stored)."
+    after_help = "Examples:\n  After `ferry-client enroll` (trust and stick from site/ferry.toml; the newest global on the stick):\n    ferry-client import --state site/\n  First import without a kit (pins the federation and HQ's key):\n    ferry-client import --federation city-cctv --trust keys/hq.pub --state site/ /media/usb/global-r0.ferry\n  First import under the federation's root key (pins the root; HQ keys come from root-signed lists):\n    ferry-client import --federation city-cctv --root keys/root.pub --hq-keys /media/usb/hq-keys-1.ferry-keys \\\n        --state site/ /media/usb/global-r0.ferry\n  Later rounds (the pin decides whom to believe; give revocation lists and new HQ key lists HQ sends):\n    ferry-client import --state site/ --revocations /media/usb/revocations-3.ferry-rev /media/usb/global-r4.ferry\n\nRefuses older globals (rollback), forks (round N+1 not based on the global held), other federations,\nHQ keys the pin does not cover, globals naming a revocation list the site lacks, and big round jumps.\nImporting the current global again does nothing (revocation lists given are still stored)."
 )]
 struct ImportArgs {
-    /// HQ's public key (.pub, or a folder of them). Needed for the first import, which pins it; later it must be
-    /// a key the site pinned (a new HQ key is accepted only under the root's signature, --hq-keys).
+    /// HQ's public key (.pub, or a folder of them). Needed for the first import without a kit, which pins it;
+    /// later it must be a key the site pinned (a new HQ key is accepted only under the root's signature,
+    /// --hq-keys). Default: ferry.toml's trust.
     #[arg(long)]
     trust: Vec<PathBuf>,
     /// HQ-signed revocation list (.ferry-rev, repeatable): verified, stored in the state and applied to every
@@ -157,7 +158,8 @@ struct ImportArgs {
     #[command(flatten)]
     identity: ferry_cli::IdentityArgs,
     /// The global bundle, or a folder (the stick): then the newest global in it this site can import.
-    file: PathBuf,
+    /// Default: ferry.toml's stick.
+    file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -191,18 +193,18 @@ struct StatusArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/ --json"
+    after_help = "Examples:\n  ferry-client export --state site/                    # key and stick from site/ferry.toml\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/ --json"
 )]
 struct ExportArgs {
     /// The site's state directory.
     #[arg(long)]
     state: PathBuf,
-    /// This site's secret key.
+    /// This site's secret key (default: ferry.toml's key, which enroll wrote).
     #[arg(long)]
-    key: PathBuf,
-    /// Directory to write the update into (e.g. the mounted stick).
-    #[arg(long, default_value = "bundles")]
-    out: PathBuf,
+    key: Option<PathBuf>,
+    /// Directory to write the update into (default: ferry.toml's stick, else bundles/).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
@@ -286,13 +288,25 @@ fn pack(a: &PackArgs) -> Result<()> {
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
-    if !a.file.is_dir() {
-        ferry_cli::require_file(&a.file)?;
+    let state = SiteState::at(&a.state);
+    let flags = config_cmd::SettingFlags {
+        trust: a.trust.clone(),
+        stick: a.file.clone(),
+        ..Default::default()
+    };
+    let eff = config_cmd::Effective::resolve(&state, &flags).context("reading the settings")?;
+    let Some(file) = eff.stick.0.clone() else {
+        anyhow::bail!(
+            "which global? give the file (or the stick's folder), or set `stick = \"/media/usb\"` in {}",
+            escape_path(&state.settings_path())
+        );
+    };
+    if !file.is_dir() {
+        ferry_cli::require_file(&file)?;
     }
-    let keys = if a.trust.is_empty() {
-        ferry_bundle::Keyring::new()
-    } else {
-        ferry_cli::load_keyring(&a.trust)?
+    let keys = match &eff.trust.0 {
+        Some(t) => ferry_cli::load_keyring(t)?,
+        None => ferry_bundle::Keyring::new(),
     };
     let hq_keys = match &a.hq_keys {
         Some(p) => Some((
@@ -317,26 +331,25 @@ fn import(a: &ImportArgs) -> Result<()> {
         refuse_expired: a.refuse_expired,
         ..ImportPolicy::default()
     };
-    let state = SiteState::at(&a.state);
     let mut prepared = state.prepare_import(&trust, &policy)?;
     // The site's identities join the keyring, so an encrypted global reads, picked from a folder or named.
     a.identity.apply(prepared.keyring_mut())?;
     // A folder (the stick): the newest global in it that this site can import (issue 16).
-    let (file, bundle) = if a.file.is_dir() {
-        let picked = state.pick_global(&a.file, &prepared, &policy)?;
+    let (file, bundle) = if file.is_dir() {
+        let picked = state.pick_global(&file, &prepared, &policy)?;
         for (p, why) in &picked.skipped {
             eprintln!("note: skipped {}: {why}", escape_path(p));
         }
         (picked.path, picked.bundle)
     } else {
-        let bundle = open_bundle(&a.file, prepared.keyring()).with_context(|| {
+        let bundle = open_bundle(&file, prepared.keyring()).with_context(|| {
             format!(
                 "this site accepts globals of federation {} signed by {}",
                 prepared.federation(),
                 prepared.hq_key_ids()
             )
         })?;
-        (a.file.clone(), bundle)
+        (file, bundle)
     };
     let outcome = state.import_new(&bundle, &file.display().to_string(), &policy, &prepared)?;
     if a.json {
@@ -497,13 +510,24 @@ fn status(a: &StatusArgs) -> Result<()> {
 }
 
 fn export(a: &ExportArgs) -> Result<()> {
-    let key = read_secret_key(&a.key)?;
     let state = SiteState::open(&a.state)?;
+    let flags = config_cmd::SettingFlags {
+        key: a.key.clone(),
+        stick: a.out.clone(),
+        ..Default::default()
+    };
+    let eff = config_cmd::Effective::resolve(&state, &flags).context("reading the settings")?;
+    let key = read_secret_key(&eff.key(&state)?)?;
+    let out = eff
+        .stick
+        .0
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bundles"));
     // Checked before the lock too, which would leave a `lock` file in a folder that holds no state (issue 17).
     state.require_current()?;
     let lock = state.lock()?;
     let encrypt_to = a.encrypt.resolve(&state)?;
-    let (path, sealed) = state.export_to(&lock, &key, &a.out, a.level, a.again, &encrypt_to)?;
+    let (path, sealed) = state.export_to(&lock, &key, &out, a.level, a.again, &encrypt_to)?;
     report_written(&path, &sealed, a.json)
 }
 

@@ -1,7 +1,8 @@
 //! `ferry-client round` (issue 16): a site's whole round in one command, with the remembered settings.
 //!
 //! 1. import: the newest global on the stick that verifies and passes the import checks
-//!    (`SiteState::pick_global`), with the revocation lists on the stick;
+//!    (`SiteState::pick_global`), with the revocation lists on the stick and, at a site that pins the
+//!    federation's root key, the newest root-signed HQ key list on it;
 //! 2. train, with the recipe from flags / `ferry.toml` / defaults;
 //! 3. evaluate on `eval-data`, if set;
 //! 4. export the update to the stick;
@@ -40,6 +41,77 @@ pub struct RoundArgs {
     /// Refuse a global more than this many rounds ahead of the one held.
     #[arg(long, default_value_t = DEFAULT_MAX_ROUND_JUMP)]
     pub max_round_jump: u64,
+    /// Print one JSON object instead of the step lines: the steps done (or skipped, and why), the files written,
+    /// and what to carry. Notes, warnings and epoch lines stay on stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a round did: printed as step lines, or as one JSON object with `--json` ([`Report::to_json`]).
+#[derive(Debug, Default)]
+struct Report {
+    /// The site's id and federation (from the enrolment pin).
+    site: Option<String>,
+    federation: Option<String>,
+    /// The round of the global trained from.
+    round: u64,
+    /// The stick looked at.
+    stick: String,
+    /// One object per step: `step`, `status` (`done`, `already-done` or `skipped`), `summary` (the words the
+    /// text output prints) and the step's numbers.
+    steps: Vec<serde_json::Value>,
+    /// Files this run wrote (the update on the stick), escaped.
+    written: Vec<String>,
+    /// What to carry back to HQ: file, bytes, tensors, to, note.
+    carry: Option<serde_json::Value>,
+    /// Files on the stick passed over, and why: file, why.
+    skipped: Vec<serde_json::Value>,
+    /// Warnings (also printed on stderr).
+    warnings: Vec<String>,
+}
+
+impl Report {
+    /// Record a step; in text mode print its line (`N name  summary`).
+    fn step(
+        &mut self,
+        json: bool,
+        name: &'static str,
+        status: &'static str,
+        summary: String,
+        mut extra: serde_json::Value,
+    ) -> Result<()> {
+        if !json {
+            let n = self.steps.len() + 1;
+            outln!("{n} {name:<9} {summary}");
+        }
+        extra["step"] = name.into();
+        extra["status"] = status.into();
+        extra["summary"] = summary.into();
+        self.steps.push(extra);
+        Ok(())
+    }
+
+    fn warn(&mut self, warnings: &[String]) {
+        for w in warnings {
+            eprintln!("warning: {w}");
+            self.warnings.push(w.clone());
+        }
+    }
+
+    fn skip(&mut self, file: &Path, why: &str) {
+        let file = escape(&file.file_name().unwrap_or_default().to_string_lossy());
+        eprintln!("note: skipped {file}: {why}");
+        self.skipped
+            .push(serde_json::json!({"file": file, "why": why}));
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "site": self.site, "federation": self.federation, "round": self.round, "stick": self.stick,
+            "steps": self.steps, "written": self.written, "carry": self.carry, "skipped": self.skipped,
+            "warnings": self.warnings,
+        })
+    }
 }
 
 /// One line per finished epoch, on stderr.
@@ -60,21 +132,59 @@ impl TrainObserver for EpochLines {
     }
 }
 
-/// The revocation lists on the stick (`*.ferry-rev` in its top folder).
-fn stick_lists(stick: &Path) -> Result<Vec<PathBuf>> {
+/// The files with extension `ext` in the stick's top folder (`ferry-rev` revocation lists, `ferry-keys` HQ key
+/// lists), sorted.
+fn stick_files(stick: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     let mut v = Vec::new();
     let entries = std::fs::read_dir(stick)
         .with_context(|| format!("reading the stick {}", escape_path(stick)))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !name.starts_with('.')
-            && name.ends_with(&format!(".{}", ferry_bundle::revocation::EXTENSION))
-        {
+        if !name.starts_with('.') && name.ends_with(&format!(".{ext}")) {
             v.push(e.path());
         }
     }
     v.sort();
     Ok(v)
+}
+
+/// For a site that pins a root key: the newest root-signed HQ key list on the stick that this site accepts
+/// (a new HQ key travels this way), set as `trust.hq_keys`. Lists that do not verify under the pinned root, are
+/// of another federation or older than the one held are passed over with a note.
+fn take_hq_key_list(
+    state: &SiteState,
+    stick: &Path,
+    trust: &mut ImportTrust,
+    policy: &ImportPolicy,
+    report: &mut Report,
+) -> Result<()> {
+    let Some(root) = state.pin()?.and_then(|p| p.root_key().ok().flatten()) else {
+        return Ok(());
+    };
+    let mut best: Option<(u64, (String, Vec<u8>))> = None;
+    for p in stick_files(stick, ferry_bundle::keylist::EXTENSION)? {
+        let bytes = match ferry_bundle::keylist::read_bytes(&p) {
+            Ok(b) => b,
+            Err(e) => {
+                report.skip(&p, &e.to_string());
+                continue;
+            }
+        };
+        let mut t = trust.clone();
+        t.hq_keys = Some((escape_path(&p), bytes.clone()));
+        if let Err(e) = state.prepare_import(&t, policy) {
+            report.skip(&p, &e.to_string());
+            continue;
+        }
+        let serial = ferry_bundle::keylist::verify(&bytes, &root).map_or(0, |(l, _)| l.serial);
+        if best.as_ref().is_none_or(|(s, _)| serial > *s) {
+            best = Some((serial, (escape_path(&p), bytes)));
+        }
+    }
+    if let Some((_, list)) = best {
+        trust.hq_keys = Some(list);
+    }
+    Ok(())
 }
 
 pub fn run_round(a: &RoundArgs) -> Result<()> {
@@ -96,6 +206,11 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         max_round_jump: a.max_round_jump,
         ..ImportPolicy::default()
     };
+    let json = a.json;
+    let mut report = Report {
+        stick: escape_path(&stick),
+        ..Report::default()
+    };
 
     // 1. Import.
     let keys = match &eff.trust.0 {
@@ -106,25 +221,28 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         keys,
         ..ImportTrust::default()
     };
+    // A newer HQ key list first: the revocation lists may be signed by the HQ key it brings.
+    take_hq_key_list(&state, &stick, &mut trust, &policy, &mut report)?;
     // Lists that do not verify for this site (another federation's, damaged) are passed over, not fatal.
-    for p in stick_lists(&stick)? {
+    for p in stick_files(&stick, ferry_bundle::revocation::EXTENSION)? {
         let one = ferry_cli::read_revocation_files(std::slice::from_ref(&p))?;
         let mut t = trust.clone();
         t.revocations.extend(one.clone());
         match state.prepare_import(&t, &policy) {
             Ok(_) => trust.revocations.extend(one),
-            Err(e) => eprintln!("note: skipped {}: {e}", escape_path(&p)),
+            Err(e) => report.skip(&p, &e.to_string()),
         }
     }
     let prepared = state.prepare_import(&trust, &policy)?;
     let picked = state.pick_global(&stick, &prepared, &policy)?;
     for (p, why) in &picked.skipped {
-        eprintln!(
-            "note: skipped {}: {why}",
-            escape(&p.file_name().unwrap_or_default().to_string_lossy())
-        );
+        report.skip(p, why);
     }
     let round = picked.bundle.manifest.round;
+    report.round = round;
+    let numbers = serde_json::json!({
+        "round": round, "file": escape_path(&picked.path), "hash": picked.bundle.hash,
+    });
     match state.import_new(
         &picked.bundle,
         &picked.path.display().to_string(),
@@ -132,19 +250,31 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         &prepared,
     )? {
         ImportOutcome::AlreadyCurrent { warnings } => {
-            outln!(
-                "1 import    round {round} is already imported ({})",
-                short(&picked.bundle.hash)
-            );
-            print_warnings(&warnings);
+            report.step(
+                json,
+                "import",
+                "already-done",
+                format!(
+                    "round {round} is already imported ({})",
+                    short(&picked.bundle.hash)
+                ),
+                numbers,
+            )?;
+            report.warn(&warnings);
         }
         ImportOutcome::Installed { warnings, .. } => {
-            outln!(
-                "1 import    imported round {round} from {} ({})",
-                escape_path(&picked.path),
-                short(&picked.bundle.hash)
-            );
-            print_warnings(&warnings);
+            report.step(
+                json,
+                "import",
+                "done",
+                format!(
+                    "imported round {round} from {} ({})",
+                    escape_path(&picked.path),
+                    short(&picked.bundle.hash)
+                ),
+                numbers,
+            )?;
+            report.warn(&warnings);
         }
     }
 
@@ -164,12 +294,18 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     let fresh = state.local()?.filter(|l| l.base_hash == global.hash);
     let exported = fresh.as_ref().and_then(|l| l.exported.clone());
     if let Some(l) = &fresh {
-        outln!(
-            "2 train     already trained from round {} ({}, {})",
-            l.round,
-            count(l.samples, "sample"),
-            count(l.epochs.into(), "epoch")
-        );
+        report.step(
+            json,
+            "train",
+            "already-done",
+            format!(
+                "already trained from round {} ({}, {})",
+                l.round,
+                count(l.samples, "sample"),
+                count(l.epochs.into(), "epoch")
+            ),
+            serde_json::json!({"round": l.round, "samples": l.samples, "epochs": l.epochs}),
+        )?;
     } else {
         let Some(spec) = eff.data.0.as_ref() else {
             anyhow::bail!(
@@ -178,9 +314,7 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             );
         };
         let data = load(spec)?;
-        for w in eff.warnings(data.len()) {
-            eprintln!("warning: {w}");
-        }
+        report.warn(&eff.warnings(data.len()));
         let (epochs, lr, warmup, batch, seed) = eff.recipe();
         let cfg = TrainConfig {
             epochs,
@@ -200,14 +334,24 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             .resumed_after
             .map(|e| format!(", resumed after epoch {e}"))
             .unwrap_or_default();
-        outln!(
-            "2 train     trained {arch} from round {} on {}: {}, {}{resumed}; loss {:.3}",
-            s.base.round,
-            count(s.train.samples as u64, "sample"),
-            count(epochs.into(), "epoch"),
-            count(s.round_steps, "step"),
-            s.train.loss
-        );
+        report.step(
+            json,
+            "train",
+            "done",
+            format!(
+                "trained {arch} from round {} on {}: {}, {}{resumed}; loss {:.3}",
+                s.base.round,
+                count(s.train.samples as u64, "sample"),
+                count(epochs.into(), "epoch"),
+                count(s.round_steps, "step"),
+                s.train.loss
+            ),
+            serde_json::json!({
+                "round": s.base.round, "samples": s.train.samples, "epochs": epochs,
+                "steps": s.round_steps, "resumed_after": s.resumed_after, "loss": s.train.loss,
+                "accuracy": s.train.accuracy,
+            }),
+        )?;
     }
     match (eff.eval_data.0.as_ref(), &exported) {
         (Some(spec), None) => {
@@ -218,16 +362,35 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
                 .char_accuracy
                 .map(|c| format!(", {:.1}% of characters", 100.0 * c))
                 .unwrap_or_default();
-            outln!(
-                "3 evaluate  {which} model on {}: {:.1}% correct{chars}",
-                count(e.samples as u64, "sample"),
-                100.0 * e.accuracy
-            );
+            report.step(
+                json,
+                "evaluate",
+                "done",
+                format!(
+                    "{which} model on {}: {:.1}% correct{chars}",
+                    count(e.samples as u64, "sample"),
+                    100.0 * e.accuracy
+                ),
+                serde_json::json!({
+                    "model": which.to_string(), "samples": e.samples, "accuracy": e.accuracy,
+                    "char_accuracy": e.char_accuracy, "loss": e.loss,
+                }),
+            )?;
         }
-        (Some(_), Some(_)) => outln!("3 evaluate  skipped: the update already left"),
-        (None, _) => {
-            outln!("3 evaluate  skipped: no eval-data set (ferry.toml eval-data, or --eval-data)")
-        }
+        (Some(_), Some(_)) => report.step(
+            json,
+            "evaluate",
+            "skipped",
+            "skipped: the update already left".into(),
+            serde_json::json!({}),
+        )?,
+        (None, _) => report.step(
+            json,
+            "evaluate",
+            "skipped",
+            "skipped: no eval-data set (ferry.toml eval-data, or --eval-data)".into(),
+            serde_json::json!({}),
+        )?,
     }
 
     // 4. Export.
@@ -252,28 +415,31 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             };
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let tensors = entry.map(|e| e.tensors.len()).unwrap_or(0);
-            outln!("4 export    already on the stick: {}", escape_path(&path));
+            report.step(
+                json,
+                "export",
+                "already-done",
+                format!("already on the stick: {}", escape_path(&path)),
+                serde_json::json!({"file": escape_path(&path), "hash": hash}),
+            )?;
             (path, size, tensors)
         }
         None => {
-            let Some(key_path) = eff.key.0.as_ref() else {
-                anyhow::bail!(
-                    "which key signs this site's updates? give --key FILE, or set `key = ...` in {}",
-                    escape_path(&state.settings_path())
-                );
-            };
-            let key = ferry_cli::read_secret_key(key_path)?;
+            let key = ferry_cli::read_secret_key(&eff.key(&state)?)?;
             let lock = state.lock()?;
             if state.last_export(&cur.federation, cur.round)?.is_none() {
                 remove_unrecorded_update(&stick, &key, &cur.hash, cur.round)?;
             }
             let encrypt_to = crate::encrypt::from_settings(&state)?;
             let (path, sealed) = state.export_to(&lock, &key, &stick, 3, false, &encrypt_to)?;
-            outln!(
-                "4 export    wrote {} ({})",
-                escape_path(&path),
-                short(&sealed.hash)
-            );
+            report.step(
+                json,
+                "export",
+                "done",
+                format!("wrote {} ({})", escape_path(&path), short(&sealed.hash)),
+                serde_json::json!({"file": escape_path(&path), "hash": sealed.hash}),
+            )?;
+            report.written.push(escape_path(&path));
             (
                 path,
                 sealed.bytes.len() as u64,
@@ -283,22 +449,31 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
     };
 
     // 5. What to carry.
-    let site = state
-        .pin()?
-        .and_then(|p| p.site)
-        .unwrap_or_else(|| "this site".into());
+    let pin = state.pin()?;
+    report.site = pin
+        .as_ref()
+        .and_then(|p| p.site.clone())
+        .map(|s| escape(&s));
+    report.federation = Some(escape(&cur.federation));
+    let site = report.site.clone().unwrap_or_else(|| "this site".into());
+    let note = format!(
+        "It holds the model's weights only ({}), signed by {site}: no images, no labels. `ferry-client log --state {}` lists what left.",
+        count(tensors as u64, "tensor"),
+        escape_path(&a.state)
+    );
+    if json {
+        report.carry = Some(serde_json::json!({
+            "file": escape_path(&file), "bytes": bytes, "tensors": tensors, "to": "HQ", "note": note,
+        }));
+        return ferry_cli::print_json(&report.to_json());
+    }
     outln!();
     outln!(
         "Carry {} ({}) back to HQ on this stick.",
         escape_path(&file),
         count(bytes, "byte")
     );
-    outln!(
-        "It holds the model's weights only ({}), signed by {}: no images, no labels. `ferry-client log --state {}` lists what left.",
-        count(tensors as u64, "tensor"),
-        escape(&site),
-        escape_path(&a.state)
-    );
+    outln!("{note}");
     Ok(())
 }
 
@@ -329,10 +504,4 @@ fn remove_unrecorded_update(
         }
     }
     Ok(())
-}
-
-fn print_warnings(w: &[String]) {
-    for w in w {
-        eprintln!("warning: {w}");
-    }
 }

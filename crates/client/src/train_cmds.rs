@@ -1,6 +1,8 @@
 //! `ferry-client train`, `eval` and `recalibrate` (issue 4): argument structs, progress bars and printing over
-//! `ferry_site`. Stage one is clap (`*Args`, no I/O); stage two opens the state, picks the device and loads
-//! the data at the model's input size; the work is one library call.
+//! `ferry_site`. Stage one is clap (`*Args`, no I/O); stage two opens the state, takes the effective settings
+//! (flags, else the state's `ferry.toml`, else the defaults: `config_cmd::Effective`, the resolution `round`
+//! and `config` use), picks the device and loads the data at the model's input size; the work is one library
+//! call.
 
 use std::path::PathBuf;
 
@@ -9,52 +11,102 @@ use clap::Args;
 use ferry_cli::{count, outln, print_json};
 use ferry_site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
+
+use crate::config_cmd::{Effective, SettingFlags};
 use ferry_train::{
     device, AdamConfig, Arch, CosineDecay, DeviceChoice, EpochStats, StepStats, TrainConfig,
     TrainObserver,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Options shared by the three commands: where the state is and what data to use.
+/// Options shared by the three commands: where the state is and what data to use. Every one but `--state`
+/// may be left out when the state's `ferry.toml` holds it (issue 16): the resolution is `round`'s and
+/// `config`'s ([`Effective::resolve`]), flags first.
 #[derive(Debug, Args)]
 pub struct DataArgs {
     /// Site state directory.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
     /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed:N[:SEED], folder:LABELS.csv or
-    /// folder:DIR?labels=filename (docs/training.md).
+    /// folder:DIR?labels=filename (docs/training.md). Default: ferry.toml's data (eval: eval-data).
     #[arg(long, value_name = "SPEC")]
-    pub data: DataSpec,
+    pub data: Option<DataSpec>,
     /// Leave out (and list) unreadable images and bad label lines of a folder dataset instead of refusing it.
     #[arg(long)]
     pub skip_bad: bool,
     /// The labels CSV's encoding: auto (UTF-8, else CP949), utf-8 or cp949.
     #[arg(long, value_name = "ENC")]
     pub labels_encoding: Option<ferry_train::data::folder::TextEncoding>,
-    /// Use only the first N samples.
+    /// Use only the first N samples (ferry.toml [train]: limit).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
     /// Render generated plates with this TTF/OTF font instead of the built-in Unifont.
     #[arg(long, value_name = "TTF")]
     pub font: Option<PathBuf>,
-    /// Device to compute on: cpu or cuda (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
-    pub device: DeviceChoice,
+    /// Device to compute on: cpu or cuda (cuda needs a build with `--features cuda`) (ferry.toml [train]:
+    /// device; default cpu).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<DeviceChoice>,
+}
+
+/// Which remembered data a command takes when `--data` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataSetting {
+    /// `data`: train and recalibrate.
+    Train,
+    /// `eval-data`: eval.
+    Eval,
+}
+
+/// What stage two hands the command: the state, its model, the device, the data, and the effective settings.
+struct Resolved {
+    state: SiteState,
+    arch: Arch,
+    dev: ferry_train::Device,
+    data: Dataset,
+    eff: Effective,
 }
 
 impl DataArgs {
-    /// Stage two: open the state, check its model can be trained, pick the device, load the data at its input size.
-    fn resolve(&self) -> Result<(SiteState, Arch, ferry_train::Device, Dataset)> {
-        let state = SiteState::open(&self.state)?;
-        let (_, arch) = site_arch(&state)?;
-        let dev = device::select(&self.device)?;
-        let cfg = LoadConfig {
+    /// These flags as settings flags (`recipe` adds `train`'s); `--data` stands for `which` setting.
+    fn flags(&self, which: DataSetting, recipe: SettingFlags) -> SettingFlags {
+        let mut f = SettingFlags {
+            device: self.device,
             limit: self.limit,
+            ..recipe
+        };
+        match which {
+            DataSetting::Train => f.data = self.data.clone(),
+            DataSetting::Eval => f.eval_data = self.data.clone(),
+        }
+        f
+    }
+
+    /// Stage two: open the state, take the effective settings (flags, then ferry.toml, then defaults), check its
+    /// model can be trained, pick the device, load the data at its input size.
+    fn resolve(&self, which: DataSetting, recipe: SettingFlags) -> Result<Resolved> {
+        let state = SiteState::open(&self.state)?;
+        let eff = Effective::resolve(&state, &self.flags(which, recipe))
+            .context("reading the settings")?;
+        let (spec, name) = match which {
+            DataSetting::Train => (&eff.data.0, "data"),
+            DataSetting::Eval => (&eff.eval_data.0, "eval-data"),
+        };
+        let Some(spec) = spec.clone() else {
+            anyhow::bail!(
+                "what data? give --data SPEC, or set `{name} = \"folder:/data/labels.csv\"` in {}",
+                ferry_bundle::escape_path(&state.settings_path())
+            );
+        };
+        let (_, arch) = site_arch(&state)?;
+        let dev = device::select(&eff.device.0.unwrap_or_default())?;
+        let cfg = LoadConfig {
+            limit: eff.limit.0,
             font: self.font.clone(),
             input: Some(arch.input()),
             classes: Some(arch.classes()),
         };
-        let mut spec = self.data.clone();
+        let mut spec = spec;
         if let Some(o) = spec.folder_options_mut() {
             o.skip_bad |= self.skip_bad;
             o.encoding = self.labels_encoding.unwrap_or(o.encoding);
@@ -63,27 +115,34 @@ impl DataArgs {
             .load_checked(&cfg)
             .with_context(|| format!("loading {}", ferry_bundle::escape(&spec.to_string())))?;
         crate::data_cmds::report_skipped(&skipped);
-        Ok((state, arch, dev, data))
+        Ok(Resolved {
+            state,
+            arch,
+            dev,
+            data,
+            eff,
+        })
     }
 }
 
 /// `ferry-client train`: train the imported global on local data.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-client train --state site/ --data folder:/data/plates/labels.csv --epochs 2\n  ferry-client train --state site/ --data plates:loose:2000 --epochs 1 --json\n\nResumable: run it again after an interruption and it continues from the last finished epoch."
+    after_help = "Examples:\n  ferry-client train --state site/                     # data and recipe from site/ferry.toml\n  ferry-client train --state site/ --data folder:/data/plates/labels.csv --epochs 2\n  ferry-client train --state site/ --data plates:loose:2000 --epochs 1 --json\n\nResumable: run it again after an interruption and it continues from the last finished epoch."
 )]
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Local epochs.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u32,
-    /// Peak learning rate (Adam).
-    #[arg(long, default_value_t = AdamConfig::default().lr)]
-    pub lr: f64,
-    /// Linear warm-up steps (counted over the site's lifetime: the Adam state persists between rounds).
-    #[arg(long, default_value_t = AdamConfig::default().warmup)]
-    pub warmup: u64,
+    /// Local epochs (ferry.toml [train]: epochs; default 1).
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Peak learning rate, Adam (ferry.toml [train]: lr; default 2.5e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warm-up steps, counted over the site's lifetime: the Adam state persists between rounds
+    /// (ferry.toml [train]: warmup; default 1000).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// Cosine learning-rate decay after the warm-up, ending at this step of the site's lifetime (the same count as
     /// --warmup; plan it as rounds × epochs × steps per epoch). 0 keeps the rate flat.
     #[arg(long, default_value_t = 0, value_name = "STEP")]
@@ -91,12 +150,12 @@ pub struct TrainArgs {
     /// Where the decay ends, as a fraction of --lr.
     #[arg(long, default_value_t = CosineDecay::DEFAULT_FLOOR, value_name = "FRACTION")]
     pub decay_floor: f64,
-    /// Images per step.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// Seed of the shuffling order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Images per step (ferry.toml [train]: batch; default 64).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Seed of the shuffling order (ferry.toml [train]: seed; default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Print one JSON object instead of a sentence (the progress bars stay on stderr).
     #[arg(long)]
     pub json: bool,
@@ -105,7 +164,7 @@ pub struct TrainArgs {
 /// `ferry-client eval`: accuracy of the site's model on local data.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-client eval --state site/ --data folder:/data/plates/test.csv\n  ferry-client eval --state site/ --data idx:data/fashion-mnist:test --model global --json"
+    after_help = "Examples:\n  ferry-client eval --state site/                      # eval-data from site/ferry.toml\n  ferry-client eval --state site/ --data folder:/data/plates/test.csv\n  ferry-client eval --state site/ --data idx:data/fashion-mnist:test --model global --json"
 )]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -190,14 +249,32 @@ impl TrainObserver for Bars {
 
 /// Run `ferry-client train`.
 pub fn run_train(args: &TrainArgs) -> Result<()> {
-    let (state, arch, dev, data) = args.data.resolve()?;
-    let cfg = TrainConfig {
+    let recipe = SettingFlags {
         epochs: args.epochs,
+        lr: args.lr,
+        warmup: args.warmup,
         batch: args.batch,
         seed: args.seed,
+        ..SettingFlags::default()
+    };
+    let Resolved {
+        state,
+        arch,
+        dev,
+        data,
+        eff,
+    } = args.data.resolve(DataSetting::Train, recipe)?;
+    // Said after training (a refusal stays one line): what in the recipe makes no sense for this data.
+    let warnings = eff.warnings(data.len());
+    let (epochs, lr, warmup, batch, seed) = eff.recipe();
+    let device = eff.device.0.unwrap_or_default();
+    let cfg = TrainConfig {
+        epochs,
+        batch,
+        seed,
         adam: AdamConfig {
-            lr: args.lr,
-            warmup: args.warmup,
+            lr,
+            warmup,
             decay: (args.decay_until > 0).then_some(CosineDecay {
                 until: args.decay_until,
                 floor: args.decay_floor,
@@ -211,12 +288,15 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
     };
     let lock = state.lock()?;
     let s = train_site(&state, &lock, &data, &cfg, &dev, &mut bars).context("training")?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if args.json {
         return print_json(&serde_json::json!({
             "arch": arch.name(), "round": s.base.round, "base": s.base.hash, "samples": s.train.samples,
-            "epochs": args.epochs, "steps": s.round_steps, "resumed_after": s.resumed_after,
+            "epochs": epochs, "batch": batch, "lr": lr, "warmup": warmup, "steps": s.round_steps, "resumed_after": s.resumed_after,
             "loss": s.train.loss, "accuracy": s.train.accuracy, "images_per_sec": s.train.images_per_sec,
-            "device": args.data.device.to_string(),
+            "device": device.to_string(),
         }));
     }
     let resumed = s
@@ -227,19 +307,27 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         "trained {arch} from round {} on {}: {}, {}{resumed}; loss {:.3}, train accuracy {:.1}%, {:.0} img/s on {}; run `ferry-client export` next",
         s.base.round,
         count(s.train.samples as u64, "sample"),
-        count(args.epochs.into(), "epoch"),
+        count(epochs.into(), "epoch"),
         count(s.round_steps, "step"),
         s.train.loss,
         100.0 * s.train.accuracy,
         s.train.images_per_sec,
-        args.data.device,
+        device,
     );
     Ok(())
 }
 
 /// Run `ferry-client eval`.
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
-    let (state, arch, dev, data) = args.data.resolve()?;
+    let Resolved {
+        state,
+        arch,
+        dev,
+        data,
+        ..
+    } = args
+        .data
+        .resolve(DataSetting::Eval, SettingFlags::default())?;
     let (which, e) = eval_site(&state, &data, args.model, 256, &dev).context("evaluating")?;
     if args.json {
         let out = serde_json::json!({
@@ -273,7 +361,15 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
 
 /// Run `ferry-client recalibrate`.
 pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
-    let (state, arch, dev, data) = args.data.resolve()?;
+    let Resolved {
+        state,
+        arch,
+        dev,
+        data,
+        ..
+    } = args
+        .data
+        .resolve(DataSetting::Train, SettingFlags::default())?;
     let spinner = ProgressBar::new_spinner().with_message(format!(
         "re-estimating BatchNorm statistics on {} samples",
         data.len()

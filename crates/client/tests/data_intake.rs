@@ -3,7 +3,7 @@
 //! a labels CSV with what the model reads (the same readings as ferry-train's, never over an existing file).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use ferry_bundle::{Draft, Payload, Role, SecretKey};
 use ferry_train::data::plates;
@@ -11,41 +11,17 @@ use ferry_train::data::PlateStyle;
 use ferry_train::{Arch, Device, Model};
 
 fn client(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry-client"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn printable(o: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !text.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control character reached the terminal: {text:?}"
-    );
-    text
+    ferry_testdata::cli::run(Path::new(env!("CARGO_BIN_EXE_ferry-client")), args)
 }
 
 #[track_caller]
 fn success(o: &Output) -> String {
-    assert!(o.status.success(), "{o:?}");
-    printable(o);
-    String::from_utf8(o.stdout.clone()).unwrap()
+    ferry_testdata::cli::ok(o)
 }
 
 #[track_caller]
 fn refusal(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    printable(o);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let last = err.lines().last().unwrap_or("").to_string();
-    assert!(last.starts_with("ferry-client: "), "{err:?}");
-    last
+    ferry_testdata::cli::refused("ferry-client", o)
 }
 
 struct Site {

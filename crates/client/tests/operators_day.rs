@@ -8,99 +8,24 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
+use ferry_testdata::cli::{arg as p, ok, refused, snapshot};
 use serde_json::Value;
 
 fn client_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry-client"))
 }
 
-fn server_bin() -> PathBuf {
-    let p = client_bin().with_file_name(format!("ferry-server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        p.is_file(),
-        "{} is not built: run `cargo test -p ferry-client -p ferry-server`, or scripts/test.sh, which build both tools",
-        p.display()
-    );
-    p
-}
-
-fn run<S: AsRef<OsStr>>(bin: &Path, args: &[S]) -> Output {
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("FERRY_PASSPHRASE")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    let t = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !t.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control character reached the terminal: {t:?}"
-    );
-    t
-}
-
-/// Success; stdout returned.
-#[track_caller]
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o);
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// A refusal of `tool`: exit 1, one line on stderr naming the tool; the line returned.
-#[track_caller]
-fn refused(tool: &str, o: Output) -> String {
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{t}");
-    // Progress (epoch lines, notes) may come first; the error is one line, the last.
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let prefix = format!("{tool}: ");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with(&prefix)).count(),
-        1,
-        "not one error line: {err:?}"
-    );
-    let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with(&prefix), "{err}");
-    last.to_string()
-}
-
 fn client<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    run(&client_bin(), args)
+    ferry_testdata::cli::run(&client_bin(), args)
 }
 
 fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    run(&server_bin(), args)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Every file under `dir` with its bytes, for "nothing changed" checks.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                v.extend(snapshot(&path));
-            } else if path.file_name().unwrap() != "lock" {
-                v.push((path.clone(), std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    v.sort();
-    v
+    ferry_testdata::cli::run(
+        &ferry_testdata::cli::sibling(&client_bin(), "ferry-server"),
+        args,
+    )
 }
 
 /// A federation `city` of plate-ctc at HQ (`hq/`, with `hq/ferry.toml` naming the key and the stick `usb/`),
@@ -714,4 +639,471 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
             .contains("min-sites is 3"),
         "{v}"
     );
+}
+
+#[test]
+fn after_enrolment_train_eval_export_and_import_take_the_remembered_settings() {
+    let fed = Fed::new(&["site-a"]);
+    fed.enroll("site-a", 1);
+    let state = fed.path("site-a");
+    let toml = state.join("ferry.toml");
+
+    // import: no --trust, no file: the kit's pin and the stick from ferry.toml.
+    let out = ok(client(&["import", "--state", p(&state)]));
+    assert!(out.contains("imported round 0"), "{out}");
+
+    // train: data, batch and warm-up from ferry.toml (8 plates, 4, 2); --batch given overrides the file.
+    let v: Value = serde_json::from_str(&ok(client(&[
+        "train",
+        "--state",
+        p(&state),
+        "--batch",
+        "8",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["samples"], 8, "{v}");
+    assert_eq!(v["batch"], 8, "{v}");
+    assert_eq!(v["warmup"], 2, "{v}");
+    assert_eq!(v["epochs"], 1, "{v}");
+    assert_eq!(v["steps"], 1, "{v}");
+
+    // eval: eval-data from ferry.toml (4 plates); --data overrides it.
+    let v: Value =
+        serde_json::from_str(&ok(client(&["eval", "--state", p(&state), "--json"]))).unwrap();
+    assert_eq!(v["samples"], 4, "{v}");
+    let v: Value = serde_json::from_str(&ok(client(&[
+        "eval",
+        "--state",
+        p(&state),
+        "--data",
+        "plates:loose:6:5",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["samples"], 6, "{v}");
+
+    // export: --out overrides the stick; the key is ferry.toml's.
+    let scratch = fed.path("scratch");
+    let out = ok(client(&[
+        "export",
+        "--state",
+        p(&state),
+        "--out",
+        p(&scratch),
+    ]));
+    assert!(out.contains("site-a-r0.ferry"), "{out}");
+    assert!(scratch.join("site-a-r0.ferry").is_file());
+    assert!(!fed.path("usb/site-a-r0.ferry").exists());
+    // Again with nothing but --again: key and stick from ferry.toml.
+    let out = ok(client(&["export", "--state", p(&state), "--again"]));
+    assert!(fed.path("usb/site-a-r0.ferry").is_file(), "{out}");
+
+    // Without ferry.toml each command says which flag (or setting) is missing, and writes nothing.
+    let saved = std::fs::read(&toml).unwrap();
+    std::fs::remove_file(&toml).unwrap();
+    let before = snapshot(&state);
+    let err = refused("ferry-client", client(&["train", "--state", p(&state)]));
+    assert!(
+        err.contains("give --data SPEC") && err.contains("ferry.toml"),
+        "{err}"
+    );
+    let err = refused(
+        "ferry-client",
+        client(&["export", "--state", p(&state), "--again"]),
+    );
+    assert!(err.contains("give --key FILE"), "{err}");
+    let err = refused("ferry-client", client(&["import", "--state", p(&state)]));
+    assert!(err.contains("which global?"), "{err}");
+    assert_eq!(snapshot(&state), before);
+    std::fs::write(&toml, saved).unwrap();
+}
+
+#[test]
+fn hq_merge_takes_key_trust_and_strategy_from_ferry_toml_and_flags_override_it() {
+    let fed = Fed::new(&["site-a", "site-b"]);
+    for (site, seed) in [("site-a", 1), ("site-b", 2)] {
+        fed.enroll(site, seed);
+        fed.site_round(site);
+    }
+    let hq = fed.path("hq");
+    for site in ["site-a", "site-b"] {
+        ok(server(&[
+            "enroll",
+            "--state",
+            p(&hq),
+            "--add-reply",
+            p(&fed.path(&format!("usb/kit-{site}"))),
+        ]));
+    }
+    std::fs::write(
+        hq.join("ferry.toml"),
+        "key = \"../keys/hq.key\"\nstick = \"../usb\"\n[merge]\nstrategy = \"median\"\n",
+    )
+    .unwrap();
+    let updates = [
+        fed.path("usb/site-a-r0.ferry"),
+        fed.path("usb/site-b-r0.ferry"),
+    ];
+    let mut args: Vec<String> = vec!["merge".into(), "--state".into(), p(&hq).into()];
+    args.extend(updates.iter().map(|u| p(u).to_string()));
+
+    // A flag overrides the file (and the default): three sites needed, two updates: refused, nothing written.
+    let before = (snapshot(&hq), snapshot(&fed.path("usb")));
+    let mut strict = args.clone();
+    strict.extend(["--min-sites".into(), "3".into()]);
+    let err = refused("ferry-server", server(&strict));
+    assert!(err.contains('3'), "{err}");
+    assert_eq!((snapshot(&hq), snapshot(&fed.path("usb"))), before);
+
+    // No --key, no --trust, no --out, no --strategy: HQ's key and stick and the median from ferry.toml, the
+    // members' keys trusted.
+    let mut json = args.clone();
+    json.push("--json".into());
+    let v: Value = serde_json::from_str(&ok(server(&json))).unwrap();
+    assert_eq!(v["round"], 1, "{v}");
+    assert!(fed.path("usb/global-r1.ferry").is_file());
+    let st = fed.hq_status();
+    let r1 = st["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["round"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(r1["strategy"], "median", "{st}");
+
+    // Without a member list or trust the merge says where trust comes from.
+    let bare = fed.path("bare");
+    ok(server(&[
+        "init",
+        "--key",
+        p(&fed.path("keys/hq.key")),
+        "--arch",
+        "plate-ctc",
+        "--seed",
+        "1",
+        "--federation",
+        "city",
+        "--state",
+        p(&bare),
+        "--out",
+        p(&fed.path("bare-out")),
+    ]));
+    let mut a: Vec<String> = vec![
+        "merge".into(),
+        "--state".into(),
+        p(&bare).into(),
+        "--key".into(),
+        p(&fed.path("keys/hq.key")).into(),
+    ];
+    a.extend(updates.iter().map(|u| p(u).to_string()));
+    let err = refused("ferry-server", server(&a));
+    assert!(
+        err.contains("no site key to trust") && err.contains("--trust"),
+        "{err}"
+    );
+}
+
+#[test]
+fn round_json_at_both_ends_names_the_steps_the_files_and_what_to_carry() {
+    let fed = Fed::new(&["site-a", "site-b"]);
+    for (site, seed) in [("site-a", 1), ("site-b", 2)] {
+        fed.enroll(site, seed);
+    }
+    let round_json = |site: &str| -> Value {
+        serde_json::from_str(&ok(client(&[
+            "round",
+            "--state",
+            p(&fed.path(site)),
+            "--json",
+        ])))
+        .unwrap()
+    };
+    let v = round_json("site-a");
+    let steps: Vec<(&str, &str)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("import", "done"),
+            ("train", "done"),
+            ("evaluate", "done"),
+            ("export", "done")
+        ],
+        "{v}"
+    );
+    assert_eq!(v["site"], "site-a", "{v}");
+    assert_eq!(v["round"], 0, "{v}");
+    assert_eq!(v["steps"][1]["samples"], 8, "{v}");
+    assert_eq!(v["steps"][2]["samples"], 4, "{v}");
+    let file = fed.path("usb/site-a-r0.ferry");
+    assert_eq!(v["written"], serde_json::json!([p(&file)]), "{v}");
+    assert_eq!(v["carry"]["file"], p(&file), "{v}");
+    assert_eq!(v["carry"]["to"], "HQ", "{v}");
+    assert_eq!(
+        v["carry"]["bytes"],
+        std::fs::metadata(&file).unwrap().len(),
+        "{v}"
+    );
+    assert!(v["carry"]["tensors"].as_u64().unwrap() > 0, "{v}");
+    // Run again: every step already done, nothing written.
+    let v = round_json("site-a");
+    assert!(
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] != "done"),
+        "{v}"
+    );
+    assert_eq!(v["written"], serde_json::json!([]), "{v}");
+    assert_eq!(v["carry"]["file"], p(&file), "{v}");
+
+    // HQ: nothing from site-b yet is fine (min-sites 1); the reply keys, the merge, what to carry.
+    let v: Value = serde_json::from_str(&ok(server(&[
+        "round",
+        "--state",
+        p(&fed.path("hq")),
+        "--min-sites",
+        "1",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["merged"], true, "{v}");
+    assert_eq!(v["round"], 0, "{v}");
+    assert_eq!(v["new_round"], 1, "{v}");
+    let added: Vec<&str> = v["keys_added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["site"].as_str().unwrap())
+        .collect();
+    assert_eq!(added, ["site-a", "site-b"], "{v}");
+    assert_eq!(v["contributors"][0]["site"], "site-a", "{v}");
+    assert_eq!(v["contributors"][0]["samples"], 8, "{v}");
+    assert_eq!(v["waiting"], serde_json::json!(["site-b"]), "{v}");
+    let global = fed.path("usb/global-r1.ferry");
+    assert!(global.is_file());
+    // HQ's stick is `../usb` relative to hq/ (its ferry.toml), so compare the files themselves.
+    let carried = PathBuf::from(v["carry"]["files"][0].as_str().unwrap());
+    assert_eq!(
+        carried.canonicalize().unwrap(),
+        global.canonicalize().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["written"], v["carry"]["files"], "{v}");
+    assert_eq!(v["carry"]["to"], "every site", "{v}");
+    // Nothing new: merged false, nothing to carry (the global is on the stick already).
+    let v: Value = serde_json::from_str(&ok(server(&[
+        "round",
+        "--state",
+        p(&fed.path("hq")),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["merged"], false, "{v}");
+    assert_eq!(v["round"], 1, "{v}");
+    assert_eq!(v["carry"], Value::Null, "{v}");
+    assert_eq!(v["waiting"], serde_json::json!(["site-a", "site-b"]), "{v}");
+}
+
+/// A round-1 global of `city` based on `base` (a verified round-0 global file), with its weights, signed by `key`:
+/// what HQ writes after it changed its key.
+fn next_global_signed_by(base: &Path, base_key: &Path, key: &Path, out: &Path) {
+    let read_pub = |p: &Path| ferry_bundle::PublicKey::read(p).unwrap();
+    let mut ring = ferry_bundle::Keyring::new();
+    ring.add(read_pub(base_key)).unwrap();
+    let b = ferry_bundle::open_file(base, &ring).unwrap();
+    let mut d = ferry_bundle::Draft::initial("city", b.manifest.arch.clone());
+    d.round = 1;
+    d.base = Some(b.hash.clone());
+    d.strategy = Some("fedavg".into());
+    d.contributors = vec![ferry_bundle::Contributor {
+        bundle: "a".repeat(64),
+        site: "site-a".into(),
+        samples: 8,
+    }];
+    d.expires = Some(d.created + 86_400);
+    let payload = ferry_bundle::Payload::from_safetensors(b.payload()).unwrap();
+    let key = ferry_bundle::SecretKey::read(key).unwrap();
+    let sealed = ferry_bundle::seal(d, &payload, &key, 3).unwrap();
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(out, &sealed.bytes).unwrap();
+}
+
+#[test]
+fn a_root_kit_pins_the_root_and_a_new_hq_key_is_accepted_only_with_a_list_it_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |rel: &str| dir.path().join(rel);
+    let keys = path("keys");
+    ok(server(&["keygen", "--id", "hq", "--out", p(&keys)]));
+    ok(server(&[
+        "keygen",
+        "--root",
+        "--id",
+        "root",
+        "--out",
+        p(&keys),
+    ]));
+    ok(server(&[
+        "init",
+        "--key",
+        p(&keys.join("hq.key")),
+        "--arch",
+        "plate-ctc",
+        "--seed",
+        "1",
+        "--federation",
+        "city",
+        "--state",
+        p(&path("hq")),
+        "--out",
+        p(&path("usb")),
+    ]));
+    let sign_list = |serial: &str, hq_pub: &Path, root_key: &Path, out: &Path| {
+        ok(server(&[
+            "sign-hq-keys",
+            "--root-key",
+            p(root_key),
+            "--hq",
+            p(hq_pub),
+            "--federation",
+            "city",
+            "--serial",
+            serial,
+            "--out",
+            p(out),
+        ]))
+    };
+    sign_list(
+        "1",
+        &keys.join("hq.pub"),
+        &keys.join("root.key"),
+        &keys.join("hq-keys-1.ferry-keys"),
+    );
+    // HQ remembers its root and the current list in ferry.toml; the kit carries both.
+    std::fs::write(
+        path("hq/ferry.toml"),
+        "key = \"../keys/hq.key\"\nstick = \"../usb\"\nroot = \"../keys/root.pub\"\nhq-keys = \"../keys/hq-keys-1.ferry-keys\"\n",
+    )
+    .unwrap();
+    let root_fp = {
+        let v: Value = serde_json::from_str(&ok(client(&[
+            "fingerprint",
+            "--json",
+            p(&keys.join("root.pub")),
+        ])))
+        .unwrap();
+        v["fingerprint"].as_str().unwrap().to_string()
+    };
+    let out = ok(server(&[
+        "enroll",
+        "--state",
+        p(&path("hq")),
+        "--site",
+        "site-a",
+    ]));
+    assert!(
+        out.contains(&format!("root key fingerprint {root_fp}")),
+        "{out}"
+    );
+    let kit = path("usb/kit-site-a");
+    assert_eq!(
+        std::fs::read(kit.join("hq-keys-1.ferry-keys")).unwrap(),
+        std::fs::read(keys.join("hq-keys-1.ferry-keys")).unwrap()
+    );
+    assert!(kit.join("root.pub").is_file());
+    let readme = std::fs::read_to_string(kit.join("README.txt")).unwrap();
+    assert!(readme.contains(&root_fp), "{readme}");
+
+    // The site enrols, checking the root's fingerprint, and pins the root.
+    let state = path("site-a");
+    let out = ok(client(&[
+        "enroll",
+        p(&kit),
+        "--state",
+        p(&state),
+        "--hq-fingerprint",
+        &root_fp,
+        "--data",
+        "plates:loose:8:1",
+        "--batch",
+        "4",
+        "--warmup",
+        "2",
+    ]));
+    assert!(out.contains("this site pins the root"), "{out}");
+    let st: Value =
+        serde_json::from_str(&ok(client(&["status", "--state", p(&state), "--json"]))).unwrap();
+    assert!(st["pin"]["root"].is_object(), "{st}");
+    // HQ's round puts the list beside the global for the sites.
+    ok(server(&["round", "--state", p(&path("hq"))]));
+    assert!(path("usb/hq-keys-1.ferry-keys").is_file());
+    let out = fed_round(&state, None);
+    assert!(out.contains("1 import    imported round 0"), "{out}");
+
+    // HQ changes its key. A global signed by the new key on a stick without the root's new list: refused.
+    let keys2 = path("keys2");
+    ok(server(&["keygen", "--id", "hq-2027", "--out", p(&keys2)]));
+    let usb2 = path("usb2");
+    next_global_signed_by(
+        &path("usb/global-r0.ferry"),
+        &keys.join("hq.pub"),
+        &keys2.join("hq-2027.key"),
+        &usb2.join("global-r1.ferry"),
+    );
+    let before = snapshot(&state);
+    let o = client(&["round", "--state", p(&state), "--stick", p(&usb2)]);
+    let err = refused("ferry-client", o);
+    assert!(err.contains("global-r1.ferry"), "{err}");
+    assert_eq!(snapshot(&state), before);
+
+    // A list naming the new key but signed by another root: passed over with a note, still refused.
+    ok(server(&[
+        "keygen",
+        "--root",
+        "--id",
+        "root",
+        "--out",
+        p(&path("rogue")),
+    ]));
+    sign_list(
+        "5",
+        &keys2.join("hq-2027.pub"),
+        &path("rogue/root.key"),
+        &usb2.join("hq-keys-5.ferry-keys"),
+    );
+    let o = client(&["round", "--state", p(&state), "--stick", p(&usb2)]);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    refused("ferry-client", o);
+    assert!(stderr.contains("skipped hq-keys-5.ferry-keys"), "{stderr}");
+    assert_eq!(snapshot(&state), before);
+
+    // The root's list naming the new key, on the stick: the new global is accepted, the list stored.
+    sign_list(
+        "2",
+        &keys2.join("hq-2027.pub"),
+        &keys.join("root.key"),
+        &usb2.join("hq-keys-2.ferry-keys"),
+    );
+    let out = fed_round(&state, Some(&usb2));
+    assert!(out.contains("1 import    imported round 1"), "{out}");
+    assert_eq!(
+        std::fs::read(state.join("hq-keys.ferry-keys")).unwrap(),
+        std::fs::read(usb2.join("hq-keys-2.ferry-keys")).unwrap()
+    );
+}
+
+/// `ferry-client round --state STATE [--stick STICK]`, stdout.
+fn fed_round(state: &Path, stick: Option<&Path>) -> String {
+    let mut a = vec!["round".to_string(), "--state".into(), p(state).into()];
+    if let Some(s) = stick {
+        a.extend(["--stick".into(), p(s).into()]);
+    }
+    ok(client(&a))
 }

@@ -5,6 +5,8 @@
 //! stick = "/media/usb"
 //! trust = ["../keys/"]       # extra site keys, beside the member list's
 //! encrypt-to = ["../keys/sites/"]  # encrypt every new global to these keys (issue 15 §5)
+//! root = "../keys/root.pub"  # with a root key: kits carry it and the list below
+//! hq-keys = "../keys/hq-keys-1.ferry-keys"
 //!
 //! [merge]
 //! strategy = "fedavg"
@@ -16,7 +18,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_bundle::fsutil::{self, FsError};
+use ferry_bundle::fsutil::FsError;
+use ferry_bundle::tomlfile::{self, TomlFileError};
 use serde::{Deserialize, Serialize};
 
 /// The settings file's name in HQ's state directory.
@@ -57,6 +60,12 @@ pub struct HqSettings {
     /// Unset: the keys the current global is encrypted to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt_to: Option<Vec<PathBuf>>,
+    /// The federation's root public key (`root.pub`), when it has one: kits then carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// The current root-signed list of HQ keys (`.ferry-keys`): kits carry it, `round` copies it to the stick.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hq_keys: Option<PathBuf>,
     /// The merge.
     #[serde(default, skip_serializing_if = "MergeSettings::is_empty")]
     pub merge: MergeSettings,
@@ -92,37 +101,26 @@ impl MergeSettings {
 impl HqSettings {
     /// Parse settings text (`path` for messages).
     pub fn parse(text: &str, path: &Path) -> Result<HqSettings, SettingsError> {
-        toml::from_str(text).map_err(|e| {
-            let msg = ferry_bundle::escape(e.message().trim());
-            let why = match e.span() {
-                Some(s) => format!(
-                    "line {}: {msg}",
-                    text[..s.start.min(text.len())].matches('\n').count() + 1
-                ),
-                None => msg,
-            };
-            SettingsError::Invalid {
-                path: path.to_path_buf(),
-                why,
-            }
+        tomlfile::parse(text).map_err(|why| SettingsError::Invalid {
+            path: path.to_path_buf(),
+            why,
         })
     }
 
     /// The settings of the HQ state at `dir` with relative paths resolved against it, or `None` without a file.
     pub fn load(dir: &Path) -> Result<Option<HqSettings>, SettingsError> {
         let path = dir.join(SETTINGS_FILE);
-        let bytes = match fsutil::read_capped(&path, MAX_SETTINGS) {
-            Ok(b) => b,
-            Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let text = std::str::from_utf8(&bytes).map_err(|_| SettingsError::Invalid {
-            path: path.clone(),
-            why: "not UTF-8 text".into(),
+        let loaded = tomlfile::load::<HqSettings>(&path, MAX_SETTINGS).map_err(|e| match e {
+            TomlFileError::Invalid { path, why } => SettingsError::Invalid { path, why },
+            TomlFileError::Fs(e) => SettingsError::Fs(e),
+            other => SettingsError::Invalid {
+                path: path.clone(),
+                why: other.to_string(),
+            },
         })?;
-        let s = HqSettings::parse(text, &path)?;
+        let Some(s) = loaded else {
+            return Ok(None);
+        };
         if let Some(st) = &s.merge.strategy {
             st.parse::<crate::Strategy>()
                 .map_err(|e| SettingsError::Invalid {
@@ -135,11 +133,13 @@ impl HqSettings {
 
     /// Relative paths made relative to `dir`.
     pub fn resolve(mut self, dir: &Path) -> HqSettings {
-        let abs = |p: PathBuf| if p.is_relative() { dir.join(p) } else { p };
-        self.key = self.key.map(abs);
-        self.stick = self.stick.map(abs);
-        self.trust = self.trust.map(|v| v.into_iter().map(abs).collect());
-        self.encrypt_to = self.encrypt_to.map(|v| v.into_iter().map(abs).collect());
+        let abs = tomlfile::relative_to(dir);
+        self.key = self.key.map(&abs);
+        self.stick = self.stick.map(&abs);
+        self.root = self.root.map(&abs);
+        self.hq_keys = self.hq_keys.map(&abs);
+        self.trust = self.trust.map(|v| v.into_iter().map(&abs).collect());
+        self.encrypt_to = self.encrypt_to.map(|v| v.into_iter().map(&abs).collect());
         self
     }
 

@@ -24,15 +24,26 @@ pub struct HqFlags {
     /// Where the stick is mounted (ferry.toml: stick).
     #[arg(long)]
     pub stick: Option<PathBuf>,
+    /// The federation's root public key, if it has one: kits carry it, and sites pin it (ferry.toml: root).
+    #[arg(long, value_name = "PUB", requires = "hq_keys")]
+    pub root: Option<PathBuf>,
+    /// The current root-signed list of HQ keys (.ferry-keys, from `sign-hq-keys`): kits carry it and `round`
+    /// copies it onto the stick (ferry.toml: hq-keys).
+    #[arg(long, value_name = "FILE")]
+    pub hq_keys: Option<PathBuf>,
 }
 
 /// Merge settings for `round` and `config`; each overrides `ferry.toml`'s `[merge]`.
 #[derive(Debug, Args, Default)]
 pub struct MergeFlags {
+    /// Site public keys (.pub, or a folder of them) trusted beside the members' keys (ferry.toml: trust).
+    #[arg(long, value_name = "PUB")]
+    pub trust: Vec<PathBuf>,
     /// fedavg, fedavgm, fedadam, median or trimmed-mean (ferry.toml [merge]: strategy).
     #[arg(long)]
     pub strategy: Option<Strategy>,
-    /// Refuse fewer updates than this (ferry.toml [merge]: min-sites).
+    /// Refuse fewer updates than this; merging a single site's update needs an explicit 1 (ferry.toml [merge]:
+    /// min-sites).
     #[arg(long)]
     pub min_sites: Option<usize>,
     /// Clip each update's L2 distance from the current global (ferry.toml [merge]: clip-norm).
@@ -52,6 +63,8 @@ pub struct HqEffective {
     pub key: (Option<PathBuf>, Origin),
     pub stick: (Option<PathBuf>, Origin),
     pub trust: (Option<Vec<PathBuf>>, Origin),
+    pub root: (Option<PathBuf>, Origin),
+    pub hq_keys: (Option<PathBuf>, Origin),
     pub strategy: (Option<Strategy>, Origin),
     pub min_sites: (Option<usize>, Origin),
     pub clip_norm: (Option<f64>, Origin),
@@ -71,7 +84,13 @@ impl HqEffective {
         Ok(HqEffective {
             key: pick(hq.key.clone(), file.key.clone(), None),
             stick: pick(hq.stick.clone(), file.stick.clone(), None),
-            trust: pick(None, file.trust.clone(), None),
+            root: pick(hq.root.clone(), file.root.clone(), None),
+            hq_keys: pick(hq.hq_keys.clone(), file.hq_keys.clone(), None),
+            trust: pick(
+                (!merge.trust.is_empty()).then(|| merge.trust.clone()),
+                file.trust.clone(),
+                None,
+            ),
             strategy: pick(merge.strategy, strategy, Some(Strategy::default())),
             min_sites: pick(merge.min_sites, m.min_sites, Some(DEFAULT_MIN_SITES)),
             clip_norm: pick(merge.clip_norm, m.clip_norm, None),
@@ -95,6 +114,44 @@ impl HqEffective {
         }
     }
 
+    /// With a root key: the root and the signed HQ key list (its bytes), or `None` without a root. A root
+    /// without a list, or a list without a root, is refused (kits carry both, or neither).
+    pub fn root_and_list(&self, state: &Path) -> Result<Option<(PublicKey, Vec<u8>)>> {
+        let file = escape_path(&HqSettings::path(state));
+        match (&self.root.0, &self.hq_keys.0) {
+            (Some(r), Some(l)) => {
+                let root = PublicKey::read(r)?;
+                let bytes = ferry_bundle::keylist::read_bytes(l)
+                    .with_context(|| escape_path(l))?;
+                Ok(Some((root, bytes)))
+            }
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!(
+                "a root key is set but no HQ key list: give --hq-keys FILE (from `sign-hq-keys`), or set hq-keys in {file}"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "an HQ key list is set but not the root key that signs it: give --root root.pub, or set root in {file}"
+            ),
+        }
+    }
+
+    /// The keys a merge trusts: the members' enrolled keys and the `trust` setting's. Refused when empty.
+    pub fn keyring(&self, state: &Path) -> Result<ferry_bundle::Keyring> {
+        let mut keyring = Members::load(state)?.keyring();
+        if let Some(t) = &self.trust.0 {
+            for k in ferry_cli::load_keyring(t)?.keys() {
+                keyring.add(k.clone())?;
+            }
+        }
+        if keyring.keys().next().is_none() {
+            anyhow::bail!(
+                "no site key to trust: enrol the sites (ferry-server enroll), give --trust keys/, or set `trust = [\"../keys/\"]` in {}",
+                escape_path(&HqSettings::path(state))
+            );
+        }
+        Ok(keyring)
+    }
+
     /// The stick, or the error that says where to set it.
     pub fn stick(&self, state: &Path) -> Result<PathBuf> {
         match &self.stick.0 {
@@ -107,21 +164,12 @@ impl HqEffective {
     }
 
     fn rows(&self) -> Vec<SettingRow> {
-        let path =
-            |p: &(Option<PathBuf>, Origin)| (p.0.as_ref().map(|p| p.display().to_string()), p.1);
-        let trust = (
-            self.trust.0.as_ref().map(|v| {
-                v.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }),
-            self.trust.1,
-        );
         vec![
-            SettingRow::new("key", &path(&self.key)),
-            SettingRow::new("trust", &trust),
-            SettingRow::new("stick", &path(&self.stick)),
+            SettingRow::path("key", &self.key),
+            SettingRow::paths("trust", &self.trust),
+            SettingRow::path("stick", &self.stick),
+            SettingRow::path("root", &self.root),
+            SettingRow::path("hq-keys", &self.hq_keys),
             SettingRow::new("merge.strategy", &self.strategy),
             SettingRow::new("merge.min-sites", &self.min_sites),
             SettingRow::new("merge.clip-norm", &self.clip_norm),
@@ -196,7 +244,17 @@ pub struct EnrollArgs {
     pub hq: HqFlags,
 }
 
-fn readme(m: &KitManifest, hq: &PublicKey) -> String {
+fn readme(m: &KitManifest, hq: &PublicKey, root: Option<&PublicKey>) -> String {
+    let root_note = match root {
+        Some(r) => format!(
+            "\x20  This federation also has a root key (root.pub), fingerprint\n\
+             \x20     {}\n\
+             \x20  Compare it too: the site pins the root, and later accepts a new HQ key\n\
+             \x20  only under a list of HQ keys the root signed (hq-keys-*.ferry-keys).\n",
+            r.fingerprint()
+        ),
+        None => String::new(),
+    };
     format!(
         "ferry enrolment kit for site {site} of federation {fed}\n\
          ====================================================\n\n\
@@ -205,7 +263,7 @@ fn readme(m: &KitManifest, hq: &PublicKey) -> String {
          revoked keys. It holds nothing secret.\n\n\
          1. Before anything else, phone HQ and compare HQ's key fingerprint:\n\
          \x20     {fp}\n\
-         \x20  If it differs, stop: this kit did not come from your HQ.\n\n\
+         \x20  If it differs, stop: this kit did not come from your HQ.\n{root_note}\n\
          2. On the site PC, with this stick mounted (here at /media/usb):\n\
          \x20     ferry-client enroll /media/usb/kit-{site} --state site/ \\\n\
          \x20         --data folder:/data/plates/labels.csv\n\
@@ -251,6 +309,16 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
         site,
         &key.public(),
     );
+    // With a root key: the kit carries the root and its signed list, which must name HQ's key.
+    let root = eff.root_and_list(&a.state)?;
+    if let Some((r, list)) = &root {
+        manifest = manifest.with_root(r, list).map_err(|why| {
+            anyhow::anyhow!(
+                "{}: {why}",
+                escape_path(eff.hq_keys.0.as_deref().unwrap_or(Path::new("hq-keys")))
+            )
+        })?;
+    }
     let stored = ferry_merge::hq::stored_revocations(&a.state)?;
     let newest = ferry_bundle::revocation::newest(&stored);
     if let Some(v) = newest {
@@ -276,7 +344,8 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
         &manifest,
         &key,
         newest.map(|v| v.bytes.as_slice()),
-        &readme(&manifest, &key.public()),
+        root.as_ref().map(|(_, l)| l.as_slice()),
+        &readme(&manifest, &key.public(), root.as_ref().map(|(r, _)| r)),
     )?;
     outln!(
         "wrote the kit for {site} to {} (federation {}, model {})",
@@ -288,10 +357,17 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
             .map(escape)
             .unwrap_or_else(|| "foreign weights".into())
     );
-    outln!(
-        "HQ key fingerprint {}: read it to {site}'s operator over the phone",
-        key.public().fingerprint()
-    );
+    match &root {
+        Some((r, _)) => outln!(
+            "root key fingerprint {} (HQ key {}): read the root's to {site}'s operator over the phone",
+            r.fingerprint(),
+            key.public().fingerprint()
+        ),
+        None => outln!(
+            "HQ key fingerprint {}: read it to {site}'s operator over the phone",
+            key.public().fingerprint()
+        ),
+    }
     outln!(
         "{site} is a member now; its key is added when the stick comes back (`ferry-server round`, or enroll --add-reply {})",
         escape_path(&out)

@@ -170,42 +170,34 @@ const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+    after_help = "Examples:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  ferry-server merge --state hq/ /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n      (key, stick and [merge] settings from hq/ferry.toml; the members' keys are trusted)\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --state hq/ --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
 )]
 struct MergeArgs {
-    /// HQ's secret key.
+    /// HQ's secret key (default: ferry.toml's key).
     #[arg(long)]
-    key: PathBuf,
-    /// Trusted site keys (--trust, repeatable) and revocation lists (--revocations).
-    #[command(flatten)]
-    trust: ferry_cli::TrustArgs,
+    key: Option<PathBuf>,
+    /// An HQ-signed revocation list (.ferry-rev); bundles from the keys it names are refused (repeatable).
+    #[arg(long)]
+    revocations: Vec<PathBuf>,
     /// HQ state directory (made by `init --state`).
     #[arg(long)]
     state: PathBuf,
-    /// Directory to write global-r<N+1>.ferry into.
-    #[arg(long, default_value = "bundles")]
-    out: PathBuf,
-    /// fedavg, fedavgm, fedadam, median or trimmed-mean.
-    #[arg(long, default_value = "fedavg")]
-    strategy: ferry_merge::Strategy,
+    /// Directory to write global-r<N+1>.ferry into (default: ferry.toml's stick, else bundles/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Trusted site keys and the merge settings (--trust, --strategy, --min-sites, ...), each overriding
+    /// ferry.toml.
+    #[command(flatten)]
+    settings: enroll_cmd::MergeFlags,
     /// samples (weight by signed sample counts) or equal (plain mean).
     #[arg(long, default_value = "samples")]
     weights: ferry_merge::Weighting,
     /// trimmed-mean: values dropped from each end of every coordinate.
     #[arg(long, default_value_t = 1)]
     trim: usize,
-    /// Clip each update's L2 distance from the current global to this.
-    #[arg(long)]
-    clip_norm: Option<f64>,
-    /// Server learning rate (fedavgm, fedadam).
-    #[arg(long)]
-    server_lr: Option<f64>,
     /// BatchNorm statistic names as mean:var suffix pairs, comma-separated.
     #[arg(long)]
     bn_names: Option<ferry_merge::BnRules>,
-    /// Refuse fewer updates than this. Merging a single site's update needs an explicit --min-sites 1.
-    #[arg(long, default_value_t = ferry_merge::hq::DEFAULT_MIN_SITES)]
-    min_sites: usize,
     /// Cap each update's signed sample count at this (capped sites are reported).
     #[arg(long)]
     max_samples: Option<u64>,
@@ -223,9 +215,6 @@ struct MergeArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
-    /// Days until the new global expires (signed; sites warn after it). Example: --valid-days 30.
-    #[arg(long, default_value_t = DEFAULT_VALID_DAYS)]
-    valid_days: u64,
     /// Quality gate: evaluate the merged and the current global on this data (HQ's validation set) and refuse
     /// a merged global that scores lower (nothing written). Example: --require-eval folder:hq-val/labels.csv
     #[arg(long, value_name = "SPEC")]
@@ -333,22 +322,35 @@ fn init(a: &InitArgs) -> Result<()> {
 }
 
 fn merge(a: &MergeArgs) -> Result<()> {
-    let key = read_secret_key(&a.key)?;
-    // The lists are verified against the trusted keys and the state's federation, and stored, by the merge.
-    let keyring = ferry_cli::load_keyring(&a.trust.trust)?;
+    // Flags first, then the state's ferry.toml, then the defaults: the resolution `round` and `config` use.
+    let hq = enroll_cmd::HqFlags {
+        key: a.key.clone(),
+        stick: a.out.clone(),
+        ..Default::default()
+    };
+    let eff = enroll_cmd::HqEffective::resolve(&a.state, &hq, &a.settings)?;
+    let key = eff.key(&a.state)?;
+    let out = eff
+        .stick
+        .0
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bundles"));
+    // The members' keys, and the keys --trust (else ferry.toml's trust) names.
+    let keyring = eff.keyring(&a.state)?;
     for u in &a.updates {
         ferry_cli::require_file(u)?;
     }
-    let lists = a.trust.revocation_files()?;
+    // The lists are verified against the trusted keys and the state's federation, and stored, by the merge.
+    let lists = ferry_cli::read_revocation_files(&a.revocations)?;
     let mut merge = ferry_merge::MergeConfig {
-        strategy: a.strategy,
+        strategy: eff.strategy.0.unwrap_or_default(),
         weighting: a.weights,
         trim: a.trim,
-        clip_norm: a.clip_norm,
+        clip_norm: eff.clip_norm.0,
         bn_bound: a.bn_bound,
         ..Default::default()
     };
-    if let Some(lr) = a.server_lr {
+    if let Some(lr) = eff.server_lr.0 {
         merge.fedavgm.lr = lr;
         merge.fedadam.lr = lr;
     }
@@ -357,11 +359,18 @@ fn merge(a: &MergeArgs) -> Result<()> {
     }
     let config = ferry_merge::hq::RoundConfig {
         merge,
-        min_sites: a.min_sites,
+        min_sites: eff
+            .min_sites
+            .0
+            .unwrap_or(ferry_merge::hq::DEFAULT_MIN_SITES),
         max_samples: a.max_samples,
         max_sample_ratio: a.max_sample_ratio,
         level: a.level,
-        valid_for: a.valid_days.saturating_mul(DAY),
+        valid_for: eff
+            .valid_days
+            .0
+            .unwrap_or(DEFAULT_VALID_DAYS)
+            .saturating_mul(DAY),
         encrypt_to: a.encrypt.resolve(&a.state)?,
     };
     let evaluator = (a.require_eval.as_ref())
@@ -390,7 +399,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         &lists,
         &a.updates,
         &config,
-        &a.out,
+        &out,
         refiner.as_mut(),
         gate.as_mut(),
     );

@@ -30,6 +30,10 @@ pub struct RoundArgs {
     pub hq: HqFlags,
     #[command(flatten)]
     pub merge: MergeFlags,
+    /// Print one JSON object instead of sentences: keys added, files skipped, the merge (or why none), files
+    /// written, who HQ waits for, and what to carry. Notes and warnings stay on stderr.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What is on the stick for the current round.
@@ -101,10 +105,12 @@ fn scan(stick: &Path, federation: &str, round: u64) -> Result<Scan> {
     Ok(s)
 }
 
-/// Add the keys sites wrote into their kits' reply folders (`kit-*/reply/*.pub` on the stick).
-fn add_replies(state: &Path, stick: &Path) -> Result<()> {
+/// Add the keys sites wrote into their kits' reply folders (`kit-*/reply/*.pub` on the stick). Returns the keys
+/// added (site, key id, fingerprint, file); says so in words unless `json`.
+fn add_replies(state: &Path, stick: &Path, json: bool) -> Result<Vec<serde_json::Value>> {
+    let mut added = Vec::new();
     let Ok(entries) = std::fs::read_dir(stick) else {
-        return Ok(());
+        return Ok(added);
     };
     let mut kits: Vec<PathBuf> = entries
         .flatten()
@@ -119,20 +125,71 @@ fn add_replies(state: &Path, stick: &Path) -> Result<()> {
     for kit in kits {
         for (path, key) in reply_keys(&kit)? {
             match Members::add_key(state, &key) {
-                Ok(KeyAdded::Added) => outln!(
-                    "added {}'s key {} from {}, fingerprint {}: compare it with the one {} read you",
-                    escape(&key.id),
-                    key.key_id_hex(),
-                    escape_path(&path),
-                    key.fingerprint(),
-                    escape(&key.id)
-                ),
+                Ok(KeyAdded::Added) => {
+                    added.push(serde_json::json!({
+                        "site": escape(&key.id), "key_id": key.key_id_hex(),
+                        "fingerprint": key.fingerprint(), "file": escape_path(&path),
+                    }));
+                    if !json {
+                        outln!(
+                            "added {}'s key {} from {}, fingerprint {}: compare it with the one {} read you",
+                            escape(&key.id),
+                            key.key_id_hex(),
+                            escape_path(&path),
+                            key.fingerprint(),
+                            escape(&key.id)
+                        );
+                    }
+                }
                 Ok(KeyAdded::AlreadyThere) => {}
                 Err(e) => eprintln!("warning: {}: {e}; not added", escape_path(&path)),
             }
         }
     }
-    Ok(())
+    Ok(added)
+}
+
+/// With a root key: the current root-signed HQ key list to put onto the stick beside the global (its path there,
+/// `hq-keys-<serial>.ferry-keys`, and its bytes), so sites that pin the root follow a change of HQ key. Checked
+/// here: signed by the root, of this federation, naming the key that signs the global.
+fn key_list_for_stick(
+    eff: &HqEffective,
+    state: &Path,
+    stick: &Path,
+    federation: &str,
+    key: &ferry_bundle::SecretKey,
+) -> Result<Option<(PathBuf, Vec<u8>)>> {
+    let Some((root, bytes)) = eff.root_and_list(state)? else {
+        return Ok(None);
+    };
+    let (list, keys) = ferry_bundle::keylist::verify(&bytes, &root)
+        .and_then(|(l, k)| l.check_federation(federation).map(|_| (l, k)))
+        .context("the HQ key list (hq-keys)")?;
+    if !keys.contains(&key.public()) {
+        anyhow::bail!(
+            "the root-signed HQ key list {} does not name HQ's key {} ({}): sites that pin the root would refuse this global; sign a new list (sign-hq-keys) naming it",
+            list.serial,
+            escape(key.id()),
+            key.public().key_id_hex()
+        );
+    }
+    let path = stick.join(format!(
+        "hq-keys-{}.{}",
+        list.serial,
+        ferry_bundle::keylist::EXTENSION
+    ));
+    Ok(Some((path, bytes)))
+}
+
+/// Write the key list of [`key_list_for_stick`] (once the global is written), returning its path.
+fn write_key_list(list: &Option<(PathBuf, Vec<u8>)>) -> Result<Option<PathBuf>> {
+    match list {
+        Some((path, bytes)) => {
+            ferry_bundle::fsutil::write_new_or_same(path, bytes)?;
+            Ok(Some(path.clone()))
+        }
+        None => Ok(None),
+    }
 }
 
 pub fn run_round(a: &RoundArgs) -> Result<()> {
@@ -146,13 +203,25 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         );
     }
     let ledger = Ledger::peek(&a.state)?;
-    add_replies(&a.state, &stick)?;
+    let json = a.json;
+    // Before anything is merged: a list that does not name HQ's key refuses the round.
+    let key_list = key_list_for_stick(&eff, &a.state, &stick, &ledger.federation, &key)?;
+    let added = add_replies(&a.state, &stick, json)?;
     let members = Members::load(&a.state)?;
     let round = ledger.current.round;
     let found = scan(&stick, &ledger.federation, round)?;
     for (p, why) in &found.skipped {
         eprintln!("note: skipped {}: {why}", escape_path(p));
     }
+    // The JSON object, completed below (`--json`).
+    let mut report = serde_json::json!({
+        "federation": escape(&ledger.federation), "round": round, "stick": escape_path(&stick),
+        "keys_added": added,
+        "skipped": found.skipped.iter()
+            .map(|(p, why)| serde_json::json!({"file": escape_path(p), "why": why}))
+            .collect::<Vec<_>>(),
+        "merged": false, "written": [], "carry": null, "warnings": [],
+    });
     // The member check, before anything is verified or merged: one stranger refuses the round.
     for (p, site) in &found.current {
         match members.get(site) {
@@ -177,27 +246,39 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         .filter(|m| !found.current.iter().any(|(_, s)| *s == m.site))
         .map(|m| escape(&m.site))
         .collect();
+    report["waiting"] = serde_json::json!(waiting);
     if found.current.is_empty() {
-        if !found.has_global {
-            let path = ferry_merge::hq::emit(&a.state, &key, &stick)?;
-            outln!(
+        let written = if !found.has_global {
+            Some(ferry_merge::hq::emit(&a.state, &key, &stick)?)
+        } else {
+            None
+        };
+        let key_list = write_key_list(&key_list)?;
+        if json {
+            let files: Vec<String> = written
+                .iter()
+                .chain(key_list.iter())
+                .map(|p| escape_path(p))
+                .collect();
+            if !files.is_empty() {
+                report["written"] = serde_json::json!(files);
+                report["carry"] = serde_json::json!({"files": files, "to": "every site"});
+            }
+            return print_json(&report);
+        }
+        match written {
+            Some(path) => outln!(
                 "no update for round {round} on the stick; wrote the current global {} for the sites",
                 escape_path(&path)
-            );
-        } else {
-            outln!("no update for round {round} on the stick yet");
+            ),
+            None => outln!("no update for round {round} on the stick yet"),
         }
         if !waiting.is_empty() {
             outln!("waiting for {}", waiting.join(", "));
         }
         return Ok(());
     }
-    let mut keyring = members.keyring();
-    if let Some(t) = &eff.trust.0 {
-        for k in ferry_cli::load_keyring(t)?.keys() {
-            keyring.add(k.clone())?;
-        }
-    }
+    let keyring = eff.keyring(&a.state)?;
     let mut merge = ferry_merge::MergeConfig {
         strategy: eff.strategy.0.unwrap_or_default(),
         clip_norm: eff.clip_norm.0,
@@ -226,6 +307,43 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
         ferry_merge::hq::merge_round(&a.state, &key, &keyring, &[], &files, &config, &stick);
     pb.finish_and_clear();
     let out = result?;
+    let key_list = write_key_list(&key_list)?;
+    let mut warnings = Vec::new();
+    for c in &out.capped {
+        let w = format!(
+            "{} signed {} samples; weighted as {} ({})",
+            escape(&c.site),
+            c.declared,
+            c.used,
+            c.bound
+        );
+        eprintln!("warning: {w}");
+        warnings.push(w);
+    }
+    let mut carry = vec![escape_path(&out.path)];
+    carry.extend(out.revocations.as_deref().map(escape_path));
+    carry.extend(key_list.as_deref().map(escape_path));
+    if json {
+        report["merged"] = true.into();
+        report["strategy"] = config.merge.strategy.to_string().into();
+        report["new_round"] = out.sealed.manifest.round.into();
+        report["hash"] = out.sealed.hash.clone().into();
+        report["contributors"] = out
+            .report
+            .contributions
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "site": escape(&c.site), "samples": c.samples, "weight": c.weight,
+                    "distance": c.distance,
+                })
+            })
+            .collect();
+        report["written"] = serde_json::json!(carry);
+        report["carry"] = serde_json::json!({"files": carry, "to": "every site"});
+        report["warnings"] = serde_json::json!(warnings);
+        return print_json(&report);
+    }
     outln!(
         "merged round {round} ({}): {}",
         config.merge.strategy,
@@ -241,24 +359,19 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    for c in &out.capped {
-        eprintln!(
-            "warning: {} signed {} samples; weighted as {} ({})",
-            escape(&c.site),
-            c.declared,
-            c.used,
-            c.bound
-        );
-    }
     if !waiting.is_empty() {
         outln!("not in this round: {}", waiting.join(", "));
     }
     outln!();
     outln!(
-        "Carry {} ({}){} to every site on this stick.",
+        "Carry {} ({}){}{} to every site on this stick.",
         escape_path(&out.path),
         short(&out.sealed.hash),
         out.revocations
+            .as_deref()
+            .map(|r| format!(" and {}", escape_path(r)))
+            .unwrap_or_default(),
+        key_list
             .as_deref()
             .map(|r| format!(" and {}", escape_path(r)))
             .unwrap_or_default()

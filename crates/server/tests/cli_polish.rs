@@ -5,52 +5,29 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use ferry_bundle::{seal, Draft, Dtype, Payload, Role, SecretKey, TensorRef};
 use serde_json::Value;
 
 fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry-server"))
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("FERRY_PASSPHRASE")
-        .output()
-        .unwrap()
+    ferry_testdata::cli::run(Path::new(env!("CARGO_BIN_EXE_ferry-server")), args)
 }
 
-/// Stdout and stderr hold no control character but the newline.
-fn printable(o: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !text.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control character reached the terminal: {text:?}"
-    );
-    text
+#[track_caller]
+fn success(o: &Output) -> String {
+    ferry_testdata::cli::ok(o)
+}
+
+#[track_caller]
+fn json(o: &Output) -> Value {
+    ferry_testdata::cli::json(o)
 }
 
 /// A refusal: exit status 1 and exactly one line on stderr, `ferry-server: ...`.
+#[track_caller]
 fn refusal(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("ferry-server: "), "{err:?}");
-    printable(o);
-    err
-}
-
-fn success(o: &Output) -> String {
-    assert!(o.status.success(), "{o:?}");
-    printable(o);
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_str(&success(o)).unwrap_or_else(|e| panic!("not JSON ({e}): {o:?}"))
+    ferry_testdata::cli::refused_alone("ferry-server", o)
 }
 
 fn payload(v: f32) -> Payload {

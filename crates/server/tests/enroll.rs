@@ -5,51 +5,19 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use ferry_bundle::{Role, SecretKey};
+use ferry_testdata::cli::{arg as p, ok};
 
 fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry-server"))
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("FERRY_PASSPHRASE")
-        .output()
-        .unwrap()
+    ferry_testdata::cli::run(Path::new(env!("CARGO_BIN_EXE_ferry-server")), args)
 }
 
-fn text(o: &Output) -> String {
-    let t = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !t.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control character reached the terminal: {t:?}"
-    );
-    t
-}
-
-#[track_caller]
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o);
-    String::from_utf8(o.stdout).unwrap()
-}
-
+/// A refusal: exit 1, stderr exactly one line `ferry-server: ...`.
 #[track_caller]
 fn refused(o: Output) -> String {
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{t}");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("ferry-server: "), "{err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
+    ferry_testdata::cli::refused_alone("ferry-server", o)
 }
 
 fn members(hq: &Path) -> serde_json::Value {

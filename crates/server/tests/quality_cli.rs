@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use ferry_bundle::{Draft, Dtype, Keyring, Payload, Role, SecretKey, TensorRef};
 use ferry_site::{ImportPolicy, ImportTrust, SiteState};
@@ -17,46 +17,23 @@ use serde_json::Value;
 const DATA: &str = "plates:loose:24:5";
 
 fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry-server"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn printable(o: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        !text.chars().any(|c| c.is_control() && c != '\n'),
-        "raw control character reached the terminal: {text:?}"
-    );
-    text
+    ferry_testdata::cli::run(Path::new(env!("CARGO_BIN_EXE_ferry-server")), args)
 }
 
 #[track_caller]
 fn success(o: &Output) -> String {
-    assert!(o.status.success(), "{o:?}");
-    printable(o);
-    String::from_utf8(o.stdout.clone()).unwrap()
+    ferry_testdata::cli::ok(o)
 }
 
 #[track_caller]
 fn json(o: &Output) -> Value {
-    serde_json::from_str(&success(o)).unwrap_or_else(|e| panic!("not JSON ({e}): {o:?}"))
+    ferry_testdata::cli::json(o)
 }
 
+/// A refusal: exit status 1 and exactly one line on stderr, `ferry-server: ...`.
 #[track_caller]
 fn refusal(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("ferry-server: "), "{err:?}");
-    printable(o);
-    err
+    ferry_testdata::cli::refused_alone("ferry-server", o)
 }
 
 fn walk(dir: &Path, m: &mut BTreeMap<String, Vec<u8>>) {

@@ -3,7 +3,9 @@
 //! kit's reply folder for HQ.
 //!
 //! After enrolment the pin ([`SitePin`]) names the site and its key, so [`SiteState::export`] refuses another
-//! site's key, and [`SiteState::check_import`] refuses a global of another federation or model.
+//! site's key, and [`SiteState::check_import`] refuses a global of another federation or model. A kit from a
+//! federation with a root key pins the root and stores the kit's root-signed HQ key list, so a later HQ key is
+//! accepted under a newer list signed by the same root (`ferry-client round` finds it on the stick).
 
 use std::path::PathBuf;
 
@@ -93,7 +95,8 @@ impl SiteState {
                 });
             }
         }
-        // Whom to believe, worked out exactly as a first import would, from the kit's keys and list.
+        // Whom to believe, worked out exactly as a first import would, from the kit's keys and lists: a root kit
+        // pins the root (with its HQ key list, as `import --root --hq-keys`), any other kit HQ's keys.
         let mut keys = Keyring::new();
         for k in &kit.hq_keys {
             keys.add(k.clone())?;
@@ -101,8 +104,8 @@ impl SiteState {
         let trust = ImportTrust {
             keys,
             revocations: kit.revocations.iter().cloned().collect(),
-            hq_keys: None,
-            root: None,
+            hq_keys: kit.hq_key_list.clone(),
+            root: kit.root.clone(),
             federation: Some(m.federation.clone()),
         };
         let prepared = self.prepare_import(&trust, &ImportPolicy::default())?;
@@ -128,6 +131,9 @@ impl SiteState {
         }
         for list in &prepared.new_lists {
             self.store_revocation_list(&lock, list)?;
+        }
+        if let Some(bytes) = &prepared.new_hq_keys {
+            self.write_hq_key_list(&lock, bytes)?;
         }
         settings.key = Some(PathBuf::from(KEYS_DIR).join(format!("{}.key", m.site)));
         self.write_settings(&lock, &settings, header)?;

@@ -23,6 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil;
+use ferry_bundle::tomlfile::{self, TomlFileError};
 use serde::{Deserialize, Serialize};
 
 use crate::{SiteError, SiteLock, SiteState};
@@ -95,36 +96,24 @@ impl TrainRecipe {
 impl SiteSettings {
     /// Parse settings text (`path` for messages).
     pub fn parse(text: &str, path: &Path) -> Result<SiteSettings, SiteError> {
-        toml::from_str(text).map_err(|e| SiteError::Settings {
+        tomlfile::parse(text).map_err(|why| SiteError::Settings {
             path: path.to_path_buf(),
-            why: toml_error(text, &e),
+            why,
         })
     }
 
     /// The settings as TOML text.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+        tomlfile::to_text(self)
     }
 
     /// Relative paths made relative to the state directory `dir` (where the file is).
     pub fn resolve(mut self, dir: &Path) -> SiteSettings {
-        let abs = |p: PathBuf| if p.is_relative() { dir.join(p) } else { p };
-        self.key = self.key.map(abs);
-        self.stick = self.stick.map(abs);
-        self.trust = self.trust.map(|v| v.into_iter().map(abs).collect());
+        let abs = tomlfile::relative_to(dir);
+        self.key = self.key.map(&abs);
+        self.stick = self.stick.map(&abs);
+        self.trust = self.trust.map(|v| v.into_iter().map(&abs).collect());
         self
-    }
-}
-
-/// A TOML error in one line: "line N: message" (toml's own text spans several lines).
-pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let msg = ferry_bundle::escape(e.message().trim());
-    match e.span() {
-        Some(s) => {
-            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {msg}")
-        }
-        None => msg,
     }
 }
 
@@ -136,15 +125,17 @@ impl SiteState {
 
     /// The site's settings with paths resolved, or `None` when there is no `ferry.toml` (or no state yet).
     pub fn settings(&self) -> Result<Option<SiteSettings>, SiteError> {
-        let path = self.settings_path();
-        let Some(bytes) = crate::state::read_if_present(&path, MAX_SETTINGS)? else {
-            return Ok(None);
-        };
-        let text = std::str::from_utf8(&bytes).map_err(|_| SiteError::Settings {
-            path: path.clone(),
-            why: "not UTF-8 text".into(),
-        })?;
-        Ok(Some(SiteSettings::parse(text, &path)?.resolve(self.dir())))
+        let loaded = tomlfile::load::<SiteSettings>(&self.settings_path(), MAX_SETTINGS).map_err(
+            |e| match e {
+                TomlFileError::Invalid { path, why } => SiteError::Settings { path, why },
+                TomlFileError::Fs(e) => e.into(),
+                other => SiteError::Settings {
+                    path: self.settings_path(),
+                    why: other.to_string(),
+                },
+            },
+        )?;
+        Ok(loaded.map(|s| s.resolve(self.dir())))
     }
 
     /// Write `ferry.toml` (replacing it), with `header` as a comment block above the settings.

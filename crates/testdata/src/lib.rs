@@ -15,6 +15,8 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod cli;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 

@@ -282,14 +282,28 @@ fn list_dir(dir: &Path, opts: &FolderOptions, images_only: bool) -> Result<Listi
     })
 }
 
-/// The 1-based line of a csv position, counted from its byte offset: the csv crate's own line count skips blank
-/// lines, and the operator's editor does not.
+/// The 1-based line where the record at csv position `p` starts, as the operator's editor counts lines.
+///
+/// A csv `Position` is where the reader stood when it *began* looking for the record: just after the previous
+/// record's terminator. Blank lines and `#` comment lines in between are skipped by csv-core before the record
+/// starts, so the position's byte offset (and its own line count) points at the first skipped line, one line or
+/// more short. Skip those lines here exactly as csv-core's start-of-record state does (a `\r` or `\n` is
+/// discarded; a `#` discards through the next `\n`), then count the newlines before the record's first byte.
 fn line_at(text: &str, p: &csv::Position) -> usize {
-    let end = (p.byte() as usize).min(text.len());
-    1 + text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
+    let bytes = text.as_bytes();
+    let mut i = (p.byte() as usize).min(bytes.len());
+    loop {
+        match bytes.get(i) {
+            Some(b'\r' | b'\n') => i += 1,
+            Some(b'#') => match bytes[i..].iter().position(|&b| b == b'\n') {
+                Some(n) => i += n + 1,
+                None => i = bytes.len(),
+            },
+            _ => break,
+        }
+    }
+    let end = i.min(bytes.len());
+    1 + bytes[..end].iter().filter(|&&b| b == b'\n').count()
 }
 
 fn parse(csv_path: &Path, text: &str, skip: bool) -> Result<(Vec<Entry>, Vec<BadFile>), DataError> {
@@ -906,6 +920,13 @@ mod tests {
             ("ok.png,cat\n", 1),
             ("ok.png,1\nok.png,12가3456\n", 2),
             ("ok.png,12가3456\nok.png,7\n", 2),
+            // Blank lines, comment lines and CRLF line ends before a bad line: the line the editor shows.
+            ("ok.png,1\n\nok.png,999999999\n", 3),
+            ("ok.png,1\n\n\n\nok.png\n", 5),
+            ("ok.png,1\n# a comment\n\n# another\nok.png,cat\n", 5),
+            ("ok.png,1\r\n\r\nok.png,\r\n", 3),
+            ("\n\nmissing.png,1\n", 3),
+            ("# header comment\nok.png,1\n \nbad.png,2\n", 4),
         ];
         for (text, line) in cases {
             let e = err_of(text);
