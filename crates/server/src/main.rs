@@ -121,7 +121,7 @@ struct SignHqKeysArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n  # warm start on HQ's own data (docs/merging.md, few trips)\n  ferry-server init --key keys/hq.key --arch mnist-cnn --pretrain idx:/srv/hq-data --pretrain-epochs 2 --federation f --state hq/ --out bundles/\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
+    after_help = "Examples:\n  ferry-server init --key keys/hq.key --weights init.safetensors --federation city-cctv --state hq/ --out bundles/\n  ferry-server init --key keys/hq.key --arch plate-cnn --seed 7 --federation city-cctv --state hq/ --out bundles/\n  # warm start on HQ's own data (docs/merging.md, few trips)\n  ferry-server init --state hq/ --key keys/hq.key --arch mnist-cnn --federation f --out bundles/ \\\n      --pretrain idx:/srv/hq-data --pretrain-epochs 2\n\nWrites <OUT>/global-r0.ferry for the sites and starts HQ's ledger in --state, which every `merge`\ncontinues from.",
     override_usage = "ferry-server init --key <KEY> --federation <FEDERATION> --state <DIR> (--weights <FILE> | --arch <NAME>) [OPTIONS]"
 )]
 struct InitArgs {
