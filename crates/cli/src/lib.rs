@@ -110,9 +110,11 @@ pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
 /// `n` and the noun, plural when `n` is not 1: "1 epoch", "0 contributors", "3 batches" (issue 17: no
 /// "1 epochs", no "contributor(s)"). For regular English nouns.
 pub fn count(n: u64, noun: &str) -> String {
+    // A hard "ch" takes a plain "s": "2 epochs", not "2 epoches".
+    let hard_ch = ["epoch"].contains(&noun);
     if n == 1 {
         format!("1 {noun}")
-    } else if ["s", "x", "ch", "sh"].iter().any(|e| noun.ends_with(e)) {
+    } else if !hard_ch && ["s", "x", "ch", "sh"].iter().any(|e| noun.ends_with(e)) {
         format!("{n} {noun}es")
     } else {
         format!("{n} {noun}s")
@@ -720,4 +722,19 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
 pub fn read_weights(path: &Path) -> Result<ferry_bundle::Payload> {
     let bytes = fsutil::read_capped(path, 16 << 30)?;
     ferry_bundle::Payload::from_safetensors(&bytes).with_context(|| escape_path(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_take_the_right_plural() {
+        assert_eq!(count(1, "epoch"), "1 epoch");
+        assert_eq!(count(2, "epoch"), "2 epochs");
+        assert_eq!(count(3, "batch"), "3 batches");
+        assert_eq!(count(0, "contributor"), "0 contributors");
+        assert_eq!(count(2, "pass"), "2 passes");
+        assert_eq!(count(1, "update"), "1 update");
+    }
 }
