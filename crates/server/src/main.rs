@@ -30,6 +30,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run and matched at once: the size of the largest variant (merge's many flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make HQ's key pair (<ID>.key secret, <ID>.pub for the sites), or with --root the federation's root key.

@@ -113,6 +113,29 @@ fn rows(logits: &Tensor) -> Result<Tensor, TrainError> {
 }
 
 /// The ensemble's soft prediction for every sample of `data`: the average over `teachers` of
+/// The average of `softmax(logits / temperature)` over `first` and `rest` on the samples `idx`, on the host. Taking
+/// the first model apart makes an empty ensemble unrepresentable.
+fn mean_softmax(
+    first: &Model,
+    rest: &[Model],
+    data: &Dataset,
+    idx: &[usize],
+    temperature: f64,
+) -> Result<Tensor, TrainError> {
+    let probs = |t: &Model| -> Result<Tensor, TrainError> {
+        let x = images(data, idx, t.device())?;
+        Ok(
+            candle_nn::ops::softmax_last_dim(&(t.forward(&x, Mode::Eval)? / temperature)?)?
+                .to_device(&candle_core::Device::Cpu)?,
+        )
+    };
+    let mut sum = probs(first)?;
+    for t in rest {
+        sum = (sum + probs(t)?)?;
+    }
+    Ok((sum / (1 + rest.len()) as f64)?)
+}
+
 /// `softmax(logits / temperature)`, as `(samples, rows per sample × classes)` host values in dataset order.
 fn soft_targets(
     teachers: &[Model],
@@ -136,17 +159,7 @@ fn soft_targets(
     let all: Vec<usize> = (0..data.len()).collect();
     let mut out = Vec::with_capacity(data.len());
     for idx in all.chunks(batch.max(1)) {
-        let mut sum: Option<Tensor> = None;
-        for t in teachers {
-            let x = images(data, idx, t.device())?;
-            let p = candle_nn::ops::softmax_last_dim(&(t.forward(&x, Mode::Eval)? / temperature)?)?
-                .to_device(&candle_core::Device::Cpu)?;
-            sum = Some(match sum {
-                None => p,
-                Some(s) => (s + p)?,
-            });
-        }
-        let mean = (sum.expect("at least one teacher") / teachers.len() as f64)?;
+        let mean = mean_softmax(first, &teachers[1..], data, idx, temperature)?;
         let flat = mean.flatten_all()?.to_vec1::<f32>()?;
         let per = flat.len() / idx.len();
         out.extend(flat.chunks(per).map(<[f32]>::to_vec));
@@ -238,17 +251,7 @@ pub fn ensemble_accuracy(
     let all: Vec<usize> = (0..data.len()).collect();
     let mut exact = 0usize;
     for idx in all.chunks(batch.max(1)) {
-        let mut sum: Option<Tensor> = None;
-        for t in teachers {
-            let x = images(data, idx, t.device())?;
-            let p = candle_nn::ops::softmax_last_dim(&t.forward(&x, Mode::Eval)?)?
-                .to_device(&candle_core::Device::Cpu)?;
-            sum = Some(match sum {
-                None => p,
-                Some(s) => (s + p)?,
-            });
-        }
-        let mean = (sum.expect("at least one model") / teachers.len() as f64)?;
+        let mean = mean_softmax(first, &teachers[1..], data, idx, 1.0)?;
         // Probabilities read through the model's own decoder: argmax is unchanged by the log.
         let pred = crate::train::predictions(arch, &(mean + 1e-12)?.log()?)?;
         let slots = arch.slots();
