@@ -49,9 +49,9 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     })
 }
 
-/// The TOML text of `value` (settings are plain tables: this does not fail for them).
-pub fn to_text<T: Serialize>(value: &T) -> String {
-    toml::to_string(value).unwrap_or_default()
+/// The TOML text of `value`, or why it has none (a path that is not UTF-8): never an empty file in its place.
+pub fn to_text<T: Serialize>(value: &T) -> Result<String, String> {
+    toml::to_string(value).map_err(|e| crate::escape(e.to_string().trim()))
 }
 
 /// Read and parse the settings file at `path` (at most `max` bytes), or `None` when there is none.
@@ -113,10 +113,13 @@ mod tests {
         std::fs::write(&path, "n = 1\n".repeat(400)).unwrap();
         assert!(load::<S>(&path, 1024).is_err());
         assert_eq!(
-            parse::<S>(&to_text(&S {
-                key: None,
-                n: Some(1)
-            }))
+            parse::<S>(
+                &to_text(&S {
+                    key: None,
+                    n: Some(1)
+                })
+                .unwrap()
+            )
             .unwrap()
             .n,
             Some(1)

@@ -102,9 +102,12 @@ impl SiteSettings {
         })
     }
 
-    /// The settings as TOML text.
-    pub fn to_toml(&self) -> String {
-        tomlfile::to_text(self)
+    /// The settings as TOML text (`path`, the file they are for, names it in an error).
+    pub fn to_toml(&self, path: &Path) -> Result<String, SiteError> {
+        tomlfile::to_text(self).map_err(|why| SiteError::Settings {
+            path: path.to_path_buf(),
+            why,
+        })
     }
 
     /// Relative paths made relative to the state directory `dir` (where the file is).
@@ -152,7 +155,7 @@ impl SiteState {
             text.push_str(line);
             text.push('\n');
         }
-        text.push_str(&settings.to_toml());
+        text.push_str(&settings.to_toml(&self.settings_path())?);
         Ok(fsutil::write_replace(
             &self.settings_path(),
             text.as_bytes(),
@@ -215,7 +218,7 @@ mod tests {
             },
             ..SiteSettings::default()
         };
-        let text = s.to_toml();
+        let text = s.to_toml(Path::new("ferry.toml")).unwrap();
         assert!(
             text.contains("[train]") && text.contains("warmup = 50"),
             "{text}"
