@@ -68,6 +68,27 @@ pub struct FedAvgConfig {
     pub seed: u64,
 }
 
+impl FedAvgConfig {
+    /// Each site's training per trip: `local_epochs`, `batch`, `seed`, Adam at `lr` with `warmup`, or, without
+    /// one, a warm-up of 0.8 of the mean non-empty site's epoch (`site_samples`: samples per site).
+    pub fn local_training(&self, site_samples: &[usize]) -> TrainConfig {
+        let active = site_samples.iter().filter(|&&n| n > 0).count().max(1);
+        let mean = site_samples.iter().sum::<usize>() / active;
+        TrainConfig {
+            epochs: self.local_epochs,
+            batch: self.batch,
+            seed: self.seed,
+            adam: AdamConfig {
+                lr: self.lr,
+                warmup: self
+                    .warmup
+                    .unwrap_or_else(|| scaled_warmup(mean, self.batch)),
+                ..AdamConfig::default()
+            },
+        }
+    }
+}
+
 fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -179,8 +200,8 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
     if active.is_empty() {
         bail!("no site got any samples");
     }
-    let mean = site_samples.iter().sum::<usize>() / active.len();
-    let warmup = cfg.warmup.unwrap_or_else(|| scaled_warmup(mean, cfg.batch));
+    let tcfg = cfg.local_training(&site_samples);
+    let warmup = tcfg.adam.warmup;
     let site_data: Vec<Dataset> = parts.iter().map(|p| train.subset(p)).collect();
     drop(train);
     let ids: Vec<String> = (1..=cfg.sites).map(|k| format!("site-{k:02}")).collect();
@@ -203,16 +224,6 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
         println!("note: {} got no samples and sends no updates", ids[k]);
     }
     let mut fed = Federation::create(&cfg.out, arch, cfg.seed, &ids)?;
-    let tcfg = TrainConfig {
-        epochs: cfg.local_epochs,
-        batch: cfg.batch,
-        seed: cfg.seed,
-        adam: AdamConfig {
-            lr: cfg.lr,
-            warmup,
-            ..AdamConfig::default()
-        },
-    };
     let round_cfg = RoundConfig {
         merge: MergeConfig {
             strategy: cfg.strategy,

@@ -23,12 +23,11 @@ use ferry_train::data::{DataSpec, Dataset, LoadConfig, Split};
 use ferry_train::distill::{
     distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
 };
-use ferry_train::{evaluate, AdamConfig, Arch, Device, Model, TrainConfig};
+use ferry_train::{evaluate, Arch, Device, Model, TrainConfig};
 use serde::Serialize;
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::fedavg::FedAvgConfig;
-use crate::plates::scaled_warmup;
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 use crate::split::split;
@@ -157,8 +156,8 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     if active.len() < 2 {
         bail!("fewer than two sites got samples");
     }
-    let mean = sizes.iter().sum::<usize>() / active.len();
-    let warmup = cfg.warmup.unwrap_or_else(|| scaled_warmup(mean, cfg.batch));
+    let tcfg = cfg.local_training(&sizes);
+    let warmup = tcfg.adam.warmup;
     let ids: Vec<String> = (1..=cfg.sites).map(|k| format!("site-{k:02}")).collect();
     println!(
         "ferry-lab fedavg --few-trips into {}: {arch}, {} sites ({} split, samples {sizes:?}), {} local epochs, batch {}, lr {}, warm-up {warmup}; FedAvg up to {} trips",
@@ -170,16 +169,6 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         cfg.lr,
         cfg.rounds
     );
-    let tcfg = TrainConfig {
-        epochs: cfg.local_epochs,
-        batch: cfg.batch,
-        seed: cfg.seed,
-        adam: AdamConfig {
-            lr: cfg.lr,
-            warmup,
-            ..AdamConfig::default()
-        },
-    };
     let fedavg = RoundConfig {
         merge: MergeConfig {
             strategy: Strategy::FedAvg,
