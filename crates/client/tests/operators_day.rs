@@ -912,30 +912,6 @@ fn round_json_at_both_ends_names_the_steps_the_files_and_what_to_carry() {
     assert_eq!(v["waiting"], serde_json::json!(["site-a", "site-b"]), "{v}");
 }
 
-/// A round-1 global of `city` based on `base` (a verified round-0 global file), with its weights, signed by `key`:
-/// what HQ writes after it changed its key.
-fn next_global_signed_by(base: &Path, base_key: &Path, key: &Path, out: &Path) {
-    let read_pub = |p: &Path| ferry_bundle::PublicKey::read(p).unwrap();
-    let mut ring = ferry_bundle::Keyring::new();
-    ring.add(read_pub(base_key)).unwrap();
-    let b = ferry_bundle::open_file(base, &ring).unwrap();
-    let mut d = ferry_bundle::Draft::initial("city", b.manifest.arch.clone());
-    d.round = 1;
-    d.base = Some(b.hash.clone());
-    d.strategy = Some("fedavg".into());
-    d.contributors = vec![ferry_bundle::Contributor {
-        bundle: "a".repeat(64),
-        site: "site-a".into(),
-        samples: 8,
-    }];
-    d.expires = Some(d.created + 86_400);
-    let payload = ferry_bundle::Payload::from_safetensors(b.payload()).unwrap();
-    let key = ferry_bundle::SecretKey::read(key).unwrap();
-    let sealed = ferry_bundle::seal(d, &payload, &key, 3).unwrap();
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    std::fs::write(out, &sealed.bytes).unwrap();
-}
-
 #[test]
 fn a_root_kit_pins_the_root_and_a_new_hq_key_is_accepted_only_with_a_list_it_signed() {
     let dir = tempfile::tempdir().unwrap();
@@ -1047,16 +1023,46 @@ fn a_root_kit_pins_the_root_and_a_new_hq_key_is_accepted_only_with_a_list_it_sig
     let out = fed_round(&state, None);
     assert!(out.contains("1 import    imported round 0"), "{out}");
 
-    // HQ changes its key. A global signed by the new key on a stick without the root's new list: refused.
+    // HQ changes its key (the old one may have leaked): a new key, the root's list naming it, and ferry.toml
+    // pointing at both. HQ's next round, from the same state, verifies its stored round 0 (signed by the old key)
+    // and signs round 1 with the new key.
     let keys2 = path("keys2");
     ok(server(&["keygen", "--id", "hq-2027", "--out", p(&keys2)]));
-    let usb2 = path("usb2");
-    next_global_signed_by(
-        &path("usb/global-r0.ferry"),
-        &keys.join("hq.pub"),
-        &keys2.join("hq-2027.key"),
-        &usb2.join("global-r1.ferry"),
+    sign_list(
+        "2",
+        &keys2.join("hq-2027.pub"),
+        &keys.join("root.key"),
+        &keys.join("hq-keys-2.ferry-keys"),
     );
+    std::fs::write(
+        path("hq/ferry.toml"),
+        "key = \"../keys2/hq-2027.key\"\nstick = \"../usb\"\nroot = \"../keys/root.pub\"\nhq-keys = \"../keys/hq-keys-2.ferry-keys\"\n[merge]\nmin-sites = 1\n",
+    )
+    .unwrap();
+    let out = ok(server(&["round", "--state", p(&path("hq"))]));
+    assert!(path("usb/global-r1.ferry").is_file(), "{out}");
+    assert!(path("usb/hq-keys-2.ferry-keys").is_file(), "{out}");
+    let ring_of = |pubkey: &Path| {
+        let mut ring = ferry_bundle::Keyring::new();
+        ring.add(ferry_bundle::PublicKey::read(pubkey).unwrap())
+            .unwrap();
+        ring
+    };
+    ferry_bundle::open_file(
+        &path("usb/global-r1.ferry"),
+        &ring_of(&keys2.join("hq-2027.pub")),
+    )
+    .unwrap();
+    assert!(
+        ferry_bundle::open_file(&path("usb/global-r1.ferry"), &ring_of(&keys.join("hq.pub")))
+            .is_err(),
+        "round 1 must be signed by the new key only"
+    );
+
+    // The new global on a stick without the root's new list: refused.
+    let usb2 = path("usb2");
+    std::fs::create_dir_all(&usb2).unwrap();
+    std::fs::copy(path("usb/global-r1.ferry"), usb2.join("global-r1.ferry")).unwrap();
     let before = snapshot(&state);
     let o = client(&["round", "--state", p(&state), "--stick", p(&usb2)]);
     let err = refused("ferry-client", o);
@@ -1084,18 +1090,12 @@ fn a_root_kit_pins_the_root_and_a_new_hq_key_is_accepted_only_with_a_list_it_sig
     assert!(stderr.contains("skipped hq-keys-5.ferry-keys"), "{stderr}");
     assert_eq!(snapshot(&state), before);
 
-    // The root's list naming the new key, on the stick: the new global is accepted, the list stored.
-    sign_list(
-        "2",
-        &keys2.join("hq-2027.pub"),
-        &keys.join("root.key"),
-        &usb2.join("hq-keys-2.ferry-keys"),
-    );
-    let out = fed_round(&state, Some(&usb2));
+    // The stick HQ wrote, with the root's list beside the global: accepted, the list stored.
+    let out = fed_round(&state, None);
     assert!(out.contains("1 import    imported round 1"), "{out}");
     assert_eq!(
         std::fs::read(state.join("hq-keys.ferry-keys")).unwrap(),
-        std::fs::read(usb2.join("hq-keys-2.ferry-keys")).unwrap()
+        std::fs::read(keys.join("hq-keys-2.ferry-keys")).unwrap()
     );
 }
 

@@ -313,7 +313,7 @@ fn refine(
     let merged_bytes = encode_safetensors(&owned)?;
     drop(owned);
     let refined = (refiner.run)(arch, &merged_bytes, updates).map_err(&bad)?;
-    let payload = Payload::from_safetensors(&refined).map_err(|e| bad(e.to_string()))?;
+    let payload = Payload::from_safetensors_vec(refined).map_err(|e| bad(e.to_string()))?;
     if payload.metas() != layout {
         return Err(bad(
             "the refined model's tensors differ from the merged model's".into(),
@@ -445,6 +445,19 @@ fn hq_ring(key: &SecretKey) -> Result<Keyring, HqError> {
     Ok(ring)
 }
 
+/// The keys HQ's stored globals verify under: `key` and every HQ key the ledger recorded as a signer, so that
+/// after a rotation the new key reads what the old one signed. The ledger pins each stored global's hash, so
+/// this widens nothing an attacker without write access to HQ's state could use.
+fn store_ring(data: &crate::LedgerData, key: &SecretKey) -> Result<Keyring, HqError> {
+    let mut ring = hq_ring(key)?;
+    for k in data.signers()? {
+        if k != key.public() {
+            ring.add(k).map_err(SealError::from)?;
+        }
+    }
+    Ok(ring)
+}
+
 /// The keys a global is encrypted to: the caller's (the member sites), plus HQ's own key, so HQ can read the
 /// global it stores (issue 15 §5). None: in the clear.
 fn with_hq(
@@ -501,6 +514,7 @@ pub fn init_with(
         arch.as_deref(),
         &sealed.manifest.model_fingerprint,
         &sealed.hash,
+        &key.public(),
     )?;
     let path = sealed
         .write_to_dir(out)
@@ -521,7 +535,7 @@ pub fn status(dir: &Path) -> Result<LedgerStatus, HqError> {
 pub fn emit(dir: &Path, key: &SecretKey, out: &Path) -> Result<PathBuf, HqError> {
     let ledger = Ledger::load(dir)?;
     let current = ledger.current().clone();
-    let (bytes, bundle) = read_current(dir, &current.hash, key)?;
+    let (bytes, bundle) = read_current(dir, &current.hash, &store_ring(ledger.data(), key)?)?;
     let name = format!("global-r{}.ferry", bundle.manifest.round);
     fsutil::ensure_dir(out)?;
     let path = out.join(name);
@@ -530,17 +544,20 @@ pub fn emit(dir: &Path, key: &SecretKey, out: &Path) -> Result<PathBuf, HqError>
     Ok(path)
 }
 
+/// A global from HQ's store, verified under `ring` ([`store_ring`]) and checked against the ledger's `hash`.
 fn read_current(
     dir: &Path,
     hash: &str,
-    key: &SecretKey,
+    ring: &Keyring,
 ) -> Result<(Vec<u8>, ferry_bundle::Bundle), HqError> {
     let path = globals_path(dir, hash);
     let bytes = fsutil::read_capped(&path, ferry_bundle::MAX_BUNDLE_BYTES)?;
-    let bundle = ferry_bundle::open(&bytes, &hq_ring(key)?, &ferry_bundle::Limits::default())
-        .map_err(|e| HqError::Corrupt {
-            path: path.clone(),
-            why: e.to_string(),
+    let bundle =
+        ferry_bundle::open(&bytes, ring, &ferry_bundle::Limits::default()).map_err(|e| {
+            HqError::Corrupt {
+                path: path.clone(),
+                why: e.to_string(),
+            }
         })?;
     if bundle.hash != hash {
         return Err(HqError::Corrupt {
@@ -659,10 +676,11 @@ fn run_gate(
     gate: &mut EvalGate<'_>,
     dir: &Path,
     key: &SecretKey,
+    store: &Keyring,
     current: &crate::CurrentGlobal,
     sealed: &Sealed,
 ) -> Result<(EvalRecord, EvalRecord), HqError> {
-    let (_, cur) = read_current(dir, &current.hash, key)?;
+    let (_, cur) = read_current(dir, &current.hash, store)?;
     let next = ferry_bundle::open(
         &sealed.bytes,
         &hq_ring(key)?,
@@ -731,6 +749,7 @@ pub fn merge_round_with(
         });
     }
     let current = ledger.current().clone();
+    let store = store_ring(ledger.data(), key)?;
 
     remove_stale_spools(dir);
     let spool = tempfile::Builder::new()
@@ -742,12 +761,10 @@ pub fn merge_round_with(
         })?;
     // The base global from HQ's own store, verified as it is decompressed into the spool.
     let base_path = globals_path(dir, &current.hash);
-    let (mut base_source, base) =
-        PayloadFile::verify(spool.path(), "base", &base_path, &hq_ring(key)?).map_err(|e| {
-            HqError::Corrupt {
-                path: base_path.clone(),
-                why: e.to_string(),
-            }
+    let (mut base_source, base) = PayloadFile::verify(spool.path(), "base", &base_path, &store)
+        .map_err(|e| HqError::Corrupt {
+            path: base_path.clone(),
+            why: e.to_string(),
         })?;
     if base.hash != current.hash {
         return Err(HqError::Corrupt {
@@ -891,10 +908,11 @@ pub fn merge_round_with(
                 clipped: c.clipped,
             })
             .collect(),
+        signer: Some(key.public()),
         ..RoundExtras::default()
     };
     if let Some(gate) = gate {
-        let (before, after) = run_gate(gate, dir, key, &current, &sealed)?;
+        let (before, after) = run_gate(gate, dir, key, &store, &current, &sealed)?;
         extras.base_evals = vec![before];
         extras.evals = vec![after];
     }
@@ -944,7 +962,7 @@ pub fn global_of_round(
             why: format!("the ledger's rounds are 0 to {}", data.current.round),
         });
     };
-    Ok(read_current(dir, &entry.global, key)?.1)
+    Ok(read_current(dir, &entry.global, &store_ring(&data, key)?)?.1)
 }
 
 /// Record an evaluation of a global in the ledger, if HQ produced it (`ferry-server eval --state`). Returns
@@ -985,8 +1003,9 @@ pub fn republish(
             why: "it is the current global; `ferry-server emit` writes it again".into(),
         });
     }
-    let (_, old) = read_current(dir, &entry.global, key)?;
-    let (_, cur) = read_current(dir, &current.hash, key)?;
+    let store = store_ring(ledger.data(), key)?;
+    let (_, old) = read_current(dir, &entry.global, &store)?;
+    let (_, cur) = read_current(dir, &current.hash, &store)?;
     let payload = Payload::from_tensors(&old.tensors().collect::<Vec<_>>())?;
     let stored = stored_revocations(dir)?;
     let created = ferry_bundle::unix_now();
@@ -1012,7 +1031,7 @@ pub fn republish(
     let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
     fsutil::ensure_dir(&dir.join("globals"))?;
     fsutil::write_new_or_same(&globals_path(dir, &sealed.hash), &sealed.bytes)?;
-    let round = ledger.record_republish(&sealed.hash, from, created)?;
+    let round = ledger.record_republish(&sealed.hash, from, created, &key.public())?;
     let path = sealed
         .write_to_dir(out)
         .map_err(|source| HqError::EmitAfterCommit {

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ferry_bundle::fsutil::{self, DirLock, FsError};
-use ferry_bundle::Contributor;
+use ferry_bundle::{Contributor, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::LedgerError;
@@ -117,6 +117,32 @@ pub struct LedgerData {
     pub history: Vec<RoundEntry>,
     /// Every update bundle ever merged.
     pub merged: BTreeSet<String>,
+    /// Every HQ key that signed a global recorded here, oldest first (issue 15 §4). HQ's stored globals verify
+    /// under these, so after a key rotation (`sign-hq-keys`) HQ signs the next global with the new key from the
+    /// same state. Empty in ledgers written before: then only the key a command is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hq_keys: Vec<ferry_bundle::keys::KeyRecord>,
+}
+
+impl LedgerData {
+    /// Add `signer` to [`LedgerData::hq_keys`] unless it is there.
+    fn note_signer(&mut self, signer: &PublicKey) {
+        let record = ferry_bundle::keys::KeyRecord::from(signer);
+        if !self.hq_keys.contains(&record) {
+            self.hq_keys.push(record);
+        }
+    }
+
+    /// HQ's recorded signing keys. A record that does not decode (a hand-edited ledger) is an error.
+    pub fn signers(&self) -> Result<Vec<PublicKey>, LedgerError> {
+        self.hq_keys
+            .iter()
+            .map(|r| {
+                r.to_key()
+                    .map_err(|why| LedgerError::BadInput(format!("ledger.json hq_keys: {why}")))
+            })
+            .collect()
+    }
 }
 
 /// What the ledger needs to know about one verified update (taken from its manifest).
@@ -160,6 +186,8 @@ pub struct RoundExtras {
     pub evals: Vec<EvalRecord>,
     /// Evaluations of the global it replaces (added to that round's entry).
     pub base_evals: Vec<EvalRecord>,
+    /// The HQ key that signed the new global, added to [`LedgerData::hq_keys`].
+    pub signer: Option<PublicKey>,
 }
 
 /// The locked, loaded HQ ledger.
@@ -187,14 +215,15 @@ fn check_hex(what: &str, s: &str) -> Result<(), LedgerError> {
 }
 
 impl Ledger {
-    /// Start a federation in `dir` (created if missing): round 0 with `global_hash` as the current global.
-    /// Refuses when `dir` already holds a ledger.
+    /// Start a federation in `dir` (created if missing): round 0 with `global_hash`, signed by `signer`, as the
+    /// current global. Refuses when `dir` already holds a ledger.
     pub fn init(
         dir: &Path,
         federation: &str,
         arch: Option<&str>,
         fingerprint: &str,
         global_hash: &str,
+        signer: &PublicKey,
     ) -> Result<Ledger, LedgerError> {
         if federation.is_empty() || fingerprint.is_empty() {
             return Err(LedgerError::BadInput(
@@ -225,6 +254,7 @@ impl Ledger {
                 evals: Vec::new(),
             }],
             merged: BTreeSet::new(),
+            hq_keys: vec![signer.into()],
         };
         match fsutil::write_new(&path, &to_json(&data)) {
             Err(FsError::Exists(_)) => return Err(LedgerError::Exists(dir.to_path_buf())),
@@ -460,6 +490,9 @@ impl Ledger {
         stats.sort_by(|a, b| a.bundle.cmp(&b.bundle));
         next.merged
             .extend(contributors.iter().map(|c| c.bundle.clone()));
+        if let Some(signer) = &extras.signer {
+            next.note_signer(signer);
+        }
         if let Some(cur) = next.history.last_mut() {
             cur.evals.extend(extras.base_evals);
         }
@@ -489,6 +522,7 @@ impl Ledger {
         new_global: &str,
         from: u64,
         time: u64,
+        signer: &PublicKey,
     ) -> Result<u64, LedgerError> {
         check_hex("the new global hash", new_global)?;
         self.check_new_global(new_global)?;
@@ -500,6 +534,7 @@ impl Ledger {
         }
         let mut next = self.data.clone();
         let round = next.current.round + 1;
+        next.note_signer(signer);
         next.history.push(RoundEntry {
             round,
             global: new_global.into(),
@@ -730,6 +765,7 @@ fn parse(bytes: &[u8]) -> Result<LedgerData, String> {
             })
             .collect(),
         merged: v1.merged,
+        hq_keys: Vec::new(),
     })
 }
 

@@ -18,8 +18,14 @@ fn update(site: &str, bundle: &str, base: &str, round: u64) -> UpdateInfo {
     }
 }
 
+fn hq_key() -> ferry_bundle::PublicKey {
+    ferry_bundle::SecretKey::generate(ferry_bundle::Role::Hq, "hq")
+        .unwrap()
+        .public()
+}
+
 fn init(dir: &std::path::Path) -> Ledger {
-    Ledger::init(dir, "plates", Some("resnet8"), "f1f1", G0).unwrap()
+    Ledger::init(dir, "plates", Some("resnet8"), "f1f1", G0, &hq_key()).unwrap()
 }
 
 fn bytes(dir: &std::path::Path) -> Vec<u8> {
@@ -168,7 +174,7 @@ fn init_refuses_an_existing_ledger_and_load_a_missing_one() {
     ));
     drop(init(dir.path()));
     let before = bytes(dir.path());
-    let err = Ledger::init(dir.path(), "plates", None, "f1f1", "99").unwrap_err();
+    let err = Ledger::init(dir.path(), "plates", None, "f1f1", "99", &hq_key()).unwrap_err();
     assert!(matches!(err, LedgerError::Exists(_)), "{err}");
     assert_eq!(bytes(dir.path()), before);
 }
