@@ -91,6 +91,8 @@ pub struct Effective {
     pub seed: (Option<u64>, Origin),
     pub device: (Option<DeviceChoice>, Origin),
     pub limit: (Option<usize>, Origin),
+    /// ferry.toml's `encrypt` (`--encrypt` / `--no-encrypt` on `export` and `round` override it).
+    pub encrypt: (Option<bool>, Origin),
 }
 
 fn parse_from_file<T: std::str::FromStr>(
@@ -149,6 +151,7 @@ impl Effective {
                 Some(DeviceChoice::default()),
             ),
             limit: pick(flags.limit, t.limit, None),
+            encrypt: pick(None, file.encrypt, Some(false)),
         })
     }
 
@@ -194,6 +197,7 @@ impl Effective {
             SettingRow::new("train.seed", &self.seed),
             SettingRow::new("train.device", &self.device),
             SettingRow::new("train.limit", &self.limit),
+            SettingRow::new("encrypt", &self.encrypt),
         ]
     }
 }

@@ -275,6 +275,16 @@ fn a_site_encrypts_its_update_to_the_pinned_hq_key() {
     // ferry.toml's `encrypt = true` is the standing choice; --no-encrypt overrides it.
     std::fs::remove_file(&update).unwrap();
     std::fs::write(state.join("ferry.toml"), "encrypt = true\n").unwrap();
+    let o = client(&[os("config"), os("--state"), state.as_os_str()]);
+    assert!(o.status.success(), "{o:?}");
+    let shown = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = shown
+        .lines()
+        .find(|l| l.trim_start().starts_with("encrypt "));
+    assert!(
+        line.is_some_and(|l| l.contains("true") && l.contains("(ferry.toml)")),
+        "{shown}"
+    );
     let o = export(&["--again"]);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(version(&update), 3);

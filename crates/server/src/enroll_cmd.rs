@@ -70,6 +70,8 @@ pub struct HqEffective {
     pub clip_norm: (Option<f64>, Origin),
     pub server_lr: (Option<f64>, Origin),
     pub valid_days: (Option<u64>, Origin),
+    /// ferry.toml's `encrypt-to` (a command's `--encrypt-to` / `--no-encrypt` override it; see `recipients`).
+    pub encrypt_to: (Option<Vec<PathBuf>>, Origin),
 }
 
 impl HqEffective {
@@ -100,6 +102,7 @@ impl HqEffective {
                 m.valid_days,
                 Some(ferry_bundle::manifest::DEFAULT_GLOBAL_VALIDITY / 86_400),
             ),
+            encrypt_to: pick(None, file.encrypt_to.clone(), None),
         })
     }
 
@@ -175,8 +178,24 @@ impl HqEffective {
             SettingRow::new("merge.clip-norm", &self.clip_norm),
             SettingRow::new("merge.server-lr", &self.server_lr),
             SettingRow::new("merge.valid-days", &self.valid_days),
+            encrypt_to_row(&self.encrypt_to),
         ]
     }
+}
+
+/// `encrypt-to` in words: unset means "as the current global" (`recipients::from_settings`), an empty list the
+/// clear.
+fn encrypt_to_row(picked: &(Option<Vec<PathBuf>>, Origin)) -> SettingRow {
+    let shown = match &picked.0 {
+        None => "as the current global".to_string(),
+        Some(v) if v.is_empty() => "nobody (in the clear)".to_string(),
+        Some(v) => v
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    SettingRow::new("encrypt-to", &(Some(shown), picked.1))
 }
 
 /// `ferry-server config`.

@@ -248,6 +248,25 @@ fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
     .unwrap();
     success(&h.run("republish", &["--from-round", "0"]));
     assert_eq!(recipients(&h.out.join("global-r5.ferry")), ["hq", "site-c"]);
+    let encrypt_to_setting = || {
+        let o = server(&["config", "--state", Hq::s(&h.state), "--json"]);
+        assert!(o.status.success(), "{o:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let row = v["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "encrypt-to")
+            .cloned()
+            .unwrap_or_else(|| panic!("no encrypt-to row: {v}"));
+        (
+            row["value"].as_str().unwrap().to_string(),
+            row["origin"].as_str().unwrap().to_string(),
+        )
+    };
+    let (value, origin) = encrypt_to_setting();
+    assert!(value.ends_with("site-c.pub"), "{value}");
+    assert_eq!(origin, "file");
     let both = h.run(
         "republish",
         &["--from-round", "0", "--no-encrypt", "--encrypt-to", "x.pub"],
@@ -259,4 +278,13 @@ fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
     std::fs::write(h.state.join("ferry.toml"), "encrypt-to = []\n").unwrap();
     success(&h.run("republish", &["--from-round", "0"]));
     assert!(recipients(&h.out.join("global-r7.ferry")).is_empty());
+    assert_eq!(
+        encrypt_to_setting(),
+        ("nobody (in the clear)".to_string(), "file".to_string())
+    );
+    std::fs::remove_file(h.state.join("ferry.toml")).unwrap();
+    assert_eq!(
+        encrypt_to_setting(),
+        ("as the current global".to_string(), "unset".to_string())
+    );
 }
