@@ -20,36 +20,7 @@ impl Payload {
     /// Build from tensors in any order. Refuses unsupported dtypes, bad or duplicate names, wrong byte lengths
     /// and non-finite floats.
     pub fn from_tensors(tensors: &[TensorRef<'_>]) -> Result<Payload, SealError> {
-        let mut sorted: Vec<&TensorRef<'_>> = tensors.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(b.name));
-        for w in sorted.windows(2) {
-            if w[0].name == w[1].name {
-                return Err(SealError::DuplicateTensor(crate::escape(w[0].name)));
-            }
-        }
-        let mut metas = Vec::with_capacity(sorted.len());
-        for t in &sorted {
-            if !valid_name(t.name) {
-                return Err(SealError::BadTensorName(crate::escape(t.name)));
-            }
-            if dtype_size(t.dtype).is_none() {
-                return Err(SealError::UnsupportedDtype {
-                    name: crate::escape(t.name),
-                    dtype: format!("{:?}", t.dtype),
-                });
-            }
-            if byte_len(t.dtype, t.shape) != Some(t.data.len()) {
-                return Err(SealError::TensorLength(crate::escape(t.name)));
-            }
-            if !all_finite(t.dtype, t.data) {
-                return Err(SealError::NonFinite(crate::escape(t.name)));
-            }
-            metas.push(TensorMeta {
-                name: t.name.to_string(),
-                dtype: t.dtype,
-                shape: t.shape.to_vec(),
-            });
-        }
+        let (sorted, metas) = checked_layout(tensors)?;
         let header = canonical_header(&metas)
             .ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
         let total: usize = sorted.iter().map(|t| t.data.len()).sum();
@@ -64,32 +35,33 @@ impl Payload {
     /// Build from any safetensors file (e.g. one PyTorch saved): parsed, checked and re-serialised canonically.
     /// `__metadata__` is dropped.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Payload, SealError> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| SealError::Safetensors(e.to_string()))?;
-        // safetensors parses the header into a map where the last of two equal keys silently wins: read the
-        // raw JSON keys ourselves and refuse repeats.
-        let header_len = header_len_of(bytes).saturating_sub(8);
-        let header = bytes
-            .get(8..8 + header_len)
-            .ok_or_else(|| SealError::Safetensors("header runs past the end of the file".into()))?;
-        let mut de = serde_json::Deserializer::from_slice(header);
-        let mut keys = serde::Deserializer::deserialize_map(&mut de, KeyCollector)
-            .map_err(|e| SealError::Safetensors(e.to_string()))?;
-        keys.sort();
-        if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
-            return Err(SealError::DuplicateTensor(crate::escape(&w[0])));
+        let views = parse_safetensors(bytes)?.tensors();
+        Payload::from_tensors(&tensor_refs_of(&views))
+    }
+
+    /// [`Payload::from_safetensors`] taking the file's bytes: when they already are the canonical file (as every
+    /// file ferry writes is), they become the payload as they are, without a second copy of the model (issue 13).
+    /// The same checks run either way.
+    pub fn from_safetensors_vec(bytes: Vec<u8>) -> Result<Payload, SealError> {
+        let canonical = {
+            let views = parse_safetensors(&bytes)?.tensors();
+            let refs = tensor_refs_of(&views);
+            let (sorted, metas) = checked_layout(&refs)?;
+            let header = canonical_header(&metas)
+                .ok_or_else(|| SealError::Safetensors("model is too large".into()))?;
+            let total: usize = sorted.iter().map(|t| t.data.len()).sum();
+            // The canonical header fixes every tensor's offsets, so equal headers and lengths mean equal files.
+            let same = bytes.len() == header.len() + total && bytes.starts_with(&header);
+            if same {
+                Some(metas)
+            } else {
+                None
+            }
+        };
+        match canonical {
+            Some(metas) => Ok(Payload { bytes, metas }),
+            None => Payload::from_safetensors(&bytes),
         }
-        let views = st.tensors();
-        let refs: Vec<TensorRef<'_>> = views
-            .iter()
-            .map(|(name, v)| TensorRef {
-                name,
-                dtype: v.dtype(),
-                shape: v.shape(),
-                data: v.data(),
-            })
-            .collect();
-        Payload::from_tensors(&refs)
     }
 
     /// The canonical safetensors bytes.
@@ -111,6 +83,78 @@ impl Payload {
     pub fn tensors(&self) -> impl Iterator<Item = TensorRef<'_>> {
         tensor_refs(&self.bytes, &self.metas)
     }
+}
+
+/// Parse a safetensors file, refusing repeated tensor names (safetensors parses the header into a map where the
+/// last of two equal keys silently wins, so the raw JSON keys are read here as well).
+fn parse_safetensors(bytes: &[u8]) -> Result<safetensors::SafeTensors<'_>, SealError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| SealError::Safetensors(e.to_string()))?;
+    let header_len = header_len_of(bytes).saturating_sub(8);
+    let header = bytes
+        .get(8..8 + header_len)
+        .ok_or_else(|| SealError::Safetensors("header runs past the end of the file".into()))?;
+    let mut de = serde_json::Deserializer::from_slice(header);
+    let mut keys = serde::Deserializer::deserialize_map(&mut de, KeyCollector)
+        .map_err(|e| SealError::Safetensors(e.to_string()))?;
+    keys.sort();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(SealError::DuplicateTensor(crate::escape(&w[0])));
+    }
+    Ok(st)
+}
+
+/// The tensors of a parsed safetensors file (`SafeTensors::tensors`), as references.
+fn tensor_refs_of<'a>(
+    views: &'a [(String, safetensors::tensor::TensorView<'a>)],
+) -> Vec<TensorRef<'a>> {
+    views
+        .iter()
+        .map(|(name, v)| TensorRef {
+            name,
+            dtype: v.dtype(),
+            shape: v.shape(),
+            data: v.data(),
+        })
+        .collect()
+}
+
+/// The tensors sorted by name, and their layout, after refusing unsupported dtypes, bad or duplicate names, wrong
+/// byte lengths and non-finite floats.
+fn checked_layout<'t, 'a>(
+    tensors: &'t [TensorRef<'a>],
+) -> Result<(Vec<&'t TensorRef<'a>>, Vec<TensorMeta>), SealError> {
+    let mut sorted: Vec<&TensorRef<'_>> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    for w in sorted.windows(2) {
+        if w[0].name == w[1].name {
+            return Err(SealError::DuplicateTensor(crate::escape(w[0].name)));
+        }
+    }
+    let mut metas = Vec::with_capacity(sorted.len());
+    for t in &sorted {
+        if !valid_name(t.name) {
+            return Err(SealError::BadTensorName(crate::escape(t.name)));
+        }
+        if dtype_size(t.dtype).is_none() {
+            return Err(SealError::UnsupportedDtype {
+                name: crate::escape(t.name),
+                dtype: format!("{:?}", t.dtype),
+            });
+        }
+        if byte_len(t.dtype, t.shape) != Some(t.data.len()) {
+            return Err(SealError::TensorLength(crate::escape(t.name)));
+        }
+        if !all_finite(t.dtype, t.data) {
+            return Err(SealError::NonFinite(crate::escape(t.name)));
+        }
+        metas.push(TensorMeta {
+            name: t.name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape.to_vec(),
+        });
+    }
+    Ok((sorted, metas))
 }
 
 /// Collects the keys of a JSON object in order, duplicates included, ignoring the values.
@@ -235,6 +279,43 @@ mod tests {
         );
         let names: Vec<&str> = p.tensors().map(|t| t.name).collect();
         assert_eq!(names, ["a.num_batches_tracked", "empty", "z.weight"]);
+    }
+
+    #[test]
+    fn owned_bytes_are_kept_only_when_already_canonical() {
+        let w: Vec<u8> = [1f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let b: Vec<u8> = [0.5f32].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let views = [
+            (
+                "z.weight",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![2], &w).unwrap(),
+            ),
+            (
+                "a.bias",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![1], &b).unwrap(),
+            ),
+        ];
+        // PyTorch-style: unsorted data and `__metadata__`: not canonical, so rebuilt.
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let foreign =
+            safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(meta)).unwrap();
+        let canonical = Payload::from_safetensors(&foreign).unwrap();
+        assert_ne!(canonical.bytes(), &foreign[..]);
+        let from_vec = Payload::from_safetensors_vec(foreign).unwrap();
+        assert_eq!(from_vec.bytes(), canonical.bytes());
+        assert_eq!(from_vec.metas(), canonical.metas());
+        // The canonical file itself is taken as it is (same bytes, same layout).
+        let again = Payload::from_safetensors_vec(canonical.bytes().to_vec()).unwrap();
+        assert_eq!(again.bytes(), canonical.bytes());
+        assert_eq!(again.metas(), canonical.metas());
+        // And the checks still run: a NaN in a canonical file is refused.
+        let mut bad = canonical.bytes().to_vec();
+        let at = bad.len() - 4;
+        bad[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(matches!(
+            Payload::from_safetensors_vec(bad),
+            Err(SealError::NonFinite(_))
+        ));
     }
 
     #[test]

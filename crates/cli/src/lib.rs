@@ -721,7 +721,7 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
 /// Read a local weights file (safetensors) given by the operator.
 pub fn read_weights(path: &Path) -> Result<ferry_bundle::Payload> {
     let bytes = fsutil::read_capped(path, 16 << 30)?;
-    ferry_bundle::Payload::from_safetensors(&bytes).with_context(|| escape_path(path))
+    ferry_bundle::Payload::from_safetensors_vec(bytes).with_context(|| escape_path(path))
 }
 
 #[cfg(test)]

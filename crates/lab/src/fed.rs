@@ -156,7 +156,7 @@ impl Federation {
                 state,
             });
         }
-        let payload = Payload::from_safetensors(&model.to_safetensors()?)?;
+        let payload = Payload::from_safetensors_vec(model.to_safetensors()?)?;
         let hq_dir = root.join("hq");
         let usb = root.join("usb");
         let (global, sealed) = hq::init(

@@ -295,7 +295,7 @@ fn init(a: &InitArgs) -> Result<()> {
             let arch = ferry_train::Arch::from_name(name)?;
             let mut model = ferry_train::Model::init(arch, a.seed, &ferry_train::Device::Cpu)?;
             hq_train::pretrain(&a.pretrain, &mut model)?;
-            let payload = ferry_bundle::Payload::from_safetensors(&model.to_safetensors()?)?;
+            let payload = ferry_bundle::Payload::from_safetensors_vec(model.to_safetensors()?)?;
             (payload, Some(arch.name()))
         }
         (None, None) => anyhow::bail!("give --weights FILE or --arch NAME"),

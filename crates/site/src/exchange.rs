@@ -286,7 +286,7 @@ impl SiteState {
                 current_round: cur.round,
             });
         }
-        let payload = Payload::from_safetensors(&weights)?;
+        let payload = Payload::from_safetensors_vec(weights)?;
         if payload.fingerprint() != cur.model_fingerprint {
             return Err(SiteError::Corrupt {
                 path: self.weights_path(&local.weights_sha256),
