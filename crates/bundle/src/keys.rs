@@ -861,6 +861,38 @@ impl DecryptionKey {
     pub fn identity(&self) -> &age::x25519::Identity {
         &self.identity
     }
+
+    /// Read an age identity file (what `age-identity` writes: `#` comment lines, then one `AGE-SECRET-KEY-1…`
+    /// line); `id` names it in messages. It opens payloads encrypted to it but signs nothing: how HQ keeps a
+    /// retired key's power to read what was encrypted to it without keeping its power to sign. Like a secret
+    /// key file, it must not be readable by group or others.
+    pub fn read_identity_file(path: &Path, id: &str) -> Result<DecryptionKey, KeyError> {
+        let malformed = |why: &str| KeyError::Malformed {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        };
+        check_private(path)?;
+        let bytes = Zeroizing::new(fsutil::read_capped(path, MAX_KEY_FILE)?);
+        let text = std::str::from_utf8(&bytes).map_err(|_| malformed("not UTF-8 text"))?;
+        let mut lines = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let line = lines
+            .next()
+            .ok_or_else(|| malformed("no age identity (AGE-SECRET-KEY-1…) in it"))?;
+        if lines.next().is_some() {
+            return Err(malformed("more than one age identity in it"));
+        }
+        let identity: age::x25519::Identity = line
+            .parse()
+            .map_err(|_| malformed("not an age X25519 identity (AGE-SECRET-KEY-1…)"))?;
+        Ok(DecryptionKey {
+            id: id.to_string(),
+            recipient: identity.to_public().to_string(),
+            identity,
+        })
+    }
 }
 
 impl Keyring {
@@ -969,7 +1001,14 @@ impl Keyring {
         }
     }
 
-    /// The decryption identities added with [`Keyring::add_identity`].
+    /// Add a decryption identity read with [`DecryptionKey::read_identity_file`] (a retired key's).
+    pub fn add_decryption_key(&mut self, key: DecryptionKey) {
+        if !self.identities.iter().any(|i| i.recipient == key.recipient) {
+            self.identities.push(key);
+        }
+    }
+
+    /// The decryption identities added with [`Keyring::add_identity`] and [`Keyring::add_decryption_key`].
     pub fn identities(&self) -> &[DecryptionKey] {
         &self.identities
     }
@@ -1080,6 +1119,43 @@ mod tests {
 
     fn fast(pass: &str) -> Protection {
         Protection::with_work_factor(passphrase(pass.into()), 2)
+    }
+
+    #[test]
+    fn an_age_identity_file_reads_back_as_the_key_s_decryption_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let sk = SecretKey::generate(Role::Hq, "hq-2026").unwrap();
+        let path = dir.path().join("old.age");
+        fsutil::write_new_private(&path, sk.age_identity_file_text().as_bytes()).unwrap();
+        let d = DecryptionKey::read_identity_file(&path, "hq-2026 (retired)").unwrap();
+        assert_eq!(d.recipient, sk.public().recipient_text());
+        assert_eq!(d.id, "hq-2026 (retired)");
+        let mut ring = Keyring::new();
+        ring.add_decryption_key(d.clone());
+        ring.add_decryption_key(d);
+        assert_eq!(ring.identities().len(), 1);
+
+        let bad = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            fsutil::write_new_private(&p, text.as_bytes()).unwrap();
+            DecryptionKey::read_identity_file(&p, "x")
+                .unwrap_err()
+                .to_string()
+        };
+        let two = format!("{0}{0}", sk.age_identity_file_text().as_str());
+        assert!(bad("two.age", two).contains("more than one age identity"));
+        assert!(bad("none.age", "# only a comment\n".into()).contains("no age identity"));
+        assert!(bad("junk.age", "AGE-SECRET-KEY-1NOTBECH32\n".into())
+            .contains("not an age X25519 identity"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(
+                DecryptionKey::read_identity_file(&path, "x"),
+                Err(KeyError::Permissions { mode: 0o644, .. })
+            ));
+        }
     }
 
     #[test]

@@ -86,6 +86,14 @@ pub enum HqError {
         /// What is wrong.
         why: String,
     },
+    /// A stored global is encrypted to keys HQ does not hold: HQ's key changed and the old one was not retired.
+    #[error("{}: HQ's stored global is encrypted to keys it cannot open now ({why}); if HQ's key changed, run `ferry-server retire-key --state <STATE> --key <OLD KEY>` first", ferry_bundle::escape_path(.path))]
+    StoreLocked {
+        /// The stored global.
+        path: PathBuf,
+        /// The reader's words.
+        why: String,
+    },
     /// The step HQ runs on the merged model before sealing it ([`Refiner`]: distillation, recalibration)
     /// failed or returned a different model.
     #[error("after the merge, {what}: {why}; nothing written, the ledger is unchanged")]
@@ -447,15 +455,97 @@ fn hq_ring(key: &SecretKey) -> Result<Keyring, HqError> {
 
 /// The keys HQ's stored globals verify under: `key` and every HQ key the ledger recorded as a signer, so that
 /// after a rotation the new key reads what the old one signed. The ledger pins each stored global's hash, so
-/// this widens nothing an attacker without write access to HQ's state could use.
-fn store_ring(data: &crate::LedgerData, key: &SecretKey) -> Result<Keyring, HqError> {
+/// this widens nothing an attacker without write access to HQ's state could use. Retired keys' decryption
+/// identities ([`retire_key`]) open what was encrypted to them.
+fn store_ring(dir: &Path, data: &crate::LedgerData, key: &SecretKey) -> Result<Keyring, HqError> {
     let mut ring = hq_ring(key)?;
     for k in data.signers()? {
         if k != key.public() {
             ring.add(k).map_err(SealError::from)?;
         }
     }
+    add_retired(dir, &mut ring)?;
     Ok(ring)
+}
+
+fn retired_dir(dir: &Path) -> PathBuf {
+    dir.join("retired")
+}
+
+/// Add the decryption identity of every retired HQ key in HQ's state (`retired/<key id>.age`) to `ring`.
+fn add_retired(dir: &Path, ring: &mut Keyring) -> Result<(), HqError> {
+    let retired = retired_dir(dir);
+    let entries = match std::fs::read_dir(&retired) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(FsError::Io {
+                path: retired,
+                source: e,
+            }
+            .into())
+        }
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| FsError::Io {
+                path: retired.clone(),
+                source: e,
+            })?
+            .path();
+        if path.extension().is_some_and(|x| x == "age") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    for path in paths {
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let id = format!("retired HQ key {}", ferry_bundle::escape(&stem));
+        let d = ferry_bundle::keys::DecryptionKey::read_identity_file(&path, &id).map_err(|e| {
+            HqError::Corrupt {
+                path: path.clone(),
+                why: e.to_string(),
+            }
+        })?;
+        ring.add_decryption_key(d);
+    }
+    Ok(())
+}
+
+/// What [`retire_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// The decryption identity kept in HQ's state.
+    pub identity: PathBuf,
+    /// Whether the ledger learnt the key as a signer of stored globals (false: it already knew it).
+    pub newly_recorded: bool,
+}
+
+/// Keep a retired HQ key's power to *read* in HQ's state, after a rotation (`ferry-server retire-key`): its age
+/// decryption identity goes to `retired/<key id>.age` (mode 0600), so merges and republishes still open updates
+/// and stored globals encrypted to it, and the ledger records it as a signer of stored globals. Its power to
+/// sign is not kept: the identity cannot sign, and the key file itself can then be destroyed.
+pub fn retire_key(dir: &Path, old: &SecretKey) -> Result<Retired, HqError> {
+    if old.role() != ferry_bundle::Role::Hq {
+        return Err(HqError::NotHqKey(old.id().to_string()));
+    }
+    let mut ledger = Ledger::load(dir)?;
+    let public = old.public();
+    fsutil::ensure_dir(&retired_dir(dir))?;
+    let identity = retired_dir(dir).join(format!("{}.age", public.key_id_hex()));
+    let text = old.age_identity_file_text();
+    if identity.exists() {
+        // Same key, same derived identity: a second retire-key is a no-op, never a second file.
+        fsutil::write_new_or_same(&identity, text.as_bytes())?;
+    } else {
+        fsutil::write_new_verified_private(&identity, text.as_bytes())?;
+    }
+    let newly_recorded = ledger.record_signer(&public)?;
+    Ok(Retired {
+        identity,
+        newly_recorded,
+    })
 }
 
 /// The keys a global is encrypted to: the caller's (the member sites), plus HQ's own key, so HQ can read the
@@ -464,9 +554,12 @@ fn with_hq(
     mut encrypt_to: Vec<ferry_bundle::PublicKey>,
     key: &SecretKey,
 ) -> Vec<ferry_bundle::PublicKey> {
-    if !encrypt_to.is_empty() && !encrypt_to.contains(&key.public()) {
-        encrypt_to.push(key.public());
+    if encrypt_to.is_empty() {
+        return encrypt_to;
     }
+    // After a rotation the current global names the old HQ key: the next one goes to the key that signs now.
+    encrypt_to.retain(|k| k.role != ferry_bundle::Role::Hq || *k == key.public());
+    encrypt_to.push(key.public());
     encrypt_to
 }
 
@@ -535,7 +628,7 @@ pub fn status(dir: &Path) -> Result<LedgerStatus, HqError> {
 pub fn emit(dir: &Path, key: &SecretKey, out: &Path) -> Result<PathBuf, HqError> {
     let ledger = Ledger::load(dir)?;
     let current = ledger.current().clone();
-    let (bytes, bundle) = read_current(dir, &current.hash, &store_ring(ledger.data(), key)?)?;
+    let (bytes, bundle) = read_current(dir, &current.hash, &store_ring(dir, ledger.data(), key)?)?;
     let name = format!("global-r{}.ferry", bundle.manifest.round);
     fsutil::ensure_dir(out)?;
     let path = out.join(name);
@@ -552,13 +645,8 @@ fn read_current(
 ) -> Result<(Vec<u8>, ferry_bundle::Bundle), HqError> {
     let path = globals_path(dir, hash);
     let bytes = fsutil::read_capped(&path, ferry_bundle::MAX_BUNDLE_BYTES)?;
-    let bundle =
-        ferry_bundle::open(&bytes, ring, &ferry_bundle::Limits::default()).map_err(|e| {
-            HqError::Corrupt {
-                path: path.clone(),
-                why: e.to_string(),
-            }
-        })?;
+    let bundle = ferry_bundle::open(&bytes, ring, &ferry_bundle::Limits::default())
+        .map_err(|e| stored_global_error(&path, e))?;
     if bundle.hash != hash {
         return Err(HqError::Corrupt {
             path,
@@ -566,6 +654,21 @@ fn read_current(
         });
     }
     Ok((bytes, bundle))
+}
+
+/// A stored global that does not open: locked to keys HQ no longer holds, or damaged.
+fn stored_global_error(path: &Path, e: ferry_bundle::OpenError) -> HqError {
+    use ferry_bundle::OpenError as E;
+    match e {
+        E::Encrypted(_) | E::NotARecipient { .. } => HqError::StoreLocked {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        },
+        e => HqError::Corrupt {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        },
+    }
 }
 
 /// Cap every sample count above `ratio` times the lower median of all the counts (no-op for `ratio` 0 or a
@@ -739,8 +842,10 @@ pub fn merge_round_with(
     let mut ledger = Ledger::load(dir)?;
     let (mut ring, stored_lists, new_lists) =
         prepare_revocations(dir, &ledger.data().federation, keyring, revocations)?;
-    // HQ's key opens updates encrypted to it (issue 15 §5).
+    // HQ's key opens updates encrypted to it (issue 15 §5), and so do retired HQ keys (updates a site encrypted
+    // before it learnt of a rotation).
     ring.add_identity(key);
+    add_retired(dir, &mut ring)?;
     let keyring = &ring;
     if files.len() < config.min_sites {
         return Err(HqError::TooFewSites {
@@ -749,7 +854,7 @@ pub fn merge_round_with(
         });
     }
     let current = ledger.current().clone();
-    let store = store_ring(ledger.data(), key)?;
+    let store = store_ring(dir, ledger.data(), key)?;
 
     remove_stale_spools(dir);
     let spool = tempfile::Builder::new()
@@ -762,10 +867,7 @@ pub fn merge_round_with(
     // The base global from HQ's own store, verified as it is decompressed into the spool.
     let base_path = globals_path(dir, &current.hash);
     let (mut base_source, base) = PayloadFile::verify(spool.path(), "base", &base_path, &store)
-        .map_err(|e| HqError::Corrupt {
-            path: base_path.clone(),
-            why: e.to_string(),
-        })?;
+        .map_err(|e| stored_global_error(&base_path, e))?;
     if base.hash != current.hash {
         return Err(HqError::Corrupt {
             path: base_path,
@@ -962,7 +1064,7 @@ pub fn global_of_round(
             why: format!("the ledger's rounds are 0 to {}", data.current.round),
         });
     };
-    Ok(read_current(dir, &entry.global, &store_ring(&data, key)?)?.1)
+    Ok(read_current(dir, &entry.global, &store_ring(dir, &data, key)?)?.1)
 }
 
 /// Record an evaluation of a global in the ledger, if HQ produced it (`ferry-server eval --state`). Returns
@@ -1003,7 +1105,7 @@ pub fn republish(
             why: "it is the current global; `ferry-server emit` writes it again".into(),
         });
     }
-    let store = store_ring(ledger.data(), key)?;
+    let store = store_ring(dir, ledger.data(), key)?;
     let (_, old) = read_current(dir, &entry.global, &store)?;
     let (_, cur) = read_current(dir, &current.hash, &store)?;
     let payload = Payload::from_tensors(&old.tensors().collect::<Vec<_>>())?;

@@ -570,6 +570,18 @@ impl Ledger {
         Ok(Some(round))
     }
 
+    /// Record `key` as one of HQ's signing keys (`ferry-server retire-key`): the stored globals it signed then
+    /// verify after a rotation even in a ledger written before signers were recorded. Returns whether it was new.
+    pub fn record_signer(&mut self, key: &PublicKey) -> Result<bool, LedgerError> {
+        let mut next = self.data.clone();
+        next.note_signer(key);
+        if next.hq_keys.len() == self.data.hq_keys.len() {
+            return Ok(false);
+        }
+        self.commit(next)?;
+        Ok(true)
+    }
+
     /// The round entry of round `n`.
     pub fn round(&self, n: u64) -> Option<&RoundEntry> {
         self.data.history.iter().find(|r| r.round == n)

@@ -839,6 +839,127 @@ fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
     ));
 }
 
+/// Issue 15: HQ changes its key in an encrypted federation. Its stored round 0 and the sites' updates are
+/// still encrypted to the old key: with the new key alone the merge is refused by name and nothing changes;
+/// once the old key is retired into HQ's state (its decryption identity, not the key) the round merges, and
+/// the next global is signed by the new key and encrypted to the sites and the new key, not the old one.
+#[test]
+fn a_retired_hq_key_still_opens_what_was_encrypted_to_it_and_new_globals_leave_it_out() {
+    let fed = Fed::new();
+    let sites: Vec<_> = fed.sites[..2].iter().map(|s| s.public()).collect();
+    let draft = Draft {
+        encrypt_to: sites.clone(),
+        ..Draft::initial("city", Some("test".into()))
+    };
+    let (g0, _) = hq::init_with(
+        &fed.state,
+        &fed.hq,
+        &Model::at(0.0).payload(),
+        draft,
+        &fed.out,
+        3,
+    )
+    .unwrap();
+    // The sites have not heard of the rotation yet: their updates are encrypted to the old key.
+    let mut updates = Vec::new();
+    for (i, x) in [(0, 1.0f32), (1, 3.0)] {
+        let mut ring = fed.hq_ring.clone();
+        ring.add_identity(&fed.sites[i]);
+        let g = ferry_bundle::open_file(&g0, &ring).unwrap();
+        let draft = Draft {
+            encrypt_to: vec![fed.hq.public()],
+            ..Draft::update_for(&g.manifest, &g.hash, fed.sites[i].id(), 100)
+        };
+        let s = ferry_bundle::seal(draft, &Model::at(x).payload(), &fed.sites[i], 3).unwrap();
+        updates.push(s.write_to_dir(&fed.usb).unwrap());
+    }
+    let new_hq = SecretKey::from_seed(Role::Hq, "hq-2027", [2; 32]);
+    let config = RoundConfig {
+        min_sites: 2,
+        ..RoundConfig::default()
+    };
+    let before = fed.snapshot();
+    let err = hq::merge_round(
+        &fed.state,
+        &new_hq,
+        &fed.ring,
+        &[],
+        &updates,
+        &config,
+        &fed.out,
+    )
+    .unwrap_err();
+    assert!(matches!(err, HqError::StoreLocked { .. }), "{err}");
+    assert!(err.to_string().contains("ferry-server retire-key"), "{err}");
+    assert_eq!(fed.snapshot(), before);
+
+    // Only an HQ key can be retired; retiring one keeps a 0600 identity, and doing it twice changes nothing.
+    assert!(matches!(
+        hq::retire_key(&fed.state, &fed.sites[0]),
+        Err(HqError::NotHqKey(_))
+    ));
+    let retired = hq::retire_key(&fed.state, &fed.hq).unwrap();
+    assert!(!retired.newly_recorded, "init recorded round 0's signer");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&retired.identity)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let after_first = fed.snapshot();
+    assert_eq!(hq::retire_key(&fed.state, &fed.hq).unwrap(), retired);
+    assert_eq!(fed.snapshot(), after_first);
+    let identity = std::fs::read_to_string(&retired.identity).unwrap();
+    assert!(identity.contains("AGE-SECRET-KEY-1"), "{identity}");
+    assert!(
+        !identity.to_lowercase().contains(&"01".repeat(32)),
+        "the retired file must not hold the signing key's seed (Fed::new seeds HQ with [1; 32])"
+    );
+
+    let r1 = hq::merge_round(
+        &fed.state,
+        &new_hq,
+        &fed.ring,
+        &[],
+        &updates,
+        &config,
+        &fed.out,
+    )
+    .unwrap();
+    let e1 = r1
+        .sealed
+        .manifest
+        .encryption
+        .as_ref()
+        .expect("still encrypted");
+    let ids: Vec<&str> = e1.recipients.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["site-a", "site-b", "hq-2027"]);
+    let ring_of = |signer: &SecretKey, reader: &SecretKey| {
+        let mut ring = Keyring::new();
+        ring.add(signer.public()).unwrap();
+        ring.add_identity(reader);
+        ring
+    };
+    let g1 = ferry_bundle::open_file(&r1.path, &ring_of(&new_hq, &fed.sites[0])).unwrap();
+    let conv = f32s(&read_tensors(g1.payload())["conv1.weight"].1);
+    assert!(conv
+        .iter()
+        .zip(Model::at(2.0).conv)
+        .all(|(a, b)| (a - b).abs() < 1e-5));
+    // Signed by the new key only, and the old key no longer reads it.
+    assert!(ferry_bundle::open_file(&r1.path, &ring_of(&fed.hq, &fed.sites[0])).is_err());
+    assert!(matches!(
+        ferry_bundle::open_file(&r1.path, &ring_of(&new_hq, &fed.hq)).unwrap_err(),
+        ferry_bundle::OpenError::NotARecipient { .. }
+    ));
+    // The new key re-emits round 1 from the store.
+    let out2 = fed.out.with_file_name("again");
+    hq::emit(&fed.state, &new_hq, &out2).unwrap();
+}
+
 /// Issue 14: a refiner (what `ferry-server merge --distill` hands the merge) sees the merged model and every
 /// update, its output is what HQ signs and records (with its description), and a refiner that fails, changes
 /// the layout or returns a non-finite value refuses the round with nothing written.

@@ -54,6 +54,8 @@ enum Command {
     Config(enroll_cmd::ConfigArgs),
     /// Write the current global from the HQ state to a stick again.
     Emit(EmitArgs),
+    /// After an HQ key rotation: keep the old key's power to decrypt (not to sign) in the HQ state.
+    RetireKey(RetireKeyArgs),
     /// Sign a revocation list: bundles from the named keys are refused wherever the list is loaded.
     Revoke(RevokeArgs),
     /// Evaluate a global or update on HQ's own validation data (recorded in the ledger with --state).
@@ -268,6 +270,47 @@ struct EmitArgs {
     /// Print JSON: the file written.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example (HQ signs with keys/hq-2027.key from now on; the old key may have encrypted globals and updates):\n  ferry-server retire-key --state hq/ --key keys/hq-2026.key\n\nKeeps the old key's age decryption identity in <STATE>/retired/<KEY ID>.age (mode 0600), so merges and\nrepublishes still open what was encrypted to it, and records it in the ledger as a signer of stored globals.\nThe identity cannot sign: once this is done the old .key file can be destroyed. New globals are\nencrypted to the signing key, never to a retired one."
+)]
+struct RetireKeyArgs {
+    /// The old HQ secret key (.key).
+    #[arg(long)]
+    key: PathBuf,
+    /// HQ state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Print JSON: the identity file written and whether the ledger learnt the key.
+    #[arg(long)]
+    json: bool,
+}
+
+fn retire_key(a: &RetireKeyArgs) -> Result<()> {
+    let old = read_secret_key(&a.key)?;
+    let r = ferry_merge::hq::retire_key(&a.state, &old)?;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "identity": escape_path(&r.identity),
+            "key_id": old.public().key_id_hex(),
+            "newly_recorded": r.newly_recorded,
+        }));
+    }
+    outln!(
+        "kept the decryption identity of HQ key {} ({}) in {}{}; it cannot sign, so {} can now be destroyed",
+        escape(old.id()),
+        old.public().key_id_hex(),
+        escape_path(&r.identity),
+        if r.newly_recorded {
+            ", and recorded the key as a signer of stored globals"
+        } else {
+            ""
+        },
+        escape_path(&a.key)
+    );
+    Ok(())
 }
 
 fn init(a: &InitArgs) -> Result<()> {
@@ -643,6 +686,7 @@ fn main() -> ExitCode {
         Command::Round(a) => round_cmd::run_round(a),
         Command::Config(a) => enroll_cmd::run_config(a),
         Command::Emit(a) => emit(a),
+        Command::RetireKey(a) => retire_key(a),
         Command::Revoke(a) => revoke(a),
         Command::Eval(a) => quality_cmds::eval(a),
         Command::Diff(a) => quality_cmds::diff(a),

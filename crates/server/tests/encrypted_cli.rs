@@ -288,3 +288,123 @@ fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
         ("as the current global".to_string(), "unset".to_string())
     );
 }
+
+/// Issue 15: HQ replaces its key in an encrypted federation. With the new key alone the merge is refused in one
+/// line that names `retire-key`, and nothing is written; `retire-key` keeps the old key's decryption identity
+/// (only an HQ key, and only once), after which the old `.key` file can be deleted and the new key merges the
+/// updates that were encrypted to the old one. The new global is encrypted to the sites and the new key.
+#[test]
+fn after_retire_key_the_new_hq_key_merges_what_was_encrypted_to_the_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let keys = dir.join("keys");
+    let sites = dir.join("keys/sites");
+    hq().write_pair(&keys).unwrap();
+    for i in 0..2 {
+        site(i).write_pair(&sites).unwrap();
+    }
+    let enc = dir.join("enc");
+    std::fs::create_dir_all(&enc).unwrap();
+    for id in ["site-a", "site-b"] {
+        std::fs::copy(
+            sites.join(format!("{id}.pub")),
+            enc.join(format!("{id}.pub")),
+        )
+        .unwrap();
+    }
+    let weights = dir.join("init.safetensors");
+    std::fs::write(&weights, model(0.0).bytes()).unwrap();
+    let h = Hq {
+        state: dir.join("hq"),
+        out: dir.join("bundles"),
+        dir,
+        _tmp: tmp,
+    };
+    success(&h.run(
+        "init",
+        &[
+            "--weights",
+            Hq::s(&weights),
+            "--federation",
+            "city",
+            "--encrypt-to",
+            Hq::s(&enc),
+        ],
+    ));
+    let updates = h.updates(&h.out.join("global-r0.ferry"), 1);
+    let new_hq = SecretKey::from_seed(Role::Hq, "hq-2027", [9; 32]);
+    let keys2 = h.dir.join("keys2");
+    let (new_key, _) = new_hq.write_pair(&keys2).unwrap();
+    let merge = || {
+        let mut args = vec![
+            "merge",
+            "--key",
+            Hq::s(&new_key),
+            "--state",
+            Hq::s(&h.state),
+            "--out",
+            Hq::s(&h.out),
+            "--trust",
+            Hq::s(&sites),
+            "--min-sites",
+            "2",
+        ];
+        args.extend(updates.iter().map(String::as_str));
+        server(&args)
+    };
+    let ledger = || std::fs::read(h.state.join("ledger.json")).unwrap();
+    let before = ledger();
+    let e = refusal(&merge());
+    assert!(e.contains("ferry-server retire-key"), "{e}");
+    assert_eq!(ledger(), before);
+    assert!(!h.out.join("global-r1.ferry").exists());
+
+    let e = refusal(&server(&[
+        "retire-key",
+        "--state",
+        Hq::s(&h.state),
+        "--key",
+        Hq::s(&sites.join("site-a.key")),
+    ]));
+    assert!(e.contains("site key"), "{e}");
+    let retire = || {
+        success(&server(&[
+            "retire-key",
+            "--json",
+            "--state",
+            Hq::s(&h.state),
+            "--key",
+            Hq::s(&keys.join("hq.key")),
+        ]))
+    };
+    let v: serde_json::Value = serde_json::from_str(&retire()).unwrap();
+    assert_eq!(v["key_id"], hq().public().key_id_hex());
+    let identity = PathBuf::from(v["identity"].as_str().unwrap());
+    assert!(identity.starts_with(&h.state) && identity.extension().unwrap() == "age");
+    let kept = std::fs::read(&identity).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&retire()).unwrap();
+    assert_eq!(again["newly_recorded"], false);
+    assert_eq!(std::fs::read(&identity).unwrap(), kept);
+
+    // The old signing key is gone; its identity in HQ's state is enough.
+    std::fs::remove_file(keys.join("hq.key")).unwrap();
+    success(&merge());
+    let g1 = h.out.join("global-r1.ferry");
+    let mut ring = Keyring::new();
+    ring.add(new_hq.public()).unwrap();
+    let b = ferry_bundle::identify_file(&g1, &ring).unwrap();
+    let mut ids: Vec<String> = b
+        .manifest
+        .encryption
+        .as_ref()
+        .expect("still encrypted")
+        .recipients
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["hq-2027", "site-a", "site-b"]);
+    ring.add_identity(&site(1));
+    let g = ferry_bundle::open_file(&g1, &ring).unwrap();
+    assert_eq!(g.manifest.round, 1);
+}
