@@ -28,7 +28,10 @@ import zstandard
 from nacl.signing import SigningKey, VerifyKey
 from safetensors.numpy import load as st_load, save as st_save
 
-DOMAIN = b"ferry-bundle-v1\0"
+# The signature domain of each clear format (docs/bundle-format.md §3); formats 1 and 2 share the payload fields
+# this script reads. The output is written as format 1, which is the same work.
+DOMAINS = {1: b"ferry-bundle-v1\0", 2: b"ferry-bundle-v2\0"}
+DOMAIN = DOMAINS[1]
 
 
 def key_fields(path):
@@ -55,11 +58,14 @@ def verify(path, ring):
     magic, frame = struct.unpack_from("<II", data, 0)
     if magic != 0x184D2A5E or data[8:16] != b"FERRYBDL":
         raise SystemExit(f"{path}: not a ferry bundle")
+    (version,) = struct.unpack_from("<H", data, 16)
+    if version not in DOMAINS:
+        raise SystemExit(f"{path}: bundle format {version} is not one this script reads")
     key_id = data[20:28]
     (mlen,) = struct.unpack_from("<I", data, 28)
     manifest_bytes = data[32:32 + mlen]
     sig = data[32 + mlen:96 + mlen]
-    ring[key_id].verify(DOMAIN + manifest_bytes, sig)
+    ring[key_id].verify(DOMAINS[version] + manifest_bytes, sig)
     m = json.loads(manifest_bytes)
     comp = data[96 + mlen:]
     p = m["payload"]
