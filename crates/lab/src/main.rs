@@ -27,8 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (8.5
-    /// minutes measured on 2 busy CPU cores; the final global reads about a quarter of the plates exactly).
+    /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (under 3
+    /// minutes measured on 2 idle CPU cores; the final global reads 28 % of the plates exactly).
     #[command(
         after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo"
     )]
