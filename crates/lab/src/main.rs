@@ -36,7 +36,7 @@ enum Command {
     /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
     /// bundles.
     #[command(
-        after_help = "Example:\n  ferry-lab seed-table --total-epochs 10 --samples-per-site 2000 --e-sweep 1,2,5 --json seed-table.json\n  ferry-lab seed-table --total-epochs 70 --samples-per-site 80000 --e-sweep 1,5,10,20 --lr 2.5e-4 --warmup 1000"
+        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
     )]
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
@@ -112,25 +112,34 @@ struct TrainFlags {
     seed: u64,
 }
 
+/// `--preset` of `seed-table` (the settings are `seed_table::SeedTableConfig::preset`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SeedTablePreset {
+    /// 2,000 plates per site, T = 10, 1,000 validation plates, batch 64, lr 1e-3: a smoke run (~10 min).
+    Quick,
+    /// 8,000 plates per site, T = 10, 2,000 validation plates, batch 32, lr 2e-3, cosine (< 45 min on 2 cores).
+    Standard,
+    /// The field study's scale: 80,000 plates per site, T = 70, E 1,5,10,20, lr 2.5e-4, warm-up 1000, batch 64.
+    FieldStudy,
+}
+
 #[derive(Debug, Args)]
 struct SeedTableArgs {
-    /// Epoch budget T per site (the field study: 70).
-    #[arg(long, value_name = "T", default_value_t = seed_table::SeedTableConfig::default().total_epochs)]
-    total_epochs: u32,
-    /// Training plates per site (the field study: about 80000).
-    #[arg(long, value_name = "N", default_value_t = seed_table::SeedTableConfig::default().samples_per_site)]
-    samples_per_site: usize,
-    /// Validation plates (90% loose, 10% tight).
-    #[arg(long, value_name = "N", default_value_t = seed_table::SeedTableConfig::default().val)]
-    val: usize,
-    /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70).
-    #[arg(
-        long,
-        value_name = "E,E,..",
-        value_delimiter = ',',
-        default_value = "1,2,5"
-    )]
-    e_sweep: Vec<u32>,
+    /// The budget to start from; the flags below override its settings.
+    #[arg(long, value_enum, default_value = "quick")]
+    preset: SeedTablePreset,
+    /// Epoch budget T per site (the field study: 70) [default: the preset's].
+    #[arg(long, value_name = "T")]
+    total_epochs: Option<u32>,
+    /// Training plates per site (the field study: about 80000) [default: the preset's].
+    #[arg(long, value_name = "N")]
+    samples_per_site: Option<usize>,
+    /// Validation plates (90% loose, 10% tight) [default: the preset's].
+    #[arg(long, value_name = "N")]
+    val: Option<usize>,
+    /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
+    #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
+    e_sweep: Option<Vec<u32>>,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -350,15 +359,19 @@ fn run(cli: Cli) -> Result<()> {
             demo::run(&cfg)?;
         }
         Command::SeedTable(a) => {
-            let d = seed_table::SeedTableConfig::default();
+            let d = seed_table::SeedTableConfig::preset(match a.preset {
+                SeedTablePreset::Quick => seed_table::Preset::Quick,
+                SeedTablePreset::Standard => seed_table::Preset::Standard,
+                SeedTablePreset::FieldStudy => seed_table::Preset::FieldStudy,
+            });
             let cfg = seed_table::SeedTableConfig {
                 out: out_dir(&a.out, "seed-table"),
-                total_epochs: a.total_epochs,
-                samples_per_site: a.samples_per_site,
-                val: a.val,
-                e_sweep: a.e_sweep,
+                total_epochs: a.total_epochs.unwrap_or(d.total_epochs),
+                samples_per_site: a.samples_per_site.unwrap_or(d.samples_per_site),
+                val: a.val.unwrap_or(d.val),
+                e_sweep: a.e_sweep.unwrap_or(d.e_sweep),
                 lr: a.train.lr.unwrap_or(d.lr),
-                warmup: a.train.warmup,
+                warmup: a.train.warmup.or(d.warmup),
                 batch: a.train.batch.unwrap_or(d.batch),
                 cosine: a
                     .train

@@ -30,6 +30,50 @@ use crate::plates::{field_data, planned_decay, scaled_warmup, FieldData};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
+/// A named budget of the seed table (`ferry-lab seed-table --preset`): what each one costs and reads is measured
+/// in docs/experiments.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// The built-in defaults: 2,000 plates per site, T = 10, about 10 minutes on 2 cores; a smoke run.
+    Quick,
+    /// 8,000 plates per site, T = 10, 2,000 validation plates, plate-ctc's tuned recipe (batch 32, lr 2e-3,
+    /// cosine): sized to finish in under 45 minutes on 2 cores.
+    Standard,
+    /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
+    /// warm-up steps, batch 64 (many hours on 2 cores).
+    FieldStudy,
+}
+
+impl SeedTableConfig {
+    /// The settings of `preset` (the output folder is the default's).
+    pub fn preset(preset: Preset) -> SeedTableConfig {
+        let quick = SeedTableConfig::default();
+        match preset {
+            Preset::Quick => quick,
+            Preset::Standard => SeedTableConfig {
+                samples_per_site: 8000,
+                total_epochs: 10,
+                val: 2000,
+                lr: 2e-3,
+                batch: 32,
+                cosine: true,
+                ..quick
+            },
+            Preset::FieldStudy => SeedTableConfig {
+                samples_per_site: 80_000,
+                total_epochs: 70,
+                val: 2000,
+                e_sweep: vec![1, 5, 10, 20],
+                lr: 2.5e-4,
+                warmup: Some(1000),
+                batch: 64,
+                cosine: false,
+                ..quick
+            },
+        }
+    }
+}
+
 /// Settings of a seed-table run.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeedTableConfig {

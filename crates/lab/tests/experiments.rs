@@ -402,3 +402,44 @@ fn few_trips_rows_through_the_binary() {
         assert!(out.join(f).is_file(), "{f}");
     }
 }
+
+/// `seed-table --preset standard` starts from the standard budget's recipe (batch 32, lr 2e-3, cosine, 2,000
+/// validation plates) and a flag overrides only its own setting: here the size, so the run stays tiny.
+#[test]
+fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rows.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--preset", "standard"])
+        .args([
+            "--total-epochs",
+            "1",
+            "--samples-per-site",
+            "16",
+            "--val",
+            "8",
+        ])
+        .args(["--e-sweep", "1", "--out"])
+        .arg(dir.path().join("st"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let c = &v["config"];
+    assert_eq!(c["batch"], 32, "{c}");
+    assert_eq!(c["lr"], 2e-3, "{c}");
+    assert_eq!(c["cosine"], true, "{c}");
+    assert_eq!(c["total_epochs"], 1, "{c}");
+    assert_eq!(c["samples_per_site"], 16, "{c}");
+    assert_eq!(c["val"], 8, "{c}");
+    assert_eq!(c["e_sweep"], serde_json::json!([1]), "{c}");
+    let quick = SeedTableConfig::preset(seed_table::Preset::Quick);
+    let field = SeedTableConfig::preset(seed_table::Preset::FieldStudy);
+    assert_eq!((quick.batch, quick.cosine), (64, false));
+    assert_eq!(
+        (field.samples_per_site, field.total_epochs, field.warmup),
+        (80_000, 70, Some(1000))
+    );
+}
