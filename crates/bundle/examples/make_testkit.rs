@@ -28,17 +28,8 @@ const LEVEL: i32 = 3;
 /// The "trust everything honest" keyring of most vectors.
 const STD: &str = "hq+site-a+site-b";
 
-/// A fixed test key: (file stem, role, id, seed). Never use these anywhere but tests.
-const KEYS: &[(&str, Role, &str, u8)] = &[
-    ("hq", Role::Hq, "hq", 1),
-    ("site-a", Role::Site, "site-a", 2),
-    ("site-b", Role::Site, "site-b", 3),
-    ("site-c", Role::Site, "site-c", 4),
-    ("rogue-hq", Role::Hq, "hq", 9),
-    ("root", Role::Root, "root", 5),
-    ("hq-2027", Role::Hq, "hq-2027", 10),
-    ("rogue-root", Role::Root, "root", 6),
-];
+/// The fixed test keys: (file stem, role, id, seed), one table shared with the tests that open the kit.
+use ferry_testdata::KIT_KEYS as KEYS;
 
 /// A kit key's secret half (the test adds it as a decryption identity for `id=<stem>` in the trust column).
 pub fn key(stem: &str) -> SecretKey {
@@ -46,7 +37,8 @@ pub fn key(stem: &str) -> SecretKey {
         .iter()
         .find(|k| k.0 == stem)
         .unwrap_or_else(|| panic!("no test key {stem}"));
-    SecretKey::from_seed(*role, id, [*seed; 32])
+    let role: Role = role.parse().expect("the key table names hq, site or root");
+    SecretKey::from_seed(role, id, [*seed; 32])
 }
 
 fn seed_of(stem: &str) -> [u8; 32] {

@@ -56,29 +56,9 @@ fn ok(o: Output) -> Output {
 /// The Python interpreter, after checking it has every module the interop checks import; panics with the setup
 /// command when one is missing.
 fn python_checked() -> std::ffi::OsString {
-    python_with("cryptography, zstandard, numpy, safetensors.numpy, safetensors.torch, torch")
-}
-
-/// The Python interpreter, after checking it imports `modules`; panics with the setup command otherwise.
-fn python_with(modules: &str) -> std::ffi::OsString {
-    let py = ferry_testdata::python();
-    let probe = Command::new(&py)
-        .args(["-c", &format!("import {modules}")])
-        .output();
-    let why = match probe {
-        Ok(o) if o.status.success() => return py,
-        Ok(o) => format!(
-            "{} lacks a module ({})",
-            py.to_string_lossy(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-        ),
-        Err(e) => format!("{} cannot be run ({e})", py.to_string_lossy()),
-    };
-    panic!("{why}: {}", ferry_testdata::SETUP);
+    ferry_testdata::python_with(
+        "cryptography, zstandard, numpy, safetensors.numpy, safetensors.torch, torch",
+    )
 }
 
 fn python(code: &str, args: &[&Path]) -> Output {
@@ -422,7 +402,7 @@ fn bundles_interoperate_with_python_and_zstd() {
 /// of docs/bundle-format.md §6a.
 #[test]
 fn encrypted_bundles_interoperate_with_python_and_the_age_cli() {
-    let py = python_with("cryptography, zstandard, pyrage");
+    let py = ferry_testdata::python_with("cryptography, zstandard, pyrage");
     let age = ferry_testdata::program("age");
     let zstd = ferry_testdata::program("zstd");
     let dir = tempfile::tempdir().unwrap();

@@ -15,20 +15,6 @@ use std::process::{Command, Output};
 
 use ferry_bundle::{sha256_hex, PublicKey, Role, SecretKey};
 
-/// The kit keys whose secret halves `id=<stem>` names: (stem, role, id, seed byte), as in `KEYS` of
-/// `crates/bundle/examples/make_testkit.rs` (which this crate cannot include: it needs dependencies the client's
-/// tests lack). `identity_file` checks each against `keys/<stem>.pub`, so a drift fails loudly.
-const KIT_KEYS: &[(&str, Role, &str, u8)] = &[
-    ("hq", Role::Hq, "hq", 1),
-    ("site-a", Role::Site, "site-a", 2),
-    ("site-b", Role::Site, "site-b", 3),
-    ("site-c", Role::Site, "site-c", 4),
-    ("rogue-hq", Role::Hq, "hq", 9),
-    ("root", Role::Root, "root", 5),
-    ("hq-2027", Role::Hq, "hq-2027", 10),
-    ("rogue-root", Role::Root, "root", 6),
-];
-
 fn kit_dir() -> PathBuf {
     ferry_testdata::repo_root().join("crates/bundle/tests/testkit")
 }
@@ -37,35 +23,13 @@ fn kit_pub(stem: &str) -> PathBuf {
     kit_dir().join("keys").join(format!("{stem}.pub"))
 }
 
-/// The Python interpreter, after checking it imports what the reader needs; panics with the setup command
-/// otherwise.
-fn python_checked() -> OsString {
-    let py = ferry_testdata::python();
-    let probe = Command::new(&py)
-        .args(["-c", "import cryptography, zstandard, pyrage"])
-        .output();
-    let why = match probe {
-        Ok(o) if o.status.success() => return py,
-        Ok(o) => format!(
-            "{} lacks a module ({})",
-            py.to_string_lossy(),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-        ),
-        Err(e) => format!("{} cannot be run ({e})", py.to_string_lossy()),
-    };
-    panic!("{why}: {}", ferry_testdata::SETUP);
-}
-
 /// The age identity file of kit key `stem`, written as `ferry-client age-identity` writes it.
 fn identity_file(stem: &str, dir: &Path) -> PathBuf {
-    let &(_, role, id, seed) = KIT_KEYS
+    let &(_, role, id, seed) = ferry_testdata::KIT_KEYS
         .iter()
         .find(|k| k.0 == stem)
         .unwrap_or_else(|| panic!("id={stem}: not a kit key with a known seed"));
+    let role: Role = role.parse().unwrap();
     let sk = SecretKey::from_seed(role, id, [seed; 32]);
     let public = PublicKey::read(&kit_pub(stem)).unwrap_or_else(|e| panic!("key {stem}: {e}"));
     assert_eq!(
@@ -216,7 +180,7 @@ fn disagreement(o: &Output, want: &Want, bundle: &[u8], out: &Path) -> Option<St
 
 #[test]
 fn python_testkit_agrees_with_expectations() {
-    let py = python_checked();
+    let py = ferry_testdata::python_with("cryptography, zstandard, pyrage");
     let script = ferry_testdata::repo_root().join("scripts/ferry_verify.py");
     let scratch = tempfile::tempdir().unwrap();
     let table =

@@ -171,6 +171,44 @@ impl Fed {
         sealed.write_to_dir(out).unwrap()
     }
 
+    /// HQ starts federation `city` from `Model::at(0.0)`, its payload encrypted to site-a and site-b (issue 15
+    /// §5); returns the round-0 global's path and what was sealed.
+    fn start_encrypted(&self) -> (PathBuf, ferry_bundle::Sealed) {
+        let draft = Draft {
+            encrypt_to: self.sites[..2].iter().map(|s| s.public()).collect(),
+            ..Draft::initial("city", Some("test".into()))
+        };
+        hq::init_with(
+            &self.state,
+            &self.hq,
+            &Model::at(0.0).payload(),
+            draft,
+            &self.out,
+            3,
+        )
+        .unwrap()
+    }
+
+    /// site-a and site-b each read `global` with their own key and send `Model::at(1.0)` / `Model::at(3.0)` (100
+    /// samples each), encrypted to HQ's key (format 3), to the stick.
+    fn encrypted_updates(&self, global: &Path) -> Vec<PathBuf> {
+        [(0, 1.0f32), (1, 3.0)]
+            .into_iter()
+            .map(|(i, x)| {
+                let mut ring = self.hq_ring.clone();
+                ring.add_identity(&self.sites[i]);
+                let g = ferry_bundle::open_file(global, &ring).unwrap();
+                let draft = Draft {
+                    encrypt_to: vec![self.hq.public()],
+                    ..Draft::update_for(&g.manifest, &g.hash, self.sites[i].id(), 100)
+                };
+                let s = seal(draft, &Model::at(x).payload(), &self.sites[i], 3).unwrap();
+                assert_eq!(s.manifest.format, 3);
+                s.write_to_dir(&self.usb).unwrap()
+            })
+            .collect()
+    }
+
     /// HQ starts federation `city` from `Model::at(0.0)`; returns the round-0 global's path.
     fn start(&self) -> PathBuf {
         hq::init(
@@ -769,19 +807,7 @@ fn defaults_refuse_a_one_site_merge_and_cap_a_huge_sample_count() {
 fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
     let fed = Fed::new();
     let sites: Vec<_> = fed.sites[..2].iter().map(|s| s.public()).collect();
-    let draft = Draft {
-        encrypt_to: sites.clone(),
-        ..Draft::initial("city", Some("test".into()))
-    };
-    let (g0, sealed0) = hq::init_with(
-        &fed.state,
-        &fed.hq,
-        &Model::at(0.0).payload(),
-        draft,
-        &fed.out,
-        3,
-    )
-    .unwrap();
+    let (g0, sealed0) = fed.start_encrypted();
     let e0 = sealed0
         .manifest
         .encryption
@@ -794,19 +820,7 @@ fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
         "HQ is added to read its own store"
     );
     // Each site reads the global with its own key and sends an update encrypted to HQ.
-    let mut updates = Vec::new();
-    for (i, x) in [(0, 1.0f32), (1, 3.0)] {
-        let mut ring = fed.hq_ring.clone();
-        ring.add_identity(&fed.sites[i]);
-        let g = ferry_bundle::open_file(&g0, &ring).unwrap();
-        let draft = Draft {
-            encrypt_to: vec![fed.hq.public()],
-            ..Draft::update_for(&g.manifest, &g.hash, fed.sites[i].id(), 100)
-        };
-        let s = ferry_bundle::seal(draft, &Model::at(x).payload(), &fed.sites[i], 3).unwrap();
-        assert_eq!(s.manifest.format, 3);
-        updates.push(s.write_to_dir(&fed.usb).unwrap());
-    }
+    let updates = fed.encrypted_updates(&g0);
     let config = RoundConfig {
         min_sites: 2,
         encrypt_to: hq::EncryptTo::Keys(sites),
@@ -846,33 +860,9 @@ fn an_encrypted_round_reads_with_hq_s_key_and_encrypts_the_next_global() {
 #[test]
 fn a_retired_hq_key_still_opens_what_was_encrypted_to_it_and_new_globals_leave_it_out() {
     let fed = Fed::new();
-    let sites: Vec<_> = fed.sites[..2].iter().map(|s| s.public()).collect();
-    let draft = Draft {
-        encrypt_to: sites.clone(),
-        ..Draft::initial("city", Some("test".into()))
-    };
-    let (g0, _) = hq::init_with(
-        &fed.state,
-        &fed.hq,
-        &Model::at(0.0).payload(),
-        draft,
-        &fed.out,
-        3,
-    )
-    .unwrap();
+    let (g0, _) = fed.start_encrypted();
     // The sites have not heard of the rotation yet: their updates are encrypted to the old key.
-    let mut updates = Vec::new();
-    for (i, x) in [(0, 1.0f32), (1, 3.0)] {
-        let mut ring = fed.hq_ring.clone();
-        ring.add_identity(&fed.sites[i]);
-        let g = ferry_bundle::open_file(&g0, &ring).unwrap();
-        let draft = Draft {
-            encrypt_to: vec![fed.hq.public()],
-            ..Draft::update_for(&g.manifest, &g.hash, fed.sites[i].id(), 100)
-        };
-        let s = ferry_bundle::seal(draft, &Model::at(x).payload(), &fed.sites[i], 3).unwrap();
-        updates.push(s.write_to_dir(&fed.usb).unwrap());
-    }
+    let updates = fed.encrypted_updates(&g0);
     let new_hq = SecretKey::from_seed(Role::Hq, "hq-2027", [2; 32]);
     let config = RoundConfig {
         min_sites: 2,

@@ -65,6 +65,48 @@ struct Hq {
 }
 
 impl Hq {
+    /// HQ with keys in `keys/` and three site keys in `keys/sites/`, after `init --encrypt-to enc/`, where `enc`
+    /// holds site-a's and site-b's `.pub` files: site-c has a key but is not a recipient. Round 0 is
+    /// `model(0.0)` in `out/global-r0.ferry`.
+    fn encrypted() -> Hq {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let sites = dir.join("keys/sites");
+        hq().write_pair(&dir.join("keys")).unwrap();
+        for i in 0..3 {
+            site(i).write_pair(&sites).unwrap();
+        }
+        let enc = dir.join("enc");
+        std::fs::create_dir_all(&enc).unwrap();
+        for id in ["site-a", "site-b"] {
+            std::fs::copy(
+                sites.join(format!("{id}.pub")),
+                enc.join(format!("{id}.pub")),
+            )
+            .unwrap();
+        }
+        let weights = dir.join("init.safetensors");
+        std::fs::write(&weights, model(0.0).bytes()).unwrap();
+        let h = Hq {
+            state: dir.join("hq"),
+            out: dir.join("bundles"),
+            dir,
+            _tmp: tmp,
+        };
+        success(&h.run(
+            "init",
+            &[
+                "--weights",
+                Hq::s(&weights),
+                "--federation",
+                "city",
+                "--encrypt-to",
+                Hq::s(&enc),
+            ],
+        ));
+        h
+    }
+
     fn s(p: &Path) -> &str {
         p.to_str().unwrap()
     }
@@ -135,43 +177,8 @@ fn recipients(path: &Path) -> Vec<String> {
 
 #[test]
 fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let keys = dir.join("keys");
-    let sites = dir.join("keys/sites");
-    hq().write_pair(&keys).unwrap();
-    for i in 0..3 {
-        site(i).write_pair(&sites).unwrap();
-    }
-    // site-c has a key but is not a recipient: only site-a and site-b's .pub files in `enc`.
-    let enc = dir.join("enc");
-    std::fs::create_dir_all(&enc).unwrap();
-    for id in ["site-a", "site-b"] {
-        std::fs::copy(
-            sites.join(format!("{id}.pub")),
-            enc.join(format!("{id}.pub")),
-        )
-        .unwrap();
-    }
-    let weights = dir.join("init.safetensors");
-    std::fs::write(&weights, model(0.0).bytes()).unwrap();
-    let h = Hq {
-        state: dir.join("hq"),
-        out: dir.join("bundles"),
-        dir,
-        _tmp: tmp,
-    };
-    success(&h.run(
-        "init",
-        &[
-            "--weights",
-            Hq::s(&weights),
-            "--federation",
-            "city",
-            "--encrypt-to",
-            Hq::s(&enc),
-        ],
-    ));
+    let h = Hq::encrypted();
+    let (keys, sites) = (h.dir.join("keys"), h.dir.join("keys/sites"));
     let g0 = h.out.join("global-r0.ferry");
     assert_eq!(recipients(&g0), ["hq", "site-a", "site-b"]);
 
@@ -295,42 +302,8 @@ fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
 /// updates that were encrypted to the old one. The new global is encrypted to the sites and the new key.
 #[test]
 fn after_retire_key_the_new_hq_key_merges_what_was_encrypted_to_the_old_one() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let keys = dir.join("keys");
-    let sites = dir.join("keys/sites");
-    hq().write_pair(&keys).unwrap();
-    for i in 0..2 {
-        site(i).write_pair(&sites).unwrap();
-    }
-    let enc = dir.join("enc");
-    std::fs::create_dir_all(&enc).unwrap();
-    for id in ["site-a", "site-b"] {
-        std::fs::copy(
-            sites.join(format!("{id}.pub")),
-            enc.join(format!("{id}.pub")),
-        )
-        .unwrap();
-    }
-    let weights = dir.join("init.safetensors");
-    std::fs::write(&weights, model(0.0).bytes()).unwrap();
-    let h = Hq {
-        state: dir.join("hq"),
-        out: dir.join("bundles"),
-        dir,
-        _tmp: tmp,
-    };
-    success(&h.run(
-        "init",
-        &[
-            "--weights",
-            Hq::s(&weights),
-            "--federation",
-            "city",
-            "--encrypt-to",
-            Hq::s(&enc),
-        ],
-    ));
+    let h = Hq::encrypted();
+    let (keys, sites) = (h.dir.join("keys"), h.dir.join("keys/sites"));
     let updates = h.updates(&h.out.join("global-r0.ferry"), 1);
     let new_hq = SecretKey::from_seed(Role::Hq, "hq-2027", [9; 32]);
     let keys2 = h.dir.join("keys2");

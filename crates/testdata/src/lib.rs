@@ -85,6 +85,43 @@ pub fn program(name: &str) -> PathBuf {
     );
 }
 
+/// The fixed keys of the bundle testkit (`crates/bundle/tests/testkit`): (file stem, role, id, seed byte). The
+/// generator (`crates/bundle/examples/make_testkit.rs`) makes them and the tests that open the kit rebuild their
+/// secret halves from this one table. Never use these keys anywhere but tests.
+pub const KIT_KEYS: &[(&str, &str, &str, u8)] = &[
+    ("hq", "hq", "hq", 1),
+    ("site-a", "site", "site-a", 2),
+    ("site-b", "site", "site-b", 3),
+    ("site-c", "site", "site-c", 4),
+    ("rogue-hq", "hq", "hq", 9),
+    ("root", "root", "root", 5),
+    ("hq-2027", "hq", "hq-2027", 10),
+    ("rogue-root", "root", "root", 6),
+];
+
+/// [`python`], after checking it imports `modules` (`"numpy, zstandard"`); panics with the setup command otherwise,
+/// so a missing module fails the test instead of skipping it.
+pub fn python_with(modules: &str) -> OsString {
+    let py = python();
+    let probe = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return py,
+        Ok(o) => format!(
+            "{} lacks a module ({})",
+            py.to_string_lossy(),
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+        ),
+        Err(e) => format!("{} cannot be run ({e})", py.to_string_lossy()),
+    };
+    panic!("{why}: {SETUP}");
+}
+
 /// The Python interpreter the interop tests run: `$FERRY_PYTHON`, `.venv/bin/python3`, or `python3`.
 pub fn python() -> OsString {
     if let Some(p) = std::env::var_os("FERRY_PYTHON").filter(|p| !p.is_empty()) {
