@@ -842,10 +842,12 @@ pub fn merge_round_with(
     let mut ledger = Ledger::load(dir)?;
     let (mut ring, stored_lists, new_lists) =
         prepare_revocations(dir, &ledger.data().federation, keyring, revocations)?;
+    let store = store_ring(dir, ledger.data(), key)?;
     // HQ's key opens updates encrypted to it (issue 15 §5), and so do retired HQ keys (updates a site encrypted
-    // before it learnt of a rotation).
-    ring.add_identity(key);
-    add_retired(dir, &mut ring)?;
+    // before it learnt of a rotation): the store's identities, read from HQ's state once.
+    for identity in store.identities() {
+        ring.add_decryption_key(identity.clone());
+    }
     let keyring = &ring;
     if files.len() < config.min_sites {
         return Err(HqError::TooFewSites {
@@ -854,7 +856,6 @@ pub fn merge_round_with(
         });
     }
     let current = ledger.current().clone();
-    let store = store_ring(dir, ledger.data(), key)?;
 
     remove_stale_spools(dir);
     let spool = tempfile::Builder::new()
