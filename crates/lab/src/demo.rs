@@ -17,8 +17,8 @@ use crate::plates::{field_data, planned_decay, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
-/// Settings of the demo. `Default` is what `ferry-lab demo` runs with plate-ctc: 162 s measured on 2 idle CPU
-/// cores, final global 28.0 % exact (docs/experiments.md).
+/// Settings of the demo. `Default` is what `ferry-lab demo` runs with plate-ctc: 162-188 s measured on 2 idle
+/// CPU cores, final global 28.0 % exact (docs/experiments.md).
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     /// Output folder (must not hold a federation yet).
