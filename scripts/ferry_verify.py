@@ -504,8 +504,30 @@ def validate_manifest(m):
             bad(f"tensor {show(t['name'])!r}: shape is too large")
         if not is_hash(t["sha256"]):
             bad(f"tensor {show(t['name'])!r}: sha256 is not a SHA-256 hex string")
+    check_fisher(m, bad)
     if fingerprint(m["tensors"]) != m["model_fingerprint"]:
         bad("model_fingerprint does not match the tensor list")
+
+
+FISHER_PREFIX = "ferry.fisher/"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_fisher(m, bad):
+    """Spec §6.6: `ferry.fisher/X` tensors only in an update, each F32 with the shape of a float model tensor X."""
+    by_name = {t["name"]: t for t in m["tensors"]}
+    for t in m["tensors"]:
+        if not t["name"].startswith(FISHER_PREFIX):
+            continue
+        if m["kind"] != "update":
+            bad(f"a global carries the Fisher tensor {show(t['name'])!r}; only updates may")
+        target = by_name.get(t["name"][len(FISHER_PREFIX):])
+        if target is None or target["name"].startswith(FISHER_PREFIX):
+            bad(f"Fisher tensor {show(t['name'])!r} has no model tensor")
+        if target["dtype"] not in FLOAT_DTYPES:
+            bad(f"Fisher tensor {show(t['name'])!r} belongs to a tensor that is not a float tensor")
+        if t["dtype"] != "F32" or t["shape"] != target["shape"]:
+            bad(f"Fisher tensor {show(t['name'])!r} must be F32 with the shape of its model tensor")
 
 
 def _pyrage():

@@ -422,6 +422,35 @@ pub fn build() -> Kit {
         "ok",
         "honest site-a update on the round-0 global",
     );
+    // Spec §6.6: an update may carry its site's Fisher estimate under `ferry.fisher/`.
+    let with_fisher = {
+        let model = Model::new(0.25).payload();
+        let target = model
+            .metas()
+            .iter()
+            .find(|t| t.dtype == Dtype::F32 && t.numel().unwrap_or(0) > 0)
+            .expect("an F32 tensor");
+        let values = (0..target.numel().unwrap_or(0))
+            .map(|i| i as f32 * 0.5)
+            .collect();
+        let fisher = std::collections::BTreeMap::from([(target.name.clone(), values)]);
+        ferry_bundle::fisher::attach(&model, &fisher).expect("attach")
+    };
+    let upd_fisher = seal(
+        draft_update(&g0.hash, "site-a", 120),
+        &with_fisher,
+        &site_a,
+        LEVEL,
+    )
+    .expect("update with Fisher tensors");
+    kit.bundle(
+        "valid-update-with-fisher",
+        upd_fisher.bytes.clone(),
+        STD,
+        &ok(with_fisher.bytes()),
+        "ok",
+        "honest site-a update carrying a Fisher tensor (§6.6); the payload holds the model and the estimate",
+    );
 
     container(&mut kit, &g0.bytes, &upd.bytes);
     manifest(&mut kit, m0, &hq, &compressed, p.bytes());
@@ -987,6 +1016,28 @@ fn manifest(kit: &mut Kit, m0: &Manifest, hq: &SecretKey, compressed: &[u8], pla
         .as_bytes(),
         "a round-0 global naming a previous global",
     );
+    {
+        // §6.6: a global never carries a Fisher tensor (fingerprint recomputed, so that rule is what refuses).
+        let mut fm = m.clone();
+        let target = fm
+            .tensors
+            .iter()
+            .find(|t| t.dtype == "F32")
+            .cloned()
+            .expect("an F32 tensor");
+        fm.tensors.push(ferry_bundle::manifest::TensorEntry {
+            name: format!("ferry.fisher/{}", target.name),
+            ..target
+        });
+        fm.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        fm.model_fingerprint = ferry_bundle::tensor::fingerprint(fm.tensor_metas().iter());
+        raw(
+            kit,
+            "global-with-fisher",
+            &json(&fm),
+            "a global carrying a Fisher tensor: only updates may (§6.6)",
+        );
+    }
     raw(
         kit,
         "fingerprint-wrong",

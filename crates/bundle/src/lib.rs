@@ -10,6 +10,7 @@
 mod container;
 mod envelope;
 pub mod filesig;
+pub mod fisher;
 pub mod fsutil;
 pub mod keylist;
 pub mod keys;

@@ -496,6 +496,7 @@ impl Manifest {
                 ));
             }
         }
+        crate::fisher::check_tensor_list(self.kind == BundleKind::Update, &self.tensor_metas())?;
         if fingerprint(self.tensor_metas().iter()) != self.model_fingerprint {
             return Err("model_fingerprint does not match the tensor list".into());
         }

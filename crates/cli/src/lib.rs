@@ -694,28 +694,63 @@ pub fn unpack(args: &UnpackArgs) -> Result<()> {
     let mut ring = args.trust.keyring()?;
     args.identity.apply(&mut ring)?;
     // The payload streams into a temp file beside --out, linked under its name only once it verified.
-    let (manifest, hash) = fsutil::write_new_with(&args.out, |file| {
-        with_spinner(&args.file, "verifying", || {
-            let o = ferry_bundle::open_file_into(&args.file, &ring, std::io::BufWriter::new(file))?;
+    let (manifest, hash, written) = fsutil::write_new_with(&args.out, |file| {
+        let (manifest, hash) = with_spinner(&args.file, "verifying", || {
+            let o = ferry_bundle::open_file_into(
+                &args.file,
+                &ring,
+                std::io::BufWriter::new(&mut *file),
+            )?;
             o.payload
                 .into_inner()
                 .map_err(|e| ferry_bundle::OpenError::Write(e.into_error()))?;
             Ok((o.manifest, o.hash))
-        })
+        })?;
+        // An update carrying a Fisher estimate (issue 14) unpacks to the model alone, so a PyTorch
+        // `load_state_dict(strict=True)` loads it; the estimate is for HQ's merge.
+        let written = if ferry_bundle::fisher::has_fisher(&manifest.tensor_metas()) {
+            model_only(file)?
+        } else {
+            (manifest.tensors.len(), manifest.payload.len)
+        };
+        Ok::<_, anyhow::Error>((manifest, hash, written))
     })?;
+    let (manifest, hash, (tensors, bytes)) = (manifest, hash, written);
     if args.json {
         return print_json(&serde_json::json!({
-            "file": escape_path(&args.out), "bytes": manifest.payload.len, "hash": hash, "manifest": manifest,
+            "file": escape_path(&args.out), "bytes": bytes, "hash": hash, "manifest": manifest,
         }));
     }
+    let fisher = manifest.tensors.len() - tensors;
     outln!(
-        "wrote {} ({}, {} bytes) from {}",
+        "wrote {} ({}, {bytes} bytes) from {}{}",
         escape_path(&args.out),
-        count(manifest.tensors.len() as u64, "tensor"),
-        manifest.payload.len,
-        describe(&manifest, &hash)
+        count(tensors as u64, "tensor"),
+        describe(&manifest, &hash),
+        if fisher > 0 {
+            format!(
+                " (the model; its {} left out)",
+                count(fisher as u64, "Fisher tensor")
+            )
+        } else {
+            String::new()
+        }
     );
     Ok(())
+}
+
+/// Rewrite a verified payload in `file` as the model without its Fisher tensors; (tensors, bytes) written.
+fn model_only(file: &mut std::fs::File) -> Result<(usize, u64)> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut bytes)?;
+    let payload = ferry_bundle::Payload::from_safetensors_vec(bytes)?;
+    let (model, _) = ferry_bundle::fisher::split(&payload)?;
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(model.bytes())?;
+    Ok((model.metas().len(), model.bytes().len() as u64))
 }
 
 /// Read a local weights file (safetensors) given by the operator.

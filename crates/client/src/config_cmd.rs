@@ -93,6 +93,8 @@ pub struct Effective {
     pub limit: (Option<usize>, Origin),
     /// ferry.toml's `encrypt` (`--encrypt` / `--no-encrypt` on `export` and `round` override it).
     pub encrypt: (Option<bool>, Origin),
+    /// ferry.toml's `fisher` (`export --fisher` turns it on for one export).
+    pub fisher: (Option<bool>, Origin),
 }
 
 fn parse_from_file<T: std::str::FromStr>(
@@ -152,6 +154,7 @@ impl Effective {
             ),
             limit: pick(flags.limit, t.limit, None),
             encrypt: pick(None, file.encrypt, Some(false)),
+            fisher: pick(None, file.fisher, Some(false)),
         })
     }
 
@@ -198,6 +201,7 @@ impl Effective {
             SettingRow::new("train.device", &self.device),
             SettingRow::new("train.limit", &self.limit),
             SettingRow::new("encrypt", &self.encrypt),
+            SettingRow::new("fisher", &self.fisher),
         ]
     }
 }

@@ -17,7 +17,9 @@ use ferry_bundle::{escape, escape_path, short, Draft, Role};
 use ferry_cli::{
     count, describe, open_bundle, outln, print_json, read_secret_key, read_weights, with_spinner,
 };
-use ferry_site::{ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP};
+use ferry_site::{
+    ExportOptions, ImportOutcome, ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,6 +59,8 @@ enum Command {
     Eval(train_cmds::EvalArgs),
     /// Re-estimate BatchNorm statistics on local images (no labels) for the deployed model, without a round trip.
     Recalibrate(train_cmds::RecalibrateArgs),
+    /// The local model's diagonal Fisher estimate on local data, shipped by export --fisher for HQ's Fisher merge.
+    Fisher(train_cmds::FisherArgs),
     /// Report on a dataset without training: counts, label histogram, unreadable images, unknown characters.
     CheckData(data_cmds::CheckDataArgs),
     /// What the model reads on images; with --data, a labels CSV to correct instead of typing every label.
@@ -113,6 +117,10 @@ struct PackArgs {
     /// Example: --encrypt-to keys/hq.pub
     #[arg(long, value_name = "PUB")]
     encrypt_to: Vec<PathBuf>,
+    /// A diagonal Fisher estimate of these weights to ship with them, for HQ's --strategy fisher: a safetensors
+    /// file of F32 tensors named and shaped like the model's (e.g. the mean squared gradients PyTorch computed).
+    #[arg(long, value_name = "SAFETENSORS")]
+    fisher: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -193,7 +201,7 @@ struct StatusArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-client export --state site/                    # key and stick from site/ferry.toml\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/ --json"
+    after_help = "Examples:\n  ferry-client export --state site/                    # key and stick from site/ferry.toml\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/\n  ferry-client export --state site/ --key keys/site-a.key --out /media/usb/ --json\n  ferry-client export --state site/ --fisher             # after ferry-client fisher: for HQ's --strategy fisher"
 )]
 struct ExportArgs {
     /// The site's state directory.
@@ -215,6 +223,10 @@ struct ExportArgs {
     /// Print JSON: the file written, its hash and manifest.
     #[arg(long)]
     json: bool,
+    /// Ship the local model's Fisher estimate (ferry-client fisher) with it, for HQ's --strategy fisher
+    /// (ferry.toml: `fisher = true` does it for every export).
+    #[arg(long)]
+    fisher: bool,
     /// --encrypt-to PUB / --encrypt / --no-encrypt.
     #[command(flatten)]
     encrypt: encrypt::EncryptArgs,
@@ -278,6 +290,28 @@ fn pack(a: &PackArgs) -> Result<()> {
             escape_path(&a.weights)
         );
     }
+    let payload = match &a.fisher {
+        None => payload,
+        Some(path) => {
+            let estimate = read_weights(path)?;
+            let mut values = std::collections::BTreeMap::new();
+            for t in estimate.tensors() {
+                if t.dtype != ferry_bundle::Dtype::F32 {
+                    anyhow::bail!(
+                        "{}: Fisher tensor {} is {}; save the estimate as F32",
+                        escape_path(path),
+                        escape(t.name),
+                        t.dtype
+                    );
+                }
+                let v = t.data.chunks_exact(4);
+                let v = v.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                values.insert(t.name.to_string(), v.collect::<Vec<f32>>());
+            }
+            ferry_bundle::fisher::attach(&payload, &values)
+                .with_context(|| format!("{} (--fisher)", escape_path(path)))?
+        }
+    };
     let draft = Draft {
         encrypt_to,
         ..Draft::update_for(&base.manifest, &base.hash, key.id(), a.samples)
@@ -527,7 +561,13 @@ fn export(a: &ExportArgs) -> Result<()> {
     state.require_current()?;
     let lock = state.lock()?;
     let encrypt_to = a.encrypt.resolve(&state)?;
-    let (path, sealed) = state.export_to(&lock, &key, &out, a.level, a.again, &encrypt_to)?;
+    let options = ExportOptions {
+        level: a.level,
+        again: a.again,
+        encrypt_to,
+        fisher: a.fisher || eff.fisher.0 == Some(true),
+    };
+    let (path, sealed) = state.export_with(&lock, &key, &out, &options)?;
     report_written(&path, &sealed, a.json)
 }
 
@@ -589,6 +629,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmds::run_train(a),
         Command::Eval(a) => train_cmds::run_eval(a),
         Command::Recalibrate(a) => train_cmds::run_recalibrate(a),
+        Command::Fisher(a) => train_cmds::run_fisher(a),
         Command::CheckData(a) => data_cmds::run_check_data(a),
         Command::Predict(a) => data_cmds::run_predict(a),
         Command::Export(a) => export(a),

@@ -19,10 +19,11 @@ use clap::Args;
 use ferry_bundle::{escape, escape_path, short};
 use ferry_cli::{count, outln};
 use ferry_site::{
-    eval_site, site_arch, train_site, EvalTarget, ImportOutcome, ImportPolicy, ImportTrust,
-    SiteState, DEFAULT_MAX_ROUND_JUMP,
+    eval_site, fisher_site, site_arch, train_site, EvalTarget, ExportOptions, ImportOutcome,
+    ImportPolicy, ImportTrust, SiteState, DEFAULT_MAX_ROUND_JUMP,
 };
 use ferry_train::data::LoadConfig;
+use ferry_train::fisher::FisherConfig;
 use ferry_train::{device, AdamConfig, EpochStats, TrainConfig, TrainObserver};
 
 use crate::config_cmd::{Effective, SettingFlags};
@@ -431,7 +432,45 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
                 remove_unrecorded_update(&stick, &key, &cur.hash, cur.round)?;
             }
             let encrypt_to = crate::encrypt::from_settings(&state)?;
-            let (path, sealed) = state.export_to(&lock, &key, &stick, 3, false, &encrypt_to)?;
+            // ferry.toml `fisher = true` (HQ merges with --strategy fisher): the estimate goes with the update.
+            let fisher = eff.fisher.0 == Some(true);
+            let have = state.local()?.is_some_and(|l| l.fisher_sha256.is_some());
+            if fisher && !have {
+                let Some(spec) = eff.data.0.as_ref() else {
+                    anyhow::bail!(
+                        "`fisher = true` needs the training data for the estimate: set `data` in {}",
+                        escape_path(&state.settings_path())
+                    );
+                };
+                let data = load(spec)?;
+                let est = fisher_site(
+                    &state,
+                    &lock,
+                    &data,
+                    &FisherConfig::default(),
+                    &dev,
+                    &mut |_, _| {},
+                )
+                .context("taking the Fisher estimate")?;
+                report.step(
+                    json,
+                    "fisher",
+                    "done",
+                    format!(
+                        "Fisher estimate of the local model on {} ({:.1} s)",
+                        count(est.samples as u64, "sample"),
+                        est.seconds
+                    ),
+                    serde_json::json!({"samples": est.samples, "seconds": est.seconds}),
+                )?;
+            }
+            let options = ExportOptions {
+                level: 3,
+                again: false,
+                encrypt_to,
+                fisher,
+            };
+            let (path, sealed) = state.export_with(&lock, &key, &stick, &options)?;
             report.step(
                 json,
                 "export",

@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use ferry_cli::{count, outln, print_json};
-use ferry_site::{eval_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState};
+use ferry_site::{
+    eval_site, fisher_site, recalibrate_site, site_arch, train_site, EvalTarget, SiteState,
+};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
+use ferry_train::fisher::FisherConfig;
 
 use crate::config_cmd::{Effective, SettingFlags};
 use ferry_train::{
@@ -188,6 +191,25 @@ pub struct RecalibrateArgs {
     pub data: DataArgs,
     /// Images per batch.
     #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry-client fisher`: the local model's diagonal Fisher estimate, for `export --fisher` (issue 14).
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example (after train, before export; the same data as training):\n  ferry-client fisher --state site/\n  ferry-client export --state site/ --fisher --out /media/usb/\n\nHQ then merges with --strategy fisher: each parameter counts by how much this site's data pins it down. The estimate leaves the site inside the update (squared gradients of the local model on local data: it says about as much about the data as the update itself)."
+)]
+pub struct FisherArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Samples the estimate is taken on (the first of a seeded shuffle; 0: all).
+    #[arg(long, default_value_t = FisherConfig::default().samples)]
+    pub samples: usize,
+    /// Samples per gradient.
+    #[arg(long, default_value_t = FisherConfig::default().batch)]
     pub batch: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
@@ -395,5 +417,51 @@ pub fn run_recalibrate(args: &RecalibrateArgs) -> Result<()> {
             ferry_bundle::escape_path(&path)
         );
     }
+    Ok(())
+}
+
+pub fn run_fisher(args: &FisherArgs) -> Result<()> {
+    let Resolved {
+        state,
+        arch,
+        dev,
+        data,
+        ..
+    } = args
+        .data
+        .resolve(DataSetting::Train, SettingFlags::default())?;
+    let cfg = FisherConfig {
+        samples: args.samples,
+        batch: args.batch,
+        seed: 0,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("fisher [{bar:30}] {pos}/{len} batches")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let lock = state.lock()?;
+    let res = fisher_site(&state, &lock, &data, &cfg, &dev, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .context("taking the Fisher estimate");
+    bar.finish_and_clear();
+    let est = res?;
+    let values: usize = est.tensors.values().map(Vec::len).sum();
+    if args.json {
+        return print_json(&serde_json::json!({
+            "arch": arch.name(), "samples": est.samples, "batches": est.batches,
+            "tensors": est.tensors.len(), "values": values, "seconds": est.seconds,
+        }));
+    }
+    outln!(
+        "Fisher estimate of the local {arch} model: {} over {} tensors, from {} ({}) in {:.1} s; export --fisher ships it with the update",
+        count(values as u64, "value"),
+        est.tensors.len(),
+        count(est.samples as u64, "sample"),
+        count(est.batches as u64, "batch"),
+        est.seconds
+    );
     Ok(())
 }

@@ -8,11 +8,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferry_bundle::{open_file, Keyring, Payload, PublicKey, Role, SecretKey};
 use ferry_merge::hq::{self, RoundConfig, RoundOutcome};
-use ferry_site::{train_site, ImportPolicy, ImportTrust, LocalRun, SiteState, SiteTrainSummary};
+use ferry_site::{
+    fisher_site, train_site, ExportOptions, ImportPolicy, ImportTrust, LocalRun, SiteState,
+    SiteTrainSummary,
+};
 
 /// The federation name the lab's federations use.
 const FEDERATION: &str = "ferry-lab";
 use ferry_train::data::Dataset;
+use ferry_train::fisher::FisherConfig;
 use ferry_train::{evaluate, Arch, Device, Evaluation, Model, TrainConfig, TrainObserver};
 
 /// zstd level of every bundle the lab writes (the tools' default).
@@ -261,6 +265,48 @@ impl Federation {
                 .export(&lock, &site.key, &self.usb, LEVEL, false)
                 .with_context(|| format!("{} exporting", site.id))?
         };
+        Ok(self.log_crossing(Crossing::of(&path, &sealed.hash, Direction::ToHq)?))
+    }
+
+    /// Site `i` takes its local model's Fisher estimate on `data` (`ferry-client fisher`) and exports the model
+    /// with it (`export --fisher`, issue 14). An update the site already exported for this round is replaced
+    /// (`--again`) and its crossing dropped from the log: an operator carries only the new file.
+    pub fn export_with_fisher(
+        &mut self,
+        i: usize,
+        data: &Dataset,
+        cfg: &FisherConfig,
+    ) -> Result<&Crossing> {
+        let site = &self.sites[i];
+        let (path, sealed, replaced) = {
+            let lock = site.state.lock()?;
+            fisher_site(&site.state, &lock, data, cfg, &Device::Cpu, &mut |_, _| {})
+                .with_context(|| format!("{}: Fisher estimate", site.id))?;
+            let replaced = site.state.local()?.and_then(|l| l.exported);
+            // The replaced file leaves the stick: export never overwrites, and nobody carries it.
+            for c in self
+                .crossings
+                .iter()
+                .filter(|c| Some(&c.sha256) == replaced.as_ref())
+            {
+                std::fs::remove_file(&c.path)
+                    .with_context(|| format!("removing {}", c.path.display()))?;
+            }
+            let options = ExportOptions {
+                level: LEVEL,
+                again: replaced.is_some(),
+                encrypt_to: Vec::new(),
+                fisher: true,
+            };
+            let (path, sealed) = site
+                .state
+                .export_with(&lock, &site.key, &self.usb, &options)
+                .with_context(|| format!("{} exporting", site.id))?;
+            (path, sealed, replaced)
+        };
+        if let Some(old) = replaced {
+            self.crossings.retain(|c| c.sha256 != old);
+        }
         Ok(self.log_crossing(Crossing::of(&path, &sealed.hash, Direction::ToHq)?))
     }
 

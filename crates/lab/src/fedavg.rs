@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use ferry_merge::hq::RoundConfig;
 use ferry_merge::{MergeConfig, Strategy, Weighting};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig, Split};
+use ferry_train::fisher::FisherConfig;
 use ferry_train::{AdamConfig, Arch, Evaluation, TrainConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -261,7 +262,17 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
             fed.deliver(k)?;
             let label = format!("round {r}/{} {}", cfg.rounds, ids[k]);
             fed.train(k, &site_data[k], &tcfg, &mut TrainBars::new(label))?;
-            updates.push(fed.export(k)?.path.clone());
+            // `--strategy fisher` merges by the sites' Fisher estimates, so each site ships one.
+            let crossing = if cfg.strategy == Strategy::Fisher {
+                let f = FisherConfig {
+                    seed: cfg.seed,
+                    ..FisherConfig::default()
+                };
+                fed.export_with_fisher(k, &site_data[k], &f)?
+            } else {
+                fed.export(k)?
+            };
+            updates.push(crossing.path.clone());
         }
         let s = spinner(format!("HQ: verifying and merging round {r}"));
         let merged = fed.merge(&updates, &round_cfg);

@@ -173,7 +173,7 @@ struct FedAvgArgs {
     /// Local epochs per round E.
     #[arg(long, value_name = "E", default_value_t = 1)]
     local_epochs: u32,
-    /// fedavg, fedavgm, fedadam, median or trimmed-mean.
+    /// fedavg, fedavgm, fedadam, median, trimmed-mean or fisher.
     #[arg(long, default_value = "fedavg")]
     strategy: Strategy,
     /// Weights of the averaging strategies: samples or equal.
@@ -228,6 +228,24 @@ struct FewTripsArgs {
         requires = "few_trips"
     )]
     server_lrs: Vec<f64>,
+    /// Bounds B of the Fisher-weighted merge tried in round 1 (`--strategy fisher --fisher-bound B`), chosen on
+    /// HQ's tuning slice.
+    #[arg(
+        long,
+        value_name = "B,B,..",
+        value_delimiter = ',',
+        default_value = "3,10,100",
+        requires = "few_trips"
+    )]
+    fisher_bounds: Vec<f64>,
+    /// The row groups to run besides best-site, ensemble and FedAvg (default: all). Example: --rows fisher
+    #[arg(
+        long,
+        value_name = "GROUP,..",
+        value_delimiter = ',',
+        requires = "few_trips"
+    )]
+    rows: Vec<trips::RowGroup>,
 }
 
 #[derive(Debug, Args)]
@@ -292,7 +310,7 @@ struct BenchArgs {
     /// merge: number of site updates.
     #[arg(long, default_value_t = 4)]
     sites: usize,
-    /// merge: fedavg, fedavgm, fedadam, median or trimmed-mean.
+    /// merge: fedavg, fedavgm, fedadam, median, trimmed-mean or fisher.
     #[arg(long, default_value = "fedavg")]
     strategy: Strategy,
     /// bundle, merge: alternating rounds.
@@ -411,6 +429,12 @@ fn run(cli: Cli) -> Result<()> {
                     distill_lr: a.few.distill_lr,
                     pretrain_epochs: a.few.pretrain_epochs,
                     server_lrs: a.few.server_lrs,
+                    fisher_bounds: a.few.fisher_bounds,
+                    groups: if a.few.rows.is_empty() {
+                        trips::RowGroup::ALL.to_vec()
+                    } else {
+                        a.few.rows
+                    },
                 };
                 let rows = trips::run(&cfg, &t)?;
                 if let Some(p) = &a.json {

@@ -23,6 +23,7 @@ use ferry_train::data::{DataSpec, Dataset, LoadConfig, Split};
 use ferry_train::distill::{
     distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
 };
+use ferry_train::fisher::FisherConfig;
 use ferry_train::{evaluate, Arch, Device, Model, TrainConfig};
 use serde::Serialize;
 
@@ -45,6 +46,35 @@ pub struct TripsConfig {
     pub pretrain_epochs: u32,
     /// FedAvgM server learning rates tried for the two-trip server-step row, chosen on HQ's tuning slice.
     pub server_lrs: Vec<f64>,
+    /// Bounds B of the Fisher-weighted merge tried for the one-trip row, chosen on HQ's tuning slice; the
+    /// two-trip row keeps the chosen one.
+    pub fisher_bounds: Vec<f64>,
+    /// The row groups to run besides best-site, ensemble and FedAvg (default: all).
+    pub groups: Vec<RowGroup>,
+}
+
+/// A group of rows of the few-trips table (`--rows`), so one method can be measured without the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RowGroup {
+    /// `one-shot-distill`, `two-trip-distill`.
+    Distill,
+    /// `two-trip-fedavgm`.
+    Fedavgm,
+    /// `hq-pretrained`, `one-shot-pretrain(-distill)`, `two-trip-pretrain(-distill)`.
+    Pretrain,
+    /// `one-shot-fisher`, `two-trip-fisher`.
+    Fisher,
+}
+
+impl RowGroup {
+    /// Every group.
+    pub const ALL: [RowGroup; 4] = [
+        RowGroup::Distill,
+        RowGroup::Fedavgm,
+        RowGroup::Pretrain,
+        RowGroup::Fisher,
+    ];
 }
 
 impl Default for TripsConfig {
@@ -55,6 +85,8 @@ impl Default for TripsConfig {
             distill_lr: DistillConfig::default().lr,
             pretrain_epochs: 2,
             server_lrs: vec![1.0, 1.5, 2.0],
+            fisher_bounds: vec![3.0, 10.0, 100.0],
+            groups: RowGroup::ALL.to_vec(),
         }
     }
 }
@@ -254,8 +286,17 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     );
 
     // Branches on the same trip-1 updates, before HQ merges them.
-    let mut d = a.fork(&cfg.out.join("distill"))?;
-    let mut m = a.fork(&cfg.out.join("fedavgm"))?;
+    let want = |g: RowGroup| t.groups.contains(&g);
+    let fork = |a: &Federation, g: RowGroup, name: &str| -> Result<Option<Federation>> {
+        Ok(if want(g) {
+            Some(a.fork(&cfg.out.join(name))?)
+        } else {
+            None
+        })
+    };
+    let d = fork(&a, RowGroup::Distill, "distill")?;
+    let m = fork(&a, RowGroup::Fedavgm, "fedavgm")?;
+    let fi = fork(&a, RowGroup::Fisher, "fisher")?;
 
     // FedAvg: 1..R trips.
     let mut curve = Vec::new();
@@ -269,23 +310,25 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     }
 
     // Distillation at HQ after each merge.
-    let u1d = moved(&u1, &a.root, &d.root);
-    ctx.merge(&mut d, &u1d, &fedavg, Some(&mut ctx.refiner()))?;
-    push(
-        &mut rows,
-        ctx.row(
-            &d,
-            "one-shot-distill",
-            1,
-            "FedAvg, then distilled on hq-train",
-        )?,
-    );
-    let u = ctx.trip(&mut d, 2)?;
-    ctx.merge(&mut d, &u, &fedavg, Some(&mut ctx.refiner()))?;
-    push(
-        &mut rows,
-        ctx.row(&d, "two-trip-distill", 2, "distilled after both merges")?,
-    );
+    if let Some(mut d) = d {
+        let u1d = moved(&u1, &a.root, &d.root);
+        ctx.merge(&mut d, &u1d, &fedavg, Some(&mut ctx.refiner()))?;
+        push(
+            &mut rows,
+            ctx.row(
+                &d,
+                "one-shot-distill",
+                1,
+                "FedAvg, then distilled on hq-train",
+            )?,
+        );
+        let u = ctx.trip(&mut d, 2)?;
+        ctx.merge(&mut d, &u, &fedavg, Some(&mut ctx.refiner()))?;
+        push(
+            &mut rows,
+            ctx.row(&d, "two-trip-distill", 2, "distilled after both merges")?,
+        );
+    }
 
     // The server step for round 2: FedAvgM (β 0.9), its lr chosen on hq-tune.
     let fedavgm = |lr: f64| RoundConfig {
@@ -297,39 +340,104 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         },
         ..RoundConfig::default()
     };
-    let u1m = moved(&u1, &a.root, &m.root);
-    // Round 1 with lr 1 is FedAvg; it seeds the momentum the second merge extrapolates with.
-    ctx.merge(&mut m, &u1m, &fedavgm(1.0), None)?;
-    let u2 = ctx.trip(&mut m, 2)?;
-    let mut tried = Vec::new();
-    for (i, &lr) in t.server_lrs.iter().enumerate() {
-        let mut f = m.fork(&cfg.out.join(format!("fedavgm-lr{i}")))?;
-        let u = moved(&u2, &m.root, &f.root);
-        ctx.merge(&mut f, &u, &fedavgm(lr), None)?;
-        let r = ctx.row(
-            &f,
-            "two-trip-fedavgm",
-            2,
-            &format!(
-                "FedAvgM beta 0.9, server lr {lr} (of {:?}, chosen on hq-tune)",
-                t.server_lrs
-            ),
-        )?;
-        println!(
-            "  fedavgm server lr {lr}: hq-tune {:.2}%",
-            100.0 * r.hq_tune_accuracy
-        );
-        tried.push(r);
+    if let Some(mut m) = m {
+        let u1m = moved(&u1, &a.root, &m.root);
+        // Round 1 with lr 1 is FedAvg; it seeds the momentum the second merge extrapolates with.
+        ctx.merge(&mut m, &u1m, &fedavgm(1.0), None)?;
+        let u2 = ctx.trip(&mut m, 2)?;
+        let mut tried = Vec::new();
+        for (i, &lr) in t.server_lrs.iter().enumerate() {
+            let mut f = m.fork(&cfg.out.join(format!("fedavgm-lr{i}")))?;
+            let u = moved(&u2, &m.root, &f.root);
+            ctx.merge(&mut f, &u, &fedavgm(lr), None)?;
+            let r = ctx.row(
+                &f,
+                "two-trip-fedavgm",
+                2,
+                &format!(
+                    "FedAvgM beta 0.9, server lr {lr} (of {:?}, chosen on hq-tune)",
+                    t.server_lrs
+                ),
+            )?;
+            println!(
+                "  fedavgm server lr {lr}: hq-tune {:.2}%",
+                100.0 * r.hq_tune_accuracy
+            );
+            tried.push(r);
+        }
+        if let Some(best) = tried
+            .into_iter()
+            .max_by(|x, y| x.hq_tune_accuracy.total_cmp(&y.hq_tune_accuracy))
+        {
+            push(&mut rows, best);
+        }
     }
-    if let Some(best) = tried
-        .into_iter()
-        .max_by(|x, y| x.hq_tune_accuracy.total_cmp(&y.hq_tune_accuracy))
-    {
-        push(&mut rows, best);
+
+    // Fisher-weighted merge: each site ships its diagonal Fisher estimate (`ferry-client fisher`, `export
+    // --fisher`), HQ merges with `--strategy fisher`; the bound B chosen on hq-tune.
+    if let Some(mut fi) = fi {
+        let fcfg = FisherConfig {
+            seed: cfg.seed,
+            ..FisherConfig::default()
+        };
+        let mut uf = Vec::new();
+        for &k in &active {
+            uf.push(
+                fi.export_with_fisher(k, &data.sites[k], &fcfg)?
+                    .path
+                    .clone(),
+            );
+        }
+        let by_fisher = |bound: f64| RoundConfig {
+            merge: MergeConfig {
+                strategy: Strategy::Fisher,
+                weighting: cfg.weighting,
+                fisher_bound: bound,
+                ..MergeConfig::default()
+            },
+            ..RoundConfig::default()
+        };
+        let mut tried = Vec::new();
+        for (i, &bound) in t.fisher_bounds.iter().enumerate() {
+            let mut f = fi.fork(&cfg.out.join(format!("fisher-b{i}")))?;
+            let u = moved(&uf, &fi.root, &f.root);
+            ctx.merge(&mut f, &u, &by_fisher(bound), None)?;
+            let r = ctx.row(
+                &f,
+                "one-shot-fisher",
+                1,
+                &format!(
+                    "Fisher-weighted, bound {bound} (of {:?}, chosen on hq-tune)",
+                    t.fisher_bounds
+                ),
+            )?;
+            println!(
+                "  fisher bound {bound}: hq-tune {:.2}%",
+                100.0 * r.hq_tune_accuracy
+            );
+            tried.push((r, f, bound));
+        }
+        if let Some((best, mut f, bound)) = tried
+            .into_iter()
+            .max_by(|x, y| x.0.hq_tune_accuracy.total_cmp(&y.0.hq_tune_accuracy))
+        {
+            push(&mut rows, best);
+            let u = ctx.trip_with(&mut f, 2, Some(&fcfg))?;
+            ctx.merge(&mut f, &u, &by_fisher(bound), None)?;
+            push(
+                &mut rows,
+                ctx.row(
+                    &f,
+                    "two-trip-fisher",
+                    2,
+                    &format!("Fisher-weighted both merges, bound {bound}"),
+                )?,
+            );
+        }
     }
 
     // Warm start: round 0 trained on hq-train, as `ferry-server init --pretrain` does.
-    if t.pretrain_epochs > 0 {
+    if t.pretrain_epochs > 0 && want(RowGroup::Pretrain) {
         // As `ferry-server init --pretrain` does.
         let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
         let pcfg = PretrainConfig {
@@ -422,6 +530,16 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Carry the current global to every site, train, carry the updates back. Returns the updates' paths.
     fn trip(&self, fed: &mut Federation, trip: u32) -> Result<Vec<PathBuf>> {
+        self.trip_with(fed, trip, None)
+    }
+
+    /// [`Ctx::trip`], each site shipping its Fisher estimate with the update when `fisher` is given.
+    fn trip_with(
+        &self,
+        fed: &mut Federation,
+        trip: u32,
+        fisher: Option<&FisherConfig>,
+    ) -> Result<Vec<PathBuf>> {
         let mut updates = Vec::new();
         for &k in self.active {
             fed.deliver(k)?;
@@ -439,7 +557,11 @@ impl Ctx<'_> {
                 self.tcfg,
                 &mut TrainBars::new(label),
             )?;
-            updates.push(fed.export(k)?.path.clone());
+            let crossing = match fisher {
+                Some(f) => fed.export_with_fisher(k, &self.data.sites[k], f)?,
+                None => fed.export(k)?,
+            };
+            updates.push(crossing.path.clone());
         }
         Ok(updates)
     }

@@ -352,6 +352,8 @@ fn few_trips_rows_through_the_binary() {
         ("one-shot-pretrain-distill", 1),
         ("two-trip-pretrain", 2),
         ("two-trip-pretrain-distill", 2),
+        ("one-shot-fisher", 1),
+        ("two-trip-fisher", 2),
         ("fedavg-2", 2),
     ] {
         assert_eq!(trips(name), t, "{name}");
@@ -373,6 +375,12 @@ fn few_trips_rows_through_the_binary() {
         assert!((1.9..2.1).contains(&ratio), "{two}: {ratio}");
     }
     assert_eq!(bytes("hq-pretrained"), 0);
+    // The Fisher rows' updates carry the estimates too (one F32 value per trainable weight), and the update
+    // each site replaced by its Fisher export is not counted.
+    let fisher = bytes("one-shot-fisher") as f64 / one as f64;
+    assert!((1.05..2.0).contains(&fisher), "one-shot-fisher: {fisher}");
+    let note = row("one-shot-fisher")["note"].as_str().unwrap();
+    assert!(note.contains("bound"), "{note}");
     // HQ's choice of the FedAvgM server lr is recorded with the row.
     let note = row("two-trip-fedavgm")["note"].as_str().unwrap();
     assert!(note.contains("server lr"), "{note}");
@@ -397,6 +405,7 @@ fn few_trips_rows_through_the_binary() {
         std::fs::read_to_string(out.join(branch).join("hq").join("ledger.json")).unwrap()
     };
     assert!(ledger("distill").contains("then distill"));
+    assert!(ledger("fisher-b0").contains("fisher weights=samples bound=3"));
     assert!(!ledger("fedavg").contains("then "));
     for f in ["trips.md", "trips.csv", "trips.json", "trips.png"] {
         assert!(out.join(f).is_file(), "{f}");

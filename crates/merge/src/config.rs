@@ -25,6 +25,10 @@ pub enum Strategy {
     Median,
     /// Coordinate-wise trimmed mean: drop the `trim` largest and smallest values of each coordinate.
     TrimmedMean,
+    /// Fisher-weighted average (Matena & Raffel 2022): each parameter weighted by the site's diagonal Fisher
+    /// estimate shipped in its update (`ferry.fisher/` tensors), normalised and bounded per tensor
+    /// ([`MergeConfig::fisher_bound`]).
+    Fisher,
 }
 
 impl Strategy {
@@ -36,6 +40,7 @@ impl Strategy {
             Strategy::FedAdam => "fedadam",
             Strategy::Median => "median",
             Strategy::TrimmedMean => "trimmed-mean",
+            Strategy::Fisher => "fisher",
         }
     }
 
@@ -65,6 +70,7 @@ impl FromStr for Strategy {
             "fedadam" => Strategy::FedAdam,
             "median" => Strategy::Median,
             "trimmed-mean" | "trimmed_mean" | "trimmedmean" => Strategy::TrimmedMean,
+            "fisher" => Strategy::Fisher,
             _ => return Err(MergeError::UnknownStrategy(s.to_string())),
         })
     }
@@ -241,7 +247,15 @@ pub struct MergeConfig {
     /// deviations from the base's mean, a running variance within a factor R² of the base's. Statistics are not
     /// trained by gradient, so without a bound one site could set them to anything (issue 15).
     pub bn_bound: f64,
+    /// Bound B of the `fisher` strategy (`--fisher-bound`, default [`DEFAULT_FISHER_BOUND`], at least 1): each
+    /// site's Fisher values are divided by their mean over the tensor and clamped to `[1/B, B]`, so a site
+    /// weighs at most B times its FedAvg weight on any parameter, and that on at most a fraction (1 + 1/B)/B of
+    /// a tensor's parameters (issue 14; the threat model). B = 1 is FedAvg.
+    pub fisher_bound: f64,
 }
+
+/// Default [`MergeConfig::fisher_bound`]. Chosen on HQ's tuning slice (docs/experiments.md, few trips).
+pub const DEFAULT_FISHER_BOUND: f64 = 10.0;
 
 /// Default [`MergeConfig::bn_bound`]: a site's BatchNorm mean may sit 100 base standard deviations from the
 /// base's and its variance a factor 10⁴ away. Generous on purpose: round 1 starts from the initial statistics
@@ -261,6 +275,7 @@ impl Default for MergeConfig {
             bn: BnRules::default(),
             chunk_elements: 1 << 20,
             bn_bound: DEFAULT_BN_BOUND,
+            fisher_bound: DEFAULT_FISHER_BOUND,
         }
     }
 }
@@ -301,6 +316,12 @@ impl MergeConfig {
                 self.bn_bound
             ));
         }
+        if !(self.fisher_bound.is_finite() && self.fisher_bound >= 1.0) {
+            return bad(format!(
+                "--fisher-bound must be a number of at least 1, not {}",
+                self.fisher_bound
+            ));
+        }
         if self.chunk_elements == 0 {
             return bad("chunk_elements must be at least 1".into());
         }
@@ -327,6 +348,9 @@ impl MergeConfig {
             }
             Strategy::Median => {}
             Strategy::TrimmedMean => s += &format!(" trim={}", self.trim),
+            Strategy::Fisher => {
+                s += &format!(" weights={} bound={}", self.weighting, self.fisher_bound)
+            }
         }
         if let Some(c) = self.clip_norm {
             s += &format!(" clip={c}");

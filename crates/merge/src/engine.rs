@@ -18,6 +18,7 @@ use crate::config::has_suffix;
 use crate::state::Moments;
 use crate::tensor::{decode_int, encode_f64, encode_int, for_each_f64, max_f64_into};
 use crate::{MergeConfig, MergeError, ServerState, Strategy, TensorSource, Weighting};
+use ferry_bundle::fisher;
 use ferry_bundle::tensor::{dtype_size, is_float, is_int, TensorMeta};
 
 /// One verified update to merge.
@@ -49,6 +50,8 @@ impl fmt::Debug for Contribution<'_> {
 pub enum TensorRule {
     /// Weighted average of the (clipped) updates.
     Average,
+    /// Weighted average, each parameter also weighted by the sites' bounded Fisher values (`fisher`).
+    Fisher,
     /// Weighted average, then a FedAvgM server step.
     Momentum,
     /// Weighted average, then a FedAdam server step.
@@ -78,6 +81,7 @@ impl fmt::Display for TensorRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TensorRule::Average => "weighted average",
+            TensorRule::Fisher => "fisher-weighted average",
             TensorRule::Momentum => "average + server momentum",
             TensorRule::Adam => "average + server adam",
             TensorRule::Median => "coordinate median",
@@ -496,6 +500,19 @@ pub fn merge_streaming(
             }
         }
     }
+    let fisher_means = if strategy == Strategy::Fisher {
+        fisher_means(
+            &layout,
+            &lens,
+            &kinds,
+            contributions,
+            &order,
+            &origins,
+            chunk,
+        )?
+    } else {
+        HashMap::new()
+    };
     let distances: Vec<f64> = sq.iter().map(|s| s.sqrt()).collect();
     let scales: Vec<f64> = distances
         .iter()
@@ -514,6 +531,7 @@ pub fn merge_streaming(
         scales: &scales,
         config,
         bn_bounded: vec![0; n],
+        fisher_means,
     };
     let mut new_moments: BTreeMap<String, Moments> = BTreeMap::new();
     let mut tensors = Vec::with_capacity(layout.len());
@@ -532,6 +550,7 @@ pub fn merge_streaming(
             Kind::Trainable => match strategy {
                 Strategy::FedAvgM => TensorRule::Momentum,
                 Strategy::FedAdam => TensorRule::Adam,
+                Strategy::Fisher => TensorRule::Fisher,
                 _ => TensorRule::Average,
             },
             Kind::BnMean(_) => TensorRule::BnMean,
@@ -667,6 +686,69 @@ struct Ctx<'c, 'a> {
     config: &'c MergeConfig,
     /// Per contribution (by index): BatchNorm statistic elements the bound pulled back.
     bn_bounded: Vec<u64>,
+    /// `fisher` strategy: per trainable tensor, each contribution's (by index) mean Fisher value over it.
+    fisher_means: HashMap<String, Vec<f64>>,
+}
+
+/// The Fisher tensor of model tensor `meta`, as the format lays it out (F32, the model tensor's shape).
+fn fisher_meta(meta: &TensorMeta) -> TensorMeta {
+    TensorMeta {
+        name: fisher::name_for(&meta.name),
+        dtype: Dtype::F32,
+        shape: meta.shape.clone(),
+    }
+}
+
+/// The `fisher` strategy's first pass: every update must carry a Fisher estimate of every trainable tensor,
+/// finite and non-negative; returns each one's mean over its tensor (what normalises it).
+fn fisher_means(
+    layout: &[TensorMeta],
+    lens: &[usize],
+    kinds: &[Kind],
+    contributions: &mut [Contribution<'_>],
+    order: &[usize],
+    origins: &[String],
+    chunk: usize,
+) -> Result<HashMap<String, Vec<f64>>, MergeError> {
+    let mut means = HashMap::new();
+    for ((meta, &len), kind) in layout.iter().zip(lens).zip(kinds) {
+        if *kind != Kind::Trainable || !is_float(meta.dtype) {
+            continue;
+        }
+        let fmeta = fisher_meta(meta);
+        let numel = len / dtype_size(meta.dtype).unwrap_or(1);
+        let mut per_input = vec![0f64; contributions.len()];
+        for &i in order {
+            let src = &mut *contributions[i].source;
+            let no_fisher = || MergeError::NoFisher {
+                origin: origins[i].clone(),
+                tensor: meta.name.clone(),
+            };
+            match src.describe(&fmeta.name) {
+                Err(MergeError::MissingTensor { .. }) => return Err(no_fisher()),
+                Err(e) => return Err(e),
+                Ok(_) => check_layout(src, &fmeta, numel * 4, &origins[i])?,
+            }
+            let mut sum = 0f64;
+            let mut negative = false;
+            for (start, cnt) in slices(numel, chunk) {
+                let t = read_slice(src, &fmeta, start, cnt, &origins[i])?;
+                visit_finite(&fmeta, &t, &origins[i], |_, x| {
+                    negative |= x < 0.0;
+                    sum += x;
+                })?;
+            }
+            if negative {
+                return Err(MergeError::NegativeFisher {
+                    origin: origins[i].clone(),
+                    tensor: meta.name.clone(),
+                });
+            }
+            per_input[i] = sum / numel.max(1) as f64;
+        }
+        means.insert(meta.name.clone(), per_input);
+    }
+    Ok(means)
 }
 
 /// Below this, a base variance counts as this when bounding a site's statistics: a channel the base global
@@ -908,6 +990,9 @@ impl Ctx<'_, '_> {
             let t = read_slice(base, meta, s.start, cnt, BASE)?;
             visit_finite(meta, &t, BASE, |_, x| b.push(x))?;
         }
+        if strategy == Strategy::Fisher {
+            return self.fisher_weighted(s, &b);
+        }
         let mut avg = vec![0f64; cnt];
         for k in 0..self.order.len() {
             let i = self.order[k];
@@ -953,6 +1038,51 @@ impl Ctx<'_, '_> {
             _ => {}
         }
         Ok(avg)
+    }
+
+    /// A slice of a trainable tensor under `fisher`: `Σ wᵢ fᵢ xᵢ / Σ wᵢ fᵢ`, where `fᵢ` is site i's Fisher value
+    /// divided by its mean over the tensor and clamped to `[1/B, B]` (a site whose estimate is all zeros
+    /// counts 1 everywhere). `b` is the base's slice when some update is clipped.
+    fn fisher_weighted(&mut self, s: &Slice<'_>, b: &[f64]) -> Result<Vec<f64>, MergeError> {
+        let (meta, cnt) = (s.meta, s.cnt);
+        let fmeta = fisher_meta(meta);
+        let bound = self.config.fisher_bound;
+        let means = self
+            .fisher_means
+            .get(&meta.name)
+            .cloned()
+            .unwrap_or_default();
+        let mut num = vec![0f64; cnt];
+        let mut den = vec![0f64; cnt];
+        let mut fw = Vec::with_capacity(cnt);
+        for k in 0..self.order.len() {
+            let i = self.order[k];
+            let (w, sc) = (self.weights[k], self.scales[i]);
+            let mean = means.get(i).copied().unwrap_or(0.0);
+            let f = read_slice(
+                self.contributions[i].source,
+                &fmeta,
+                s.start,
+                cnt,
+                &self.origins[i],
+            )?;
+            fw.clear();
+            visit_finite(&fmeta, &f, &self.origins[i], |_, x| {
+                let factor = if mean > 0.0 {
+                    (x / mean).clamp(1.0 / bound, bound)
+                } else {
+                    1.0
+                };
+                fw.push(w * factor);
+            })?;
+            let t = self.read(i, s)?;
+            visit_finite(meta, &t, &self.origins[i], |j, x| {
+                let v = if sc < 1.0 { b[j] + sc * (x - b[j]) } else { x };
+                num[j] += fw[j] * v;
+                den[j] += fw[j];
+            })?;
+        }
+        Ok(num.iter().zip(&den).map(|(n, d)| n / d).collect())
     }
 
     /// Median or trimmed mean of one slice, coordinate by coordinate, from a slice of every input.

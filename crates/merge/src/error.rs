@@ -59,6 +59,22 @@ pub enum MergeError {
         /// What the input holds.
         found: String,
     },
+    /// `--strategy fisher` and an update without the Fisher estimate of a trainable tensor.
+    #[error("{origin} carries no Fisher estimate for tensor {tensor}; --strategy fisher needs updates exported with --fisher (ferry-client fisher, then export --fisher), or merge with another strategy")]
+    NoFisher {
+        /// `site <id> (bundle …)`.
+        origin: String,
+        /// The model tensor.
+        tensor: String,
+    },
+    /// A negative Fisher value: a squared gradient never is.
+    #[error("{origin} holds a negative value in the Fisher estimate of {tensor}; that update is broken or hostile, leave it out of the merge")]
+    NegativeFisher {
+        /// `site <id> (bundle …)`.
+        origin: String,
+        /// The model tensor.
+        tensor: String,
+    },
     /// A tensor of the layout is missing from an input.
     #[error("{origin} has no tensor {tensor}; the update was made for another model")]
     MissingTensor {
@@ -95,7 +111,9 @@ pub enum MergeError {
         n: usize,
     },
     /// A strategy name that is not known.
-    #[error("unknown strategy {0:?}; use fedavg, fedavgm, fedadam, median or trimmed-mean")]
+    #[error(
+        "unknown strategy {0:?}; use fedavg, fedavgm, fedadam, median, trimmed-mean or fisher"
+    )]
     UnknownStrategy(String),
     /// A weighting name that is not known.
     #[error("unknown weighting {0:?}; use samples or equal")]

@@ -908,7 +908,8 @@ pub fn merge_round_with(
             base: m.base.clone().unwrap_or_default(),
             round: m.round,
             federation: m.federation.clone(),
-            fingerprint: m.model_fingerprint.clone(),
+            // The model's layout: Fisher tensors (issue 14) ride along but are not part of the model.
+            fingerprint: ferry_bundle::fisher::model_fingerprint(&m.tensor_metas()),
             samples,
         };
         // Check as we go, so a stale or foreign bundle is refused before the next one is even read.

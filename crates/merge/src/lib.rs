@@ -20,7 +20,7 @@ mod tensor;
 
 pub use config::{
     BnPair, BnRules, FedAdamConfig, FedAvgMConfig, MergeConfig, Strategy, Weighting,
-    DEFAULT_BN_BOUND,
+    DEFAULT_BN_BOUND, DEFAULT_FISHER_BOUND,
 };
 pub use engine::{
     merge, merge_streaming, Contribution, ContributionReport, MergeReport, TensorReport, TensorRule,

@@ -75,7 +75,7 @@ pub struct HqSettings {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MergeSettings {
-    /// fedavg, fedavgm, fedadam, median or trimmed-mean.
+    /// fedavg, fedavgm, fedadam, median, trimmed-mean or fisher.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
     /// Refuse fewer updates than this.

@@ -911,3 +911,192 @@ fn payload_files_stream_and_match_memory_sources() {
         Err(MergeError::MissingTensor { .. })
     ));
 }
+
+/// `--strategy fisher` on a case small enough to do by hand: two sites, equal samples, bound B = 4.
+#[test]
+fn fisher_merge_matches_a_hand_computed_example() {
+    let base = source(
+        "base",
+        &[("w", f32t(&[4], &[0.0; 4])), ("n", i64t(&[], &[0]))],
+    );
+    // Site a: w = [1, 1, 1, 1], Fisher [3, 1, 0, 0] (mean 1) → factors [3, 1, 1/4 (clamped from 0), 1/4].
+    // Site b: w = [5, 5, 5, 5], Fisher [2, 2, 2, 2] (mean 2) → factors [1, 1, 1, 1].
+    let mut sites = vec![
+        site(
+            "a",
+            "aa",
+            10,
+            &[
+                ("w", f32t(&[4], &[1.0; 4])),
+                ("ferry.fisher/w", f32t(&[4], &[3.0, 1.0, 0.0, 0.0])),
+                ("n", i64t(&[], &[3])),
+            ],
+        ),
+        site(
+            "b",
+            "bb",
+            10,
+            &[
+                ("w", f32t(&[4], &[5.0; 4])),
+                ("ferry.fisher/w", f32t(&[4], &[2.0; 4])),
+                ("n", i64t(&[], &[5])),
+            ],
+        ),
+    ];
+    let config = MergeConfig {
+        fisher_bound: 4.0,
+        ..cfg(Strategy::Fisher)
+    };
+    let (out, report) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
+    // (fa·1 + fb·5) / (fa + fb): [(3 + 5)/4, (1 + 5)/2, (0.25 + 5)/1.25, same].
+    assert_eq!(f32s(&out["w"].data), vec![2.0, 3.0, 4.2, 4.2]);
+    // No Fisher tensor reaches the global; the integer counter follows the average rule.
+    assert!(!out.contains_key("ferry.fisher/w"));
+    assert_eq!(report.tensors.len(), 2);
+    let rule = |name: &str| report.tensors.iter().find(|t| t.name == name).unwrap().rule;
+    assert_eq!(rule("w"), TensorRule::Fisher);
+    assert_eq!(rule("n"), TensorRule::IntAverage);
+    assert_eq!(report.config, "fisher weights=samples bound=4");
+
+    // Bound 1 is FedAvg, whatever the Fisher values say.
+    let config = MergeConfig {
+        fisher_bound: 1.0,
+        ..cfg(Strategy::Fisher)
+    };
+    let (out, _) = run(&base, &mut sites, &config, &mut ServerState::new()).unwrap();
+    assert_eq!(f32s(&out["w"].data), vec![3.0; 4]);
+}
+
+/// A hostile site controls its Fisher values: the bound keeps its say on any parameter at B times its FedAvg
+/// weight, and the normalisation keeps it from being heavy on more than a fraction of a tensor.
+#[test]
+fn a_site_cannot_take_a_fisher_merge_over() {
+    let n = 100;
+    let base = source("base", &[("w", f32t(&[n], &vec![0.0; n]))]);
+    let honest = |id: &str, bundle: &str| {
+        site(
+            id,
+            bundle,
+            100,
+            &[
+                ("w", f32t(&[n], &vec![0.0; n])),
+                ("ferry.fisher/w", f32t(&[n], &vec![1e-3; n])),
+            ],
+        )
+    };
+    // The attacker's weights are 1000 everywhere, its Fisher enormous on element 0 and tiny elsewhere.
+    let mut attack_fisher = vec![1e-30f32; n];
+    attack_fisher[0] = 3e38;
+    let mut sites = vec![
+        honest("h1", "aa"),
+        honest("h2", "bb"),
+        honest("h3", "cc"),
+        site(
+            "evil",
+            "dd",
+            100,
+            &[
+                ("w", f32t(&[n], &vec![1000.0; n])),
+                ("ferry.fisher/w", f32t(&[n], &attack_fisher)),
+            ],
+        ),
+    ];
+    let b = 10.0f64;
+    let (out, _) = run(
+        &base,
+        &mut sites,
+        &cfg(Strategy::Fisher),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    let w = f32s(&out["w"].data);
+    // Element 0: the attacker's factor is clamped to B and the honest sites count 1 each (uniform Fisher), so
+    // its share is B / (B + 3) where FedAvg gives it 1/4.
+    let most = 1000.0 * b / (b + 3.0);
+    assert!((f64::from(w[0]) - most).abs() < 1e-2, "{}", w[0]);
+    // Everywhere else its factor is clamped up to 1/B: 1000·(1/B) / (1/B + 3).
+    let elsewhere = 1000.0 * (1.0 / b) / (1.0 / b + 3.0);
+    for &x in &w[1..] {
+        assert!((f64::from(x) - elsewhere).abs() < 1e-2, "{x}");
+    }
+    // Unbounded (B = 1e30), element 0 gets the attacker's whole mass over the tensor: a factor of n = 100.
+    let loose = MergeConfig {
+        fisher_bound: 1e30,
+        ..cfg(Strategy::Fisher)
+    };
+    let (out, _) = run(&base, &mut sites, &loose, &mut ServerState::new()).unwrap();
+    assert!((f64::from(f32s(&out["w"].data)[0]) - 1000.0 * 100.0 / 103.0).abs() < 1e-2);
+}
+
+#[test]
+fn fisher_merge_refuses_updates_without_or_with_negative_fisher_values() {
+    let base = source("base", &[("w", f32t(&[2], &[0.0, 0.0]))]);
+    let mut sites = vec![
+        site(
+            "a",
+            "aa",
+            1,
+            &[
+                ("w", f32t(&[2], &[1.0, 2.0])),
+                ("ferry.fisher/w", f32t(&[2], &[1.0, 1.0])),
+            ],
+        ),
+        site("b", "bb", 1, &[("w", f32t(&[2], &[3.0, 4.0]))]),
+    ];
+    let err = run(
+        &base,
+        &mut sites,
+        &cfg(Strategy::Fisher),
+        &mut ServerState::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, MergeError::NoFisher { ref tensor, .. } if tensor == "w"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("site b"), "{err}");
+    // Other strategies ignore Fisher tensors an update carries.
+    let (out, _) = run(
+        &base,
+        &mut sites,
+        &MergeConfig::default(),
+        &mut ServerState::new(),
+    )
+    .unwrap();
+    assert_eq!(f32s(&out["w"].data), vec![2.0, 3.0]);
+
+    let mut sites = vec![
+        site(
+            "a",
+            "aa",
+            1,
+            &[
+                ("w", f32t(&[2], &[1.0, 2.0])),
+                ("ferry.fisher/w", f32t(&[2], &[1.0, -1.0])),
+            ],
+        ),
+        site(
+            "b",
+            "bb",
+            1,
+            &[
+                ("w", f32t(&[2], &[1.0, 2.0])),
+                ("ferry.fisher/w", f32t(&[2], &[1.0, 1.0])),
+            ],
+        ),
+    ];
+    let err = run(
+        &base,
+        &mut sites,
+        &cfg(Strategy::Fisher),
+        &mut ServerState::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, MergeError::NegativeFisher { .. }), "{err}");
+    assert!(MergeConfig {
+        fisher_bound: 0.5,
+        ..cfg(Strategy::Fisher)
+    }
+    .validate()
+    .is_err());
+}

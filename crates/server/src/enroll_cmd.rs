@@ -39,7 +39,7 @@ pub struct MergeFlags {
     /// Site public keys (.pub, or a folder of them) trusted beside the members' keys (ferry.toml: trust).
     #[arg(long, value_name = "PUB")]
     pub trust: Vec<PathBuf>,
-    /// fedavg, fedavgm, fedadam, median or trimmed-mean (ferry.toml [merge]: strategy).
+    /// fedavg, fedavgm, fedadam, median, trimmed-mean or fisher (ferry.toml [merge]: strategy).
     #[arg(long)]
     pub strategy: Option<Strategy>,
     /// Refuse fewer updates than this; merging a single site's update needs an explicit 1 (ferry.toml [merge]:

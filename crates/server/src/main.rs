@@ -174,7 +174,7 @@ const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  ferry-server merge --state hq/ /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n      (key, stick and [merge] settings from hq/ferry.toml; the members' keys are trusted)\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --state hq/ --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+    after_help = "Examples:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  ferry-server merge --state hq/ /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n      (key, stick and [merge] settings from hq/ferry.toml; the members' keys are trusted)\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --state hq/ --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n  # Fisher-weighted (the sites ran ferry-client fisher and export --fisher)\n  ferry-server merge --state hq/ --strategy fisher /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
 )]
 struct MergeArgs {
     /// HQ's secret key (default: ferry.toml's key).
@@ -213,6 +213,10 @@ struct MergeArgs {
     /// and its running variances within a factor R² (0: off; bounded elements are reported).
     #[arg(long, value_name = "R", default_value_t = ferry_merge::DEFAULT_BN_BOUND)]
     bn_bound: f64,
+    /// --strategy fisher: each site's Fisher values are divided by their mean over the tensor and clamped to
+    /// [1/B, B], so no site weighs more than B times its FedAvg weight on any parameter (1: plain FedAvg).
+    #[arg(long, value_name = "B", default_value_t = ferry_merge::DEFAULT_FISHER_BOUND)]
+    fisher_bound: f64,
     /// Print the merge report as JSON.
     #[arg(long)]
     json: bool,
@@ -393,6 +397,7 @@ fn merge(a: &MergeArgs) -> Result<()> {
         trim: a.trim,
         clip_norm: eff.clip_norm.0,
         bn_bound: a.bn_bound,
+        fisher_bound: a.fisher_bound,
         ..Default::default()
     };
     if let Some(lr) = eff.server_lr.0 {

@@ -177,6 +177,14 @@ pub enum SiteError {
     /// No local model exists.
     #[error("no trained local model in {}: train one first", ferry_bundle::escape_path(.0))]
     NoLocal(PathBuf),
+    /// The local model was trained from an older global.
+    #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}: train again")]
+    StaleLocal {
+        /// Round it was trained from.
+        trained_round: u64,
+        /// Round held now.
+        current_round: u64,
+    },
     /// The current global carries weights ferry cannot train (no architecture).
     #[error("this global carries foreign weights (no architecture): ferry cannot train it; import and re-pack only")]
     ForeignWeights,
@@ -243,6 +251,9 @@ pub enum ExportError {
         /// Its hash.
         sha256: String,
     },
+    /// `export --fisher` without an estimate for the local model.
+    #[error("no Fisher estimate for the local model: run ferry-client fisher after training, then export --fisher")]
+    NoFisher,
     /// An update was to be encrypted to a key that is not HQ's (issue 15 §5).
     #[error("an update is encrypted to HQ only, and {0} is not an HQ key")]
     NotHqRecipient(String),
@@ -255,14 +266,6 @@ pub enum ExportError {
         site: String,
         /// The enrolled key's id.
         key_id: String,
-    },
-    /// The local model was trained from an older global.
-    #[error("the local model was trained from round {trained_round}, but the site now holds round {current_round}: train again")]
-    StaleLocal {
-        /// Round it was trained from.
-        trained_round: u64,
-        /// Round held now.
-        current_round: u64,
     },
 }
 

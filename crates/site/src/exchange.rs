@@ -260,6 +260,25 @@ impl SiteState {
         again: bool,
         encrypt_to: &[PublicKey],
     ) -> Result<(PathBuf, Sealed), ExportError> {
+        let options = ExportOptions {
+            level,
+            again,
+            encrypt_to: encrypt_to.to_vec(),
+            fisher: false,
+        };
+        self.export_with(lock, key, out_dir, &options)
+    }
+
+    /// [`SiteState::export`] with every option: encryption to HQ's keys, and the local model's Fisher estimate
+    /// (`ferry-client fisher`) shipped next to it for HQ's `--strategy fisher` (issue 14).
+    pub fn export_with(
+        &self,
+        lock: &SiteLock<'_>,
+        key: &SecretKey,
+        out_dir: &Path,
+        options: &ExportOptions,
+    ) -> Result<(PathBuf, Sealed), ExportError> {
+        let (level, again, encrypt_to) = (options.level, options.again, &options.encrypt_to);
         if let Some(k) = encrypt_to.iter().find(|k| k.role != Role::Hq) {
             return Err(ExportError::NotHqRecipient(format!(
                 "{} {} ({})",
@@ -281,19 +300,36 @@ impl SiteState {
         }
         let (local, weights) = self.local_weights()?;
         if local.base_hash != cur.hash {
-            return Err(ExportError::StaleLocal {
+            return Err(SiteError::StaleLocal {
                 trained_round: local.round,
                 current_round: cur.round,
-            });
+            }
+            .into());
         }
-        let payload = Payload::from_safetensors_vec(weights)?;
-        if payload.fingerprint() != cur.model_fingerprint {
+        let model = Payload::from_safetensors_vec(weights)?;
+        if model.fingerprint() != cur.model_fingerprint {
             return Err(SiteError::Corrupt {
                 path: self.weights_path(&local.weights_sha256),
                 why: "local model's layout differs from the global it was trained from".into(),
             }
             .into());
         }
+        let payload = if options.fisher {
+            let bytes = self.local_fisher()?.ok_or(ExportError::NoFisher)?;
+            let estimate = Payload::from_safetensors_vec(bytes)?;
+            let values = estimate
+                .tensors()
+                .filter(|t| t.dtype == ferry_bundle::Dtype::F32)
+                .map(|t| {
+                    let v = t.data.chunks_exact(4);
+                    let v = v.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                    (t.name.to_string(), v.collect())
+                })
+                .collect();
+            ferry_bundle::fisher::attach(&model, &values)?
+        } else {
+            model
+        };
         let draft = Draft::update(
             &cur.federation,
             cur.arch.clone(),
@@ -303,7 +339,7 @@ impl SiteState {
             local.samples,
         );
         let draft = Draft {
-            encrypt_to: encrypt_to.to_vec(),
+            encrypt_to: encrypt_to.clone(),
             ..draft
         };
         let sealed = ferry_bundle::seal(draft, &payload, key, level)?;
@@ -320,4 +356,17 @@ impl SiteState {
         self.append_audit(lock, &entry)?;
         Ok((path, sealed))
     }
+}
+
+/// How [`SiteState::export_with`] seals an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// zstd level.
+    pub level: i32,
+    /// Replace an update already exported for this round.
+    pub again: bool,
+    /// HQ keys to encrypt the payload to (empty: in the clear).
+    pub encrypt_to: Vec<PublicKey>,
+    /// Ship the local model's Fisher estimate (`ferry.fisher/` tensors) with it.
+    pub fisher: bool,
 }

@@ -20,7 +20,7 @@ mod work;
 pub use audit::{AuditAction, AuditEntry, AuditTensor};
 pub use enroll::Enrolled;
 pub use error::{ExportError, SiteError};
-pub use exchange::{ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
+pub use exchange::{ExportOptions, ImportOutcome, ImportPolicy, DEFAULT_MAX_ROUND_JUMP};
 pub use pick::Picked;
 pub use settings::{recipe_warnings, SiteSettings, TrainRecipe};
 pub use state::{
@@ -28,6 +28,6 @@ pub use state::{
 };
 pub use trust::{ImportTrust, PreparedTrust};
 pub use work::{
-    eval_site, load_site_model, recalibrate_site, site_arch, train_site, EvalTarget,
+    eval_site, fisher_site, load_site_model, recalibrate_site, site_arch, train_site, EvalTarget,
     SiteTrainSummary,
 };

@@ -55,6 +55,10 @@ pub struct SiteSettings {
     /// Encrypt every update (`round`, `export`) to the HQ keys the site pinned (issue 15 §5).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<bool>,
+    /// Ship the local model's Fisher estimate with every update, for HQ's `--strategy fisher` (issue 14): `round`
+    /// takes it after training, `export` adds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fisher: Option<bool>,
     /// The training recipe.
     #[serde(default, skip_serializing_if = "TrainRecipe::is_empty")]
     pub train: TrainRecipe,

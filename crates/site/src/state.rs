@@ -112,6 +112,10 @@ pub struct LocalRecord {
     /// Hash of the update bundle it was exported as, once exported.
     #[serde(default)]
     pub exported: Option<String>,
+    /// SHA-256 of its diagonal Fisher estimate (`weights/<this>.safetensors`, F32 tensors named like the model's),
+    /// once `ferry-client fisher` took one (issue 14). Training a new local model drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fisher_sha256: Option<String>,
 }
 
 /// What a training run reports about the local model it produced: the facts [`SiteState::record_local`] turns
@@ -488,10 +492,43 @@ impl SiteState {
             trained_at: ferry_bundle::unix_now(),
             weights_sha256,
             exported: None,
+            fisher_sha256: None,
         };
         self.write_record(lock, files::LOCAL, &rec)?;
         self.collect_garbage()?;
         Ok(rec)
+    }
+
+    /// Record the local model's diagonal Fisher estimate (a safetensors file of F32 tensors named like the
+    /// model's), for `export --fisher`: the file first, then the record. The local model must be the one
+    /// trained from the current global.
+    pub fn record_fisher(
+        &self,
+        lock: &SiteLock<'_>,
+        fisher_safetensors: &[u8],
+    ) -> Result<LocalRecord, SiteError> {
+        let cur = self.require_current()?;
+        let mut rec = self
+            .local()?
+            .ok_or_else(|| SiteError::NoLocal(self.dir.clone()))?;
+        if rec.base_hash != cur.hash {
+            return Err(SiteError::StaleLocal {
+                trained_round: rec.round,
+                current_round: cur.round,
+            });
+        }
+        rec.fisher_sha256 = Some(self.store_weights(lock, fisher_safetensors)?);
+        self.write_record(lock, files::LOCAL, &rec)?;
+        self.collect_garbage()?;
+        Ok(rec)
+    }
+
+    /// The local model's Fisher estimate, if `ferry-client fisher` took one for it.
+    pub fn local_fisher(&self) -> Result<Option<Vec<u8>>, SiteError> {
+        match self.local()?.and_then(|l| l.fisher_sha256) {
+            Some(sha) => Ok(Some(self.read_weights(&sha)?)),
+            None => Ok(None),
+        }
     }
 
     /// Mark the local model as exported in the update bundle with this hash.
@@ -657,6 +694,7 @@ impl SiteState {
         }
         if let Some(l) = self.local()? {
             keep.push(l.weights_sha256);
+            keep.extend(l.fisher_sha256);
         }
         let dir = self.dir.join(files::WEIGHTS);
         if let Ok(entries) = std::fs::read_dir(&dir) {

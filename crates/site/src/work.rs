@@ -12,6 +12,7 @@
 
 use candle_core::Device;
 use ferry_train::data::Dataset;
+use ferry_train::fisher::{diagonal_fisher, FisherConfig, FisherEstimate};
 use ferry_train::{
     checkpoint, train, Adam, Arch, Evaluation, Model, Recalibration, TrainConfig, TrainError,
     TrainObserver, TrainSummary,
@@ -319,4 +320,30 @@ pub fn recalibrate_site(
     let r = train::recalibrate(&mut model, data, batch)?;
     let path = state.write_deployed(lock, &model.to_safetensors()?, r.samples as u64)?;
     Ok((r, path))
+}
+
+/// Take the local model's diagonal Fisher estimate on `data` (`ferry-client fisher`, issue 14) and record it
+/// for `export --fisher`. The local model must be the one trained from the current global; it is not changed.
+/// `progress(done, total)` after every batch.
+pub fn fisher_site(
+    state: &SiteState,
+    lock: &SiteLock<'_>,
+    data: &Dataset,
+    cfg: &FisherConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherEstimate, SiteError> {
+    state.check_lock(lock)?;
+    let (cur, arch) = site_arch(state)?;
+    let (local, weights) = state.local_weights()?;
+    if local.base_hash != cur.hash {
+        return Err(SiteError::StaleLocal {
+            trained_round: local.round,
+            current_round: cur.round,
+        });
+    }
+    let mut model = Model::from_safetensors(arch, &weights, device)?;
+    let estimate = diagonal_fisher(&mut model, data, cfg, progress)?;
+    state.record_fisher(lock, &estimate.to_safetensors(arch)?)?;
+    Ok(estimate)
 }

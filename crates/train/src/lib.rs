@@ -16,6 +16,7 @@ pub mod data;
 pub mod device;
 pub mod distill;
 pub mod error;
+pub mod fisher;
 mod linear;
 #[allow(unsafe_code)]
 mod matmul;

@@ -196,7 +196,11 @@ pub fn check_data(arch: Arch, data: &Dataset) -> Result<(), TrainError> {
 }
 
 /// Images of `idx` as a `(n, c, h, w)` tensor and their labels as a flat `(n * slots)` u32 tensor.
-fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor), TrainError> {
+pub(crate) fn batch(
+    data: &Dataset,
+    idx: &[usize],
+    device: &Device,
+) -> Result<(Tensor, Tensor), TrainError> {
     let per = data.channels * data.height * data.width;
     let mut x = Vec::with_capacity(idx.len() * per);
     let mut y = Vec::with_capacity(idx.len() * data.slots());
@@ -216,7 +220,7 @@ fn batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<(Tensor, Tens
 /// The training loss of `logits` against flat labels `(n * slots)`: mean cross-entropy over all character slots
 /// of `(n, slots, classes)` logits for a slot reader, the CTC loss of each plate's lines for a sequence reader
 /// ([`crate::ctc`]).
-fn loss(arch: Arch, logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
+pub(crate) fn loss(arch: Arch, logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
     match arch.reader() {
         Reader::Slots => {
             let (n, s, c) = logits.dims3()?;
