@@ -30,7 +30,7 @@ pub struct DataArgs {
     /// Site state directory.
     #[arg(long, value_name = "DIR")]
     pub state: PathBuf,
-    /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed:N[:SEED], folder:LABELS.csv or
+    /// Local data: idx:DIR, idx:DIR:test, plates:loose|tight|mixed|clean:N[:SEED], folder:LABELS.csv or
     /// folder:DIR?labels=filename (docs/training.md). Default: ferry.toml's data (eval: eval-data).
     #[arg(long, value_name = "SPEC")]
     pub data: Option<DataSpec>,

@@ -15,5 +15,6 @@ pub mod plates;
 pub mod progress;
 pub mod report;
 pub mod seed_table;
+pub mod seed_trips;
 pub mod split;
 pub mod trips;

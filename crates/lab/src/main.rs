@@ -140,6 +140,22 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
+    /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- fisher, distill and recal,
+    /// HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
+    #[arg(long)]
+    few_trips: bool,
+    /// HQ's own plates for the few-trips rows (4/5 to distil and recalibrate on, 1/5 to choose on).
+    #[arg(long, value_name = "N", default_value_t = 2000, requires = "few_trips")]
+    hq_plates: usize,
+    /// Fisher bounds tried in one-shot-fisher, chosen on HQ's tuning plates.
+    #[arg(
+        long,
+        value_name = "B,B,..",
+        value_delimiter = ',',
+        default_value = "3,10,100",
+        requires = "few_trips"
+    )]
+    fisher_bounds: Vec<f64>,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -152,7 +168,7 @@ struct SeedTableArgs {
 
 #[derive(Debug, Args)]
 struct FedAvgArgs {
-    /// Training data: plates:loose|tight|mixed:N[:SEED], idx:DIR or folder:LABELS.csv.
+    /// Training data: plates:loose|tight|mixed|clean:N[:SEED], idx:DIR or folder:LABELS.csv.
     #[arg(long, value_name = "SPEC")]
     data: DataSpec,
     /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
@@ -396,6 +412,9 @@ fn run(cli: Cli) -> Result<()> {
                     .lr_schedule
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
+                few_trips: a.few_trips,
+                hq_plates: a.hq_plates,
+                fisher_bounds: a.fisher_bounds,
             };
             let rows = seed_table::run(&cfg)?;
             if let Some(p) = &a.json {

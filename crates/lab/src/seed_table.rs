@@ -29,6 +29,7 @@ use crate::fed::{Federation, EVAL_BATCH};
 use crate::plates::{field_data, planned_decay, scaled_warmup, FieldData};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
+use crate::seed_trips;
 
 /// A named budget of the seed table (`ferry-lab seed-table --preset`): what each one costs and reads is measured
 /// in docs/experiments.md.
@@ -98,6 +99,14 @@ pub struct SeedTableConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
+    /// Add the few-trips rows (issue 14, `crate::seed_trips`): best-site, ensemble, one-shot-/two-trip-fisher,
+    /// -distill and -recal.
+    pub few_trips: bool,
+    /// HQ's own plates for those rows (its clean renderer configuration; 4/5 to distil and recalibrate on, 1/5
+    /// to choose on).
+    pub hq_plates: usize,
+    /// Fisher bounds tried in the one-trip Fisher row, chosen on HQ's tuning plates.
+    pub fisher_bounds: Vec<f64>,
 }
 
 impl Default for SeedTableConfig {
@@ -113,6 +122,9 @@ impl Default for SeedTableConfig {
             batch: 64,
             cosine: false,
             seed: 1,
+            few_trips: false,
+            hq_plates: 2000,
+            fisher_bounds: vec![3.0, 10.0, 100.0],
         }
     }
 }
@@ -134,13 +146,15 @@ pub struct Row {
     pub curve: Vec<(u32, f64, f64)>,
     /// Wall-clock seconds for the row.
     pub seconds: f64,
+    /// What the row is, when its name does not say it all (the few-trips rows).
+    pub note: String,
 }
 
-fn point(epoch: u32, e: &Evaluation) -> (u32, f64, f64) {
+pub(crate) fn point(epoch: u32, e: &Evaluation) -> (u32, f64, f64) {
     (epoch, e.accuracy, e.char_accuracy.unwrap_or(e.accuracy))
 }
 
-fn finish(
+pub(crate) fn finish(
     name: String,
     curve: Vec<(u32, f64, f64)>,
     round_trips: u64,
@@ -156,6 +170,7 @@ fn finish(
         bytes_carried: bytes,
         curve,
         seconds: start.elapsed().as_secs_f64(),
+        note: String::new(),
     }
 }
 
@@ -208,6 +223,7 @@ fn one_shot(
     data: &FieldData,
     cfg: &SeedTableConfig,
     trained: &[(Vec<u8>, u64); 2],
+    before_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
     let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
@@ -224,6 +240,9 @@ fn one_shot(
         )?;
         updates.push(fed.export(i)?.path.clone());
     }
+    if let Some(hook) = before_merge {
+        hook(&fed, &updates)?;
+    }
     let s = spinner("one-shot: HQ verifying and averaging the two updates");
     let merged = fed.merge(&updates, &RoundConfig::default());
     s.finish_and_clear();
@@ -238,6 +257,10 @@ fn one_shot(
     ))
 }
 
+/// Called with a federation whose sites' updates are on the stick and not yet merged (the few-trips rows fork
+/// it there).
+type BeforeMerge<'a> = &'a mut dyn FnMut(&Federation, &[PathBuf]) -> Result<()>;
+
 /// FedAvg with `e` local epochs per round, through real bundles.
 fn fedavg(
     dir: &Path,
@@ -245,6 +268,7 @@ fn fedavg(
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
     e: u32,
+    mut before_second_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
     let name = format!("fedavg-e{e}");
@@ -270,6 +294,11 @@ fn fedavg(
                 &mut TrainBars::new(label),
             )?;
             updates.push(fed.export(i)?.path.clone());
+        }
+        if r == 1 {
+            if let Some(hook) = before_second_merge.take() {
+                hook(&fed, &updates)?;
+            }
         }
         let s = spinner(format!("{name}: HQ verifying and merging round {}", r + 1));
         let merged = fed.merge(&updates, &RoundConfig::default());
@@ -345,10 +374,14 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let report = |r: &Row| {
         println!(
-            "{:<12} {:>6.2}% exact, {:>6.2}% chars, {} round trips, {} bytes carried ({:.0} s)",
+            "{:<16} {:>6.2}% exact, {:>6}% chars, {} round trips, {} bytes carried ({:.0} s)",
             r.name,
             100.0 * r.accuracy,
-            100.0 * r.char_accuracy,
+            if r.char_accuracy.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.2}", 100.0 * r.char_accuracy)
+            },
             r.round_trips,
             r.bytes_carried,
             r.seconds
@@ -364,19 +397,77 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     let (c, _, _) = standalone("centralised", &both, &data.val, cfg, &tcfg)?;
     report(&c);
     rows.push(c);
+    let hq = if cfg.few_trips {
+        Some(seed_trips::hq_plates(
+            Arch::PlateCtc,
+            cfg.hq_plates,
+            cfg.seed,
+        )?)
+    } else {
+        None
+    };
+    let methods = hq.as_ref().map(|hq| seed_trips::Methods {
+        hq,
+        val: &data.val,
+        sites: [&data.a, &data.b],
+        bounds: &cfg.fisher_bounds,
+        total_epochs: cfg.total_epochs,
+        seed: cfg.seed,
+    });
+    let mut trip_rows: Vec<Row> = Vec::new();
+    let mut bound = ferry_merge::DEFAULT_FISHER_BOUND;
+    let trips_dir = cfg.out.join("trips");
+    let mut one_trip = |fed: &Federation, updates: &[PathBuf]| -> Result<()> {
+        if let Some(m) = &methods {
+            let (r, b) = m.one_trip(fed, updates, [&wa, &wb], &trips_dir)?;
+            r.iter().for_each(report);
+            trip_rows.extend(r);
+            bound = b;
+        }
+        Ok(())
+    };
     let o = one_shot(
         &rows_dir.join("one-shot"),
         &data,
         cfg,
-        &[(wa, sa), (wb, sb)],
+        &[(wa.clone(), sa), (wb.clone(), sb)],
+        Some(&mut one_trip),
     )?;
     report(&o);
     rows.push(o);
-    for &e in &cfg.e_sweep {
-        let r = fedavg(&rows_dir.join(format!("fedavg-e{e}")), &data, cfg, &tcfg, e)?;
+    // The two-trip rows fork the FedAvg run of T/2 epochs per round before its second merge; it is run for
+    // them when --e-sweep lacks it.
+    let half = cfg.total_epochs.div_ceil(2);
+    let mut two_trip = |fed: &Federation, updates: &[PathBuf]| -> Result<()> {
+        if let Some(m) = &methods {
+            let r = m.two_trip(fed, updates, bound, &trips_dir)?;
+            r.iter().for_each(report);
+            trip_rows.extend(r);
+        }
+        Ok(())
+    };
+    let mut sweep = cfg.e_sweep.clone();
+    if cfg.few_trips && cfg.total_epochs >= 2 && !sweep.contains(&half) {
+        sweep.push(half);
+    }
+    for &e in &sweep {
+        let hook: Option<BeforeMerge<'_>> = if cfg.few_trips && e == half && cfg.total_epochs >= 2 {
+            Some(&mut two_trip)
+        } else {
+            None
+        };
+        let r = fedavg(
+            &rows_dir.join(format!("fedavg-e{e}")),
+            &data,
+            cfg,
+            &tcfg,
+            e,
+            hook,
+        )?;
         report(&r);
         rows.push(r);
     }
+    rows.extend(trip_rows);
     write_outputs(cfg, warmup, &rows)?;
     Ok(rows)
 }
@@ -390,6 +481,7 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
         "bytes carried",
         "field study %",
         "seconds",
+        "what",
     ];
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -397,11 +489,16 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
             vec![
                 r.name.clone(),
                 format!("{:.2}", 100.0 * r.accuracy),
-                format!("{:.2}", 100.0 * r.char_accuracy),
+                if r.char_accuracy.is_nan() {
+                    "-".into()
+                } else {
+                    format!("{:.2}", 100.0 * r.char_accuracy)
+                },
                 r.round_trips.to_string(),
                 r.bytes_carried.to_string(),
                 field_study(&r.name).map_or("-".into(), |v| format!("{v:.2}")),
                 format!("{:.0}", r.seconds),
+                r.note.clone(),
             ]
         })
         .collect();
@@ -438,8 +535,34 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
         "epochs per site",
         &series[rows.len()..],
     )?;
+    // Accuracy against round trips: a federated row's curve has one point per merge, a one-merge method row one
+    // point, and a row that carries nothing (a site alone, centralised) is a level to compare with.
+    let max_trips = rows.iter().map(|r| r.round_trips).max().unwrap_or(1).max(1);
+    let by_trips: Vec<Series> = rows
+        .iter()
+        .map(|r| Series {
+            name: r.name.clone(),
+            points: if r.round_trips == 0 {
+                vec![(0.0, r.accuracy), (max_trips as f64, r.accuracy)]
+            } else if r.curve.len() as u64 == r.round_trips + 1 {
+                r.curve
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| (k as f64, p.1))
+                    .collect()
+            } else {
+                vec![(r.round_trips as f64, r.accuracy)]
+            },
+        })
+        .collect();
+    plot_accuracy(
+        &cfg.out.join("trips.png"),
+        &format!("{title}: plates read exactly against round trips"),
+        "round trips",
+        &by_trips,
+    )?;
     println!(
-        "wrote table.md, table.csv, results.json, accuracy.png (plates exact) and accuracy-chars.png in {}",
+        "wrote table.md, table.csv, results.json, accuracy.png (plates exact), accuracy-chars.png and trips.png in {}",
         cfg.out.display()
     );
     Ok(())

@@ -70,6 +70,7 @@ fn seed_table_small_end_to_end() {
         batch: 32,
         cosine: true,
         seed: 3,
+        ..SeedTableConfig::default()
     };
     let rows = seed_table::run(&cfg).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
@@ -124,6 +125,7 @@ fn seed_table_small_end_to_end() {
         "results.json",
         "accuracy.png",
         "accuracy-chars.png",
+        "trips.png",
     ] {
         assert!(cfg.out.join(f).is_file(), "{f}");
     }
@@ -132,6 +134,76 @@ fn seed_table_small_end_to_end() {
     let json = seed_table::json(&cfg, &rows);
     assert_eq!(json["rows"][4]["name"], "fedavg-e1");
     assert_eq!(json["rows"][4]["round_trips"], 2);
+}
+
+/// `seed-table --few-trips` (issue 14): the one- and two-trip rows exist, each through real bundles with its trips
+/// and bytes, the Fisher rows carry the estimates, HQ's choices are recorded, and the two-trip rows fork the
+/// FedAvg run of T/2 epochs per round (run for them when --e-sweep lacks it).
+#[test]
+fn seed_table_few_trips_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SeedTableConfig {
+        out: dir.path().join("st"),
+        total_epochs: 2,
+        samples_per_site: 48,
+        val: 30,
+        e_sweep: vec![2],
+        batch: 16,
+        seed: 5,
+        few_trips: true,
+        hq_plates: 40,
+        ..SeedTableConfig::default()
+    };
+    let rows = seed_table::run(&cfg).unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    // T/2 = 1 epoch per round was not in --e-sweep: its FedAvg row ran for the two-trip rows.
+    assert_eq!(row("fedavg-e1").round_trips, 2);
+    for (name, trips) in [
+        ("best-site", 1),
+        ("ensemble", 1),
+        ("one-shot-fisher", 1),
+        ("one-shot-distill", 1),
+        ("one-shot-recal", 1),
+        ("two-trip-fisher", 2),
+        ("two-trip-distill", 2),
+        ("two-trip-recal", 2),
+    ] {
+        let r = row(name);
+        assert_eq!(r.round_trips, trips, "{name}");
+        assert!((0.0..=1.0).contains(&r.accuracy), "{name}");
+        assert!(!r.note.is_empty(), "{name}");
+        assert_eq!(r.curve.last().unwrap().0, cfg.total_epochs, "{name}");
+    }
+    // The same trips carry the same bundles, but for the Fisher rows, whose updates carry the estimates.
+    let one = row("one-shot").bytes_carried;
+    for name in [
+        "best-site",
+        "ensemble",
+        "one-shot-distill",
+        "one-shot-recal",
+    ] {
+        assert_eq!(row(name).bytes_carried, one, "{name}");
+    }
+    assert!(row("one-shot-fisher").bytes_carried > one);
+    let two = row("fedavg-e1").bytes_carried;
+    assert_eq!(row("two-trip-distill").bytes_carried, two);
+    assert!(row("two-trip-fisher").bytes_carried > two);
+    assert!(row("ensemble").char_accuracy.is_nan());
+    assert!(row("one-shot-fisher").note.contains("bound"));
+    // HQ's steps say what they did in HQ's ledger, on HQ's own plates.
+    let ledger = |rel: &str| {
+        std::fs::read_to_string(cfg.out.join("trips").join(rel).join("hq/ledger.json")).unwrap()
+    };
+    assert!(ledger("one-shot/fisher-b0").contains("fisher weights=samples bound=3"));
+    assert!(ledger("one-shot-distill").contains("then distill"));
+    assert!(ledger("one-shot-recal").contains("then recalibrate data=hq-clean-plates"));
+    let table = std::fs::read_to_string(cfg.out.join("table.md")).unwrap();
+    assert!(table.contains("two-trip-recal"), "{table}");
+    assert!(cfg.out.join("trips.png").is_file());
 }
 
 /// A Fashion-MNIST-like IDX dataset: 10 classes, each a fixed random blob pattern, drawn with a random shift of up

@@ -25,7 +25,7 @@ pub enum DataError {
     /// A dataset spec string (as given on the command line) is malformed.
     #[error(
         "bad dataset spec '{spec}': {reason}; expected idx:DIR[:test], \
-         plates:loose|tight|mixed:N[:SEED], folder:LABELS.csv[?encoding=cp949&skip-bad] or \
+         plates:loose|tight|mixed|clean:N[:SEED], folder:LABELS.csv[?encoding=cp949&skip-bad] or \
          folder:DIR?labels=filename"
     )]
     Spec {

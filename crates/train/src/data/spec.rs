@@ -33,6 +33,10 @@ pub enum PlateStyle {
     Tight,
     /// Each sample loose or tight with equal probability, recorded in [`Dataset::styles`].
     Mixed,
+    /// As `Mixed`, rendered clean: no perspective, car context, neighbouring text, night exposure, motion blur,
+    /// low resolution or JPEG ([`plates::RenderConfig::clean`]). A renderer configuration no site trains on:
+    /// HQ's own plates for distillation, recalibration and pretraining (issue 14).
+    Clean,
 }
 
 impl PlateStyle {
@@ -42,6 +46,7 @@ impl PlateStyle {
             PlateStyle::Loose => "loose",
             PlateStyle::Tight => "tight",
             PlateStyle::Mixed => "mixed",
+            PlateStyle::Clean => "clean",
         }
     }
 }
@@ -53,9 +58,10 @@ impl FromStr for PlateStyle {
             "loose" => Ok(PlateStyle::Loose),
             "tight" => Ok(PlateStyle::Tight),
             "mixed" => Ok(PlateStyle::Mixed),
+            "clean" => Ok(PlateStyle::Clean),
             _ => Err(DataError::Spec {
                 spec: s.to_string(),
-                reason: "plate style must be loose, tight or mixed".into(),
+                reason: "plate style must be loose, tight, mixed or clean".into(),
             }),
         }
     }
@@ -72,7 +78,7 @@ pub enum DataSpec {
         /// Which split.
         split: Split,
     },
-    /// Synthetic Korean licence plates (`plates:loose|tight|mixed:N[:SEED]`, seed 0 by default).
+    /// Synthetic Korean licence plates (`plates:loose|tight|mixed|clean:N[:SEED]`, seed 0 by default).
     Plates {
         /// Crop style.
         style: PlateStyle,

@@ -254,6 +254,21 @@ impl RenderConfig {
         }
     }
 
+    /// These settings without the capture effects (perspective, car context, neighbouring text, night, motion
+    /// blur, low resolution, JPEG); the plate kinds stay. What `PlateStyle::Clean` renders.
+    pub fn clean(&self) -> Self {
+        RenderConfig {
+            perspective: 0.0,
+            context: 0.0,
+            distractors: 0.0,
+            night: 0.0,
+            motion_blur: 0.0,
+            low_res: 0.0,
+            jpeg: 0.0,
+            ..self.clone()
+        }
+    }
+
     /// The default settings for a reader of `classes` classes per slot: no two-line plates if it lacks the
     /// region names (`plate-cnn`'s 51 classes). `None`: a reader of every token.
     pub fn for_classes(classes: Option<usize>) -> Self {
@@ -308,6 +323,13 @@ pub fn generate_with(
     cfg: &RenderConfig,
 ) -> Result<Dataset, DataError> {
     cfg.check()?;
+    let cleaned;
+    let cfg = if style == PlateStyle::Clean {
+        cleaned = cfg.clean();
+        &cleaned
+    } else {
+        cfg
+    };
     let owned;
     let glyphs = match font {
         Some(path) => {
@@ -403,8 +425,8 @@ fn sample(
     let crop = match style {
         PlateStyle::Loose => CropStyle::Loose,
         PlateStyle::Tight => CropStyle::Tight,
-        PlateStyle::Mixed if rng.random_bool(0.5) => CropStyle::Loose,
-        PlateStyle::Mixed => CropStyle::Tight,
+        PlateStyle::Mixed | PlateStyle::Clean if rng.random_bool(0.5) => CropStyle::Loose,
+        PlateStyle::Mixed | PlateStyle::Clean => CropStyle::Tight,
     };
     let two_line = rng.random_bool(cfg.two_line);
     let kind = if two_line {
@@ -646,6 +668,24 @@ mod tests {
         }
         let t = generate(PlateStyle::Tight, 5, 0, None).unwrap();
         assert!(t.styles.unwrap().iter().all(|&s| s == CropStyle::Tight));
+    }
+
+    #[test]
+    fn clean_plates_are_mixed_crops_without_capture_effects_and_parse_as_a_spec() {
+        let cfg = RenderConfig::default();
+        let clean = generate_with(PlateStyle::Clean, 60, 8, None, &cfg).unwrap();
+        let by_hand = generate_with(PlateStyle::Mixed, 60, 8, None, &cfg.clean()).unwrap();
+        assert_eq!(clean.images, by_hand.images);
+        assert_eq!(clean.labels, by_hand.labels);
+        let effects = generate_with(PlateStyle::Mixed, 60, 8, None, &cfg).unwrap();
+        assert_ne!(clean.images, effects.images);
+        let loose = clean.styles.as_ref().unwrap();
+        assert!(
+            loose.iter().any(|&s| s == CropStyle::Loose)
+                && loose.iter().any(|&s| s == CropStyle::Tight)
+        );
+        let spec: crate::data::DataSpec = "plates:clean:60:8".parse().unwrap();
+        assert_eq!(spec.to_string(), "plates:clean:60:8");
     }
 
     #[test]

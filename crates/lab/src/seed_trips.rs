@@ -1,0 +1,343 @@
+//! The few-trips rows of `ferry-lab seed-table --few-trips` (issue 14): what one and two trips buy on the plate
+//! benchmark, each method through the tools' own code paths and real bundles.
+//!
+//! - `best-site`: the site model HQ would pick (best on HQ's tuning plates), alone; `ensemble`: the average
+//!   softmax of the two site models (not one model: the ceiling a one-trip merge aims at).
+//! - `one-shot-fisher`: each site ships its Fisher estimate (`ferry-client fisher`, `export --fisher`), HQ merges
+//!   with `--strategy fisher`, the bound chosen on HQ's tuning plates; `one-shot-distill`: FedAvg, then
+//!   `merge --distill` on HQ's plates; `one-shot-recal`: FedAvg, then `merge --recalibrate` (BatchNorm statistics
+//!   re-estimated on HQ's plates).
+//! - `two-trip-<method>`: two rounds of T/2 epochs; the first merge is FedAvg, the second uses the method.
+//!
+//! **HQ's data, exactly**: plates from HQ's own renderer configuration, which no site uses: clean crops (no
+//! perspective, car context, neighbouring text, night exposure, motion blur, low resolution or JPEG), half loose
+//! and half tight, from their own seed stream. The first 4/5 are what HQ distils and recalibrates on, the last 1/5
+//! is HQ's tuning slice (the best site, the Fisher bound). Site plates never reach HQ; the validation set the
+//! table reports is used by no choice.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use ferry_merge::hq::{Refiner, RoundConfig};
+use ferry_merge::{MergeConfig, Strategy};
+use ferry_train::data::{plates, Dataset, PlateStyle};
+use ferry_train::distill::{distill_safetensors, ensemble_accuracy, DistillConfig};
+use ferry_train::fisher::FisherConfig;
+use ferry_train::train::recalibrate_safetensors;
+use ferry_train::{evaluate, Arch, Device, Model};
+
+use crate::fed::{Federation, EVAL_BATCH};
+use crate::progress::{spinner, TrainBars};
+use crate::seed_table::{finish, point, Row};
+
+/// HQ's plates: `train` to distil and recalibrate on, `tune` to choose on.
+pub struct HqPlates {
+    /// The first 4/5.
+    pub train: Dataset,
+    /// The last 1/5.
+    pub tune: Dataset,
+}
+
+/// `n` plates of HQ's clean renderer configuration (`plates:clean`, module docs), seed stream 7 of `seed`.
+pub fn hq_plates(arch: Arch, n: usize, seed: u64) -> Result<HqPlates> {
+    let s = spinner(format!("generating HQ's {n} clean plates"));
+    // What `plates:clean:N:SEED` gives HQ's tools (`merge --distill`, `--recalibrate`, `init --pretrain`).
+    let all = plates::generate_with(
+        PlateStyle::Clean,
+        n,
+        seed.wrapping_mul(1000).wrapping_add(7),
+        None,
+        &plates::RenderConfig::for_classes(Some(arch.classes())),
+    );
+    s.finish_and_clear();
+    let all = all?;
+    let cut = n * 4 / 5;
+    Ok(HqPlates {
+        train: all.subset(&(0..cut).collect::<Vec<_>>()),
+        tune: all.subset(&(cut..n).collect::<Vec<_>>()),
+    })
+}
+
+/// Everything the method rows share.
+pub struct Methods<'a> {
+    /// HQ's plates.
+    pub hq: &'a HqPlates,
+    /// The validation set the table reports.
+    pub val: &'a Dataset,
+    /// Site A's and site B's training plates (their Fisher estimates are taken on them, at the sites).
+    pub sites: [&'a Dataset; 2],
+    /// The Fisher bounds tried.
+    pub bounds: &'a [f64],
+    /// The epoch budget T (the x of the rows' last curve point).
+    pub total_epochs: u32,
+    /// Seed of the Fisher samples and the distillation order.
+    pub seed: u64,
+}
+
+const ARCH: Arch = Arch::PlateCtc;
+
+impl Methods<'_> {
+    fn fisher_cfg(&self) -> FisherConfig {
+        FisherConfig {
+            seed: self.seed,
+            ..FisherConfig::default()
+        }
+    }
+
+    fn by_fisher(bound: f64) -> RoundConfig {
+        RoundConfig {
+            merge: MergeConfig {
+                strategy: Strategy::Fisher,
+                fisher_bound: bound,
+                ..MergeConfig::default()
+            },
+            ..RoundConfig::default()
+        }
+    }
+
+    /// `merge --distill` on HQ's training plates.
+    fn distiller(&self) -> Refiner<'_> {
+        let cfg = DistillConfig {
+            seed: self.seed,
+            ..DistillConfig::default()
+        };
+        Refiner {
+            describe: format!(
+                "distill epochs={} lr={} t={} data=hq-clean-plates",
+                cfg.epochs, cfg.lr, cfg.temperature
+            ),
+            run: Box::new(move |_, merged, updates| {
+                let (bytes, s) = distill_safetensors(
+                    ARCH,
+                    merged,
+                    updates,
+                    &self.hq.train,
+                    &cfg,
+                    &mut TrainBars::new("HQ distilling"),
+                )
+                .map_err(|e| e.to_string())?;
+                println!(
+                    "  distilled {} site models on {} HQ plates: KL to the ensemble {:.4} -> {:.4} ({:.0} s)",
+                    s.teachers, s.samples, s.kl_before, s.kl_after, s.seconds
+                );
+                Ok(bytes)
+            }),
+        }
+    }
+
+    /// `merge --recalibrate` on HQ's training plates.
+    fn recalibrator(&self) -> Refiner<'_> {
+        Refiner {
+            describe: "recalibrate data=hq-clean-plates".into(),
+            run: Box::new(move |_, merged, _| {
+                recalibrate_safetensors(ARCH, merged, &self.hq.train, EVAL_BATCH)
+                    .map(|(bytes, _)| bytes)
+                    .map_err(|e| e.to_string())
+            }),
+        }
+    }
+
+    fn row(&self, fed: &Federation, name: &str, trips: u64, start: Instant) -> Result<Row> {
+        let curve = vec![point(self.total_epochs, &fed.evaluate_global(self.val)?)];
+        Ok(finish(
+            name.into(),
+            curve,
+            trips,
+            fed.bytes_carried(),
+            start,
+        ))
+    }
+
+    /// Each site replaces its update with one carrying its Fisher estimate; then HQ merges by Fisher with each
+    /// bound in `bounds` (each in its own fork). Returns (accuracy on HQ's tuning plates, bound, federation).
+    fn fisher_merges(
+        &self,
+        fed: &Federation,
+        dir: &Path,
+        bounds: &[f64],
+    ) -> Result<Vec<(f64, f64, Federation)>> {
+        let mut f = fed.fork(&dir.join("fisher"))?;
+        let mut updates = Vec::new();
+        for (i, data) in self.sites.iter().enumerate() {
+            let s = spinner(format!("{}: Fisher estimate", f.sites[i].id));
+            let c = f.export_with_fisher(i, data, &self.fisher_cfg());
+            s.finish_and_clear();
+            updates.push(c?.path.clone());
+        }
+        let mut out = Vec::new();
+        for (k, &bound) in bounds.iter().enumerate() {
+            let mut g = f.fork(&dir.join(format!("fisher-b{k}")))?;
+            let moved: Vec<PathBuf> = updates
+                .iter()
+                .map(|p| {
+                    p.strip_prefix(&f.root)
+                        .map_or_else(|_| p.clone(), |r| g.root.join(r))
+                })
+                .collect();
+            let s = spinner(format!("HQ: Fisher merge, bound {bound}"));
+            let merged = g.merge(&moved, &Methods::by_fisher(bound));
+            s.finish_and_clear();
+            merged?;
+            let tune = evaluate(&g.global_model()?, &self.hq.tune, EVAL_BATCH)?.accuracy;
+            println!(
+                "  fisher bound {bound}: HQ's tuning plates {:.2}%",
+                100.0 * tune
+            );
+            out.push((tune, bound, g));
+        }
+        Ok(out)
+    }
+
+    /// The one-trip rows. `fed` holds both sites' trip-1 `updates` (their T-epoch models, `weights`), not yet
+    /// merged; it is only forked. Returns the rows and the Fisher bound HQ chose.
+    pub fn one_trip(
+        &self,
+        fed: &Federation,
+        updates: &[PathBuf],
+        weights: [&[u8]; 2],
+        dir: &Path,
+    ) -> Result<(Vec<Row>, f64)> {
+        let mut rows = Vec::new();
+        let trips_bytes = fed.bytes_carried();
+        let start = Instant::now();
+        let models = [
+            Model::from_safetensors(ARCH, weights[0], &Device::Cpu)?,
+            Model::from_safetensors(ARCH, weights[1], &Device::Cpu)?,
+        ];
+        let tune: Vec<f64> = models
+            .iter()
+            .map(|m| Ok(evaluate(m, &self.hq.tune, EVAL_BATCH)?.accuracy))
+            .collect::<Result<_>>()?;
+        let best = usize::from(tune[1] > tune[0]);
+        let mut row = finish(
+            "best-site".into(),
+            vec![point(
+                self.total_epochs,
+                &evaluate(&models[best], self.val, EVAL_BATCH)?,
+            )],
+            1,
+            trips_bytes,
+            start,
+        );
+        row.note = format!(
+            "{}'s model alone (HQ's tuning plates: site-a {:.2} %, site-b {:.2} %)",
+            fed.sites[best].id,
+            100.0 * tune[0],
+            100.0 * tune[1]
+        );
+        rows.push(row);
+
+        let start = Instant::now();
+        let s = spinner("evaluating the ensemble of the two site models");
+        let ens = ensemble_accuracy(&models, self.val, EVAL_BATCH);
+        s.finish_and_clear();
+        let mut row = finish(
+            "ensemble".into(),
+            vec![(self.total_epochs, ens?, f64::NAN)],
+            1,
+            trips_bytes,
+            start,
+        );
+        row.note = "average softmax of the two site models: not one model, the ceiling".into();
+        rows.push(row);
+
+        let start = Instant::now();
+        let tried = self.fisher_merges(fed, &dir.join("one-shot"), self.bounds)?;
+        // The best on HQ's tuning plates; on a tie the first (the smaller bound, closer to FedAvg).
+        let Some((_, bound, f)) = tried
+            .into_iter()
+            .reduce(|best, x| if x.0 > best.0 { x } else { best })
+        else {
+            anyhow::bail!("--fisher-bounds is empty");
+        };
+        let mut row = self.row(&f, "one-shot-fisher", 1, start)?;
+        row.note = format!(
+            "Fisher-weighted, bound {bound} of {:?} (HQ's tuning plates)",
+            self.bounds
+        );
+        rows.push(row);
+
+        for (name, note) in [
+            ("one-shot-distill", "FedAvg, then distilled on HQ's plates"),
+            (
+                "one-shot-recal",
+                "FedAvg, then BatchNorm statistics re-estimated on HQ's plates",
+            ),
+        ] {
+            let start = Instant::now();
+            let mut g = fed.fork(&dir.join(name))?;
+            let moved = moved(updates, &fed.root, &g.root);
+            let mut refiner = if name.ends_with("distill") {
+                self.distiller()
+            } else {
+                self.recalibrator()
+            };
+            let s = spinner(format!("HQ: {name}"));
+            let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
+            s.finish_and_clear();
+            merged?;
+            let mut row = self.row(&g, name, 1, start)?;
+            row.note = note.into();
+            rows.push(row);
+        }
+        Ok((rows, bound))
+    }
+
+    /// The two-trip rows: `fed` holds both sites' trip-2 `updates` (after a FedAvg first merge), not yet
+    /// merged; it is only forked.
+    pub fn two_trip(
+        &self,
+        fed: &Federation,
+        updates: &[PathBuf],
+        bound: f64,
+        dir: &Path,
+    ) -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        let start = Instant::now();
+        let tried = self.fisher_merges(fed, &dir.join("two-trip"), &[bound])?;
+        if let Some((_, _, f)) = tried.into_iter().next() {
+            let mut row = self.row(&f, "two-trip-fisher", 2, start)?;
+            row.note = format!("FedAvg, then Fisher-weighted (bound {bound}) at the second merge");
+            rows.push(row);
+        }
+        for (name, note) in [
+            (
+                "two-trip-distill",
+                "FedAvg, then FedAvg + distillation on HQ's plates",
+            ),
+            (
+                "two-trip-recal",
+                "FedAvg, then FedAvg + BatchNorm re-estimation on HQ's plates",
+            ),
+        ] {
+            let start = Instant::now();
+            let mut g = fed.fork(&dir.join(name))?;
+            let moved = moved(updates, &fed.root, &g.root);
+            let mut refiner = if name.ends_with("distill") {
+                self.distiller()
+            } else {
+                self.recalibrator()
+            };
+            let s = spinner(format!("HQ: {name}"));
+            let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
+            s.finish_and_clear();
+            merged?;
+            let mut row = self.row(&g, name, 2, start)?;
+            row.note = note.into();
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+/// `paths` (files under `from`) as the same files under `to`.
+fn moved(paths: &[PathBuf], from: &Path, to: &Path) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .map(|p| {
+            p.strip_prefix(from)
+                .map_or_else(|_| p.clone(), |r| to.join(r))
+        })
+        .collect()
+}
