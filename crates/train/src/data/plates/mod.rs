@@ -680,10 +680,7 @@ mod tests {
         let effects = generate_with(PlateStyle::Mixed, 60, 8, None, &cfg).unwrap();
         assert_ne!(clean.images, effects.images);
         let loose = clean.styles.as_ref().unwrap();
-        assert!(
-            loose.iter().any(|&s| s == CropStyle::Loose)
-                && loose.iter().any(|&s| s == CropStyle::Tight)
-        );
+        assert!(loose.contains(&CropStyle::Loose) && loose.contains(&CropStyle::Tight));
         let spec: crate::data::DataSpec = "plates:clean:60:8".parse().unwrap();
         assert_eq!(spec.to_string(), "plates:clean:60:8");
     }
