@@ -200,7 +200,7 @@ pub struct RecalibrateArgs {
 /// `ferry-client fisher`: the local model's diagonal Fisher estimate, for `export --fisher` (issue 14).
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example (after train, before export; the same data as training):\n  ferry-client fisher --state site/\n  ferry-client export --state site/ --fisher --out /media/usb/\n\nHQ then merges with --strategy fisher: each parameter counts by how much this site's data pins it down. The estimate leaves the site inside the update (squared gradients of the local model on local data: it says about as much about the data as the update itself)."
+    after_help = "Example (after train, before export; the same data as training):\n  ferry-client fisher --state site/\n  ferry-client export --state site/ --fisher --out /media/usb/\n\nHQ then merges with --strategy fisher: each parameter counts by how much this site's data pins it down. The estimate leaves the site inside the update. Like the weights it is computed from local data (squared gradients of the local model), so treat it as the update is treated: export --encrypt encrypts both."
 )]
 pub struct FisherArgs {
     #[command(flatten)]
