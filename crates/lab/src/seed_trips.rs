@@ -7,6 +7,10 @@
 //!   with `--strategy fisher`, the bound chosen on HQ's tuning plates; `one-shot-distill`: FedAvg, then
 //!   `merge --distill` on HQ's plates; `one-shot-recal`: FedAvg, then `merge --recalibrate` (BatchNorm statistics
 //!   re-estimated on HQ's plates).
+//! - `one-shot-site-recal`: FedAvg, then each site imports the global and re-estimates its BatchNorm statistics on
+//!   its own training images (`ferry-client recalibrate`, labels unused) for the model it deploys, as in
+//!   FedBN/SiloBN; each validation plate is read by the deployed model of the site whose crop style it has (site A
+//!   loose, site B tight).
 //! - `two-trip-<method>`: two rounds of T/2 epochs; the first merge is FedAvg, the second uses the method.
 //!
 //! **HQ's data, exactly**: plates from HQ's own renderer configuration, which no site uses: clean crops (no
@@ -30,6 +34,8 @@ use ferry_train::{evaluate, Arch, Device, Model};
 use crate::fed::{Federation, EVAL_BATCH};
 use crate::progress::{spinner, TrainBars};
 use crate::seed_table::{finish, point, Row};
+use ferry_site::recalibrate_site;
+use ferry_train::data::CropStyle;
 
 /// HQ's plates: `train` to distil and recalibrate on, `tune` to choose on.
 pub struct HqPlates {
@@ -147,6 +153,74 @@ impl Methods<'_> {
             fed.bytes_carried(),
             start,
         ))
+    }
+
+    /// FedAvg of `updates` in a fork of `fed`, then every site imports the global and re-estimates its
+    /// BatchNorm statistics on its own training plates (`ferry-client recalibrate`); each validation plate is
+    /// read by the deployed model of the site of its crop style. Bytes: the trips' files (delivering the global
+    /// for deployment is every row's last step, counted by none).
+    fn site_recal(
+        &self,
+        fed: &Federation,
+        updates: &[PathBuf],
+        name: &str,
+        trips: u64,
+        dir: &Path,
+    ) -> Result<Row> {
+        let start = Instant::now();
+        let mut g = fed.fork(&dir.join(name))?;
+        let moved = moved(updates, &fed.root, &g.root);
+        let s = spinner(format!("HQ: {name}, FedAvg"));
+        let merged = g.merge(&moved, &RoundConfig::default());
+        s.finish_and_clear();
+        merged?;
+        let bytes = g.bytes_carried();
+        let styles = self.val.styles.clone().unwrap_or_default();
+        let (mut exact, mut chars, mut total) = (0.0, 0.0, 0usize);
+        for (i, (data, style)) in self
+            .sites
+            .iter()
+            .zip([CropStyle::Loose, CropStyle::Tight])
+            .enumerate()
+        {
+            g.deliver(i)?;
+            let site = &g.sites[i];
+            let s = spinner(format!(
+                "{}: recalibrating BatchNorm on its plates",
+                site.id
+            ));
+            let r = {
+                let lock = site.state.lock()?;
+                recalibrate_site(&site.state, &lock, data, EVAL_BATCH, &Device::Cpu)
+            };
+            s.finish_and_clear();
+            r?;
+            let (_, weights) = site
+                .state
+                .deployed()?
+                .ok_or_else(|| anyhow::anyhow!("{}: no deployed model", site.id))?;
+            let model = Model::from_safetensors(ARCH, &weights, &Device::Cpu)?;
+            let mine: Vec<usize> = (0..self.val.len())
+                .filter(|&k| styles.get(k) == Some(&style))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let e = evaluate(&model, &self.val.subset(&mine), EVAL_BATCH)?;
+            exact += e.accuracy * mine.len() as f64;
+            chars += e.char_accuracy.unwrap_or(e.accuracy) * mine.len() as f64;
+            total += mine.len();
+        }
+        let n = total.max(1) as f64;
+        let mut row = finish(
+            name.into(),
+            vec![(self.total_epochs, exact / n, chars / n)],
+            trips,
+            bytes,
+            start,
+        );
+        row.note = "FedAvg; each site re-estimates BatchNorm on its own plates and reads its own crop style".into();
+        Ok(row)
     }
 
     /// Each site replaces its update with one carrying its Fisher estimate; then HQ merges by Fisher with each
@@ -281,6 +355,7 @@ impl Methods<'_> {
             row.note = note.into();
             rows.push(row);
         }
+        rows.push(self.site_recal(fed, updates, "one-shot-site-recal", 1, dir)?);
         Ok((rows, bound))
     }
 
@@ -327,6 +402,7 @@ impl Methods<'_> {
             row.note = note.into();
             rows.push(row);
         }
+        rows.push(self.site_recal(fed, updates, "two-trip-site-recal", 2, dir)?);
         Ok(rows)
     }
 }

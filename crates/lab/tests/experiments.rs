@@ -168,9 +168,11 @@ fn seed_table_few_trips_rows() {
         ("one-shot-fisher", 1),
         ("one-shot-distill", 1),
         ("one-shot-recal", 1),
+        ("one-shot-site-recal", 1),
         ("two-trip-fisher", 2),
         ("two-trip-distill", 2),
         ("two-trip-recal", 2),
+        ("two-trip-site-recal", 2),
     ] {
         let r = row(name);
         assert_eq!(r.round_trips, trips, "{name}");
@@ -185,12 +187,23 @@ fn seed_table_few_trips_rows() {
         "ensemble",
         "one-shot-distill",
         "one-shot-recal",
+        "one-shot-site-recal",
     ] {
         assert_eq!(row(name).bytes_carried, one, "{name}");
     }
     assert!(row("one-shot-fisher").bytes_carried > one);
     let two = row("fedavg-e1").bytes_carried;
     assert_eq!(row("two-trip-distill").bytes_carried, two);
+    assert_eq!(row("two-trip-site-recal").bytes_carried, two);
+    // Each site deployed its own recalibrated model (ferry-client recalibrate's file, not the global).
+    for site in ["site-a", "site-b"] {
+        let deployed = cfg
+            .out
+            .join("trips/one-shot-site-recal/sites")
+            .join(site)
+            .join("deployed.safetensors");
+        assert!(deployed.is_file(), "{}", deployed.display());
+    }
     assert!(row("two-trip-fisher").bytes_carried > two);
     assert!(row("ensemble").char_accuracy.is_nan());
     assert!(row("one-shot-fisher").note.contains("bound"));
