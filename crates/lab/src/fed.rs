@@ -438,6 +438,18 @@ impl Federation {
     }
 }
 
+/// `paths` (files under `from`, e.g. updates on one federation's stick) as the same files under `to` (the same
+/// stick in a [`Federation::fork`]).
+pub fn moved_paths(paths: &[PathBuf], from: &Path, to: &Path) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .map(|p| {
+            p.strip_prefix(from)
+                .map_or_else(|_| p.clone(), |r| to.join(r))
+        })
+        .collect()
+}
+
 /// Copy a directory tree (regular files and folders; the lab's federations hold nothing else).
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;

@@ -31,7 +31,7 @@ use ferry_train::fisher::FisherConfig;
 use ferry_train::train::recalibrate_safetensors;
 use ferry_train::{evaluate, Arch, Device, Model};
 
-use crate::fed::{Federation, EVAL_BATCH};
+use crate::fed::{moved_paths, Federation, EVAL_BATCH};
 use crate::progress::{spinner, TrainBars};
 use crate::seed_table::{finish, point, Row};
 use ferry_site::recalibrate_site;
@@ -155,6 +155,36 @@ impl Methods<'_> {
         ))
     }
 
+    /// FedAvg of `updates` in a fork of `fed`, then HQ's step named by `name` (`…-distill`: distillation,
+    /// `…-recal`: BatchNorm re-estimation) on HQ's plates before the global is sealed.
+    fn refined(
+        &self,
+        fed: &Federation,
+        updates: &[PathBuf],
+        name: &str,
+        trips: u64,
+        dir: &Path,
+    ) -> Result<Row> {
+        let start = Instant::now();
+        let mut g = fed.fork(&dir.join(name))?;
+        let moved = moved_paths(updates, &fed.root, &g.root);
+        let (mut refiner, note) = if name.ends_with("distill") {
+            (self.distiller(), "distilled on HQ's plates")
+        } else {
+            (
+                self.recalibrator(),
+                "BatchNorm statistics re-estimated on HQ's plates",
+            )
+        };
+        let s = spinner(format!("HQ: {name}"));
+        let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
+        s.finish_and_clear();
+        merged?;
+        let mut row = self.row(&g, name, trips, start)?;
+        row.note = format!("FedAvg, the global {note} after the last merge");
+        Ok(row)
+    }
+
     /// FedAvg of `updates` in a fork of `fed`, then every site imports the global and re-estimates its
     /// BatchNorm statistics on its own training plates (`ferry-client recalibrate`); each validation plate is
     /// read by the deployed model of the site of its crop style. Bytes: the trips' files (delivering the global
@@ -169,7 +199,7 @@ impl Methods<'_> {
     ) -> Result<Row> {
         let start = Instant::now();
         let mut g = fed.fork(&dir.join(name))?;
-        let moved = moved(updates, &fed.root, &g.root);
+        let moved = moved_paths(updates, &fed.root, &g.root);
         let s = spinner(format!("HQ: {name}, FedAvg"));
         let merged = g.merge(&moved, &RoundConfig::default());
         s.finish_and_clear();
@@ -242,13 +272,7 @@ impl Methods<'_> {
         let mut out = Vec::new();
         for (k, &bound) in bounds.iter().enumerate() {
             let mut g = f.fork(&dir.join(format!("fisher-b{k}")))?;
-            let moved: Vec<PathBuf> = updates
-                .iter()
-                .map(|p| {
-                    p.strip_prefix(&f.root)
-                        .map_or_else(|_| p.clone(), |r| g.root.join(r))
-                })
-                .collect();
+            let moved = moved_paths(&updates, &f.root, &g.root);
             let s = spinner(format!("HQ: Fisher merge, bound {bound}"));
             let merged = g.merge(&moved, &Methods::by_fisher(bound));
             s.finish_and_clear();
@@ -332,29 +356,8 @@ impl Methods<'_> {
         );
         rows.push(row);
 
-        for (name, note) in [
-            ("one-shot-distill", "FedAvg, then distilled on HQ's plates"),
-            (
-                "one-shot-recal",
-                "FedAvg, then BatchNorm statistics re-estimated on HQ's plates",
-            ),
-        ] {
-            let start = Instant::now();
-            let mut g = fed.fork(&dir.join(name))?;
-            let moved = moved(updates, &fed.root, &g.root);
-            let mut refiner = if name.ends_with("distill") {
-                self.distiller()
-            } else {
-                self.recalibrator()
-            };
-            let s = spinner(format!("HQ: {name}"));
-            let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
-            s.finish_and_clear();
-            merged?;
-            let mut row = self.row(&g, name, 1, start)?;
-            row.note = note.into();
-            rows.push(row);
-        }
+        rows.push(self.refined(fed, updates, "one-shot-distill", 1, dir)?);
+        rows.push(self.refined(fed, updates, "one-shot-recal", 1, dir)?);
         rows.push(self.site_recal(fed, updates, "one-shot-site-recal", 1, dir)?);
         Ok((rows, bound))
     }
@@ -376,44 +379,9 @@ impl Methods<'_> {
             row.note = format!("FedAvg, then Fisher-weighted (bound {bound}) at the second merge");
             rows.push(row);
         }
-        for (name, note) in [
-            (
-                "two-trip-distill",
-                "FedAvg, then FedAvg + distillation on HQ's plates",
-            ),
-            (
-                "two-trip-recal",
-                "FedAvg, then FedAvg + BatchNorm re-estimation on HQ's plates",
-            ),
-        ] {
-            let start = Instant::now();
-            let mut g = fed.fork(&dir.join(name))?;
-            let moved = moved(updates, &fed.root, &g.root);
-            let mut refiner = if name.ends_with("distill") {
-                self.distiller()
-            } else {
-                self.recalibrator()
-            };
-            let s = spinner(format!("HQ: {name}"));
-            let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
-            s.finish_and_clear();
-            merged?;
-            let mut row = self.row(&g, name, 2, start)?;
-            row.note = note.into();
-            rows.push(row);
-        }
+        rows.push(self.refined(fed, updates, "two-trip-distill", 2, dir)?);
+        rows.push(self.refined(fed, updates, "two-trip-recal", 2, dir)?);
         rows.push(self.site_recal(fed, updates, "two-trip-site-recal", 2, dir)?);
         Ok(rows)
     }
-}
-
-/// `paths` (files under `from`) as the same files under `to`.
-fn moved(paths: &[PathBuf], from: &Path, to: &Path) -> Vec<PathBuf> {
-    paths
-        .iter()
-        .map(|p| {
-            p.strip_prefix(from)
-                .map_or_else(|_| p.clone(), |r| to.join(r))
-        })
-        .collect()
 }

@@ -13,7 +13,7 @@
 //! with the refiner `ferry-server merge --distill` builds from `ferry_train::distill`; the warm start is the
 //! training `ferry-server init --pretrain` runs; the server step is `--strategy fedavgm`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -27,7 +27,7 @@ use ferry_train::fisher::FisherConfig;
 use ferry_train::{evaluate, Arch, Device, Model, TrainConfig};
 use serde::Serialize;
 
-use crate::fed::{human_bytes, Federation, EVAL_BATCH};
+use crate::fed::{human_bytes, moved_paths, Federation, EVAL_BATCH};
 use crate::fedavg::FedAvgConfig;
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
@@ -300,7 +300,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
 
     // FedAvg: 1..R trips.
     let mut curve = Vec::new();
-    let u1a = moved(&u1, &a.root, &a.root);
+    let u1a = moved_paths(&u1, &a.root, &a.root);
     ctx.merge(&mut a, &u1a, &fedavg, None)?;
     curve.push(ctx.row(&a, "one-shot-avg", 1, "plain FedAvg, one trip")?);
     for r in 2..=cfg.rounds {
@@ -311,7 +311,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
 
     // Distillation at HQ after each merge.
     if let Some(mut d) = d {
-        let u1d = moved(&u1, &a.root, &d.root);
+        let u1d = moved_paths(&u1, &a.root, &d.root);
         ctx.merge(&mut d, &u1d, &fedavg, Some(&mut ctx.refiner()))?;
         push(
             &mut rows,
@@ -341,14 +341,14 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         ..RoundConfig::default()
     };
     if let Some(mut m) = m {
-        let u1m = moved(&u1, &a.root, &m.root);
+        let u1m = moved_paths(&u1, &a.root, &m.root);
         // Round 1 with lr 1 is FedAvg; it seeds the momentum the second merge extrapolates with.
         ctx.merge(&mut m, &u1m, &fedavgm(1.0), None)?;
         let u2 = ctx.trip(&mut m, 2)?;
         let mut tried = Vec::new();
         for (i, &lr) in t.server_lrs.iter().enumerate() {
             let mut f = m.fork(&cfg.out.join(format!("fedavgm-lr{i}")))?;
-            let u = moved(&u2, &m.root, &f.root);
+            let u = moved_paths(&u2, &m.root, &f.root);
             ctx.merge(&mut f, &u, &fedavgm(lr), None)?;
             let r = ctx.row(
                 &f,
@@ -400,7 +400,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         let mut tried = Vec::new();
         for (i, &bound) in t.fisher_bounds.iter().enumerate() {
             let mut f = fi.fork(&cfg.out.join(format!("fisher-b{i}")))?;
-            let u = moved(&uf, &fi.root, &f.root);
+            let u = moved_paths(&uf, &fi.root, &f.root);
             ctx.merge(&mut f, &u, &by_fisher(bound), None)?;
             let r = ctx.row(
                 &f,
@@ -463,7 +463,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
             &mut rows,
             ctx.row(&p, "one-shot-pretrain", 1, "warm start, FedAvg")?,
         );
-        let u = moved(&up1, &p.root, &pd.root);
+        let u = moved_paths(&up1, &p.root, &pd.root);
         ctx.merge(&mut pd, &u, &fedavg, Some(&mut ctx.refiner()))?;
         push(
             &mut rows,
@@ -505,17 +505,6 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     }
     write_outputs(cfg, t, &rows, &curve)?;
     Ok(rows)
-}
-
-/// `paths` (files under `from`) as the same files under `to`.
-fn moved(paths: &[PathBuf], from: &Path, to: &Path) -> Vec<PathBuf> {
-    paths
-        .iter()
-        .map(|p| {
-            p.strip_prefix(from)
-                .map_or_else(|_| p.clone(), |r| to.join(r))
-        })
-        .collect()
 }
 
 struct Ctx<'a> {
