@@ -156,6 +156,10 @@ struct SeedTableArgs {
         requires = "few_trips"
     )]
     fisher_bounds: Vec<f64>,
+    /// Add the warm-start rows: HQ trains round 0 for N epochs on its own clean plates (as many as a site holds),
+    /// then one-shot and two-trip FedAvg from it (both sites train again: about as long as two more FedAvg rows).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "few_trips")]
+    pretrain_epochs: u32,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -415,6 +419,7 @@ fn run(cli: Cli) -> Result<()> {
                 few_trips: a.few_trips,
                 hq_plates: a.hq_plates,
                 fisher_bounds: a.fisher_bounds,
+                pretrain_epochs: a.pretrain_epochs,
             };
             let rows = seed_table::run(&cfg)?;
             if let Some(p) = &a.json {

@@ -107,6 +107,10 @@ pub struct SeedTableConfig {
     pub hq_plates: usize,
     /// Fisher bounds tried in the one-trip Fisher row, chosen on HQ's tuning plates.
     pub fisher_bounds: Vec<f64>,
+    /// The warm-start rows (`hq-pretrained`, `one-shot-pretrain`, `two-trip-pretrain`): HQ trains round 0 on
+    /// this many epochs of its own clean plates (as many as a site holds, a stream of their own) before the first
+    /// trip; 0: none. Each row trains both sites again from that round 0.
+    pub pretrain_epochs: u32,
 }
 
 impl Default for SeedTableConfig {
@@ -125,6 +129,7 @@ impl Default for SeedTableConfig {
             few_trips: false,
             hq_plates: 2000,
             fisher_bounds: vec![3.0, 10.0, 100.0],
+            pretrain_epochs: 0,
         }
     }
 }
@@ -270,9 +275,34 @@ fn fedavg(
     e: u32,
     mut before_second_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
+    fedavg_from(dir, data, cfg, tcfg, e, None, before_second_merge.take())
+}
+
+/// [`fedavg`] from round-0 weights `warm` (HQ's warm start: `ferry-server init --pretrain`), as row `warm.0`.
+fn fedavg_from(
+    dir: &Path,
+    data: &FieldData,
+    cfg: &SeedTableConfig,
+    tcfg: &TrainConfig,
+    e: u32,
+    warm: Option<(&str, &[u8])>,
+    mut before_second_merge: Option<BeforeMerge<'_>>,
+) -> Result<Row> {
     let start = Instant::now();
-    let name = format!("fedavg-e{e}");
-    let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
+    let (name, mut fed) = match warm {
+        None => (
+            format!("fedavg-e{e}"),
+            Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?,
+        ),
+        Some((name, weights)) => (
+            name.to_string(),
+            Federation::create_from(
+                dir,
+                Model::from_safetensors(Arch::PlateCtc, weights, &Device::Cpu)?,
+                &site_ids(),
+            )?,
+        ),
+    };
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let rounds = cfg.total_epochs.div_ceil(e);
     // Each site's optimizer lives across the rounds, so its decay spans all T epochs.
@@ -468,6 +498,29 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         rows.push(r);
     }
     rows.extend(trip_rows);
+    if cfg.few_trips && cfg.pretrain_epochs > 0 {
+        let warm = seed_trips::hq_pretrained(Arch::PlateCtc, cfg, &data.val)?;
+        report(&warm.row);
+        rows.push(warm.row);
+        for (name, e) in [
+            ("one-shot-pretrain", cfg.total_epochs),
+            ("two-trip-pretrain", half.max(1)),
+        ] {
+            let r = fedavg_from(
+                &trips_dir.join(name),
+                &data,
+                cfg,
+                &tcfg,
+                e,
+                Some((name, &warm.weights)),
+                None,
+            )?;
+            let mut r = r;
+            r.note = format!("FedAvg from HQ's pretrained round 0, {e} epochs per round");
+            report(&r);
+            rows.push(r);
+        }
+    }
     write_outputs(cfg, warmup, &rows)?;
     Ok(rows)
 }

@@ -12,6 +12,8 @@
 //!   FedBN/SiloBN; each validation plate is read by the deployed model of the site whose crop style it has (site A
 //!   loose, site B tight).
 //! - `two-trip-<method>`: two rounds of T/2 epochs; the first merge is FedAvg, the second uses the method.
+//! - with `--pretrain-epochs N`: `hq-pretrained` (round 0 trained on HQ's own clean plates, no trip),
+//!   `one-shot-pretrain` and `two-trip-pretrain` (FedAvg from that round 0, both sites trained again).
 //!
 //! **HQ's data, exactly**: plates from HQ's own renderer configuration, which no site uses: clean crops (no
 //! perspective, car context, neighbouring text, night exposure, motion blur, low resolution or JPEG), half loose
@@ -26,14 +28,16 @@ use anyhow::Result;
 use ferry_merge::hq::{Refiner, RoundConfig};
 use ferry_merge::{MergeConfig, Strategy};
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::distill::{distill_safetensors, ensemble_accuracy, DistillConfig};
+use ferry_train::distill::{
+    distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
+};
 use ferry_train::fisher::FisherConfig;
 use ferry_train::train::recalibrate_safetensors;
 use ferry_train::{evaluate, Arch, Device, Model};
 
 use crate::fed::{moved_paths, Federation, EVAL_BATCH};
 use crate::progress::{spinner, TrainBars};
-use crate::seed_table::{finish, point, Row};
+use crate::seed_table::{finish, point, Row, SeedTableConfig};
 use ferry_site::recalibrate_site;
 use ferry_train::data::CropStyle;
 
@@ -62,6 +66,61 @@ pub fn hq_plates(arch: Arch, n: usize, seed: u64) -> Result<HqPlates> {
     Ok(HqPlates {
         train: all.subset(&(0..cut).collect::<Vec<_>>()),
         tune: all.subset(&(cut..n).collect::<Vec<_>>()),
+    })
+}
+
+/// HQ's warm start and its row.
+pub struct Warm {
+    /// Round 0 trained on HQ's plates (safetensors).
+    pub weights: Vec<u8>,
+    /// `hq-pretrained`: that round 0 on the validation set, no trip made.
+    pub row: Row,
+}
+
+/// HQ trains round 0 on its own clean plates (`plates:clean`, stream 8 of the seed, as many as a site holds) for
+/// `cfg.pretrain_epochs`, as `ferry-server init --pretrain` does.
+pub fn hq_pretrained(arch: Arch, cfg: &SeedTableConfig, val: &Dataset) -> Result<Warm> {
+    let start = Instant::now();
+    let s = spinner(format!(
+        "generating HQ's {} clean plates to pretrain on",
+        cfg.samples_per_site
+    ));
+    let data = plates::generate_with(
+        PlateStyle::Clean,
+        cfg.samples_per_site,
+        cfg.seed.wrapping_mul(1000).wrapping_add(8),
+        None,
+        &plates::RenderConfig::for_classes(Some(arch.classes())),
+    );
+    s.finish_and_clear();
+    let data = data?;
+    let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
+    let pcfg = PretrainConfig {
+        epochs: cfg.pretrain_epochs,
+        batch: cfg.batch,
+        lr: cfg.lr,
+        seed: cfg.seed,
+    };
+    pretrain(
+        &mut model,
+        &data,
+        &pcfg,
+        &mut TrainBars::new("HQ pretraining round 0"),
+    )?;
+    let mut row = finish(
+        "hq-pretrained".into(),
+        vec![point(0, &evaluate(&model, val, EVAL_BATCH)?)],
+        0,
+        0,
+        start,
+    );
+    row.note = format!(
+        "round 0 trained on {} of HQ's clean plates, {} epochs; no site involved",
+        cfg.samples_per_site, cfg.pretrain_epochs
+    );
+    Ok(Warm {
+        weights: model.to_safetensors()?,
+        row,
     })
 }
 

@@ -152,6 +152,7 @@ fn seed_table_few_trips_rows() {
         seed: 5,
         few_trips: true,
         hq_plates: 40,
+        pretrain_epochs: 1,
         ..SeedTableConfig::default()
     };
     let rows = seed_table::run(&cfg).unwrap();
@@ -173,6 +174,8 @@ fn seed_table_few_trips_rows() {
         ("two-trip-distill", 2),
         ("two-trip-recal", 2),
         ("two-trip-site-recal", 2),
+        ("one-shot-pretrain", 1),
+        ("two-trip-pretrain", 2),
     ] {
         let r = row(name);
         assert_eq!(r.round_trips, trips, "{name}");
@@ -206,6 +209,17 @@ fn seed_table_few_trips_rows() {
     }
     assert!(row("two-trip-fisher").bytes_carried > two);
     assert!(row("ensemble").char_accuracy.is_nan());
+    // The warm start: HQ's round 0 alone carries nothing; the pretrained rows carry what FedAvg carries.
+    assert_eq!(
+        (
+            row("hq-pretrained").round_trips,
+            row("hq-pretrained").bytes_carried
+        ),
+        (0, 0)
+    );
+    assert!(row("hq-pretrained").note.contains("clean plates"));
+    let ratio = row("two-trip-pretrain").bytes_carried as f64 / two as f64;
+    assert!((0.95..1.05).contains(&ratio), "{ratio}");
     assert!(row("one-shot-fisher").note.contains("bound"));
     // HQ's steps say what they did in HQ's ledger, on HQ's own plates.
     let ledger = |rel: &str| {
