@@ -28,9 +28,7 @@ use anyhow::Result;
 use ferry_merge::hq::{Refiner, RoundConfig};
 use ferry_merge::{MergeConfig, Strategy};
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::distill::{
-    distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
-};
+use ferry_train::distill::{ensemble_accuracy, pretrain, DistillConfig, PretrainConfig};
 use ferry_train::fisher::FisherConfig;
 use ferry_train::train::recalibrate_safetensors;
 use ferry_train::{evaluate, Arch, Device, Model};
@@ -38,6 +36,7 @@ use ferry_train::{evaluate, Arch, Device, Model};
 use crate::fed::{moved_paths, Federation, EVAL_BATCH};
 use crate::progress::{spinner, TrainBars};
 use crate::seed_table::{finish, point, Row, SeedTableConfig};
+use crate::trips::distill_refiner;
 use ferry_site::recalibrate_site;
 use ferry_train::data::CropStyle;
 
@@ -138,6 +137,8 @@ pub struct Methods<'a> {
     pub total_epochs: u32,
     /// Seed of the Fisher samples and the distillation order.
     pub seed: u64,
+    /// HQ's distillation settings (the defaults, with `seed`).
+    pub distill: DistillConfig,
 }
 
 const ARCH: Arch = Arch::PlateCtc;
@@ -163,32 +164,7 @@ impl Methods<'_> {
 
     /// `merge --distill` on HQ's training plates.
     fn distiller(&self) -> Refiner<'_> {
-        let cfg = DistillConfig {
-            seed: self.seed,
-            ..DistillConfig::default()
-        };
-        Refiner {
-            describe: format!(
-                "distill epochs={} lr={} t={} data=hq-clean-plates",
-                cfg.epochs, cfg.lr, cfg.temperature
-            ),
-            run: Box::new(move |_, merged, updates| {
-                let (bytes, s) = distill_safetensors(
-                    ARCH,
-                    merged,
-                    updates,
-                    &self.hq.train,
-                    &cfg,
-                    &mut TrainBars::new("HQ distilling"),
-                )
-                .map_err(|e| e.to_string())?;
-                println!(
-                    "  distilled {} site models on {} HQ plates: KL to the ensemble {:.4} -> {:.4} ({:.0} s)",
-                    s.teachers, s.samples, s.kl_before, s.kl_after, s.seconds
-                );
-                Ok(bytes)
-            }),
-        }
+        distill_refiner(ARCH, &self.hq.train, &self.distill, "hq-clean-plates")
     }
 
     /// `merge --recalibrate` on HQ's training plates.

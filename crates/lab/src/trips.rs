@@ -573,29 +573,7 @@ impl Ctx<'_> {
 
     /// The refiner of `ferry-server merge --distill`, on hq-train.
     fn refiner(&self) -> Refiner<'_> {
-        let arch = self.arch;
-        Refiner {
-            describe: format!(
-                "distill epochs={} lr={} t={} data=hq-train",
-                self.dcfg.epochs, self.dcfg.lr, self.dcfg.temperature
-            ),
-            run: Box::new(move |_, merged, updates| {
-                let (bytes, s) = distill_safetensors(
-                    arch,
-                    merged,
-                    updates,
-                    &self.data.hq_train,
-                    self.dcfg,
-                    &mut TrainBars::new("HQ distilling"),
-                )
-                .map_err(|e| e.to_string())?;
-                println!(
-                    "  distilled {} site models on {} hq-train images: KL to the ensemble {:.4} -> {:.4} ({:.0} s)",
-                    s.teachers, s.samples, s.kl_before, s.kl_after, s.seconds
-                );
-                Ok(bytes)
-            }),
-        }
+        distill_refiner(self.arch, &self.data.hq_train, self.dcfg, "hq-train")
     }
 
     fn acc(&self, m: &Model, d: &Dataset) -> Result<f64> {
@@ -696,4 +674,36 @@ fn write_outputs(
         cfg.out.display()
     );
     Ok(())
+}
+
+/// The refiner `ferry-server merge --distill` builds, on HQ's `data` (named `data_name` in the ledger's
+/// description and the progress line): the few-trips rows of `fedavg` and of `seed-table` both use it.
+pub(crate) fn distill_refiner<'a>(
+    arch: Arch,
+    data: &'a Dataset,
+    cfg: &'a DistillConfig,
+    data_name: &'a str,
+) -> Refiner<'a> {
+    Refiner {
+        describe: format!(
+            "distill epochs={} lr={} t={} data={data_name}",
+            cfg.epochs, cfg.lr, cfg.temperature
+        ),
+        run: Box::new(move |_, merged, updates| {
+            let (bytes, s) = distill_safetensors(
+                arch,
+                merged,
+                updates,
+                data,
+                cfg,
+                &mut TrainBars::new("HQ distilling"),
+            )
+            .map_err(|e| e.to_string())?;
+            println!(
+                "  distilled {} site models on {} {data_name} samples: KL to the ensemble {:.4} -> {:.4} ({:.0} s)",
+                s.teachers, s.samples, s.kl_before, s.kl_after, s.seconds
+            );
+            Ok(bytes)
+        }),
+    }
 }
