@@ -227,21 +227,21 @@ fn one_shot(
     dir: &Path,
     data: &FieldData,
     cfg: &SeedTableConfig,
-    trained: &[(Vec<u8>, u64); 2],
+    trained: [(&[u8], u64); 2],
     before_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
     let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let mut updates = Vec::new();
-    for (i, (weights, steps)) in trained.iter().enumerate() {
+    for (i, (weights, steps)) in trained.into_iter().enumerate() {
         fed.deliver(i)?;
         fed.record_local(
             i,
             weights,
             cfg.samples_per_site as u64,
             cfg.total_epochs,
-            *steps,
+            steps,
         )?;
         updates.push(fed.export(i)?.path.clone());
     }
@@ -273,9 +273,9 @@ fn fedavg(
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
     e: u32,
-    mut before_second_merge: Option<BeforeMerge<'_>>,
+    before_second_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
-    fedavg_from(dir, data, cfg, tcfg, e, None, before_second_merge.take())
+    fedavg_from(dir, data, cfg, tcfg, e, None, before_second_merge)
 }
 
 /// [`fedavg`] from round-0 weights `warm` (HQ's warm start: `ferry-server init --pretrain`), as row `warm.0`.
@@ -443,6 +443,10 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         bounds: &cfg.fisher_bounds,
         total_epochs: cfg.total_epochs,
         seed: cfg.seed,
+        distill: ferry_train::distill::DistillConfig {
+            seed: cfg.seed,
+            ..Default::default()
+        },
     });
     let mut trip_rows: Vec<Row> = Vec::new();
     let mut bound = ferry_merge::DEFAULT_FISHER_BOUND;
@@ -460,7 +464,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         &rows_dir.join("one-shot"),
         &data,
         cfg,
-        &[(wa.clone(), sa), (wb.clone(), sb)],
+        [(&wa, sa), (&wb, sb)],
         Some(&mut one_trip),
     )?;
     report(&o);
