@@ -244,13 +244,7 @@ impl RenderConfig {
         RenderConfig {
             two_line: 0.0,
             yellow: 0.0,
-            perspective: 0.0,
-            context: 0.0,
-            distractors: 0.0,
-            night: 0.0,
-            motion_blur: 0.0,
-            low_res: 0.0,
-            jpeg: 0.0,
+            ..RenderConfig::default().clean()
         }
     }
 
