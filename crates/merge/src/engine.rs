@@ -1047,18 +1047,18 @@ impl Ctx<'_, '_> {
         let (meta, cnt) = (s.meta, s.cnt);
         let fmeta = fisher_meta(meta);
         let bound = self.config.fisher_bound;
-        let means = self
-            .fisher_means
-            .get(&meta.name)
-            .cloned()
-            .unwrap_or_default();
         let mut num = vec![0f64; cnt];
         let mut den = vec![0f64; cnt];
         let mut fw = Vec::with_capacity(cnt);
         for k in 0..self.order.len() {
             let i = self.order[k];
             let (w, sc) = (self.weights[k], self.scales[i]);
-            let mean = means.get(i).copied().unwrap_or(0.0);
+            let mean = self
+                .fisher_means
+                .get(&meta.name)
+                .and_then(|m| m.get(i))
+                .copied()
+                .unwrap_or(0.0);
             let f = read_slice(
                 self.contributions[i].source,
                 &fmeta,
