@@ -6,27 +6,14 @@
 //!
 //! `ferry-server` is taken from beside this package's binary, which `cargo test --workspace` builds.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use ferry_bundle::{Dtype, Keyring, Payload, TensorRef};
 use ferry_testdata::cli::{arg as p, json, ok, refused, snapshot};
 
-fn client_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferry-client"))
-}
-
-fn client<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    ferry_testdata::cli::run(&client_bin(), args)
-}
-
-fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    ferry_testdata::cli::run(
-        &ferry_testdata::cli::sibling(&client_bin(), "ferry-server"),
-        args,
-    )
-}
+mod tools;
+use tools::{client, server};
 
 struct Fed {
     dir: tempfile::TempDir,

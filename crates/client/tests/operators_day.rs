@@ -6,27 +6,13 @@
 //! `ferry-server` is HQ's binary, in another package: it is taken from beside this package's binary, which
 //! `cargo test --workspace` (scripts/test.sh) and `cargo test -p ferry-client -p ferry-server` build.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use ferry_testdata::cli::{arg as p, ok, refused, snapshot};
 use serde_json::Value;
 
-fn client_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferry-client"))
-}
-
-fn client<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    ferry_testdata::cli::run(&client_bin(), args)
-}
-
-fn server<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    ferry_testdata::cli::run(
-        &ferry_testdata::cli::sibling(&client_bin(), "ferry-server"),
-        args,
-    )
-}
+mod tools;
+use tools::{client, server};
 
 /// A federation `city` of plate-ctc at HQ (`hq/`, with `hq/ferry.toml` naming the key and the stick `usb/`),
 /// the round-0 global on the stick, and kits for `sites` written by `ferry-server enroll`.
