@@ -14,6 +14,9 @@ Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, mod
   (a two-line plate's top line, then the main line) of 2 steps per column, i.e. two rows of 24 steps, each read
   with CTC (blank = class 0); loss = the rows' CTC losses summed over each plate's total length, batch mean
   (ferry's crates/train/src/ctc.rs).
+- plate-ctc-deep: plate-ctc with two more conv3x3 pad 1 -> BatchNorm2d -> ReLU layers without pooling, one after
+  the second block (64 channels at 8x24) and one after the third (128 at 4x12): conv1..conv5 with bn1..bn5
+  (32/64/64/128/128), the same per-column classifier and reading.
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
@@ -66,7 +69,7 @@ def main():
         raise SystemExit(0 if diff <= 1e-4 * max(1.0, scale) else 1)
     x = torch.rand(a.batch, c, h, w)
     y = torch.randint(0, classes, (a.batch * slots,))
-    if a.model == "plate-ctc":
+    if a.model.startswith("plate-ctc"):
         # Random one-line plates (7 or 8 digits and syllables in the main row, an empty top row), as ferry's
         # bench draws them (crates/train/src/bench.rs).
         g = torch.Generator().manual_seed(2)

@@ -18,6 +18,9 @@ Architectures:
   (a two-line plate's top line, then the main line) of 2 steps per column, i.e. two rows of 24 steps, each read
   with CTC (blank = class 0); loss = the rows' CTC losses summed over each plate's total length, batch mean
   (ferry's crates/train/src/ctc.rs).
+- plate-ctc-deep: plate-ctc with two more conv3x3 pad 1 -> BatchNorm2d -> ReLU layers without pooling, one after
+  the second block (64 channels at 8x24) and one after the third (128 at 4x12): conv1..conv5 with bn1..bn5
+  (32/64/64/128/128), the same per-column classifier and reading.
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
@@ -59,21 +62,26 @@ class PlateCnn(nn.Module):
 
 
 class PlateCtc(nn.Module):
+    """plate-ctc and plate-ctc-deep: conv blocks given as (channels, pool window), then the per-column classifier."""
     ROWS, SUB, CLASSES = 2, 2, 68
+    DEEP = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1))  # plate-ctc-deep
 
-    def __init__(self):
+    def __init__(self, convs=((32, 2), (64, 2), (128, 2)), hidden=256):
         super().__init__()
+        self.pools = [p for _, p in convs]
         cin, h = 1, 32
-        for i, cout in enumerate([32, 64, 128], start=1):
+        for i, (cout, pool) in enumerate(convs, start=1):
             setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
             setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
-            cin, h = cout, h // 2
-        self.fc1 = nn.Linear(cin * h, 256)
-        self.fc2 = nn.Linear(256, self.ROWS * self.SUB * self.CLASSES)
+            cin, h = cout, h // pool
+        self.fc1 = nn.Linear(cin * h, hidden)
+        self.fc2 = nn.Linear(hidden, self.ROWS * self.SUB * self.CLASSES)
 
     def forward(self, x):
-        for i in (1, 2, 3):
-            x = F.max_pool2d(F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))), 2)
+        for i, pool in enumerate(self.pools, start=1):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            if pool > 1:
+                x = F.max_pool2d(x, pool)
         b, c, h, w = x.shape
         x = x.permute(0, 3, 1, 2).reshape(b * w, c * h)  # one row per column, features (channel, row)
         x = self.fc2(F.relu(self.fc1(x))).view(b, w, self.ROWS, self.SUB, self.CLASSES)
@@ -114,6 +122,7 @@ class MnistCnn(nn.Module):
 
 MODELS = {
     "plate-ctc": (PlateCtc, (1, 32, 96), 8, 68),
+    "plate-ctc-deep": (lambda: PlateCtc(PlateCtc.DEEP), (1, 32, 96), 8, 68),
     "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
     "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
 }
@@ -148,7 +157,7 @@ def read_plates(arch, logits):
     ids = logits.argmax(-1).tolist()
     out = []
     for seq in ids:
-        if arch == "plate-ctc":
+        if arch.startswith("plate-ctc"):
             steps = len(seq) // PlateCtc.ROWS
             tokens = []
             for r in range(PlateCtc.ROWS):

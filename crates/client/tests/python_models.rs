@@ -85,7 +85,7 @@ fn pytorch_classes_load_ferrys_weights_strictly_and_match_its_outputs() {
             ferry_testdata::SETUP
         ),
     }
-    for arch in [Arch::PlateCtc, Arch::PlateCnn, Arch::MnistCnn] {
+    for arch in Arch::ALL {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         // A global with non-trivial BatchNorm statistics, imported by the site as its current model.

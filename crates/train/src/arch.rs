@@ -20,6 +20,9 @@ pub enum Arch {
     /// Licence-plate reader (issue 12, the default): conv/BatchNorm blocks that keep 24 columns, a per-column
     /// classifier with two output rows (a two-line plate's top line, and the main line), trained with CTC.
     PlateCtc,
+    /// plate-ctc with two more convolutions that keep their resolution (issue 12): the same columns, rows and
+    /// reading, a deeper feature extractor.
+    PlateCtcDeep,
     /// The first licence-plate reader: conv/BatchNorm blocks, a shared hidden layer, one head per character
     /// slot (one-line plates only). Kept loadable and trainable for globals that name it.
     PlateCnn,
@@ -96,11 +99,28 @@ pub(crate) const PLATE_CONV: [usize; 3] = [16, 32, 64];
 /// Width of the plate-cnn's shared hidden layer.
 pub(crate) const PLATE_HIDDEN: usize = 256;
 
-/// plate-ctc's blocks (output channels), each conv 3×3 + BatchNorm + ReLU + 2×2 max-pool, the fused block:
-/// 32×96 → 16×48 → 8×24 → 4×12, 12 columns of 8 px.
-pub(crate) const CTC_CONV: [usize; 3] = [32, 64, 128];
-/// Width of plate-ctc's per-column hidden layer.
-pub(crate) const CTC_HIDDEN: usize = 256;
+/// The layers of a CTC plate reader: its convolution blocks, each conv 3×3 (padding 1) + BatchNorm + ReLU +
+/// max-pool as one fused op, given as (output channels, pool window: 2 for 2×2, 1 for none), and the width of its
+/// per-column hidden layer. The pools take 32×96 to 4×12: 12 columns of 8 px.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CtcLayout {
+    pub(crate) convs: &'static [(usize, usize)],
+    pub(crate) hidden: usize,
+}
+
+/// plate-ctc's layers.
+const CTC_SMALL: CtcLayout = CtcLayout {
+    convs: &[(32, 2), (64, 2), (128, 2)],
+    hidden: 256,
+};
+
+/// plate-ctc-deep's layers: plate-ctc's, with a convolution that keeps the resolution after the second and the
+/// third block (8×24 and 4×12), where they cost little.
+const CTC_DEEP: CtcLayout = CtcLayout {
+    convs: &[(32, 2), (64, 2), (64, 1), (128, 2), (128, 1)],
+    hidden: 256,
+};
+
 /// CTC steps each column emits (left half, right half): 12 columns give 24 steps per row, 4 px each, enough for
 /// an 8-character plate with repeated digits in a loose crop.
 pub const CTC_SUB: usize = 2;
@@ -125,12 +145,18 @@ pub enum Reader {
 
 impl Arch {
     /// All architectures, for listings.
-    pub const ALL: [Arch; 3] = [Arch::PlateCtc, Arch::PlateCnn, Arch::MnistCnn];
+    pub const ALL: [Arch; 4] = [
+        Arch::PlateCtc,
+        Arch::PlateCtcDeep,
+        Arch::PlateCnn,
+        Arch::MnistCnn,
+    ];
 
     /// Look an architecture up by its name as recorded in bundles (`plate-ctc`, `plate-cnn`, `mnist-cnn`).
     pub fn from_name(name: &str) -> Result<Arch, TrainError> {
         match name {
             "plate-ctc" => Ok(Arch::PlateCtc),
+            "plate-ctc-deep" => Ok(Arch::PlateCtcDeep),
             "plate-cnn" => Ok(Arch::PlateCnn),
             "mnist-cnn" => Ok(Arch::MnistCnn),
             other => Err(TrainError::UnknownArch(other.to_string())),
@@ -141,6 +167,7 @@ impl Arch {
     pub fn name(self) -> &'static str {
         match self {
             Arch::PlateCtc => "plate-ctc",
+            Arch::PlateCtcDeep => "plate-ctc-deep",
             Arch::PlateCnn => "plate-cnn",
             Arch::MnistCnn => "mnist-cnn",
         }
@@ -149,7 +176,7 @@ impl Arch {
     /// Input shape `(channels, height, width)`.
     pub fn input(self) -> (usize, usize, usize) {
         match self {
-            Arch::PlateCtc | Arch::PlateCnn => (
+            Arch::PlateCtc | Arch::PlateCtcDeep | Arch::PlateCnn => (
                 1,
                 crate::data::plates::PLATE_HEIGHT,
                 crate::data::plates::PLATE_WIDTH,
@@ -161,7 +188,7 @@ impl Arch {
     /// The task (label layout) the model predicts.
     pub fn task(self) -> Task {
         match self {
-            Arch::PlateCtc => Task::Plate {
+            Arch::PlateCtc | Arch::PlateCtcDeep => Task::Plate {
                 slots: PLATE_SLOTS,
                 classes: crate::data::plates::charset().len(),
             },
@@ -191,11 +218,20 @@ impl Arch {
     /// How the outputs read as a plate (or a class).
     pub fn reader(self) -> Reader {
         match self {
-            Arch::PlateCtc => Reader::Ctc {
+            Arch::PlateCtc | Arch::PlateCtcDeep => Reader::Ctc {
                 rows: CTC_ROWS,
                 steps: crate::data::plates::PLATE_WIDTH / 8 * CTC_SUB,
             },
             Arch::PlateCnn | Arch::MnistCnn => Reader::Slots,
+        }
+    }
+
+    /// A CTC plate reader's layers (`None` for the other models).
+    pub(crate) fn ctc_layout(self) -> Option<CtcLayout> {
+        match self {
+            Arch::PlateCtc => Some(CTC_SMALL),
+            Arch::PlateCtcDeep => Some(CTC_DEEP),
+            Arch::PlateCnn | Arch::MnistCnn => None,
         }
     }
 
@@ -205,9 +241,10 @@ impl Arch {
         let mut push =
             |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
         match self {
-            Arch::PlateCtc => {
+            Arch::PlateCtc | Arch::PlateCtcDeep => {
+                let widths = self.ctc_layout().expect("a CTC reader has a layout");
                 let (mut cin, mut h, _) = self.input();
-                for (i, &cout) in CTC_CONV.iter().enumerate() {
+                for (i, &(cout, pool)) in widths.convs.iter().enumerate() {
                     // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
                     push(
                         format!("conv{}.weight", i + 1),
@@ -216,7 +253,7 @@ impl Arch {
                     );
                     batch_norm(&mut push, i + 1, cout);
                     cin = cout;
-                    h /= 2;
+                    h /= pool;
                 }
                 // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps ×
                 // classes.
@@ -224,23 +261,27 @@ impl Arch {
                 let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
                 push(
                     "fc1.weight".into(),
-                    vec![CTC_HIDDEN, column],
+                    vec![widths.hidden, column],
                     TensorKind::Weight { fan_in: column },
                 );
                 push(
                     "fc1.bias".into(),
-                    vec![CTC_HIDDEN],
+                    vec![widths.hidden],
                     TensorKind::Bias { fan_in: column },
                 );
                 push(
                     "fc2.weight".into(),
-                    vec![out, CTC_HIDDEN],
-                    TensorKind::Weight { fan_in: CTC_HIDDEN },
+                    vec![out, widths.hidden],
+                    TensorKind::Weight {
+                        fan_in: widths.hidden,
+                    },
                 );
                 push(
                     "fc2.bias".into(),
                     vec![out],
-                    TensorKind::Bias { fan_in: CTC_HIDDEN },
+                    TensorKind::Bias {
+                        fan_in: widths.hidden,
+                    },
                 );
             }
             Arch::PlateCnn => {
@@ -396,6 +437,23 @@ mod tests {
     #[test]
     fn plate_cnn_predicts_every_one_line_character() {
         assert_eq!(PLATE_CLASSES, crate::data::plates::BASE_CLASSES);
+    }
+
+    #[test]
+    fn ctc_readers_pool_to_the_columns_their_reader_reads() {
+        for a in Arch::ALL {
+            let Some(layout) = a.ctc_layout() else {
+                continue;
+            };
+            let pooled: usize = layout.convs.iter().map(|&(_, p)| p).product();
+            let (_, h, w) = a.input();
+            assert_eq!((h / pooled, w / pooled), (4, 12), "{a}");
+            let Reader::Ctc { steps, .. } = a.reader() else {
+                panic!("{a} is read with CTC")
+            };
+            assert_eq!(steps, w / pooled * CTC_SUB, "{a}");
+        }
+        assert_eq!(Arch::PlateCtc.parameter_count(), 294_128);
     }
 
     #[test]

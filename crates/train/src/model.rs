@@ -16,9 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::arch::{
-    Arch, TensorKind, CTC_CONV, CTC_HIDDEN, CTC_ROWS, CTC_SUB, PLATE_CONV, PLATE_HIDDEN,
-};
+use crate::arch::{Arch, TensorKind, CTC_ROWS, CTC_SUB, PLATE_CONV, PLATE_HIDDEN};
 use crate::block::{self, BlockNorm};
 use crate::error::TrainError;
 use crate::linear;
@@ -72,12 +70,13 @@ impl BatchNorm2d {
         })
     }
 
-    /// `max_pool_2x2(relu(bn(conv(x, weight))))`, NCHW in and out; in training and recalibration the batch
+    /// `max_pool(relu(bn(conv(x, weight))))` (`pool`×`pool` windows), NCHW in and out; in training and recalibration the batch
     /// statistics are folded into the running statistics.
     fn conv_block(
         &self,
         x: &Tensor,
         weight: &Tensor,
+        pool: usize,
         mode: Mode,
         ws: Option<&Arc<Workspace>>,
     ) -> candle_core::Result<Tensor> {
@@ -98,7 +97,7 @@ impl BatchNorm2d {
             Mode::Recalibrate(f) => (f, BlockNorm::Batch { eps: BN_EPS }),
         };
         let (b, _, h, w) = x.dims4()?;
-        let (out, stats) = block::conv_block(x, weight, &affine, 1, norm, ws)?;
+        let (out, stats) = block::conv_block(x, weight, &affine, 1, pool, norm, ws)?;
         if let Some((mean, var)) = stats {
             let count = (b * h * w) as f64;
             // The running variance is the unbiased estimate, as in PyTorch.
@@ -186,7 +185,7 @@ impl PlateCnn {
     ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (weight, bn) in &self.blocks {
-            x = bn.conv_block(&x, weight, mode, ws)?;
+            x = bn.conv_block(&x, weight, 2, mode, ws)?;
         }
         let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
         let weights: Vec<&Tensor> = self.heads.iter().map(|h| &h.weight).collect();
@@ -205,27 +204,30 @@ impl PlateCnn {
 /// `(batch, rows·steps, classes)`, row-major by row, for CTC (`crate::ctc`).
 #[derive(Debug, Clone)]
 struct PlateCtc {
-    /// (conv weight, BatchNorm) per block.
-    blocks: Vec<(Tensor, BatchNorm2d)>,
+    /// (conv weight, BatchNorm, pool window) per block.
+    blocks: Vec<(Tensor, BatchNorm2d, usize)>,
     fc1: Dense,
     fc2: Dense,
 }
 
 impl PlateCtc {
-    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-        let (mut cin, mut h, _) = Arch::PlateCtc.input();
+    fn new(arch: Arch, vb: VarBuilder) -> candle_core::Result<Self> {
+        let Some(widths) = arch.ctc_layout() else {
+            candle_core::bail!("{arch} is not a CTC plate reader")
+        };
+        let (mut cin, mut h, _) = arch.input();
         let mut blocks = Vec::new();
-        for (i, &cout) in CTC_CONV.iter().enumerate() {
+        for (i, &(cout, pool)) in widths.convs.iter().enumerate() {
             let n = i + 1;
             let weight = vb.get((cout, cin, 3, 3), &format!("conv{n}.weight"))?;
             let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
-            blocks.push((weight, bn));
+            blocks.push((weight, bn, pool));
             cin = cout;
-            h /= 2;
+            h /= pool;
         }
-        let classes = Arch::PlateCtc.classes();
-        let fc1 = Dense::new(cin * h, CTC_HIDDEN, vb.pp("fc1"))?;
-        let fc2 = Dense::new(CTC_HIDDEN, CTC_ROWS * CTC_SUB * classes, vb.pp("fc2"))?;
+        let classes = arch.classes();
+        let fc1 = Dense::new(cin * h, widths.hidden, vb.pp("fc1"))?;
+        let fc2 = Dense::new(widths.hidden, CTC_ROWS * CTC_SUB * classes, vb.pp("fc2"))?;
         Ok(PlateCtc { blocks, fc1, fc2 })
     }
 
@@ -236,8 +238,8 @@ impl PlateCtc {
         ws: Option<&Arc<Workspace>>,
     ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
-        for (weight, bn) in &self.blocks {
-            x = bn.conv_block(&x, weight, mode, ws)?;
+        for (weight, bn, pool) in &self.blocks {
+            x = bn.conv_block(&x, weight, *pool, mode, ws)?;
         }
         // One row per column, features in (channel, row) order: PyTorch's `permute(0, 3, 1, 2)`.
         let (b, c, h, w) = x.dims4()?;
@@ -289,7 +291,7 @@ impl MnistCnn {
                 mean: vec![0.0; o],
                 invstd: vec![1.0; o],
             };
-            x = block::conv_block(&x, weight, &affine, 2, norm, ws)?.0;
+            x = block::conv_block(&x, weight, &affine, 2, 2, norm, ws)?.0;
         }
         let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
         self.fc2.forward(&x, false, ws)?.unsqueeze(1)
@@ -410,7 +412,7 @@ impl Model {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = match arch {
-            Arch::PlateCtc => Net::Ctc(PlateCtc::new(vb)?),
+            Arch::PlateCtc | Arch::PlateCtcDeep => Net::Ctc(PlateCtc::new(arch, vb)?),
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };

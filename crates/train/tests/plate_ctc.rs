@@ -23,7 +23,16 @@ fn cfg(epochs: u32, batch: usize, lr: f64, warmup: u64) -> TrainConfig {
 /// model reads no plate.
 #[test]
 fn plate_ctc_learns_to_read_plates() {
-    let arch = Arch::PlateCtc;
+    learns_to_read_plates(Arch::PlateCtc);
+}
+
+/// plate-ctc-deep, the same way: its resolution-keeping convolutions (the fused block without pooling) train.
+#[test]
+fn plate_ctc_deep_learns_to_read_plates() {
+    learns_to_read_plates(Arch::PlateCtcDeep);
+}
+
+fn learns_to_read_plates(arch: Arch) {
     let data = plates::generate_with(
         PlateStyle::Tight,
         32,
@@ -35,18 +44,18 @@ fn plate_ctc_learns_to_read_plates() {
     let mut model = Model::init(arch, 1, &Device::Cpu).unwrap();
     let mut adam = Adam::new(arch, &Device::Cpu).unwrap();
     let before = evaluate(&model, &data, 64).unwrap();
-    assert_eq!(before.accuracy, 0.0);
+    assert_eq!(before.accuracy, 0.0, "{arch}");
     train(&mut model, &mut adam, &data, &cfg(40, 8, 3e-3, 20), &mut ()).unwrap();
     let after = evaluate(&model, &data, 64).unwrap();
     assert!(
         after.loss < before.loss / 10.0,
-        "CTC loss {} -> {}",
+        "{arch}: CTC loss {} -> {}",
         before.loss,
         after.loss
     );
     assert!(
         after.accuracy >= 0.4,
-        "read {:.0} % of the plates exactly ({:.0} % of characters)",
+        "{arch}: read {:.0} % of the plates exactly ({:.0} % of characters)",
         100.0 * after.accuracy,
         100.0 * after.char_accuracy.unwrap()
     );

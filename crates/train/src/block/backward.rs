@@ -78,6 +78,12 @@ impl ConvBlockOp {
         let y = &*saved.y;
         let coeffs = coefficients(gamma, beta, &saved.mean, &saved.invstd);
         let mut dy = self.ws.take(y.len());
+        // The window size as a constant, so that its loops unroll.
+        let route = if g.pool == 1 {
+            route_plane::<1>
+        } else {
+            route_plane::<2>
+        };
         // Pass 1, one task per chunk: route each pooled gradient to its window's first maximum (if that passed the
         // ReLU), zero elsewhere, and sum dz and dz·ŷ per channel.
         let parts: Vec<Vec<(f64, f64)>> = dy
@@ -88,7 +94,6 @@ impl ConvBlockOp {
                 dc.fill(0.0);
                 let mut sums = vec![(0f64, 0f64); g.o];
                 for (oc, sum) in sums.iter_mut().enumerate() {
-                    let (scale, shift) = coeffs[oc];
                     let (mean, invstd) = (saved.mean[oc], saved.invstd[oc]);
                     for i in 0..n {
                         let bi = b0 + i;
@@ -97,20 +102,9 @@ impl ConvBlockOp {
                         let local = p0 - g.chunk_offset(j);
                         let d = &mut dc[local..][..hw];
                         let gp = &gout[(bi * g.o + oc) * hp * wp..][..hp * wp];
-                        for py in 0..hp {
-                            for px in 0..wp {
-                                let gv = gp[py * wp + px];
-                                let p = 2 * py * g.wo + 2 * px;
-                                let pos = [p, p + 1, p + g.wo, p + g.wo + 1];
-                                let (k, m) = window_max(pos.map(|q| src[q] * scale + shift));
-                                if m > 0.0 && gv != 0.0 {
-                                    d[pos[k]] = gv;
-                                    sum.0 += f64::from(gv);
-                                    sum.1 +=
-                                        f64::from(gv) * f64::from((src[pos[k]] - mean) * invstd);
-                                }
-                            }
-                        }
+                        let (dz, dzx) = route(src, g.wo, gp, wp, d, coeffs[oc], (mean, invstd));
+                        sum.0 += dz;
+                        sum.1 += dzx;
                     }
                 }
                 sums
@@ -251,15 +245,38 @@ impl ConvBlockOp {
     }
 }
 
-/// Index (top-left, top-right, bottom-left, bottom-right) and value of a 2×2 window's first maximum: PyTorch's
-/// choice on ties.
-#[inline]
-fn window_max(v: [f32; 4]) -> (usize, f32) {
-    let mut best = (0, v[0]);
-    for (i, &x) in v.iter().enumerate().skip(1) {
-        if x > best.1 {
-            best = (i, x);
+/// One plane's pooled gradient `gp` (rows of `wp`) routed into `d` (the convolution output's plane, rows of `wo`,
+/// zeroed): each value goes to its `P`×`P` window's first maximum of `y·scale + shift` (PyTorch's choice on ties)
+/// if that passed the ReLU. Returns `(Σ dz, Σ dz·ŷ)`, ŷ = (y − mean)·invstd.
+fn route_plane<const P: usize>(
+    src: &[f32],
+    wo: usize,
+    gp: &[f32],
+    wp: usize,
+    d: &mut [f32],
+    (scale, shift): (f32, f32),
+    (mean, invstd): (f32, f32),
+) -> (f64, f64) {
+    let (mut dz, mut dzx) = (0f64, 0f64);
+    for (py, grow) in gp.chunks_exact(wp).enumerate() {
+        for (px, &gv) in grow.iter().enumerate() {
+            let mut best = (0, f32::NEG_INFINITY);
+            for r in 0..P {
+                let q0 = (P * py + r) * wo + P * px;
+                for (c, &v) in src[q0..][..P].iter().enumerate() {
+                    let z = v * scale + shift;
+                    if z > best.1 || (r == 0 && c == 0) {
+                        best = (q0 + c, z);
+                    }
+                }
+            }
+            let (q, m) = best;
+            if m > 0.0 && gv != 0.0 {
+                d[q] = gv;
+                dz += f64::from(gv);
+                dzx += f64::from(gv) * f64::from((src[q] - mean) * invstd);
+            }
         }
     }
-    best
+    (dz, dzx)
 }

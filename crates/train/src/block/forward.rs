@@ -1,5 +1,5 @@
 //! The block's forward pass on the CPU: the convolution into a chunk-major buffer `y` from the workspace's pool,
-//! the batch statistics (when normalising with them), then normalisation, ReLU and 2×2 max-pool in one pass to
+//! the batch statistics (when normalising with them), then normalisation, ReLU and max-pool in one pass to
 //! the NCHW output. `y` and the normalisation are kept in the op for the backward pass when some input tracks
 //! gradients.
 
@@ -94,10 +94,16 @@ impl ConvBlockOp {
         (mean, var)
     }
 
-    /// `max_pool_2x2(relu(y·scale + shift))` into NCHW.
+    /// `max_pool(relu(y·scale + shift))` into NCHW.
     fn pool(&self, y: &[f32], coeffs: &[(f32, f32)]) -> Vec<f32> {
         let g = self.geo;
         let (hp, wp) = g.pooled();
+        // The window size as a constant, so that its loops unroll.
+        let pool = if g.pool == 1 {
+            pool_plane::<1>
+        } else {
+            pool_plane::<2>
+        };
         let mut out = vec![0f32; g.b * g.o * hp * wp];
         if out.is_empty() {
             return out;
@@ -108,22 +114,32 @@ impl ConvBlockOp {
                 let (bi, oc) = (idx / g.o, idx % g.o);
                 let (scale, shift) = coeffs[oc];
                 let src = &y[g.plane(bi, oc)..][..g.hw()];
-                for py in 0..hp {
-                    let (r0, r1) = (
-                        &src[2 * py * g.wo..][..g.wo],
-                        &src[(2 * py + 1) * g.wo..][..g.wo],
-                    );
-                    for (px, d) in dst[py * wp..(py + 1) * wp].iter_mut().enumerate() {
-                        let z = |v: f32| v * scale + shift;
-                        let m = z(r0[2 * px])
-                            .max(z(r0[2 * px + 1]))
-                            .max(z(r1[2 * px]))
-                            .max(z(r1[2 * px + 1]));
-                        *d = m.max(0.0);
-                    }
-                }
+                pool(src, g.wo, dst, wp, scale, shift);
             });
         out
+    }
+}
+
+/// One plane's `max_pool(relu(y·scale + shift))` with `P`×`P` windows: `src` rows of `wo`, `dst` rows of `wp`.
+fn pool_plane<const P: usize>(
+    src: &[f32],
+    wo: usize,
+    dst: &mut [f32],
+    wp: usize,
+    scale: f32,
+    shift: f32,
+) {
+    for (py, drow) in dst.chunks_exact_mut(wp).enumerate() {
+        for (px, d) in drow.iter_mut().enumerate() {
+            let mut m = f32::NEG_INFINITY;
+            for r in 0..P {
+                let row = &src[(P * py + r) * wo + P * px..][..P];
+                for &v in row {
+                    m = m.max(v * scale + shift);
+                }
+            }
+            *d = m.max(0.0);
+        }
     }
 }
 

@@ -13,6 +13,8 @@ pub(super) struct Geometry {
     pub(super) o: usize,
     pub(super) k: usize,
     pub(super) pad: usize,
+    /// Max-pool window and stride: 2 (2×2) or 1 (no pooling).
+    pub(super) pool: usize,
     pub(super) ho: usize,
     pub(super) wo: usize,
     /// Images per chunk.
@@ -23,20 +25,24 @@ pub(super) struct Geometry {
 const CHUNK_VALUES: usize = 192 * 1024;
 
 impl Geometry {
+    /// `input` is the NCHW input's `(b, c, h, w)`; `o` output channels, a `k×k` kernel, `pad` zeros on every
+    /// side, a `pool×pool` max-pool.
     pub(super) fn new(
-        b: usize,
-        c: usize,
-        h: usize,
-        w: usize,
+        input: (usize, usize, usize, usize),
         o: usize,
         k: usize,
         pad: usize,
+        pool: usize,
     ) -> Result<Self> {
+        let (b, c, h, w) = input;
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         if k == 0 || hp < k || wp < k {
             bail!("convolution block: {h}x{w} input (padding {pad}) is smaller than the {k}x{k} kernel")
         }
         let (ho, wo) = (hp - k + 1, wp - k + 1);
+        if !(1..=2).contains(&pool) || ho < pool || wo < pool {
+            bail!("convolution block: no {pool}x{pool} pooling of a {ho}x{wo} output (1 or 2, at most the output)")
+        }
         let per_image = (c * k * k * ho * wo).max(1);
         let mut nb = (CHUNK_VALUES / per_image).clamp(1, b.max(1));
         // gemm skips a packing copy of the column matrix when a chunk's column count is a multiple of the SIMD
@@ -57,6 +63,7 @@ impl Geometry {
             o,
             k,
             pad,
+            pool,
             ho,
             wo,
             nb,
@@ -93,8 +100,9 @@ impl Geometry {
         self.chunk_offset(j) + (oc * n + i) * self.hw()
     }
 
+    /// The pooled output's height and width (odd trailing rows and columns dropped, as in PyTorch).
     pub(super) fn pooled(&self) -> (usize, usize) {
-        (self.ho / 2, self.wo / 2)
+        (self.ho / self.pool, self.wo / self.pool)
     }
 
     /// For kernel column `kx`: the output columns `lo..hi` whose input column lies inside the image.

@@ -1,4 +1,4 @@
-//! One convolution block as one graph node (issue 7): `max_pool_2x2(relu(norm(conv(x, W))))`, stride 1, no
+//! One convolution block as one graph node (issue 7): `max_pool(relu(norm(conv(x, W))))`, stride 1, no
 //! convolution bias, where `norm` is BatchNorm with this batch's statistics, a constant per-channel affine
 //! (BatchNorm with running statistics), or a plain bias.
 //!
@@ -78,7 +78,8 @@ pub(crate) enum BlockNorm {
 pub(crate) type BatchStats = (Vec<f32>, Vec<f32>);
 
 /// The block: `x` NCHW `(b, c, h, w)`, `weight` `(out, c, k, k)` (PyTorch's layout), `affine` `(2, out)` = γ then
-/// β. Returns the pooled output `(b, out, ho/2, wo/2)` (odd trailing rows and columns dropped, as in PyTorch) and,
+/// β; `pool` the max-pool window and stride (2 for 2×2, 1 for none). Returns the pooled output
+/// `(b, out, ho/pool, wo/pool)` (trailing rows and columns that fill no window dropped, as in PyTorch) and,
 /// for [`BlockNorm::Batch`], the batch statistics. With the model's workspace `ws` the fused op runs on the CPU;
 /// without (or off the CPU) candle's generic ops.
 pub(crate) fn conv_block(
@@ -86,6 +87,7 @@ pub(crate) fn conv_block(
     weight: &Tensor,
     affine: &Tensor,
     pad: usize,
+    pool: usize,
     norm: BlockNorm,
     ws: Option<&Arc<Workspace>>,
 ) -> Result<(Tensor, Option<BatchStats>)> {
@@ -111,9 +113,9 @@ pub(crate) fn conv_block(
     if b == 0 || c == 0 || o == 0 {
         bail!("convolution block: empty input or weight ({b} images, {c} channels, {o} outputs)")
     }
-    let geo = Geometry::new(b, c, h, w, o, k, pad)?;
+    let geo = Geometry::new((b, c, h, w), o, k, pad, pool)?;
     let Some(ws) = ws.filter(|_| x.device().is_cpu()) else {
-        return generic_block(x, weight, affine, pad, norm);
+        return generic_block(x, weight, affine, pad, pool, norm);
     };
     let keep = x.track_op() || weight.track_op() || affine.track_op();
     let shared = Arc::new(Mutex::new(BlockState::default()));
@@ -132,12 +134,13 @@ pub(crate) fn conv_block(
 }
 
 /// The plain candle path: `conv2d`, BatchNorm as elementwise ops (differentiated through the batch statistics),
-/// `relu`, 2×2 max-pool.
+/// `relu`, max-pool.
 fn generic_block(
     x: &Tensor,
     weight: &Tensor,
     affine: &Tensor,
     pad: usize,
+    pool: usize,
     norm: BlockNorm,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     let y = x.conv2d(weight, pad, 1, 1, 1)?;
@@ -169,18 +172,21 @@ fn generic_block(
         }
     };
     let z = z.broadcast_mul(&gamma)?.broadcast_add(&beta)?.relu()?;
-    Ok((max_pool2(&z)?, stats))
+    Ok((max_pool(&z, pool)?, stats))
 }
 
-/// 2×2 max-pool, stride 2, of an NCHW tensor by reshape and `max`. Not candle's `max_pool2d`: its backward in
-/// candle 0.11 scales the gradient by the fraction of window maxima (¼ for a single maximum) instead of dividing
-/// by their count, so gradients came out 4× too small.
-fn max_pool2(x: &Tensor) -> Result<Tensor> {
+/// `p×p` max-pool, stride `p`, of an NCHW tensor by reshape and `max` (1: the tensor itself). Not candle's `max_pool2d`: its backward in
+/// candle 0.11 scales the gradient by the fraction of window maxima (¼ for a single maximum of a 2×2 window)
+/// instead of dividing by their count, so gradients came out 4× too small.
+fn max_pool(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
     let (b, c, h, w) = x.dims4()?;
-    let (ho, wo) = (h / 2, w / 2);
-    x.narrow(2, 0, 2 * ho)?
-        .narrow(3, 0, 2 * wo)?
-        .reshape((b, c, ho, 2, wo, 2))?
+    let (ho, wo) = (h / p, w / p);
+    x.narrow(2, 0, p * ho)?
+        .narrow(3, 0, p * wo)?
+        .reshape((b, c, ho, p, wo, p))?
         .max(5)?
         .max(3)
 }

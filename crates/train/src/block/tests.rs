@@ -4,16 +4,22 @@ use super::*;
 use crate::testutil::{assert_close, probe_grads, rnd};
 use candle_core::{Device, Var};
 
-/// (b, c, h, w, out, k, pad): odd sizes, one image, one channel, 1×1 and 5×5 kernels, no and large padding,
-/// and batches big enough to span several chunks (the last one partial).
-const CASES: [(usize, usize, usize, usize, usize, usize, usize); 7] = [
-    (3, 2, 8, 10, 4, 3, 1),
-    (2, 1, 7, 9, 5, 3, 1),
-    (2, 2, 9, 7, 3, 5, 2),
-    (1, 3, 6, 5, 2, 3, 0),
-    (2, 2, 5, 5, 3, 1, 0),
-    (2, 1, 4, 3, 2, 3, 2),
-    (37, 4, 16, 24, 8, 3, 1),
+/// One block's sizes: (b, c, h, w, out, k, pad, pool).
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// (b, c, h, w, out, k, pad, pool): odd sizes, one image, one channel, 1×1 and 5×5 kernels, no and large padding,
+/// no pooling (on a one-row image too), and batches big enough to span several chunks (the last one partial).
+const CASES: [Case; 10] = [
+    (3, 2, 8, 10, 4, 3, 1, 2),
+    (2, 1, 7, 9, 5, 3, 1, 2),
+    (2, 2, 9, 7, 3, 5, 2, 2),
+    (1, 3, 6, 5, 2, 3, 0, 2),
+    (2, 2, 5, 5, 3, 1, 0, 2),
+    (2, 1, 4, 3, 2, 3, 2, 2),
+    (3, 2, 7, 9, 4, 3, 1, 1),
+    (2, 3, 1, 11, 3, 3, 1, 1),
+    (37, 4, 16, 24, 8, 3, 1, 1),
+    (37, 4, 16, 24, 8, 3, 1, 2),
 ];
 
 fn norm_for(kind: usize, o: usize) -> BlockNorm {
@@ -33,12 +39,12 @@ fn norm_for(kind: usize, o: usize) -> BlockNorm {
 #[test]
 fn fused_block_matches_candles_generic_ops_values_and_gradients() {
     let ws = Workspace::new();
-    for (i, &(b, c, h, w, o, k, pad)) in CASES.iter().enumerate() {
-        let geo = Geometry::new(b, c, h, w, o, k, pad).unwrap();
-        if i == CASES.len() - 1 {
+    for (i, &(b, c, h, w, o, k, pad, pool)) in CASES.iter().enumerate() {
+        let geo = Geometry::new((b, c, h, w), o, k, pad, pool).unwrap();
+        if b == 37 {
             assert!(
                 geo.chunks() >= 3 && b % geo.nb != 0,
-                "the last case spans several chunks, one partial"
+                "the large cases span several chunks, one partial"
             );
         }
         for kind in 0..3 {
@@ -68,6 +74,7 @@ fn fused_block_matches_candles_generic_ops_values_and_gradients() {
                         wt.as_tensor(),
                         affine.as_tensor(),
                         pad,
+                        pool,
                         norm_for(kind, o),
                         ws,
                     )
@@ -141,6 +148,7 @@ fn results_do_not_depend_on_the_thread_count() {
                 wt.as_tensor(),
                 affine.as_tensor(),
                 1,
+                2,
                 BlockNorm::Batch { eps: 1e-5 },
                 Some(&ws),
             )
@@ -172,8 +180,16 @@ fn inside_a_step_the_weight_gradient_goes_through_the_workspace() {
     let probe = rnd(&[3, 4, 4, 5], 4);
     let loss = || {
         let norm = BlockNorm::Batch { eps: 1e-5 };
-        let (out, _) =
-            conv_block(&x, wt.as_tensor(), affine.as_tensor(), 1, norm, Some(&ws)).unwrap();
+        let (out, _) = conv_block(
+            &x,
+            wt.as_tensor(),
+            affine.as_tensor(),
+            1,
+            2,
+            norm,
+            Some(&ws),
+        )
+        .unwrap();
         (out * &probe).unwrap().sum_all().unwrap()
     };
     let values = |g: &candle_core::backprop::GradStore, v: &Var| {
@@ -202,28 +218,34 @@ fn mismatched_shapes_and_inference_backward_are_errors() {
     let affine = rnd(&[2, 4], 3);
     let norm = || BlockNorm::Batch { eps: 1e-5 };
     assert!(
-        conv_block(&x, &wt, &affine, 1, norm(), fused).is_err(),
+        conv_block(&x, &wt, &affine, 1, 2, norm(), fused).is_err(),
         "channel mismatch"
     );
     let wt = rnd(&[4, 3, 3, 3], 2);
     assert!(
-        conv_block(&x, &wt, &rnd(&[2, 5], 3), 1, norm(), fused).is_err(),
+        conv_block(&x, &wt, &rnd(&[2, 5], 3), 1, 2, norm(), fused).is_err(),
         "affine mismatch"
     );
     assert!(
-        conv_block(&rnd(&[2, 3, 1, 1], 1), &wt, &affine, 0, norm(), fused).is_err(),
+        conv_block(&rnd(&[2, 3, 1, 1], 1), &wt, &affine, 0, 2, norm(), fused).is_err(),
         "kernel too large"
     );
+    for pool in [0, 3] {
+        assert!(
+            conv_block(&x, &wt, &affine, 1, pool, norm(), fused).is_err(),
+            "pooling windows other than 1 and 2"
+        );
+    }
     let bad = BlockNorm::Fixed {
         mean: vec![0.0; 3],
         invstd: vec![1.0; 4],
     };
     assert!(
-        conv_block(&x, &wt, &affine, 1, bad, fused).is_err(),
+        conv_block(&x, &wt, &affine, 1, 2, bad, fused).is_err(),
         "statistics mismatch"
     );
     // Nothing tracks gradients: y is not kept, and the output has no graph to go back through.
-    let (out, stats) = conv_block(&x, &wt, &affine, 1, norm(), fused).unwrap();
+    let (out, stats) = conv_block(&x, &wt, &affine, 1, 2, norm(), fused).unwrap();
     assert_eq!(out.dims(), &[2, 4, 3, 3]);
     let (mean, _) = stats.unwrap();
     // Mean over all but the channel axis.
