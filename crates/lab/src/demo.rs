@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
+    /// The plate reader HQ initialises (plate-ctc, plate-ctc-deep or plate-cnn).
+    pub arch: Arch,
 }
 
 impl Default for DemoConfig {
@@ -60,6 +62,7 @@ impl Default for DemoConfig {
             // Measured: cosine 25.4 % exact against flat 28.0 % with these settings (docs/experiments.md).
             cosine: false,
             seed: 1,
+            arch: Arch::PlateCtc,
         }
     }
 }
@@ -91,7 +94,12 @@ fn pct(e: &Evaluation) -> String {
 /// Run the demo, printing as it goes; returns the per-round numbers (also written to `dir`).
 pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     let start = Instant::now();
-    let arch = Arch::PlateCtc;
+    let arch = cfg.arch;
+    if !matches!(arch.task(), ferry_train::data::Task::Plate { .. }) {
+        anyhow::bail!(
+            "the demo trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
+        );
+    }
     let warmup = cfg
         .warmup
         .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));

@@ -551,3 +551,53 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
         (80_000, 70, Some(1000))
     );
 }
+
+/// `ferry-lab demo --arch`: plate-ctc-deep goes through the whole loop (HQ initialises it, both sites train it,
+/// the merged global reads as it), and a model that is not a plate reader is refused before anything is written.
+#[test]
+fn the_demo_runs_the_reader_it_is_given_and_refuses_a_non_plate_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = tmp.path().join("refused");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["demo", "--arch", "mnist-cnn", "--dir"])
+        .arg(&refused)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plate reader") && err.contains("mnist-cnn"),
+        "{err}"
+    );
+    assert!(!refused.exists(), "nothing written for a refused run");
+
+    let dir = tmp.path().join("deep");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["demo", "--arch", "plate-ctc-deep", "--rounds", "1"])
+        .args([
+            "--samples",
+            "48",
+            "--val",
+            "16",
+            "--local-test",
+            "8",
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("plate-ctc-deep"), "{stdout}");
+    assert!(dir.join("summary.csv").is_file());
+    // The global HQ signed names the architecture; a site imports it and trains that network.
+    let global = std::fs::read(dir.join("usb").join("global-r1.ferry")).unwrap();
+    assert!(
+        global.windows(14).any(|w| w == b"plate-ctc-deep"),
+        "the round-1 global names plate-ctc-deep"
+    );
+}
