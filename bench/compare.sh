@@ -47,7 +47,7 @@ for round in $(seq "$ROUNDS"); do
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-"$PYTHON" - "$OUT" "$ROUNDS" <<'EOF'
+"$PYTHON" - "$OUT" "$ROUNDS" "$MODELS" <<'EOF'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 # Lines come in a fixed order per round: model, mode, then the implementations.
@@ -58,17 +58,19 @@ for r in runs:
 per = {}
 i = 0
 rounds = int(sys.argv[2])
+models = sys.argv[3].split()
 for _ in range(rounds):
-    for model in ("plate-cnn", "mnist-cnn"):
+    for model in models:
         for mode in ("train", "infer"):
             for impl in impls:
+                assert runs[i]["model"] == model, (runs[i], model)
                 per.setdefault((model, mode, impl), []).append(runs[i]["img_per_s"])
                 i += 1
 fmt = lambda v: f"{min(v):.0f}–{max(v):.0f}"
 median = lambda v: sorted(v)[len(v) // 2]
 print("| model | mode | " + " | ".join(impls) + " | fused ÷ pytorch (medians) |")
 print("|---|---|" + "---|" * (len(impls) + 1))
-for model in ("plate-cnn", "mnist-cnn"):
+for model in models:
     for mode in ("train", "infer"):
         cells = [fmt(per[(model, mode, impl)]) for impl in impls]
         ratio = f"{median(per[(model, mode, 'fused')]) / median(per[(model, mode, 'pytorch')]):.2f}×"
