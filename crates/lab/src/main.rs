@@ -143,6 +143,10 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
+    /// The plate reader every row trains: plate-ctc, plate-ctc-deep (reads more per plate, 1.5x the time) or
+    /// plate-cnn.
+    #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
+    arch: Arch,
     /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- fisher, distill and recal,
     /// HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
     #[arg(long)]
@@ -420,6 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                     .lr_schedule
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
+                arch: a.arch,
                 few_trips: a.few_trips,
                 hq_plates: a.hq_plates,
                 fisher_bounds: a.fisher_bounds,

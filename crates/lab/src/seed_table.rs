@@ -75,6 +75,11 @@ impl SeedTableConfig {
     }
 }
 
+/// The architecture as its name in the JSON settings.
+fn arch_name<S: serde::Serializer>(arch: &Arch, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(arch.name())
+}
+
 /// Settings of a seed-table run.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeedTableConfig {
@@ -99,6 +104,9 @@ pub struct SeedTableConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
+    /// The plate reader every row trains (plate-ctc, plate-ctc-deep or plate-cnn).
+    #[serde(serialize_with = "arch_name")]
+    pub arch: Arch,
     /// Add the few-trips rows (issue 14, `crate::seed_trips`): best-site, ensemble, one-shot-/two-trip-fisher,
     /// -distill and -recal.
     pub few_trips: bool,
@@ -126,6 +134,7 @@ impl Default for SeedTableConfig {
             batch: 64,
             cosine: false,
             seed: 1,
+            arch: Arch::PlateCtc,
             few_trips: false,
             hq_plates: 2000,
             fisher_bounds: vec![3.0, 10.0, 100.0],
@@ -193,7 +202,7 @@ fn standalone(
     tcfg: &TrainConfig,
 ) -> Result<(Row, Vec<u8>, u64)> {
     let start = Instant::now();
-    let arch = Arch::PlateCtc;
+    let arch = cfg.arch;
     let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
     let mut adam = Adam::new(arch, &Device::Cpu)?;
     let mut curve = vec![point(0, &eval(&model, val)?)];
@@ -231,7 +240,7 @@ fn one_shot(
     before_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
-    let mut fed = Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?;
+    let mut fed = Federation::create(dir, cfg.arch, cfg.seed, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let mut updates = Vec::new();
     for (i, (weights, steps)) in trained.into_iter().enumerate() {
@@ -292,13 +301,13 @@ fn fedavg_from(
     let (name, mut fed) = match warm {
         None => (
             format!("fedavg-e{e}"),
-            Federation::create(dir, Arch::PlateCtc, cfg.seed, &site_ids())?,
+            Federation::create(dir, cfg.arch, cfg.seed, &site_ids())?,
         ),
         Some((name, weights)) => (
             name.to_string(),
             Federation::create_from(
                 dir,
-                Model::from_safetensors(Arch::PlateCtc, weights, &Device::Cpu)?,
+                Model::from_safetensors(cfg.arch, weights, &Device::Cpu)?,
                 &site_ids(),
             )?,
         ),
@@ -359,6 +368,12 @@ fn field_study(name: &str) -> Option<f64> {
 
 /// Run every row, writing the table (`table.md`), `table.csv`, `results.json` and `accuracy.png` into `cfg.out`.
 pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
+    if !matches!(cfg.arch.task(), ferry_train::data::Task::Plate { .. }) {
+        bail!(
+            "the seed table trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {}",
+            cfg.arch
+        );
+    }
     if cfg.total_epochs == 0 || cfg.samples_per_site == 0 || cfg.val == 0 {
         bail!("--total-epochs, --samples-per-site and --val must be at least 1");
     }
@@ -399,7 +414,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             ""
         }
     );
-    let data = field_data(Arch::PlateCtc, cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
+    let data = field_data(cfg.arch, cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
     let rows_dir = cfg.out.join("rows");
     let mut rows = Vec::new();
     let report = |r: &Row| {
@@ -428,11 +443,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     report(&c);
     rows.push(c);
     let hq = if cfg.few_trips {
-        Some(seed_trips::hq_plates(
-            Arch::PlateCtc,
-            cfg.hq_plates,
-            cfg.seed,
-        )?)
+        Some(seed_trips::hq_plates(cfg.arch, cfg.hq_plates, cfg.seed)?)
     } else {
         None
     };
@@ -443,6 +454,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         bounds: &cfg.fisher_bounds,
         total_epochs: cfg.total_epochs,
         seed: cfg.seed,
+        arch: cfg.arch,
         distill: ferry_train::distill::DistillConfig {
             seed: cfg.seed,
             ..Default::default()
@@ -503,7 +515,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     }
     rows.extend(trip_rows);
     if cfg.few_trips && cfg.pretrain_epochs > 0 {
-        let warm = seed_trips::hq_pretrained(Arch::PlateCtc, cfg, &data.val)?;
+        let warm = seed_trips::hq_pretrained(cfg.arch, cfg, &data.val)?;
         report(&warm.row);
         rows.push(warm.row);
         for (name, e) in [

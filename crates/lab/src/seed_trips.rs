@@ -137,11 +137,11 @@ pub struct Methods<'a> {
     pub total_epochs: u32,
     /// Seed of the Fisher samples and the distillation order.
     pub seed: u64,
+    /// The plate reader the sites train.
+    pub arch: Arch,
     /// HQ's distillation settings (the defaults, with `seed`).
     pub distill: DistillConfig,
 }
-
-const ARCH: Arch = Arch::PlateCtc;
 
 impl Methods<'_> {
     fn fisher_cfg(&self) -> FisherConfig {
@@ -164,7 +164,7 @@ impl Methods<'_> {
 
     /// `merge --distill` on HQ's training plates.
     fn distiller(&self) -> Refiner<'_> {
-        distill_refiner(ARCH, &self.hq.train, &self.distill, "hq-clean-plates")
+        distill_refiner(self.arch, &self.hq.train, &self.distill, "hq-clean-plates")
     }
 
     /// `merge --recalibrate` on HQ's training plates.
@@ -172,7 +172,7 @@ impl Methods<'_> {
         Refiner {
             describe: "recalibrate data=hq-clean-plates".into(),
             run: Box::new(move |_, merged, _| {
-                recalibrate_safetensors(ARCH, merged, &self.hq.train, EVAL_BATCH)
+                recalibrate_safetensors(self.arch, merged, &self.hq.train, EVAL_BATCH)
                     .map(|(bytes, _)| bytes)
                     .map_err(|e| e.to_string())
             }),
@@ -264,7 +264,7 @@ impl Methods<'_> {
                 .state
                 .deployed()?
                 .ok_or_else(|| anyhow::anyhow!("{}: no deployed model", site.id))?;
-            let model = Model::from_safetensors(ARCH, &weights, &Device::Cpu)?;
+            let model = Model::from_safetensors(self.arch, &weights, &Device::Cpu)?;
             let mine: Vec<usize> = (0..self.val.len())
                 .filter(|&k| styles.get(k) == Some(&style))
                 .collect();
@@ -335,8 +335,8 @@ impl Methods<'_> {
         let trips_bytes = fed.bytes_carried();
         let start = Instant::now();
         let models = [
-            Model::from_safetensors(ARCH, weights[0], &Device::Cpu)?,
-            Model::from_safetensors(ARCH, weights[1], &Device::Cpu)?,
+            Model::from_safetensors(self.arch, weights[0], &Device::Cpu)?,
+            Model::from_safetensors(self.arch, weights[1], &Device::Cpu)?,
         ];
         let tune: Vec<f64> = models
             .iter()

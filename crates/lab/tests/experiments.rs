@@ -518,7 +518,13 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("rows.json");
     let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["seed-table", "--preset", "standard"])
+        .args([
+            "seed-table",
+            "--preset",
+            "standard",
+            "--arch",
+            "plate-ctc-deep",
+        ])
         .args([
             "--total-epochs",
             "1",
@@ -543,6 +549,20 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
     assert_eq!(c["samples_per_site"], 16, "{c}");
     assert_eq!(c["val"], 8, "{c}");
     assert_eq!(c["e_sweep"], serde_json::json!([1]), "{c}");
+    assert_eq!(c["arch"], "plate-ctc-deep", "{c}");
+    // A model that reads no plates is refused before anything is written.
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--arch", "mnist-cnn", "--out"])
+        .arg(dir.path().join("refused"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("plate reader") && err.contains("mnist-cnn"),
+        "{err}"
+    );
+    assert!(!dir.path().join("refused").exists());
     let quick = SeedTableConfig::preset(seed_table::Preset::Quick);
     let field = SeedTableConfig::preset(seed_table::Preset::FieldStudy);
     assert_eq!((quick.batch, quick.cosine), (64, false));
