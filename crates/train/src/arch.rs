@@ -241,49 +241,8 @@ impl Arch {
         let mut push =
             |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
         match self {
-            Arch::PlateCtc | Arch::PlateCtcDeep => {
-                let widths = self.ctc_layout().expect("a CTC reader has a layout");
-                let (mut cin, mut h, _) = self.input();
-                for (i, &(cout, pool)) in widths.convs.iter().enumerate() {
-                    // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
-                    push(
-                        format!("conv{}.weight", i + 1),
-                        vec![cout, cin, 3, 3],
-                        TensorKind::Weight { fan_in: cin * 9 },
-                    );
-                    batch_norm(&mut push, i + 1, cout);
-                    cin = cout;
-                    h /= pool;
-                }
-                // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps ×
-                // classes.
-                let column = cin * h;
-                let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
-                push(
-                    "fc1.weight".into(),
-                    vec![widths.hidden, column],
-                    TensorKind::Weight { fan_in: column },
-                );
-                push(
-                    "fc1.bias".into(),
-                    vec![widths.hidden],
-                    TensorKind::Bias { fan_in: column },
-                );
-                push(
-                    "fc2.weight".into(),
-                    vec![out, widths.hidden],
-                    TensorKind::Weight {
-                        fan_in: widths.hidden,
-                    },
-                );
-                push(
-                    "fc2.bias".into(),
-                    vec![out],
-                    TensorKind::Bias {
-                        fan_in: widths.hidden,
-                    },
-                );
-            }
+            Arch::PlateCtc => ctc_tensors(self.input(), CTC_SMALL, &mut push),
+            Arch::PlateCtcDeep => ctc_tensors(self.input(), CTC_DEEP, &mut push),
             Arch::PlateCnn => {
                 let (c0, h, w) = self.input();
                 let mut cin = c0;
@@ -380,6 +339,50 @@ impl Arch {
     }
 }
 
+/// The tensors of a CTC plate reader with `layout` on `input` `(channels, height, width)` images.
+fn ctc_tensors(
+    input: (usize, usize, usize),
+    layout: CtcLayout,
+    push: &mut impl FnMut(String, Vec<usize>, TensorKind),
+) {
+    let (mut cin, mut h, _) = input;
+    for (i, &(cout, pool)) in layout.convs.iter().enumerate() {
+        // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
+        push(
+            format!("conv{}.weight", i + 1),
+            vec![cout, cin, 3, 3],
+            TensorKind::Weight { fan_in: cin * 9 },
+        );
+        batch_norm(push, i + 1, cout);
+        cin = cout;
+        h /= pool;
+    }
+    // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps × classes.
+    let column = cin * h;
+    let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
+    let hidden = layout.hidden;
+    push(
+        "fc1.weight".into(),
+        vec![hidden, column],
+        TensorKind::Weight { fan_in: column },
+    );
+    push(
+        "fc1.bias".into(),
+        vec![hidden],
+        TensorKind::Bias { fan_in: column },
+    );
+    push(
+        "fc2.weight".into(),
+        vec![out, hidden],
+        TensorKind::Weight { fan_in: hidden },
+    );
+    push(
+        "fc2.bias".into(),
+        vec![out],
+        TensorKind::Bias { fan_in: hidden },
+    );
+}
+
 /// The five tensors of BatchNorm layer `bn{n}` over `c` channels.
 fn batch_norm(push: &mut impl FnMut(String, Vec<usize>, TensorKind), n: usize, c: usize) {
     push(format!("bn{n}.weight"), vec![c], TensorKind::BnWeight);
@@ -454,6 +457,7 @@ mod tests {
             assert_eq!(steps, w / pooled * CTC_SUB, "{a}");
         }
         assert_eq!(Arch::PlateCtc.parameter_count(), 294_128);
+        assert_eq!(Arch::PlateCtcDeep.parameter_count(), 478_832);
     }
 
     #[test]
