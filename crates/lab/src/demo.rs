@@ -13,7 +13,7 @@ use ferry_site::{eval_site, EvalTarget};
 use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
-use crate::plates::{field_data, planned_decay, scaled_warmup};
+use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
@@ -95,11 +95,7 @@ fn pct(e: &Evaluation) -> String {
 pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     let start = Instant::now();
     let arch = cfg.arch;
-    if !matches!(arch.task(), ferry_train::data::Task::Plate { .. }) {
-        anyhow::bail!(
-            "the demo trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
-        );
-    }
+    require_plate_reader(arch, "the demo")?;
     let warmup = cfg
         .warmup
         .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));

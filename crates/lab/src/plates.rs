@@ -23,6 +23,16 @@ pub struct FieldData {
     pub val: Dataset,
 }
 
+/// Refuses, for the command `what`, a model that reads no plates (before anything is written).
+pub fn require_plate_reader(arch: Arch, what: &str) -> Result<()> {
+    if !matches!(arch.task(), ferry_train::data::Task::Plate { .. }) {
+        anyhow::bail!(
+            "{what} trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
+        );
+    }
+    Ok(())
+}
+
 /// Generate `per_site` plates for each site, `val` validation plates and `local_test` held-out plates per site, for
 /// a reader of `arch` (no two-line plates for one without the region names).
 pub fn field_data(

@@ -26,7 +26,7 @@ use ferry_train::{evaluate, AdamConfig, Arch, Device, Evaluation, Model, TrainCo
 use serde::Serialize;
 
 use crate::fed::{Federation, EVAL_BATCH};
-use crate::plates::{field_data, planned_decay, scaled_warmup, FieldData};
+use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warmup, FieldData};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 use crate::seed_trips;
@@ -368,12 +368,7 @@ fn field_study(name: &str) -> Option<f64> {
 
 /// Run every row, writing the table (`table.md`), `table.csv`, `results.json` and `accuracy.png` into `cfg.out`.
 pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
-    if !matches!(cfg.arch.task(), ferry_train::data::Task::Plate { .. }) {
-        bail!(
-            "the seed table trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {}",
-            cfg.arch
-        );
-    }
+    require_plate_reader(cfg.arch, "the seed table")?;
     if cfg.total_epochs == 0 || cfg.samples_per_site == 0 || cfg.val == 0 {
         bail!("--total-epochs, --samples-per-site and --val must be at least 1");
     }
