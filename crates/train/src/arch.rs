@@ -247,38 +247,17 @@ impl Arch {
                 let (c0, h, w) = self.input();
                 let mut cin = c0;
                 for (i, &cout) in PLATE_CONV.iter().enumerate() {
-                    let n = i + 1;
-                    // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
-                    push(
-                        format!("conv{n}.weight"),
-                        vec![cout, cin, 3, 3],
-                        TensorKind::Weight { fan_in: cin * 9 },
-                    );
-                    batch_norm(&mut push, n, cout);
+                    conv_batch_norm(&mut push, i + 1, cin, cout);
                     cin = cout;
                 }
                 let flat = cin * (h >> PLATE_CONV.len()) * (w >> PLATE_CONV.len());
-                push(
-                    "fc1.weight".into(),
-                    vec![PLATE_HIDDEN, flat],
-                    TensorKind::Weight { fan_in: flat },
-                );
-                push(
-                    "fc1.bias".into(),
-                    vec![PLATE_HIDDEN],
-                    TensorKind::Bias { fan_in: flat },
-                );
+                linear(&mut push, "fc1", flat, PLATE_HIDDEN);
                 for s in 0..PLATE_SLOTS {
-                    let fan_in = PLATE_HIDDEN;
-                    push(
-                        format!("heads.{s}.weight"),
-                        vec![PLATE_CLASSES, fan_in],
-                        TensorKind::Weight { fan_in },
-                    );
-                    push(
-                        format!("heads.{s}.bias"),
-                        vec![PLATE_CLASSES],
-                        TensorKind::Bias { fan_in },
+                    linear(
+                        &mut push,
+                        &format!("heads.{s}"),
+                        PLATE_HIDDEN,
+                        PLATE_CLASSES,
                     );
                 }
             }
@@ -303,26 +282,8 @@ impl Arch {
                     vec![64],
                     TensorKind::Bias { fan_in: 800 },
                 );
-                push(
-                    "fc1.weight".into(),
-                    vec![512, 3136],
-                    TensorKind::Weight { fan_in: 3136 },
-                );
-                push(
-                    "fc1.bias".into(),
-                    vec![512],
-                    TensorKind::Bias { fan_in: 3136 },
-                );
-                push(
-                    "fc2.weight".into(),
-                    vec![10, 512],
-                    TensorKind::Weight { fan_in: 512 },
-                );
-                push(
-                    "fc2.bias".into(),
-                    vec![10],
-                    TensorKind::Bias { fan_in: 512 },
-                );
+                linear(&mut push, "fc1", 3136, 512);
+                linear(&mut push, "fc2", 512, 10);
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -347,39 +308,48 @@ fn ctc_tensors(
 ) {
     let (mut cin, mut h, _) = input;
     for (i, &(cout, pool)) in layout.convs.iter().enumerate() {
-        // No conv bias: the BatchNorm shift that follows makes it redundant (PyTorch `bias=False`).
-        push(
-            format!("conv{}.weight", i + 1),
-            vec![cout, cin, 3, 3],
-            TensorKind::Weight { fan_in: cin * 9 },
-        );
-        batch_norm(push, i + 1, cout);
+        conv_batch_norm(push, i + 1, cin, cout);
         cin = cout;
         h /= pool;
     }
     // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps × classes.
-    let column = cin * h;
     let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
-    let hidden = layout.hidden;
+    linear(push, "fc1", cin * h, layout.hidden);
+    linear(push, "fc2", layout.hidden, out);
+}
+
+/// Convolution `conv{n}` (3×3, `cin` → `cout`, no bias: the BatchNorm shift that follows makes it redundant,
+/// PyTorch `bias=False`) and its BatchNorm `bn{n}`.
+fn conv_batch_norm(
+    push: &mut impl FnMut(String, Vec<usize>, TensorKind),
+    n: usize,
+    cin: usize,
+    cout: usize,
+) {
     push(
-        "fc1.weight".into(),
-        vec![hidden, column],
-        TensorKind::Weight { fan_in: column },
+        format!("conv{n}.weight"),
+        vec![cout, cin, 3, 3],
+        TensorKind::Weight { fan_in: cin * 9 },
+    );
+    batch_norm(push, n, cout);
+}
+
+/// A fully connected layer `name` (PyTorch `Linear`: weight `(outputs, inputs)`, bias `(outputs)`).
+fn linear(
+    push: &mut impl FnMut(String, Vec<usize>, TensorKind),
+    name: &str,
+    inputs: usize,
+    outputs: usize,
+) {
+    push(
+        format!("{name}.weight"),
+        vec![outputs, inputs],
+        TensorKind::Weight { fan_in: inputs },
     );
     push(
-        "fc1.bias".into(),
-        vec![hidden],
-        TensorKind::Bias { fan_in: column },
-    );
-    push(
-        "fc2.weight".into(),
-        vec![out, hidden],
-        TensorKind::Weight { fan_in: hidden },
-    );
-    push(
-        "fc2.bias".into(),
-        vec![out],
-        TensorKind::Bias { fan_in: hidden },
+        format!("{name}.bias"),
+        vec![outputs],
+        TensorKind::Bias { fan_in: inputs },
     );
 }
 
