@@ -550,19 +550,7 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
     assert_eq!(c["val"], 8, "{c}");
     assert_eq!(c["e_sweep"], serde_json::json!([1]), "{c}");
     assert_eq!(c["arch"], "plate-ctc-deep", "{c}");
-    // A model that reads no plates is refused before anything is written.
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["seed-table", "--arch", "mnist-cnn", "--out"])
-        .arg(dir.path().join("refused"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("plate reader") && err.contains("mnist-cnn"),
-        "{err}"
-    );
-    assert!(!dir.path().join("refused").exists());
+    refuses_a_non_plate_model("seed-table", "--out", &dir.path().join("refused"));
     let quick = SeedTableConfig::preset(seed_table::Preset::Quick);
     let field = SeedTableConfig::preset(seed_table::Preset::FieldStudy);
     assert_eq!((quick.batch, quick.cosine), (64, false));
@@ -577,19 +565,7 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
 #[test]
 fn the_demo_runs_the_reader_it_is_given_and_refuses_a_non_plate_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let refused = tmp.path().join("refused");
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["demo", "--arch", "mnist-cnn", "--dir"])
-        .arg(&refused)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("plate reader") && err.contains("mnist-cnn"),
-        "{err}"
-    );
-    assert!(!refused.exists(), "nothing written for a refused run");
+    refuses_a_non_plate_model("demo", "--dir", &tmp.path().join("refused"));
 
     let dir = tmp.path().join("deep");
     let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
@@ -619,5 +595,24 @@ fn the_demo_runs_the_reader_it_is_given_and_refuses_a_non_plate_model() {
     assert!(
         global.windows(14).any(|w| w == b"plate-ctc-deep"),
         "the round-1 global names plate-ctc-deep"
+    );
+}
+
+/// `ferry-lab COMMAND --arch mnist-cnn OUT_FLAG out`: refused in one line naming the model, nothing written.
+fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args([command, "--arch", "mnist-cnn", out_flag])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{command}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("plate reader") && err.contains("mnist-cnn"),
+        "{command}: {err}"
+    );
+    assert!(
+        !out.exists(),
+        "{command}: nothing written for a refused run"
     );
 }
