@@ -231,6 +231,8 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
             weighting: cfg.weighting,
             ..MergeConfig::default()
         },
+        // One site is the centralised baseline through the same bundles: its "merge" is its own update.
+        min_sites: cfg.sites.min(ferry_merge::hq::DEFAULT_MIN_SITES),
         ..RoundConfig::default()
     };
     let row = |fed: &Federation, e: Evaluation| RoundRow {

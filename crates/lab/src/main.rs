@@ -147,8 +147,8 @@ struct SeedTableArgs {
     /// plate-cnn.
     #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
     arch: Arch,
-    /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- fisher, distill and recal,
-    /// HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
+    /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- select, fisher, distill and
+    /// recal, HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
     #[arg(long)]
     few_trips: bool,
     /// HQ's own plates for the few-trips rows (4/5 to distil and recalibrate on, 1/5 to choose on).
@@ -188,7 +188,7 @@ struct FedAvgArgs {
     /// Model: plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-ctc otherwise.
     #[arg(long, value_name = "ARCH")]
     model: Option<Arch>,
-    /// Number of sites K.
+    /// Number of sites K (1: centralised training on all the data, through the same bundles: the baseline).
     #[arg(long, value_name = "K", default_value_t = 2)]
     sites: usize,
     /// iid, by-style (plates:mixed), shards[:N] (N shards per site, default 2) or dirichlet:ALPHA.

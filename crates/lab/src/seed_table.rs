@@ -275,6 +275,9 @@ fn one_shot(
 /// it there).
 type BeforeMerge<'a> = &'a mut dyn FnMut(&Federation, &[PathBuf]) -> Result<()>;
 
+/// [`BeforeMerge`] for every round of a FedAvg run, with the round's index (0: the first trip).
+type BeforeEachMerge<'a> = &'a mut dyn FnMut(u32, &Federation, &[PathBuf]) -> Result<()>;
+
 /// FedAvg with `e` local epochs per round, through real bundles.
 fn fedavg(
     dir: &Path,
@@ -282,9 +285,9 @@ fn fedavg(
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
     e: u32,
-    before_second_merge: Option<BeforeMerge<'_>>,
+    before_merge: Option<BeforeEachMerge<'_>>,
 ) -> Result<Row> {
-    fedavg_from(dir, data, cfg, tcfg, e, None, before_second_merge)
+    fedavg_from(dir, data, cfg, tcfg, e, None, before_merge)
 }
 
 /// [`fedavg`] from round-0 weights `warm` (HQ's warm start: `ferry-server init --pretrain`), as row `warm.0`.
@@ -295,7 +298,7 @@ fn fedavg_from(
     tcfg: &TrainConfig,
     e: u32,
     warm: Option<(&str, &[u8])>,
-    mut before_second_merge: Option<BeforeMerge<'_>>,
+    mut before_merge: Option<BeforeEachMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
     let (name, mut fed) = match warm {
@@ -314,30 +317,13 @@ fn fedavg_from(
     };
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let rounds = cfg.total_epochs.div_ceil(e);
-    // Each site's optimizer lives across the rounds, so its decay spans all T epochs.
-    let site_cfg = |set: &Dataset| planned_decay(tcfg, cfg.cosine, set.len(), cfg.total_epochs);
     let mut done = 0;
     for r in 0..rounds {
         let epochs = e.min(cfg.total_epochs - done);
-        let mut updates = Vec::new();
-        for (i, set) in [&data.a, &data.b].into_iter().enumerate() {
-            fed.deliver(i)?;
-            let label = format!("{name} round {}/{rounds} {}", r + 1, fed.sites[i].id);
-            fed.train(
-                i,
-                set,
-                &TrainConfig {
-                    epochs,
-                    ..site_cfg(set)
-                },
-                &mut TrainBars::new(label),
-            )?;
-            updates.push(fed.export(i)?.path.clone());
-        }
-        if r == 1 {
-            if let Some(hook) = before_second_merge.take() {
-                hook(&fed, &updates)?;
-            }
+        let label = format!("{name} round {}/{rounds}", r + 1);
+        let updates = site_round(&mut fed, data, cfg, tcfg, epochs, &label)?;
+        if let Some(hook) = before_merge.as_mut() {
+            hook(r, &fed, &updates)?;
         }
         let s = spinner(format!("{name}: HQ verifying and merging round {}", r + 1));
         let merged = fed.merge(&updates, &RoundConfig::default());
@@ -353,6 +339,32 @@ fn fedavg_from(
         fed.bytes_carried(),
         start,
     ))
+}
+
+/// One trip's local work: both sites import the current global, train it for `epochs` on their plates and
+/// export their updates (returned). Each site's optimizer lives across the rounds, so its decay spans all T
+/// epochs.
+pub(crate) fn site_round(
+    fed: &mut Federation,
+    data: &FieldData,
+    cfg: &SeedTableConfig,
+    tcfg: &TrainConfig,
+    epochs: u32,
+    label: &str,
+) -> Result<Vec<PathBuf>> {
+    let mut updates = Vec::new();
+    for (i, set) in [&data.a, &data.b].into_iter().enumerate() {
+        fed.deliver(i)?;
+        let site_cfg = planned_decay(tcfg, cfg.cosine, set.len(), cfg.total_epochs);
+        fed.train(
+            i,
+            set,
+            &TrainConfig { epochs, ..site_cfg },
+            &mut TrainBars::new(format!("{label} {}", fed.sites[i].id)),
+        )?;
+        updates.push(fed.export(i)?.path.clone());
+    }
+    Ok(updates)
 }
 
 /// The field study's numbers (% plates read exactly), for the rows that have a direct counterpart.
@@ -479,12 +491,21 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     // The two-trip rows fork the FedAvg run of T/2 epochs per round before its second merge; it is run for
     // them when --e-sweep lacks it.
     let half = cfg.total_epochs.div_ceil(2);
-    let mut two_trip = |fed: &Federation, updates: &[PathBuf]| -> Result<()> {
-        if let Some(m) = &methods {
-            let r = m.two_trip(fed, updates, bound, &trips_dir)?;
-            r.iter().for_each(report);
-            trip_rows.extend(r);
-        }
+    // Before the first merge: `two-trip-select` (its own second trip); before the second: the other two-trip
+    // rows (forks of the second merge).
+    let mut two_trip = |round: u32, fed: &Federation, updates: &[PathBuf]| -> Result<()> {
+        let Some(m) = &methods else { return Ok(()) };
+        let r = match round {
+            0 => vec![
+                m.two_trip_select(fed, updates, &trips_dir, &mut |f: &mut Federation| {
+                    site_round(f, &data, cfg, &tcfg, half, "two-trip-select round 2/2")
+                })?,
+            ],
+            1 => m.two_trip(fed, updates, bound, &trips_dir)?,
+            _ => Vec::new(),
+        };
+        r.iter().for_each(report);
+        trip_rows.extend(r);
         Ok(())
     };
     let mut sweep = cfg.e_sweep.clone();
@@ -492,11 +513,12 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         sweep.push(half);
     }
     for &e in &sweep {
-        let hook: Option<BeforeMerge<'_>> = if cfg.few_trips && e == half && cfg.total_epochs >= 2 {
-            Some(&mut two_trip)
-        } else {
-            None
-        };
+        let hook: Option<BeforeEachMerge<'_>> =
+            if cfg.few_trips && e == half && cfg.total_epochs >= 2 {
+                Some(&mut two_trip)
+            } else {
+                None
+            };
         let r = fedavg(
             &rows_dir.join(format!("fedavg-e{e}")),
             &data,

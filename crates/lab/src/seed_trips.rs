@@ -6,12 +6,14 @@
 //! - `one-shot-fisher`: each site ships its Fisher estimate (`ferry-client fisher`, `export --fisher`), HQ merges
 //!   with `--strategy fisher`, the bound chosen on HQ's tuning plates; `one-shot-distill`: FedAvg, then
 //!   `merge --distill` on HQ's plates; `one-shot-recal`: FedAvg, then `merge --recalibrate` (BatchNorm statistics
-//!   re-estimated on HQ's plates).
+//!   re-estimated on HQ's plates); `one-shot-select`: FedAvg, then `merge --select` on HQ's tuning plates (the
+//!   merge or one site's model, whichever reads them best, is sealed).
 //! - `one-shot-site-recal`: FedAvg, then each site imports the global and re-estimates its BatchNorm statistics on
 //!   its own training images (`ferry-client recalibrate`, labels unused) for the model it deploys, as in
 //!   FedBN/SiloBN; each validation plate is read by the deployed model of the site whose crop style it has (site A
 //!   loose, site B tight).
-//! - `two-trip-<method>`: two rounds of T/2 epochs; the first merge is FedAvg, the second uses the method.
+//! - `two-trip-<method>`: two rounds of T/2 epochs; the first merge is FedAvg, the second uses the method;
+//!   `two-trip-select` uses `merge --select` at both merges (the sites' second trip starts from what HQ kept).
 //! - with `--pretrain-epochs N`: `hq-pretrained` (round 0 trained on HQ's own clean plates, no trip),
 //!   `one-shot-pretrain` and `two-trip-pretrain` (FedAvg from that round 0, both sites trained again).
 //!
@@ -25,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use ferry_merge::hq::{Refiner, RoundConfig};
+use ferry_merge::hq::{Refined, Refiner, RoundConfig};
 use ferry_merge::{MergeConfig, Strategy};
 use ferry_train::data::{plates, Dataset, PlateStyle};
 use ferry_train::distill::{ensemble_accuracy, pretrain, DistillConfig, PretrainConfig};
@@ -36,7 +38,7 @@ use ferry_train::{evaluate, Arch, Device, Model};
 use crate::fed::{moved_paths, Federation, EVAL_BATCH};
 use crate::progress::{spinner, TrainBars};
 use crate::seed_table::{finish, point, Row, SeedTableConfig};
-use crate::trips::distill_refiner;
+use crate::trips::{distill_refiner, select_refiner};
 use ferry_site::recalibrate_site;
 use ferry_train::data::CropStyle;
 
@@ -167,13 +169,18 @@ impl Methods<'_> {
         distill_refiner(self.arch, &self.hq.train, &self.distill, "hq-clean-plates")
     }
 
+    /// `merge --select` on HQ's tuning plates (the plates HQ makes its choices on).
+    fn selector(&self) -> Refiner<'_> {
+        select_refiner(self.arch, &self.hq.tune, "hq-tune-plates")
+    }
+
     /// `merge --recalibrate` on HQ's training plates.
     fn recalibrator(&self) -> Refiner<'_> {
         Refiner {
             describe: "recalibrate data=hq-clean-plates".into(),
-            run: Box::new(move |_, merged, _| {
-                recalibrate_safetensors(self.arch, merged, &self.hq.train, EVAL_BATCH)
-                    .map(|(bytes, _)| bytes)
+            run: Box::new(move |input| {
+                recalibrate_safetensors(self.arch, input.merged, &self.hq.train, EVAL_BATCH)
+                    .map(|(model, _)| Refined { model, note: None })
                     .map_err(|e| e.to_string())
             }),
         }
@@ -191,7 +198,8 @@ impl Methods<'_> {
     }
 
     /// FedAvg of `updates` in a fork of `fed`, then HQ's step named by `name` (`…-distill`: distillation,
-    /// `…-recal`: BatchNorm re-estimation) on HQ's plates before the global is sealed.
+    /// `…-select`: the merge or a site's model, `…-recal`: BatchNorm re-estimation) on HQ's plates before the
+    /// global is sealed.
     fn refined(
         &self,
         fed: &Federation,
@@ -205,6 +213,11 @@ impl Methods<'_> {
         let moved = moved_paths(updates, &fed.root, &g.root);
         let (mut refiner, note) = if name.ends_with("distill") {
             (self.distiller(), "distilled on HQ's plates")
+        } else if name.ends_with("select") {
+            (
+                self.selector(),
+                "the merge or a site's model, whichever read HQ's tuning plates best,",
+            )
         } else {
             (
                 self.recalibrator(),
@@ -214,9 +227,43 @@ impl Methods<'_> {
         let s = spinner(format!("HQ: {name}"));
         let merged = g.merge_refined(&moved, &RoundConfig::default(), &mut refiner);
         s.finish_and_clear();
-        merged?;
+        let strategy = merged?.sealed.manifest.strategy.unwrap_or_default();
         let mut row = self.row(&g, name, trips, start)?;
-        row.note = format!("FedAvg, the global {note} after the last merge");
+        row.note = format!("FedAvg, the global {note} after the last merge [{strategy}]");
+        Ok(row)
+    }
+
+    /// `two-trip-select`: `fed` holds both sites' trip-1 `updates`, not yet merged. In a fork, HQ merges them
+    /// with `--select` (the merge or a site's model, on HQ's tuning plates), both sites train the chosen global
+    /// for their second trip (`train`), and HQ merges again with `--select`.
+    pub fn two_trip_select(
+        &self,
+        fed: &Federation,
+        updates: &[PathBuf],
+        dir: &Path,
+        train: &mut dyn FnMut(&mut Federation) -> Result<Vec<PathBuf>>,
+    ) -> Result<Row> {
+        let start = Instant::now();
+        let name = "two-trip-select";
+        let mut g = fed.fork(&dir.join(name))?;
+        let moved = moved_paths(updates, &fed.root, &g.root);
+        let mut strategies = Vec::new();
+        for trip in 1..=2 {
+            let updates = if trip == 1 {
+                moved.clone()
+            } else {
+                train(&mut g)?
+            };
+            let s = spinner(format!("HQ: {name}, merge {trip}"));
+            let merged = g.merge_refined(&updates, &RoundConfig::default(), &mut self.selector());
+            s.finish_and_clear();
+            strategies.push(merged?.sealed.manifest.strategy.unwrap_or_default());
+        }
+        let mut row = self.row(&g, name, 2, start)?;
+        row.note = format!(
+            "both merges with --select on HQ's tuning plates [1: {}] [2: {}]",
+            strategies[0], strategies[1]
+        );
         Ok(row)
     }
 
@@ -391,6 +438,7 @@ impl Methods<'_> {
         );
         rows.push(row);
 
+        rows.push(self.refined(fed, updates, "one-shot-select", 1, dir)?);
         rows.push(self.refined(fed, updates, "one-shot-distill", 1, dir)?);
         rows.push(self.refined(fed, updates, "one-shot-recal", 1, dir)?);
         rows.push(self.site_recal(fed, updates, "one-shot-site-recal", 1, dir)?);

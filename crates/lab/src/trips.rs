@@ -17,13 +17,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ferry_merge::hq::{Refiner, RoundConfig};
+use ferry_merge::hq::{Refined, Refiner, RoundConfig};
 use ferry_merge::{MergeConfig, Strategy};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig, Split};
 use ferry_train::distill::{
     distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
 };
 use ferry_train::fisher::FisherConfig;
+use ferry_train::select::{select_best, Candidate};
 use ferry_train::{evaluate, Arch, Device, Model, TrainConfig};
 use serde::Serialize;
 
@@ -689,11 +690,12 @@ pub(crate) fn distill_refiner<'a>(
             "distill epochs={} lr={} t={} data={data_name}",
             cfg.epochs, cfg.lr, cfg.temperature
         ),
-        run: Box::new(move |_, merged, updates| {
-            let (bytes, s) = distill_safetensors(
+        run: Box::new(move |input| {
+            let teachers: Vec<&[u8]> = input.updates.iter().map(|u| u.model.as_slice()).collect();
+            let (model, s) = distill_safetensors(
                 arch,
-                merged,
-                updates,
+                input.merged,
+                &teachers,
                 data,
                 cfg,
                 &mut TrainBars::new("HQ distilling"),
@@ -703,7 +705,36 @@ pub(crate) fn distill_refiner<'a>(
                 "  distilled {} site models on {} {data_name} samples: KL to the ensemble {:.4} -> {:.4} ({:.0} s)",
                 s.teachers, s.samples, s.kl_before, s.kl_after, s.seconds
             );
-            Ok(bytes)
+            Ok(Refined { model, note: None })
+        }),
+    }
+}
+
+/// `merge --select` on HQ's labelled `data` (`data_name` in the description), as `ferry-server merge --select`
+/// builds it: the merge or one site's model, whichever reads `data` best.
+pub(crate) fn select_refiner<'a>(arch: Arch, data: &'a Dataset, data_name: &'a str) -> Refiner<'a> {
+    Refiner {
+        describe: format!("select data={data_name}"),
+        run: Box::new(move |input| {
+            let names: Vec<String> = input
+                .updates
+                .iter()
+                .map(|u| format!("{}'s model", u.site))
+                .collect();
+            let mut candidates = vec![Candidate {
+                name: "the merge",
+                weights: input.merged,
+            }];
+            candidates.extend(input.updates.iter().zip(&names).map(|(u, name)| Candidate {
+                name,
+                weights: &u.model,
+            }));
+            let s = select_best(arch, &candidates, data, EVAL_BATCH).map_err(|e| e.to_string())?;
+            println!("  HQ's selection on {data_name}: {}", s.note());
+            Ok(Refined {
+                model: candidates[s.chosen].weights.to_vec(),
+                note: Some(s.note()),
+            })
         }),
     }
 }

@@ -167,9 +167,11 @@ fn seed_table_few_trips_rows() {
         ("best-site", 1),
         ("ensemble", 1),
         ("one-shot-fisher", 1),
+        ("one-shot-select", 1),
         ("one-shot-distill", 1),
         ("one-shot-recal", 1),
         ("one-shot-site-recal", 1),
+        ("two-trip-select", 2),
         ("two-trip-fisher", 2),
         ("two-trip-distill", 2),
         ("two-trip-recal", 2),
@@ -188,6 +190,7 @@ fn seed_table_few_trips_rows() {
     for name in [
         "best-site",
         "ensemble",
+        "one-shot-select",
         "one-shot-distill",
         "one-shot-recal",
         "one-shot-site-recal",
@@ -228,6 +231,25 @@ fn seed_table_few_trips_rows() {
     assert!(ledger("one-shot/fisher-b0").contains("fisher weights=samples bound=3"));
     assert!(ledger("one-shot-distill").contains("then distill"));
     assert!(ledger("one-shot-recal").contains("then recalibrate data=hq-clean-plates"));
+    // --select seals what its note names: the merge (one-shot's global) or a site's own model (that site's row).
+    let select = row("one-shot-select");
+    let kept = ["site-a", "site-b"]
+        .into_iter()
+        .find(|s| select.note.contains(&format!("(kept {s}'s model: ")))
+        .unwrap_or("one-shot");
+    if kept == "one-shot" {
+        assert!(select.note.contains("(kept the merge: "), "{}", select.note);
+    }
+    assert_eq!(select.accuracy, row(kept).accuracy, "{}", select.note);
+    assert!(ledger("one-shot-select").contains("then select data=hq-tune-plates (kept "));
+    assert_eq!(
+        ledger("two-trip-select")
+            .matches("then select data=hq-tune-plates (kept ")
+            .count(),
+        2
+    );
+    let ratio = row("two-trip-select").bytes_carried as f64 / two as f64;
+    assert!((0.95..1.05).contains(&ratio), "{ratio}");
     let table = std::fs::read_to_string(cfg.out.join("table.md")).unwrap();
     assert!(table.contains("two-trip-recal"), "{table}");
     assert!(cfg.out.join("trips.png").is_file());
@@ -297,6 +319,21 @@ fn fake_fashion(dir: &Path) -> PathBuf {
     d
 }
 
+/// `ferry-lab fedavg ARGS --out OUT --json JSON` through the binary, which must succeed; the JSON it wrote.
+fn fedavg_json(args: &[&str], out: &Path, json: &Path) -> serde_json::Value {
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .arg("fedavg")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--json")
+        .arg(json)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ferry-lab fedavg {args:?}");
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
 #[test]
 fn fedavg_through_the_binary_beats_a_site_alone() {
     let tmp = tempfile::tempdir().unwrap();
@@ -306,33 +343,30 @@ fn fedavg_through_the_binary_beats_a_site_alone() {
     let (rounds, epochs, seed) = (3u32, 1u32, 5u64);
     // The FedAvg paper's pathological non-IID split: sorted by label, 2 shards per site, so each site sees about
     // half of the classes.
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["fedavg", "--data"])
-        .arg(format!("idx:{}", idx.display()))
-        .args([
+    let data = format!("idx:{}", idx.display());
+    let (r, e, sd) = (rounds.to_string(), epochs.to_string(), seed.to_string());
+    let v = fedavg_json(
+        &[
+            "--data",
+            &data,
             "--sites",
             "2",
             "--split",
             "shards",
             "--rounds",
-            &rounds.to_string(),
-        ])
-        .args([
+            &r,
             "--local-epochs",
-            &epochs.to_string(),
+            &e,
             "--batch",
             "10",
             "--seed",
-            &seed.to_string(),
-        ])
-        .args(["--target", "0.5", "--out"])
-        .arg(&out)
-        .arg("--json")
-        .arg(&json)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+            &sd,
+            "--target",
+            "0.5",
+        ],
+        &out,
+        &json,
+    );
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), rounds as usize + 1);
     let mut last_bytes = 0;
@@ -392,6 +426,23 @@ fn fedavg_through_the_binary_beats_a_site_alone() {
     assert!(
         fed_acc > weaker + 0.1,
         "federated {fed_acc} vs sites alone {alone:?}"
+    );
+
+    // --sites 1: the centralised baseline, all the data at one site, through the same bundles (its update is
+    // the next global); it learns every class too.
+    let v = fedavg_json(
+        &[
+            "--data", &data, "--sites", "1", "--rounds", &r, "--batch", "10", "--seed", &sd,
+        ],
+        &tmp.path().join("central"),
+        &tmp.path().join("central.json"),
+    );
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), rounds as usize + 1);
+    let central_acc = rows.last().unwrap()["accuracy"].as_f64().unwrap();
+    assert!(
+        central_acc > weaker + 0.1,
+        "centralised {central_acc} vs sites alone {alone:?}"
     );
 }
 

@@ -246,22 +246,51 @@ impl Default for RoundConfig {
     }
 }
 
-/// A step HQ runs on the merged model before it is sealed (issue 14): ensemble distillation or BatchNorm
-/// re-estimation on HQ's own data. ferry-merge knows no ML, so the step is a callback that the caller
-/// (`ferry-server merge --distill`, `ferry-lab`) builds from `ferry-train`. It gets the architecture the base
-/// global names, the merged model and every verified update, each as plain safetensors bytes in memory, and
-/// returns the refined model, which must have exactly the merged model's tensors (names, dtypes, shapes) and
-/// finite values. Its description is appended to the strategy the global and the ledger record.
+/// A step HQ runs on the merged model before it is sealed (issue 14): ensemble distillation, BatchNorm
+/// re-estimation, or choosing between the merge and the site models on HQ's own data. ferry-merge knows no ML,
+/// so the step is a callback that the caller (`ferry-server merge --distill/--recalibrate/--select`, `ferry-lab`)
+/// builds from `ferry-train`. It gets a [`RefineInput`] (the architecture the base global names, the merged model
+/// and every verified update, each as plain safetensors bytes in memory) and returns the [`Refined`] model, which
+/// must have exactly the merged model's tensors (names, dtypes, shapes) and finite values. Its description, and
+/// the note it returns, are appended to the strategy the global and the ledger record.
 pub struct Refiner<'a> {
     /// What the step does, e.g. `distill epochs=2 lr=0.0005 data=idx:/data:test`.
     pub describe: String,
-    /// The step: `(arch, merged, updates) -> refined`, or a one-line error.
+    /// The step, or a one-line error.
     pub run: RefineFn<'a>,
 }
 
-/// The function of a [`Refiner`]: `(arch, merged, updates) -> refined`, or a one-line error.
-pub type RefineFn<'a> =
-    Box<dyn FnMut(Option<&str>, &[u8], &[Vec<u8>]) -> Result<Vec<u8>, String> + 'a>;
+/// What a [`Refiner`] is given.
+#[derive(Debug, Clone, Copy)]
+pub struct RefineInput<'a> {
+    /// The architecture the base global names.
+    pub arch: Option<&'a str>,
+    /// The merged model (safetensors).
+    pub merged: &'a [u8],
+    /// Every verified update's model (safetensors, the merged model's tensors only), in the merge's order.
+    pub updates: &'a [SiteModel],
+}
+
+/// One verified update's model, as a [`Refiner`] sees it.
+#[derive(Debug, Clone)]
+pub struct SiteModel {
+    /// The site that signed it.
+    pub site: String,
+    /// Its model (safetensors).
+    pub model: Vec<u8>,
+}
+
+/// What a [`Refiner`] returns.
+#[derive(Debug, Clone)]
+pub struct Refined {
+    /// The model to seal (safetensors, the merged model's tensors).
+    pub model: Vec<u8>,
+    /// What the step found, recorded after its description (e.g. which model a selection kept).
+    pub note: Option<String>,
+}
+
+/// The function of a [`Refiner`].
+pub type RefineFn<'a> = Box<dyn FnMut(RefineInput<'_>) -> Result<Refined, String> + 'a>;
 
 impl std::fmt::Debug for Refiner<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -299,8 +328,8 @@ fn refine(
     arch: Option<&str>,
     layout: &[TensorMeta],
     merged: Vec<(TensorMeta, Vec<u8>)>,
-    updates: &[Vec<u8>],
-) -> Result<Vec<Vec<u8>>, HqError> {
+    updates: &[SiteModel],
+) -> Result<(Vec<Vec<u8>>, Option<String>), HqError> {
     let bad = |why: String| HqError::Refine {
         what: refiner.describe.clone(),
         why,
@@ -320,8 +349,13 @@ fn refine(
         .collect();
     let merged_bytes = encode_safetensors(&owned)?;
     drop(owned);
-    let refined = (refiner.run)(arch, &merged_bytes, updates).map_err(&bad)?;
-    let payload = Payload::from_safetensors_vec(refined).map_err(|e| bad(e.to_string()))?;
+    let refined = (refiner.run)(RefineInput {
+        arch,
+        merged: &merged_bytes,
+        updates,
+    })
+    .map_err(&bad)?;
+    let payload = Payload::from_safetensors_vec(refined.model).map_err(|e| bad(e.to_string()))?;
     if payload.metas() != layout {
         return Err(bad(
             "the refined model's tensors differ from the merged model's".into(),
@@ -338,7 +372,7 @@ fn refine(
         }
         out.push(t.data.to_vec());
     }
-    Ok(out)
+    Ok((out, refined.note))
 }
 
 /// What a round produced.
@@ -819,6 +853,12 @@ fn run_gate(
     Ok((before, after))
 }
 
+/// Where [`merge_round_with`] sends the merged tensors: straight into the next global, or held for a refiner.
+enum Sink<'r, 'f, 'k> {
+    Stream(Box<BundleWriter<'k>>),
+    Hold(Vec<(TensorMeta, Vec<u8>)>, &'r mut Refiner<'f>),
+}
+
 /// [`merge_round`] with HQ's optional steps. `refiner` runs on the merged model before it is sealed (issue 14:
 /// distillation or recalibration at HQ); without one the global streams to the bundle as the merge computes it,
 /// with one the merged model and the updates are held in memory (fine for the models ferry trains). `gate`
@@ -927,11 +967,9 @@ pub fn merge_round_with(
     contributors.sort_by(|a, b| a.bundle.cmp(&b.bundle));
     let all_lists: Vec<Verified> = stored_lists.into_iter().chain(new_lists.clone()).collect();
     let created = ferry_bundle::unix_now();
-    let describe = match &refiner {
-        Some(r) => format!("{} then {}", config.merge.describe(), r.describe),
-        None => config.merge.describe(),
-    };
-    let draft = Draft {
+    let strategy = config.merge.describe();
+    let encrypt_to = with_hq(config.encrypt_to.keys_after(&base.manifest)?, key);
+    let draft = |strategy: &str| Draft {
         kind: BundleKind::Global,
         federation: base.manifest.federation.clone(),
         arch: base.manifest.arch.clone(),
@@ -939,18 +977,27 @@ pub fn merge_round_with(
         base: Some(current.hash.clone()),
         site: None,
         contributors: contributors.clone(),
-        strategy: Some(describe.clone()),
+        strategy: Some(strategy.to_string()),
         revocations: revocation::newest(&all_lists).map(|v| RevocationRef {
             serial: v.list.serial,
             sha256: v.sha256.clone(),
         }),
         created,
         expires: Some(created.saturating_add(config.valid_for)),
-        encrypt_to: with_hq(config.encrypt_to.keys_after(&base.manifest)?, key),
+        encrypt_to: encrypt_to.clone(),
     };
-    // The next global is compressed and hashed as the merge computes it, slice by slice: it is never held
-    // uncompressed.
-    let mut writer = BundleWriter::new(draft, layout.clone(), key, config.level)?;
+    // Without a refiner the next global is compressed and hashed as the merge computes it, slice by slice: it
+    // is never held uncompressed. With one, the merged model is held and the global sealed after the refiner,
+    // whose note (what a selection kept) the strategy records.
+    let mut sink = match refiner {
+        Some(r) => Sink::Hold(Vec::new(), r),
+        None => Sink::Stream(Box::new(BundleWriter::new(
+            draft(&strategy),
+            layout.clone(),
+            key,
+            config.level,
+        )?)),
+    };
     let mut contributions: Vec<Contribution<'_>> = infos
         .iter()
         .zip(sources.iter_mut())
@@ -961,40 +1008,57 @@ pub fn merge_round_with(
             source: s,
         })
         .collect();
-    let mut held: Vec<(TensorMeta, Vec<u8>)> = Vec::new();
     let report = merge_streaming(
         &layout,
         &mut base_source,
         &mut contributions,
         &config.merge,
         &mut server,
-        |meta, data| {
-            if refiner.is_some() {
+        |meta, data| match &mut sink {
+            Sink::Hold(held, _) => {
                 match held.last_mut() {
                     Some((m, d)) if m.name == meta.name => d.extend_from_slice(&data),
                     _ => held.push((meta.clone(), data)),
                 }
-                return Ok(());
+                Ok(())
             }
-            writer.write(data).map_err(|e| MergeError::Output {
+            Sink::Stream(writer) => writer.write(data).map_err(|e| MergeError::Output {
                 tensor: meta.name.clone(),
                 reason: e.to_string(),
-            })
+            }),
         },
     )?;
-    if let Some(r) = refiner {
-        let mut updates = Vec::with_capacity(contributions.len());
-        for c in contributions.iter_mut() {
-            updates.push(safetensors_of(&layout, &mut *c.source)?);
+    let (writer, describe) = match sink {
+        Sink::Stream(writer) => (writer, strategy),
+        Sink::Hold(held, r) => {
+            let mut updates = Vec::with_capacity(contributions.len());
+            for c in contributions.iter_mut() {
+                updates.push(SiteModel {
+                    site: c.site.clone(),
+                    model: safetensors_of(&layout, &mut *c.source)?,
+                });
+            }
+            let (refined, note) =
+                refine(r, base.manifest.arch.as_deref(), &layout, held, &updates)?;
+            let describe = match note {
+                Some(note) => format!("{strategy} then {} ({note})", r.describe),
+                None => format!("{strategy} then {}", r.describe),
+            };
+            let mut writer = Box::new(BundleWriter::new(
+                draft(&describe),
+                layout.clone(),
+                key,
+                config.level,
+            )?);
+            for (meta, data) in layout.iter().zip(refined) {
+                writer.write(data).map_err(|e| MergeError::Output {
+                    tensor: meta.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            (writer, describe)
         }
-        let refined = refine(r, base.manifest.arch.as_deref(), &layout, held, &updates)?;
-        for (meta, data) in layout.iter().zip(refined) {
-            writer.write(data).map_err(|e| MergeError::Output {
-                tensor: meta.name.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-    }
+    };
     drop(contributions);
     drop(sources);
     drop(base_source);

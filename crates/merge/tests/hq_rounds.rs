@@ -950,9 +950,14 @@ fn a_retired_hq_key_still_opens_what_was_encrypted_to_it_and_new_globals_leave_i
     hq::emit(&fed.state, &new_hq, &out2).unwrap();
 }
 
+/// A refiner's result without a note.
+fn refined(model: Vec<u8>) -> hq::Refined {
+    hq::Refined { model, note: None }
+}
+
 /// Issue 14: a refiner (what `ferry-server merge --distill` hands the merge) sees the merged model and every
-/// update, its output is what HQ signs and records (with its description), and a refiner that fails, changes
-/// the layout or returns a non-finite value refuses the round with nothing written.
+/// update with its site, its output is what HQ signs and records (with its description and note), and a
+/// refiner that fails, changes the layout or returns a non-finite value refuses the round with nothing written.
 #[test]
 fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
     let fed = Fed::new();
@@ -986,26 +991,28 @@ fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
         assert_eq!(fed.snapshot(), before, "state changed after: {err}");
         err
     };
-    refuse(Box::new(|_, _, _| Err("out of HQ data".into())));
+    refuse(Box::new(|_| Err("out of HQ data".into())));
     // Another layout: only the conv weights.
-    let e = refuse(Box::new(|_, _, _| {
+    let e = refuse(Box::new(|_| {
         let conv = bytes_f32(&Model::at(2.0).conv);
-        Ok(Payload::from_tensors(&[TensorRef {
-            name: "conv1.weight",
-            dtype: Dtype::F32,
-            shape: &[2, 3],
-            data: &conv,
-        }])
-        .unwrap()
-        .bytes()
-        .to_vec())
+        Ok(refined(
+            Payload::from_tensors(&[TensorRef {
+                name: "conv1.weight",
+                dtype: Dtype::F32,
+                shape: &[2, 3],
+                data: &conv,
+            }])
+            .unwrap()
+            .bytes()
+            .to_vec(),
+        ))
     }));
     assert!(e.to_string().contains("differ"), "{e}");
     // Not a safetensors file at all.
-    refuse(Box::new(|_, _, _| {
+    refuse(Box::new(|_| {
         let mut p = Model::at(2.0).payload().bytes().to_vec();
         p.truncate(p.len() - 4);
-        Ok(p)
+        Ok(refined(p))
     }));
     // A NaN in the conv weights: patched into the bytes, since ferry's own payload builder refuses one.
     let mut nan_bytes = Model::at(2.0).payload().bytes().to_vec();
@@ -1013,23 +1020,28 @@ fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&nan_bytes).unwrap();
     let at = data_start + meta.info("conv1.weight").unwrap().data_offsets.0;
     nan_bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let e = refuse(Box::new(move |_, _, _| Ok(nan_bytes.clone())));
+    let e = refuse(Box::new(move |_| Ok(refined(nan_bytes.clone()))));
     assert!(e.to_string().contains("NaN or infinity"), "{e}");
 
-    // A refiner that checks its inputs and returns the merge plus 1 on the conv weights.
+    // A refiner that checks its inputs and returns the merge plus 1 on the conv weights, with a note.
     let mut seen = Vec::new();
+    let mut sites = Vec::new();
     let mut r = hq::Refiner {
         describe: "plus-one".into(),
-        run: Box::new(|arch, merged, updates| {
-            assert_eq!(arch, None);
-            let m = read_tensors(merged);
+        run: Box::new(|input| {
+            assert_eq!(input.arch, None);
+            let m = read_tensors(input.merged);
             seen.push(f32s(&m["conv1.weight"].1));
-            for u in updates {
-                seen.push(f32s(&read_tensors(u)["conv1.weight"].1));
+            for u in input.updates {
+                seen.push(f32s(&read_tensors(&u.model)["conv1.weight"].1));
+                sites.push(u.site.clone());
             }
             let mut out = Model::at(2.0);
             out.conv = f32s(&m["conv1.weight"].1).iter().map(|x| x + 1.0).collect();
-            Ok(out.payload().bytes().to_vec())
+            Ok(hq::Refined {
+                model: out.payload().bytes().to_vec(),
+                note: Some("plus one everywhere".into()),
+            })
         }),
     };
     let out = hq::merge_round_with(
@@ -1054,9 +1066,17 @@ fn a_refiner_sees_the_merge_and_the_updates_and_its_output_is_signed() {
     let conv = f32s(&read_tensors(g1.payload())["conv1.weight"].1);
     let want: Vec<f32> = Model::at(2.0).conv.iter().map(|x| x + 1.0).collect();
     assert_eq!(conv, want);
+    sites.sort();
+    assert_eq!(sites, vec!["site-a".to_string(), "site-b".to_string()]);
+    // The note is recorded after the step's description, in the global and in the ledger alike.
     let strategy = g1.manifest.strategy.clone().unwrap();
-    assert!(strategy.ends_with("then plus-one"), "{strategy}");
-    assert_eq!(hq::status(&fed.state).unwrap().round, 1);
+    assert!(
+        strategy.ends_with("then plus-one (plus one everywhere)"),
+        "{strategy}"
+    );
+    let status = hq::status(&fed.state).unwrap();
+    assert_eq!(status.round, 1);
+    assert_eq!(status.rounds.last().unwrap().strategy, strategy);
 }
 
 /// Issue 15 §5: HQ remembers whom the federation's globals are encrypted to. With no `--encrypt-to`, the next

@@ -1,13 +1,17 @@
 //! HQ's own training (issue 14, "fewer trips"): `merge --distill SPEC` (ensemble distillation of the merged
-//! model on HQ's own data, before the global is sealed) and `init --pretrain SPEC` (a warm start: round 0
-//! trained on HQ's own data). The ML is `ferry_train`'s; the merge hook is `ferry_merge::hq::Refiner`.
+//! model on HQ's own data, before the global is sealed), `init --pretrain SPEC` (a warm start: round 0
+//! trained on HQ's own data) and `merge --select SPEC` (the merge or one site's model, whichever reads HQ's
+//! labelled data best). The ML is `ferry_train`'s; the merge hook is `ferry_merge::hq::Refiner`.
 //! HQ's data is HQ's alone (a synthetic renderer configuration, a public dataset, a slice no site holds):
 //! never site data.
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ferry_bundle::escape;
+use ferry_merge::hq::{Refined, Refiner};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::distill::{distill_safetensors, DistillConfig, PretrainConfig};
+use ferry_train::select::{select_best, Candidate};
 use ferry_train::{Arch, EpochStats, TrainObserver};
 
 /// `merge --distill` and its settings.
@@ -33,6 +37,12 @@ pub struct DistillArgs {
     /// spec; labels unused), as `ferry-client recalibrate` does at a site. Example: --recalibrate plates:clean:2000:5
     #[arg(long, value_name = "SPEC", conflicts_with = "distill")]
     pub recalibrate: Option<DataSpec>,
+    /// After the merge (and --distill or --recalibrate), evaluate the merged model and every site's model on
+    /// HQ's own labelled data and seal the one that reads it best as the next global; a tie keeps the merge.
+    /// The choice and every score are recorded with the round. A site's model chosen goes to every site.
+    /// Example: --select folder:hq-val/labels.csv
+    #[arg(long, value_name = "SPEC")]
+    pub select: Option<DataSpec>,
 }
 
 /// `init --pretrain` and its settings.
@@ -81,27 +91,83 @@ impl TrainObserver for EpochLines {
     }
 }
 
-/// The refiner `merge --distill` or `merge --recalibrate` hands the merge, or `None` without either.
-pub fn refiner(a: &DistillArgs) -> Option<ferry_merge::hq::Refiner<'static>> {
-    if let Some(spec) = a.recalibrate.clone() {
-        return Some(ferry_merge::hq::Refiner {
-            describe: format!("recalibrate data={spec}"),
-            run: Box::new(move |arch, merged, _| {
-                let arch = Arch::from_name(arch.unwrap_or("")).map_err(|e| {
-                    format!("recalibration needs a global that names an architecture ferry trains ({e})")
-                })?;
-                let data = load(&spec, None, arch).map_err(|e| format!("{e:#}"))?;
-                let (bytes, r) =
-                    ferry_train::train::recalibrate_safetensors(arch, merged, &data, 256)
-                        .map_err(|e| e.to_string())?;
-                eprintln!(
-                    "re-estimated the BatchNorm statistics on {} HQ images ({} batches)",
-                    r.samples, r.batches
-                );
-                Ok(bytes)
-            }),
-        });
-    }
+fn arch_of(name: Option<&str>, step: &str) -> Result<Arch, String> {
+    Arch::from_name(name.unwrap_or(""))
+        .map_err(|e| format!("{step} needs a global that names an architecture ferry trains ({e})"))
+}
+
+/// The refiner `merge --distill`, `--recalibrate` and `--select` hand the merge, or `None` without any: the
+/// distillation or recalibration first, then the selection among its result and the site models.
+pub fn refiner(a: &DistillArgs) -> Option<Refiner<'static>> {
+    let step = recalibrator(a).or_else(|| distiller(a));
+    let Some(spec) = a.select.clone() else {
+        return step;
+    };
+    let describe = match &step {
+        Some(s) => format!("{} then select data={spec}", s.describe),
+        None => format!("select data={spec}"),
+    };
+    let mut step = step;
+    Some(Refiner {
+        describe,
+        run: Box::new(move |input| {
+            let refined = match step.as_mut() {
+                Some(s) => Some((s.run)(input)?),
+                None => None,
+            };
+            let arch = arch_of(input.arch, "selection")?;
+            let data = load(&spec, None, arch).map_err(|e| format!("{e:#}"))?;
+            let names: Vec<String> = input
+                .updates
+                .iter()
+                .map(|u| format!("{}'s model", escape(&u.site)))
+                .collect();
+            let mut candidates = vec![Candidate {
+                name: "the merge",
+                weights: refined
+                    .as_ref()
+                    .map_or(input.merged, |r| r.model.as_slice()),
+            }];
+            candidates.extend(input.updates.iter().zip(&names).map(|(u, name)| Candidate {
+                name,
+                weights: &u.model,
+            }));
+            let s = select_best(arch, &candidates, &data, 256).map_err(|e| e.to_string())?;
+            eprintln!("selection on HQ's data: {}", s.note());
+            let note = match refined.as_ref().and_then(|r| r.note.as_deref()) {
+                Some(n) => format!("{n}; {}", s.note()),
+                None => s.note(),
+            };
+            Ok(Refined {
+                model: candidates[s.chosen].weights.to_vec(),
+                note: Some(note),
+            })
+        }),
+    })
+}
+
+/// `merge --recalibrate`.
+fn recalibrator(a: &DistillArgs) -> Option<Refiner<'static>> {
+    let spec = a.recalibrate.clone()?;
+    Some(Refiner {
+        describe: format!("recalibrate data={spec}"),
+        run: Box::new(move |input| {
+            let arch = arch_of(input.arch, "recalibration")?;
+            let data = load(&spec, None, arch).map_err(|e| format!("{e:#}"))?;
+            let (model, r) =
+                ferry_train::train::recalibrate_safetensors(arch, input.merged, &data, 256)
+                    .map_err(|e| e.to_string())?;
+            eprintln!(
+                "re-estimated the BatchNorm statistics on {} HQ images ({} batches)",
+                r.samples, r.batches
+            );
+            Ok(Refined { model, note: None })
+        }),
+    })
+}
+
+/// `merge --distill`.
+fn distiller(a: &DistillArgs) -> Option<Refiner<'static>> {
     let spec = a.distill.clone()?;
     let cfg = DistillConfig {
         epochs: a.distill_epochs,
@@ -110,20 +176,19 @@ pub fn refiner(a: &DistillArgs) -> Option<ferry_merge::hq::Refiner<'static>> {
         ..DistillConfig::default()
     };
     let limit = a.distill_limit;
-    Some(ferry_merge::hq::Refiner {
+    Some(Refiner {
         describe: format!(
             "distill epochs={} lr={} t={} data={spec}",
             cfg.epochs, cfg.lr, cfg.temperature
         ),
-        run: Box::new(move |arch, merged, updates| {
-            let arch = Arch::from_name(arch.unwrap_or("")).map_err(|e| {
-                format!("distillation needs a global that names an architecture ferry trains ({e})")
-            })?;
+        run: Box::new(move |input| {
+            let arch = arch_of(input.arch, "distillation")?;
             let data = load(&spec, limit, arch).map_err(|e| format!("{e:#}"))?;
-            let (bytes, s) = distill_safetensors(
+            let teachers: Vec<&[u8]> = input.updates.iter().map(|u| u.model.as_slice()).collect();
+            let (model, s) = distill_safetensors(
                 arch,
-                merged,
-                updates,
+                input.merged,
+                &teachers,
                 &data,
                 &cfg,
                 &mut EpochLines("distilling"),
@@ -133,7 +198,7 @@ pub fn refiner(a: &DistillArgs) -> Option<ferry_merge::hq::Refiner<'static>> {
                 "distilled {} site models on {} HQ samples: KL to the ensemble {:.4} -> {:.4}",
                 s.teachers, s.samples, s.kl_before, s.kl_after
             );
-            Ok(bytes)
+            Ok(Refined { model, note: None })
         }),
     })
 }

@@ -388,9 +388,10 @@ fn tensors_of(path: &Path, ring: &Keyring) -> BTreeMap<String, Vec<u8>> {
 
 /// HQ's own training steps through the binary (issue 14): `init --pretrain` trains round 0 on HQ's data,
 /// `merge --distill` and `merge --recalibrate` change the merged model before it is signed and say so in
-/// the strategy, and unreadable HQ data refuses the round in one line with nothing written.
+/// the strategy, `merge --select` seals the model its recorded note names, and unreadable HQ data refuses the
+/// round in one line with nothing written.
 #[test]
-fn hq_pretrain_distill_and_recalibrate_through_the_binary() {
+fn hq_pretrain_distill_recalibrate_and_select_through_the_binary() {
     let h = Hq::start();
     let g0 = h.out.join("global-r0.ferry");
     const HQ_DATA: &str = "plates:loose:32:11";
@@ -495,6 +496,55 @@ fn hq_pretrain_distill_and_recalibrate_through_the_binary() {
     // --distill and --recalibrate together are refused by the argument parser.
     let o = h.merge(&u2, &["--distill", HQ_DATA, "--recalibrate", HQ_DATA]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
+
+    // merge --distill --select: HQ evaluates the distilled merge and the site's model on its labelled plates and
+    // seals the one the recorded note names, with both scores in the strategy.
+    let u3 = h.update(&g2, 1.1);
+    let o = h.merge(
+        &u3,
+        &[
+            "--distill",
+            HQ_DATA,
+            "--distill-epochs",
+            "1",
+            "--select",
+            HQ_DATA,
+        ],
+    );
+    success(&o);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("selection on HQ's data: kept "), "{said}");
+    let g3 = h.out.join("global-r3.ferry");
+    let strategy = ferry_bundle::open_file(&g3, &h.hq_ring)
+        .unwrap()
+        .manifest
+        .strategy
+        .unwrap();
+    assert!(
+        strategy.contains(&format!(
+            "then distill epochs=1 lr=0.0005 t=1 data={HQ_DATA} then select data={HQ_DATA} (kept "
+        )),
+        "{strategy}"
+    );
+    let sealed = tensors_of(&g3, &h.hq_ring);
+    let site = tensors_of(&u3, &h.hq_ring_with_site());
+    if strategy.contains("(kept site-a's model: ") {
+        assert!(strategy.contains("; the merge "), "{strategy}");
+        assert_eq!(sealed, site);
+    } else {
+        assert!(strategy.contains("(kept the merge: "), "{strategy}");
+        assert!(strategy.contains("; site-a's model "), "{strategy}");
+        assert_ne!(
+            sealed["fc1.weight"], site["fc1.weight"],
+            "the distilled merge was not sealed"
+        );
+    }
+    // Unreadable selection data: refused in one line, nothing written.
+    let u4 = h.update(&g3, 1.0);
+    let before = h.snapshot();
+    let e = refusal(&h.merge(&u4, &["--select", "folder:/nonexistent/labels.csv"]));
+    assert!(e.contains("select") && e.contains("labels.csv"), "{e}");
+    assert_eq!(h.snapshot(), before);
 }
 
 impl Hq {

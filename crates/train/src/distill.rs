@@ -357,7 +357,7 @@ pub fn distill(
 pub fn distill_safetensors(
     arch: Arch,
     merged: &[u8],
-    teachers: &[Vec<u8>],
+    teachers: &[&[u8]],
     data: &Dataset,
     cfg: &DistillConfig,
     obs: &mut dyn TrainObserver,

@@ -24,6 +24,7 @@ pub mod model;
 pub mod optim;
 mod param_grads;
 pub mod predict;
+pub mod select;
 #[cfg(test)]
 mod testutil;
 pub mod train;

@@ -4,11 +4,13 @@
 //! Two "site" models learn disjoint halves of the classes (a label skew as in a Dirichlet split); the student
 //! distils them on HQ's images (labels unused), and its KL divergence to their averaged softmax must fall on
 //! **held-out** HQ images that distillation never saw. Measured: about 1.0 -> 0.2 nats; asserted: halved.
+//! HQ's selection between the merge and the site models (`merge --select`) is tested on the same data.
 
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::distill::{
     distill, distill_safetensors, ensemble_accuracy, kl_to_ensemble, DistillConfig,
 };
+use ferry_train::select::{select_best, Candidate};
 use ferry_train::{evaluate, train, Adam, AdamConfig, Arch, Device, Model, TrainConfig};
 
 fn fashion(n: usize) -> Dataset {
@@ -81,8 +83,9 @@ fn distillation_lowers_the_students_kl_to_the_ensemble_on_held_out_hq_data() {
         .iter()
         .map(|t| t.to_safetensors().unwrap())
         .collect();
+    let teacher_refs: Vec<&[u8]> = teacher_bytes.iter().map(Vec::as_slice).collect();
     let (bytes, s2) =
-        distill_safetensors(Arch::MnistCnn, &start, &teacher_bytes, &hq, &cfg, &mut ()).unwrap();
+        distill_safetensors(Arch::MnistCnn, &start, &teacher_refs, &hq, &cfg, &mut ()).unwrap();
     assert_eq!(bytes, student.to_safetensors().unwrap());
     assert_eq!(s2.kl_after, s.kl_after);
 }
@@ -100,4 +103,55 @@ fn distillation_refuses_bad_settings_and_no_teachers() {
     assert!(e.to_string().contains("learning rate"), "{e}");
     let e = distill(&mut student, &[], &data, &DistillConfig::default(), &mut ()).unwrap_err();
     assert!(e.to_string().contains("teacher"), "{e}");
+}
+
+/// `merge --select` (issue 14): HQ keeps the candidate that reads its labelled data best, its scores are the
+/// evaluations themselves, a tie keeps the first candidate (the merge), and an empty choice is refused.
+#[test]
+fn selection_keeps_the_model_that_reads_hqs_data_best() {
+    let all = fashion(1600);
+    let hq = all.subset(&(1000..1600).collect::<Vec<_>>());
+    // site-a learns every class, site-b only classes 0-4; the "merge" is an untrained model.
+    let a = site_model(&all.subset(&(0..1000).collect::<Vec<_>>()), 1);
+    let low: Vec<usize> = (0..1000).filter(|&i| all.labels[i] < 5).collect();
+    let b = site_model(&all.subset(&low), 2);
+    let untrained = Model::init(Arch::MnistCnn, 3, &Device::Cpu).unwrap();
+    let bytes = [&untrained, &a, &b].map(|m| m.to_safetensors().unwrap());
+    let names = ["the merge", "site-a's model", "site-b's model"];
+    let candidates: Vec<Candidate> = names
+        .iter()
+        .zip(&bytes)
+        .map(|(name, w)| Candidate { name, weights: w })
+        .collect();
+    let s = select_best(Arch::MnistCnn, &candidates, &hq, 128).unwrap();
+    let acc: Vec<f64> = [&untrained, &a, &b]
+        .iter()
+        .map(|m| evaluate(m, &hq, 128).unwrap().accuracy)
+        .collect();
+    assert!(acc[1] > acc[2] && acc[2] > acc[0], "{acc:?}");
+    assert_eq!(s.chosen, 1, "{s:?}");
+    let got: Vec<f64> = s.scores.iter().map(|x| x.1).collect();
+    assert_eq!(got, acc);
+    assert!(
+        s.note().starts_with("kept site-a's model: "),
+        "{}",
+        s.note()
+    );
+    assert!(s.note().contains("the merge ") && s.note().contains("site-b's model "));
+
+    // Two equal candidates: the first (the merge) is kept.
+    let twice = [
+        candidates[1],
+        Candidate {
+            name: "the copy",
+            ..candidates[1]
+        },
+    ];
+    assert_eq!(
+        select_best(Arch::MnistCnn, &twice, &hq, 128)
+            .unwrap()
+            .chosen,
+        0
+    );
+    assert!(select_best(Arch::MnistCnn, &[], &hq, 128).is_err());
 }
