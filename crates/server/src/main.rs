@@ -174,7 +174,7 @@ const DAY: u64 = 86_400;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  ferry-server merge --state hq/ /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n      (key, stick and [merge] settings from hq/ferry.toml; the members' keys are trusted)\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --state hq/ --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n  # Fisher-weighted (the sites ran ferry-client fisher and export --fisher)\n  ferry-server merge --state hq/ --strategy fisher /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
+    after_help = "Examples:\n  ferry-server merge --key keys/hq.key --trust keys/ --state hq/ --out bundles/ \\\n      /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n  ferry-server merge --state hq/ /media/usb/site-a-r3.ferry /media/usb/site-b-r3.ferry\n      (key, stick and [merge] settings from hq/ferry.toml; the members' keys are trusted)\n  # few trips (docs/merging.md): distil the site models into the merge on HQ's own data\n  ferry-server merge --state hq/ --distill idx:/srv/hq-data --distill-epochs 2 /media/usb/*.ferry\n  # Fisher-weighted (the sites ran ferry-client fisher and export --fisher)\n  ferry-server merge --state hq/ --strategy fisher /media/usb/*.ferry\n  # seal the merge or one site's model, whichever reads HQ's own labelled plates best\n  ferry-server merge --state hq/ --select folder:/srv/hq-val/labels.csv /media/usb/*.ferry\n\nRefuses the whole batch (nothing written, ledger unchanged) on any stale, replayed, duplicate,\nforeign, unverifiable or non-finite update."
 )]
 struct MergeArgs {
     /// HQ's secret key (default: ferry.toml's key).
@@ -233,7 +233,7 @@ struct MergeArgs {
     /// --encrypt-to PUB / --no-encrypt.
     #[command(flatten)]
     encrypt: recipients::EncryptArgs,
-    /// Ensemble distillation on HQ's own data after the merge (issue 14).
+    /// HQ's steps on its own data after the merge (issue 14): distillation, recalibration, selection.
     #[command(flatten)]
     distill: hq_train::DistillArgs,
     /// Update bundles.
