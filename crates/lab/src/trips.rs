@@ -11,7 +11,8 @@
 //!
 //! Every HQ step goes through the tools' own path: distillation is `ferry_merge::hq::merge_round_with`
 //! with the refiner `ferry-server merge --distill` builds from `ferry_train::distill`; the warm start is the
-//! training `ferry-server init --pretrain` runs; the server step is `--strategy fedavgm`.
+//! training `ferry-server init --pretrain` runs; the server step is `--strategy fedavgm`; the choice between
+//! the merge and the site models is the refiner of `ferry-server merge --select`, on hq-tune.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -66,15 +67,18 @@ pub enum RowGroup {
     Pretrain,
     /// `one-shot-fisher`, `two-trip-fisher`.
     Fisher,
+    /// `one-shot-select`, `two-trip-select`.
+    Select,
 }
 
 impl RowGroup {
     /// Every group.
-    pub const ALL: [RowGroup; 4] = [
+    pub const ALL: [RowGroup; 5] = [
         RowGroup::Distill,
         RowGroup::Fedavgm,
         RowGroup::Pretrain,
         RowGroup::Fisher,
+        RowGroup::Select,
     ];
 }
 
@@ -298,6 +302,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     let d = fork(&a, RowGroup::Distill, "distill")?;
     let m = fork(&a, RowGroup::Fedavgm, "fedavgm")?;
     let fi = fork(&a, RowGroup::Fisher, "fisher")?;
+    let sel = fork(&a, RowGroup::Select, "select")?;
 
     // FedAvg: 1..R trips.
     let mut curve = Vec::new();
@@ -328,6 +333,23 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
         push(
             &mut rows,
             ctx.row(&d, "two-trip-distill", 2, "distilled after both merges")?,
+        );
+    }
+
+    // HQ's choice after each merge: the merge or one site's model, whichever reads hq-tune best.
+    if let Some(mut sel) = sel {
+        let u1s = moved_paths(&u1, &a.root, &sel.root);
+        let mut selector = select_refiner(arch, &data.hq_tune, "hq-tune");
+        ctx.merge(&mut sel, &u1s, &fedavg, Some(&mut selector))?;
+        push(
+            &mut rows,
+            ctx.row(&sel, "one-shot-select", 1, &sel.global_strategy()?)?,
+        );
+        let u = ctx.trip(&mut sel, 2)?;
+        ctx.merge(&mut sel, &u, &fedavg, Some(&mut selector))?;
+        push(
+            &mut rows,
+            ctx.row(&sel, "two-trip-select", 2, &sel.global_strategy()?)?,
         );
     }
 

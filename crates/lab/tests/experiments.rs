@@ -504,6 +504,8 @@ fn few_trips_rows_through_the_binary() {
         ("two-trip-pretrain-distill", 2),
         ("one-shot-fisher", 1),
         ("two-trip-fisher", 2),
+        ("one-shot-select", 1),
+        ("two-trip-select", 2),
         ("fedavg-2", 2),
     ] {
         assert_eq!(trips(name), t, "{name}");
@@ -515,7 +517,9 @@ fn few_trips_rows_through_the_binary() {
     let one = bytes("one-shot-avg");
     assert!(one > 0);
     assert_eq!(bytes("one-shot-distill"), one);
+    assert_eq!(bytes("one-shot-select"), one);
     for two in [
+        "two-trip-select",
         "two-trip-distill",
         "fedavg-2",
         "two-trip-fedavgm",
@@ -555,6 +559,24 @@ fn few_trips_rows_through_the_binary() {
         std::fs::read_to_string(out.join(branch).join("hq").join("ledger.json")).unwrap()
     };
     assert!(ledger("distill").contains("then distill"));
+    assert_eq!(
+        ledger("select")
+            .matches("then select data=hq-tune (kept ")
+            .count(),
+        2
+    );
+    // --select seals the merge (one-shot-avg's global) or the site model HQ reads best (best-site's score).
+    let note = row("one-shot-select")["note"].as_str().unwrap();
+    let tune = |name: &str| row(name)["hq_tune_accuracy"].as_f64().unwrap();
+    if note.contains("(kept the merge: ") {
+        assert_eq!(
+            row("one-shot-select")["accuracy"],
+            row("one-shot-avg")["accuracy"]
+        );
+    } else {
+        assert!(note.contains("'s model: "), "{note}");
+        assert_eq!(tune("one-shot-select"), tune("best-site"), "{note}");
+    }
     assert!(ledger("fisher-b0").contains("fisher weights=samples bound=3"));
     assert!(!ledger("fedavg").contains("then "));
     for f in ["trips.md", "trips.csv", "trips.json", "trips.png"] {
