@@ -420,13 +420,6 @@ impl Federation {
         )?)
     }
 
-    /// The strategy the newest global records (after `merge --select`: what HQ kept and every score).
-    pub fn global_strategy(&self) -> Result<String> {
-        let bundle = open_file(&self.global, &self.site_trust)
-            .with_context(|| format!("verifying {}", self.global.display()))?;
-        Ok(bundle.manifest.strategy.clone().unwrap_or_default())
-    }
-
     /// Accuracy of the newest global on `data`.
     pub fn evaluate_global(&self, data: &Dataset) -> Result<Evaluation> {
         Ok(evaluate(&self.global_model()?, data, EVAL_BATCH)?)

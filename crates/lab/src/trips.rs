@@ -25,7 +25,7 @@ use ferry_train::distill::{
     distill_safetensors, ensemble_accuracy, pretrain, DistillConfig, PretrainConfig,
 };
 use ferry_train::fisher::FisherConfig;
-use ferry_train::select::{select_best, Candidate};
+use ferry_train::select::merge_or_site;
 use ferry_train::{evaluate, Arch, Device, Model, TrainConfig};
 use serde::Serialize;
 
@@ -340,17 +340,11 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     if let Some(mut sel) = sel {
         let u1s = moved_paths(&u1, &a.root, &sel.root);
         let mut selector = select_refiner(arch, &data.hq_tune, "hq-tune");
-        ctx.merge(&mut sel, &u1s, &fedavg, Some(&mut selector))?;
-        push(
-            &mut rows,
-            ctx.row(&sel, "one-shot-select", 1, &sel.global_strategy()?)?,
-        );
+        let kept = ctx.merge(&mut sel, &u1s, &fedavg, Some(&mut selector))?;
+        push(&mut rows, ctx.row(&sel, "one-shot-select", 1, &kept)?);
         let u = ctx.trip(&mut sel, 2)?;
-        ctx.merge(&mut sel, &u, &fedavg, Some(&mut selector))?;
-        push(
-            &mut rows,
-            ctx.row(&sel, "two-trip-select", 2, &sel.global_strategy()?)?,
-        );
+        let kept = ctx.merge(&mut sel, &u, &fedavg, Some(&mut selector))?;
+        push(&mut rows, ctx.row(&sel, "two-trip-select", 2, &kept)?);
     }
 
     // The server step for round 2: FedAvgM (β 0.9), its lr chosen on hq-tune.
@@ -578,20 +572,21 @@ impl Ctx<'_> {
         Ok(updates)
     }
 
+    /// HQ merges `updates`; returns the strategy the new global records (after `--select`: what HQ kept).
     fn merge(
         &self,
         fed: &mut Federation,
         updates: &[PathBuf],
         cfg: &RoundConfig,
         refiner: Option<&mut Refiner<'_>>,
-    ) -> Result<()> {
+    ) -> Result<String> {
         let s = spinner(format!("HQ: merging {} updates", updates.len()));
         let r = match refiner {
-            Some(r) => fed.merge_refined(updates, cfg, r).map(|_| ()),
-            None => fed.merge(updates, cfg).map(|_| ()),
+            Some(r) => fed.merge_refined(updates, cfg, r),
+            None => fed.merge(updates, cfg),
         };
         s.finish_and_clear();
-        r
+        Ok(r?.sealed.manifest.strategy.unwrap_or_default())
     }
 
     /// The refiner of `ferry-server merge --distill`, on hq-train.
@@ -738,23 +733,16 @@ pub(crate) fn select_refiner<'a>(arch: Arch, data: &'a Dataset, data_name: &'a s
     Refiner {
         describe: format!("select data={data_name}"),
         run: Box::new(move |input| {
-            let names: Vec<String> = input
+            let sites: Vec<(String, &[u8])> = input
                 .updates
                 .iter()
-                .map(|u| format!("{}'s model", u.site))
+                .map(|u| (u.site.clone(), u.model.as_slice()))
                 .collect();
-            let mut candidates = vec![Candidate {
-                name: "the merge",
-                weights: input.merged,
-            }];
-            candidates.extend(input.updates.iter().zip(&names).map(|(u, name)| Candidate {
-                name,
-                weights: &u.model,
-            }));
-            let s = select_best(arch, &candidates, data, EVAL_BATCH).map_err(|e| e.to_string())?;
+            let (model, s) = merge_or_site(arch, input.merged, &sites, data, EVAL_BATCH)
+                .map_err(|e| e.to_string())?;
             println!("  HQ's selection on {data_name}: {}", s.note());
             Ok(Refined {
-                model: candidates[s.chosen].weights.to_vec(),
+                model,
                 note: Some(s.note()),
             })
         }),

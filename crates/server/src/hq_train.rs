@@ -11,7 +11,7 @@ use ferry_bundle::escape;
 use ferry_merge::hq::{Refined, Refiner};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::distill::{distill_safetensors, DistillConfig, PretrainConfig};
-use ferry_train::select::{select_best, Candidate};
+use ferry_train::select::merge_or_site;
 use ferry_train::{Arch, EpochStats, TrainObserver};
 
 /// `merge --distill` and its settings.
@@ -117,29 +117,23 @@ pub fn refiner(a: &DistillArgs) -> Option<Refiner<'static>> {
             };
             let arch = arch_of(input.arch, "selection")?;
             let data = load(&spec, None, arch).map_err(|e| format!("{e:#}"))?;
-            let names: Vec<String> = input
+            let sites: Vec<(String, &[u8])> = input
                 .updates
                 .iter()
-                .map(|u| format!("{}'s model", escape(&u.site)))
+                .map(|u| (escape(&u.site), u.model.as_slice()))
                 .collect();
-            let mut candidates = vec![Candidate {
-                name: "the merge",
-                weights: refined
-                    .as_ref()
-                    .map_or(input.merged, |r| r.model.as_slice()),
-            }];
-            candidates.extend(input.updates.iter().zip(&names).map(|(u, name)| Candidate {
-                name,
-                weights: &u.model,
-            }));
-            let s = select_best(arch, &candidates, &data, 256).map_err(|e| e.to_string())?;
+            let merged = refined
+                .as_ref()
+                .map_or(input.merged, |r| r.model.as_slice());
+            let (model, s) =
+                merge_or_site(arch, merged, &sites, &data, 256).map_err(|e| e.to_string())?;
             eprintln!("selection on HQ's data: {}", s.note());
             let note = match refined.as_ref().and_then(|r| r.note.as_deref()) {
                 Some(n) => format!("{n}; {}", s.note()),
                 None => s.note(),
             };
             Ok(Refined {
-                model: candidates[s.chosen].weights.to_vec(),
+                model,
                 note: Some(note),
             })
         }),

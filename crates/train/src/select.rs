@@ -75,3 +75,31 @@ pub fn select_best(
     }
     Ok(Selection { chosen, scores })
 }
+
+/// HQ's choice after a merge: [`select_best`] between `merged` (named `the merge`, first, so a tie keeps it) and
+/// each `(site, weights)` (named `SITE's model`; the caller escapes untrusted site ids). Returns the chosen
+/// weights and the selection.
+pub fn merge_or_site(
+    arch: Arch,
+    merged: &[u8],
+    sites: &[(String, &[u8])],
+    data: &Dataset,
+    batch: usize,
+) -> Result<(Vec<u8>, Selection), TrainError> {
+    let names: Vec<String> = sites
+        .iter()
+        .map(|(site, _)| format!("{site}'s model"))
+        .collect();
+    let mut candidates = vec![Candidate {
+        name: "the merge",
+        weights: merged,
+    }];
+    candidates.extend(
+        sites
+            .iter()
+            .zip(&names)
+            .map(|((_, weights), name)| Candidate { name, weights }),
+    );
+    let s = select_best(arch, &candidates, data, batch)?;
+    Ok((candidates[s.chosen].weights.to_vec(), s))
+}

@@ -10,7 +10,7 @@ use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::distill::{
     distill, distill_safetensors, ensemble_accuracy, kl_to_ensemble, DistillConfig,
 };
-use ferry_train::select::{select_best, Candidate};
+use ferry_train::select::{merge_or_site, select_best, Candidate};
 use ferry_train::{evaluate, train, Adam, AdamConfig, Arch, Device, Model, TrainConfig};
 
 fn fashion(n: usize) -> Dataset {
@@ -138,6 +138,14 @@ fn selection_keeps_the_model_that_reads_hqs_data_best() {
         s.note()
     );
     assert!(s.note().contains("the merge ") && s.note().contains("site-b's model "));
+    // What both refiners call: the same choice, named the same way, and the chosen weights themselves.
+    let sites = [
+        ("site-a".to_string(), &bytes[1][..]),
+        ("site-b".to_string(), &bytes[2][..]),
+    ];
+    let (kept, s2) = merge_or_site(Arch::MnistCnn, &bytes[0], &sites, &hq, 128).unwrap();
+    assert_eq!(s2, s);
+    assert_eq!(kept, bytes[1]);
 
     // Two equal candidates: the first (the merge) is kept.
     let twice = [
