@@ -2,7 +2,7 @@
 # compare.sh — ferry against its PyTorch twin on this machine, in one run (issue 7).
 #
 #   bench/compare.sh                      # every model, train and infer, batch 64, 2 threads, 3 rounds
-#   ROUNDS=5 STEPS=60 THREADS=1 MODELS=plate-ctc bench/compare.sh
+#   ROUNDS=5 STEPS=60 THREADS=1 MODELS=plate-ctc-v2 bench/compare.sh
 #
 # Each round runs, back to back for every model and mode: ferry's fused ops, candle's generic ops (the baseline:
 # `ferry-lab bench --ops generic`), optionally an older ferry-lab binary (BEFORE=path), and the twin
@@ -21,7 +21,7 @@ STEPS=${STEPS:-40}
 BATCH=${BATCH:-64}
 THREADS=${THREADS:-2}
 BEFORE=${BEFORE:-}
-MODELS=${MODELS:-plate-ctc plate-cnn mnist-cnn}
+MODELS=${MODELS:-plate-ctc-v2 plate-cnn mnist-cnn}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT

@@ -4,8 +4,8 @@ training and inference steps on the CPU, printing the same JSON as `ferry-lab be
 
     python3 bench/torch_twin.py --model plate-cnn --batch 64 --steps 30 --threads 2
 
-Same network, checked: `cargo run --release -p ferry-train --example twin_check -- plate-ctc /tmp/twin` writes a
-trained ferry model and a batch with ferry's logits; `python3 bench/torch_twin.py check --model plate-ctc --dir
+Same network, checked: `cargo run --release -p ferry-train --example twin_check -- plate-ctc-v2 /tmp/twin` writes a
+trained ferry model and a batch with ferry's logits; `python3 bench/torch_twin.py check --model plate-ctc-v2 --dir
 /tmp/twin` loads the weights into the twin with `load_state_dict(strict=True)` and compares the logits.
 
 Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, model.rs):
@@ -17,6 +17,9 @@ Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, mod
 - plate-ctc-deep: plate-ctc with two more conv3x3 pad 1 -> BatchNorm2d -> ReLU layers without pooling, one after
   the second block (64 channels at 8x24) and one after the third (128 at 4x12): conv1..conv5 with bn1..bn5
   (32/64/64/128/128), the same per-column classifier and reading.
+- plate-ctc-v2 (ferry's default plate reader), plate-ctc-deep-v2: plate-ctc and plate-ctc-deep whose last pooling
+  is max_pool2d((2, 1)), halving the height and keeping the 24 columns (-> 128x4x24); per column its 512 features
+  -> fc1 256 + ReLU -> fc2 2x68: two rows of 24 steps, one per column.
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU

@@ -5,9 +5,9 @@ model.rs), with the same `state_dict` names, so that a recogniser written in Pyt
     import torch
     from ferry_models import load, read_plates
 
-    model = load("site/current.safetensors", "plate-ctc")      # nn.Module in eval mode, strict=True
+    model = load("site/current.safetensors", "plate-ctc-v2")   # nn.Module in eval mode, strict=True
     x = torch.rand(4, 1, 32, 96)                                # (batch, 1, 32, 96) grayscale in [0, 1]
-    print(read_plates("plate-ctc", model(x)))                   # ['12가3456', ...] as ferry reads them
+    print(read_plates("plate-ctc-v2", model(x)))                # ['12가3456', ...] as ferry reads them
 
 `tests/python_models.rs` (crates/client) checks in CI that a ferry-produced `current.safetensors` loads with
 `strict=True` and that the logits and readings match ferry's. `bench/torch_twin.py` times these same classes.
@@ -21,6 +21,9 @@ Architectures:
 - plate-ctc-deep: plate-ctc with two more conv3x3 pad 1 -> BatchNorm2d -> ReLU layers without pooling, one after
   the second block (64 channels at 8x24) and one after the third (128 at 4x12): conv1..conv5 with bn1..bn5
   (32/64/64/128/128), the same per-column classifier and reading.
+- plate-ctc-v2 (ferry's default plate reader), plate-ctc-deep-v2: plate-ctc and plate-ctc-deep whose last pooling
+  is max_pool2d((2, 1)): it halves the height and keeps the 24 columns (-> 128x4x24); per column its 512
+  features -> fc1 256 + ReLU -> fc2 2x68: two rows of 24 steps, one per column.
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
@@ -62,31 +65,36 @@ class PlateCnn(nn.Module):
 
 
 class PlateCtc(nn.Module):
-    """plate-ctc and plate-ctc-deep: conv blocks given as (channels, pool window), then the per-column classifier."""
-    ROWS, SUB, CLASSES = 2, 2, 68
-    DEEP = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1))  # plate-ctc-deep
+    """The CTC plate readers: conv blocks given as (channels, pool window (rows, columns)), then the per-column
+    classifier emitting `sub` steps per column and row."""
+    ROWS, CLASSES = 2, 68
+    SMALL = ((32, (2, 2)), (64, (2, 2)), (128, (2, 2)))  # plate-ctc
+    DEEP = ((32, (2, 2)), (64, (2, 2)), (64, (1, 1)), (128, (2, 2)), (128, (1, 1)))  # plate-ctc-deep
+    V2 = ((32, (2, 2)), (64, (2, 2)), (128, (2, 1)))  # plate-ctc-v2
+    DEEP_V2 = ((32, (2, 2)), (64, (2, 2)), (64, (1, 1)), (128, (2, 1)), (128, (1, 1)))  # plate-ctc-deep-v2
 
-    def __init__(self, convs=((32, 2), (64, 2), (128, 2)), hidden=256):
+    def __init__(self, convs=SMALL, hidden=256, sub=2):
         super().__init__()
         self.pools = [p for _, p in convs]
+        self.sub = sub
         cin, h = 1, 32
         for i, (cout, pool) in enumerate(convs, start=1):
             setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
             setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
-            cin, h = cout, h // pool
+            cin, h = cout, h // pool[0]
         self.fc1 = nn.Linear(cin * h, hidden)
-        self.fc2 = nn.Linear(hidden, self.ROWS * self.SUB * self.CLASSES)
+        self.fc2 = nn.Linear(hidden, self.ROWS * sub * self.CLASSES)
 
     def forward(self, x):
         for i, pool in enumerate(self.pools, start=1):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
-            if pool > 1:
+            if pool != (1, 1):
                 x = F.max_pool2d(x, pool)
         b, c, h, w = x.shape
         x = x.permute(0, 3, 1, 2).reshape(b * w, c * h)  # one row per column, features (channel, row)
-        x = self.fc2(F.relu(self.fc1(x))).view(b, w, self.ROWS, self.SUB, self.CLASSES)
+        x = self.fc2(F.relu(self.fc1(x))).view(b, w, self.ROWS, self.sub, self.CLASSES)
         # (batch, rows * steps, classes), each row's steps left to right
-        return x.permute(0, 2, 1, 3, 4).reshape(b, self.ROWS * w * self.SUB, self.CLASSES)
+        return x.permute(0, 2, 1, 3, 4).reshape(b, self.ROWS * w * self.sub, self.CLASSES)
 
 
 def ctc_loss(logits, rows_targets):
@@ -123,6 +131,8 @@ class MnistCnn(nn.Module):
 MODELS = {
     "plate-ctc": (PlateCtc, (1, 32, 96), 8, 68),
     "plate-ctc-deep": (lambda: PlateCtc(PlateCtc.DEEP), (1, 32, 96), 8, 68),
+    "plate-ctc-v2": (lambda: PlateCtc(PlateCtc.V2, sub=1), (1, 32, 96), 8, 68),
+    "plate-ctc-deep-v2": (lambda: PlateCtc(PlateCtc.DEEP_V2, sub=1), (1, 32, 96), 8, 68),
     "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
     "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
 }

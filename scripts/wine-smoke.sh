@@ -51,7 +51,7 @@ x86_64-w64-mingw32-gcc -O2 -shared -o "$WINEPREFIX/drive_c/windows/system32/bcry
 client --version
 # HQ, once: its key, round 0 on the stick (usb/), and the settings it remembers.
 server keygen --id hq --out keys/
-server init --key keys/hq.key --arch plate-ctc --seed 1 --federation city-cctv --state hq/ --out usb/
+server init --key keys/hq.key --arch plate-ctc-v2 --seed 1 --federation city-cctv --state hq/ --out usb/
 printf 'key = "../keys/hq.key"\nstick = "../usb"\n' >hq/ferry.toml
 # Enrol: a signed kit per site on the stick; each site enrols from its kit, checking HQ's fingerprint.
 server enroll --state hq/ --site site-a

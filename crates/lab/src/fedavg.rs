@@ -35,7 +35,7 @@ pub struct FedAvgConfig {
     /// Test data (`None`: the IDX test split, fresh plates of the same style, or 1/6 of a folder held out).
     #[serde(serialize_with = "display_opt")]
     pub test_data: Option<DataSpec>,
-    /// Model (`None`: mnist-cnn for IDX data, plate-ctc otherwise).
+    /// Model (`None`: mnist-cnn for IDX data, [`Arch::DEFAULT_PLATE_READER`] otherwise).
     #[serde(serialize_with = "display_opt")]
     pub model: Option<Arch>,
     /// Number of sites K.
@@ -192,7 +192,7 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
     }
     let arch = cfg.model.unwrap_or(match cfg.data {
         DataSpec::Idx { .. } => Arch::MnistCnn,
-        _ => Arch::PlateCtc,
+        _ => Arch::DEFAULT_PLATE_READER,
     });
     let (train, test) = datasets(cfg, arch)?;
     let parts = split(&train, cfg.sites, cfg.split, cfg.seed)?;

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The whole air-gapped loop on synthetic plates: keys, round 0, rounds of train/export/merge/import (under 3
-    /// minutes measured on 2 idle CPU cores; the final global reads 28 % of the plates exactly).
+    /// minutes measured on 2 idle CPU cores; the final global reads 40 % of the plates exactly).
     #[command(
         after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 6 --samples 3000 --dir lab-out/big-demo"
     )]
@@ -76,7 +76,8 @@ struct DemoArgs {
     /// Held-out plates per site for its local evaluation.
     #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().local_test)]
     local_test: usize,
-    /// The plate reader: plate-ctc, plate-ctc-deep (reads more per plate, 1.5x the time) or plate-cnn.
+    /// The plate reader: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.5x the time), plate-ctc,
+    /// plate-ctc-deep or plate-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = demo::DemoConfig::default().arch)]
     arch: Arch,
     #[command(flatten)]
@@ -143,9 +144,9 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
-    /// The plate reader every row trains: plate-ctc, plate-ctc-deep (reads more per plate, 1.5x the time) or
-    /// plate-cnn.
-    #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
+    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.5x the
+    /// time), plate-ctc, plate-ctc-deep or plate-cnn.
+    #[arg(long, value_name = "ARCH", default_value_t = Arch::DEFAULT_PLATE_READER)]
     arch: Arch,
     /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- select, fisher, distill and
     /// recal, HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
@@ -185,7 +186,8 @@ struct FedAvgArgs {
     /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
     #[arg(long, value_name = "SPEC")]
     test_data: Option<DataSpec>,
-    /// Model: plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-ctc otherwise.
+    /// Model: plate-ctc-v2, plate-ctc-deep-v2, plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn; default mnist-cnn
+    /// for IDX data, plate-ctc-v2 otherwise.
     #[arg(long, value_name = "ARCH")]
     model: Option<Arch>,
     /// Number of sites K (1: centralised training on all the data, through the same bundles: the baseline).
@@ -310,8 +312,8 @@ enum BenchWhat {
 struct BenchArgs {
     /// What to time.
     what: BenchWhat,
-    /// plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn.
-    #[arg(long, value_name = "ARCH", default_value = "plate-ctc")]
+    /// plate-ctc-v2, plate-ctc-deep-v2, plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn.
+    #[arg(long, value_name = "ARCH", default_value_t = Arch::DEFAULT_PLATE_READER)]
     model: Arch,
     /// Images per step.
     #[arg(long, default_value_t = 64)]

@@ -27,7 +27,7 @@ pub struct FieldData {
 pub fn require_plate_reader(arch: Arch, what: &str) -> Result<()> {
     if !matches!(arch.task(), ferry_train::data::Task::Plate { .. }) {
         anyhow::bail!(
-            "{what} trains a plate reader (plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
+            "{what} trains a plate reader (plate-ctc-v2, plate-ctc-deep-v2, plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
         );
     }
     Ok(())

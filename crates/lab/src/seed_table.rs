@@ -37,7 +37,7 @@ use crate::seed_trips;
 pub enum Preset {
     /// The built-in defaults: 2,000 plates per site, T = 10, about 10 minutes on 2 cores; a smoke run.
     Quick,
-    /// 8,000 plates per site, T = 10, 2,000 validation plates, plate-ctc's tuned recipe (batch 32, lr 2e-3,
+    /// 8,000 plates per site, T = 10, 2,000 validation plates, the CTC readers' tuned recipe (batch 32, lr 2e-3,
     /// cosine): sized to finish in under 45 minutes on 2 cores.
     Standard,
     /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
@@ -104,7 +104,7 @@ pub struct SeedTableConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
-    /// The plate reader every row trains (plate-ctc, plate-ctc-deep or plate-cnn).
+    /// The plate reader every row trains (a CTC reader or plate-cnn).
     #[serde(serialize_with = "arch_name")]
     pub arch: Arch,
     /// Add the few-trips rows (issue 14, `crate::seed_trips`): best-site, ensemble, one-shot-/two-trip-fisher,
@@ -134,7 +134,7 @@ impl Default for SeedTableConfig {
             batch: 64,
             cosine: false,
             seed: 1,
-            arch: Arch::PlateCtc,
+            arch: Arch::DEFAULT_PLATE_READER,
             few_trips: false,
             hq_plates: 2000,
             fisher_bounds: vec![3.0, 10.0, 100.0],

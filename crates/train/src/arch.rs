@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub(crate) use crate::block::Pool;
 use crate::data::Task;
 use crate::error::TrainError;
 
@@ -23,6 +24,12 @@ pub enum Arch {
     /// plate-ctc with two more convolutions that keep their resolution (issue 12): the same columns, rows and
     /// reading, a deeper feature extractor.
     PlateCtcDeep,
+    /// plate-ctc whose last pooling halves only the height (issue 12): 24 columns of 4 px, one CTC step each,
+    /// every step read from its own column's features. The same tensors as plate-ctc except `fc2` (one step per
+    /// column, not two).
+    PlateCtcV2,
+    /// plate-ctc-deep with plate-ctc-v2's last pooling: 24 columns, one CTC step each.
+    PlateCtcDeepV2,
     /// The first licence-plate reader: conv/BatchNorm blocks, a shared hidden layer, one head per character
     /// slot (one-line plates only). Kept loadable and trainable for globals that name it.
     PlateCnn,
@@ -100,31 +107,70 @@ pub(crate) const PLATE_CONV: [usize; 3] = [16, 32, 64];
 pub(crate) const PLATE_HIDDEN: usize = 256;
 
 /// The layers of a CTC plate reader: its convolution blocks, each conv 3×3 (padding 1) + BatchNorm + ReLU +
-/// max-pool as one fused op, given as (output channels, pool window: 2 for 2×2, 1 for none), and the width of its
-/// per-column hidden layer. The pools take 32×96 to 4×12: 12 columns of 8 px.
+/// max-pool as one fused op, given as (output channels, pool window); the width of its per-column hidden layer;
+/// and the CTC steps each column emits. The pools take 32×96 to 4 rows of 12 columns (8 px each) or 24 (4 px).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CtcLayout {
-    pub(crate) convs: &'static [(usize, usize)],
+    pub(crate) convs: &'static [(usize, Pool)],
     pub(crate) hidden: usize,
+    /// CTC steps per column and output row.
+    pub(crate) sub: usize,
+}
+
+impl CtcLayout {
+    /// The last block's output on `input` images: (channels, rows, columns).
+    pub(crate) fn grid(self, input: (usize, usize, usize)) -> (usize, usize, usize) {
+        self.convs.iter().fold(input, |(_, h, w), &(c, pool)| {
+            (c, h / pool.rows, w / pool.cols)
+        })
+    }
 }
 
 /// plate-ctc's layers.
 const CTC_SMALL: CtcLayout = CtcLayout {
-    convs: &[(32, 2), (64, 2), (128, 2)],
+    convs: &[(32, Pool::SQUARE), (64, Pool::SQUARE), (128, Pool::SQUARE)],
     hidden: 256,
+    sub: 2,
 };
 
 /// plate-ctc-deep's layers: plate-ctc's, with a convolution that keeps the resolution after the second and the
 /// third block (8×24 and 4×12), where they cost little.
 const CTC_DEEP: CtcLayout = CtcLayout {
-    convs: &[(32, 2), (64, 2), (64, 1), (128, 2), (128, 1)],
+    convs: &[
+        (32, Pool::SQUARE),
+        (64, Pool::SQUARE),
+        (64, Pool::NONE),
+        (128, Pool::SQUARE),
+        (128, Pool::NONE),
+    ],
     hidden: 256,
+    sub: 2,
 };
 
-/// CTC steps each column emits (left half, right half): 12 columns give 24 steps per row, 4 px each, enough for
-/// an 8-character plate with repeated digits in a loose crop.
-pub const CTC_SUB: usize = 2;
-/// plate-ctc's output rows: a two-line plate's top line (region and two digits; blank on one-line plates), then
+/// plate-ctc-v2's layers: plate-ctc's, with the last pooling over two rows and one column. Its 24 columns are
+/// read one CTC step each, so each 4-px step has features of its own; plate-ctc's two steps per 8-px column
+/// share theirs, and a loose crop's 6-px digits then fall two to a column (measured in docs/experiments.md:
+/// deletions were the commonest error).
+const CTC_V2: CtcLayout = CtcLayout {
+    convs: &[(32, Pool::SQUARE), (64, Pool::SQUARE), (128, Pool::ROWS)],
+    hidden: 256,
+    sub: 1,
+};
+
+/// plate-ctc-deep-v2's layers: plate-ctc-deep's, with plate-ctc-v2's last pooling.
+const CTC_DEEP_V2: CtcLayout = CtcLayout {
+    convs: &[
+        (32, Pool::SQUARE),
+        (64, Pool::SQUARE),
+        (64, Pool::NONE),
+        (128, Pool::ROWS),
+        (128, Pool::NONE),
+    ],
+    hidden: 256,
+    sub: 1,
+};
+
+/// A CTC reader's output rows: a two-line plate's top line (region and two digits; blank on one-line plates), then
 /// the main line.
 pub const CTC_ROWS: usize = 2;
 
@@ -144,8 +190,14 @@ pub enum Reader {
 }
 
 impl Arch {
+    /// The plate reader ferry trains when none is named (`ferry-lab`'s default): measured to read the most per
+    /// image and per minute on 2 CPU cores (docs/experiments.md).
+    pub const DEFAULT_PLATE_READER: Arch = Arch::PlateCtcV2;
+
     /// All architectures, for listings.
-    pub const ALL: [Arch; 4] = [
+    pub const ALL: [Arch; 6] = [
+        Arch::PlateCtcV2,
+        Arch::PlateCtcDeepV2,
         Arch::PlateCtc,
         Arch::PlateCtcDeep,
         Arch::PlateCnn,
@@ -157,6 +209,8 @@ impl Arch {
         match name {
             "plate-ctc" => Ok(Arch::PlateCtc),
             "plate-ctc-deep" => Ok(Arch::PlateCtcDeep),
+            "plate-ctc-v2" => Ok(Arch::PlateCtcV2),
+            "plate-ctc-deep-v2" => Ok(Arch::PlateCtcDeepV2),
             "plate-cnn" => Ok(Arch::PlateCnn),
             "mnist-cnn" => Ok(Arch::MnistCnn),
             other => Err(TrainError::UnknownArch(other.to_string())),
@@ -168,6 +222,8 @@ impl Arch {
         match self {
             Arch::PlateCtc => "plate-ctc",
             Arch::PlateCtcDeep => "plate-ctc-deep",
+            Arch::PlateCtcV2 => "plate-ctc-v2",
+            Arch::PlateCtcDeepV2 => "plate-ctc-deep-v2",
             Arch::PlateCnn => "plate-cnn",
             Arch::MnistCnn => "mnist-cnn",
         }
@@ -176,7 +232,11 @@ impl Arch {
     /// Input shape `(channels, height, width)`.
     pub fn input(self) -> (usize, usize, usize) {
         match self {
-            Arch::PlateCtc | Arch::PlateCtcDeep | Arch::PlateCnn => (
+            Arch::PlateCtc
+            | Arch::PlateCtcDeep
+            | Arch::PlateCtcV2
+            | Arch::PlateCtcDeepV2
+            | Arch::PlateCnn => (
                 1,
                 crate::data::plates::PLATE_HEIGHT,
                 crate::data::plates::PLATE_WIDTH,
@@ -188,10 +248,12 @@ impl Arch {
     /// The task (label layout) the model predicts.
     pub fn task(self) -> Task {
         match self {
-            Arch::PlateCtc | Arch::PlateCtcDeep => Task::Plate {
-                slots: PLATE_SLOTS,
-                classes: crate::data::plates::charset().len(),
-            },
+            Arch::PlateCtc | Arch::PlateCtcDeep | Arch::PlateCtcV2 | Arch::PlateCtcDeepV2 => {
+                Task::Plate {
+                    slots: PLATE_SLOTS,
+                    classes: crate::data::plates::charset().len(),
+                }
+            }
             Arch::PlateCnn => Task::Plate {
                 slots: PLATE_SLOTS,
                 classes: PLATE_CLASSES,
@@ -217,12 +279,12 @@ impl Arch {
 
     /// How the outputs read as a plate (or a class).
     pub fn reader(self) -> Reader {
-        match self {
-            Arch::PlateCtc | Arch::PlateCtcDeep => Reader::Ctc {
+        match self.ctc_layout() {
+            Some(layout) => Reader::Ctc {
                 rows: CTC_ROWS,
-                steps: crate::data::plates::PLATE_WIDTH / 8 * CTC_SUB,
+                steps: layout.grid(self.input()).2 * layout.sub,
             },
-            Arch::PlateCnn | Arch::MnistCnn => Reader::Slots,
+            None => Reader::Slots,
         }
     }
 
@@ -231,6 +293,8 @@ impl Arch {
         match self {
             Arch::PlateCtc => Some(CTC_SMALL),
             Arch::PlateCtcDeep => Some(CTC_DEEP),
+            Arch::PlateCtcV2 => Some(CTC_V2),
+            Arch::PlateCtcDeepV2 => Some(CTC_DEEP_V2),
             Arch::PlateCnn | Arch::MnistCnn => None,
         }
     }
@@ -243,6 +307,8 @@ impl Arch {
         match self {
             Arch::PlateCtc => ctc_tensors(self.input(), CTC_SMALL, &mut push),
             Arch::PlateCtcDeep => ctc_tensors(self.input(), CTC_DEEP, &mut push),
+            Arch::PlateCtcV2 => ctc_tensors(self.input(), CTC_V2, &mut push),
+            Arch::PlateCtcDeepV2 => ctc_tensors(self.input(), CTC_DEEP_V2, &mut push),
             Arch::PlateCnn => {
                 let (c0, h, w) = self.input();
                 let mut cin = c0;
@@ -306,15 +372,15 @@ fn ctc_tensors(
     layout: CtcLayout,
     push: &mut impl FnMut(String, Vec<usize>, TensorKind),
 ) {
-    let (mut cin, mut h, _) = input;
-    for (i, &(cout, pool)) in layout.convs.iter().enumerate() {
+    let mut cin = input.0;
+    for (i, &(cout, _)) in layout.convs.iter().enumerate() {
         conv_batch_norm(push, i + 1, cin, cout);
         cin = cout;
-        h /= pool;
     }
     // Per column: the column's features (channels × remaining rows) → hidden → rows × sub-steps × classes.
-    let out = CTC_ROWS * CTC_SUB * crate::data::plates::charset().len();
-    linear(push, "fc1", cin * h, layout.hidden);
+    let (c, h, _) = layout.grid(input);
+    let out = CTC_ROWS * layout.sub * crate::data::plates::charset().len();
+    linear(push, "fc1", c * h, layout.hidden);
     linear(push, "fc2", layout.hidden, out);
 }
 
@@ -414,20 +480,35 @@ mod tests {
 
     #[test]
     fn ctc_readers_pool_to_the_columns_their_reader_reads() {
+        let mut columns = Vec::new();
         for a in Arch::ALL {
             let Some(layout) = a.ctc_layout() else {
                 continue;
             };
-            let pooled: usize = layout.convs.iter().map(|&(_, p)| p).product();
-            let (_, h, w) = a.input();
-            assert_eq!((h / pooled, w / pooled), (4, 12), "{a}");
+            let (_, rows, cols) = layout.grid(a.input());
+            assert_eq!(rows, 4, "{a}: four rows left for the per-column classifier");
             let Reader::Ctc { steps, .. } = a.reader() else {
                 panic!("{a} is read with CTC")
             };
-            assert_eq!(steps, w / pooled * CTC_SUB, "{a}");
+            // 24 steps of 4 px per output row, whichever way they are made.
+            assert_eq!(steps, 24, "{a}");
+            assert_eq!(steps, cols * layout.sub, "{a}");
+            columns.push((a, cols));
         }
+        assert!(columns.contains(&(Arch::PlateCtc, 12)));
+        assert!(columns.contains(&(Arch::PlateCtcV2, 24)));
+        assert!(columns.contains(&(Arch::PlateCtcDeepV2, 24)));
         assert_eq!(Arch::PlateCtc.parameter_count(), 294_128);
         assert_eq!(Arch::PlateCtcDeep.parameter_count(), 478_832);
+        // plate-ctc's tensors but fc2: 256 → 2 rows × 1 step × 68 classes instead of × 2 steps.
+        assert_eq!(
+            Arch::PlateCtcV2.parameter_count(),
+            294_128 - 256 * 2 * 68 - 2 * 68
+        );
+        assert_eq!(
+            Arch::PlateCtcDeepV2.parameter_count(),
+            478_832 - 256 * 2 * 68 - 2 * 68
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::arch::{Arch, TensorKind, CTC_ROWS, CTC_SUB, PLATE_CONV, PLATE_HIDDEN};
+use crate::arch::{Arch, Pool, TensorKind, CTC_ROWS, PLATE_CONV, PLATE_HIDDEN};
 use crate::block::{self, BlockNorm};
 use crate::error::TrainError;
 use crate::linear;
@@ -70,13 +70,13 @@ impl BatchNorm2d {
         })
     }
 
-    /// `max_pool(relu(bn(conv(x, weight))))` (`pool`×`pool` windows), NCHW in and out; in training and recalibration the batch
+    /// `max_pool(relu(bn(conv(x, weight))))` (`pool`'s windows), NCHW in and out; in training and recalibration the batch
     /// statistics are folded into the running statistics.
     fn conv_block(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        pool: usize,
+        pool: Pool,
         mode: Mode,
         ws: Option<&Arc<Workspace>>,
     ) -> candle_core::Result<Tensor> {
@@ -185,7 +185,7 @@ impl PlateCnn {
     ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for (weight, bn) in &self.blocks {
-            x = bn.conv_block(&x, weight, 2, mode, ws)?;
+            x = bn.conv_block(&x, weight, Pool::SQUARE, mode, ws)?;
         }
         let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
         let weights: Vec<&Tensor> = self.heads.iter().map(|h| &h.weight).collect();
@@ -200,14 +200,16 @@ impl PlateCnn {
 }
 
 /// The sequence reader (issue 12): fused conv blocks down to 12 columns, then one fused two-layer classifier
-/// applied to every column, emitting [`CTC_ROWS`] rows × [`CTC_SUB`] steps × classes per column; the logits are
+/// applied to every column, emitting [`CTC_ROWS`] rows × the layout's steps × classes per column; the logits are
 /// `(batch, rows·steps, classes)`, row-major by row, for CTC (`crate::ctc`).
 #[derive(Debug, Clone)]
 struct PlateCtc {
     /// (conv weight, BatchNorm, pool window) per block.
-    blocks: Vec<(Tensor, BatchNorm2d, usize)>,
+    blocks: Vec<(Tensor, BatchNorm2d, Pool)>,
     fc1: Dense,
     fc2: Dense,
+    /// CTC steps per column and row.
+    sub: usize,
 }
 
 impl PlateCtc {
@@ -215,7 +217,7 @@ impl PlateCtc {
         let Some(widths) = arch.ctc_layout() else {
             candle_core::bail!("{arch} is not a CTC plate reader")
         };
-        let (mut cin, mut h, _) = arch.input();
+        let mut cin = arch.input().0;
         let mut blocks = Vec::new();
         for (i, &(cout, pool)) in widths.convs.iter().enumerate() {
             let n = i + 1;
@@ -223,12 +225,17 @@ impl PlateCtc {
             let bn = BatchNorm2d::new(cout, vb.pp(format!("bn{n}")))?;
             blocks.push((weight, bn, pool));
             cin = cout;
-            h /= pool;
         }
+        let (c, h, _) = widths.grid(arch.input());
         let classes = arch.classes();
-        let fc1 = Dense::new(cin * h, widths.hidden, vb.pp("fc1"))?;
-        let fc2 = Dense::new(widths.hidden, CTC_ROWS * CTC_SUB * classes, vb.pp("fc2"))?;
-        Ok(PlateCtc { blocks, fc1, fc2 })
+        let fc1 = Dense::new(c * h, widths.hidden, vb.pp("fc1"))?;
+        let fc2 = Dense::new(widths.hidden, CTC_ROWS * widths.sub * classes, vb.pp("fc2"))?;
+        Ok(PlateCtc {
+            blocks,
+            fc1,
+            fc2,
+            sub: widths.sub,
+        })
     }
 
     fn forward(
@@ -250,10 +257,10 @@ impl PlateCtc {
         let hidden = self.fc1.forward(&cols, true, ws)?;
         let out = self.fc2.forward(&hidden, false, ws)?;
         // (b, w, rows, sub, k) → (b, rows, w, sub, k): each row's steps left to right.
-        out.reshape((b, w, CTC_ROWS, CTC_SUB, ()))?
+        out.reshape((b, w, CTC_ROWS, self.sub, ()))?
             .permute((0, 2, 1, 3, 4))?
             .contiguous()?
-            .reshape((b, CTC_ROWS * w * CTC_SUB, ()))
+            .reshape((b, CTC_ROWS * w * self.sub, ()))
     }
 }
 
@@ -291,7 +298,7 @@ impl MnistCnn {
                 mean: vec![0.0; o],
                 invstd: vec![1.0; o],
             };
-            x = block::conv_block(&x, weight, &affine, 2, 2, norm, ws)?.0;
+            x = block::conv_block(&x, weight, &affine, 2, Pool::SQUARE, norm, ws)?.0;
         }
         let x = self.fc1.forward(&x.flatten_from(1)?, true, ws)?;
         self.fc2.forward(&x, false, ws)?.unsqueeze(1)
@@ -412,7 +419,9 @@ impl Model {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = match arch {
-            Arch::PlateCtc | Arch::PlateCtcDeep => Net::Ctc(PlateCtc::new(arch, vb)?),
+            Arch::PlateCtc | Arch::PlateCtcDeep | Arch::PlateCtcV2 | Arch::PlateCtcDeepV2 => {
+                Net::Ctc(PlateCtc::new(arch, vb)?)
+            }
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };

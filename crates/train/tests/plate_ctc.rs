@@ -32,6 +32,19 @@ fn plate_ctc_deep_learns_to_read_plates() {
     learns_to_read_plates(Arch::PlateCtcDeep);
 }
 
+/// plate-ctc-v2 (the default reader), the same way: its last block pools two rows by one column (the fused block's
+/// 2×1 window) and its 24 columns are read one CTC step each.
+#[test]
+fn plate_ctc_v2_learns_to_read_plates() {
+    learns_to_read_plates(Arch::PlateCtcV2);
+}
+
+/// plate-ctc-deep-v2, the same way.
+#[test]
+fn plate_ctc_deep_v2_learns_to_read_plates() {
+    learns_to_read_plates(Arch::PlateCtcDeepV2);
+}
+
 fn learns_to_read_plates(arch: Arch) {
     let data = plates::generate_with(
         PlateStyle::Tight,

@@ -79,10 +79,10 @@ impl ConvBlockOp {
         let coeffs = coefficients(gamma, beta, &saved.mean, &saved.invstd);
         let mut dy = self.ws.take(y.len());
         // The window size as a constant, so that its loops unroll.
-        let route = if g.pool == 1 {
-            route_plane::<1>
-        } else {
-            route_plane::<2>
+        let route = match (g.pool.rows, g.pool.cols) {
+            (1, 1) => route_plane::<1, 1>,
+            (2, 1) => route_plane::<2, 1>,
+            _ => route_plane::<2, 2>,
         };
         // Pass 1, one task per chunk: route each pooled gradient to its window's first maximum (if that passed the
         // ReLU), zero elsewhere, and sum dz and dz·ŷ per channel.
@@ -246,9 +246,9 @@ impl ConvBlockOp {
 }
 
 /// One plane's pooled gradient `gp` (rows of `wp`) routed into `d` (the convolution output's plane, rows of `wo`,
-/// zeroed): each value goes to its `P`×`P` window's first maximum of `y·scale + shift` (PyTorch's choice on ties)
+/// zeroed): each value goes to its `R`×`C` window's first maximum of `y·scale + shift` (PyTorch's choice on ties)
 /// if that passed the ReLU. Returns `(Σ dz, Σ dz·ŷ)`, ŷ = (y − mean)·invstd.
-fn route_plane<const P: usize>(
+fn route_plane<const R: usize, const C: usize>(
     src: &[f32],
     wo: usize,
     gp: &[f32],
@@ -261,9 +261,9 @@ fn route_plane<const P: usize>(
     for (py, grow) in gp.chunks_exact(wp).enumerate() {
         for (px, &gv) in grow.iter().enumerate() {
             let mut best = (0, f32::NEG_INFINITY);
-            for r in 0..P {
-                let q0 = (P * py + r) * wo + P * px;
-                for (c, &v) in src[q0..][..P].iter().enumerate() {
+            for r in 0..R {
+                let q0 = (R * py + r) * wo + C * px;
+                for (c, &v) in src[q0..][..C].iter().enumerate() {
                     let z = v * scale + shift;
                     if z > best.1 || (r == 0 && c == 0) {
                         best = (q0 + c, z);

@@ -99,10 +99,10 @@ impl ConvBlockOp {
         let g = self.geo;
         let (hp, wp) = g.pooled();
         // The window size as a constant, so that its loops unroll.
-        let pool = if g.pool == 1 {
-            pool_plane::<1>
-        } else {
-            pool_plane::<2>
+        let pool = match (g.pool.rows, g.pool.cols) {
+            (1, 1) => pool_plane::<1, 1>,
+            (2, 1) => pool_plane::<2, 1>,
+            _ => pool_plane::<2, 2>,
         };
         let mut out = vec![0f32; g.b * g.o * hp * wp];
         if out.is_empty() {
@@ -120,8 +120,8 @@ impl ConvBlockOp {
     }
 }
 
-/// One plane's `max_pool(relu(y·scale + shift))` with `P`×`P` windows: `src` rows of `wo`, `dst` rows of `wp`.
-fn pool_plane<const P: usize>(
+/// One plane's `max_pool(relu(y·scale + shift))` with `R`×`C` windows: `src` rows of `wo`, `dst` rows of `wp`.
+fn pool_plane<const R: usize, const C: usize>(
     src: &[f32],
     wo: usize,
     dst: &mut [f32],
@@ -132,8 +132,8 @@ fn pool_plane<const P: usize>(
     for (py, drow) in dst.chunks_exact_mut(wp).enumerate() {
         for (px, d) in drow.iter_mut().enumerate() {
             let mut m = f32::NEG_INFINITY;
-            for r in 0..P {
-                let row = &src[(P * py + r) * wo + P * px..][..P];
+            for r in 0..R {
+                let row = &src[(R * py + r) * wo + C * px..][..C];
                 for &v in row {
                     m = m.max(v * scale + shift);
                 }

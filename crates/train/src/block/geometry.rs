@@ -3,6 +3,8 @@
 
 use candle_core::{bail, Result};
 
+use super::Pool;
+
 /// Sizes of one block and its chunking.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
@@ -13,8 +15,8 @@ pub(super) struct Geometry {
     pub(super) o: usize,
     pub(super) k: usize,
     pub(super) pad: usize,
-    /// Max-pool window and stride: 2 (2×2) or 1 (no pooling).
-    pub(super) pool: usize,
+    /// Max-pool window and stride.
+    pub(super) pool: Pool,
     pub(super) ho: usize,
     pub(super) wo: usize,
     /// Images per chunk.
@@ -26,13 +28,13 @@ const CHUNK_VALUES: usize = 192 * 1024;
 
 impl Geometry {
     /// `input` is the NCHW input's `(b, c, h, w)`; `o` output channels, a `k×k` kernel, `pad` zeros on every
-    /// side, a `pool×pool` max-pool.
+    /// side, `pool`'s max-pool.
     pub(super) fn new(
         input: (usize, usize, usize, usize),
         o: usize,
         k: usize,
         pad: usize,
-        pool: usize,
+        pool: Pool,
     ) -> Result<Self> {
         let (b, c, h, w) = input;
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
@@ -40,8 +42,13 @@ impl Geometry {
             bail!("convolution block: {h}x{w} input (padding {pad}) is smaller than the {k}x{k} kernel")
         }
         let (ho, wo) = (hp - k + 1, wp - k + 1);
-        if !(1..=2).contains(&pool) || ho < pool || wo < pool {
-            bail!("convolution block: no {pool}x{pool} pooling of a {ho}x{wo} output (1 or 2, at most the output)")
+        let known = [Pool::NONE, Pool::SQUARE, Pool::ROWS].contains(&pool);
+        if !known || ho < pool.rows || wo < pool.cols {
+            bail!(
+                "convolution block: no {}x{} pooling of a {ho}x{wo} output (1x1, 2x2 or 2x1, at most the output)",
+                pool.rows,
+                pool.cols
+            )
         }
         let per_image = (c * k * k * ho * wo).max(1);
         let mut nb = (CHUNK_VALUES / per_image).clamp(1, b.max(1));
@@ -102,7 +109,7 @@ impl Geometry {
 
     /// The pooled output's height and width (odd trailing rows and columns dropped, as in PyTorch).
     pub(super) fn pooled(&self) -> (usize, usize) {
-        (self.ho / self.pool, self.wo / self.pool)
+        (self.ho / self.pool.rows, self.wo / self.pool.cols)
     }
 
     /// For kernel column `kx`: the output columns `lo..hi` whose input column lies inside the image.

@@ -77,9 +77,28 @@ pub(crate) enum BlockNorm {
 /// A batch's per-channel mean and biased variance.
 pub(crate) type BatchStats = (Vec<f32>, Vec<f32>);
 
+/// A block's max-pool window, which is also its stride, in rows and columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pool {
+    /// Rows per window.
+    pub(crate) rows: usize,
+    /// Columns per window.
+    pub(crate) cols: usize,
+}
+
+impl Pool {
+    /// No pooling: the block keeps its resolution.
+    pub(crate) const NONE: Pool = Pool { rows: 1, cols: 1 };
+    /// 2×2 windows: half the height and half the width.
+    pub(crate) const SQUARE: Pool = Pool { rows: 2, cols: 2 };
+    /// 2×1 windows: half the height, every column kept (CRNN's later poolings: more columns for CTC to read).
+    pub(crate) const ROWS: Pool = Pool { rows: 2, cols: 1 };
+}
+
 /// The block: `x` NCHW `(b, c, h, w)`, `weight` `(out, c, k, k)` (PyTorch's layout), `affine` `(2, out)` = γ then
-/// β; `pool` the max-pool window and stride (2 for 2×2, 1 for none). Returns the pooled output
-/// `(b, out, ho/pool, wo/pool)` (trailing rows and columns that fill no window dropped, as in PyTorch) and,
+/// β; `pool` the max-pool window and stride ([`Pool::NONE`], [`Pool::SQUARE`] or [`Pool::ROWS`]). Returns the
+/// pooled output `(b, out, ho/rows, wo/cols)` (trailing rows and columns that fill no window dropped, as in
+/// PyTorch) and,
 /// for [`BlockNorm::Batch`], the batch statistics. With the model's workspace `ws` the fused op runs on the CPU;
 /// without (or off the CPU) candle's generic ops.
 pub(crate) fn conv_block(
@@ -87,7 +106,7 @@ pub(crate) fn conv_block(
     weight: &Tensor,
     affine: &Tensor,
     pad: usize,
-    pool: usize,
+    pool: Pool,
     norm: BlockNorm,
     ws: Option<&Arc<Workspace>>,
 ) -> Result<(Tensor, Option<BatchStats>)> {
@@ -140,7 +159,7 @@ fn generic_block(
     weight: &Tensor,
     affine: &Tensor,
     pad: usize,
-    pool: usize,
+    pool: Pool,
     norm: BlockNorm,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     let y = x.conv2d(weight, pad, 1, 1, 1)?;
@@ -175,18 +194,20 @@ fn generic_block(
     Ok((max_pool(&z, pool)?, stats))
 }
 
-/// `p×p` max-pool, stride `p`, of an NCHW tensor by reshape and `max` (1: the tensor itself). Not candle's `max_pool2d`: its backward in
+/// Max-pool of an NCHW tensor with `pool`'s windows as its stride, by reshape and `max` (the tensor itself for
+/// [`Pool::NONE`]). Not candle's `max_pool2d`: its backward in
 /// candle 0.11 scales the gradient by the fraction of window maxima (¼ for a single maximum of a 2×2 window)
 /// instead of dividing by their count, so gradients came out 4× too small.
-fn max_pool(x: &Tensor, p: usize) -> Result<Tensor> {
-    if p == 1 {
+fn max_pool(x: &Tensor, pool: Pool) -> Result<Tensor> {
+    if pool == Pool::NONE {
         return Ok(x.clone());
     }
     let (b, c, h, w) = x.dims4()?;
-    let (ho, wo) = (h / p, w / p);
-    x.narrow(2, 0, p * ho)?
-        .narrow(3, 0, p * wo)?
-        .reshape((b, c, ho, p, wo, p))?
+    let Pool { rows, cols } = pool;
+    let (ho, wo) = (h / rows, w / cols);
+    x.narrow(2, 0, rows * ho)?
+        .narrow(3, 0, cols * wo)?
+        .reshape((b, c, ho, rows, wo, cols))?
         .max(5)?
         .max(3)
 }

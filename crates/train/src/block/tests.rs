@@ -5,21 +5,24 @@ use crate::testutil::{assert_close, probe_grads, rnd};
 use candle_core::{Device, Var};
 
 /// One block's sizes: (b, c, h, w, out, k, pad, pool).
-type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+type Case = (usize, usize, usize, usize, usize, usize, usize, Pool);
 
 /// (b, c, h, w, out, k, pad, pool): odd sizes, one image, one channel, 1×1 and 5×5 kernels, no and large padding,
-/// no pooling (on a one-row image too), and batches big enough to span several chunks (the last one partial).
-const CASES: [Case; 10] = [
-    (3, 2, 8, 10, 4, 3, 1, 2),
-    (2, 1, 7, 9, 5, 3, 1, 2),
-    (2, 2, 9, 7, 3, 5, 2, 2),
-    (1, 3, 6, 5, 2, 3, 0, 2),
-    (2, 2, 5, 5, 3, 1, 0, 2),
-    (2, 1, 4, 3, 2, 3, 2, 2),
-    (3, 2, 7, 9, 4, 3, 1, 1),
-    (2, 3, 1, 11, 3, 3, 1, 1),
-    (37, 4, 16, 24, 8, 3, 1, 1),
-    (37, 4, 16, 24, 8, 3, 1, 2),
+/// no pooling (on a one-row image too), 2×1 pooling (an odd height: the last row dropped), and batches big enough to span several chunks (the last one partial).
+const CASES: [Case; 13] = [
+    (3, 2, 8, 10, 4, 3, 1, Pool::SQUARE),
+    (2, 1, 7, 9, 5, 3, 1, Pool::SQUARE),
+    (2, 2, 9, 7, 3, 5, 2, Pool::SQUARE),
+    (1, 3, 6, 5, 2, 3, 0, Pool::SQUARE),
+    (2, 2, 5, 5, 3, 1, 0, Pool::SQUARE),
+    (2, 1, 4, 3, 2, 3, 2, Pool::SQUARE),
+    (3, 2, 7, 9, 4, 3, 1, Pool::NONE),
+    (2, 3, 1, 11, 3, 3, 1, Pool::NONE),
+    (37, 4, 16, 24, 8, 3, 1, Pool::NONE),
+    (37, 4, 16, 24, 8, 3, 1, Pool::SQUARE),
+    (3, 2, 8, 10, 4, 3, 1, Pool::ROWS),
+    (2, 1, 7, 9, 5, 3, 1, Pool::ROWS),
+    (37, 4, 16, 24, 8, 3, 1, Pool::ROWS),
 ];
 
 fn norm_for(kind: usize, o: usize) -> BlockNorm {
@@ -148,7 +151,7 @@ fn results_do_not_depend_on_the_thread_count() {
                 wt.as_tensor(),
                 affine.as_tensor(),
                 1,
-                2,
+                Pool::SQUARE,
                 BlockNorm::Batch { eps: 1e-5 },
                 Some(&ws),
             )
@@ -185,7 +188,7 @@ fn inside_a_step_the_weight_gradient_goes_through_the_workspace() {
             wt.as_tensor(),
             affine.as_tensor(),
             1,
-            2,
+            Pool::SQUARE,
             norm,
             Some(&ws),
         )
@@ -218,22 +221,31 @@ fn mismatched_shapes_and_inference_backward_are_errors() {
     let affine = rnd(&[2, 4], 3);
     let norm = || BlockNorm::Batch { eps: 1e-5 };
     assert!(
-        conv_block(&x, &wt, &affine, 1, 2, norm(), fused).is_err(),
+        conv_block(&x, &wt, &affine, 1, Pool::SQUARE, norm(), fused).is_err(),
         "channel mismatch"
     );
     let wt = rnd(&[4, 3, 3, 3], 2);
     assert!(
-        conv_block(&x, &wt, &rnd(&[2, 5], 3), 1, 2, norm(), fused).is_err(),
+        conv_block(&x, &wt, &rnd(&[2, 5], 3), 1, Pool::SQUARE, norm(), fused).is_err(),
         "affine mismatch"
     );
     assert!(
-        conv_block(&rnd(&[2, 3, 1, 1], 1), &wt, &affine, 0, 2, norm(), fused).is_err(),
+        conv_block(
+            &rnd(&[2, 3, 1, 1], 1),
+            &wt,
+            &affine,
+            0,
+            Pool::SQUARE,
+            norm(),
+            fused
+        )
+        .is_err(),
         "kernel too large"
     );
-    for pool in [0, 3] {
+    for (rows, cols) in [(0, 0), (3, 3), (1, 2)] {
         assert!(
-            conv_block(&x, &wt, &affine, 1, pool, norm(), fused).is_err(),
-            "pooling windows other than 1 and 2"
+            conv_block(&x, &wt, &affine, 1, Pool { rows, cols }, norm(), fused).is_err(),
+            "pooling windows other than 1x1, 2x2 and 2x1"
         );
     }
     let bad = BlockNorm::Fixed {
@@ -241,11 +253,11 @@ fn mismatched_shapes_and_inference_backward_are_errors() {
         invstd: vec![1.0; 4],
     };
     assert!(
-        conv_block(&x, &wt, &affine, 1, 2, bad, fused).is_err(),
+        conv_block(&x, &wt, &affine, 1, Pool::SQUARE, bad, fused).is_err(),
         "statistics mismatch"
     );
     // Nothing tracks gradients: y is not kept, and the output has no graph to go back through.
-    let (out, stats) = conv_block(&x, &wt, &affine, 1, 2, norm(), fused).unwrap();
+    let (out, stats) = conv_block(&x, &wt, &affine, 1, Pool::SQUARE, norm(), fused).unwrap();
     assert_eq!(out.dims(), &[2, 4, 3, 3]);
     let (mean, _) = stats.unwrap();
     // Mean over all but the channel axis.
