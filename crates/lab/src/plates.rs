@@ -26,8 +26,12 @@ pub struct FieldData {
 /// Refuses, for the command `what`, a model that reads no plates (before anything is written).
 pub fn require_plate_reader(arch: Arch, what: &str) -> Result<()> {
     if !matches!(arch.task(), ferry_train::data::Task::Plate { .. }) {
+        let readers = Arch::ALL
+            .into_iter()
+            .filter(|a| matches!(a.task(), ferry_train::data::Task::Plate { .. }));
         anyhow::bail!(
-            "{what} trains a plate reader (plate-ctc-v2, plate-ctc-deep-v2, plate-ctc, plate-ctc-deep or plate-cnn), not {arch}"
+            "{what} trains a plate reader ({}), not {arch}",
+            Arch::listing(readers, "or")
         );
     }
     Ok(())

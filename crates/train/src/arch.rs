@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub(crate) use crate::block::Pool;
+use crate::block::Pool;
 use crate::data::Task;
 use crate::error::TrainError;
 
@@ -203,6 +203,17 @@ impl Arch {
         Arch::PlateCnn,
         Arch::MnistCnn,
     ];
+
+    /// The names of `archs` as an English list joined by `last` ("a, b and c"), for messages that say which
+    /// architectures there are.
+    pub fn listing(archs: impl IntoIterator<Item = Arch>, last: &str) -> String {
+        let names: Vec<&str> = archs.into_iter().map(Arch::name).collect();
+        match names.split_last() {
+            None => String::new(),
+            Some((only, [])) => (*only).to_string(),
+            Some((end, rest)) => format!("{} {last} {end}", rest.join(", ")),
+        }
+    }
 
     /// Look an architecture up by its name as recorded in bundles (`plate-ctc`, `plate-cnn`, `mnist-cnn`).
     pub fn from_name(name: &str) -> Result<Arch, TrainError> {
@@ -467,10 +478,17 @@ mod tests {
         for a in Arch::ALL {
             assert_eq!(Arch::from_name(a.name()).ok(), Some(a));
         }
-        assert!(matches!(
-            Arch::from_name("resnet"),
-            Err(TrainError::UnknownArch(_))
-        ));
+        let refused = Arch::from_name("resnet");
+        assert!(matches!(refused, Err(TrainError::UnknownArch(_))));
+        let message = refused.unwrap_err().to_string();
+        for a in Arch::ALL {
+            assert!(message.contains(a.name()), "{message} names {a}");
+        }
+        assert_eq!(
+            Arch::listing([Arch::PlateCtcV2, Arch::PlateCnn, Arch::MnistCnn], "or"),
+            "plate-ctc-v2, plate-cnn or mnist-cnn"
+        );
+        assert_eq!(Arch::listing([Arch::PlateCnn], "or"), "plate-cnn");
     }
 
     #[test]

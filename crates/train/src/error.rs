@@ -6,7 +6,10 @@
 #[non_exhaustive]
 pub enum TrainError {
     /// The architecture name is not one ferry knows.
-    #[error("unknown model architecture `{0}`: ferry knows plate-ctc-v2, plate-ctc-deep-v2, plate-ctc, plate-ctc-deep, plate-cnn and mnist-cnn")]
+    #[error(
+        "unknown model architecture `{0}`: ferry knows {known}",
+        known = crate::Arch::listing(crate::Arch::ALL, "and")
+    )]
     UnknownArch(String),
     /// The bytes are not a readable safetensors file.
     #[error("the weights are not a valid safetensors file ({0}); the file is damaged or not a ferry model")]

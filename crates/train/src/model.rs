@@ -16,8 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::arch::{Arch, Pool, TensorKind, CTC_ROWS, PLATE_CONV, PLATE_HIDDEN};
-use crate::block::{self, BlockNorm};
+use crate::arch::{Arch, TensorKind, CTC_ROWS, PLATE_CONV, PLATE_HIDDEN};
+use crate::block::{self, BlockNorm, Pool};
 use crate::error::TrainError;
 use crate::linear;
 use crate::param_grads::Step;
@@ -199,7 +199,7 @@ impl PlateCnn {
     }
 }
 
-/// The sequence reader (issue 12): fused conv blocks down to 12 columns, then one fused two-layer classifier
+/// The sequence reader (issue 12): fused conv blocks down to 12 or 24 columns, then one fused two-layer classifier
 /// applied to every column, emitting [`CTC_ROWS`] rows × the layout's steps × classes per column; the logits are
 /// `(batch, rows·steps, classes)`, row-major by row, for CTC (`crate::ctc`).
 #[derive(Debug, Clone)]
