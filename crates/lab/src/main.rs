@@ -76,7 +76,7 @@ struct DemoArgs {
     /// Held-out plates per site for its local evaluation.
     #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().local_test)]
     local_test: usize,
-    /// The plate reader: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.5x the time), plate-ctc,
+    /// The plate reader: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.45x the time), plate-ctc,
     /// plate-ctc-deep or plate-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = demo::DemoConfig::default().arch)]
     arch: Arch,
@@ -144,7 +144,7 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
-    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.5x the
+    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.45x the
     /// time), plate-ctc, plate-ctc-deep or plate-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = Arch::DEFAULT_PLATE_READER)]
     arch: Arch,
