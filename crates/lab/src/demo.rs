@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use ferry_merge::hq::RoundConfig;
 use ferry_site::{eval_site, EvalTarget};
-use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
+use ferry_train::{AdamConfig, Arch, Device, Evaluation, Model, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warmup};
@@ -45,6 +45,18 @@ pub struct DemoConfig {
     pub seed: u64,
     /// The plate reader HQ initialises (a CTC reader or plate-cnn).
     pub arch: Arch,
+    /// HQ's round 0: random weights, or a warm start HQ trained on its own data.
+    pub start: Start,
+}
+
+/// Where HQ's round 0 comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// Random weights from the seed.
+    Scratch,
+    /// The weights in this safetensors file (a model of the demo's architecture that HQ trained on its own data,
+    /// such as `ferry-lab hq-start` writes).
+    Weights(PathBuf),
 }
 
 impl Default for DemoConfig {
@@ -64,6 +76,7 @@ impl Default for DemoConfig {
             cosine: false,
             seed: 1,
             arch: Arch::DEFAULT_PLATE_READER,
+            start: Start::Scratch,
         }
     }
 }
@@ -118,14 +131,29 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
 
     println!("\n== setup ==");
     let ids = ["site-a".to_string(), "site-b".to_string()];
-    let mut fed = Federation::create(&cfg.dir, arch, cfg.seed, &ids)?;
+    let (mut fed, origin) = match &cfg.start {
+        Start::Scratch => (
+            Federation::create(&cfg.dir, arch, cfg.seed, &ids)?,
+            format!("initialised from seed {}", cfg.seed),
+        ),
+        Start::Weights(path) => {
+            let bytes = std::fs::read(path).with_context(|| {
+                format!("reading HQ's start {}", ferry_bundle::escape_path(path))
+            })?;
+            let model = Model::from_safetensors(arch, &bytes, &Device::Cpu)
+                .with_context(|| format!("HQ's start {}", ferry_bundle::escape_path(path)))?;
+            (
+                Federation::create_from(&cfg.dir, model, &ids)?,
+                format!("HQ's warm start from {}", ferry_bundle::escape_path(path)),
+            )
+        }
+    };
     println!(
         "keys: {} (each .key is secret, mode 0600; each .pub goes to the other side)",
         list_dir(&cfg.dir.join("keys"))?
     );
     println!(
-        "HQ: round 0 = {arch} initialised from seed {}, signed and written to {}",
-        cfg.seed,
+        "HQ: round 0 = {arch} {origin}, signed and written to {}",
         fed.global.display()
     );
     let r0 = eval_with_spinner(&fed, &data.val, "global-r0")?;

@@ -80,6 +80,10 @@ struct DemoArgs {
     /// plate-ctc-deep or plate-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = demo::DemoConfig::default().arch)]
     arch: Arch,
+    /// HQ's round 0: the weights in this safetensors file (a model of --arch that HQ trained on its own data)
+    /// instead of random weights.
+    #[arg(long, value_name = "FILE")]
+    start_from: Option<PathBuf>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -403,6 +407,9 @@ fn run(cli: Cli) -> Result<()> {
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
                 arch: a.arch,
+                start: a
+                    .start_from
+                    .map_or(demo::Start::Scratch, demo::Start::Weights),
             };
             demo::run(&cfg)?;
         }

@@ -689,3 +689,60 @@ fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
         "{command}: nothing written for a refused run"
     );
 }
+
+/// `ferry-lab demo --start-from FILE`: HQ seals the given weights as round 0 (the signed global-r0 carries exactly
+/// them), and a file that is not a model of `--arch` is refused in one line before anything is written.
+#[test]
+fn the_demo_starts_from_the_weights_hq_gives_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let start = tmp.path().join("hq-start.safetensors");
+    let model = Model::init(Arch::PlateCtcV2, 42, &Device::Cpu).unwrap();
+    std::fs::write(&start, model.to_safetensors().unwrap()).unwrap();
+
+    let dir = tmp.path().join("warm");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["demo", "--rounds", "1", "--samples", "32", "--val", "8"])
+        .args(["--local-test", "8", "--start-from"])
+        .arg(&start)
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("HQ's warm start from"), "{stdout}");
+    let mut hq = ferry_bundle::Keyring::new();
+    hq.add(ferry_bundle::PublicKey::read(&dir.join("keys").join("hq.pub")).unwrap())
+        .unwrap();
+    let r0 = ferry_bundle::open_file(&dir.join("usb").join("global-r0.ferry"), &hq).unwrap();
+    let sealed = Model::from_safetensors(Arch::PlateCtcV2, r0.payload(), &Device::Cpu).unwrap();
+    assert_eq!(
+        sealed.to_safetensors().unwrap(),
+        model.to_safetensors().unwrap(),
+        "round 0 is HQ's start, tensor for tensor"
+    );
+
+    // A plate-ctc model given for a plate-ctc-v2 demo: refused by name, nothing written.
+    let other = tmp.path().join("other.safetensors");
+    let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
+    std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
+    let refused = tmp.path().join("refused");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["demo", "--start-from"])
+        .arg(&other)
+        .arg("--dir")
+        .arg(&refused)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HQ's start") && err.contains("other.safetensors"),
+        "{err}"
+    );
+    assert!(!refused.exists(), "nothing written for a refused start");
+}

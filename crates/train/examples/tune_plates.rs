@@ -9,7 +9,8 @@
 //! With VAL_N > 0 the run is a measurement, not tuning: every line reports the *validation* set instead, the one
 //! `ferry-lab seed-table --seed 1 --val VAL_N` uses (90 % loose from seed 1003, 10 % tight from seed 1004).
 //! `TUNE_TWO_LINE=P` renders the *training* plates with two-line plates at rate P (the renderer's default is 5 %),
-//! `TUNE_PLAIN=1` without the camera effects (`RenderConfig::plain`); the tuning and validation sets keep the
+//! `TUNE_CLEAN_CHUNKS=N` renders the first N chunks as HQ's clean plates (`PlateStyle::Clean`: no camera effects),
+//! a curriculum; `TUNE_PLAIN=1` without the camera effects (`RenderConfig::plain`); the tuning and validation sets keep the
 //! default mix.
 //! At the end it prints where the errors are (loose / tight, one- / two-line plates, each label slot, a few
 //! misread two-line plates) and, with `TUNE_SAVE=FILE`, writes the model's safetensors there; `TUNE_LOAD=FILE`
@@ -69,8 +70,16 @@ fn main() {
     let mut adam = Adam::new(arch, &dev).unwrap();
     let start = Instant::now();
     let mut seen = 0;
+    // A curriculum: the first N chunks rendered as HQ's clean plates (`plates:clean`), the rest as STYLE.
+    let clean_chunks: u64 = std::env::var("TUNE_CLEAN_CHUNKS").map_or(0, |v| v.parse().unwrap());
     for c in 0..chunks {
-        let data = plates::generate_with(style, chunk, 500_000 + c, None, &train_render).unwrap();
+        let chunk_style = if c < clean_chunks {
+            PlateStyle::Clean
+        } else {
+            style
+        };
+        let data =
+            plates::generate_with(chunk_style, chunk, 500_000 + c, None, &train_render).unwrap();
         let peak = lr;
         let lr_now = if cosine {
             // The chunk's midpoint on a cosine from the peak to 0.
