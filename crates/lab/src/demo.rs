@@ -55,7 +55,7 @@ pub enum Start {
     /// Random weights from the seed.
     Scratch,
     /// The weights in this safetensors file (a model of the demo's architecture that HQ trained on its own data,
-    /// such as `ferry-lab hq-start` writes).
+    /// such as `tune_plates` saves with `TUNE_SAVE`).
     Weights(PathBuf),
 }
 
@@ -137,14 +137,14 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
             format!("initialised from seed {}", cfg.seed),
         ),
         Start::Weights(path) => {
-            let bytes = std::fs::read(path).with_context(|| {
-                format!("reading HQ's start {}", ferry_bundle::escape_path(path))
-            })?;
+            let shown = ferry_bundle::escape_path(path);
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading HQ's start {shown}"))?;
             let model = Model::from_safetensors(arch, &bytes, &Device::Cpu)
-                .with_context(|| format!("HQ's start {}", ferry_bundle::escape_path(path)))?;
+                .with_context(|| format!("HQ's start {shown}"))?;
             (
                 Federation::create_from(&cfg.dir, model, &ids)?,
-                format!("HQ's warm start from {}", ferry_bundle::escape_path(path)),
+                format!("HQ's warm start from {shown}"),
             )
         }
     };

@@ -641,25 +641,9 @@ fn the_demo_runs_the_reader_it_is_given_and_refuses_a_non_plate_model() {
     refuses_a_non_plate_model("demo", "--dir", &tmp.path().join("refused"));
 
     let dir = tmp.path().join("deep");
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["demo", "--arch", "plate-ctc-deep", "--rounds", "1"])
-        .args([
-            "--samples",
-            "48",
-            "--val",
-            "16",
-            "--local-test",
-            "8",
-            "--dir",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = small_demo(
+        &["--arch", "plate-ctc-deep", "--samples", "48", "--val", "16"],
+        &dir,
     );
     assert!(stdout.contains("plate-ctc-deep"), "{stdout}");
     assert!(dir.join("summary.csv").is_file());
@@ -669,6 +653,24 @@ fn the_demo_runs_the_reader_it_is_given_and_refuses_a_non_plate_model() {
         global.windows(14).any(|w| w == b"plate-ctc-deep"),
         "the round-1 global names plate-ctc-deep"
     );
+}
+
+/// `ferry-lab demo --rounds 1 --local-test 8 ARGS --dir DIR`, which must succeed; returns its standard output.
+fn small_demo(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["demo", "--rounds", "1", "--local-test", "8"])
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// `ferry-lab COMMAND --arch mnist-cnn OUT_FLAG out`: refused in one line naming the model, nothing written.
@@ -700,19 +702,10 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
     std::fs::write(&start, model.to_safetensors().unwrap()).unwrap();
 
     let dir = tmp.path().join("warm");
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["demo", "--rounds", "1", "--samples", "32", "--val", "8"])
-        .args(["--local-test", "8", "--start-from"])
-        .arg(&start)
-        .arg("--dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let start_arg = start.to_str().unwrap();
+    let stdout = small_demo(
+        &["--samples", "32", "--val", "8", "--start-from", start_arg],
+        &dir,
     );
     assert!(stdout.contains("HQ's warm start from"), "{stdout}");
     let mut hq = ferry_bundle::Keyring::new();
