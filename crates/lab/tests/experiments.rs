@@ -692,6 +692,48 @@ fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
     );
 }
 
+/// `ferry-lab demo` by default seals HQ's shipped start as round 0 (tensor for tensor) and fine-tunes it at the
+/// lower rate; `--scratch` seals random weights from the seed instead.
+#[test]
+fn the_demo_starts_from_hqs_shipped_start_unless_told_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = ferry_lab::demo::DemoConfig::default().arch;
+    let r0 = |dir: &Path| {
+        let mut hq = ferry_bundle::Keyring::new();
+        hq.add(ferry_bundle::PublicKey::read(&dir.join("keys").join("hq.pub")).unwrap())
+            .unwrap();
+        let r0 = ferry_bundle::open_file(&dir.join("usb").join("global-r0.ferry"), &hq).unwrap();
+        Model::from_safetensors(arch, r0.payload(), &Device::Cpu)
+            .unwrap()
+            .to_safetensors()
+            .unwrap()
+    };
+    let shipped = Model::from_safetensors(
+        arch,
+        ferry_lab::demo::shipped_start(arch).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_safetensors()
+    .unwrap();
+
+    let warm = tmp.path().join("shipped");
+    let stdout = small_demo(&["--samples", "32", "--val", "8"], &warm);
+    assert!(stdout.contains("HQ's shipped start"), "{stdout}");
+    assert!(stdout.contains("Adam lr 0.0005"), "{stdout}");
+    assert_eq!(r0(&warm), shipped, "round 0 is HQ's shipped start");
+
+    let cold = tmp.path().join("scratch");
+    let stdout = small_demo(&["--samples", "32", "--val", "8", "--scratch"], &cold);
+    assert!(stdout.contains("initialised from seed 1"), "{stdout}");
+    assert!(stdout.contains("Adam lr 0.002"), "{stdout}");
+    let random = Model::init(arch, 1, &Device::Cpu)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    assert_eq!(r0(&cold), random, "round 0 is the seed's random weights");
+}
+
 /// `ferry-lab demo --start-from FILE`: HQ seals the given weights as round 0 (the signed global-r0 carries exactly
 /// them), and a file that is not a model of `--arch` is refused in one line before anything is written.
 #[test]
@@ -704,7 +746,16 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
     let dir = tmp.path().join("warm");
     let start_arg = start.to_str().unwrap();
     let stdout = small_demo(
-        &["--samples", "32", "--val", "8", "--start-from", start_arg],
+        &[
+            "--arch",
+            "plate-ctc-v2",
+            "--samples",
+            "32",
+            "--val",
+            "8",
+            "--start-from",
+            start_arg,
+        ],
         &dir,
     );
     assert!(stdout.contains("HQ's warm start from"), "{stdout}");
@@ -725,7 +776,7 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
     std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
     let refused = tmp.path().join("refused");
     let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["demo", "--start-from"])
+        .args(["demo", "--arch", "plate-ctc-v2", "--start-from"])
         .arg(&other)
         .arg("--dir")
         .arg(&refused)
