@@ -18,7 +18,7 @@ use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 
 /// Settings of the demo. `Default` is what `ferry-lab demo` runs: plate-ctc-deep-v2 from HQ's shipped start
-/// ([`Start::Shipped`]), 3 rounds of 1 epoch on 6,000 plates per site; 141 s on 2 idle CPU cores, final global
+/// ([`Start::Shipped`]), 3 rounds of 1 epoch on 6,000 plates per site; 134 s on 2 idle CPU cores, final global
 /// 80.0 % exact (docs/experiments.md, "HQ's shipped start").
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -171,38 +171,41 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
 
     println!("\n== setup ==");
     let ids = ["site-a".to_string(), "site-b".to_string()];
-    let scratch = || -> Result<(Federation, String)> {
-        Ok((
-            Federation::create(&cfg.dir, arch, cfg.seed, &ids)?,
-            format!("initialised from seed {}", cfg.seed),
-        ))
-    };
-    let (mut fed, origin) = match &cfg.start {
-        Start::Scratch => scratch()?,
-        Start::Shipped => match shipped_start(arch) {
-            Some(bytes) => {
+    // HQ's trained round 0, if it has one (with how it is shown), else random weights from the seed.
+    let trained = match &cfg.start {
+        Start::Scratch => None,
+        Start::Shipped => shipped_start(arch)
+            .map(|bytes| -> Result<_> {
                 let model = Model::from_safetensors(arch, bytes, &Device::Cpu)
                     .context("HQ's shipped start")?;
-                (
-                    Federation::create_from(&cfg.dir, model, &ids)?,
+                Ok((
+                    model,
                     "HQ's shipped start (trained on HQ's own clean plates, no site data; --scratch for random weights)"
                         .to_string(),
-                )
-            }
-            None => {
-                let (fed, origin) = scratch()?;
-                (fed, format!("{origin} (HQ ships no start for {arch})"))
-            }
-        },
+                ))
+            })
+            .transpose()?,
         Start::Weights(path) => {
             let shown = ferry_bundle::escape_path(path);
             let bytes =
                 std::fs::read(path).with_context(|| format!("reading HQ's start {shown}"))?;
             let model = Model::from_safetensors(arch, &bytes, &Device::Cpu)
                 .with_context(|| format!("HQ's start {shown}"))?;
+            Some((model, format!("HQ's warm start from {shown}")))
+        }
+    };
+    let (mut fed, origin) = match trained {
+        Some((model, origin)) => (Federation::create_from(&cfg.dir, model, &ids)?, origin),
+        None => {
+            let fed = Federation::create(&cfg.dir, arch, cfg.seed, &ids)?;
+            let unshipped = if cfg.start == Start::Shipped {
+                format!(" (HQ ships no start for {arch})")
+            } else {
+                String::new()
+            };
             (
-                Federation::create_from(&cfg.dir, model, &ids)?,
-                format!("HQ's warm start from {shown}"),
+                fed,
+                format!("initialised from seed {}{unshipped}", cfg.seed),
             )
         }
     };
