@@ -10,12 +10,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use ferry_merge::hq::RoundConfig;
 use ferry_site::{eval_site, EvalTarget};
-use ferry_train::{AdamConfig, Arch, Device, Evaluation, Model, TrainConfig};
+use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warmup};
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
+use crate::start::Start;
 
 /// Settings of the demo. `Default` is what `ferry-lab demo` runs: plate-ctc-deep-v2 from HQ's shipped start
 /// ([`Start::Shipped`]), 3 rounds of 1 epoch on 6,000 plates per site; 134 s on 2 idle CPU cores, final global
@@ -50,19 +51,6 @@ pub struct DemoConfig {
     pub start: Start,
 }
 
-/// Where HQ's round 0 comes from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Start {
-    /// Random weights from the seed.
-    Scratch,
-    /// The start HQ ships for the demo's architecture ([`shipped_start`]), or random weights for one it ships
-    /// none for.
-    Shipped,
-    /// The weights in this safetensors file (a model of the demo's architecture that HQ trained on its own data,
-    /// such as `tune_plates` saves with `TUNE_SAVE`).
-    Weights(PathBuf),
-}
-
 impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
@@ -87,37 +75,12 @@ impl Default for DemoConfig {
     }
 }
 
-/// The peak learning rate from random weights.
-const SCRATCH_LR: f64 = 2e-3;
-/// The peak learning rate from a trained start: fine-tuning HQ's start at [`SCRATCH_LR`] loses what it knows
-/// (tuned with `--seed 2`, whose validation plates are not the reported ones, on plate-ctc-v2's start: 67.4 %
-/// exact after 5 rounds at 2e-3, 74.4 % at 5e-4, 74.0 % at 2.5e-4; docs/experiments.md).
-const WARM_LR: f64 = 5e-4;
-
-/// HQ's start for `arch`, shipped inside ferry-lab: the reader trained by HQ on its own clean plates only
-/// (`PlateStyle::Clean`, a renderer configuration no site trains on), for plate-ctc-deep-v2 and plate-ctc-v2; how
-/// each was made is in `crates/lab/assets/README.md`.
-pub fn shipped_start(arch: Arch) -> Option<&'static [u8]> {
-    match arch {
-        Arch::PlateCtcDeepV2 => Some(include_bytes!(
-            "../assets/hq-start-plate-ctc-deep-v2.safetensors"
-        )),
-        Arch::PlateCtcV2 => Some(include_bytes!(
-            "../assets/hq-start-plate-ctc-v2.safetensors"
-        )),
-        _ => None,
-    }
-}
-
 impl DemoConfig {
     /// The peak learning rate: the one given, else a fine-tuning rate from a trained start and a higher one from
     /// random weights.
     pub fn lr(&self) -> f64 {
         self.lr
-            .unwrap_or(match (&self.start, shipped_start(self.arch)) {
-                (Start::Weights(_), _) | (Start::Shipped, Some(_)) => WARM_LR,
-                (Start::Scratch, _) | (Start::Shipped, None) => SCRATCH_LR,
-            })
+            .unwrap_or_else(|| self.start.learning_rate(self.arch))
     }
 }
 
@@ -172,28 +135,14 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     println!("\n== setup ==");
     let ids = ["site-a".to_string(), "site-b".to_string()];
     // HQ's trained round 0, if it has one (with how it is shown), else random weights from the seed.
-    let trained = match &cfg.start {
-        Start::Scratch => None,
-        Start::Shipped => shipped_start(arch)
-            .map(|bytes| -> Result<_> {
-                let model = Model::from_safetensors(arch, bytes, &Device::Cpu)
-                    .context("HQ's shipped start")?;
-                Ok((
-                    model,
-                    "HQ's shipped start (trained on HQ's own clean plates, no site data; --scratch for random weights)"
-                        .to_string(),
-                ))
-            })
-            .transpose()?,
-        Start::Weights(path) => {
-            let shown = ferry_bundle::escape_path(path);
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading HQ's start {shown}"))?;
-            let model = Model::from_safetensors(arch, &bytes, &Device::Cpu)
-                .with_context(|| format!("HQ's start {shown}"))?;
-            Some((model, format!("HQ's warm start from {shown}")))
-        }
-    };
+    let trained = cfg.start.trained_model(arch)?.map(|(model, origin)| {
+        let hint = if cfg.start == Start::Shipped {
+            "; --scratch for random weights"
+        } else {
+            ""
+        };
+        (model, format!("{origin}{hint}"))
+    });
     let (mut fed, origin) = match trained {
         Some((model, origin)) => (Federation::create_from(&cfg.dir, model, &ids)?, origin),
         None => {
@@ -461,32 +410,7 @@ fn write_outputs(cfg: &DemoConfig, rows: &[DemoRound]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_train::data::{plates, PlateStyle};
-
-    /// Each shipped start is a trained reader, not random weights: it reads realistic loose plates it never saw
-    /// (HQ trained it on clean plates only; random weights read none).
-    #[test]
-    fn hqs_shipped_starts_read_realistic_plates() {
-        for arch in [Arch::PlateCtcDeepV2, Arch::PlateCtcV2] {
-            let bytes = shipped_start(arch).expect("a shipped start");
-            let model = Model::from_safetensors(arch, bytes, &Device::Cpu).unwrap();
-            let render = plates::RenderConfig::for_classes(Some(arch.classes()));
-            let loose =
-                plates::generate_with(PlateStyle::Loose, 120, 424_242, None, &render).unwrap();
-            let e = ferry_train::evaluate(&model, &loose, 64).unwrap();
-            assert!(
-                e.accuracy >= 0.35,
-                "{arch}'s shipped start read {:.3}",
-                e.accuracy
-            );
-            let random = Model::init(arch, 1, &Device::Cpu).unwrap();
-            assert_eq!(
-                ferry_train::evaluate(&random, &loose, 64).unwrap().accuracy,
-                0.0
-            );
-        }
-        assert!(shipped_start(Arch::PlateCtc).is_none());
-    }
+    use crate::start::{SCRATCH_LR, WARM_LR};
 
     /// Fine-tuning from a trained start uses the lower rate unless one is given; random weights the higher one.
     #[test]

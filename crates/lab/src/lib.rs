@@ -17,4 +17,5 @@ pub mod report;
 pub mod seed_table;
 pub mod seed_trips;
 pub mod split;
+pub mod start;
 pub mod trips;

@@ -37,7 +37,7 @@ enum Command {
     /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
     /// bundles.
     #[command(
-        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
+        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --hq-start          # every row from HQ's shipped start\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
     )]
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
@@ -178,6 +178,14 @@ struct SeedTableArgs {
     /// then one-shot and two-trip FedAvg from it (both sites train again: about as long as two more FedAvg rows).
     #[arg(long, value_name = "N", default_value_t = 0, requires = "few_trips")]
     pretrain_epochs: u32,
+    /// Start every row from HQ's shipped start (plate-ctc-v2 or plate-ctc-deep-v2 trained on HQ's own clean
+    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given.
+    #[arg(long, conflicts_with_all = ["start_from", "pretrain_epochs"])]
+    hq_start: bool,
+    /// Start every row from this safetensors model (one HQ trained on its own data, of --arch's architecture),
+    /// fine-tuned at lr 5e-4 unless --lr is given.
+    #[arg(long, value_name = "FILE", conflicts_with = "pretrain_epochs")]
+    start_from: Option<PathBuf>,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -414,9 +422,9 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.train.seed,
                 arch: a.arch,
                 start: match (a.start_from, a.scratch) {
-                    (Some(path), _) => demo::Start::Weights(path),
-                    (None, true) => demo::Start::Scratch,
-                    (None, false) => demo::Start::Shipped,
+                    (Some(path), _) => ferry_lab::start::Start::Weights(path),
+                    (None, true) => ferry_lab::start::Start::Scratch,
+                    (None, false) => ferry_lab::start::Start::Shipped,
                 },
             };
             demo::run(&cfg)?;
@@ -427,13 +435,18 @@ fn run(cli: Cli) -> Result<()> {
                 SeedTablePreset::Standard => seed_table::Preset::Standard,
                 SeedTablePreset::FieldStudy => seed_table::Preset::FieldStudy,
             });
-            let cfg = seed_table::SeedTableConfig {
+            let start = match (a.start_from, a.hq_start) {
+                (Some(path), _) => ferry_lab::start::Start::Weights(path),
+                (None, true) => ferry_lab::start::Start::Shipped,
+                (None, false) => ferry_lab::start::Start::Scratch,
+            };
+            let mut cfg = seed_table::SeedTableConfig {
                 out: out_dir(&a.out, "seed-table"),
                 total_epochs: a.total_epochs.unwrap_or(d.total_epochs),
                 samples_per_site: a.samples_per_site.unwrap_or(d.samples_per_site),
                 val: a.val.unwrap_or(d.val),
                 e_sweep: a.e_sweep.unwrap_or(d.e_sweep),
-                lr: a.train.lr.unwrap_or(d.lr),
+                lr: d.lr,
                 warmup: a.train.warmup.or(d.warmup),
                 batch: a.train.batch.unwrap_or(d.batch),
                 cosine: a
@@ -446,7 +459,12 @@ fn run(cli: Cli) -> Result<()> {
                 hq_plates: a.hq_plates,
                 fisher_bounds: a.fisher_bounds,
                 pretrain_epochs: a.pretrain_epochs,
-            };
+                start: ferry_lab::start::Start::Scratch,
+            }
+            .starting_from(start);
+            if let Some(lr) = a.train.lr {
+                cfg.lr = lr;
+            }
             let rows = seed_table::run(&cfg)?;
             if let Some(p) = &a.json {
                 write_json(p, &seed_table::json(&cfg, &rows))?;

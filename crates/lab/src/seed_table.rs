@@ -30,6 +30,7 @@ use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warm
 use crate::progress::{spinner, TrainBars};
 use crate::report::{plot_accuracy, write_table, Series};
 use crate::seed_trips;
+use crate::start::Start;
 
 /// A named budget of the seed table (`ferry-lab seed-table --preset`): what each one costs and reads is measured
 /// in docs/experiments.md.
@@ -73,11 +74,27 @@ impl SeedTableConfig {
             },
         }
     }
+
+    /// These settings with every row starting from `start`: from a trained start at the fine-tuning rate
+    /// ([`crate::start::WARM_LR`]), which a learning rate set afterwards overrides.
+    pub fn starting_from(self, start: Start) -> SeedTableConfig {
+        let lr = if start.is_trained(self.arch) {
+            start.learning_rate(self.arch)
+        } else {
+            self.lr
+        };
+        SeedTableConfig { start, lr, ..self }
+    }
 }
 
 /// The architecture as its name in the JSON settings.
 fn arch_name<S: serde::Serializer>(arch: &Arch, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(arch.name())
+}
+
+/// The start as its description in the JSON settings.
+fn start_name<S: serde::Serializer>(start: &Start, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&start.describe())
 }
 
 /// Settings of a seed-table run.
@@ -119,6 +136,10 @@ pub struct SeedTableConfig {
     /// this many epochs of its own clean plates (as many as a site holds, a stream of their own) before the first
     /// trip; 0: none. Each row trains both sites again from that round 0.
     pub pretrain_epochs: u32,
+    /// Round 0 of every row (each site alone, centralised, one-shot, FedAvg): random weights from the seed (the
+    /// field study's setting), or a start HQ trained on its own plates.
+    #[serde(serialize_with = "start_name")]
+    pub start: Start,
 }
 
 impl Default for SeedTableConfig {
@@ -139,6 +160,7 @@ impl Default for SeedTableConfig {
             hq_plates: 2000,
             fisher_bounds: vec![3.0, 10.0, 100.0],
             pretrain_epochs: 0,
+            start: Start::Scratch,
         }
     }
 }
@@ -200,10 +222,11 @@ fn standalone(
     val: &Dataset,
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
+    round0: &[u8],
 ) -> Result<(Row, Vec<u8>, u64)> {
     let start = Instant::now();
     let arch = cfg.arch;
-    let mut model = Model::init(arch, cfg.seed, &Device::Cpu)?;
+    let mut model = Model::from_safetensors(arch, round0, &Device::Cpu)?;
     let mut adam = Adam::new(arch, &Device::Cpu)?;
     let mut curve = vec![point(0, &eval(&model, val)?)];
     let tcfg = TrainConfig {
@@ -237,10 +260,12 @@ fn one_shot(
     data: &FieldData,
     cfg: &SeedTableConfig,
     trained: [(&[u8], u64); 2],
+    round0: &[u8],
     before_merge: Option<BeforeMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
-    let mut fed = Federation::create(dir, cfg.arch, cfg.seed, &site_ids())?;
+    let model = Model::from_safetensors(cfg.arch, round0, &Device::Cpu)?;
+    let mut fed = Federation::create_from(dir, model, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let mut updates = Vec::new();
     for (i, (weights, steps)) in trained.into_iter().enumerate() {
@@ -285,36 +310,35 @@ fn fedavg(
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
     e: u32,
+    round0: &[u8],
     before_merge: Option<BeforeEachMerge<'_>>,
 ) -> Result<Row> {
-    fedavg_from(dir, data, cfg, tcfg, e, None, before_merge)
+    fedavg_from(
+        dir,
+        data,
+        cfg,
+        tcfg,
+        e,
+        (&format!("fedavg-e{e}"), round0),
+        before_merge,
+    )
 }
 
-/// [`fedavg`] from round-0 weights `warm` (HQ's warm start: `ferry-server init --pretrain`), as row `warm.0`.
+/// [`fedavg`] from the round-0 weights `round0.1` (the run's start, or HQ's pretrained round 0:
+/// `ferry-server init --pretrain`), as row `round0.0`.
 fn fedavg_from(
     dir: &Path,
     data: &FieldData,
     cfg: &SeedTableConfig,
     tcfg: &TrainConfig,
     e: u32,
-    warm: Option<(&str, &[u8])>,
+    round0: (&str, &[u8]),
     mut before_merge: Option<BeforeEachMerge<'_>>,
 ) -> Result<Row> {
     let start = Instant::now();
-    let (name, mut fed) = match warm {
-        None => (
-            format!("fedavg-e{e}"),
-            Federation::create(dir, cfg.arch, cfg.seed, &site_ids())?,
-        ),
-        Some((name, weights)) => (
-            name.to_string(),
-            Federation::create_from(
-                dir,
-                Model::from_safetensors(cfg.arch, weights, &Device::Cpu)?,
-                &site_ids(),
-            )?,
-        ),
-    };
+    let name = round0.0.to_string();
+    let model = Model::from_safetensors(cfg.arch, round0.1, &Device::Cpu)?;
+    let mut fed = Federation::create_from(dir, model, &site_ids())?;
     let mut curve = vec![point(0, &fed.evaluate_global(&data.val)?)];
     let rounds = cfg.total_epochs.div_ceil(e);
     let mut done = 0;
@@ -387,6 +411,9 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
     if cfg.e_sweep.contains(&0) {
         bail!("--e-sweep values must be at least 1");
     }
+    if cfg.pretrain_epochs > 0 && cfg.start != Start::Scratch {
+        bail!("--pretrain-epochs trains HQ's round 0 from random weights; it cannot be combined with a start");
+    }
     if cfg.out.join("rows").exists() {
         bail!(
             "{} already holds a seed table; choose a new --out",
@@ -421,6 +448,19 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             ""
         }
     );
+    // Every row starts from the same round 0.
+    let (round0, origin) = match cfg.start.trained_model(cfg.arch)? {
+        Some((model, origin)) => (model.to_safetensors()?, origin),
+        None if cfg.start == Start::Scratch => (
+            Model::init(cfg.arch, cfg.seed, &Device::Cpu)?.to_safetensors()?,
+            format!("random weights from seed {}", cfg.seed),
+        ),
+        None => bail!(
+            "HQ ships no start for {} (it ships one for plate-ctc-deep-v2 and plate-ctc-v2)",
+            cfg.arch
+        ),
+    };
+    println!("round 0 of every row: {} {origin}", cfg.arch);
     let data = field_data(cfg.arch, cfg.samples_per_site, cfg.val, 0, cfg.seed)?;
     let rows_dir = cfg.out.join("rows");
     let mut rows = Vec::new();
@@ -439,14 +479,14 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             r.seconds
         )
     };
-    let (a, wa, sa) = standalone("site-a", &data.a, &data.val, cfg, &tcfg)?;
+    let (a, wa, sa) = standalone("site-a", &data.a, &data.val, cfg, &tcfg, &round0)?;
     report(&a);
     rows.push(a);
-    let (b, wb, sb) = standalone("site-b", &data.b, &data.val, cfg, &tcfg)?;
+    let (b, wb, sb) = standalone("site-b", &data.b, &data.val, cfg, &tcfg, &round0)?;
     report(&b);
     rows.push(b);
     let both = Dataset::concat(&[&data.a, &data.b])?;
-    let (c, _, _) = standalone("centralised", &both, &data.val, cfg, &tcfg)?;
+    let (c, _, _) = standalone("centralised", &both, &data.val, cfg, &tcfg, &round0)?;
     report(&c);
     rows.push(c);
     let hq = if cfg.few_trips {
@@ -484,6 +524,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
         &data,
         cfg,
         [(&wa, sa), (&wb, sb)],
+        &round0,
         Some(&mut one_trip),
     )?;
     report(&o);
@@ -525,6 +566,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             cfg,
             &tcfg,
             e,
+            &round0,
             hook,
         )?;
         report(&r);
@@ -545,7 +587,7 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
                 cfg,
                 &tcfg,
                 e,
-                Some((name, &warm.weights)),
+                (name, &warm.weights),
                 None,
             )?;
             let mut r = r;

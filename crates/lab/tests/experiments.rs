@@ -633,6 +633,105 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
     );
 }
 
+/// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
+/// tensor for tensor, and every row reads the same at epoch 0, where random weights read nothing), fine-tuned at
+/// the lower rate unless `--lr` says otherwise; an architecture HQ ships no start for is refused in one line with
+/// nothing written.
+#[test]
+fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rows.json");
+    let out = dir.path().join("st");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--hq-start", "--arch", "plate-ctc-v2"])
+        .args(["--total-epochs", "1", "--samples-per-site", "16"])
+        .args(["--val", "40", "--e-sweep", "1", "--out"])
+        .arg(&out)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("round 0 of every row: plate-ctc-v2 HQ's shipped start"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["config"]["start"], "shipped");
+    assert_eq!(v["config"]["lr"], 5e-4);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let epoch0: Vec<f64> = rows
+        .iter()
+        .map(|r| r["curve"][0][1].as_f64().unwrap())
+        .collect();
+    assert!(
+        epoch0[0] > 0.2,
+        "HQ's start reads plates at epoch 0: {epoch0:?}"
+    );
+    assert!(epoch0.iter().all(|&a| a == epoch0[0]), "{epoch0:?}");
+
+    let row = out.join("rows").join("fedavg-e1");
+    let mut hq = ferry_bundle::Keyring::new();
+    hq.add(ferry_bundle::PublicKey::read(&row.join("keys").join("hq.pub")).unwrap())
+        .unwrap();
+    let r0 = ferry_bundle::open_file(&row.join("usb").join("global-r0.ferry"), &hq).unwrap();
+    let arch = Arch::PlateCtcV2;
+    let sealed = Model::from_safetensors(arch, r0.payload(), &Device::Cpu).unwrap();
+    let shipped = Model::from_safetensors(
+        arch,
+        ferry_lab::start::shipped_start(arch).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        sealed.to_safetensors().unwrap(),
+        shipped.to_safetensors().unwrap(),
+        "round 0 is HQ's shipped start"
+    );
+
+    // An explicit rate wins over the fine-tuning default.
+    let json2 = dir.path().join("rows2.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--hq-start", "--lr", "1e-4"])
+        .args(["--total-epochs", "1", "--samples-per-site", "8"])
+        .args(["--val", "8", "--e-sweep", "1", "--out"])
+        .arg(dir.path().join("st2"))
+        .arg("--json")
+        .arg(&json2)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json2).unwrap()).unwrap();
+    assert_eq!(v["config"]["lr"], 1e-4);
+
+    // HQ ships no plate-ctc start: refused by name, nothing written.
+    let refused = dir.path().join("refused");
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--hq-start", "--arch", "plate-ctc"])
+        .args([
+            "--total-epochs",
+            "1",
+            "--samples-per-site",
+            "8",
+            "--val",
+            "8",
+        ])
+        .arg("--out")
+        .arg(&refused)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("HQ ships no start for plate-ctc"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!refused.exists(), "nothing written for a refused run");
+}
+
 /// `ferry-lab demo --arch`: plate-ctc-deep goes through the whole loop (HQ initialises it, both sites train it,
 /// the merged global reads as it), and a model that is not a plate reader is refused before anything is written.
 #[test]
@@ -710,7 +809,7 @@ fn the_demo_starts_from_hqs_shipped_start_unless_told_otherwise() {
     };
     let shipped = Model::from_safetensors(
         arch,
-        ferry_lab::demo::shipped_start(arch).unwrap(),
+        ferry_lab::start::shipped_start(arch).unwrap(),
         &Device::Cpu,
     )
     .unwrap()
