@@ -12,8 +12,8 @@ use ferry_train::{Arch, Device, Model};
 pub enum Start {
     /// Random weights from the seed.
     Scratch,
-    /// The start HQ ships for the architecture ([`shipped_start`]), or random weights for one it ships none
-    /// for.
+    /// The start HQ ships for the architecture ([`shipped_start`]). For an architecture HQ ships none for, the
+    /// demo falls back to random weights and the seed table refuses the run.
     Shipped,
     /// The weights in this safetensors file (a model of the run's architecture that HQ trained on its own data,
     /// such as `tune_plates` saves with `TUNE_SAVE`).

@@ -635,8 +635,8 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
 
 /// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
 /// tensor for tensor, and every row reads the same at epoch 0, where random weights read nothing), fine-tuned at
-/// the lower rate unless `--lr` says otherwise; an architecture HQ ships no start for is refused in one line with
-/// nothing written.
+/// the lower rate unless `--lr` says otherwise; an architecture HQ ships no start for, and a `--start-from` file of
+/// another architecture, are refused in one line with nothing written.
 #[test]
 fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
     let dir = tempfile::tempdir().unwrap();
@@ -728,6 +728,31 @@ fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
         stderr.contains("HQ ships no start for plate-ctc"),
         "{stderr}"
     );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!refused.exists(), "nothing written for a refused run");
+
+    // --start-from a model of another architecture: refused by name, nothing written.
+    let other = dir.path().join("ctc.safetensors");
+    let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
+    std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(["seed-table", "--arch", "plate-ctc-v2", "--start-from"])
+        .arg(&other)
+        .args([
+            "--total-epochs",
+            "1",
+            "--samples-per-site",
+            "8",
+            "--val",
+            "8",
+        ])
+        .arg("--out")
+        .arg(&refused)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("HQ's start"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(!refused.exists(), "nothing written for a refused run");
 }
