@@ -672,22 +672,9 @@ fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
     );
     assert!(epoch0.iter().all(|&a| a == epoch0[0]), "{epoch0:?}");
 
-    let row = out.join("rows").join("fedavg-e1");
-    let mut hq = ferry_bundle::Keyring::new();
-    hq.add(ferry_bundle::PublicKey::read(&row.join("keys").join("hq.pub")).unwrap())
-        .unwrap();
-    let r0 = ferry_bundle::open_file(&row.join("usb").join("global-r0.ferry"), &hq).unwrap();
-    let arch = Arch::PlateCtcV2;
-    let sealed = Model::from_safetensors(arch, r0.payload(), &Device::Cpu).unwrap();
-    let shipped = Model::from_safetensors(
-        arch,
-        ferry_lab::start::shipped_start(arch).unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
     assert_eq!(
-        sealed.to_safetensors().unwrap(),
-        shipped.to_safetensors().unwrap(),
+        sealed_round0(&out.join("rows").join("fedavg-e1"), Arch::PlateCtcV2),
+        shipped_tensors(Arch::PlateCtcV2),
         "round 0 is HQ's shipped start"
     );
 
@@ -707,54 +694,47 @@ fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
     assert_eq!(v["config"]["lr"], 1e-4);
 
     // HQ ships no plate-ctc start: refused by name, nothing written.
+    let small = [
+        "--total-epochs",
+        "1",
+        "--samples-per-site",
+        "8",
+        "--val",
+        "8",
+    ];
     let refused = dir.path().join("refused");
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["seed-table", "--hq-start", "--arch", "plate-ctc"])
-        .args([
-            "--total-epochs",
-            "1",
-            "--samples-per-site",
-            "8",
-            "--val",
-            "8",
-        ])
-        .arg("--out")
-        .arg(&refused)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        stderr.contains("HQ ships no start for plate-ctc"),
-        "{stderr}"
+    let err = refused_in_one_line(
+        &[
+            &["seed-table", "--hq-start", "--arch", "plate-ctc"],
+            &small[..],
+        ]
+        .concat(),
+        "--out",
+        &refused,
     );
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(!refused.exists(), "nothing written for a refused run");
+    assert!(err.contains("HQ ships no start for plate-ctc"), "{err}");
 
     // --start-from a model of another architecture: refused by name, nothing written.
     let other = dir.path().join("ctc.safetensors");
     let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
     std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["seed-table", "--arch", "plate-ctc-v2", "--start-from"])
-        .arg(&other)
-        .args([
-            "--total-epochs",
-            "1",
-            "--samples-per-site",
-            "8",
-            "--val",
-            "8",
-        ])
-        .arg("--out")
-        .arg(&refused)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("HQ's start"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(!refused.exists(), "nothing written for a refused run");
+    let other_arg = other.to_str().unwrap();
+    let err = refused_in_one_line(
+        &[
+            &[
+                "seed-table",
+                "--arch",
+                "plate-ctc-v2",
+                "--start-from",
+                other_arg,
+            ],
+            &small[..],
+        ]
+        .concat(),
+        "--out",
+        &refused,
+    );
+    assert!(err.contains("HQ's start"), "{err}");
 }
 
 /// `ferry-lab demo --arch`: plate-ctc-deep goes through the whole loop (HQ initialises it, both sites train it,
@@ -799,21 +779,52 @@ fn small_demo(args: &[&str], dir: &Path) -> String {
 
 /// `ferry-lab COMMAND --arch mnist-cnn OUT_FLAG out`: refused in one line naming the model, nothing written.
 fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args([command, "--arch", "mnist-cnn", out_flag])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(!o.status.success(), "{command}");
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = refused_in_one_line(&[command, "--arch", "mnist-cnn"], out_flag, out);
     assert!(
         err.contains("plate reader") && err.contains("mnist-cnn"),
         "{command}: {err}"
     );
-    assert!(
-        !out.exists(),
-        "{command}: nothing written for a refused run"
-    );
+}
+
+/// Runs `ferry-lab ARGS OUT_FLAG OUT`, which must be refused with a one-line error and nothing written at `OUT`;
+/// returns the error.
+fn refused_in_one_line(args: &[&str], out_flag: &str, out: &Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(args)
+        .arg(out_flag)
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{args:?}");
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    assert!(!out.exists(), "{args:?}: nothing written for a refused run");
+    err
+}
+
+/// The round 0 HQ sealed into the federation at `dir`: `usb/global-r0.ferry`, verified against `keys/hq.pub`, as
+/// an `arch` model's safetensors.
+fn sealed_round0(dir: &Path, arch: Arch) -> Vec<u8> {
+    let mut hq = ferry_bundle::Keyring::new();
+    hq.add(ferry_bundle::PublicKey::read(&dir.join("keys").join("hq.pub")).unwrap())
+        .unwrap();
+    let r0 = ferry_bundle::open_file(&dir.join("usb").join("global-r0.ferry"), &hq).unwrap();
+    Model::from_safetensors(arch, r0.payload(), &Device::Cpu)
+        .unwrap()
+        .to_safetensors()
+        .unwrap()
+}
+
+/// HQ's shipped start for `arch`, as a model's safetensors (what a sealed round 0 of it reads back as).
+fn shipped_tensors(arch: Arch) -> Vec<u8> {
+    Model::from_safetensors(
+        arch,
+        ferry_lab::start::shipped_start(arch).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_safetensors()
+    .unwrap()
 }
 
 /// `ferry-lab demo` by default seals HQ's shipped start as round 0 (tensor for tensor) and fine-tunes it at the
@@ -822,24 +833,8 @@ fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
 fn the_demo_starts_from_hqs_shipped_start_unless_told_otherwise() {
     let tmp = tempfile::tempdir().unwrap();
     let arch = ferry_lab::demo::DemoConfig::default().arch;
-    let r0 = |dir: &Path| {
-        let mut hq = ferry_bundle::Keyring::new();
-        hq.add(ferry_bundle::PublicKey::read(&dir.join("keys").join("hq.pub")).unwrap())
-            .unwrap();
-        let r0 = ferry_bundle::open_file(&dir.join("usb").join("global-r0.ferry"), &hq).unwrap();
-        Model::from_safetensors(arch, r0.payload(), &Device::Cpu)
-            .unwrap()
-            .to_safetensors()
-            .unwrap()
-    };
-    let shipped = Model::from_safetensors(
-        arch,
-        ferry_lab::start::shipped_start(arch).unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .to_safetensors()
-    .unwrap();
+    let r0 = |dir: &Path| sealed_round0(dir, arch);
+    let shipped = shipped_tensors(arch);
 
     let warm = tmp.path().join("shipped");
     let stdout = small_demo(&["--samples", "32", "--val", "8"], &warm);
@@ -883,13 +878,8 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
         &dir,
     );
     assert!(stdout.contains("HQ's warm start from"), "{stdout}");
-    let mut hq = ferry_bundle::Keyring::new();
-    hq.add(ferry_bundle::PublicKey::read(&dir.join("keys").join("hq.pub")).unwrap())
-        .unwrap();
-    let r0 = ferry_bundle::open_file(&dir.join("usb").join("global-r0.ferry"), &hq).unwrap();
-    let sealed = Model::from_safetensors(Arch::PlateCtcV2, r0.payload(), &Device::Cpu).unwrap();
     assert_eq!(
-        sealed.to_safetensors().unwrap(),
+        sealed_round0(&dir, Arch::PlateCtcV2),
         model.to_safetensors().unwrap(),
         "round 0 is HQ's start, tensor for tensor"
     );
@@ -898,19 +888,19 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
     let other = tmp.path().join("other.safetensors");
     let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
     std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
-    let refused = tmp.path().join("refused");
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["demo", "--arch", "plate-ctc-v2", "--start-from"])
-        .arg(&other)
-        .arg("--dir")
-        .arg(&refused)
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = refused_in_one_line(
+        &[
+            "demo",
+            "--arch",
+            "plate-ctc-v2",
+            "--start-from",
+            other.to_str().unwrap(),
+        ],
+        "--dir",
+        &tmp.path().join("refused"),
+    );
     assert!(
         err.contains("HQ's start") && err.contains("other.safetensors"),
         "{err}"
     );
-    assert!(!refused.exists(), "nothing written for a refused start");
 }
