@@ -233,6 +233,10 @@ fn predict_writes_a_labels_csv_of_what_the_model_reads() {
         })
         .collect();
     assert_eq!(rows, expected);
+    // Every reading is a plate of a valid format, so an uncorrected row is a label training accepts.
+    for (_, text) in &rows {
+        assert!(ferry_train::data::plates::encode(text).is_ok(), "{text:?}");
+    }
 
     // Never over an existing file (it may hold the operator's corrections).
     std::fs::write(&out, "corrected").unwrap();

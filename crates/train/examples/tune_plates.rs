@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::train::predictions;
+use ferry_train::train::{predictions, predictions_with, Decoding};
 use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Mode, Model, TrainConfig};
 
 fn main() {
@@ -160,6 +160,7 @@ fn breakdown(model: &Model, set: &Dataset) {
     let arch = model.arch();
     let slots = set.slots();
     let mut pred = Vec::with_capacity(set.labels.len());
+    let mut greedy = Vec::with_capacity(set.labels.len());
     let all: Vec<usize> = (0..set.len()).collect();
     for idx in all.chunks(256) {
         let b = set.subset(idx);
@@ -171,21 +172,37 @@ fn breakdown(model: &Model, set: &Dataset) {
         .unwrap();
         let logits = model.forward(&x, Mode::Eval).unwrap();
         pred.extend(predictions(arch, &logits).unwrap());
+        greedy.extend(predictions_with(arch, &logits, Decoding::Greedy).unwrap());
     }
+    let exact_of = |p: &[u32]| {
+        let n = p
+            .chunks(slots)
+            .zip(set.labels.chunks(slots))
+            .filter(|(p, l)| p == l)
+            .count();
+        100.0 * n as f64 / set.len().max(1) as f64
+    };
+    println!(
+        "decoding: plate syntax {:.2} % exact, greedy {:.2} % (greedy's overlong readings cut to {slots} slots)",
+        exact_of(&pred),
+        exact_of(&greedy)
+    );
     // (plates, exact) by group; errors by slot.
     let mut groups: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut slot_err = vec![0usize; slots];
-    let mut shown = 0;
+    let mut shown = [0; 2];
     for i in 0..set.len() {
         let (p, l) = (&pred[i * slots..(i + 1) * slots], set.label(i));
         let exact = p == l;
-        if !exact && !plates::lines(l)[0].is_empty() && shown < 8 {
+        let two = !plates::lines(l)[0].is_empty();
+        if !exact && shown[usize::from(two)] < 8 {
             println!(
-                "  two-line misread: {} read as {}",
+                "  {} misread: {} read as {}",
+                if two { "two-line" } else { "one-line" },
                 plates::decode(l),
                 plates::decode(p)
             );
-            shown += 1;
+            shown[usize::from(two)] += 1;
         }
         let style = set
             .styles

@@ -180,7 +180,7 @@ pub enum Reader {
     /// One class per label slot (`(batch, slots, classes)` logits), cross-entropy per slot.
     Slots,
     /// `rows` rows of `steps` columns (`(batch, rows·steps, classes)` logits, class 0 the CTC blank), each row
-    /// a sequence read with CTC and greedy decoding.
+    /// a sequence trained with CTC, and read as the most likely valid plate (`ctc::decode_syntax`).
     Ctc {
         /// Output rows (lines of a plate).
         rows: usize,

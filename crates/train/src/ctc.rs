@@ -1,9 +1,9 @@
 //! Connectionist temporal classification (issue 12): the loss of a sequence reader that emits one class per
-//! column, blank (class 0) included, and its greedy decoding. candle has no CTC loss, so the forward-backward
-//! recursion runs on the host, over the logits' values, and the loss enters the graph as a surrogate whose value
-//! is the CTC loss and whose gradient with respect to the logits is the exact CTC gradient,
-//! `softmax(z) − γ` (γ the posterior of each class at each step), computed by the recursion. That keeps the
-//! backward exact and device-independent (CUDA copies the logits to the host, a few hundred kB a step).
+//! column, blank (class 0) included, and its decoding (greedy, or the best path under a syntax). candle has no
+//! CTC loss, so the forward-backward recursion runs on the host, over the logits' values, and the loss enters
+//! the graph as a surrogate whose value is the CTC loss and whose gradient with respect to the logits is the
+//! exact CTC gradient, `softmax(z) − γ` (γ the posterior of each class at each step), computed by the recursion.
+//! That keeps the backward exact and device-independent (CUDA copies the logits to the host, a few hundred kB a step).
 //!
 //! Conventions are PyTorch's `F.ctc_loss(log_softmax(z), .., blank=0, reduction="mean", zero_infinity=True)`:
 //! each sample's loss `−log p(target | z)` is divided by the target's length and the batch is averaged; a
@@ -12,6 +12,8 @@
 //! own target (possibly empty: an all-blank row), and a sample's loss is the rows' sum over their total length.
 //! The recursion is Graves' scaled one (probabilities renormalised at every step, `f64`), so it needs only `T`
 //! logarithms per sample.
+
+use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
@@ -274,6 +276,180 @@ pub(crate) fn decode(logits: &[f32], dims: (usize, usize, usize), rows: usize) -
         .collect()
 }
 
+/// One row's syntax: the class range of each character, in order (an empty pattern is an all-blank row).
+pub(crate) type Pattern = Vec<Range<u32>>;
+
+/// Best-path decoding under a syntax (issue 12): of the sequences `formats` allow (each format one [`Pattern`]
+/// per row), the one whose best CTC alignment scores highest, read from `(B, T, K)` logits in `rows` rows. A
+/// plate's format is known (2 or 3 digits, a syllable, 4 digits; or a region and 2 digits above a syllable and
+/// 4 digits), and greedy decoding's commonest errors break it: a repeated digit read once, a character too many.
+/// The search is exact (Viterbi over the CTC alignments of each format), `O(T · Σ classes)` per row and format.
+/// A format whose classes reach past `K`, or that cannot fit in the row's steps, is skipped; a sample no format
+/// fits is read greedily.
+pub(crate) fn decode_syntax(
+    logits: &[f32],
+    dims: (usize, usize, usize),
+    rows: usize,
+    formats: &[Vec<Pattern>],
+) -> Vec<Vec<u32>> {
+    let (_, t, k) = dims;
+    let rows = rows.max(1);
+    let steps = t / rows;
+    let usable: Vec<&Vec<Pattern>> = formats
+        .iter()
+        .filter(|f| f.len() == rows && f.iter().flatten().all(|r| r.end as usize <= k))
+        .collect();
+    let row_len = (steps * k).max(1);
+    let mut lp = vec![0f32; rows * steps * k];
+    logits
+        .chunks_exact((t * k).max(1))
+        .map(|z| {
+            for (row, out) in z.chunks_exact(row_len).zip(lp.chunks_exact_mut(row_len)) {
+                log_softmax(row, k, out);
+            }
+            let mut best: Option<(f32, Vec<u32>)> = None;
+            for format in &usable {
+                let paths: Option<Vec<(f32, Vec<u32>)>> = format
+                    .iter()
+                    .zip(lp.chunks_exact(row_len))
+                    .map(|(pattern, row)| best_path(row, k, pattern))
+                    .collect();
+                let Some(paths) = paths else { continue };
+                let score: f32 = paths.iter().map(|p| p.0).sum();
+                if score.is_finite() && best.as_ref().is_none_or(|(b, _)| score > *b) {
+                    best = Some((score, paths.into_iter().flat_map(|p| p.1).collect()));
+                }
+            }
+            best.map(|(_, seq)| seq)
+                .unwrap_or_else(|| decode(z, (1, t, k), rows).pop().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// `out` = log-softmax of each `k`-wide step of `row`.
+fn log_softmax(row: &[f32], k: usize, out: &mut [f32]) {
+    for (step, o) in row.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let max = step.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f32 = step.iter().map(|&v| (v - max).exp()).sum();
+        let norm = max + sum.ln();
+        for (o, &v) in o.iter_mut().zip(step) {
+            *o = v - norm;
+        }
+    }
+}
+
+/// The best CTC alignment of one row (`lp`: `T × K` log-probabilities) to a sequence that matches `pattern`:
+/// its log-probability and the sequence, or `None` when no sequence of the pattern fits in `T` steps.
+///
+/// States: "blank after j characters" (`j = 0..=L`) and "emitting character j as class c". Character j is
+/// entered from the blank after j − 1, or straight from character j − 1 when the classes differ (CTC needs a
+/// blank between equal neighbours).
+// A state's index reads three arrays (score, next, back) at once, so the loops run over state ids.
+#[allow(clippy::needless_range_loop)]
+fn best_path(lp: &[f32], k: usize, pattern: &[Range<u32>]) -> Option<(f32, Vec<u32>)> {
+    let t_len = lp.len() / k.max(1);
+    let l = pattern.len();
+    if t_len == 0 {
+        return (l == 0).then(|| (0.0, Vec::new()));
+    }
+    // State ids: blanks 0..=l, then character j's classes at offset[j].
+    let mut offset = Vec::with_capacity(l + 1);
+    let mut n = l + 1;
+    for r in pattern {
+        offset.push(n);
+        n += r.len();
+    }
+    offset.push(n);
+    let class_of = |j: usize, s: usize| pattern[j].start as usize + (s - offset[j]);
+    const NONE: u32 = u32::MAX;
+    let mut score = vec![f32::NEG_INFINITY; n];
+    let mut next = vec![f32::NEG_INFINITY; n];
+    let mut back = vec![NONE; t_len * n];
+    score[0] = lp[0];
+    if let Some(r) = pattern.first() {
+        for c in r.clone() {
+            score[offset[0] + (c - r.start) as usize] = lp[c as usize];
+        }
+    }
+    // Per character, its best and second-best state at the previous step (for "classes differ").
+    let mut top2 = vec![[(f32::NEG_INFINITY, NONE); 2]; l];
+    for t in 1..t_len {
+        let step = &lp[t * k..(t + 1) * k];
+        for (j, top) in top2.iter_mut().enumerate() {
+            *top = [(f32::NEG_INFINITY, NONE); 2];
+            for s in offset[j]..offset[j + 1] {
+                let v = score[s];
+                if v > top[0].0 {
+                    top[1] = top[0];
+                    top[0] = (v, s as u32);
+                } else if v > top[1].0 {
+                    top[1] = (v, s as u32);
+                }
+            }
+        }
+        let back = &mut back[t * n..(t + 1) * n];
+        for j in 0..=l {
+            let (mut v, mut from) = (score[j], j as u32);
+            if j > 0 && top2[j - 1][0].0 > v {
+                (v, from) = top2[j - 1][0];
+            }
+            next[j] = v + step[0];
+            back[j] = from;
+        }
+        for j in 0..l {
+            for s in offset[j]..offset[j + 1] {
+                let c = class_of(j, s);
+                let (mut v, mut from) = (score[s], s as u32);
+                if score[j] > v {
+                    (v, from) = (score[j], j as u32);
+                }
+                if j > 0 {
+                    let prev = &top2[j - 1];
+                    let other = if prev[0].1 != NONE && class_of(j - 1, prev[0].1 as usize) == c {
+                        prev[1]
+                    } else {
+                        prev[0]
+                    };
+                    if other.0 > v {
+                        (v, from) = other;
+                    }
+                }
+                next[s] = v + step[c];
+                back[s] = from;
+            }
+        }
+        std::mem::swap(&mut score, &mut next);
+    }
+    let mut end = (score[l], l);
+    if l > 0 {
+        for s in offset[l - 1]..offset[l] {
+            if score[s] > end.0 {
+                end = (score[s], s);
+            }
+        }
+    }
+    if !end.0.is_finite() {
+        return None;
+    }
+    // Walk back; a character state entered from another state emits its class.
+    let mut seq = Vec::with_capacity(l);
+    let mut s = end.1;
+    for t in (0..t_len).rev() {
+        let from = if t > 0 {
+            back[t * n + s] as usize
+        } else {
+            usize::MAX
+        };
+        if s > l && from != s {
+            let j = offset[..l].partition_point(|&o| o <= s) - 1;
+            seq.push(class_of(j, s) as u32);
+        }
+        s = from;
+    }
+    seq.reverse();
+    Some((end.0, seq))
+}
+
 #[cfg(test)]
 #[allow(clippy::excessive_precision)] // reference values as PyTorch printed them
 mod tests {
@@ -532,6 +708,109 @@ mod tests {
         assert_eq!(
             decode(&one_hot(&[0, 0]), (1, 2, 3), 1),
             vec![Vec::<u32>::new()]
+        );
+    }
+
+    /// Every sequence a CTC path of `t` steps over `k` classes can read, with its best path's log-probability
+    /// (brute force over all `k^t` paths).
+    fn all_readings(lp: &[f32], t: usize, k: usize) -> Vec<(Vec<u32>, f32)> {
+        let mut best: std::collections::HashMap<Vec<u32>, f32> = Default::default();
+        for code in 0..k.pow(t as u32) {
+            let (mut c, mut prev, mut seq, mut score) = (code, 0, Vec::new(), 0.0);
+            for step in 0..t {
+                let class = c % k;
+                c /= k;
+                score += lp[step * k + class];
+                if class != 0 && class != prev {
+                    seq.push(class as u32);
+                }
+                prev = class;
+            }
+            let e = best.entry(seq).or_insert(f32::NEG_INFINITY);
+            *e = e.max(score);
+        }
+        best.into_iter().collect()
+    }
+
+    #[test]
+    fn syntax_decoding_finds_the_best_valid_reading() {
+        use rand::{Rng, SeedableRng};
+        // Rows of 6 steps over blank + classes 1..=4; formats: an empty top row with "a b" below (a in 1..3,
+        // b in 1..5), or "c" above "a a b" (c in 3..5). Checked against brute force on random logits.
+        let (t, k) = (6, 5);
+        let formats = vec![
+            vec![vec![], vec![1..3, 1..5]],
+            vec![vec![3..5], vec![1..3, 1..3, 1..5]],
+        ];
+        let fits = |seq: &[u32], pat: &[Range<u32>]| {
+            seq.len() == pat.len() && seq.iter().zip(pat).all(|(c, r)| r.contains(c))
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..40 {
+            let logits: Vec<f32> = (0..2 * t * k)
+                .map(|_| rng.random_range(-3.0..3.0))
+                .collect();
+            let mut lp = vec![0f32; 2 * t * k];
+            for r in 0..2 {
+                let span = r * t * k..(r + 1) * t * k;
+                log_softmax(&logits[span.clone()], k, &mut lp[span]);
+            }
+            let rows: Vec<_> = (0..2)
+                .map(|r| all_readings(&lp[r * t * k..(r + 1) * t * k], t, k))
+                .collect();
+            let mut want = (f32::NEG_INFINITY, Vec::new());
+            for f in &formats {
+                let mut score = 0.0;
+                let mut seq = Vec::new();
+                for (r, pat) in f.iter().enumerate() {
+                    let (s, best) = rows[r]
+                        .iter()
+                        .filter(|(s, _)| fits(s, pat))
+                        .map(|(s, v)| (s.clone(), *v))
+                        .fold((Vec::new(), f32::NEG_INFINITY), |a, b| {
+                            if b.1 > a.1 {
+                                b
+                            } else {
+                                a
+                            }
+                        });
+                    score += best;
+                    seq.extend(s);
+                }
+                if score > want.0 {
+                    want = (score, seq);
+                }
+            }
+            assert_eq!(
+                decode_syntax(&logits, (1, 2 * t, k), 2, &formats),
+                vec![want.1]
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_decoding_restores_a_repeat_that_greedy_drops() {
+        // One row, 8 steps, K = 4; arg-max 1 2 2 2 0 3 0 0 reads "1 2 3" greedily, but the format wants four
+        // characters and the blank is a close second at step 2: the best valid reading is "1 2 2 3".
+        let (t, k) = (8, 4);
+        let mut logits = vec![0f32; t * k];
+        for (step, &c) in [1usize, 2, 2, 2, 0, 3, 0, 0].iter().enumerate() {
+            logits[step * k + c] = 4.0;
+        }
+        logits[2 * k] = 3.5;
+        let one_row = vec![vec![1..4, 1..4, 1..4, 1..4]];
+        assert_eq!(decode(&logits, (1, t, k), 1), vec![vec![1, 2, 3]]);
+        assert_eq!(
+            decode_syntax(&logits, (1, t, k), 1, std::slice::from_ref(&one_row)),
+            vec![vec![1, 2, 2, 3]]
+        );
+        // A format that cannot fit (9 characters in 8 steps) or names a class past K is skipped; with none
+        // left the reading is greedy.
+        let too_long = vec![vec![1..4; 9]];
+        let past_k = vec![vec![1..5; 4]];
+        assert_eq!(
+            decode_syntax(&logits, (1, t, k), 1, &[too_long, past_k]),
+            vec![vec![1, 2, 3]]
         );
     }
 }

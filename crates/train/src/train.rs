@@ -250,22 +250,63 @@ fn ctc_targets(labels: &[u32], slots: usize, rows: usize) -> Result<Vec<Vec<u32>
         .collect())
 }
 
+/// How a CTC reader's outputs become a plate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    /// The most likely plate of a valid format ([`crate::data::plates::syntax`]): how ferry reads plates.
+    Syntax,
+    /// Arg-max per step, repeats collapsed, blanks dropped: any string, valid or not (kept to measure what the
+    /// syntax adds).
+    Greedy,
+}
+
 /// What a model read for each sample, as [`crate::data::plates::encode`] lays labels out: `slots` class ids,
-/// right-aligned with blanks in front (a CTC reader's extra characters beyond `slots` are cut from the front).
+/// right-aligned with blanks in front. A CTC reader is decoded to the most likely valid plate
+/// ([`Decoding::Syntax`]).
 pub fn predictions(arch: Arch, logits: &Tensor) -> Result<Vec<u32>, TrainError> {
+    predictions_with(arch, logits, Decoding::Syntax)
+}
+
+/// [`predictions`] with a chosen decoding (a greedy reading's extra characters beyond `slots` are cut from
+/// the front).
+pub fn predictions_with(
+    arch: Arch,
+    logits: &Tensor,
+    decoding: Decoding,
+) -> Result<Vec<u32>, TrainError> {
+    Ok(readings(arch, logits, decoding)?.0)
+}
+
+/// The predictions, and per sample whether a CTC reader read more than `slots` characters.
+fn readings(
+    arch: Arch,
+    logits: &Tensor,
+    decoding: Decoding,
+) -> Result<(Vec<u32>, Vec<bool>), TrainError> {
     match arch.reader() {
-        Reader::Slots => Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?),
+        Reader::Slots => Ok((
+            logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?,
+            Vec::new(),
+        )),
         Reader::Ctc { rows, .. } => {
             let dims = logits.dims3()?;
             let host = logits.flatten_all()?.to_vec1::<f32>()?;
+            let seqs = match decoding {
+                Decoding::Syntax => {
+                    crate::ctc::decode_syntax(&host, dims, rows, crate::data::plates::syntax())
+                }
+                Decoding::Greedy => crate::ctc::decode(&host, dims, rows),
+            };
             let slots = arch.slots();
             let mut out = Vec::with_capacity(dims.0 * slots);
-            for seq in crate::ctc::decode(&host, dims, rows) {
+            let mut overlong = Vec::with_capacity(dims.0);
+            for seq in seqs {
                 let keep = &seq[seq.len().saturating_sub(slots)..];
                 out.extend(std::iter::repeat_n(0, slots - keep.len()));
                 out.extend_from_slice(keep);
+                overlong.push(seq.len() > slots);
             }
-            Ok(out)
+            Ok((out, overlong))
         }
     }
 }
@@ -274,18 +315,7 @@ pub fn predictions(arch: Arch, logits: &Tensor) -> Result<Vec<u32>, TrainError> 
 /// exactly the label's characters (not more); characters compare position by position, right-aligned.
 fn hits(arch: Arch, logits: &Tensor, labels: &[u32]) -> Result<(usize, usize), TrainError> {
     let slots = arch.slots();
-    let overlong: Vec<bool> = match arch.reader() {
-        Reader::Slots => Vec::new(),
-        Reader::Ctc { rows, .. } => {
-            let dims = logits.dims3()?;
-            let host = logits.flatten_all()?.to_vec1::<f32>()?;
-            crate::ctc::decode(&host, dims, rows)
-                .iter()
-                .map(|s| s.len() > slots)
-                .collect()
-        }
-    };
-    let pred = predictions(arch, logits)?;
+    let (pred, overlong) = readings(arch, logits, Decoding::Syntax)?;
     let mut exact = 0;
     let mut chars = 0;
     for (i, (p, l)) in pred.chunks(slots).zip(labels.chunks(slots)).enumerate() {

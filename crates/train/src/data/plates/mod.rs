@@ -38,6 +38,7 @@ mod degrade;
 mod glyphs;
 mod render;
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -181,6 +182,33 @@ pub fn lines(labels: &[u32]) -> [Vec<u32>; 2] {
     } else {
         [Vec::new(), tokens]
     }
+}
+
+static SYNTAX: OnceLock<Vec<Vec<Vec<Range<u32>>>>> = OnceLock::new();
+
+/// The plate formats [`encode`] accepts, as a two-row reader reads them ([`lines`]): per format, the token
+/// classes of the top line, then of the bottom line. One-line plates (`12가3456`, `123가4567`) have an empty top
+/// line; a two-line plate reads region and 2 digits above syllable and 4 digits. A CTC reader's output is
+/// decoded to the most likely string of these formats (`ctc::decode_syntax`), so it never reads a plate that
+/// cannot exist.
+pub fn syntax() -> &'static [Vec<Vec<Range<u32>>>] {
+    SYNTAX.get_or_init(|| {
+        let d = 1..FIRST_SYLLABLE as u32;
+        let s = FIRST_SYLLABLE as u32..FIRST_REGION as u32;
+        let r = FIRST_REGION as u32..(FIRST_REGION + REGIONS.len()) as u32;
+        let line = |lead: usize, head: &[Range<u32>]| {
+            let mut v = head.to_vec();
+            v.extend(std::iter::repeat_n(d.clone(), lead));
+            v.push(s.clone());
+            v.extend(std::iter::repeat_n(d.clone(), 4));
+            v
+        };
+        vec![
+            vec![Vec::new(), line(2, &[])],
+            vec![Vec::new(), line(3, &[])],
+            vec![vec![r, d.clone(), d.clone()], line(0, &[])],
+        ]
+    })
 }
 
 /// A random one-line plate string, 7 or 8 characters with equal probability.
@@ -580,6 +608,48 @@ mod tests {
                 matches!(encode(s), Err(DataError::Plate { .. })),
                 "{s} was accepted"
             );
+        }
+    }
+
+    /// Whether a plate's lines match one of [`syntax`]'s formats.
+    fn fits_syntax(labels: &[u32]) -> bool {
+        let lines = lines(labels);
+        syntax().iter().any(|f| {
+            f.iter().zip(&lines).all(|(pat, line)| {
+                pat.len() == line.len() && pat.iter().zip(line).all(|(r, c)| r.contains(c))
+            })
+        })
+    }
+
+    #[test]
+    fn the_syntax_is_what_encode_accepts() {
+        let cfg = RenderConfig {
+            two_line: 0.5,
+            ..RenderConfig::default()
+        };
+        let d = generate_with(PlateStyle::Mixed, 200, 5, None, &cfg).unwrap();
+        let two_line = (0..d.len())
+            .filter(|&i| !lines(d.label(i))[0].is_empty())
+            .count();
+        assert!(two_line > 50, "{two_line} two-line plates");
+        for i in 0..d.len() {
+            assert!(fits_syntax(d.label(i)), "{}", decode(d.label(i)));
+        }
+        for s in ["12가3456", "123가4567", "서울12바3456"] {
+            assert!(fits_syntax(&encode(s).unwrap()), "{s}");
+        }
+        // Strings of plate characters that encode refuses fit no format either.
+        for s in [
+            "1234567",
+            "12가345",
+            "1가23456",
+            "1234가567",
+            "가123456",
+            "서울123바3456",
+            "서울1바3456",
+        ] {
+            assert!(encode(s).is_err(), "{s}");
+            assert!(!fits_syntax(&tokens(s).unwrap()), "{s}");
         }
     }
 
