@@ -716,8 +716,7 @@ fn the_seed_table_starts_every_row_from_hqs_start_when_asked() {
 
     // --start-from a model of another architecture: refused by name, nothing written.
     let other = dir.path().join("ctc.safetensors");
-    let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
-    std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
+    write_model(&other, Arch::PlateCtc, 1);
     let other_arg = other.to_str().unwrap();
     let err = refused_in_one_line(
         &[
@@ -784,6 +783,12 @@ fn refuses_a_non_plate_model(command: &str, out_flag: &str, out: &Path) {
         err.contains("plate reader") && err.contains("mnist-cnn"),
         "{command}: {err}"
     );
+}
+
+/// Writes initial weights of `arch` (from `seed`) to `path` as a safetensors file.
+fn write_model(path: &Path, arch: Arch, seed: u64) {
+    let model = Model::init(arch, seed, &Device::Cpu).unwrap();
+    std::fs::write(path, model.to_safetensors().unwrap()).unwrap();
 }
 
 /// Runs `ferry-lab ARGS OUT_FLAG OUT`, which must be refused with a one-line error and nothing written at `OUT`;
@@ -886,8 +891,7 @@ fn the_demo_starts_from_the_weights_hq_gives_it() {
 
     // A plate-ctc model given for a plate-ctc-v2 demo: refused by name, nothing written.
     let other = tmp.path().join("other.safetensors");
-    let ctc = Model::init(Arch::PlateCtc, 1, &Device::Cpu).unwrap();
-    std::fs::write(&other, ctc.to_safetensors().unwrap()).unwrap();
+    write_model(&other, Arch::PlateCtc, 1);
     let err = refused_in_one_line(
         &[
             "demo",

@@ -208,11 +208,7 @@ fn breakdown(model: &Model, set: &Dataset) {
             .styles
             .as_ref()
             .map_or("?".to_string(), |s| format!("{:?}", s[i]).to_lowercase());
-        let lines = if plates::lines(l)[0].is_empty() {
-            "one-line"
-        } else {
-            "two-line"
-        };
+        let lines = if two { "two-line" } else { "one-line" };
         for g in [style, lines.to_string()] {
             let e = groups.entry(g).or_default();
             e.0 += 1;
