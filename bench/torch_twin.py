@@ -52,6 +52,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -70,8 +71,11 @@ def main():
         print(json.dumps({"model": a.model, "strict_load": True, "logits": list(out.shape),
                           "max_abs_diff": diff, "max_abs_logit": scale}))
         raise SystemExit(0 if diff <= 1e-4 * max(1.0, scale) else 1)
-    x = torch.rand(a.batch, c, h, w)
-    y = torch.randint(0, classes, (a.batch * slots,))
+    dev = torch.device(a.device)
+    model.to(dev)
+    x = torch.rand(a.batch, c, h, w).to(dev)
+    y = torch.randint(0, classes, (a.batch * slots,)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if a.model.startswith("plate-ctc"):
         # Random one-line plates (7 or 8 digits and syllables in the main row, an empty top row), as ferry's
         # bench draws them (crates/train/src/bench.rs).
@@ -99,13 +103,15 @@ def main():
 
     for _ in range(a.warmup):
         step()
+    sync()
     t = time.perf_counter()
     for _ in range(a.steps):
         step()
+    sync()
     dt = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({
-        "model": a.model, "params": params, "batch": a.batch, "threads": a.threads,
+        "model": a.model, "params": params, "batch": a.batch, "threads": a.threads, "device": a.device,
         "img_per_s": a.batch * a.steps / dt, "ms_per_step": dt * 1e3 / a.steps,
     }))
 

@@ -103,7 +103,8 @@ def ctc_loss(logits, rows_targets):
     rows = len(rows_targets[0])
     steps = t // rows
     total = logits.new_zeros(())
-    lengths = torch.tensor([sum(len(r) for r in s) for s in rows_targets], dtype=logits.dtype)
+    lengths = torch.tensor([sum(len(r) for r in s) for s in rows_targets], dtype=logits.dtype,
+                           device=logits.device)
     for r in range(rows):
         lp = F.log_softmax(logits[:, r * steps:(r + 1) * steps], -1).transpose(0, 1)
         tg = torch.tensor([c for s in rows_targets for c in s[r]], dtype=torch.long)

@@ -16,7 +16,10 @@
 //! misread two-line plates) and, with `TUNE_SAVE=FILE`, writes the model's safetensors there; `TUNE_LOAD=FILE`
 //! starts from that model instead (with CHUNKS 0: only the breakdown of a saved model). `TUNE_PROBE=1` also
 //! reads 1,000 loose and 1,000 tight tuning plates rendered with each camera or plate effect switched off in turn,
-//! to show what each costs.
+//! to show what each costs. `TUNE_DEVICE=cuda` trains on the GPU (a build with `--features cuda`; plates are still
+//! rendered on the CPU); `TUNE_BUDGET_S=S` times the second chunk (the first carries the device's start-up, e.g.
+//! CUDA compiling its kernels) and then sets CHUNKS so the run fits S seconds (the cosine then runs over the new
+//! count); `TUNE_OPS=generic` trains the CPU with candle's generic ops, the path CUDA takes.
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -29,7 +32,7 @@ fn main() {
     let arch = Arch::from_name(&a[1]).unwrap();
     let style: PlateStyle = a[2].parse().unwrap();
     let chunk: usize = a[3].parse().unwrap();
-    let chunks: u64 = a[4].parse().unwrap();
+    let mut chunks: u64 = a[4].parse().unwrap();
     let lr: f64 = a[5].parse().unwrap();
     let batch: usize = a[6].parse().unwrap();
     let warmup: u64 = a[7].parse().unwrap();
@@ -62,17 +65,31 @@ fn main() {
     }
     .unwrap();
     let what = if val_n > 0 { "val" } else { "tune" };
-    let dev = candle_core::Device::Cpu;
+    let dev = ferry_train::device::select(
+        &std::env::var("TUNE_DEVICE")
+            .unwrap_or_else(|_| "cpu".into())
+            .parse()
+            .unwrap(),
+    )
+    .unwrap();
+    let budget_s: Option<f64> = std::env::var("TUNE_BUDGET_S")
+        .ok()
+        .map(|v| v.parse().unwrap());
     let mut model = match std::env::var("TUNE_LOAD") {
         Ok(path) => Model::from_safetensors(arch, &std::fs::read(path).unwrap(), &dev).unwrap(),
         Err(_) => Model::init(arch, 1, &dev).unwrap(),
     };
+    if std::env::var("TUNE_OPS").is_ok_and(|o| o == "generic") {
+        model.set_ops(ferry_train::model::Ops::Generic);
+    }
     let mut adam = Adam::new(arch, &dev).unwrap();
     let start = Instant::now();
     let mut seen = 0;
     // A curriculum: the first N chunks rendered as HQ's clean plates (`plates:clean`), the rest as STYLE.
     let clean_chunks: u64 = std::env::var("TUNE_CLEAN_CHUNKS").map_or(0, |v| v.parse().unwrap());
-    for c in 0..chunks {
+    let mut c = 0;
+    while c < chunks {
+        let chunk_start = Instant::now();
         let chunk_style = if c < clean_chunks {
             PlateStyle::Clean
         } else {
@@ -109,6 +126,15 @@ fn main() {
             ev.accuracy,
             ev.char_accuracy.unwrap_or(f64::NAN)
         );
+        if let (1, Some(budget)) = (c, budget_s) {
+            let (spent, per_chunk) = (
+                start.elapsed().as_secs_f64(),
+                chunk_start.elapsed().as_secs_f64(),
+            );
+            chunks = 2 + ((budget - spent).max(0.0) / per_chunk) as u64;
+            println!("budget {budget} s: {chunks} chunks");
+        }
+        c += 1;
     }
     breakdown(&model, &tune);
     if std::env::var_os("TUNE_PROBE").is_some() {
