@@ -3,11 +3,14 @@ model.rs), with the same `state_dict` names, so that a recogniser written in Pyt
 (`<state>/current.safetensors`, or any global unpacked with `ferry-client unpack`) with `strict=True`:
 
     import torch
-    from ferry_models import load, read_plates
+    from ferry_models import load, read_images
 
     model = load("site/current.safetensors", "plate-ctc-v2")   # nn.Module in eval mode, strict=True
     x = torch.rand(4, 1, 32, 96)                                # (batch, 1, 32, 96) grayscale in [0, 1]
-    print(read_plates("plate-ctc-v2", model(x)))                # ['12가3456', ...] as ferry reads them
+    print(read_images(model, "plate-ctc-v2", x))                # ['12가3456', ...] as ferry reads them
+
+`read_images` averages the readings of the image and its one-pixel shifts down and right, as ferry does
+(`reading_scores`); `read_plates(arch, model(x))` reads the unshifted logits only.
 
 `tests/python_models.rs` (crates/client) checks in CI that a ferry-produced `current.safetensors` loads with
 `strict=True` and that the logits and readings match ferry's. `bench/torch_twin.py` times these same classes.
@@ -36,7 +39,7 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["PlateCnn", "PlateCtc", "MnistCnn", "MODELS", "CHARSET", "init_like_ferry", "ctc_loss", "load",
-           "read_plates"]
+           "read_plates", "reading_scores", "read_images"]
 
 # The tokens of a plate reader's classes (crates/train/src/data/plates/mod.rs `charset`): 0 is the blank, 1..=10
 # the digits, then the Hangul syllables, then the region names of two-line plates (plate-ctc only).
@@ -266,3 +269,36 @@ def read_plates(arch, logits):
     for seq in logits.argmax(-1).tolist():
         out.append("".join(CHARSET[c] if c < len(CHARSET) else "?" for c in seq if c != 0))
     return out
+
+
+# The one-pixel shifts (rows down, columns right; edges repeated) a CTC plate reader's reading averages with the
+# image's own (crates/train/src/train.rs `READING_SHIFTS`).
+READING_SHIFTS = [(1, 0), (0, 1)]
+
+
+def _shift(x, dim, by):
+    if by == 0:
+        return x
+    n = x.shape[dim]
+    if by == 1:
+        return torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+
+
+def reading_scores(model, arch, x):
+    """The scores ferry reads images by (`train::reading_scores`): for a CTC plate reader, the mean log-softmax
+    over `x` and its `READING_SHIFTS`; for any other model, its logits."""
+    with torch.inference_mode():
+        logits = model(x)
+        if not arch.startswith("plate-ctc"):
+            return logits
+        total = torch.log_softmax(logits, -1)
+        for dy, dx in READING_SHIFTS:
+            total = total + torch.log_softmax(model(_shift(_shift(x, 2, dy), 3, dx)), -1)
+        return total / (1 + len(READING_SHIFTS))
+
+
+def read_images(model, arch, x):
+    """What `model` reads on images `x` (batch, 1, 32, 96), exactly as ferry reads them: `read_plates` of
+    `reading_scores`."""
+    return read_plates(arch, reading_scores(model, arch, x))

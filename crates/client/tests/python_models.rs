@@ -1,8 +1,8 @@
 //! `python/ferry_models.py`, the PyTorch classes of ferry's models (issue 16), against ferry itself: for every
 //! architecture, a site's `current.safetensors` (written by `ferry-client import` from a real global, BatchNorm
 //! statistics recalibrated so they are not the identity) loads into the PyTorch class with `strict=True`, and the
-//! logits on the same images match ferry's within 1e-4 of their scale; for the plate readers, `read_plates` reads
-//! what `ferry-client predict` reads.
+//! logits on the same images match ferry's within 1e-4 of their scale; for the plate readers, `read_images` (the
+//! shift-averaged reading, decoded by `read_plates`) reads what `ferry-client predict` reads.
 //!
 //! Needs the Python of `scripts/test.sh` (torch and safetensors); without it the test fails with the setup command.
 
@@ -30,7 +30,7 @@ with torch.inference_mode():
 ref = tensors["logits"].reshape(out.shape)
 diff = (out - ref).abs().max().item()
 scale = ref.abs().max().item()
-readings = ferry_models.read_plates(arch, out) if arch != "mnist-cnn" else []
+readings = ferry_models.read_images(model, arch, tensors["x"]) if arch != "mnist-cnn" else []
 print(json.dumps({"diff": diff, "scale": scale, "readings": readings,
                   "keys": len(model.state_dict())}, ensure_ascii=False))
 "#;

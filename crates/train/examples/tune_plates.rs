@@ -12,8 +12,10 @@
 //! `TUNE_CLEAN_CHUNKS=N` renders the first N chunks as HQ's clean plates (`PlateStyle::Clean`: no camera effects),
 //! a curriculum; `TUNE_PLAIN=1` without the camera effects (`RenderConfig::plain`); the tuning and validation sets keep the
 //! default mix.
-//! At the end it prints where the errors are (loose / tight, one- / two-line plates, each label slot, a few
-//! misread two-line plates) and, with `TUNE_SAVE=FILE`, writes the model's safetensors there; `TUNE_LOAD=FILE`
+//! At the end it prints what ferry reads (shift-averaged, `train::reading_scores`; `TUNE_SHIFTS=DY:DX,...` reads
+//! with those shifts instead, e.g. `1:0,0:1`, ferry's) against the unshifted reading by the plate syntax and
+//! greedily, and where the errors are (loose / tight, one- / two-line plates, each label
+//! slot, a few misread plates) and, with `TUNE_SAVE=FILE`, writes the model's safetensors there; `TUNE_LOAD=FILE`
 //! starts from that model instead (with CHUNKS 0: only the breakdown of a saved model). `TUNE_PROBE=1` also
 //! reads 1,000 loose and 1,000 tight tuning plates rendered with each camera or plate effect switched off in turn,
 //! to show what each costs. `TUNE_DEVICE=cuda` trains on the GPU (a build with `--features cuda`; plates are still
@@ -24,7 +26,9 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use ferry_train::data::{plates, Dataset, PlateStyle};
-use ferry_train::train::{predictions, predictions_with, Decoding};
+use ferry_train::train::{
+    predictions, predictions_with, reading_scores, reading_scores_with, Decoding,
+};
 use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Mode, Model, TrainConfig};
 
 fn main() {
@@ -187,6 +191,7 @@ fn breakdown(model: &Model, set: &Dataset) {
     let slots = set.slots();
     let mut pred = Vec::with_capacity(set.labels.len());
     let mut greedy = Vec::with_capacity(set.labels.len());
+    let mut plain = Vec::with_capacity(set.labels.len());
     let all: Vec<usize> = (0..set.len()).collect();
     for idx in all.chunks(256) {
         let b = set.subset(idx);
@@ -197,7 +202,12 @@ fn breakdown(model: &Model, set: &Dataset) {
         )
         .unwrap();
         let logits = model.forward(&x, Mode::Eval).unwrap();
-        pred.extend(predictions(arch, &logits).unwrap());
+        let scores = match std::env::var("TUNE_SHIFTS") {
+            Ok(v) => reading_scores_with(model, &x, &logits, &shifts(&v)).unwrap(),
+            Err(_) => reading_scores(model, &x, &logits).unwrap(),
+        };
+        pred.extend(predictions(arch, &scores).unwrap());
+        plain.extend(predictions(arch, &logits).unwrap());
         greedy.extend(predictions_with(arch, &logits, Decoding::Greedy).unwrap());
     }
     let exact_of = |p: &[u32]| {
@@ -209,8 +219,9 @@ fn breakdown(model: &Model, set: &Dataset) {
         100.0 * n as f64 / set.len().max(1) as f64
     };
     println!(
-        "decoding: plate syntax {:.2} % exact, greedy {:.2} % (greedy's overlong readings cut to {slots} slots)",
+        "reading: shift-averaged {:.2} % exact; unshifted: plate syntax {:.2} %, greedy {:.2} % (greedy's overlong readings cut to {slots} slots)",
         exact_of(&pred),
+        exact_of(&plain),
         exact_of(&greedy)
     );
     // (plates, exact) by group; errors by slot.
@@ -258,4 +269,15 @@ fn breakdown(model: &Model, set: &Dataset) {
         "  error % by label slot (left to right): {}",
         rates.join(" ")
     );
+}
+
+/// `TUNE_SHIFTS`: "DY:DX,DY:DX,..." (rows down, columns right), the image itself always included; "" for none.
+fn shifts(v: &str) -> Vec<(isize, isize)> {
+    v.split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let (y, x) = t.split_once(':').expect("a shift is DY:DX");
+            (y.parse().unwrap(), x.parse().unwrap())
+        })
+        .collect()
 }

@@ -27,8 +27,9 @@ pub fn read(model: &Model, images: &[f32], batch: usize) -> Result<Vec<String>, 
     for chunk in images.chunks(batch.max(1) * per) {
         let n = chunk.len() / per;
         let x = Tensor::from_slice(chunk, (n, c, h, w), model.device())?;
-        let logits = model.forward(&x, crate::Mode::Eval)?;
-        let ids = crate::train::predictions(arch, &logits)?;
+        let logits = model.forward(&x, crate::Mode::Eval)?.detach();
+        let scores = crate::train::reading_scores(model, &x, &logits)?;
+        let ids = crate::train::predictions(arch, &scores)?;
         for p in ids.chunks(slots) {
             out.push(text(arch.task(), p));
         }
