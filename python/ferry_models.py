@@ -277,12 +277,16 @@ READING_SHIFTS = [(1, 0), (0, 1)]
 
 
 def _shift(x, dim, by):
-    if by == 0:
+    """`x` moved by `by` pixels along `dim` (towards higher indices when positive), the edge row or column repeated
+    into the gap (ferry's `train::shift`)."""
+    n, size = abs(by), x.shape[dim]
+    if n == 0:
         return x
-    n = x.shape[dim]
-    if by == 1:
-        return torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
-    return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    if n >= size:
+        raise ValueError(f"a reading shift of {by} pixels does not fit {size} pixels")
+    if by > 0:
+        return torch.cat([x.narrow(dim, 0, 1).repeat_interleave(n, dim), x.narrow(dim, 0, size - n)], dim)
+    return torch.cat([x.narrow(dim, n, size - n), x.narrow(dim, size - 1, 1).repeat_interleave(n, dim)], dim)
 
 
 def reading_scores(model, arch, x):

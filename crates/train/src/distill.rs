@@ -122,12 +122,13 @@ fn mean_softmax(
     idx: &[usize],
     temperature: f64,
 ) -> Result<Tensor, TrainError> {
+    // Detached: a teacher's forward pass keeps its activations in its graph, and the sum would hold every
+    // teacher's at once.
     let probs = |t: &Model| -> Result<Tensor, TrainError> {
         let x = images(data, idx, t.device())?;
-        Ok(
-            candle_nn::ops::softmax_last_dim(&(t.forward(&x, Mode::Eval)? / temperature)?)?
-                .to_device(&candle_core::Device::Cpu)?,
-        )
+        let logits = t.forward(&x, Mode::Eval)?.detach();
+        Ok(candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?
+            .to_device(&candle_core::Device::Cpu)?)
     };
     let mut sum = probs(first)?;
     for t in rest {
