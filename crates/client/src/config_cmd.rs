@@ -8,7 +8,7 @@ use clap::Args;
 use ferry_cli::settings::{pick, print_settings, Origin, SettingRow};
 use ferry_site::{recipe_warnings, SiteSettings, SiteState};
 use ferry_train::data::DataSpec;
-use ferry_train::{AdamConfig, DeviceChoice};
+use ferry_train::{AdamConfig, Arch, Augment, DeviceChoice};
 
 /// The settings `round` and `config` take as flags; every one overrides `ferry.toml`.
 #[derive(Debug, Args, Default)]
@@ -49,6 +49,11 @@ pub struct SettingFlags {
     /// Use only the first N samples (ferry.toml [train]: limit).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Changes to each training image, drawn afresh every epoch: none, plates (3 px shifts, contrast ±30 %,
+    /// brightness ±0.15) or pairs such as shift=2,contrast=0.2,brightness=0.1. Default: plates for the CTC plate
+    /// readers, none otherwise (ferry.toml [train]: augment).
+    #[arg(long, value_name = "SPEC")]
+    pub augment: Option<Augment>,
 }
 
 impl SettingFlags {
@@ -72,6 +77,7 @@ impl SettingFlags {
         s.train.seed = self.seed;
         s.train.device = self.device.as_ref().map(ToString::to_string);
         s.train.limit = self.limit;
+        s.train.augment = self.augment.as_ref().map(ToString::to_string);
         s
     }
 }
@@ -91,6 +97,8 @@ pub struct Effective {
     pub seed: (Option<u64>, Origin),
     pub device: (Option<DeviceChoice>, Origin),
     pub limit: (Option<usize>, Origin),
+    /// `None`: the architecture's default ([`Augment::default_for`]).
+    pub augment: (Option<Augment>, Origin),
     /// ferry.toml's `encrypt` (`--encrypt` / `--no-encrypt` on `export` and `round` override it).
     pub encrypt: (Option<bool>, Origin),
     /// ferry.toml's `fisher` (`export --fisher` turns it on for one export).
@@ -153,6 +161,11 @@ impl Effective {
                 Some(DeviceChoice::default()),
             ),
             limit: pick(flags.limit, t.limit, None),
+            augment: pick(
+                flags.augment,
+                parse_from_file(&path, "[train] augment", t.augment.as_ref())?,
+                None,
+            ),
             encrypt: pick(None, file.encrypt, Some(false)),
             fisher: pick(None, file.fisher, Some(false)),
         })
@@ -180,6 +193,11 @@ impl Effective {
         )
     }
 
+    /// The augmentation `arch` trains with: the setting, or the architecture's default.
+    pub fn augment(&self, arch: Arch) -> Augment {
+        self.augment.0.unwrap_or_else(|| Augment::default_for(arch))
+    }
+
     /// Warnings about the recipe for `samples` training samples.
     pub fn warnings(&self, samples: usize) -> Vec<String> {
         let (epochs, lr, warmup, batch, _) = self.recipe();
@@ -200,6 +218,16 @@ impl Effective {
             SettingRow::new("train.seed", &self.seed),
             SettingRow::new("train.device", &self.device),
             SettingRow::new("train.limit", &self.limit),
+            match &self.augment {
+                (None, _) => SettingRow::new(
+                    "train.augment",
+                    &(
+                        Some("plates for the CTC plate readers, none otherwise"),
+                        Origin::Default,
+                    ),
+                ),
+                picked => SettingRow::new("train.augment", picked),
+            },
             SettingRow::new("encrypt", &self.encrypt),
             SettingRow::new("fisher", &self.fisher),
         ]

@@ -74,7 +74,7 @@ pub fn run_enroll(a: &EnrollArgs) -> Result<()> {
     let header = format!(
         "ferry settings of site {} in federation {} (written by `ferry-client enroll`).\n\
          Flags given to a command override these; `ferry-client config --state DIR` shows what is in effect.\n\
-         Keys (before any [section]): key, trust, stick, data, eval-data, encrypt, fisher; [train]: epochs, lr, warmup, batch, seed, device, limit.",
+         Keys (before any [section]): key, trust, stick, data, eval-data, encrypt, fisher; [train]: epochs, lr, warmup, batch, seed, device, limit, augment.",
         m.site, m.federation
     );
     let state = SiteState::at(&a.state);

@@ -326,6 +326,7 @@ pub fn run_round(a: &RoundArgs) -> Result<()> {
                 warmup,
                 ..AdamConfig::default()
             },
+            augment: eff.augment(arch),
         };
         let lock = state.lock()?;
         let s =

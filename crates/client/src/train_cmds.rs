@@ -159,6 +159,11 @@ pub struct TrainArgs {
     /// Seed of the shuffling order (ferry.toml [train]: seed; default 0).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Changes to each training image, drawn afresh every epoch: none, plates (3 px shifts, contrast ±30 %,
+    /// brightness ±0.15) or pairs such as shift=2,contrast=0.2,brightness=0.1 (ferry.toml [train]: augment;
+    /// default plates for the CTC plate readers, none otherwise).
+    #[arg(long, value_name = "SPEC")]
+    pub augment: Option<ferry_train::Augment>,
     /// Print one JSON object instead of a sentence (the progress bars stay on stderr).
     #[arg(long)]
     pub json: bool,
@@ -277,6 +282,7 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
         warmup: args.warmup,
         batch: args.batch,
         seed: args.seed,
+        augment: args.augment,
         ..SettingFlags::default()
     };
     let Resolved {
@@ -303,6 +309,7 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
             }),
             ..AdamConfig::default()
         },
+        augment: eff.augment(arch),
     };
     let mut bars = Bars {
         bar: None,
@@ -316,7 +323,7 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
     if args.json {
         return print_json(&serde_json::json!({
             "arch": arch.name(), "round": s.base.round, "base": s.base.hash, "samples": s.train.samples,
-            "epochs": epochs, "batch": batch, "lr": lr, "warmup": warmup, "steps": s.round_steps, "resumed_after": s.resumed_after,
+            "epochs": epochs, "batch": batch, "lr": lr, "warmup": warmup, "augment": cfg.augment.to_string(), "steps": s.round_steps, "resumed_after": s.resumed_after,
             "loss": s.train.loss, "accuracy": s.train.accuracy, "images_per_sec": s.train.images_per_sec,
             "device": device.to_string(),
         }));

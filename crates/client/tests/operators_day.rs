@@ -553,6 +553,52 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
     assert_eq!(row("data")["origin"], "file", "{v}");
     assert_eq!(row("train.epochs")["origin"], "flag", "{v}");
     assert_eq!(row("train.lr")["origin"], "default", "{v}");
+    assert_eq!(row("train.augment")["origin"], "default", "{v}");
+    assert!(
+        row("train.augment")["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("plates for the CTC plate readers"),
+        "{v}"
+    );
+    // ferry.toml's augmentation, then a flag over it; a spec that means nothing is refused in one line.
+    let toml = state.join("ferry.toml");
+    let saved = std::fs::read_to_string(&toml).unwrap();
+    let with_augment = if saved.contains("[train]\n") {
+        saved.replace("[train]\n", "[train]\naugment = \"shift=1\"\n")
+    } else {
+        format!("{saved}\n[train]\naugment = \"shift=1\"\n")
+    };
+    std::fs::write(&toml, &with_augment).unwrap();
+    let v: Value =
+        serde_json::from_str(&ok(client(&["config", "--state", p(&state), "--json"]))).unwrap();
+    let aug = v["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "train.augment")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (aug["value"].as_str(), aug["origin"].as_str()),
+        (Some("rows=1,cols=1,contrast=0,brightness=0"), Some("file")),
+        "{v}"
+    );
+    std::fs::write(&toml, with_augment.replace("shift=1", "zoom=2")).unwrap();
+    let err = refused("ferry-client", client(&["config", "--state", p(&state)]));
+    assert!(
+        err.contains("[train] augment") && err.contains("unknown augmentation \"zoom\""),
+        "{err}"
+    );
+    // The same as a flag: clap's usage error (exit 2), naming the flag and why.
+    let o = client(&["config", "--state", p(&state), "--augment", "shift=-1"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--augment") && err.contains("whole number of pixels"),
+        "{err}"
+    );
+    std::fs::write(&toml, saved).unwrap();
     assert!(
         row("key")["value"]
             .as_str()
@@ -653,6 +699,18 @@ fn after_enrolment_train_eval_export_and_import_take_the_remembered_settings() {
     assert_eq!(v["warmup"], 2, "{v}");
     assert_eq!(v["epochs"], 1, "{v}");
     assert_eq!(v["steps"], 1, "{v}");
+    // A CTC plate reader trains on augmented images unless told otherwise; a flag turns it off.
+    assert_eq!(v["augment"], "plates", "{v}");
+    let v: Value = serde_json::from_str(&ok(client(&[
+        "train",
+        "--state",
+        p(&state),
+        "--augment",
+        "none",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["augment"], "none", "{v}");
 
     // eval: eval-data from ferry.toml (4 plates); --data overrides it.
     let v: Value =

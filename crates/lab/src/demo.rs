@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use ferry_merge::hq::RoundConfig;
 use ferry_site::{eval_site, EvalTarget};
-use ferry_train::{AdamConfig, Arch, Device, Evaluation, TrainConfig};
+use ferry_train::{AdamConfig, Arch, Augment, Device, Evaluation, TrainConfig};
 
 use crate::fed::{human_bytes, Federation, EVAL_BATCH};
 use crate::plates::{field_data, planned_decay, require_plate_reader, scaled_warmup};
@@ -45,6 +45,8 @@ pub struct DemoConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
+    /// Changes to each training image (`None`: the reader's default, [`Augment::default_for`]).
+    pub augment: Option<Augment>,
     /// The plate reader HQ initialises (a CTC reader or plate-cnn).
     pub arch: Arch,
     /// HQ's round 0: random weights, or a warm start HQ trained on its own data.
@@ -67,6 +69,7 @@ impl Default for DemoConfig {
             // 73.8 % against 74.4 % from plate-ctc-v2's shipped start (seed 2; docs/experiments.md).
             cosine: false,
             seed: 1,
+            augment: None,
             // The deeper reader from HQ's start reads the most in 3 minutes (docs/experiments.md, "HQ's shipped
             // start"); the project's default reader (`Arch::DEFAULT_PLATE_READER`) stays plate-ctc-v2.
             arch: Arch::PlateCtcDeepV2,
@@ -116,9 +119,10 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
     let warmup = cfg
         .warmup
         .unwrap_or_else(|| scaled_warmup(cfg.samples, cfg.batch));
+    let augment = cfg.augment.unwrap_or_else(|| Augment::default_for(arch));
     println!("ferry-lab demo: everything goes into {}", cfg.dir.display());
     println!(
-        "  {} rounds; each site trains {} local epochs per round on {} synthetic plates ({arch}, batch {}, Adam lr {}, warm-up {warmup} steps = 0.8 epoch, scaled down from the field study's 1000 for 80k plates{})",
+        "  {} rounds; each site trains {} local epochs per round on {} synthetic plates ({arch}, batch {}, Adam lr {}, warm-up {warmup} steps = 0.8 epoch, scaled down from the field study's 1000 for 80k plates{}; augmentation {augment})",
         cfg.rounds, cfg.epochs, cfg.samples, cfg.batch, cfg.lr(),
         if cfg.cosine { ", then a cosine decay over all rounds" } else { "" }
     );
@@ -188,6 +192,7 @@ pub fn run(cfg: &DemoConfig) -> Result<Vec<DemoRound>> {
             warmup,
             ..AdamConfig::default()
         },
+        augment,
     };
     let tcfg = planned_decay(&tcfg, cfg.cosine, cfg.samples, cfg.rounds * cfg.epochs);
     let round_cfg = RoundConfig::default();

@@ -12,7 +12,7 @@ use ferry_merge::hq::RoundConfig;
 use ferry_merge::{MergeConfig, Strategy, Weighting};
 use ferry_train::data::{DataSpec, Dataset, LoadConfig, Split};
 use ferry_train::fisher::FisherConfig;
-use ferry_train::{AdamConfig, Arch, Evaluation, TrainConfig};
+use ferry_train::{AdamConfig, Arch, Augment, Evaluation, TrainConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -67,12 +67,16 @@ pub struct FedAvgConfig {
     pub test_limit: Option<usize>,
     /// Seed of the initial weights, the split and the shuffles.
     pub seed: u64,
+    /// Changes to each training image (`None`: the model's default, [`Augment::default_for`]).
+    #[serde(serialize_with = "display_opt")]
+    pub augment: Option<Augment>,
 }
 
 impl FedAvgConfig {
     /// Each site's training per trip: `local_epochs`, `batch`, `seed`, Adam at `lr` with `warmup`, or, without
-    /// one, a warm-up of 0.8 of the mean non-empty site's epoch (`site_samples`: samples per site).
-    pub fn local_training(&self, site_samples: &[usize]) -> TrainConfig {
+    /// one, a warm-up of 0.8 of the mean non-empty site's epoch (`site_samples`: samples per site), and `arch`'s
+    /// augmentation unless one is set.
+    pub fn local_training(&self, arch: Arch, site_samples: &[usize]) -> TrainConfig {
         let active = site_samples.iter().filter(|&&n| n > 0).count().max(1);
         let mean = site_samples.iter().sum::<usize>() / active;
         TrainConfig {
@@ -86,6 +90,7 @@ impl FedAvgConfig {
                     .unwrap_or_else(|| scaled_warmup(mean, self.batch)),
                 ..AdamConfig::default()
             },
+            augment: self.augment.unwrap_or_else(|| Augment::default_for(arch)),
         }
     }
 }
@@ -201,7 +206,7 @@ pub fn run(cfg: &FedAvgConfig) -> Result<FedAvgResult> {
     if active.is_empty() {
         bail!("no site got any samples");
     }
-    let tcfg = cfg.local_training(&site_samples);
+    let tcfg = cfg.local_training(arch, &site_samples);
     let warmup = tcfg.adam.warmup;
     let site_data: Vec<Dataset> = parts.iter().map(|p| train.subset(p)).collect();
     drop(train);

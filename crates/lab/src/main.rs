@@ -121,6 +121,11 @@ struct TrainFlags {
     /// to 1 % of the peak, `flat` keeps it (the field study) [default: flat].
     #[arg(long, value_name = "SCHEDULE")]
     lr_schedule: Option<LrSchedule>,
+    /// Changes to each training image, drawn afresh every epoch: none, plates (3 px shifts, contrast ±30 %,
+    /// brightness ±0.15) or pairs such as shift=2,contrast=0.2,brightness=0.1 [default: plates for the CTC plate
+    /// readers, none otherwise, as at a site].
+    #[arg(long, value_name = "SPEC")]
+    augment: Option<ferry_train::Augment>,
     /// Seed of the initial weights, the data and the shuffles.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -420,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                     .lr_schedule
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
+                augment: a.train.augment,
                 arch: a.arch,
                 start: match (a.start_from, a.scratch) {
                     (Some(path), _) => ferry_lab::start::Start::Weights(path),
@@ -454,6 +460,7 @@ fn run(cli: Cli) -> Result<()> {
                     .lr_schedule
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
+                augment: a.train.augment,
                 arch: a.arch,
                 few_trips: a.few_trips,
                 hq_plates: a.hq_plates,
@@ -489,6 +496,7 @@ fn run(cli: Cli) -> Result<()> {
                 limit: a.limit,
                 test_limit: a.test_limit,
                 seed: a.train.seed,
+                augment: a.train.augment,
             };
             if a.few.few_trips {
                 let t = trips::TripsConfig {

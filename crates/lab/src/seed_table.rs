@@ -22,7 +22,7 @@ use ferry_merge::hq::RoundConfig;
 use ferry_train::data::Dataset;
 use ferry_train::optim::Adam;
 use ferry_train::train::train_epoch;
-use ferry_train::{evaluate, AdamConfig, Arch, Device, Evaluation, Model, TrainConfig};
+use ferry_train::{evaluate, AdamConfig, Arch, Augment, Device, Evaluation, Model, TrainConfig};
 use serde::Serialize;
 
 use crate::fed::{Federation, EVAL_BATCH};
@@ -47,6 +47,12 @@ pub enum Preset {
 }
 
 impl SeedTableConfig {
+    /// The augmentation every row trains with: the one set, else the reader's default.
+    pub fn augment(&self) -> Augment {
+        self.augment
+            .unwrap_or_else(|| Augment::default_for(self.arch))
+    }
+
     /// The settings of `preset` (the output folder is the default's).
     pub fn preset(preset: Preset) -> SeedTableConfig {
         let quick = SeedTableConfig::default();
@@ -92,6 +98,14 @@ fn arch_name<S: serde::Serializer>(arch: &Arch, s: S) -> std::result::Result<S::
     s.serialize_str(arch.name())
 }
 
+/// The augmentation every row trains with, as its spec in the JSON settings.
+fn augment_name<S: serde::Serializer>(
+    augment: &Option<Augment>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&augment.map_or_else(|| "default".to_string(), |a| a.to_string()))
+}
+
 /// The start as its description in the JSON settings.
 fn start_name<S: serde::Serializer>(start: &Start, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&start.describe())
@@ -121,6 +135,9 @@ pub struct SeedTableConfig {
     pub cosine: bool,
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
+    /// Changes to each training image (`None`: the reader's default, [`Augment::default_for`]).
+    #[serde(serialize_with = "augment_name")]
+    pub augment: Option<Augment>,
     /// The plate reader every row trains (a CTC reader or plate-cnn).
     #[serde(serialize_with = "arch_name")]
     pub arch: Arch,
@@ -155,6 +172,7 @@ impl Default for SeedTableConfig {
             batch: 64,
             cosine: false,
             seed: 1,
+            augment: None,
             arch: Arch::DEFAULT_PLATE_READER,
             few_trips: false,
             hq_plates: 2000,
@@ -432,9 +450,10 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             warmup,
             ..AdamConfig::default()
         },
+        augment: cfg.augment(),
     };
     println!(
-        "ferry-lab seed-table into {}: T = {} epochs, {} plates per site, {} validation plates, E in {:?}, batch {}, Adam lr {}, warm-up {warmup} steps{}",
+        "ferry-lab seed-table into {}: T = {} epochs, {} plates per site, {} validation plates, E in {:?}, batch {}, Adam lr {}, warm-up {warmup} steps{}, augmentation {}",
         cfg.out.display(),
         cfg.total_epochs,
         cfg.samples_per_site,
@@ -446,7 +465,8 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             " (0.8 of a site's epoch, the field study's ratio: its 1000 steps were for 80k plates)"
         } else {
             ""
-        }
+        },
+        tcfg.augment
     );
     // Every row starts from the same round 0.
     let (round0, origin) = match cfg.start.trained_model(cfg.arch)? {
@@ -631,7 +651,8 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
         })
         .collect();
     write_table(&cfg.out, "table", "", &header, &table)?;
-    let json = serde_json::json!({ "config": cfg, "warmup": warmup, "rows": rows });
+    let mut json = json(cfg, rows);
+    json["warmup"] = warmup.into();
     std::fs::write(
         cfg.out.join("results.json"),
         serde_json::to_vec_pretty(&json)?,
@@ -698,5 +719,10 @@ fn write_outputs(cfg: &SeedTableConfig, warmup: u64, rows: &[Row]) -> Result<()>
 
 /// The JSON `--json` writes: `{"rows": [{name, accuracy, char_accuracy, round_trips, bytes_carried, ...}]}`.
 pub fn json(cfg: &SeedTableConfig, rows: &[Row]) -> serde_json::Value {
+    // The augmentation the rows trained with, not "default".
+    let cfg = SeedTableConfig {
+        augment: Some(cfg.augment()),
+        ..cfg.clone()
+    };
     serde_json::json!({ "config": cfg, "rows": rows })
 }

@@ -193,7 +193,7 @@ pub fn run(cfg: &FedAvgConfig, t: &TripsConfig) -> Result<Vec<TripRow>> {
     if active.len() < 2 {
         bail!("fewer than two sites got samples");
     }
-    let tcfg = cfg.local_training(&sizes);
+    let tcfg = cfg.local_training(arch, &sizes);
     let warmup = tcfg.adam.warmup;
     let ids: Vec<String> = (1..=cfg.sites).map(|k| format!("site-{k:02}")).collect();
     println!(

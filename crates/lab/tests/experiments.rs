@@ -417,6 +417,7 @@ fn fedavg_through_the_binary_beats_a_site_alone() {
                 warmup: v["warmup"].as_u64().unwrap(),
                 ..AdamConfig::default()
             },
+            augment: ferry_train::Augment::none(),
         };
         ferry_train::train(&mut model, &mut adam, &data, &cfg, &mut ()).unwrap();
         alone.push(evaluate(&model, &test, 256).unwrap().accuracy);

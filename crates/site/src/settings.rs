@@ -14,6 +14,7 @@
 //! lr = 0.002
 //! warmup = 50
 //! batch = 64
+//! augment = "plates"             # or "none", or "shift=2,contrast=0.2,brightness=0.1"
 //! ```
 //!
 //! Every field is optional; a flag given to a command overrides the file, and the file overrides the built-in
@@ -89,6 +90,9 @@ pub struct TrainRecipe {
     /// Use only the first N samples.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Training-image augmentation (`none`, `plates` or `shift=2,contrast=0.2,brightness=0.1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<String>,
 }
 
 impl TrainRecipe {

@@ -43,10 +43,17 @@ struct RunInfo {
     lr: f64,
     warmup: u64,
     seed: u64,
+    /// The augmentation (`Augment`'s spec); checkpoints from before augmentation existed trained without it.
+    #[serde(default = "no_augment")]
+    augment: String,
     /// Optimizer step when this round's training started.
     start_step: u64,
     /// Epochs finished.
     epochs_done: u32,
+}
+
+fn no_augment() -> String {
+    ferry_train::Augment::none().to_string()
 }
 
 impl RunInfo {
@@ -60,6 +67,7 @@ impl RunInfo {
                 r.batch,
                 r.warmup,
                 r.seed,
+                r.augment.clone(),
             )
         };
         key(self) == key(other) && self.lr.to_bits() == other.lr.to_bits()
@@ -152,6 +160,7 @@ pub fn train_site(
         lr: cfg.adam.lr,
         warmup: cfg.adam.warmup,
         seed: cfg.seed,
+        augment: cfg.augment.to_string(),
         start_step: 0,
         epochs_done: 0,
     };

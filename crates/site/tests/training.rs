@@ -7,7 +7,7 @@ use std::path::Path;
 use ferry_bundle::{open, seal, Draft, Keyring, Limits, Payload, Role, SecretKey};
 use ferry_site::{
     eval_site, recalibrate_site, train_site, EvalTarget, ImportPolicy, ImportTrust, SiteError,
-    SiteState,
+    SiteLock, SiteState,
 };
 use ferry_train::data::{DataSpec, Dataset, LoadConfig};
 use ferry_train::{AdamConfig, Arch, Device, EpochStats, Model, TrainConfig, TrainObserver};
@@ -64,6 +64,8 @@ fn cfg(epochs: u32) -> TrainConfig {
             warmup: 5,
             ..AdamConfig::default()
         },
+        // Augmented, as plate readers train by default: resuming must replay the same draws.
+        augment: ferry_train::Augment::plates(),
     }
 }
 
@@ -72,6 +74,27 @@ impl TrainObserver for StopAfterFirstEpoch {
     fn on_epoch(&mut self, _: &EpochStats) {
         panic!("simulated power cut after the first epoch's checkpoint");
     }
+}
+
+/// Train with `cfg`, cut off by a simulated power cut after the first epoch's checkpoint.
+fn interrupt_after_first_epoch(
+    state: &SiteState,
+    lock: &SiteLock<'_>,
+    data: &Dataset,
+    cfg: &TrainConfig,
+) {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        train_site(
+            state,
+            lock,
+            data,
+            cfg,
+            &Device::Cpu,
+            &mut StopAfterFirstEpoch,
+        )
+    }));
+    assert!(r.is_err());
+    assert!(state.dir().join(CHECKPOINT_FILE).exists());
 }
 
 #[test]
@@ -97,18 +120,7 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
     // Interrupted after epoch 1, then run again: resumes, same step count, same weights.
     let sb = site(b.path(), Some("plate-ctc"));
     let lock_b = sb.lock().unwrap();
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        train_site(
-            &sb,
-            &lock_b,
-            &data,
-            &cfg(2),
-            &Device::Cpu,
-            &mut StopAfterFirstEpoch,
-        )
-    }));
-    assert!(r.is_err());
-    assert!(b.path().join(CHECKPOINT_FILE).exists());
+    interrupt_after_first_epoch(&sb, &lock_b, &data, &cfg(2));
     assert!(sb.local().unwrap().is_none());
     let resumed = train_site(&sb, &lock_b, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
     assert_eq!(resumed.resumed_after, Some(1));
@@ -124,6 +136,35 @@ fn training_records_the_local_model_and_resumes_after_an_interruption() {
     let again = train_site(&sa, &lock_a, &data, &cfg(1), &Device::Cpu, &mut ()).unwrap();
     assert_eq!(again.train.total_steps, whole.train.total_steps + 3);
     assert_eq!(again.round_steps, 3);
+}
+
+#[test]
+fn a_checkpoint_trained_with_another_augmentation_is_not_resumed() {
+    let data = plates(40);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plain = TrainConfig {
+        augment: ferry_train::Augment::none(),
+        ..cfg(2)
+    };
+    let sa = site(a.path(), Some("plate-ctc"));
+    let lock_a = sa.lock().unwrap();
+    train_site(&sa, &lock_a, &data, &plain, &Device::Cpu, &mut ()).unwrap();
+
+    // Interrupted with augmentation, then rerun without: the checkpoint belongs to another run, so the rerun
+    // starts from the global and ends exactly where an uninterrupted unaugmented run does.
+    let sb = site(b.path(), Some("plate-ctc"));
+    let lock_b = sb.lock().unwrap();
+    interrupt_after_first_epoch(&sb, &lock_b, &data, &cfg(2));
+    let rerun = train_site(&sb, &lock_b, &data, &plain, &Device::Cpu, &mut ()).unwrap();
+    assert_eq!(rerun.resumed_after, None);
+    assert_eq!(sb.local_weights().unwrap().1, sa.local_weights().unwrap().1);
+
+    // And the augmentation does change what is learnt.
+    let c = tempfile::tempdir().unwrap();
+    let sc = site(c.path(), Some("plate-ctc"));
+    let lock_c = sc.lock().unwrap();
+    train_site(&sc, &lock_c, &data, &cfg(2), &Device::Cpu, &mut ()).unwrap();
+    assert_ne!(sc.local_weights().unwrap().1, sa.local_weights().unwrap().1);
 }
 
 #[test]

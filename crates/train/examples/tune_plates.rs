@@ -22,6 +22,9 @@
 //! rendered on the CPU); `TUNE_BUDGET_S=S` times the second chunk (the first carries the device's start-up, e.g.
 //! CUDA compiling its kernels) and then sets CHUNKS so the run fits S seconds (the cosine then runs over the new
 //! count); `TUNE_OPS=generic` trains the CPU with candle's generic ops, the path CUDA takes.
+//! `TUNE_FIXED=1` trains as a site does, on one fixed pool of CHUNK plates (seed 500000), one epoch over it per
+//! chunk; `TUNE_AUGMENT=SPEC` augments the training images (`ferry_train::Augment`'s spec: `plates`,
+//! `shift=3,contrast=0.3,brightness=0.15`, ...; default none, since fresh plates are never seen twice).
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -29,7 +32,9 @@ use ferry_train::data::{plates, Dataset, PlateStyle};
 use ferry_train::train::{
     predictions, predictions_with, reading_scores, reading_scores_with, Decoding,
 };
-use ferry_train::{evaluate, train_epoch, Adam, AdamConfig, Arch, Mode, Model, TrainConfig};
+use ferry_train::{
+    evaluate, train_epoch, Adam, AdamConfig, Arch, Augment, Mode, Model, TrainConfig,
+};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -91,6 +96,10 @@ fn main() {
     let mut seen = 0;
     // A curriculum: the first N chunks rendered as HQ's clean plates (`plates:clean`), the rest as STYLE.
     let clean_chunks: u64 = std::env::var("TUNE_CLEAN_CHUNKS").map_or(0, |v| v.parse().unwrap());
+    let fixed = std::env::var_os("TUNE_FIXED")
+        .map(|_| plates::generate_with(style, chunk, 500_000, None, &train_render).unwrap());
+    let augment = std::env::var("TUNE_AUGMENT").map_or(Augment::none(), |v| v.parse().unwrap());
+    println!("augment {augment:?}, fixed pool: {}", fixed.is_some());
     let mut c = 0;
     while c < chunks {
         let chunk_start = Instant::now();
@@ -99,8 +108,16 @@ fn main() {
         } else {
             style
         };
-        let data =
-            plates::generate_with(chunk_style, chunk, 500_000 + c, None, &train_render).unwrap();
+        // TUNE_FIXED=1: one fixed pool of CHUNK plates, one epoch over it per chunk, as a site trains.
+        let fresh;
+        let data = match &fixed {
+            Some(pool) => pool,
+            None => {
+                fresh = plates::generate_with(chunk_style, chunk, 500_000 + c, None, &train_render)
+                    .unwrap();
+                &fresh
+            }
+        };
         let peak = lr;
         let lr_now = if cosine {
             // The chunk's midpoint on a cosine from the peak to 0.
@@ -118,8 +135,9 @@ fn main() {
                 warmup,
                 ..AdamConfig::default()
             },
+            augment,
         };
-        let st = train_epoch(&mut model, &mut adam, &data, &cfg, c, 0, &mut ()).unwrap();
+        let st = train_epoch(&mut model, &mut adam, data, &cfg, c, 0, &mut ()).unwrap();
         seen += data.len();
         let ev = evaluate(&model, &tune, 256).unwrap();
         println!(

@@ -40,6 +40,7 @@ fn main() {
             warmup: 1,
             ..AdamConfig::default()
         },
+        augment: ferry_train::Augment::none(),
     };
     train(&mut model, &mut adam, &data, &cfg, &mut ()).unwrap();
     std::fs::write(

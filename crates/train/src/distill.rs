@@ -415,6 +415,7 @@ pub fn pretrain(
             warmup: (batches * 4 / 5).max(1),
             ..AdamConfig::default()
         },
+        augment: crate::Augment::none(),
     };
     let mut adam = Adam::new(model.arch(), model.device())?;
     crate::train::train(model, &mut adam, data, &tcfg, obs)

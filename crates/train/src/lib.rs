@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod arch;
+pub mod augment;
 pub mod bench;
 mod block;
 pub mod checkpoint;
@@ -31,6 +32,7 @@ pub mod train;
 mod workspace;
 
 pub use arch::{Arch, TensorKind, TensorSpec};
+pub use augment::Augment;
 pub use device::{Device, DeviceChoice};
 pub use error::TrainError;
 pub use model::{HostTensor, Mode, Model, Ops};

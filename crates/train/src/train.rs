@@ -1,8 +1,8 @@
 //! The trainer, evaluation and BatchNorm recalibration over in-memory datasets (issue 4). No files, no progress
 //! bars: the site wrappers (`site`) add the state directory and the CLI adds the bars through [`TrainObserver`].
 //!
-//! Reproducibility: the only randomness is the per-epoch shuffle, drawn from ChaCha8 seeded by
-//! `(seed, round, epoch)`, so training on CPU is bit-identical run to run, and an interrupted run resumed from an
+//! Reproducibility: the only randomness is the per-epoch shuffle and augmentation ([`crate::augment`]), drawn
+//! from ChaCha8 seeded by `(seed, round, epoch)`, so training on CPU is bit-identical run to run, and an interrupted run resumed from an
 //! epoch checkpoint reproduces the uninterrupted run exactly.
 
 use std::time::Instant;
@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::arch::{Arch, Reader};
+use crate::augment::{Augment, Augmenter};
 use crate::data::{Dataset, Task};
 use crate::error::TrainError;
 use crate::model::{Mode, Model};
@@ -29,6 +30,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Optimizer settings.
     pub adam: AdamConfig,
+    /// Random changes to each training image, drawn afresh every epoch ([`Augment::none`]: none).
+    pub augment: Augment,
 }
 
 impl Default for TrainConfig {
@@ -38,6 +41,7 @@ impl Default for TrainConfig {
             batch: 64,
             seed: 0,
             adam: AdamConfig::default(),
+            augment: Augment::none(),
         }
     }
 }
@@ -201,11 +205,25 @@ pub(crate) fn batch(
     idx: &[usize],
     device: &Device,
 ) -> Result<(Tensor, Tensor), TrainError> {
+    augmented_batch(data, idx, device, None)
+}
+
+/// [`batch`], each image changed by `augmenter` where there is one.
+fn augmented_batch(
+    data: &Dataset,
+    idx: &[usize],
+    device: &Device,
+    mut augmenter: Option<&mut Augmenter>,
+) -> Result<(Tensor, Tensor), TrainError> {
     let per = data.channels * data.height * data.width;
     let mut x = Vec::with_capacity(idx.len() * per);
     let mut y = Vec::with_capacity(idx.len() * data.slots());
     for &i in idx {
+        let at = x.len();
         x.extend_from_slice(data.image(i));
+        if let Some(a) = augmenter.as_deref_mut() {
+            a.apply(&mut x[at..], data.channels, data.height, data.width);
+        }
         y.extend_from_slice(data.label(i));
     }
     let x = Tensor::from_vec(
@@ -450,12 +468,15 @@ pub fn train_epoch(
             model.arch()
         )));
     }
+    cfg.augment.check(data.height, data.width)?;
     let order = epoch_order(data.len(), cfg.seed, round, epoch);
     let batches = order.len().div_ceil(cfg.batch);
+    let mut augmenter =
+        (!cfg.augment.is_none()).then(|| cfg.augment.for_epoch(cfg.seed, round, epoch));
     let start = Instant::now();
     let (mut seen, mut exact, mut loss_sum) = (0usize, 0usize, 0f64);
     for (b, idx) in order.chunks(cfg.batch).enumerate() {
-        let (x, y) = batch(data, idx, model.device())?;
+        let (x, y) = augmented_batch(data, idx, model.device(), augmenter.as_mut())?;
         let (logits, lv, lr) = train_step(model, adam, &x, &y, &cfg.adam)?;
         let labels: Vec<u32> = idx
             .iter()
@@ -656,6 +677,7 @@ mod tests {
                 warmup: 4,
                 ..AdamConfig::default()
             },
+            augment: Augment::none(),
         }
     }
 
@@ -723,6 +745,40 @@ mod tests {
             &reading_scores(&cnn, &x, &l).unwrap(),
             &l,
             0.0,
+        );
+    }
+
+    /// An augmentation that does not fit the images is refused before any step; one that fits trains the
+    /// model away from the unaugmented run.
+    #[test]
+    fn augmentation_is_checked_before_training_and_changes_what_is_learnt() {
+        let arch = Arch::PlateCtcV2;
+        let data = tiny(arch, 16, 2);
+        let (mut model, mut adam) = fresh(arch);
+        let before = model.to_safetensors().unwrap();
+        let wrecked = TrainConfig {
+            augment: Augment {
+                shift_cols: data.width,
+                ..Augment::plates()
+            },
+            ..quick(1)
+        };
+        let err = train(&mut model, &mut adam, &data, &wrecked, &mut ()).unwrap_err();
+        assert!(matches!(err, TrainError::Config(_)), "{err}");
+        assert_eq!(model.to_safetensors().unwrap(), before);
+        assert_eq!(adam.step(), 0);
+
+        let augmented = TrainConfig {
+            augment: Augment::plates(),
+            ..quick(1)
+        };
+        train(&mut model, &mut adam, &data, &augmented, &mut ()).unwrap();
+        let (mut plain, mut plain_adam) = fresh(arch);
+        train(&mut plain, &mut plain_adam, &data, &quick(1), &mut ()).unwrap();
+        assert_eq!(adam.step(), plain_adam.step());
+        assert_ne!(
+            model.to_safetensors().unwrap(),
+            plain.to_safetensors().unwrap()
         );
     }
 

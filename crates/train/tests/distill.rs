@@ -36,6 +36,7 @@ fn site_model(data: &Dataset, seed: u64) -> Model {
             warmup: 5,
             ..AdamConfig::default()
         },
+        augment: ferry_train::Augment::none(),
     };
     train(&mut model, &mut adam, data, &cfg, &mut ()).unwrap();
     model

@@ -34,6 +34,7 @@ fn mnist_cnn_learns_fashion_mnist_in_one_short_epoch() {
             warmup: 10,
             ..AdamConfig::default()
         },
+        augment: ferry_train::Augment::none(),
     };
     let s = train(&mut model, &mut adam, &train_set, &cfg, &mut ()).unwrap();
     let e = evaluate(&model, &test_set, 256).unwrap();

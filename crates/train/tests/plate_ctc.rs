@@ -14,6 +14,7 @@ fn cfg(epochs: u32, batch: usize, lr: f64, warmup: u64) -> TrainConfig {
             warmup,
             ..AdamConfig::default()
         },
+        augment: ferry_train::Augment::none(),
     }
 }
 
