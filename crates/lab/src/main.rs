@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The whole air-gapped loop on synthetic plates: keys, round 0 from HQ's shipped start, rounds of
-    /// train/export/merge/import (140 s measured on 2 CPU cores; the final global reads 86 % of the
+    /// train/export/merge/import (139 s measured on 2 CPU cores; the final global reads 87 % of the
     /// validation plates exactly, HQ's start 81 %).
     #[command(
         after_help = "Example:\n  cargo run --release -p ferry-lab -- demo\n  ferry-lab demo --rounds 5 --samples 8000 --dir lab-out/big-demo\n  ferry-lab demo --scratch --arch plate-ctc-v2 --rounds 5 --samples 3000 --epochs 2   # from random weights"
