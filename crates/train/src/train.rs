@@ -2,8 +2,8 @@
 //! bars: the site wrappers (`site`) add the state directory and the CLI adds the bars through [`TrainObserver`].
 //!
 //! Reproducibility: the only randomness is the per-epoch shuffle and augmentation ([`crate::augment`]), drawn
-//! from ChaCha8 seeded by `(seed, round, epoch)`, so training on CPU is bit-identical run to run, and an interrupted run resumed from an
-//! epoch checkpoint reproduces the uninterrupted run exactly.
+//! from ChaCha8 seeded by `(seed, round, epoch)`, so training on CPU is bit-identical run to run, and an
+//! interrupted run resumed from an epoch checkpoint reproduces the uninterrupted run exactly.
 
 use std::time::Instant;
 
