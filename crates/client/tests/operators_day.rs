@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_testdata::cli::{arg as p, ok, refused, snapshot};
+use ferry_testdata::cli::{arg as p, ok, refused, setting_row, snapshot};
 use serde_json::Value;
 
 mod tools;
@@ -540,15 +540,7 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
         "--json",
     ])))
     .unwrap();
-    let row = |name: &str| {
-        v["settings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("{name} missing: {v}"))
-    };
+    let row = |name: &str| setting_row(&v, name);
     assert_eq!(row("data")["value"], "plates:loose:8:1", "{v}");
     assert_eq!(row("data")["origin"], "file", "{v}");
     assert_eq!(row("train.epochs")["origin"], "flag", "{v}");
@@ -572,13 +564,7 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
     std::fs::write(&toml, &with_augment).unwrap();
     let v: Value =
         serde_json::from_str(&ok(client(&["config", "--state", p(&state), "--json"]))).unwrap();
-    let aug = v["settings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "train.augment")
-        .cloned()
-        .unwrap();
+    let aug = setting_row(&v, "train.augment");
     assert_eq!(
         (aug["value"].as_str(), aug["origin"].as_str()),
         (Some("rows=1,cols=1,contrast=0,brightness=0"), Some("file")),
@@ -653,8 +639,7 @@ fn settings_show_where_they_came_from_and_warn_about_a_recipe_that_makes_no_sens
         "--json",
     ])))
     .unwrap();
-    let s = v["settings"].as_array().unwrap();
-    let get = |n: &str| s.iter().find(|r| r["name"] == n).unwrap().clone();
+    let get = |n: &str| setting_row(&v, n);
     assert_eq!(
         (
             get("merge.strategy")["value"].clone(),

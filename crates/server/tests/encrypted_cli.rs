@@ -259,13 +259,7 @@ fn an_encrypted_federation_s_merge_and_republish_stay_encrypted_to_the_sites() {
         let o = server(&["config", "--state", Hq::s(&h.state), "--json"]);
         assert!(o.status.success(), "{o:?}");
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let row = v["settings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == "encrypt-to")
-            .cloned()
-            .unwrap_or_else(|| panic!("no encrypt-to row: {v}"));
+        let row = ferry_testdata::cli::setting_row(&v, "encrypt-to");
         (
             row["value"].as_str().unwrap().to_string(),
             row["origin"].as_str().unwrap().to_string(),

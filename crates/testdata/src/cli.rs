@@ -7,6 +7,7 @@
 //! - [`refused`] / [`refused_alone`]: a refusal, exit status 1 with one `TOOL: ...` line on stderr (the last;
 //!   with `_alone`, the only line);
 //! - [`snapshot`]: every file under a folder with its bytes, for "nothing was written" checks;
+//! - [`setting_row`]: one setting's row of `config --json`;
 //! - [`sibling`]: the other tool, built beside this package's binary.
 
 use std::borrow::Borrow;
@@ -14,6 +15,16 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+/// The row of setting `name` (`name`, `value`, `origin`) in the JSON `ferry-client config --json` or
+/// `ferry-server config --json` printed; panics, showing the JSON, when there is none.
+pub fn setting_row(config: &serde_json::Value, name: &str) -> serde_json::Value {
+    config["settings"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} row: {config}"))
+}
 
 /// Run `bin` with `args`: stdin closed, `FERRY_PASSPHRASE` removed.
 pub fn run<S: AsRef<OsStr>>(bin: &Path, args: &[S]) -> Output {
