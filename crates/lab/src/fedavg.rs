@@ -99,7 +99,7 @@ fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S:
     s.collect_str(v)
 }
 
-fn display_opt<T: std::fmt::Display, S: serde::Serializer>(
+pub(crate) fn display_opt<T: std::fmt::Display, S: serde::Serializer>(
     v: &Option<T>,
     s: S,
 ) -> Result<S::Ok, S::Error> {

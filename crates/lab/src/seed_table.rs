@@ -98,14 +98,6 @@ fn arch_name<S: serde::Serializer>(arch: &Arch, s: S) -> std::result::Result<S::
     s.serialize_str(arch.name())
 }
 
-/// The augmentation every row trains with, as its spec in the JSON settings.
-fn augment_name<S: serde::Serializer>(
-    augment: &Option<Augment>,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&augment.map_or_else(|| "default".to_string(), |a| a.to_string()))
-}
-
 /// The start as its description in the JSON settings.
 fn start_name<S: serde::Serializer>(start: &Start, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&start.describe())
@@ -136,7 +128,7 @@ pub struct SeedTableConfig {
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
     /// Changes to each training image (`None`: the reader's default, [`Augment::default_for`]).
-    #[serde(serialize_with = "augment_name")]
+    #[serde(serialize_with = "crate::fedavg::display_opt")]
     pub augment: Option<Augment>,
     /// The plate reader every row trains (a CTC reader or plate-cnn).
     #[serde(serialize_with = "arch_name")]
