@@ -37,7 +37,7 @@ enum Command {
     /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
     /// bundles.
     #[command(
-        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --hq-start          # every row from HQ's shipped start\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
+        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --hq-start          # every row from HQ's shipped start\n  ferry-lab seed-table --preset hq-deep                      # the deeper reader from HQ's start, E 1,5 (< 45 min)\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
     )]
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
@@ -138,6 +138,8 @@ enum SeedTablePreset {
     Quick,
     /// 8,000 plates per site, T = 10, 2,000 validation plates, batch 32, lr 2e-3, cosine (< 45 min on 2 cores).
     Standard,
+    /// The standard preset with plate-ctc-deep-v2, every row from HQ's shipped start (lr 5e-4), E 1,5 (< 45 min).
+    HqDeep,
     /// The field study's scale: 80,000 plates per site, T = 70, E 1,5,10,20, lr 2.5e-4, warm-up 1000, batch 64.
     FieldStudy,
 }
@@ -159,10 +161,11 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
-    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, 1.45x the
-    /// time), plate-ctc, plate-ctc-deep or plate-cnn.
-    #[arg(long, value_name = "ARCH", default_value_t = Arch::DEFAULT_PLATE_READER)]
-    arch: Arch,
+    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, about 1.3x the
+    /// time), plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for hq-deep,
+    /// plate-ctc-v2 otherwise].
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<Arch>,
     /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- select, fisher, distill and
     /// recal, HQ's steps on HQ's own clean plates (docs/experiments.md says exactly what HQ holds).
     #[arg(long)]
@@ -184,7 +187,8 @@ struct SeedTableArgs {
     #[arg(long, value_name = "N", default_value_t = 0, requires = "few_trips")]
     pretrain_epochs: u32,
     /// Start every row from HQ's shipped start (plate-ctc-v2 or plate-ctc-deep-v2 trained on HQ's own clean
-    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given.
+    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given (the hq-deep
+    /// preset always does).
     #[arg(long, conflicts_with_all = ["start_from", "pretrain_epochs"])]
     hq_start: bool,
     /// Start every row from this safetensors model (one HQ trained on its own data, of --arch's architecture),
@@ -439,12 +443,13 @@ fn run(cli: Cli) -> Result<()> {
             let d = seed_table::SeedTableConfig::preset(match a.preset {
                 SeedTablePreset::Quick => seed_table::Preset::Quick,
                 SeedTablePreset::Standard => seed_table::Preset::Standard,
+                SeedTablePreset::HqDeep => seed_table::Preset::HqDeep,
                 SeedTablePreset::FieldStudy => seed_table::Preset::FieldStudy,
             });
             let start = match (a.start_from, a.hq_start) {
                 (Some(path), _) => ferry_lab::start::Start::Weights(path),
                 (None, true) => ferry_lab::start::Start::Shipped,
-                (None, false) => ferry_lab::start::Start::Scratch,
+                (None, false) => d.start.clone(),
             };
             let mut cfg = seed_table::SeedTableConfig {
                 out: out_dir(&a.out, "seed-table"),
@@ -461,7 +466,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map_or(d.cosine, |s| s == LrSchedule::Cosine),
                 seed: a.train.seed,
                 augment: a.train.augment,
-                arch: a.arch,
+                arch: a.arch.unwrap_or(d.arch),
                 few_trips: a.few_trips,
                 hq_plates: a.hq_plates,
                 fisher_bounds: a.fisher_bounds,

@@ -41,6 +41,10 @@ pub enum Preset {
     /// 8,000 plates per site, T = 10, 2,000 validation plates, the CTC readers' tuned recipe (batch 32, lr 2e-3,
     /// cosine): sized to finish in under 45 minutes on 2 cores.
     Standard,
+    /// The standard preset's plates and epochs with the deeper reader (plate-ctc-deep-v2), every row from HQ's
+    /// shipped start at the fine-tuning rate, and FedAvg at E = 1 and 5 (10 and 2 trips): the E = 2 row is left
+    /// out so that the deeper reader fits under 45 minutes on 2 cores.
+    HqDeep,
     /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
     /// warm-up steps, batch 64 (many hours on 2 cores).
     FieldStudy,
@@ -67,6 +71,12 @@ impl SeedTableConfig {
                 cosine: true,
                 ..quick
             },
+            Preset::HqDeep => SeedTableConfig {
+                e_sweep: vec![1, 5],
+                arch: Arch::PlateCtcDeepV2,
+                ..SeedTableConfig::preset(Preset::Standard)
+            }
+            .starting_from(Start::Shipped),
             Preset::FieldStudy => SeedTableConfig {
                 samples_per_site: 80_000,
                 total_epochs: 70,

@@ -585,37 +585,35 @@ fn few_trips_rows_through_the_binary() {
     }
 }
 
-/// `seed-table --preset standard` starts from the standard budget's recipe (batch 32, lr 2e-3, cosine, 2,000
-/// validation plates) and a flag overrides only its own setting: here the size, so the run stays tiny.
-#[test]
-fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("rows.json");
+/// Runs `ferry-lab seed-table ARGS` at a tiny size (1 epoch, 16 plates per site, 8 validation plates, E = 1)
+/// into `dir/name`, and returns its stdout and the settings its `--json` file records.
+fn tiny_seed_table(dir: &Path, name: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let json = dir.join(format!("{name}.json"));
     let o = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args([
-            "seed-table",
-            "--preset",
-            "standard",
-            "--arch",
-            "plate-ctc-deep",
-        ])
-        .args([
-            "--total-epochs",
-            "1",
-            "--samples-per-site",
-            "16",
-            "--val",
-            "8",
-        ])
-        .args(["--e-sweep", "1", "--out"])
-        .arg(dir.path().join("st"))
+        .arg("seed-table")
+        .args(args)
+        .args(["--total-epochs", "1", "--samples-per-site", "16"])
+        .args(["--val", "8", "--e-sweep", "1", "--out"])
+        .arg(dir.join(name))
         .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let c = &v["config"];
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        v["config"].clone(),
+    )
+}
+
+/// `seed-table --preset standard` starts from the standard budget's recipe (batch 32, lr 2e-3, cosine, 2,000
+/// validation plates) and a flag overrides only its own setting: here the size, so the run stays tiny.
+#[test]
+fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--preset", "standard", "--arch", "plate-ctc-deep"];
+    let (_, c) = tiny_seed_table(dir.path(), "st", &args);
     assert_eq!(c["batch"], 32, "{c}");
     assert_eq!(c["lr"], 2e-3, "{c}");
     assert_eq!(c["cosine"], true, "{c}");
@@ -632,6 +630,43 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
         (field.samples_per_site, field.total_epochs, field.warmup),
         (80_000, 70, Some(1000))
     );
+}
+
+/// `seed-table --preset hq-deep` is the standard budget with the deeper reader, every row from HQ's shipped start
+/// at the fine-tuning rate, and FedAvg at E = 1 and 5: the run says so and records it, and `--arch` and `--lr`
+/// still override the preset's.
+#[test]
+fn the_hq_deep_preset_starts_the_deeper_reader_from_hqs_start() {
+    let deep = SeedTableConfig::preset(seed_table::Preset::HqDeep);
+    let standard = SeedTableConfig::preset(seed_table::Preset::Standard);
+    let budget =
+        |c: &SeedTableConfig| (c.samples_per_site, c.total_epochs, c.val, c.batch, c.cosine);
+    assert_eq!(budget(&deep), budget(&standard));
+    assert_eq!(deep.e_sweep, vec![1, 5]);
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, c) = tiny_seed_table(dir.path(), "deep", &["--preset", "hq-deep"]);
+    assert!(
+        stdout.contains("round 0 of every row: plate-ctc-deep-v2 HQ's shipped start"),
+        "{stdout}"
+    );
+    assert_eq!(c["arch"], "plate-ctc-deep-v2", "{c}");
+    assert_eq!(c["start"], "shipped", "{c}");
+    assert_eq!(c["lr"], ferry_lab::start::WARM_LR, "{c}");
+    let args = [
+        "--preset",
+        "hq-deep",
+        "--arch",
+        "plate-ctc-v2",
+        "--lr",
+        "1e-3",
+    ];
+    let (stdout, c) = tiny_seed_table(dir.path(), "v2", &args);
+    assert!(
+        stdout.contains("round 0 of every row: plate-ctc-v2 HQ's shipped start"),
+        "{stdout}"
+    );
+    assert_eq!(c["arch"], "plate-ctc-v2", "{c}");
+    assert_eq!(c["lr"], 1e-3, "{c}");
 }
 
 /// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
