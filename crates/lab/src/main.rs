@@ -161,8 +161,8 @@ struct SeedTableArgs {
     /// Local epochs per round of the FedAvg rows (the field study: 1,5,10,20 of 70) [default: the preset's].
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
-    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, about 1.3x the
-    /// time), plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for hq-deep,
+    /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, its rows take
+    /// about 1.35x as long), plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for hq-deep,
     /// plate-ctc-v2 otherwise].
     #[arg(long, value_name = "ARCH")]
     arch: Option<Arch>,
@@ -187,8 +187,8 @@ struct SeedTableArgs {
     #[arg(long, value_name = "N", default_value_t = 0, requires = "few_trips")]
     pretrain_epochs: u32,
     /// Start every row from HQ's shipped start (plate-ctc-v2 or plate-ctc-deep-v2 trained on HQ's own clean
-    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given (the hq-deep
-    /// preset always does).
+    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given
+    /// (`--preset hq-deep` starts there already).
     #[arg(long, conflicts_with_all = ["start_from", "pretrain_epochs"])]
     hq_start: bool,
     /// Start every row from this safetensors model (one HQ trained on its own data, of --arch's architecture),
