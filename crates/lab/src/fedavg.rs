@@ -30,18 +30,18 @@ pub struct FedAvgConfig {
     /// Output folder.
     pub out: PathBuf,
     /// Training data, split between the sites.
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "crate::report::display")]
     pub data: DataSpec,
     /// Test data (`None`: the IDX test split, fresh plates of the same style, or 1/6 of a folder held out).
-    #[serde(serialize_with = "display_opt")]
+    #[serde(serialize_with = "crate::report::display_opt")]
     pub test_data: Option<DataSpec>,
     /// Model (`None`: mnist-cnn for IDX data, [`Arch::DEFAULT_PLATE_READER`] otherwise).
-    #[serde(serialize_with = "display_opt")]
+    #[serde(serialize_with = "crate::report::display_opt")]
     pub model: Option<Arch>,
     /// Number of sites K.
     pub sites: usize,
     /// How the data is split.
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "crate::report::display")]
     pub split: SplitKind,
     /// Rounds R.
     pub rounds: u32,
@@ -54,10 +54,10 @@ pub struct FedAvgConfig {
     /// Warm-up steps (`None`: 0.8 of an average site's epoch).
     pub warmup: Option<u64>,
     /// Merge strategy.
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "crate::report::display")]
     pub strategy: Strategy,
     /// Weighting of the averaging strategies.
-    #[serde(serialize_with = "display")]
+    #[serde(serialize_with = "crate::report::display")]
     pub weighting: Weighting,
     /// Report the first round whose accuracy reaches this (0..1).
     pub target: Option<f64>,
@@ -68,7 +68,7 @@ pub struct FedAvgConfig {
     /// Seed of the initial weights, the split and the shuffles.
     pub seed: u64,
     /// Changes to each training image (`None`: the model's default, [`Augment::default_for`]).
-    #[serde(serialize_with = "display_opt")]
+    #[serde(serialize_with = "crate::report::display_opt")]
     pub augment: Option<Augment>,
 }
 
@@ -92,20 +92,6 @@ impl FedAvgConfig {
             },
             augment: self.augment.unwrap_or_else(|| Augment::default_for(arch)),
         }
-    }
-}
-
-fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
-}
-
-pub(crate) fn display_opt<T: std::fmt::Display, S: serde::Serializer>(
-    v: &Option<T>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => s.collect_str(v),
-        None => s.serialize_none(),
     }
 }
 

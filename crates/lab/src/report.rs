@@ -6,6 +6,26 @@ use anyhow::{Context, Result};
 // Plotting has one owner, ferry-plot, shared with `ferry-server report` (issue 16).
 pub use ferry_plot::{register_fonts, Series};
 
+/// A setting in a results file as its display form (an architecture's name, an augmentation's spec), for
+/// `#[serde(serialize_with = "crate::report::display")]`.
+pub(crate) fn display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// An optional setting as its display form, or `null` when unset.
+pub(crate) fn display_opt<T: std::fmt::Display, S: serde::Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
 /// Plot accuracy (percent) against `x_label` for every series into a PNG.
 pub fn plot_accuracy(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result<()> {
     Ok(ferry_plot::plot_accuracy(path, title, x_label, series)?)

@@ -103,11 +103,6 @@ impl SeedTableConfig {
     }
 }
 
-/// The architecture as its name in the JSON settings.
-fn arch_name<S: serde::Serializer>(arch: &Arch, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(arch.name())
-}
-
 /// The start as its description in the JSON settings.
 fn start_name<S: serde::Serializer>(start: &Start, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&start.describe())
@@ -138,10 +133,10 @@ pub struct SeedTableConfig {
     /// Seed of the initial weights, the data and the shuffles.
     pub seed: u64,
     /// Changes to each training image (`None`: the reader's default, [`Augment::default_for`]).
-    #[serde(serialize_with = "crate::fedavg::display_opt")]
+    #[serde(serialize_with = "crate::report::display_opt")]
     pub augment: Option<Augment>,
     /// The plate reader every row trains (a CTC reader or plate-cnn).
-    #[serde(serialize_with = "arch_name")]
+    #[serde(serialize_with = "crate::report::display")]
     pub arch: Arch,
     /// Add the few-trips rows (issue 14, `crate::seed_trips`): best-site, ensemble, one-shot-/two-trip-fisher,
     /// -distill and -recal.
