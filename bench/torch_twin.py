@@ -20,6 +20,8 @@ Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, mod
 - plate-ctc-v2 (ferry's default plate reader), plate-ctc-deep-v2: plate-ctc and plate-ctc-deep whose last pooling
   is max_pool2d((2, 1)), halving the height and keeping the 24 columns (-> 128x4x24); per column its 512 features
   -> fc1 256 + ReLU -> fc2 2x68: two rows of 24 steps, one per column.
+- plate-ctc-deep-v3: plate-ctc-deep-v2 after one more conv3x3 pad 1 (16 channels, no bias) -> BatchNorm2d -> ReLU
+  at the full 32x96, before the first pooling: conv1..conv6 with bn1..bn6 (16/32/64/64/128/128).
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU

@@ -45,6 +45,10 @@ pub enum Preset {
     /// shipped start at the fine-tuning rate, and FedAvg at E = 1 and 5 (10 and 2 trips): the E = 2 row is left
     /// out so that the deeper reader fits under 45 minutes on 2 cores.
     HqDeep,
+    /// The standard preset's plates and epochs with plate-ctc-deep-v3 (the reader that reads the most per plate),
+    /// every row from HQ's shipped start at the fine-tuning rate, and FedAvg at E = 5 (2 trips): one FedAvg row,
+    /// so that its 1.35× cost per plate fits under 45 minutes on 2 cores.
+    HqV3,
     /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
     /// warm-up steps, batch 64 (many hours on 2 cores).
     FieldStudy,
@@ -74,6 +78,12 @@ impl SeedTableConfig {
             Preset::HqDeep => SeedTableConfig {
                 e_sweep: vec![1, 5],
                 arch: Arch::PlateCtcDeepV2,
+                ..SeedTableConfig::preset(Preset::Standard)
+            }
+            .starting_from(Start::Shipped),
+            Preset::HqV3 => SeedTableConfig {
+                e_sweep: vec![5],
+                arch: Arch::PlateCtcDeepV3,
                 ..SeedTableConfig::preset(Preset::Standard)
             }
             .starting_from(Start::Shipped),
@@ -473,8 +483,14 @@ pub fn run(cfg: &SeedTableConfig) -> Result<Vec<Row>> {
             format!("random weights from seed {}", cfg.seed),
         ),
         None => bail!(
-            "HQ ships no start for {} (it ships one for plate-ctc-deep-v2 and plate-ctc-v2)",
-            cfg.arch
+            "HQ ships no start for {} (it ships one for {})",
+            cfg.arch,
+            Arch::listing(
+                Arch::ALL
+                    .into_iter()
+                    .filter(|&a| crate::start::shipped_start(a).is_some()),
+                "and"
+            )
         ),
     };
     println!("round 0 of every row: {} {origin}", cfg.arch);

@@ -669,6 +669,27 @@ fn the_hq_deep_preset_starts_the_deeper_reader_from_hqs_start() {
     assert_eq!(c["lr"], 1e-3, "{c}");
 }
 
+/// `seed-table --preset hq-v3` is the standard budget with plate-ctc-deep-v3 from HQ's shipped start for it, at
+/// the fine-tuning rate, with one FedAvg row (E = 5): the run says so and records it.
+#[test]
+fn the_hq_v3_preset_starts_plate_ctc_deep_v3_from_hqs_start() {
+    let v3 = SeedTableConfig::preset(seed_table::Preset::HqV3);
+    let standard = SeedTableConfig::preset(seed_table::Preset::Standard);
+    let budget =
+        |c: &SeedTableConfig| (c.samples_per_site, c.total_epochs, c.val, c.batch, c.cosine);
+    assert_eq!(budget(&v3), budget(&standard));
+    assert_eq!(v3.e_sweep, vec![5]);
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, c) = tiny_seed_table(dir.path(), "v3", &["--preset", "hq-v3"]);
+    assert!(
+        stdout.contains("round 0 of every row: plate-ctc-deep-v3 HQ's shipped start"),
+        "{stdout}"
+    );
+    assert_eq!(c["arch"], "plate-ctc-deep-v3", "{c}");
+    assert_eq!(c["start"], "shipped", "{c}");
+    assert_eq!(c["lr"], ferry_lab::start::WARM_LR, "{c}");
+}
+
 /// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
 /// tensor for tensor, and every row reads the same at epoch 0, where random weights read nothing), fine-tuned at
 /// the lower rate unless `--lr` says otherwise; an architecture HQ ships no start for, and a `--start-from` file of

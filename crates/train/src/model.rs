@@ -419,9 +419,11 @@ impl Model {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = match arch {
-            Arch::PlateCtc | Arch::PlateCtcDeep | Arch::PlateCtcV2 | Arch::PlateCtcDeepV2 => {
-                Net::Ctc(PlateCtc::new(arch, vb)?)
-            }
+            Arch::PlateCtc
+            | Arch::PlateCtcDeep
+            | Arch::PlateCtcV2
+            | Arch::PlateCtcDeepV2
+            | Arch::PlateCtcDeepV3 => Net::Ctc(PlateCtc::new(arch, vb)?),
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };

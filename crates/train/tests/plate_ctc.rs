@@ -46,6 +46,13 @@ fn plate_ctc_deep_v2_learns_to_read_plates() {
     learns_to_read_plates(Arch::PlateCtcDeepV2);
 }
 
+/// plate-ctc-deep-v3, the same way: its first block keeps the full 32×96 resolution (the fused block without
+/// pooling on a one-channel image).
+#[test]
+fn plate_ctc_deep_v3_learns_to_read_plates() {
+    learns_to_read_plates(Arch::PlateCtcDeepV3);
+}
+
 fn learns_to_read_plates(arch: Arch) {
     let data = plates::generate_with(
         PlateStyle::Tight,
