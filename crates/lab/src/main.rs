@@ -164,9 +164,9 @@ struct SeedTableArgs {
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
     /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, its rows take
-    /// about 1.35x as long), plate-ctc-deep-v3 (reads the most per plate, about 1.35x plate-ctc-deep-v2's time),
-    /// plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for hq-deep,
-    /// plate-ctc-deep-v3 for hq-v3, plate-ctc-v2 otherwise].
+    /// about 1.35x as long), plate-ctc-deep-v3 (reads the most per plate, its rows take about 1.1x
+    /// plate-ctc-deep-v2's), plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for
+    /// hq-deep, plate-ctc-deep-v3 for hq-v3, plate-ctc-v2 otherwise].
     #[arg(long, value_name = "ARCH")]
     arch: Option<Arch>,
     /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- select, fisher, distill and

@@ -47,7 +47,7 @@ pub enum Preset {
     HqDeep,
     /// The standard preset's plates and epochs with plate-ctc-deep-v3 (the reader that reads the most per plate),
     /// every row from HQ's shipped start at the fine-tuning rate, and FedAvg at E = 5 (2 trips): one FedAvg row,
-    /// so that its 1.35× cost per plate fits under 45 minutes on 2 cores.
+    /// about 32 minutes on 2 cores (with E = 1 as well, about 42).
     HqV3,
     /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
     /// warm-up steps, batch 64 (many hours on 2 cores).
