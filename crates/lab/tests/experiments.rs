@@ -632,26 +632,44 @@ fn a_seed_table_preset_sets_the_recipe_and_flags_override_it() {
     );
 }
 
+/// Checks that `preset` (its `--preset` name `flag`) is the standard budget with `arch` and FedAvg at `e_sweep`,
+/// and that a tiny run of it starts every row from HQ's shipped start for `arch` at the fine-tuning rate, says so
+/// and records it. Returns the run's folder for further runs.
+fn check_hq_preset(
+    preset: seed_table::Preset,
+    flag: &str,
+    arch: &str,
+    e_sweep: &[u32],
+) -> tempfile::TempDir {
+    let config = SeedTableConfig::preset(preset);
+    let standard = SeedTableConfig::preset(seed_table::Preset::Standard);
+    let budget =
+        |c: &SeedTableConfig| (c.samples_per_site, c.total_epochs, c.val, c.batch, c.cosine);
+    assert_eq!(budget(&config), budget(&standard), "{flag}");
+    assert_eq!(config.e_sweep, e_sweep, "{flag}");
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, c) = tiny_seed_table(dir.path(), flag, &["--preset", flag]);
+    assert!(
+        stdout.contains(&format!("round 0 of every row: {arch} HQ's shipped start")),
+        "{stdout}"
+    );
+    assert_eq!(c["arch"], arch, "{c}");
+    assert_eq!(c["start"], "shipped", "{c}");
+    assert_eq!(c["lr"], ferry_lab::start::WARM_LR, "{c}");
+    dir
+}
+
 /// `seed-table --preset hq-deep` is the standard budget with the deeper reader, every row from HQ's shipped start
 /// at the fine-tuning rate, and FedAvg at E = 1 and 5: the run says so and records it, and `--arch` and `--lr`
 /// still override the preset's.
 #[test]
 fn the_hq_deep_preset_starts_the_deeper_reader_from_hqs_start() {
-    let deep = SeedTableConfig::preset(seed_table::Preset::HqDeep);
-    let standard = SeedTableConfig::preset(seed_table::Preset::Standard);
-    let budget =
-        |c: &SeedTableConfig| (c.samples_per_site, c.total_epochs, c.val, c.batch, c.cosine);
-    assert_eq!(budget(&deep), budget(&standard));
-    assert_eq!(deep.e_sweep, vec![1, 5]);
-    let dir = tempfile::tempdir().unwrap();
-    let (stdout, c) = tiny_seed_table(dir.path(), "deep", &["--preset", "hq-deep"]);
-    assert!(
-        stdout.contains("round 0 of every row: plate-ctc-deep-v2 HQ's shipped start"),
-        "{stdout}"
+    let dir = check_hq_preset(
+        seed_table::Preset::HqDeep,
+        "hq-deep",
+        "plate-ctc-deep-v2",
+        &[1, 5],
     );
-    assert_eq!(c["arch"], "plate-ctc-deep-v2", "{c}");
-    assert_eq!(c["start"], "shipped", "{c}");
-    assert_eq!(c["lr"], ferry_lab::start::WARM_LR, "{c}");
     let args = [
         "--preset",
         "hq-deep",
@@ -673,21 +691,7 @@ fn the_hq_deep_preset_starts_the_deeper_reader_from_hqs_start() {
 /// the fine-tuning rate, with one FedAvg row (E = 5): the run says so and records it.
 #[test]
 fn the_hq_v3_preset_starts_plate_ctc_deep_v3_from_hqs_start() {
-    let v3 = SeedTableConfig::preset(seed_table::Preset::HqV3);
-    let standard = SeedTableConfig::preset(seed_table::Preset::Standard);
-    let budget =
-        |c: &SeedTableConfig| (c.samples_per_site, c.total_epochs, c.val, c.batch, c.cosine);
-    assert_eq!(budget(&v3), budget(&standard));
-    assert_eq!(v3.e_sweep, vec![5]);
-    let dir = tempfile::tempdir().unwrap();
-    let (stdout, c) = tiny_seed_table(dir.path(), "v3", &["--preset", "hq-v3"]);
-    assert!(
-        stdout.contains("round 0 of every row: plate-ctc-deep-v3 HQ's shipped start"),
-        "{stdout}"
-    );
-    assert_eq!(c["arch"], "plate-ctc-deep-v3", "{c}");
-    assert_eq!(c["start"], "shipped", "{c}");
-    assert_eq!(c["lr"], ferry_lab::start::WARM_LR, "{c}");
+    check_hq_preset(seed_table::Preset::HqV3, "hq-v3", "plate-ctc-deep-v3", &[5]);
 }
 
 /// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
