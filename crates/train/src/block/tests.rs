@@ -276,3 +276,37 @@ fn mismatched_shapes_and_inference_backward_are_errors() {
         assert!((a - b).abs() < 1e-5);
     }
 }
+
+/// The backward routing on its own, where candle's generic path cannot check it: a tie sends the gradient to the
+/// window's first maximum only (PyTorch's choice; candle's `max` splits it over all of them), a window whose
+/// maximum fails the ReLU passes nothing, and the row and column no 2×2 window covers get zero. Every value of
+/// the plane is written (the buffer comes from the pool with old values in it).
+#[test]
+fn routing_sends_each_gradient_to_its_windows_first_maximum() {
+    // A 5×5 plane: 2×2 windows cover rows and columns 0..4; row 4 and column 4 are dropped.
+    #[rustfmt::skip]
+    let src = [
+        1.0, 1.0,   0.2, 3.0,   7.0,
+        1.0, 0.5,   3.0, 3.0,   7.0,
+        -1.0, -2.0, 2.0, 2.0,   7.0,
+        -0.5, -3.0, 5.0, 5.0,   7.0,
+        7.0, 7.0,   7.0, 7.0,   7.0,
+    ];
+    let gp = [10.0, 20.0, 30.0, 40.0];
+    let mut d = [9.0f32; 25];
+    let (mean, invstd) = (0.5, 2.0);
+    let (dz, dzx) =
+        backward::route_plane::<2, 2>(&src, 5, &gp, 2, &mut d, (1.0, 0.0), (mean, invstd));
+    let mut want = [0.0f32; 25];
+    want[0] = 10.0; // tie of four 1.0s: the first
+    want[3] = 20.0; // tie of three 3.0s: the first in row-major order
+    want[3 * 5 + 2] = 40.0; // 5.0 twice in the bottom row: the first
+    assert_eq!(d, want, "routed gradient");
+    assert_eq!(dz, 70.0, "sum of the routed gradient");
+    let yhat = |v: f64| (v - 0.5) * 2.0;
+    let expected = 10.0 * yhat(1.0) + 20.0 * yhat(3.0) + 40.0 * yhat(5.0);
+    assert!(
+        (dzx - expected).abs() < 1e-9,
+        "Σ dz·ŷ {dzx} against {expected}"
+    );
+}
