@@ -22,6 +22,8 @@ Architectures (python/ferry_models.py, the same as crates/train/src/arch.rs, mod
   -> fc1 256 + ReLU -> fc2 2x68: two rows of 24 steps, one per column.
 - plate-ctc-deep-v3: plate-ctc-deep-v2 after one more conv3x3 pad 1 (16 channels, no bias) -> BatchNorm2d -> ReLU
   at the full 32x96, before the first pooling: conv1..conv6 with bn1..bn6 (16/32/64/64/128/128).
+- plate-ctc-deep-v4: plate-ctc-deep-v3 with one more conv3x3 pad 1 (32 channels) -> BatchNorm2d -> ReLU at 16x48,
+  between the first and the second pooling: conv1..conv7 with bn1..bn7 (16/32/32/64/64/128/128).
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU

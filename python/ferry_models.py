@@ -29,6 +29,8 @@ Architectures:
   features -> fc1 256 + ReLU -> fc2 2x68: two rows of 24 steps, one per column.
 - plate-ctc-deep-v3: plate-ctc-deep-v2 after one more conv3x3 pad 1 (16 channels, no bias) -> BatchNorm2d -> ReLU
   at the full 32x96, before the first pooling: conv1..conv6 with bn1..bn6 (16/32/64/64/128/128).
+- plate-ctc-deep-v4: plate-ctc-deep-v3 with one more conv3x3 pad 1 (32 channels) -> BatchNorm2d -> ReLU at 16x48,
+  between the first and the second pooling: conv1..conv7 with bn1..bn7 (16/32/32/64/64/128/128).
 - plate-cnn: input 1x32x96; three blocks conv3x3 pad 1 (16/32/64, no bias) -> BatchNorm2d -> ReLU -> maxpool 2x2;
   fc1 3072->256 + ReLU; 8 heads 256->51 stacked to (batch, 8, 51); loss = mean cross-entropy over the 8 slots.
 - mnist-cnn: the FedAvg paper's CNN, input 1x28x28; conv5x5 pad 2 (32) -> ReLU -> pool; conv5x5 pad 2 (64) -> ReLU
@@ -78,6 +80,7 @@ class PlateCtc(nn.Module):
     V2 = ((32, (2, 2)), (64, (2, 2)), (128, (2, 1)))  # plate-ctc-v2
     DEEP_V2 = ((32, (2, 2)), (64, (2, 2)), (64, (1, 1)), (128, (2, 1)), (128, (1, 1)))  # plate-ctc-deep-v2
     DEEP_V3 = ((16, (1, 1)),) + DEEP_V2  # plate-ctc-deep-v3
+    DEEP_V4 = DEEP_V3[:2] + ((32, (1, 1)),) + DEEP_V3[2:]  # plate-ctc-deep-v4
 
     def __init__(self, convs=SMALL, hidden=256, sub=2):
         super().__init__()
@@ -141,6 +144,7 @@ MODELS = {
     "plate-ctc-v2": (lambda: PlateCtc(PlateCtc.V2, sub=1), (1, 32, 96), 8, 68),
     "plate-ctc-deep-v2": (lambda: PlateCtc(PlateCtc.DEEP_V2, sub=1), (1, 32, 96), 8, 68),
     "plate-ctc-deep-v3": (lambda: PlateCtc(PlateCtc.DEEP_V3, sub=1), (1, 32, 96), 8, 68),
+    "plate-ctc-deep-v4": (lambda: PlateCtc(PlateCtc.DEEP_V4, sub=1), (1, 32, 96), 8, 68),
     "plate-cnn": (PlateCnn, (1, 32, 96), 8, 51),
     "mnist-cnn": (MnistCnn, (1, 28, 28), 1, 10),
 }

@@ -37,7 +37,7 @@ enum Command {
     /// The field study's table (site A alone, site B alone, centralised, one-shot, FedAvg for each E) through real
     /// bundles.
     #[command(
-        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --hq-start          # every row from HQ's shipped start\n  ferry-lab seed-table --preset hq-deep                      # the deeper reader from HQ's start, E 1,5 (< 45 min)\n  ferry-lab seed-table --preset hq-v3                        # plate-ctc-deep-v3 from HQ's start, E 5 (< 45 min)\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
+        after_help = "Examples:\n  ferry-lab seed-table --json seed-table.json                 # the quick preset (~10 min on 2 cores)\n  ferry-lab seed-table --preset standard --json seed-table.json   # under 45 min on 2 cores\n  ferry-lab seed-table --preset field-study                  # the field study's scale (many hours)\n  ferry-lab seed-table --preset standard --hq-start          # every row from HQ's shipped start\n  ferry-lab seed-table --preset hq-deep                      # the deeper reader from HQ's start, E 1,5 (< 45 min)\n  ferry-lab seed-table --preset hq-v3                        # plate-ctc-deep-v3 from HQ's start, E 5 (< 45 min)\n  ferry-lab seed-table --preset hq-v4                        # plate-ctc-deep-v4 from HQ's start, E 5 (~37 min)\n  ferry-lab seed-table --preset standard --e-sweep 1,5       # a flag overrides the preset's setting"
     )]
     SeedTable(SeedTableArgs),
     /// Federated training on any dataset: K sites, a split, R rounds of E local epochs, any merge strategy.
@@ -77,17 +77,18 @@ struct DemoArgs {
     /// Held-out plates per site for its local evaluation.
     #[arg(long, value_name = "N", default_value_t = demo::DemoConfig::default().local_test)]
     local_test: usize,
-    /// The plate reader: plate-ctc-deep-v2, plate-ctc-deep-v3 (reads the most per plate, about 1.35x the time per
-    /// plate), plate-ctc-v2 (0.69x the time per plate, reads less), plate-ctc, plate-ctc-deep or plate-cnn.
+    /// The plate reader: plate-ctc-deep-v2, plate-ctc-deep-v3 (reads more per plate, about 1.35x the time per
+    /// plate), plate-ctc-deep-v4 (reads the most per plate, about 1.1x plate-ctc-deep-v3's time), plate-ctc-v2
+    /// (0.69x the time per plate, reads less), plate-ctc, plate-ctc-deep or plate-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = demo::DemoConfig::default().arch)]
     arch: Arch,
     /// HQ's round 0: the weights in this safetensors file (a model of --arch that HQ trained on its own data)
     /// instead of HQ's shipped start.
     #[arg(long, value_name = "FILE")]
     start_from: Option<PathBuf>,
-    /// HQ's round 0 from random weights (the seed) instead of HQ's shipped start (plate-ctc-deep-v3,
-    /// plate-ctc-deep-v2 or plate-ctc-v2 trained on HQ's own clean plates, no site data; other readers always
-    /// start from random weights).
+    /// HQ's round 0 from random weights (the seed) instead of HQ's shipped start (plate-ctc-deep-v4,
+    /// plate-ctc-deep-v3, plate-ctc-deep-v2 or plate-ctc-v2 trained on HQ's own clean plates, no site data; other
+    /// readers always start from random weights).
     #[arg(long, conflicts_with = "start_from")]
     scratch: bool,
     #[command(flatten)]
@@ -142,6 +143,8 @@ enum SeedTablePreset {
     HqDeep,
     /// The standard preset with plate-ctc-deep-v3, every row from HQ's shipped start (lr 5e-4), E 5 (< 45 min).
     HqV3,
+    /// hq-v3 with plate-ctc-deep-v4, the reader that reads the most per plate (about 37 min).
+    HqV4,
     /// The field study's scale: 80,000 plates per site, T = 70, E 1,5,10,20, lr 2.5e-4, warm-up 1000, batch 64.
     FieldStudy,
 }
@@ -164,9 +167,10 @@ struct SeedTableArgs {
     #[arg(long, value_name = "E,E,..", value_delimiter = ',')]
     e_sweep: Option<Vec<u32>>,
     /// The plate reader every row trains: plate-ctc-v2, plate-ctc-deep-v2 (reads more per plate, its rows take
-    /// about 1.35x as long), plate-ctc-deep-v3 (reads the most per plate, its rows take about 1.1x
-    /// plate-ctc-deep-v2's), plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's: plate-ctc-deep-v2 for
-    /// hq-deep, plate-ctc-deep-v3 for hq-v3, plate-ctc-v2 otherwise].
+    /// about 1.35x as long), plate-ctc-deep-v3 (reads more per plate, its rows take about 1.1x
+    /// plate-ctc-deep-v2's), plate-ctc-deep-v4, plate-ctc, plate-ctc-deep or plate-cnn [default: the preset's:
+    /// plate-ctc-deep-v2 for hq-deep, plate-ctc-deep-v3 for hq-v3, plate-ctc-deep-v4 for hq-v4, plate-ctc-v2
+    /// otherwise].
     #[arg(long, value_name = "ARCH")]
     arch: Option<Arch>,
     /// Add the few-trips rows (issue 14): best-site, ensemble, and one-shot-/two-trip- select, fisher, distill and
@@ -189,9 +193,9 @@ struct SeedTableArgs {
     /// then one-shot and two-trip FedAvg from it (both sites train again: about as long as two more FedAvg rows).
     #[arg(long, value_name = "N", default_value_t = 0, requires = "few_trips")]
     pretrain_epochs: u32,
-    /// Start every row from HQ's shipped start (plate-ctc-v2, plate-ctc-deep-v2 or -v3 trained on HQ's own clean
-    /// plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given
-    /// (`--preset hq-deep` and `hq-v3` start there already).
+    /// Start every row from HQ's shipped start (plate-ctc-v2, plate-ctc-deep-v2, -v3 or -v4 trained on HQ's own
+    /// clean plates, no site data) instead of random weights, fine-tuned at lr 5e-4 unless --lr is given
+    /// (`--preset hq-deep`, `hq-v3` and `hq-v4` start there already).
     #[arg(long, conflicts_with_all = ["start_from", "pretrain_epochs"])]
     hq_start: bool,
     /// Start every row from this safetensors model (one HQ trained on its own data, of --arch's architecture),
@@ -216,8 +220,8 @@ struct FedAvgArgs {
     /// Test data; default the IDX test split, fresh plates of the same style, or a sixth of a folder held out.
     #[arg(long, value_name = "SPEC")]
     test_data: Option<DataSpec>,
-    /// Model: plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc, plate-ctc-deep, plate-cnn or
-    /// mnist-cnn; default mnist-cnn for IDX data, plate-ctc-v2 otherwise.
+    /// Model: plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc-deep-v4, plate-ctc, plate-ctc-deep,
+    /// plate-cnn or mnist-cnn; default mnist-cnn for IDX data, plate-ctc-v2 otherwise.
     #[arg(long, value_name = "ARCH")]
     model: Option<Arch>,
     /// Number of sites K (1: centralised training on all the data, through the same bundles: the baseline).
@@ -342,7 +346,8 @@ enum BenchWhat {
 struct BenchArgs {
     /// What to time.
     what: BenchWhat,
-    /// plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc, plate-ctc-deep, plate-cnn or mnist-cnn.
+    /// plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc-deep-v4, plate-ctc, plate-ctc-deep, plate-cnn
+    /// or mnist-cnn.
     #[arg(long, value_name = "ARCH", default_value_t = Arch::DEFAULT_PLATE_READER)]
     model: Arch,
     /// Images per step.
@@ -448,6 +453,7 @@ fn run(cli: Cli) -> Result<()> {
                 SeedTablePreset::Standard => seed_table::Preset::Standard,
                 SeedTablePreset::HqDeep => seed_table::Preset::HqDeep,
                 SeedTablePreset::HqV3 => seed_table::Preset::HqV3,
+                SeedTablePreset::HqV4 => seed_table::Preset::HqV4,
                 SeedTablePreset::FieldStudy => seed_table::Preset::FieldStudy,
             });
             let start = match (a.start_from, a.hq_start) {

@@ -45,10 +45,13 @@ pub enum Preset {
     /// shipped start at the fine-tuning rate, and FedAvg at E = 1 and 5 (10 and 2 trips): the E = 2 row is left
     /// out so that the deeper reader fits under 45 minutes on 2 cores.
     HqDeep,
-    /// The standard preset's plates and epochs with plate-ctc-deep-v3 (the reader that reads the most per plate),
-    /// every row from HQ's shipped start at the fine-tuning rate, and FedAvg at E = 5 (2 trips): one FedAvg row,
-    /// about 32 minutes on 2 cores (with E = 1 as well, about 42).
+    /// The standard preset's plates and epochs with plate-ctc-deep-v3, every row from HQ's shipped start at the
+    /// fine-tuning rate, and FedAvg at E = 5 (2 trips): one FedAvg row, about 32 minutes on 2 cores (with E = 1 as
+    /// well, about 42).
     HqV3,
+    /// [`Preset::HqV3`] with plate-ctc-deep-v4 (the reader that reads the most per plate): about 37 minutes on 2
+    /// cores.
+    HqV4,
     /// The field study's own scale: 80,000 plates per site, T = 70, E in 1, 5, 10, 20, Adam 2.5e-4 after 1,000
     /// warm-up steps, batch 64 (many hours on 2 cores).
     FieldStudy,
@@ -87,6 +90,10 @@ impl SeedTableConfig {
                 ..SeedTableConfig::preset(Preset::Standard)
             }
             .starting_from(Start::Shipped),
+            Preset::HqV4 => SeedTableConfig {
+                arch: Arch::PlateCtcDeepV4,
+                ..SeedTableConfig::preset(Preset::HqV3)
+            },
             Preset::FieldStudy => SeedTableConfig {
                 samples_per_site: 80_000,
                 total_epochs: 70,

@@ -85,10 +85,13 @@ pub const SCRATCH_LR: f64 = 2e-3;
 pub const WARM_LR: f64 = 5e-4;
 
 /// HQ's start for `arch`, shipped inside ferry-lab: the reader trained by HQ on its own clean plates only
-/// (`PlateStyle::Clean`, a renderer configuration no site trains on), for plate-ctc-deep-v3, plate-ctc-deep-v2 and
-/// plate-ctc-v2; how each was made is in `crates/lab/assets/README.md`.
+/// (`PlateStyle::Clean`, a renderer configuration no site trains on), for plate-ctc-deep-v4, plate-ctc-deep-v3,
+/// plate-ctc-deep-v2 and plate-ctc-v2; how each was made is in `crates/lab/assets/README.md`.
 pub fn shipped_start(arch: Arch) -> Option<&'static [u8]> {
     match arch {
+        Arch::PlateCtcDeepV4 => Some(include_bytes!(
+            "../assets/hq-start-plate-ctc-deep-v4.safetensors"
+        )),
         Arch::PlateCtcDeepV3 => Some(include_bytes!(
             "../assets/hq-start-plate-ctc-deep-v3.safetensors"
         )),
@@ -111,7 +114,12 @@ mod tests {
     /// (HQ trained it on clean plates only; random weights read none).
     #[test]
     fn hqs_shipped_starts_read_realistic_plates() {
-        for arch in [Arch::PlateCtcDeepV3, Arch::PlateCtcDeepV2, Arch::PlateCtcV2] {
+        for arch in [
+            Arch::PlateCtcDeepV4,
+            Arch::PlateCtcDeepV3,
+            Arch::PlateCtcDeepV2,
+            Arch::PlateCtcV2,
+        ] {
             let bytes = shipped_start(arch).expect("a shipped start");
             let model = Model::from_safetensors(arch, bytes, &Device::Cpu).unwrap();
             let render = plates::RenderConfig::for_classes(Some(arch.classes()));

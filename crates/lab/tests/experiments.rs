@@ -694,6 +694,12 @@ fn the_hq_v3_preset_starts_plate_ctc_deep_v3_from_hqs_start() {
     check_hq_preset(seed_table::Preset::HqV3, "hq-v3", "plate-ctc-deep-v3", &[5]);
 }
 
+/// `seed-table --preset hq-v4` is hq-v3 with plate-ctc-deep-v4, from HQ's shipped start for it.
+#[test]
+fn the_hq_v4_preset_starts_plate_ctc_deep_v4_from_hqs_start() {
+    check_hq_preset(seed_table::Preset::HqV4, "hq-v4", "plate-ctc-deep-v4", &[5]);
+}
+
 /// `seed-table --hq-start`: every row starts from HQ's shipped start (the sealed round 0 of a FedAvg row is it,
 /// tensor for tensor, and every row reads the same at epoch 0, where random weights read nothing), fine-tuned at
 /// the lower rate unless `--lr` says otherwise; an architecture HQ ships no start for, and a `--start-from` file of

@@ -135,8 +135,8 @@ struct InitArgs {
     /// Initial weights (safetensors), e.g. saved from PyTorch. Sites can re-pack but not train foreign weights.
     #[arg(long, required_unless_present = "arch", conflicts_with = "arch")]
     weights: Option<PathBuf>,
-    /// An architecture ferry can train (plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc,
-    /// plate-ctc-deep, plate-cnn, mnist-cnn), initialised from --seed.
+    /// An architecture ferry can train (plate-ctc-v2, plate-ctc-deep-v2, plate-ctc-deep-v3, plate-ctc-deep-v4,
+    /// plate-ctc, plate-ctc-deep, plate-cnn, mnist-cnn), initialised from --seed.
     #[arg(long)]
     arch: Option<String>,
     /// Seed of the initial weights (same seed, bit-identical weights).

@@ -423,7 +423,8 @@ impl Model {
             | Arch::PlateCtcDeep
             | Arch::PlateCtcV2
             | Arch::PlateCtcDeepV2
-            | Arch::PlateCtcDeepV3 => Net::Ctc(PlateCtc::new(arch, vb)?),
+            | Arch::PlateCtcDeepV3
+            | Arch::PlateCtcDeepV4 => Net::Ctc(PlateCtc::new(arch, vb)?),
             Arch::PlateCnn => Net::Plate(PlateCnn::new(vb)?),
             Arch::MnistCnn => Net::Mnist(MnistCnn::new(vb)?),
         };

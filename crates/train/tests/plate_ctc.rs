@@ -53,6 +53,12 @@ fn plate_ctc_deep_v3_learns_to_read_plates() {
     learns_to_read_plates(Arch::PlateCtcDeepV3);
 }
 
+/// plate-ctc-deep-v4, the same way: a block without pooling on 32 channels at 16×48.
+#[test]
+fn plate_ctc_deep_v4_learns_to_read_plates() {
+    learns_to_read_plates(Arch::PlateCtcDeepV4);
+}
+
 fn learns_to_read_plates(arch: Arch) {
     let data = plates::generate_with(
         PlateStyle::Tight,
