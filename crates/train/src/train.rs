@@ -839,13 +839,15 @@ mod tests {
         }
     }
 
+    /// 12 epochs (48 steps): the loss is read in inference mode (BatchNorm's running statistics), and after 8
+    /// epochs the deepest reader's had not come down yet (plate-ctc-deep-v4: 22.7 → 35.5; 5.8 after 12).
     #[test]
     fn loss_decreases() {
         for arch in Arch::ALL {
             let data = tiny(arch, 64, 1);
             let (mut m, mut a) = fresh(arch);
             let before = evaluate(&m, &data, 64).unwrap().loss;
-            train(&mut m, &mut a, &data, &quick(8), &mut ()).unwrap();
+            train(&mut m, &mut a, &data, &quick(12), &mut ()).unwrap();
             let after = evaluate(&m, &data, 64).unwrap().loss;
             assert!(after < before * 0.7, "{arch}: loss {before} -> {after}");
         }
